@@ -1,0 +1,7 @@
+//! Codecs between wire forms and apache-avro values.
+//!
+//! - [`json`]: plain JSON records (the form of `piiwall sanitize` and of `reveal`'s answers) to and from
+//!   [`apache_avro::types::Value`], guided by the schema, with errors that name the field path and never the
+//!   value.
+
+pub mod json;

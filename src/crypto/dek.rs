@@ -1,0 +1,199 @@
+//! Data keys: one 32-byte secret, with the per-purpose keys derived from it kept ready for use.
+
+use std::fmt;
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::token::{Token, TokenKind};
+use crate::error::RevealError;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const NONCE_LEN: usize = 12;
+
+/// The public name of a data key: 12 random bytes, shown as 16 URL-safe characters inside tokens.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub [u8; 12]);
+
+impl KeyId {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    pub fn to_text(self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0)
+    }
+
+    pub fn from_text(text: &str) -> Option<Self> {
+        let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+/// Key ids link tokens of one subject together: keep them out of logs.
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyId(..)")
+    }
+}
+
+/// A data key, unwrapped, with its derived ciphers keyed once. Dropping it zeroizes the AES key schedules.
+pub struct Dek {
+    pub key_id: KeyId,
+    pub version: u32,
+    encrypt: Aes256Gcm,
+    token: Aes256Gcm,
+    token_nonce: HmacSha256,
+    hash: HmacSha256,
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dek").field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+impl Dek {
+    /// Derives the per-purpose keys from the 32 secret bytes of a data key.
+    pub fn new(key_id: KeyId, version: u32, secret: &[u8]) -> Self {
+        let hkdf = Hkdf::<Sha256>::new(Some(b"piiwall dek v1"), secret);
+        let derive = |label: &[u8]| {
+            let mut okm = Zeroizing::new([0u8; 32]);
+            hkdf.expand(label, okm.as_mut_slice()).expect("32 bytes is a valid HKDF-SHA256 length");
+            okm
+        };
+        Self {
+            key_id,
+            version,
+            encrypt: Aes256Gcm::new_from_slice(derive(b"encrypt").as_slice()).expect("32-byte key"),
+            token: Aes256Gcm::new_from_slice(derive(b"tokenize").as_slice()).expect("32-byte key"),
+            token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
+            hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
+        }
+    }
+
+    /// A deterministic, reversible token of `plaintext`, bound to `context`.
+    pub fn tokenize(&self, context: &str, plaintext: &[u8]) -> String {
+        let ad = associated_data(TokenKind::Token, self.key_id, context);
+        let mut mac = self.token_nonce.clone();
+        mac.update(&(ad.len() as u32).to_be_bytes());
+        mac.update(&ad);
+        mac.update(plaintext);
+        let digest = mac.finalize().into_bytes();
+        let nonce = Nonce::from_slice(&digest[..NONCE_LEN]);
+        self.seal(&self.token, TokenKind::Token, nonce, &ad, plaintext)
+    }
+
+    /// A randomized ciphertext of `plaintext`, bound to `context`.
+    pub fn encrypt(&self, context: &str, plaintext: &[u8]) -> String {
+        let ad = associated_data(TokenKind::Ciphertext, self.key_id, context);
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        self.seal(&self.encrypt, TokenKind::Ciphertext, &nonce, &ad, plaintext)
+    }
+
+    /// A keyed, irreversible pseudonym of `plaintext` within `context`.
+    pub fn hash(&self, context: &str, plaintext: &[u8]) -> String {
+        let mut mac = self.hash.clone();
+        mac.update(&(context.len() as u32).to_be_bytes());
+        mac.update(context.as_bytes());
+        mac.update(plaintext);
+        Token::render(TokenKind::Hash, self.key_id, &mac.finalize().into_bytes())
+    }
+
+    /// Opens a token or ciphertext issued under this key for `context`.
+    pub fn open(&self, token: &Token, context: &str) -> Result<Zeroizing<Vec<u8>>, RevealError> {
+        let cipher = match token.kind {
+            TokenKind::Token => &self.token,
+            TokenKind::Ciphertext => &self.encrypt,
+            TokenKind::Hash => return Err(RevealError::NotReversible("hash")),
+        };
+        if token.payload.len() < NONCE_LEN + 16 {
+            return Err(RevealError::Malformed("the payload is too short"));
+        }
+        let (nonce, sealed) = token.payload.split_at(NONCE_LEN);
+        let ad = associated_data(token.kind, token.key_id, context);
+        cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad })
+            .map(Zeroizing::new)
+            .map_err(|_| RevealError::Forged)
+    }
+
+    fn seal(&self, cipher: &Aes256Gcm, kind: TokenKind, nonce: &Nonce<aes_gcm::aes::cipher::consts::U12>, ad: &[u8], plaintext: &[u8]) -> String {
+        let sealed = cipher.encrypt(nonce, Payload { msg: plaintext, aad: ad }).expect("AES-GCM encrypts any input under 64 GiB");
+        let mut payload = Vec::with_capacity(NONCE_LEN + sealed.len());
+        payload.extend_from_slice(nonce);
+        payload.extend_from_slice(&sealed);
+        Token::render(kind, self.key_id, &payload)
+    }
+}
+
+fn associated_data(kind: TokenKind, key_id: KeyId, context: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(24 + context.len());
+    ad.extend_from_slice(b"piiwall/1|");
+    ad.extend_from_slice(kind.prefix().as_bytes());
+    ad.push(b'|');
+    ad.extend_from_slice(&key_id.0);
+    ad.push(b'|');
+    ad.extend_from_slice(context.as_bytes());
+    ad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dek() -> Dek {
+        Dek::new(KeyId([1; 12]), 1, &[9; 32])
+    }
+
+    fn parse(text: &str) -> Token {
+        Token::parse(text).unwrap()
+    }
+
+    #[test]
+    fn tokenize_is_deterministic_and_reversible() {
+        let dek = dek();
+        let a = dek.tokenize("email", b"ada@example.com");
+        assert_eq!(a, dek.tokenize("email", b"ada@example.com"));
+        assert_ne!(a, dek.tokenize("email", b"bob@example.com"));
+        assert_ne!(a, dek.tokenize("contact", b"ada@example.com"));
+        assert_eq!(dek.open(&parse(&a), "email").unwrap().as_slice(), b"ada@example.com");
+    }
+
+    #[test]
+    fn encrypt_never_repeats_and_is_reversible() {
+        let dek = dek();
+        let a = dek.encrypt("note", b"secret");
+        let b = dek.encrypt("note", b"secret");
+        assert_ne!(a, b);
+        assert_eq!(dek.open(&parse(&a), "note").unwrap().as_slice(), b"secret");
+    }
+
+    #[test]
+    fn context_and_key_id_are_bound() {
+        let dek = dek();
+        let token = dek.tokenize("email", b"x");
+        assert_eq!(dek.open(&parse(&token), "phone").unwrap_err(), RevealError::Forged);
+        let mut relabelled = parse(&token);
+        relabelled.key_id = KeyId([2; 12]);
+        assert_eq!(dek.open(&relabelled, "email").unwrap_err(), RevealError::Forged);
+        let other = Dek::new(KeyId([1; 12]), 1, &[8; 32]);
+        assert_eq!(other.open(&parse(&token), "email").unwrap_err(), RevealError::Forged);
+    }
+
+    #[test]
+    fn hash_is_deterministic_and_not_reversible() {
+        let dek = dek();
+        assert_eq!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.1"));
+        assert_ne!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.2"));
+        let token = parse(&dek.hash("ip", b"10.0.0.1"));
+        assert_eq!(dek.open(&token, "ip").unwrap_err(), RevealError::NotReversible("hash"));
+    }
+}

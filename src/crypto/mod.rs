@@ -1,0 +1,24 @@
+//! Cryptography: key-encryption keys, data keys and the self-describing tokens they produce.
+//!
+//! Every data key (DEK) is 32 random bytes; HKDF-SHA256 derives from it one key per purpose, so no key ever
+//! serves two constructions:
+//! - `encrypt`: AES-256-GCM with a random 96-bit nonce;
+//! - `tokenize`: deterministic AEAD, AES-256-GCM under a *synthetic* nonce = HMAC-SHA256 over (associated data,
+//!   plaintext). Equal inputs give equal tokens (joins and counts work); different inputs get different nonces.
+//!   Unlike AES-SIV from the `aes-siv` crate, the cipher and the HMAC state are keyed once per DEK, not per call;
+//! - `hash`: HMAC-SHA256, not reversible.
+//!
+//! Every ciphertext binds its context (field path or kind) and key id as associated data: a token copied into
+//! another field, or relabelled with another key id, does not decrypt.
+//!
+//! Key material is zeroized on drop (the raw DEK and the AES key schedules). The HMAC mid-states kept per DEK are
+//! not: the `hmac`/`sha2` crates offer no zeroizing state.
+
+mod dek;
+mod kek;
+pub(crate) mod plain;
+mod token;
+
+pub use dek::{Dek, KeyId};
+pub use kek::{KekProvider, KekSource, LocalKek};
+pub use token::{Token, TokenKind};

@@ -1,0 +1,93 @@
+//! The text form of tokens, ciphertexts and hashes: `<prefix>.<key id>.<payload>`.
+//!
+//! `pwt1` is a deterministic token, `pwe1` a randomized ciphertext, `pwh1` a keyed hash; the digit is the format
+//! version. The key id (16 URL-safe characters) names the data key, so `reveal` needs nothing but the token and
+//! the field context it was found in. The payload is URL-safe base64 without padding.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::dek::KeyId;
+use crate::error::RevealError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Token,
+    Ciphertext,
+    Hash,
+}
+
+impl TokenKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            TokenKind::Token => "pwt1",
+            TokenKind::Ciphertext => "pwe1",
+            TokenKind::Hash => "pwh1",
+        }
+    }
+}
+
+/// A parsed token. Its payload is ciphertext, never plaintext, but it still has no `Debug`: tokens are
+/// pseudonyms and stay out of logs.
+pub struct Token {
+    pub kind: TokenKind,
+    pub key_id: KeyId,
+    pub payload: Vec<u8>,
+}
+
+/// Longest token `parse` accepts: bounds the work a hostile request can cause.
+pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+impl Token {
+    pub fn render(kind: TokenKind, key_id: KeyId, payload: &[u8]) -> String {
+        let mut out = String::with_capacity(4 + 2 + 16 + payload.len() * 4 / 3 + 4);
+        out.push_str(kind.prefix());
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(key_id.0, &mut out);
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(payload, &mut out);
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<Token, RevealError> {
+        if text.len() > MAX_TOKEN_LEN {
+            return Err(RevealError::Malformed("longer than any token piiwall issues"));
+        }
+        let mut parts = text.trim().split('.');
+        let (Some(prefix), Some(key_id), Some(payload), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RevealError::Malformed("expected three dot-separated parts: prefix.key-id.payload"));
+        };
+        let kind = match prefix {
+            "pwt1" => TokenKind::Token,
+            "pwe1" => TokenKind::Ciphertext,
+            "pwh1" => TokenKind::Hash,
+            _ => return Err(RevealError::Malformed("unknown prefix (expected pwt1, pwe1 or pwh1)")),
+        };
+        let key_id = KeyId::from_text(key_id).ok_or(RevealError::Malformed("the key id is not 16 URL-safe characters"))?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| RevealError::Malformed("the payload is not URL-safe base64"))?;
+        Ok(Token { kind, key_id, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_parse_round_trip() {
+        let text = Token::render(TokenKind::Ciphertext, KeyId([3; 12]), b"payload bytes");
+        assert!(text.starts_with("pwe1."));
+        let token = Token::parse(&text).unwrap();
+        assert_eq!(token.kind, TokenKind::Ciphertext);
+        assert_eq!(token.key_id, KeyId([3; 12]));
+        assert_eq!(token.payload, b"payload bytes");
+    }
+
+    #[test]
+    fn malformed_tokens_are_named() {
+        for bad in ["", "pwt1", "pwt1.abc", "xxx1.AAAAAAAAAAAAAAAA.AA", "pwt1.short.AA", "pwt1.AAAAAAAAAAAAAAAA.!!", "a.b.c.d"] {
+            assert!(matches!(Token::parse(bad), Err(RevealError::Malformed(_))), "{bad}");
+        }
+    }
+}

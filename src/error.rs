@@ -1,0 +1,137 @@
+//! Error types of the library.
+//!
+//! Every error says which part of the input is wrong (a field path, a line number, a config key) and never
+//! the value found there: messages end up in logs and audit events, values are PII. Every error also has an
+//! [`ErrorKind`] so callers decide what to do by kind, never by message text.
+
+use std::fmt;
+
+/// What a caller should do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A dependency (key store, registry) did not answer; the same input may succeed later. Never quarantine.
+    Retriable,
+    /// This input can never be processed as it is (bad bytes, bad annotation, value not matching its schema):
+    /// quarantine it and go on with the next one.
+    Poison,
+    /// The process cannot go on as configured (wrong KEK, bad config): stop and tell the operator.
+    Fatal,
+}
+
+/// A problem with a schema's annotations or structure, located by field path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{problem}", location(path))]
+pub struct PolicyError {
+    /// Dotted field path from the root record (empty for the schema as a whole).
+    pub path: String,
+    pub problem: String,
+}
+
+impl PolicyError {
+    pub(crate) fn new(path: &str, problem: impl Into<String>) -> Self {
+        Self { path: path.to_owned(), problem: problem.into() }
+    }
+}
+
+/// A record whose value does not fit its schema, located by field path. Never carries the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{problem}", location(path))]
+pub struct ValueError {
+    pub path: String,
+    pub problem: String,
+}
+
+impl ValueError {
+    pub(crate) fn new(path: &str, problem: impl Into<String>) -> Self {
+        Self { path: path.to_owned(), problem: problem.into() }
+    }
+}
+
+fn location(path: &str) -> String {
+    if path.is_empty() { String::new() } else { format!("field `{path}`: ") }
+}
+
+/// Failures of keys and of the key store.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no key-encryption key: {0}")]
+    KekMissing(String),
+    #[error("the key-encryption key is malformed: {0}")]
+    KekMalformed(String),
+    #[error(
+        "the key-encryption key does not open this key store: it was created with another KEK (check keys.kek and \
+         keys.store)"
+    )]
+    KekMismatch,
+    #[error("key store row fails authentication: the row is corrupted or was written under another KEK")]
+    CorruptRow,
+    #[error("key store unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("key store: {0}")]
+    Store(String),
+}
+
+impl KeyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            KeyError::StoreUnavailable(_) => ErrorKind::Retriable,
+            _ => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// Why a token or ciphertext could not be revealed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevealError {
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    #[error("subject forgotten: the keys of this token's data subject were destroyed")]
+    SubjectForgotten,
+    #[error("unknown key id: no key in this key store issued this token")]
+    UnknownKey,
+    #[error(
+        "token does not authenticate: it was altered, forged, or is being revealed for another field than the one it \
+         was issued for"
+    )]
+    Forged,
+    #[error("this action is not reversible: {0} values cannot be revealed")]
+    NotReversible(&'static str),
+}
+
+/// Configuration problems, named by key.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct ConfigError(pub String);
+
+/// The library's error: one of the above, each with its [`ErrorKind`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("schema: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("record: {0}")]
+    Value(#[from] ValueError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Reveal(#[from] RevealError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Policy(_) | Error::Value(_) | Error::Reveal(_) => ErrorKind::Poison,
+            Error::Key(e) => e.kind(),
+            Error::Config(_) | Error::Io { .. } => ErrorKind::Fatal,
+        }
+    }
+
+    pub(crate) fn io(context: impl fmt::Display, source: std::io::Error) -> Self {
+        Error::Io { context: context.to_string(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,247 @@
+//! The keyring: data keys by scope and by id, from the key store through a bounded in-memory cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use moka::sync::Cache;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::store::{KeyLookup, KeyStore, StoredKey};
+use crate::crypto::{Dek, KekProvider, KeyId};
+use crate::error::{Error, KeyError, RevealError};
+
+/// Entries the key cache holds at most, by default.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+/// How long an unwrapped key stays cached, by default. It bounds how long another instance's rotation or forget
+/// takes to be seen here.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+
+const SUBJECT_INDEX: &str = "subject-index";
+
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCacheSettings {
+    pub capacity: u64,
+    pub ttl: Duration,
+}
+
+impl Default for KeyCacheSettings {
+    fn default() -> Self {
+        Self { capacity: DEFAULT_CACHE_CAPACITY, ttl: DEFAULT_CACHE_TTL }
+    }
+}
+
+/// The key protecting a record.
+#[derive(Clone)]
+pub enum RecordKey {
+    Active(Arc<Dek>),
+    /// The record's subject was forgotten: its protected fields are redacted.
+    Forgotten,
+}
+
+#[derive(Clone)]
+struct ById {
+    scope: Arc<str>,
+    dek: Arc<Dek>,
+}
+
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    kek: Arc<dyn KekProvider>,
+    subject_index: Hmac<Sha256>,
+    by_scope: Cache<String, RecordKey>,
+    by_id: Cache<KeyId, ById>,
+}
+
+impl Keyring {
+    /// Opens the keyring over a store, checking that the KEK opens it (a store made under another KEK is refused).
+    pub fn open(store: Arc<dyn KeyStore>, kek: Arc<dyn KekProvider>, cache: KeyCacheSettings) -> Result<Self, KeyError> {
+        let ad = meta_ad(SUBJECT_INDEX);
+        let fresh = Zeroizing::new(rand::random::<[u8; 32]>());
+        let wrapped = store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
+        let index_key = kek.unwrap(&wrapped, &ad).map_err(|_| KeyError::KekMismatch)?;
+        let subject_index = Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
+        let by_scope = Cache::builder().max_capacity(cache.capacity).time_to_live(cache.ttl).build();
+        let by_id = Cache::builder()
+            .max_capacity(cache.capacity)
+            .time_to_live(cache.ttl)
+            .support_invalidation_closures()
+            .build();
+        Ok(Self { store, kek, subject_index, by_scope, by_id })
+    }
+
+    /// The key scope of a data subject: a keyed hash, so the store never sees the id.
+    pub fn subject_scope(&self, subject: &str) -> String {
+        let mut mac = self.subject_index.clone();
+        mac.update(subject.as_bytes());
+        format!("s:{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    pub fn domain_scope(domain: &str) -> String {
+        format!("d:{domain}")
+    }
+
+    /// The current key of a data subject, created on first use; `Forgotten` once the subject was forgotten.
+    pub fn subject_key(&self, subject: &str) -> Result<RecordKey, KeyError> {
+        self.current(&self.subject_scope(subject))
+    }
+
+    /// The current key of a domain, created on first use.
+    pub fn domain_key(&self, domain: &str) -> Result<Arc<Dek>, KeyError> {
+        match self.current(&Self::domain_scope(domain))? {
+            RecordKey::Active(dek) => Ok(dek),
+            RecordKey::Forgotten => Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
+        }
+    }
+
+    /// The key that issued a token, for `reveal`.
+    pub fn key_by_id(&self, key_id: KeyId) -> Result<Arc<Dek>, Error> {
+        if let Some(hit) = self.by_id.get(&key_id) {
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit").increment(1);
+            return Ok(hit.dek);
+        }
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss").increment(1);
+        match self.store.by_id(&key_id)? {
+            KeyLookup::Found(row) => {
+                let dek = Arc::new(self.unwrap(&row)?);
+                self.by_id.insert(key_id, ById { scope: row.scope.into(), dek: dek.clone() });
+                Ok(dek)
+            }
+            KeyLookup::Shredded => Err(RevealError::SubjectForgotten.into()),
+            KeyLookup::Unknown => Err(RevealError::UnknownKey.into()),
+        }
+    }
+
+    /// Adds a key version to a scope; new data uses it, old versions still reveal. Returns the new version.
+    pub fn rotate(&self, scope: &str) -> Result<u32, KeyError> {
+        if self.store.is_forgotten(scope)? {
+            return Err(KeyError::Store("cannot rotate the key of a forgotten subject".into()));
+        }
+        let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
+        let stored = self.create(scope, next)?;
+        self.by_scope.invalidate(scope);
+        Ok(stored.version)
+    }
+
+    /// Destroys every key version of a subject and remembers it as forgotten. Returns how many versions were
+    /// destroyed (0 when it had none, or was already forgotten).
+    pub fn forget_subject(&self, subject: &str) -> Result<usize, KeyError> {
+        let scope = self.subject_scope(subject);
+        let destroyed = self.store.forget(&scope)?;
+        self.by_scope.invalidate(&scope);
+        let scope: Arc<str> = scope.into();
+        self.by_id
+            .invalidate_entries_if(move |_, cached| cached.scope == scope)
+            .expect("invalidation closures are enabled");
+        Ok(destroyed)
+    }
+
+    fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
+        if let Some(hit) = self.by_scope.get(scope) {
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit").increment(1);
+            return Ok(hit);
+        }
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss").increment(1);
+        let entry = match self.store.current(scope)? {
+            Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
+            None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
+            None => {
+                let row = self.create(scope, 1)?;
+                RecordKey::Active(Arc::new(self.unwrap(&row)?))
+            }
+        };
+        self.by_scope.insert(scope.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Creates and stores a key version unless one exists; returns the stored row (ours or a concurrent winner's).
+    fn create(&self, scope: &str, version: u32) -> Result<StoredKey, KeyError> {
+        let key_id = KeyId::random();
+        let secret = Zeroizing::new(rand::random::<[u8; 32]>());
+        let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
+        let stored = self.store.insert_if_absent(&StoredKey { key_id, scope: scope.to_owned(), version, wrapped })?;
+        metrics::counter!("piiwall_keys_created_total").increment(u64::from(stored.key_id == key_id));
+        Ok(stored)
+    }
+
+    fn unwrap(&self, row: &StoredKey) -> Result<Dek, KeyError> {
+        let secret = self.kek.unwrap(&row.wrapped, &dek_ad(row.key_id, &row.scope, row.version))?;
+        if secret.len() != 32 {
+            return Err(KeyError::CorruptRow);
+        }
+        Ok(Dek::new(row.key_id, row.version, &secret))
+    }
+}
+
+fn dek_ad(key_id: KeyId, scope: &str, version: u32) -> Vec<u8> {
+    let mut ad = b"piiwall/1|dek|".to_vec();
+    ad.extend_from_slice(&key_id.0);
+    ad.push(b'|');
+    ad.extend_from_slice(scope.as_bytes());
+    ad.push(b'|');
+    ad.extend_from_slice(&version.to_be_bytes());
+    ad
+}
+
+fn meta_ad(name: &str) -> Vec<u8> {
+    format!("piiwall/1|meta|{name}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::LocalKek;
+    use crate::keys::SqliteStore;
+
+    fn keyring(dir: &std::path::Path, kek: u8) -> Result<Keyring, KeyError> {
+        let store = Arc::new(SqliteStore::open(&dir.join("keys.db"))?);
+        Keyring::open(store, Arc::new(LocalKek::from_bytes(&[kek; 32])?), KeyCacheSettings::default())
+    }
+
+    fn active(key: RecordKey) -> Arc<Dek> {
+        match key {
+            RecordKey::Active(dek) => dek,
+            RecordKey::Forgotten => panic!("expected an active key"),
+        }
+    }
+
+    #[test]
+    fn keys_are_created_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
+        let again = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
+        assert_eq!(first.key_id, again.key_id);
+        let other = active(keyring(dir.path(), 1).unwrap().subject_key("bob").unwrap());
+        assert_ne!(first.key_id, other.key_id);
+    }
+
+    #[test]
+    fn another_kek_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        keyring(dir.path(), 1).unwrap();
+        assert!(matches!(keyring(dir.path(), 2), Err(KeyError::KekMismatch)));
+    }
+
+    #[test]
+    fn forget_shreds_every_version_and_redacts_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let v1 = active(ring.subject_key("alice").unwrap()).key_id;
+        ring.rotate(&ring.subject_scope("alice")).unwrap();
+        let v2 = active(ring.subject_key("alice").unwrap()).key_id;
+        assert_ne!(v1, v2);
+        ring.key_by_id(v1).unwrap();
+        assert_eq!(ring.forget_subject("alice").unwrap(), 2);
+        assert!(matches!(ring.subject_key("alice").unwrap(), RecordKey::Forgotten));
+        for id in [v1, v2] {
+            assert!(matches!(ring.key_by_id(id), Err(Error::Reveal(RevealError::SubjectForgotten))));
+        }
+        assert_eq!(ring.forget_subject("alice").unwrap(), 0, "forget is idempotent");
+        let reopened = keyring(dir.path(), 1).unwrap();
+        assert!(matches!(reopened.subject_key("alice").unwrap(), RecordKey::Forgotten));
+        assert!(matches!(reopened.key_by_id(KeyId([0; 12])), Err(Error::Reveal(RevealError::UnknownKey))));
+    }
+}

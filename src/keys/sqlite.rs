@@ -1,0 +1,166 @@
+//! The embedded key store: one SQLite file.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use super::store::{KeyLookup, KeyStore, StoredKey};
+use crate::crypto::KeyId;
+use crate::error::KeyError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deks (
+    key_id     BLOB PRIMARY KEY,
+    scope      TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    wrapped    BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (scope, version)
+);
+CREATE TABLE IF NOT EXISTS shredded_keys (key_id BLOB PRIMARY KEY, shredded_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS forgotten_scopes (scope TEXT PRIMARY KEY, forgotten_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
+";
+
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the key store file and its tables.
+    pub fn open(path: &Path) -> Result<Self, KeyError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let connection = Connection::open(path)
+            .map_err(|e| KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| connection.execute_batch(SCHEMA))
+            .map_err(|e| store_error(e, "cannot prepare the key store"))?;
+        Ok(Self { connection: Mutex::new(connection) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>, what: &str) -> Result<T, KeyError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut connection).map_err(|e| store_error(e, what))
+    }
+}
+
+fn store_error(e: rusqlite::Error, what: &str) -> KeyError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure) => {
+            KeyError::StoreUnavailable(format!("{what}: {e}"))
+        }
+        _ => KeyError::Store(format!("{what}: {e}")),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn row_to_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredKey, KeyError>> {
+    let key_id: Vec<u8> = row.get(0)?;
+    let version: i64 = row.get(2)?;
+    Ok(match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
+        (Ok(id), Ok(version)) => Ok(StoredKey { key_id: KeyId(id), scope: row.get(1)?, version, wrapped: row.get(3)? }),
+        _ => Err(KeyError::CorruptRow),
+    })
+}
+
+impl KeyStore for SqliteStore {
+    fn current(&self, scope: &str) -> Result<Option<StoredKey>, KeyError> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT key_id, scope, version, wrapped FROM deks WHERE scope = ?1 ORDER BY version DESC LIMIT 1",
+                    [scope],
+                    row_to_key,
+                )
+                .optional()
+            },
+            "reading a key",
+        )?
+        .transpose()
+    }
+
+    fn by_id(&self, key_id: &KeyId) -> Result<KeyLookup, KeyError> {
+        let (found, shredded) = self.with(
+            |c| {
+                let found = c
+                    .query_row("SELECT key_id, scope, version, wrapped FROM deks WHERE key_id = ?1", [&key_id.0[..]], row_to_key)
+                    .optional()?;
+                let shredded = c
+                    .query_row("SELECT 1 FROM shredded_keys WHERE key_id = ?1", [&key_id.0[..]], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                Ok((found, shredded))
+            },
+            "reading a key",
+        )?;
+        Ok(match found {
+            Some(key) => KeyLookup::Found(key?),
+            None if shredded => KeyLookup::Shredded,
+            None => KeyLookup::Unknown,
+        })
+    }
+
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (scope, version) DO NOTHING",
+                    params![&key.key_id.0[..], key.scope, key.version, key.wrapped, now()],
+                )?;
+                c.query_row(
+                    "SELECT key_id, scope, version, wrapped FROM deks WHERE scope = ?1 AND version = ?2",
+                    params![key.scope, key.version],
+                    row_to_key,
+                )
+            },
+            "storing a key",
+        )?
+    }
+
+    fn forget(&self, scope: &str) -> Result<usize, KeyError> {
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let at = now();
+                tx.execute(
+                    "INSERT OR IGNORE INTO shredded_keys (key_id, shredded_at) SELECT key_id, ?2 FROM deks WHERE scope = ?1",
+                    params![scope, at],
+                )?;
+                let destroyed = tx.execute("DELETE FROM deks WHERE scope = ?1", [scope])?;
+                tx.execute("INSERT OR IGNORE INTO forgotten_scopes (scope, forgotten_at) VALUES (?1, ?2)", params![scope, at])?;
+                tx.commit()?;
+                Ok(destroyed)
+            },
+            "forgetting a subject",
+        )
+    }
+
+    fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
+        self.with(
+            |c| c.query_row("SELECT 1 FROM forgotten_scopes WHERE scope = ?1", [scope], |_| Ok(())).optional(),
+            "reading the forgotten subjects",
+        )
+        .map(|found| found.is_some())
+    }
+
+    fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.with(
+            |c| {
+                c.execute("INSERT OR IGNORE INTO meta (name, wrapped) VALUES (?1, ?2)", params![name, wrapped])?;
+                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| row.get(0))
+            },
+            "reading the key store's own keys",
+        )
+    }
+}

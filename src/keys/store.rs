@@ -1,0 +1,37 @@
+//! The key store seam: SQLite for one instance, PostgreSQL when several share keys.
+
+use crate::crypto::KeyId;
+use crate::error::KeyError;
+
+/// One wrapped data key as stored.
+#[derive(Clone)]
+pub struct StoredKey {
+    pub key_id: KeyId,
+    pub scope: String,
+    pub version: u32,
+    /// The DEK wrapped by the KEK, with (key id, scope, version) as associated data.
+    pub wrapped: Vec<u8>,
+}
+
+/// What a key id names.
+pub enum KeyLookup {
+    Found(StoredKey),
+    /// The key existed and was destroyed by a forget.
+    Shredded,
+    Unknown,
+}
+
+pub trait KeyStore: Send + Sync {
+    /// The newest version of a scope's key.
+    fn current(&self, scope: &str) -> Result<Option<StoredKey>, KeyError>;
+    fn by_id(&self, key_id: &KeyId) -> Result<KeyLookup, KeyError>;
+    /// Inserts the key unless the scope already has this version; returns the row that is stored, so
+    /// concurrent first uses agree on one key.
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError>;
+    /// Deletes every version of a scope's key, records their ids as shredded and the scope as forgotten.
+    /// Returns how many key versions were destroyed. Idempotent.
+    fn forget(&self, scope: &str) -> Result<usize, KeyError>;
+    fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError>;
+    /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
+    fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
+}

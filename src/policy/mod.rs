@@ -1,0 +1,155 @@
+//! Policies: what the producer's annotations ask for, compiled once per schema into a [`Plan`].
+//!
+//! A schema is compiled by [`compile`] into a [`CompiledSchema`]: the writer schema, the plan (which field paths
+//! carry which protection, and which field names the data subject) and the *sanitized schema* that the
+//! protected records are written with. The plan mirrors the schema's tree but keeps only the branches that lead
+//! to a protected field, so untouched parts of a record cost nothing to walk.
+
+mod compile;
+mod tags;
+
+use apache_avro::types::Value;
+
+pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
+pub use tags::TagPattern;
+
+/// The protection applied to one field (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Deterministic, reversible token: same (subject, context, value) gives the same token.
+    Tokenize,
+    /// AES-256-GCM with a random nonce: reversible, never the same ciphertext twice.
+    Encrypt,
+    /// Keyed HMAC-SHA256 pseudonym: deterministic, not reversible.
+    Hash,
+    /// All but the last `keep_last` characters replaced by `*`.
+    Mask { keep_last: usize },
+    /// Null where the type allows it, else the type's empty value.
+    Redact,
+    /// The data-subject id: tokenized with the subject's own key, and the key scope of the whole record.
+    Subject,
+}
+
+/// `keep_last` of `mask` when the annotation does not say.
+pub const DEFAULT_MASK_KEEP_LAST: usize = 4;
+
+impl Action {
+    /// The name used in annotations, in `pii.applied` and in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Tokenize => "tokenize",
+            Action::Encrypt => "encrypt",
+            Action::Hash => "hash",
+            Action::Mask { .. } => "mask",
+            Action::Redact => "redact",
+            Action::Subject => "subject",
+        }
+    }
+
+    /// Parses an action name; `mask` gets the default `keep_last`.
+    pub fn from_name(name: &str) -> Option<Action> {
+        Some(match name {
+            "tokenize" => Action::Tokenize,
+            "encrypt" => Action::Encrypt,
+            "hash" => Action::Hash,
+            "mask" => Action::Mask { keep_last: DEFAULT_MASK_KEEP_LAST },
+            "redact" => Action::Redact,
+            "subject" => Action::Subject,
+            _ => return None,
+        })
+    }
+
+    /// Whether `reveal` can give the original value back.
+    pub fn is_reversible(self) -> bool {
+        matches!(self, Action::Tokenize | Action::Encrypt | Action::Subject)
+    }
+
+    /// Whether the action needs a data key.
+    pub fn needs_key(self) -> bool {
+        matches!(self, Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject)
+    }
+}
+
+/// The action names an annotation may use, for error messages.
+pub const ACTION_NAMES: &str = "tokenize, encrypt, hash, mask, redact, subject, none";
+
+/// One protected field of a schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Dotted path of field names from the root record; arrays, maps and unions are transparent.
+    pub path: String,
+    pub action: Action,
+    /// What a token or ciphertext is bound to (its associated data): the annotation's `kind` when given, so
+    /// that fields of one kind in different schemas share tokens; otherwise the field path. `reveal` must be
+    /// told the same context.
+    pub context: String,
+}
+
+/// The compiled policy of one schema.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub(crate) root: Vec<(usize, Node)>,
+    pub rules: Vec<Rule>,
+    pub(crate) subject: Option<SubjectRef>,
+    /// The key domain named by the schema's `pii.domain`; `None` uses the configured default.
+    pub domain: Option<String>,
+}
+
+impl Plan {
+    /// The rule of the subject field, if the schema names one.
+    pub fn subject_rule(&self) -> Option<&Rule> {
+        self.subject.as_ref().map(|s| &self.rules[s.rule])
+    }
+
+    /// Whether any field needs a data key (else records are sanitized without touching the key store).
+    pub fn needs_keys(&self) -> bool {
+        self.rules.iter().any(|r| r.action.needs_key())
+    }
+}
+
+/// Where the subject id sits: field indices from the root, unions unwrapped on the way.
+#[derive(Debug, Clone)]
+pub(crate) struct SubjectRef {
+    pub(crate) rule: usize,
+    pub(crate) steps: Vec<usize>,
+}
+
+/// A node of the plan tree, matching the shape of an apache-avro [`Value`].
+#[derive(Debug, Clone)]
+pub(crate) enum Node {
+    /// A protected field.
+    Protect(Protect),
+    /// A record some of whose fields need work: (field index, node).
+    Record(Vec<(usize, Node)>),
+    Array(Box<Node>),
+    Map(Box<Node>),
+    /// A union some of whose branches need work, by branch index.
+    Union(Vec<Option<Node>>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Protect {
+    pub(crate) rule: usize,
+    pub(crate) shape: Shape,
+    /// The output when the value is redacted (action `redact`, or a forgotten subject): null where the
+    /// sanitized type allows it, else its empty value.
+    pub(crate) redacted: Value,
+    /// The scale of a decimal field (0 otherwise): tokens of decimals carry it so `reveal` can print them.
+    pub(crate) scale: u32,
+}
+
+/// How a protected value is laid out down to its scalars.
+#[derive(Debug, Clone)]
+pub(crate) enum Shape {
+    Scalar,
+    /// A union of null and scalars; per input branch, the output branch (`None`: the output is not a union).
+    Union(Vec<Branch>),
+    Array(Box<Shape>),
+    Map(Box<Shape>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Branch {
+    pub(crate) is_null: bool,
+    pub(crate) out: Option<u32>,
+}
