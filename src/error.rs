@@ -29,7 +29,10 @@ pub struct PolicyError {
 
 impl PolicyError {
     pub(crate) fn new(path: &str, problem: impl Into<String>) -> Self {
-        Self { path: path.to_owned(), problem: problem.into() }
+        Self {
+            path: path.to_owned(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -43,12 +46,19 @@ pub struct ValueError {
 
 impl ValueError {
     pub(crate) fn new(path: &str, problem: impl Into<String>) -> Self {
-        Self { path: path.to_owned(), problem: problem.into() }
+        Self {
+            path: path.to_owned(),
+            problem: problem.into(),
+        }
     }
 }
 
 fn location(path: &str) -> String {
-    if path.is_empty() { String::new() } else { format!("field `{path}`: ") }
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("field `{path}`: ")
+    }
 }
 
 /// Failures of keys and of the key store.
@@ -63,7 +73,9 @@ pub enum KeyError {
          keys.store)"
     )]
     KekMismatch,
-    #[error("key store row fails authentication: the row is corrupted or was written under another KEK")]
+    #[error(
+        "key store row fails authentication: the row is corrupted or was written under another KEK"
+    )]
     CorruptRow,
     #[error("key store unavailable: {0}")]
     StoreUnavailable(String),
@@ -117,7 +129,10 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -130,7 +145,10 @@ impl Error {
     }
 
     pub(crate) fn io(context: impl fmt::Display, source: std::io::Error) -> Self {
-        Error::Io { context: context.to_string(), source }
+        Error::Io {
+            context: context.to_string(),
+            source,
+        }
     }
 }
 

@@ -1,1 +1,312 @@
-fn main(){}
+//! The `piiwall` command: parses arguments and calls the library. Exit codes: 0 success, 1 some records or
+//! tokens failed (each reported on stderr), 2 the command could not run (bad config, schema, KEK or key store).
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use piiwall::codec::json::JsonCodec;
+use piiwall::config::Config;
+use piiwall::keys::Keyring;
+use piiwall::lint::{self, Severity};
+use piiwall::offline;
+use piiwall::policy::{CompiledSchema, compile};
+use piiwall::sanitize::Sanitizer;
+
+#[derive(Parser)]
+#[command(name = "piiwall", version, about = "A PII firewall for event streams")]
+struct Cli {
+    /// Config file (TOML); without it, the embedded defaults. PIIWALL_SECTION__KEY variables override either.
+    #[arg(long, global = true, env = "PIIWALL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sanitize plain-JSON records (one per line) with an annotated schema.
+    Sanitize {
+        #[arg(long)]
+        schema: PathBuf,
+        /// Input file, or - for standard input.
+        #[arg(long, default_value = "-")]
+        input: String,
+        /// Output file, or - for standard output.
+        #[arg(long, default_value = "-")]
+        output: String,
+    },
+    /// Reveal tokens or ciphertexts found in one field; prints one JSON value per line.
+    Reveal {
+        /// The field the tokens were found in: its path, or the `kind` its annotation names.
+        #[arg(long)]
+        field: String,
+        /// Tokens (pwt1.… / pwe1.…); - reads them from standard input, one per line.
+        #[arg(required = true)]
+        tokens: Vec<String>,
+    },
+    /// Print the token a field's value gets, to filter sanitized data by it.
+    Tokenize {
+        #[arg(long)]
+        schema: PathBuf,
+        /// Dotted field path, as in the schema.
+        #[arg(long)]
+        field: String,
+        /// The data subject id, when the schema names one; - reads it from standard input.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The value (a JSON number for numeric fields); - reads it from standard input.
+        value: String,
+    },
+    /// Forget a data subject: destroy all its keys (crypto-shredding).
+    Forget {
+        /// The subject id; - reads it from standard input (keeps it out of shell history).
+        subject: String,
+    },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Schema tools.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a key version for a domain (default: the configured default domain) or a subject.
+    Rotate {
+        #[arg(long, conflicts_with = "subject")]
+        domain: Option<String>,
+        /// The subject id; - reads it from standard input.
+        #[arg(long)]
+        subject: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Print the sanitized schema derived from an annotated schema.
+    Sanitized { file: PathBuf },
+    /// Lint annotated schemas: annotation errors, and unannotated fields that look like PII.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("piiwall: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Sanitize {
+            schema,
+            input,
+            output,
+        } => {
+            let compiled = load_schema(&schema, &config)?;
+            let sanitizer = sanitizer(&config)?;
+            let input: Box<dyn BufRead> = match input.as_str() {
+                "-" => Box::new(io::stdin().lock()),
+                path => Box::new(BufReader::new(
+                    File::open(path).with_context(|| format!("cannot open input {path}"))?,
+                )),
+            };
+            let output: Box<dyn Write> = match output.as_str() {
+                "-" => Box::new(BufWriter::new(io::stdout().lock())),
+                path => Box::new(BufWriter::new(
+                    File::create(path).with_context(|| format!("cannot create output {path}"))?,
+                )),
+            };
+            let summary =
+                offline::sanitize_lines(&compiled, &sanitizer, input, output, |line, e| {
+                    eprintln!("line {line}: {e}")
+                })?;
+            if summary.failed > 0 {
+                eprintln!(
+                    "piiwall: {} records sanitized, {} failed",
+                    summary.sanitized, summary.failed
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reveal { field, tokens } => {
+            let keyring = keyring(&config)?;
+            let tokens = if tokens == ["-"] {
+                read_stdin()?
+                    .lines()
+                    .map(str::to_owned)
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            } else {
+                tokens
+            };
+            let mut failed = 0;
+            for (index, token) in tokens.iter().enumerate() {
+                match piiwall::sanitize::reveal(&keyring, &field, token) {
+                    Ok(value) => println!("{value}"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("token {}: {e}", index + 1);
+                    }
+                }
+            }
+            Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Tokenize {
+            schema,
+            field,
+            subject,
+            value,
+        } => {
+            let compiled = load_schema(&schema, &config)?;
+            let sanitizer = sanitizer(&config)?;
+            let subject = subject.map(|s| from_arg_or_stdin(s)).transpose()?;
+            let value = from_arg_or_stdin(value)?;
+            let codec = JsonCodec::new(&compiled.writer);
+            // A string field takes the text as it is; other types take it as JSON (numbers, booleans).
+            let as_string = codec.field_value(&field, &serde_json::Value::String(value.clone()));
+            let parsed = match as_string {
+                Ok(parsed) => parsed,
+                Err(_) => {
+                    let json = serde_json::from_str(&value).map_err(|_| {
+                        anyhow::anyhow!(
+                            "field `{field}`: the value is neither text for a string field nor JSON"
+                        )
+                    })?;
+                    codec.field_value(&field, &json)?
+                }
+            };
+            println!(
+                "{}",
+                sanitizer.token_for(&compiled, &field, subject.as_deref(), &parsed)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Forget { subject } => {
+            let subject = from_arg_or_stdin(subject)?;
+            let destroyed = keyring(&config)?.forget_subject(&subject)?;
+            println!(
+                "forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate { domain, subject },
+        } => {
+            let keyring = keyring(&config)?;
+            let scope = match subject {
+                Some(subject) => keyring.subject_scope(&from_arg_or_stdin(subject)?),
+                None => {
+                    Keyring::domain_scope(domain.as_deref().unwrap_or(&config.keys.default_domain))
+                }
+            };
+            let version = keyring.rotate(&scope)?;
+            println!("rotated: new data uses key version {version}; older versions still reveal");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema {
+            command: SchemaCommand::Sanitized { file },
+        } => {
+            let compiled = load_schema(&file, &config)?;
+            let pretty: serde_json::Value = serde_json::from_str(&compiled.sanitized_json)?;
+            println!("{}", serde_json::to_string_pretty(&pretty)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema {
+            command: SchemaCommand::Check { files },
+        } => {
+            let mut errors = 0;
+            let mut warnings = 0;
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                for finding in lint::check(&text, &config.policy) {
+                    let (label, counter) = match finding.severity {
+                        Severity::Error => ("error", &mut errors),
+                        Severity::Warning => ("warning", &mut warnings),
+                    };
+                    *counter += 1;
+                    let at = if finding.path.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" field `{}`:", finding.path)
+                    };
+                    println!("{}: {label}:{at} {}", file.display(), finding.message);
+                }
+            }
+            println!(
+                "{} file(s) checked: {errors} error(s), {warnings} warning(s)",
+                files.len()
+            );
+            Ok(if errors + warnings > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn load_schema(path: &Path, config: &Config) -> anyhow::Result<CompiledSchema> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read schema {}", path.display()))?;
+    compile(&text, &config.policy).with_context(|| format!("schema {}", path.display()))
+}
+
+fn keyring(config: &Config) -> anyhow::Result<Arc<Keyring>> {
+    Ok(Arc::new(Keyring::from_config(&config.keys)?))
+}
+
+fn sanitizer(config: &Config) -> anyhow::Result<Sanitizer> {
+    Ok(Sanitizer::new(
+        keyring(config)?,
+        config.keys.default_domain.clone(),
+    ))
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    io::stdin()
+        .read_to_string(&mut text)
+        .context("cannot read standard input")?;
+    Ok(text)
+}
+
+fn from_arg_or_stdin(arg: String) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let text = read_stdin()?;
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.is_empty() {
+        bail!("standard input was empty");
+    }
+    Ok(text.to_owned())
+}

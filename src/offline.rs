@@ -1,0 +1,78 @@
+//! `piiwall sanitize`: plain-JSON records in, sanitized plain-JSON records out, one per line.
+//!
+//! A line that cannot be sanitized is reported (line number and field path, never the value) and skipped; the
+//! rest go on. A key store or KEK failure stops the run: it would fail every line the same way.
+
+use std::io::{BufRead, Write};
+
+use serde_json::Value as Json;
+
+use crate::codec::json::JsonCodec;
+use crate::error::{Error, ErrorKind};
+use crate::policy::CompiledSchema;
+use crate::sanitize::Sanitizer;
+
+/// How a run went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub sanitized: usize,
+    pub failed: usize,
+}
+
+/// Sanitizes every line of `input` into `output`; `on_error` hears of each line that failed (1-based number).
+pub fn sanitize_lines(
+    schema: &CompiledSchema,
+    sanitizer: &Sanitizer,
+    input: impl BufRead,
+    mut output: impl Write,
+    mut on_error: impl FnMut(usize, &Error),
+) -> Result<Summary, Error> {
+    let reader = JsonCodec::new(&schema.writer);
+    let writer = JsonCodec::new(&schema.sanitized);
+    let mut summary = Summary::default();
+    for (index, line) in input.lines().enumerate() {
+        let number = index + 1;
+        let line = line.map_err(|e| Error::io(format!("reading line {number}"), e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Json>(&line)
+            .map_err(|e| {
+                crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e)))
+                    .into()
+            })
+            .and_then(|json| reader.to_value(&json).map_err(Error::from))
+            .and_then(|mut value| {
+                sanitizer.sanitize(schema, &mut value)?;
+                Ok(value)
+            });
+        match result {
+            Ok(value) => {
+                serde_json::to_writer(&mut output, &writer.to_json(&value))
+                    .map_err(|e| Error::io("writing output", e.into()))?;
+                output
+                    .write_all(b"\n")
+                    .map_err(|e| Error::io("writing output", e))?;
+                summary.sanitized += 1;
+            }
+            Err(e) if e.kind() == ErrorKind::Poison => {
+                on_error(number, &e);
+                summary.failed += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    output.flush().map_err(|e| Error::io("writing output", e))?;
+    Ok(summary)
+}
+
+/// serde_json's error, by category and column only (its message can quote input).
+fn json_error_kind(e: &serde_json::Error) -> String {
+    let category = match e.classify() {
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Eof => "unexpected end",
+        serde_json::error::Category::Data => "unexpected data",
+        serde_json::error::Category::Io => "read error",
+    };
+    format!("{category} at column {}", e.column())
+}

@@ -33,7 +33,9 @@ impl<'s> JsonCodec<'s> {
 
     /// Reads a plain-JSON value of the schema found at a field path (used by `tokenize`), unions unwrapped.
     pub fn field_value(&self, path: &str, json: &Json) -> Result<Value, ValueError> {
-        let schema = self.field_schema(path).ok_or_else(|| ValueError::new(path, "no such field in the schema"))?;
+        let schema = self
+            .field_schema(path)
+            .ok_or_else(|| ValueError::new(path, "no such field in the schema"))?;
         Ok(match self.read(schema, json, path)? {
             Value::Union(_, inner) => *inner,
             other => other,
@@ -72,36 +74,81 @@ impl<'s> JsonCodec<'s> {
     }
 
     fn read(&self, schema: &Schema, json: &Json, path: &str) -> Result<Value, ValueError> {
-        let mismatch = |expected: &str| ValueError::new(path, format!("expected {expected}, found {}", json_kind(json)));
-        let int = || json.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(|| mismatch("an int (32-bit integer)"));
-        let long = || json.as_i64().ok_or_else(|| mismatch("a long (64-bit integer)"));
+        let mismatch = |expected: &str| {
+            ValueError::new(
+                path,
+                format!("expected {expected}, found {}", json_kind(json)),
+            )
+        };
+        let int = || {
+            json.as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or_else(|| mismatch("an int (32-bit integer)"))
+        };
+        let long = || {
+            json.as_i64()
+                .ok_or_else(|| mismatch("a long (64-bit integer)"))
+        };
         Ok(match self.resolve(schema) {
-            Schema::Null => json.is_null().then_some(Value::Null).ok_or_else(|| mismatch("null"))?,
+            Schema::Null => json
+                .is_null()
+                .then_some(Value::Null)
+                .ok_or_else(|| mismatch("null"))?,
             Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| mismatch("a boolean"))?),
             Schema::Int => Value::Int(int()?),
             Schema::Long => Value::Long(long()?),
-            Schema::Float => Value::Float(json.as_f64().ok_or_else(|| mismatch("a number"))? as f32),
+            Schema::Float => {
+                Value::Float(json.as_f64().ok_or_else(|| mismatch("a number"))? as f32)
+            }
             Schema::Double => Value::Double(json.as_f64().ok_or_else(|| mismatch("a number"))?),
-            Schema::String => Value::String(json.as_str().ok_or_else(|| mismatch("a string"))?.to_owned()),
-            Schema::Bytes => Value::Bytes(json_to_bytes(json).ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (bytes)"))?),
+            Schema::String => Value::String(
+                json.as_str()
+                    .ok_or_else(|| mismatch("a string"))?
+                    .to_owned(),
+            ),
+            Schema::Bytes => Value::Bytes(
+                json_to_bytes(json)
+                    .ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (bytes)"))?,
+            ),
             Schema::Fixed(fixed) => {
-                let bytes = json_to_bytes(json).ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (fixed)"))?;
+                let bytes = json_to_bytes(json)
+                    .ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (fixed)"))?;
                 if bytes.len() != fixed.size {
-                    return Err(ValueError::new(path, format!("fixed value has {} bytes, the schema says {}", bytes.len(), fixed.size)));
+                    return Err(ValueError::new(
+                        path,
+                        format!(
+                            "fixed value has {} bytes, the schema says {}",
+                            bytes.len(),
+                            fixed.size
+                        ),
+                    ));
                 }
                 Value::Fixed(fixed.size, bytes)
             }
             Schema::Enum(e) => {
-                let symbol = json.as_str().ok_or_else(|| mismatch("an enum symbol string"))?;
-                let index = e.symbols.iter().position(|s| s == symbol).ok_or_else(|| ValueError::new(path, "not a symbol of the enum"))?;
+                let symbol = json
+                    .as_str()
+                    .ok_or_else(|| mismatch("an enum symbol string"))?;
+                let index = e
+                    .symbols
+                    .iter()
+                    .position(|s| s == symbol)
+                    .ok_or_else(|| ValueError::new(path, "not a symbol of the enum"))?;
                 Value::Enum(index as u32, symbol.to_owned())
             }
             Schema::Array(array) => {
                 let items = json.as_array().ok_or_else(|| mismatch("an array"))?;
-                Value::Array(items.iter().map(|item| self.read(&array.items, item, path)).collect::<Result<_, _>>()?)
+                Value::Array(
+                    items
+                        .iter()
+                        .map(|item| self.read(&array.items, item, path))
+                        .collect::<Result<_, _>>()?,
+                )
             }
             Schema::Map(map) => {
-                let entries = json.as_object().ok_or_else(|| mismatch("an object (map)"))?;
+                let entries = json
+                    .as_object()
+                    .ok_or_else(|| mismatch("an object (map)"))?;
                 Value::Map(
                     entries
                         .iter()
@@ -123,17 +170,32 @@ impl<'s> JsonCodec<'s> {
                 let names: Vec<&str> = union.variants().iter().map(|v| self.type_name(v)).collect();
                 return Err(match (union.variants().len(), first_error) {
                     (1, Some(e)) => e,
-                    _ => ValueError::new(path, format!("{} matches no branch of the union [{}]", json_kind(json), names.join(", "))),
+                    _ => ValueError::new(
+                        path,
+                        format!(
+                            "{} matches no branch of the union [{}]",
+                            json_kind(json),
+                            names.join(", ")
+                        ),
+                    ),
                 });
             }
             Schema::Record(record) => self.read_record(record, json, path)?,
             Schema::Decimal(decimal) => Value::Decimal(read_decimal(decimal, json, path)?),
-            Schema::BigDecimal => return Err(ValueError::new(path, "big-decimal values are not supported in JSON input")),
+            Schema::BigDecimal => {
+                return Err(ValueError::new(
+                    path,
+                    "big-decimal values are not supported in JSON input",
+                ));
+            }
             Schema::Uuid(kind) => {
                 let text = json.as_str().ok_or_else(|| mismatch("a uuid string"))?;
-                let uuid = Uuid::parse_str(text).map_err(|_| ValueError::new(path, "not a valid uuid"))?;
+                let uuid =
+                    Uuid::parse_str(text).map_err(|_| ValueError::new(path, "not a valid uuid"))?;
                 match kind {
-                    UuidSchema::String | UuidSchema::Bytes | UuidSchema::Fixed(_) => Value::Uuid(uuid),
+                    UuidSchema::String | UuidSchema::Bytes | UuidSchema::Fixed(_) => {
+                        Value::Uuid(uuid)
+                    }
                 }
             }
             Schema::Date => Value::Date(int()?),
@@ -145,15 +207,41 @@ impl<'s> JsonCodec<'s> {
             Schema::LocalTimestampMillis => Value::LocalTimestampMillis(long()?),
             Schema::LocalTimestampMicros => Value::LocalTimestampMicros(long()?),
             Schema::LocalTimestampNanos => Value::LocalTimestampNanos(long()?),
-            Schema::Duration(_) => return Err(ValueError::new(path, "duration values are not supported in JSON input")),
-            Schema::Ref { .. } => return Err(ValueError::new(path, "the schema refers to an undefined type")),
+            Schema::Duration(_) => {
+                return Err(ValueError::new(
+                    path,
+                    "duration values are not supported in JSON input",
+                ));
+            }
+            Schema::Ref { .. } => {
+                return Err(ValueError::new(
+                    path,
+                    "the schema refers to an undefined type",
+                ));
+            }
         })
     }
 
-    fn read_record(&self, record: &RecordSchema, json: &Json, path: &str) -> Result<Value, ValueError> {
-        let object = json.as_object().ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
-        if let Some(unknown) = object.keys().find(|k| !record.lookup.contains_key(k.as_str())) {
-            return Err(ValueError::new(&join(path, unknown), "unknown field: the schema has no such field"));
+    fn read_record(
+        &self,
+        record: &RecordSchema,
+        json: &Json,
+        path: &str,
+    ) -> Result<Value, ValueError> {
+        let object = json.as_object().ok_or_else(|| {
+            ValueError::new(
+                path,
+                format!("expected an object (record), found {}", json_kind(json)),
+            )
+        })?;
+        if let Some(unknown) = object
+            .keys()
+            .find(|k| !record.lookup.contains_key(k.as_str()))
+        {
+            return Err(ValueError::new(
+                &join(path, unknown),
+                "unknown field: the schema has no such field",
+            ));
         }
         let mut fields = Vec::with_capacity(record.fields.len());
         for field in &record.fields {
@@ -161,7 +249,12 @@ impl<'s> JsonCodec<'s> {
             let value = match (object.get(&field.name), &field.default) {
                 (Some(value), _) => self.read(&field.schema, value, &field_path)?,
                 (None, Some(default)) => self.read_default(&field.schema, default, &field_path)?,
-                (None, None) => return Err(ValueError::new(&field_path, "missing field (it has no default)")),
+                (None, None) => {
+                    return Err(ValueError::new(
+                        &field_path,
+                        "missing field (it has no default)",
+                    ));
+                }
             };
             fields.push((field.name.clone(), value));
         }
@@ -169,10 +262,18 @@ impl<'s> JsonCodec<'s> {
     }
 
     /// A default of a union field is a value of the union's first branch.
-    fn read_default(&self, schema: &Schema, default: &Json, path: &str) -> Result<Value, ValueError> {
+    fn read_default(
+        &self,
+        schema: &Schema,
+        default: &Json,
+        path: &str,
+    ) -> Result<Value, ValueError> {
         match self.resolve(schema) {
             Schema::Union(union) => {
-                let first = union.variants().first().ok_or_else(|| ValueError::new(path, "empty union"))?;
+                let first = union
+                    .variants()
+                    .first()
+                    .ok_or_else(|| ValueError::new(path, "empty union"))?;
                 Ok(Value::Union(0, Box::new(self.read(first, default, path)?)))
             }
             other => self.read(other, default, path),
@@ -182,10 +283,12 @@ impl<'s> JsonCodec<'s> {
     fn write(&self, schema: &Schema, value: &Value) -> Json {
         let schema = self.resolve(schema);
         match (schema, value) {
-            (Schema::Union(union), Value::Union(index, inner)) => match union.variants().get(*index as usize) {
-                Some(variant) => self.write(variant, inner),
-                None => Json::Null,
-            },
+            (Schema::Union(union), Value::Union(index, inner)) => {
+                match union.variants().get(*index as usize) {
+                    Some(variant) => self.write(variant, inner),
+                    None => Json::Null,
+                }
+            }
             (Schema::Record(record), Value::Record(fields)) => {
                 let mut object = Map::with_capacity(fields.len());
                 for (field, (name, value)) in record.fields.iter().zip(fields) {
@@ -193,14 +296,22 @@ impl<'s> JsonCodec<'s> {
                 }
                 Json::Object(object)
             }
-            (Schema::Array(array), Value::Array(items)) => Json::Array(items.iter().map(|v| self.write(&array.items, v)).collect()),
+            (Schema::Array(array), Value::Array(items)) => {
+                Json::Array(items.iter().map(|v| self.write(&array.items, v)).collect())
+            }
             (Schema::Map(map), Value::Map(entries)) => {
                 let mut keys: Vec<&String> = entries.keys().collect();
                 keys.sort();
-                Json::Object(keys.into_iter().map(|k| (k.clone(), self.write(&map.types, &entries[k]))).collect())
+                Json::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), self.write(&map.types, &entries[k])))
+                        .collect(),
+                )
             }
             (Schema::Decimal(decimal), Value::Decimal(d)) => match Vec::<u8>::try_from(d) {
-                Ok(bytes) => decimal_to_string(&bytes, decimal.scale as u32).map_or(Json::Null, Json::String),
+                Ok(bytes) => {
+                    decimal_to_string(&bytes, decimal.scale as u32).map_or(Json::Null, Json::String)
+                }
                 Err(_) => Json::Null,
             },
             (_, value) => scalar_to_json(value),
@@ -248,7 +359,11 @@ fn scalar_to_json(value: &Value) -> Json {
         Value::Uuid(u) => Json::String(u.to_string()),
         Value::BigDecimal(d) => Json::String(d.to_string()),
         Value::Duration(d) => bytes_to_json(&<[u8; 12]>::from(*d)),
-        Value::Decimal(_) | Value::Union(..) | Value::Array(_) | Value::Map(_) | Value::Record(_) => Json::Null,
+        Value::Decimal(_)
+        | Value::Union(..)
+        | Value::Array(_)
+        | Value::Map(_)
+        | Value::Record(_) => Json::Null,
     }
 }
 
@@ -258,7 +373,10 @@ pub(crate) fn bytes_to_json(bytes: &[u8]) -> Json {
 }
 
 fn json_to_bytes(json: &Json) -> Option<Vec<u8>> {
-    json.as_str()?.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect()
+    json.as_str()?
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).ok())
+        .collect()
 }
 
 /// Formats an unscaled two's-complement big-endian integer with `scale` decimal places (up to 128 bits).
@@ -266,44 +384,86 @@ pub(crate) fn decimal_to_string(unscaled: &[u8], scale: u32) -> Option<String> {
     if unscaled.len() > 16 {
         return None;
     }
-    let fill = if unscaled.first().is_some_and(|b| b & 0x80 != 0) { 0xff } else { 0 };
+    let fill = if unscaled.first().is_some_and(|b| b & 0x80 != 0) {
+        0xff
+    } else {
+        0
+    };
     let mut buf = [fill; 16];
     buf[16 - unscaled.len()..].copy_from_slice(unscaled);
     let n = i128::from_be_bytes(buf);
     let digits = n.unsigned_abs().to_string();
     let scale = scale as usize;
-    let digits = if digits.len() <= scale { format!("{}{digits}", "0".repeat(scale + 1 - digits.len())) } else { digits };
+    let digits = if digits.len() <= scale {
+        format!("{}{digits}", "0".repeat(scale + 1 - digits.len()))
+    } else {
+        digits
+    };
     let (int, frac) = digits.split_at(digits.len() - scale);
     let sign = if n < 0 { "-" } else { "" };
-    Some(if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") })
+    Some(if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
 }
 
 fn read_decimal(decimal: &DecimalSchema, json: &Json, path: &str) -> Result<Decimal, ValueError> {
     let text = match json {
         Json::String(s) => s.clone(),
         Json::Number(n) => n.to_string(),
-        other => return Err(ValueError::new(path, format!("expected a decimal string or number, found {}", json_kind(other)))),
+        other => {
+            return Err(ValueError::new(
+                path,
+                format!(
+                    "expected a decimal string or number, found {}",
+                    json_kind(other)
+                ),
+            ));
+        }
     };
-    let bad = || ValueError::new(path, format!("not a decimal with at most {} digits after the point", decimal.scale));
+    let bad = || {
+        ValueError::new(
+            path,
+            format!(
+                "not a decimal with at most {} digits after the point",
+                decimal.scale
+            ),
+        )
+    };
     let (negative, body) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text.as_str()),
     };
     let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > decimal.scale {
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > decimal.scale
+    {
         return Err(bad());
     }
     let digits = format!("{int}{frac}{}", "0".repeat(decimal.scale - frac.len()));
     if digits.trim_start_matches('0').len() > decimal.precision {
-        return Err(ValueError::new(path, format!("decimal has more than {} significant digits", decimal.precision)));
+        return Err(ValueError::new(
+            path,
+            format!(
+                "decimal has more than {} significant digits",
+                decimal.precision
+            ),
+        ));
     }
-    let magnitude: i128 = digits.parse().map_err(|_| ValueError::new(path, "decimal is larger than 128 bits"))?;
+    let magnitude: i128 = digits
+        .parse()
+        .map_err(|_| ValueError::new(path, "decimal is larger than 128 bits"))?;
     let n = if negative { -magnitude } else { magnitude };
     let bytes = n.to_be_bytes();
     let keep = minimal_twos_complement_len(&bytes);
     let size = match &decimal.inner {
         InnerDecimalSchema::Fixed(fixed) if fixed.size >= keep => fixed.size,
-        InnerDecimalSchema::Fixed(_) => return Err(ValueError::new(path, "decimal does not fit the fixed size")),
+        InnerDecimalSchema::Fixed(_) => {
+            return Err(ValueError::new(path, "decimal does not fit the fixed size"));
+        }
         InnerDecimalSchema::Bytes => keep,
     };
     let fill = if n < 0 { 0xff } else { 0 };
@@ -329,7 +489,10 @@ fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<&'s Name, &'s Schem
     match schema {
         Schema::Record(record) => {
             if names.insert(&record.name, schema).is_none() {
-                record.fields.iter().for_each(|f| collect_names(&f.schema, names));
+                record
+                    .fields
+                    .iter()
+                    .for_each(|f| collect_names(&f.schema, names));
             }
         }
         Schema::Enum(e) => {
@@ -346,7 +509,11 @@ fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<&'s Name, &'s Schem
 }
 
 fn join(path: &str, name: &str) -> String {
-    if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") }
+    if path.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{path}.{name}")
+    }
 }
 
 /// The JSON type of a value, for messages (never the value itself).
@@ -394,7 +561,11 @@ mod tests {
     fn defaults_fill_missing_fields() {
         let schema = schema();
         let codec = JsonCodec::new(&schema);
-        let value = codec.to_value(&json!({"id": 7, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null})).unwrap();
+        let value = codec
+            .to_value(
+                &json!({"id": 7, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null}),
+            )
+            .unwrap();
         assert_eq!(codec.to_json(&value)["email"], Json::Null);
         assert_eq!(codec.to_json(&value)["amount"], json!("1.00"));
     }
@@ -404,8 +575,13 @@ mod tests {
         let schema = schema();
         let codec = JsonCodec::new(&schema);
         let err = codec.to_value(&json!({"id": "secret-id", "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null})).unwrap_err();
-        assert_eq!(err.to_string(), "field `id`: expected a long (64-bit integer), found a string");
-        let err = codec.to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": 5}, "work": null})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `id`: expected a long (64-bit integer), found a string"
+        );
+        let err = codec
+            .to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": 5}, "work": null}))
+            .unwrap_err();
         assert_eq!(err.path, "home.zip");
         let err = codec.to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null, "ssn": "123"})).unwrap_err();
         assert_eq!(err.path, "ssn");

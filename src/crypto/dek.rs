@@ -56,7 +56,9 @@ pub struct Dek {
 
 impl fmt::Debug for Dek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Dek").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("Dek")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,7 +68,8 @@ impl Dek {
         let hkdf = Hkdf::<Sha256>::new(Some(b"piiwall dek v1"), secret);
         let derive = |label: &[u8]| {
             let mut okm = Zeroizing::new([0u8; 32]);
-            hkdf.expand(label, okm.as_mut_slice()).expect("32 bytes is a valid HKDF-SHA256 length");
+            hkdf.expand(label, okm.as_mut_slice())
+                .expect("32 bytes is a valid HKDF-SHA256 length");
             okm
         };
         Self {
@@ -74,8 +77,10 @@ impl Dek {
             version,
             encrypt: Aes256Gcm::new_from_slice(derive(b"encrypt").as_slice()).expect("32-byte key"),
             token: Aes256Gcm::new_from_slice(derive(b"tokenize").as_slice()).expect("32-byte key"),
-            token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
-            hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
+            token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice())
+                .expect("any length"),
+            hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice())
+                .expect("any length"),
         }
     }
 
@@ -120,13 +125,34 @@ impl Dek {
         let (nonce, sealed) = token.payload.split_at(NONCE_LEN);
         let ad = associated_data(token.kind, token.key_id, context);
         cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &ad,
+                },
+            )
             .map(Zeroizing::new)
             .map_err(|_| RevealError::Forged)
     }
 
-    fn seal(&self, cipher: &Aes256Gcm, kind: TokenKind, nonce: &Nonce<aes_gcm::aes::cipher::consts::U12>, ad: &[u8], plaintext: &[u8]) -> String {
-        let sealed = cipher.encrypt(nonce, Payload { msg: plaintext, aad: ad }).expect("AES-GCM encrypts any input under 64 GiB");
+    fn seal(
+        &self,
+        cipher: &Aes256Gcm,
+        kind: TokenKind,
+        nonce: &Nonce<aes_gcm::aes::cipher::consts::U12>,
+        ad: &[u8],
+        plaintext: &[u8],
+    ) -> String {
+        let sealed = cipher
+            .encrypt(
+                nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: ad,
+                },
+            )
+            .expect("AES-GCM encrypts any input under 64 GiB");
         let mut payload = Vec::with_capacity(NONCE_LEN + sealed.len());
         payload.extend_from_slice(nonce);
         payload.extend_from_slice(&sealed);
@@ -164,7 +190,10 @@ mod tests {
         assert_eq!(a, dek.tokenize("email", b"ada@example.com"));
         assert_ne!(a, dek.tokenize("email", b"bob@example.com"));
         assert_ne!(a, dek.tokenize("contact", b"ada@example.com"));
-        assert_eq!(dek.open(&parse(&a), "email").unwrap().as_slice(), b"ada@example.com");
+        assert_eq!(
+            dek.open(&parse(&a), "email").unwrap().as_slice(),
+            b"ada@example.com"
+        );
     }
 
     #[test]
@@ -180,12 +209,21 @@ mod tests {
     fn context_and_key_id_are_bound() {
         let dek = dek();
         let token = dek.tokenize("email", b"x");
-        assert_eq!(dek.open(&parse(&token), "phone").unwrap_err(), RevealError::Forged);
+        assert_eq!(
+            dek.open(&parse(&token), "phone").unwrap_err(),
+            RevealError::Forged
+        );
         let mut relabelled = parse(&token);
         relabelled.key_id = KeyId([2; 12]);
-        assert_eq!(dek.open(&relabelled, "email").unwrap_err(), RevealError::Forged);
+        assert_eq!(
+            dek.open(&relabelled, "email").unwrap_err(),
+            RevealError::Forged
+        );
         let other = Dek::new(KeyId([1; 12]), 1, &[8; 32]);
-        assert_eq!(other.open(&parse(&token), "email").unwrap_err(), RevealError::Forged);
+        assert_eq!(
+            other.open(&parse(&token), "email").unwrap_err(),
+            RevealError::Forged
+        );
     }
 
     #[test]
@@ -194,6 +232,9 @@ mod tests {
         assert_eq!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.1"));
         assert_ne!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.2"));
         let token = parse(&dek.hash("ip", b"10.0.0.1"));
-        assert_eq!(dek.open(&token, "ip").unwrap_err(), RevealError::NotReversible("hash"));
+        assert_eq!(
+            dek.open(&token, "ip").unwrap_err(),
+            RevealError::NotReversible("hash")
+        );
     }
 }

@@ -62,7 +62,9 @@ pub(crate) fn encode_into(value: &Value, decimal_scale: u32, out: &mut Vec<u8>) 
         }
         Value::Duration(d) => tagged(out, DURATION, &<[u8; 12]>::from(*d)),
         Value::BigDecimal(d) => tagged(out, BIG_DECIMAL, d.to_string().as_bytes()),
-        Value::Null | Value::Union(..) | Value::Array(_) | Value::Map(_) | Value::Record(_) => return None,
+        Value::Null | Value::Union(..) | Value::Array(_) | Value::Map(_) | Value::Record(_) => {
+            return None;
+        }
     }
     Some(())
 }
@@ -70,15 +72,25 @@ pub(crate) fn encode_into(value: &Value, decimal_scale: u32, out: &mut Vec<u8>) 
 /// The plaintext as a plain-JSON value, the form `sanitize` reads and `reveal` prints.
 pub(crate) fn to_json(plain: &[u8]) -> Option<Json> {
     let (&tag, body) = plain.split_first()?;
-    let text = || std::str::from_utf8(body).ok().map(|s| Json::String(s.to_owned()));
+    let text = || {
+        std::str::from_utf8(body)
+            .ok()
+            .map(|s| Json::String(s.to_owned()))
+    };
     let i32_of = || Some(i32::from_be_bytes(body.try_into().ok()?));
     let i64_of = || Some(i64::from_be_bytes(body.try_into().ok()?));
     Some(match tag {
         STRING | ENUM | BIG_DECIMAL => text()?,
         BYTES | FIXED | DURATION => bytes_to_json(body),
         INT | DATE | TIME_MILLIS => Json::from(i32_of()?),
-        LONG | TIME_MICROS | TIMESTAMP_MILLIS | TIMESTAMP_MICROS | TIMESTAMP_NANOS | LOCAL_TIMESTAMP_MILLIS
-        | LOCAL_TIMESTAMP_MICROS | LOCAL_TIMESTAMP_NANOS => Json::from(i64_of()?),
+        LONG
+        | TIME_MICROS
+        | TIMESTAMP_MILLIS
+        | TIMESTAMP_MICROS
+        | TIMESTAMP_NANOS
+        | LOCAL_TIMESTAMP_MILLIS
+        | LOCAL_TIMESTAMP_MICROS
+        | LOCAL_TIMESTAMP_NANOS => Json::from(i64_of()?),
         FLOAT => Json::from(f32::from_be_bytes(body.try_into().ok()?)),
         DOUBLE => Json::from(f64::from_be_bytes(body.try_into().ok()?)),
         BOOLEAN => Json::Bool(*body.first()? != 0),
@@ -109,15 +121,36 @@ mod tests {
 
     #[test]
     fn scalars_come_back_with_their_type() {
-        assert_eq!(round_trip(Value::String("ada".into()), 0), Json::from("ada"));
+        assert_eq!(
+            round_trip(Value::String("ada".into()), 0),
+            Json::from("ada")
+        );
         assert_eq!(round_trip(Value::Long(-42), 0), Json::from(-42));
         assert_eq!(round_trip(Value::Int(7), 0), Json::from(7));
         assert_eq!(round_trip(Value::Double(1.5), 0), Json::from(1.5));
         assert_eq!(round_trip(Value::Boolean(true), 0), Json::Bool(true));
-        assert_eq!(round_trip(Value::Bytes(vec![0, 255]), 0), Json::from("\u{0}\u{ff}"));
-        assert_eq!(round_trip(Value::TimestampMillis(1_700_000_000_000), 0), Json::from(1_700_000_000_000i64));
-        assert_eq!(round_trip(Value::Decimal(apache_avro::Decimal::from(vec![0x04, 0xd2])), 2), Json::from("12.34"));
-        assert_eq!(round_trip(Value::Decimal(apache_avro::Decimal::from(vec![0xfb, 0x2e])), 2), Json::from("-12.34"));
+        assert_eq!(
+            round_trip(Value::Bytes(vec![0, 255]), 0),
+            Json::from("\u{0}\u{ff}")
+        );
+        assert_eq!(
+            round_trip(Value::TimestampMillis(1_700_000_000_000), 0),
+            Json::from(1_700_000_000_000i64)
+        );
+        assert_eq!(
+            round_trip(
+                Value::Decimal(apache_avro::Decimal::from(vec![0x04, 0xd2])),
+                2
+            ),
+            Json::from("12.34")
+        );
+        assert_eq!(
+            round_trip(
+                Value::Decimal(apache_avro::Decimal::from(vec![0xfb, 0x2e])),
+                2
+            ),
+            Json::from("-12.34")
+        );
     }
 
     #[test]

@@ -51,22 +51,39 @@ impl Token {
 
     pub fn parse(text: &str) -> Result<Token, RevealError> {
         if text.len() > MAX_TOKEN_LEN {
-            return Err(RevealError::Malformed("longer than any token piiwall issues"));
+            return Err(RevealError::Malformed(
+                "longer than any token piiwall issues",
+            ));
         }
         let mut parts = text.trim().split('.');
-        let (Some(prefix), Some(key_id), Some(payload), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(prefix), Some(key_id), Some(payload), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(RevealError::Malformed("expected three dot-separated parts: prefix.key-id.payload"));
+            return Err(RevealError::Malformed(
+                "expected three dot-separated parts: prefix.key-id.payload",
+            ));
         };
         let kind = match prefix {
             "pwt1" => TokenKind::Token,
             "pwe1" => TokenKind::Ciphertext,
             "pwh1" => TokenKind::Hash,
-            _ => return Err(RevealError::Malformed("unknown prefix (expected pwt1, pwe1 or pwh1)")),
+            _ => {
+                return Err(RevealError::Malformed(
+                    "unknown prefix (expected pwt1, pwe1 or pwh1)",
+                ));
+            }
         };
-        let key_id = KeyId::from_text(key_id).ok_or(RevealError::Malformed("the key id is not 16 URL-safe characters"))?;
-        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| RevealError::Malformed("the payload is not URL-safe base64"))?;
-        Ok(Token { kind, key_id, payload })
+        let key_id = KeyId::from_text(key_id).ok_or(RevealError::Malformed(
+            "the key id is not 16 URL-safe characters",
+        ))?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| RevealError::Malformed("the payload is not URL-safe base64"))?;
+        Ok(Token {
+            kind,
+            key_id,
+            payload,
+        })
     }
 }
 
@@ -86,8 +103,19 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_named() {
-        for bad in ["", "pwt1", "pwt1.abc", "xxx1.AAAAAAAAAAAAAAAA.AA", "pwt1.short.AA", "pwt1.AAAAAAAAAAAAAAAA.!!", "a.b.c.d"] {
-            assert!(matches!(Token::parse(bad), Err(RevealError::Malformed(_))), "{bad}");
+        for bad in [
+            "",
+            "pwt1",
+            "pwt1.abc",
+            "xxx1.AAAAAAAAAAAAAAAA.AA",
+            "pwt1.short.AA",
+            "pwt1.AAAAAAAAAAAAAAAA.!!",
+            "a.b.c.d",
+        ] {
+            assert!(
+                matches!(Token::parse(bad), Err(RevealError::Malformed(_))),
+                "{bad}"
+            );
         }
     }
 }

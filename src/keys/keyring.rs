@@ -10,8 +10,10 @@ use moka::sync::Cache;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::SqliteStore;
 use super::store::{KeyLookup, KeyStore, StoredKey};
-use crate::crypto::{Dek, KekProvider, KeyId};
+use crate::config::{KeysConfig, StoreLocation};
+use crate::crypto::{Dek, KekProvider, KeyId, LocalKek};
 use crate::error::{Error, KeyError, RevealError};
 
 /// Entries the key cache holds at most, by default.
@@ -30,7 +32,10 @@ pub struct KeyCacheSettings {
 
 impl Default for KeyCacheSettings {
     fn default() -> Self {
-        Self { capacity: DEFAULT_CACHE_CAPACITY, ttl: DEFAULT_CACHE_TTL }
+        Self {
+            capacity: DEFAULT_CACHE_CAPACITY,
+            ttl: DEFAULT_CACHE_TTL,
+        }
     }
 }
 
@@ -58,19 +63,45 @@ pub struct Keyring {
 
 impl Keyring {
     /// Opens the keyring over a store, checking that the KEK opens it (a store made under another KEK is refused).
-    pub fn open(store: Arc<dyn KeyStore>, kek: Arc<dyn KekProvider>, cache: KeyCacheSettings) -> Result<Self, KeyError> {
+    pub fn open(
+        store: Arc<dyn KeyStore>,
+        kek: Arc<dyn KekProvider>,
+        cache: KeyCacheSettings,
+    ) -> Result<Self, KeyError> {
         let ad = meta_ad(SUBJECT_INDEX);
         let fresh = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped = store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
-        let index_key = kek.unwrap(&wrapped, &ad).map_err(|_| KeyError::KekMismatch)?;
-        let subject_index = Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
-        let by_scope = Cache::builder().max_capacity(cache.capacity).time_to_live(cache.ttl).build();
+        let wrapped =
+            store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
+        let index_key = kek
+            .unwrap(&wrapped, &ad)
+            .map_err(|_| KeyError::KekMismatch)?;
+        let subject_index =
+            Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
+        let by_scope = Cache::builder()
+            .max_capacity(cache.capacity)
+            .time_to_live(cache.ttl)
+            .build();
         let by_id = Cache::builder()
             .max_capacity(cache.capacity)
             .time_to_live(cache.ttl)
             .support_invalidation_closures()
             .build();
-        Ok(Self { store, kek, subject_index, by_scope, by_id })
+        Ok(Self {
+            store,
+            kek,
+            subject_index,
+            by_scope,
+            by_id,
+        })
+    }
+
+    /// Opens the configured key store and KEK.
+    pub fn from_config(config: &KeysConfig) -> Result<Self, KeyError> {
+        let store: Arc<dyn KeyStore> = match &config.store {
+            StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+        };
+        let kek = Arc::new(LocalKek::load(&config.kek)?);
+        Self::open(store, kek, config.cache)
     }
 
     /// The key scope of a data subject: a keyed hash, so the store never sees the id.
@@ -93,21 +124,31 @@ impl Keyring {
     pub fn domain_key(&self, domain: &str) -> Result<Arc<Dek>, KeyError> {
         match self.current(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => Ok(dek),
-            RecordKey::Forgotten => Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
+            RecordKey::Forgotten => Err(KeyError::Store(format!(
+                "the key of domain {domain} was destroyed"
+            ))),
         }
     }
 
     /// The key that issued a token, for `reveal`.
     pub fn key_by_id(&self, key_id: KeyId) -> Result<Arc<Dek>, Error> {
         if let Some(hit) = self.by_id.get(&key_id) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit").increment(1);
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit")
+                .increment(1);
             return Ok(hit.dek);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss").increment(1);
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss")
+            .increment(1);
         match self.store.by_id(&key_id)? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
-                self.by_id.insert(key_id, ById { scope: row.scope.into(), dek: dek.clone() });
+                self.by_id.insert(
+                    key_id,
+                    ById {
+                        scope: row.scope.into(),
+                        dek: dek.clone(),
+                    },
+                );
                 Ok(dek)
             }
             KeyLookup::Shredded => Err(RevealError::SubjectForgotten.into()),
@@ -118,7 +159,9 @@ impl Keyring {
     /// Adds a key version to a scope; new data uses it, old versions still reveal. Returns the new version.
     pub fn rotate(&self, scope: &str) -> Result<u32, KeyError> {
         if self.store.is_forgotten(scope)? {
-            return Err(KeyError::Store("cannot rotate the key of a forgotten subject".into()));
+            return Err(KeyError::Store(
+                "cannot rotate the key of a forgotten subject".into(),
+            ));
         }
         let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
         let stored = self.create(scope, next)?;
@@ -141,10 +184,12 @@ impl Keyring {
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
         if let Some(hit) = self.by_scope.get(scope) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit").increment(1);
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit")
+                .increment(1);
             return Ok(hit);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss").increment(1);
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss")
+            .increment(1);
         let entry = match self.store.current(scope)? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
@@ -161,14 +206,24 @@ impl Keyring {
     fn create(&self, scope: &str, version: u32) -> Result<StoredKey, KeyError> {
         let key_id = KeyId::random();
         let secret = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
-        let stored = self.store.insert_if_absent(&StoredKey { key_id, scope: scope.to_owned(), version, wrapped })?;
-        metrics::counter!("piiwall_keys_created_total").increment(u64::from(stored.key_id == key_id));
+        let wrapped = self
+            .kek
+            .wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
+        let stored = self.store.insert_if_absent(&StoredKey {
+            key_id,
+            scope: scope.to_owned(),
+            version,
+            wrapped,
+        })?;
+        metrics::counter!("piiwall_keys_created_total")
+            .increment(u64::from(stored.key_id == key_id));
         Ok(stored)
     }
 
     fn unwrap(&self, row: &StoredKey) -> Result<Dek, KeyError> {
-        let secret = self.kek.unwrap(&row.wrapped, &dek_ad(row.key_id, &row.scope, row.version))?;
+        let secret = self
+            .kek
+            .unwrap(&row.wrapped, &dek_ad(row.key_id, &row.scope, row.version))?;
         if secret.len() != 32 {
             return Err(KeyError::CorruptRow);
         }
@@ -193,12 +248,14 @@ fn meta_ad(name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::LocalKek;
-    use crate::keys::SqliteStore;
 
     fn keyring(dir: &std::path::Path, kek: u8) -> Result<Keyring, KeyError> {
         let store = Arc::new(SqliteStore::open(&dir.join("keys.db"))?);
-        Keyring::open(store, Arc::new(LocalKek::from_bytes(&[kek; 32])?), KeyCacheSettings::default())
+        Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&[kek; 32])?),
+            KeyCacheSettings::default(),
+        )
     }
 
     fn active(key: RecordKey) -> Arc<Dek> {
@@ -211,8 +268,18 @@ mod tests {
     #[test]
     fn keys_are_created_once_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let first = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
-        let again = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
+        let first = active(
+            keyring(dir.path(), 1)
+                .unwrap()
+                .subject_key("alice")
+                .unwrap(),
+        );
+        let again = active(
+            keyring(dir.path(), 1)
+                .unwrap()
+                .subject_key("alice")
+                .unwrap(),
+        );
         assert_eq!(first.key_id, again.key_id);
         let other = active(keyring(dir.path(), 1).unwrap().subject_key("bob").unwrap());
         assert_ne!(first.key_id, other.key_id);
@@ -235,13 +302,29 @@ mod tests {
         assert_ne!(v1, v2);
         ring.key_by_id(v1).unwrap();
         assert_eq!(ring.forget_subject("alice").unwrap(), 2);
-        assert!(matches!(ring.subject_key("alice").unwrap(), RecordKey::Forgotten));
+        assert!(matches!(
+            ring.subject_key("alice").unwrap(),
+            RecordKey::Forgotten
+        ));
         for id in [v1, v2] {
-            assert!(matches!(ring.key_by_id(id), Err(Error::Reveal(RevealError::SubjectForgotten))));
+            assert!(matches!(
+                ring.key_by_id(id),
+                Err(Error::Reveal(RevealError::SubjectForgotten))
+            ));
         }
-        assert_eq!(ring.forget_subject("alice").unwrap(), 0, "forget is idempotent");
+        assert_eq!(
+            ring.forget_subject("alice").unwrap(),
+            0,
+            "forget is idempotent"
+        );
         let reopened = keyring(dir.path(), 1).unwrap();
-        assert!(matches!(reopened.subject_key("alice").unwrap(), RecordKey::Forgotten));
-        assert!(matches!(reopened.key_by_id(KeyId([0; 12])), Err(Error::Reveal(RevealError::UnknownKey))));
+        assert!(matches!(
+            reopened.subject_key("alice").unwrap(),
+            RecordKey::Forgotten
+        ));
+        assert!(matches!(
+            reopened.key_by_id(KeyId([0; 12])),
+            Err(Error::Reveal(RevealError::UnknownKey))
+        ));
     }
 }

@@ -32,45 +32,68 @@ impl SqliteStore {
     /// Opens (creating when missing) the key store file and its tables.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
-        let connection = Connection::open(path)
-            .map_err(|e| KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
+        let connection = Connection::open(path).map_err(|e| {
+            KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display()))
+        })?;
         connection
             .busy_timeout(std::time::Duration::from_secs(10))
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| connection.execute_batch(SCHEMA))
             .map_err(|e| store_error(e, "cannot prepare the key store"))?;
-        Ok(Self { connection: Mutex::new(connection) })
+        Ok(Self {
+            connection: Mutex::new(connection),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>, what: &str) -> Result<T, KeyError> {
-        let mut connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        what: &str,
+    ) -> Result<T, KeyError> {
+        let mut connection = self
+            .connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut connection).map_err(|e| store_error(e, what))
     }
 }
 
 fn store_error(e: rusqlite::Error, what: &str) -> KeyError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure) => {
-            KeyError::StoreUnavailable(format!("{what}: {e}"))
-        }
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::SystemIoFailure,
+        ) => KeyError::StoreUnavailable(format!("{what}: {e}")),
         _ => KeyError::Store(format!("{what}: {e}")),
     }
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn row_to_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredKey, KeyError>> {
     let key_id: Vec<u8> = row.get(0)?;
     let version: i64 = row.get(2)?;
-    Ok(match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
-        (Ok(id), Ok(version)) => Ok(StoredKey { key_id: KeyId(id), scope: row.get(1)?, version, wrapped: row.get(3)? }),
-        _ => Err(KeyError::CorruptRow),
-    })
+    Ok(
+        match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
+            (Ok(id), Ok(version)) => Ok(StoredKey {
+                key_id: KeyId(id),
+                scope: row.get(1)?,
+                version,
+                wrapped: row.get(3)?,
+            }),
+            _ => Err(KeyError::CorruptRow),
+        },
+    )
 }
 
 impl KeyStore for SqliteStore {
@@ -93,10 +116,18 @@ impl KeyStore for SqliteStore {
         let (found, shredded) = self.with(
             |c| {
                 let found = c
-                    .query_row("SELECT key_id, scope, version, wrapped FROM deks WHERE key_id = ?1", [&key_id.0[..]], row_to_key)
+                    .query_row(
+                        "SELECT key_id, scope, version, wrapped FROM deks WHERE key_id = ?1",
+                        [&key_id.0[..]],
+                        row_to_key,
+                    )
                     .optional()?;
                 let shredded = c
-                    .query_row("SELECT 1 FROM shredded_keys WHERE key_id = ?1", [&key_id.0[..]], |_| Ok(()))
+                    .query_row(
+                        "SELECT 1 FROM shredded_keys WHERE key_id = ?1",
+                        [&key_id.0[..]],
+                        |_| Ok(()),
+                    )
                     .optional()?
                     .is_some();
                 Ok((found, shredded))
@@ -148,7 +179,14 @@ impl KeyStore for SqliteStore {
 
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
         self.with(
-            |c| c.query_row("SELECT 1 FROM forgotten_scopes WHERE scope = ?1", [scope], |_| Ok(())).optional(),
+            |c| {
+                c.query_row(
+                    "SELECT 1 FROM forgotten_scopes WHERE scope = ?1",
+                    [scope],
+                    |_| Ok(()),
+                )
+                .optional()
+            },
             "reading the forgotten subjects",
         )
         .map(|found| found.is_some())
@@ -157,8 +195,13 @@ impl KeyStore for SqliteStore {
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.with(
             |c| {
-                c.execute("INSERT OR IGNORE INTO meta (name, wrapped) VALUES (?1, ?2)", params![name, wrapped])?;
-                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| row.get(0))
+                c.execute(
+                    "INSERT OR IGNORE INTO meta (name, wrapped) VALUES (?1, ?2)",
+                    params![name, wrapped],
+                )?;
+                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| {
+                    row.get(0)
+                })
             },
             "reading the key store's own keys",
         )

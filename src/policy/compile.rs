@@ -33,7 +33,10 @@ pub struct PolicySettings {
 
 impl Default for PolicySettings {
     fn default() -> Self {
-        Self { untagged: Untagged::Block, tag_actions: BTreeMap::from([("PII".to_owned(), Action::Encrypt)]) }
+        Self {
+            untagged: Untagged::Block,
+            tag_actions: BTreeMap::from([("PII".to_owned(), Action::Encrypt)]),
+        }
     }
 }
 
@@ -51,17 +54,23 @@ pub struct CompiledSchema {
 pub const SANITIZED_MARK: &str = "pii.sanitized";
 
 /// Compiles a writer schema (JSON text) into its plan and sanitized schema.
-pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
+pub fn compile(
+    schema_json: &str,
+    settings: &PolicySettings,
+) -> Result<CompiledSchema, PolicyError> {
     let json: Json = serde_json::from_str(schema_json)
         .map_err(|e| PolicyError::new("", format!("schema is not valid JSON: {e}")))?;
-    let writer =
-        Schema::parse(&json).map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
+    let writer = Schema::parse(&json)
+        .map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
     let root = json
         .as_object()
         .filter(|o| o.get("type").and_then(Json::as_str) == Some("record"))
         .ok_or_else(|| PolicyError::new("", "the schema's root must be a record"))?;
     if root.contains_key(SANITIZED_MARK) {
-        return Err(PolicyError::new("", "this schema is already sanitized (it carries pii.sanitized)"));
+        return Err(PolicyError::new(
+            "",
+            "this schema is already sanitized (it carries pii.sanitized)",
+        ));
     }
 
     let mut walker = Walker::new(settings, root)?;
@@ -80,15 +89,22 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
              fields \"pii\": \"none\"), or set policy.untagged = \"pass\"",
         ));
     }
-    let sanitized_text = serde_json::to_string(&sanitized_json).expect("a JSON value always serializes");
-    let sanitized = Schema::parse(&sanitized_json)
-        .map_err(|e| PolicyError::new("", format!("the derived sanitized schema is invalid: {e}")))?;
+    let sanitized_text =
+        serde_json::to_string(&sanitized_json).expect("a JSON value always serializes");
+    let sanitized = Schema::parse(&sanitized_json).map_err(|e| {
+        PolicyError::new("", format!("the derived sanitized schema is invalid: {e}"))
+    })?;
     let domain = walker.domain.clone();
     Ok(CompiledSchema {
         writer,
         sanitized,
         sanitized_json: sanitized_text,
-        plan: Plan { root: root_fields, rules: walker.rules, subject: walker.subject, domain },
+        plan: Plan {
+            root: root_fields,
+            rules: walker.rules,
+            subject: walker.subject,
+            domain,
+        },
     })
 }
 
@@ -123,7 +139,10 @@ struct Walker<'j, 's> {
 enum Wanted {
     Nothing,
     None,
-    Act { action: Action, kind: Option<String> },
+    Act {
+        action: Action,
+        kind: Option<String>,
+    },
 }
 
 impl<'j, 's> Walker<'j, 's> {
@@ -135,7 +154,12 @@ impl<'j, 's> Walker<'j, 's> {
         let subject_path = match root.get("pii.subject") {
             None => None,
             Some(Json::String(p)) if !p.is_empty() => Some((p.clone(), false)),
-            Some(_) => return Err(PolicyError::new("", "pii.subject must be a dotted field path string")),
+            Some(_) => {
+                return Err(PolicyError::new(
+                    "",
+                    "pii.subject must be a dotted field path string",
+                ));
+            }
         };
         let domain = match root.get("pii.domain") {
             None => None,
@@ -153,7 +177,10 @@ impl<'j, 's> Walker<'j, 's> {
                 PolicyError::new("", "metadata must be an object with a \"tags\" object of pattern -> [tag, ...]")
             })?;
             for (pattern, names) in tags {
-                schema_tags.push((TagPattern::parse(pattern)?, tag_list(names, "", "metadata.tags")?));
+                schema_tags.push((
+                    TagPattern::parse(pattern)?,
+                    tag_list(names, "", "metadata.tags")?,
+                ));
             }
         }
         Ok(Self {
@@ -176,9 +203,14 @@ impl<'j, 's> Walker<'j, 's> {
     /// Final checks, and the root attributes of the sanitized schema.
     fn finish(&mut self, sanitized: &mut Json) -> Result<(), PolicyError> {
         if let Some((path, false)) = &self.subject_path {
-            return Err(PolicyError::new("", format!("pii.subject names `{path}`, which is not a field of the schema")));
+            return Err(PolicyError::new(
+                "",
+                format!("pii.subject names `{path}`, which is not a field of the schema"),
+            ));
         }
-        let root = sanitized.as_object_mut().expect("the root was checked to be a record");
+        let root = sanitized
+            .as_object_mut()
+            .expect("the root was checked to be a record");
         root.shift_remove("pii.subject");
         root.insert(SANITIZED_MARK.to_owned(), Json::Bool(true));
         Ok(())
@@ -194,25 +226,42 @@ impl<'j, 's> Walker<'j, 's> {
         in_collection: bool,
     ) -> Result<(Option<Node>, Json), PolicyError> {
         let name = record.get("name").and_then(Json::as_str).unwrap_or("");
-        let record_ns = record.get("namespace").and_then(Json::as_str).map_or_else(|| namespace_of(name, namespace), str::to_owned);
+        let record_ns = record
+            .get("namespace")
+            .and_then(Json::as_str)
+            .map_or_else(|| namespace_of(name, namespace), str::to_owned);
         let full = full_name(name, &record_ns);
         if self.stack.contains(&full) {
-            return Err(PolicyError::new(path, format!("record `{full}` contains itself: recursive schemas are not supported")));
+            return Err(PolicyError::new(
+                path,
+                format!("record `{full}` contains itself: recursive schemas are not supported"),
+            ));
         }
         if emit {
             self.define(full.clone(), record, &record_ns);
         }
         check_no_annotation(record, path, &["pii", "confluent:tags"], "a record type")?;
         if !path.is_empty() {
-            check_no_annotation(record, path, &["pii.subject", "pii.domain"], "a nested record (only the root may)")?;
+            check_no_annotation(
+                record,
+                path,
+                &["pii.subject", "pii.domain"],
+                "a nested record (only the root may)",
+            )?;
         }
 
         self.stack.push(full);
-        let fields = record.get("fields").and_then(Json::as_array).map(Vec::as_slice).unwrap_or_default();
+        let fields = record
+            .get("fields")
+            .and_then(Json::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let mut nodes = Vec::new();
         let mut sanitized_fields = Vec::with_capacity(fields.len());
         for (index, field) in fields.iter().enumerate() {
-            let field = field.as_object().ok_or_else(|| PolicyError::new(path, "a record field must be an object"))?;
+            let field = field
+                .as_object()
+                .ok_or_else(|| PolicyError::new(path, "a record field must be an object"))?;
             self.steps.push(index);
             let walked = self.walk_field(field, &record_ns, path, emit, in_collection);
             self.steps.pop();
@@ -239,13 +288,20 @@ impl<'j, 's> Walker<'j, 's> {
         in_collection: bool,
     ) -> Result<(Option<Node>, Json), PolicyError> {
         let name = field.get("name").and_then(Json::as_str).unwrap_or("");
-        let path = if parent.is_empty() { name.to_owned() } else { format!("{parent}.{name}") };
-        let ty = field.get("type").ok_or_else(|| PolicyError::new(&path, "field has no type"))?;
+        let path = if parent.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{parent}.{name}")
+        };
+        let ty = field
+            .get("type")
+            .ok_or_else(|| PolicyError::new(&path, "field has no type"))?;
 
         match self.wanted(field, &path)? {
             Wanted::Act { action, kind } => {
                 self.annotated = true;
-                let (protect, out_type) = self.protect(action, kind, ty, namespace, &path, in_collection)?;
+                let (protect, out_type) =
+                    self.protect(action, kind, ty, namespace, &path, in_collection)?;
                 let mut sanitized = field.clone();
                 let type_changed = &out_type != ty;
                 if type_changed {
@@ -254,7 +310,10 @@ impl<'j, 's> Walker<'j, 's> {
                 sanitized.insert("type".to_owned(), out_type);
                 sanitized.shift_remove("pii");
                 self.strip_mapped_tags(&mut sanitized);
-                sanitized.insert("pii.applied".to_owned(), Json::String(action.name().to_owned()));
+                sanitized.insert(
+                    "pii.applied".to_owned(),
+                    Json::String(action.name().to_owned()),
+                );
                 Ok((Some(Node::Protect(protect)), Json::Object(sanitized)))
             }
             wanted => {
@@ -284,14 +343,24 @@ impl<'j, 's> Walker<'j, 's> {
         };
         if named_subject {
             return match explicit {
-                None | Some(Wanted::Act { action: Action::Subject, .. }) => {
+                None
+                | Some(Wanted::Act {
+                    action: Action::Subject,
+                    ..
+                }) => {
                     let kind = match explicit {
                         Some(Wanted::Act { kind, .. }) => kind,
                         _ => None,
                     };
-                    Ok(Wanted::Act { action: Action::Subject, kind })
+                    Ok(Wanted::Act {
+                        action: Action::Subject,
+                        kind,
+                    })
                 }
-                Some(_) => Err(PolicyError::new(path, "named by the root's pii.subject but annotated with another action")),
+                Some(_) => Err(PolicyError::new(
+                    path,
+                    "named by the root's pii.subject but annotated with another action",
+                )),
             };
         }
         if let Some(explicit) = explicit {
@@ -307,19 +376,30 @@ impl<'j, 's> Walker<'j, 's> {
                 tags.extend(names.iter().cloned());
             }
         }
-        let mut actions: Vec<Action> =
-            tags.iter().filter_map(|t| self.settings.tag_actions.get(t).copied()).collect();
+        let mut actions: Vec<Action> = tags
+            .iter()
+            .filter_map(|t| self.settings.tag_actions.get(t).copied())
+            .collect();
         actions.dedup();
         match actions.as_slice() {
             [] => Ok(Wanted::Nothing),
-            [action] => Ok(Wanted::Act { action: *action, kind: None }),
-            _ => Err(PolicyError::new(path, "its tags map to different actions: give the field an explicit \"pii\" annotation")),
+            [action] => Ok(Wanted::Act {
+                action: *action,
+                kind: None,
+            }),
+            _ => Err(PolicyError::new(
+                path,
+                "its tags map to different actions: give the field an explicit \"pii\" annotation",
+            )),
         }
     }
 
     fn strip_mapped_tags(&self, field: &mut Map<String, Json>) {
         if let Some(Json::Array(tags)) = field.get_mut("confluent:tags") {
-            tags.retain(|t| t.as_str().is_none_or(|t| !self.settings.tag_actions.contains_key(t)));
+            tags.retain(|t| {
+                t.as_str()
+                    .is_none_or(|t| !self.settings.tag_actions.contains_key(t))
+            });
             if tags.is_empty() {
                 field.shift_remove("confluent:tags");
             }
@@ -346,47 +426,100 @@ impl<'j, 's> Walker<'j, 's> {
         } else {
             self.shape(action, ty, namespace, path)?
         };
-        let redacted = if action == Action::Redact { self.empty_value(ty, namespace, path)? } else { empty_output(&out_type) };
+        let redacted = if action == Action::Redact {
+            self.empty_value(ty, namespace, path)?
+        } else {
+            empty_output(&out_type)
+        };
         let rule = self.rules.len();
-        self.rules.push(Rule { path: path.to_owned(), action, context: kind.unwrap_or_else(|| path.to_owned()) });
+        self.rules.push(Rule {
+            path: path.to_owned(),
+            action,
+            context: kind.unwrap_or_else(|| path.to_owned()),
+        });
         if action == Action::Subject {
-            self.subject = Some(SubjectRef { rule, steps: self.steps.clone() });
+            self.subject = Some(SubjectRef {
+                rule,
+                steps: self.steps.clone(),
+            });
         }
-        Ok((Protect { rule, shape, redacted, scale: self.decimal_scale.unwrap_or(0) }, out_type))
+        Ok((
+            Protect {
+                rule,
+                shape,
+                redacted,
+                scale: self.decimal_scale.unwrap_or(0),
+            },
+            out_type,
+        ))
     }
 
-    fn check_subject(&mut self, ty: &'j Json, namespace: &str, path: &str, in_collection: bool) -> Result<(), PolicyError> {
+    fn check_subject(
+        &mut self,
+        ty: &'j Json,
+        namespace: &str,
+        path: &str,
+        in_collection: bool,
+    ) -> Result<(), PolicyError> {
         if self.subject.is_some() {
             let first = &self.rules[self.subject.as_ref().unwrap().rule].path;
-            return Err(PolicyError::new(path, format!("a second subject field (the first is `{first}`): a record has one data subject")));
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "a second subject field (the first is `{first}`): a record has one data subject"
+                ),
+            ));
         }
         if in_collection {
-            return Err(PolicyError::new(path, "the subject field must not be inside an array or map"));
+            return Err(PolicyError::new(
+                path,
+                "the subject field must not be inside an array or map",
+            ));
         }
         let scalar = match ty {
             Json::Array(branches) => {
-                let non_null: Vec<&Json> = branches.iter().filter(|b| b.as_str() != Some("null")).collect();
+                let non_null: Vec<&Json> = branches
+                    .iter()
+                    .filter(|b| b.as_str() != Some("null"))
+                    .collect();
                 match non_null.as_slice() {
                     [one] => *one,
-                    _ => return Err(PolicyError::new(path, "the subject field must be a string, int, long or uuid (optionally nullable)")),
+                    _ => {
+                        return Err(PolicyError::new(
+                            path,
+                            "the subject field must be a string, int, long or uuid (optionally nullable)",
+                        ));
+                    }
                 }
             }
             other => other,
         };
         match self.classify(scalar, namespace, path)? {
             Kind::Scalar(s) if matches!(s.name, "string" | "int" | "long" | "uuid") => Ok(()),
-            _ => Err(PolicyError::new(path, "the subject field must be a string, int, long or uuid (optionally nullable)")),
+            _ => Err(PolicyError::new(
+                path,
+                "the subject field must be a string, int, long or uuid (optionally nullable)",
+            )),
         }
     }
 
     /// The shape of a protected value and the type the action turns it into.
-    fn shape(&mut self, action: Action, ty: &'j Json, namespace: &str, path: &str) -> Result<(Shape, Json), PolicyError> {
+    fn shape(
+        &mut self,
+        action: Action,
+        ty: &'j Json,
+        namespace: &str,
+        path: &str,
+    ) -> Result<(Shape, Json), PolicyError> {
         match self.classify(ty, namespace, path)? {
             Kind::Scalar(scalar) => {
                 if let Some(name) = &scalar.defines {
                     self.replaced.insert(name.clone(), path.to_owned());
                 }
-                Ok((Shape::Scalar, Json::String(scalar_output(action, &scalar, path)?.to_owned())))
+                Ok((
+                    Shape::Scalar,
+                    Json::String(scalar_output(action, &scalar, path)?.to_owned()),
+                ))
             }
             Kind::Union(branches) => {
                 let mut out_types: Vec<Json> = Vec::new();
@@ -403,7 +536,10 @@ impl<'j, 's> Walker<'j, 's> {
                         _ => {
                             return Err(PolicyError::new(
                                 path,
-                                format!("{} applies to scalar values; this union has a complex branch (annotate the fields inside it instead)", action.name()),
+                                format!(
+                                    "{} applies to scalar values; this union has a complex branch (annotate the fields inside it instead)",
+                                    action.name()
+                                ),
                             ));
                         }
                     };
@@ -414,27 +550,45 @@ impl<'j, 's> Walker<'j, 's> {
                             out_types.len() - 1
                         }
                     };
-                    plan.push(Branch { is_null: out == "null", out: Some(index as u32) });
+                    plan.push(Branch {
+                        is_null: out == "null",
+                        out: Some(index as u32),
+                    });
                 }
                 if out_types.len() == 1 {
                     plan.iter_mut().for_each(|b| b.out = None);
-                    Ok((Shape::Union(plan), out_types.pop().expect("one output type")))
+                    Ok((
+                        Shape::Union(plan),
+                        out_types.pop().expect("one output type"),
+                    ))
                 } else {
                     Ok((Shape::Union(plan), Json::Array(out_types)))
                 }
             }
             Kind::Array(items) if action != Action::Subject => {
                 let (shape, out) = self.shape(action, items, namespace, path)?;
-                Ok((Shape::Array(Box::new(shape)), serde_json::json!({"type": "array", "items": out})))
+                Ok((
+                    Shape::Array(Box::new(shape)),
+                    serde_json::json!({"type": "array", "items": out}),
+                ))
             }
             Kind::Map(values) if action != Action::Subject => {
                 let (shape, out) = self.shape(action, values, namespace, path)?;
-                Ok((Shape::Map(Box::new(shape)), serde_json::json!({"type": "map", "values": out})))
+                Ok((
+                    Shape::Map(Box::new(shape)),
+                    serde_json::json!({"type": "map", "values": out}),
+                ))
             }
-            Kind::Null => Err(PolicyError::new(path, format!("{} cannot apply to a null field", action.name()))),
+            Kind::Null => Err(PolicyError::new(
+                path,
+                format!("{} cannot apply to a null field", action.name()),
+            )),
             _ => Err(PolicyError::new(
                 path,
-                format!("{} applies to scalar values (or arrays and maps of them); annotate the fields inside this record instead, or use redact", action.name()),
+                format!(
+                    "{} applies to scalar values (or arrays and maps of them); annotate the fields inside this record instead, or use redact",
+                    action.name()
+                ),
             )),
         }
     }
@@ -451,11 +605,17 @@ impl<'j, 's> Walker<'j, 's> {
         if let Json::String(name) = ty {
             if !is_primitive(name) {
                 let full = full_name(name, namespace);
-                let full = if self.definitions.contains_key(&full) { full } else { name.clone() };
+                let full = if self.definitions.contains_key(&full) {
+                    full
+                } else {
+                    name.clone()
+                };
                 if emit && let Some(replaced_at) = self.replaced.get(&full) {
                     return Err(PolicyError::new(
                         path,
-                        format!("refers to `{full}`, whose definition at `{replaced_at}` an action replaced; define the type outside the protected field, or protect this field too"),
+                        format!(
+                            "refers to `{full}`, whose definition at `{replaced_at}` an action replaced; define the type outside the protected field, or protect this field too"
+                        ),
                     ));
                 }
                 let Some(def) = self.definitions.get(&full) else {
@@ -475,38 +635,71 @@ impl<'j, 's> Walker<'j, 's> {
                 let mut nodes = Vec::with_capacity(branches.len());
                 let mut out = Vec::with_capacity(branches.len());
                 for branch in branches {
-                    let (node, sanitized) = self.walk_type(branch, namespace, path, emit, in_collection)?;
+                    let (node, sanitized) =
+                        self.walk_type(branch, namespace, path, emit, in_collection)?;
                     nodes.push(node);
                     out.push(sanitized);
                 }
-                let node = nodes.iter().any(Option::is_some).then_some(Node::Union(nodes));
+                let node = nodes
+                    .iter()
+                    .any(Option::is_some)
+                    .then_some(Node::Union(nodes));
                 Ok((node, Json::Array(out)))
             }
             Json::Object(object) => {
                 let kind = object.get("type");
                 match kind.and_then(Json::as_str) {
-                    Some("record" | "error") => self.walk_record(object, namespace, path, emit, in_collection),
+                    Some("record" | "error") => {
+                        self.walk_record(object, namespace, path, emit, in_collection)
+                    }
                     Some(t @ ("array" | "map")) => {
-                        check_no_annotation(object, path, &["pii", "confluent:tags"], "an array or map type")?;
+                        check_no_annotation(
+                            object,
+                            path,
+                            &["pii", "confluent:tags"],
+                            "an array or map type",
+                        )?;
                         let key = if t == "array" { "items" } else { "values" };
-                        let inner = object.get(key).ok_or_else(|| PolicyError::new(path, format!("{t} has no {key}")))?;
-                        let (node, sanitized) = self.walk_type(inner, namespace, path, emit, true)?;
+                        let inner = object
+                            .get(key)
+                            .ok_or_else(|| PolicyError::new(path, format!("{t} has no {key}")))?;
+                        let (node, sanitized) =
+                            self.walk_type(inner, namespace, path, emit, true)?;
                         let mut out = object.clone();
                         out.insert(key.to_owned(), sanitized);
-                        let node = node.map(|n| if t == "array" { Node::Array(Box::new(n)) } else { Node::Map(Box::new(n)) });
+                        let node = node.map(|n| {
+                            if t == "array" {
+                                Node::Array(Box::new(n))
+                            } else {
+                                Node::Map(Box::new(n))
+                            }
+                        });
                         Ok((node, Json::Object(out)))
                     }
                     Some(t @ ("enum" | "fixed")) => {
-                        check_no_annotation(object, path, &["pii", "confluent:tags"], &format!("an {t} type"))?;
+                        check_no_annotation(
+                            object,
+                            path,
+                            &["pii", "confluent:tags"],
+                            &format!("an {t} type"),
+                        )?;
                         if emit {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object.get("namespace").and_then(Json::as_str).map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = object
+                                .get("namespace")
+                                .and_then(Json::as_str)
+                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
                             self.define(full_name(name, &ns), object, &ns);
                         }
                         Ok((None, ty.clone()))
                     }
                     Some(_) => {
-                        check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
+                        check_no_annotation(
+                            object,
+                            path,
+                            &["pii", "confluent:tags"],
+                            "a type object",
+                        )?;
                         Ok((None, ty.clone()))
                     }
                     None => match kind {
@@ -515,35 +708,57 @@ impl<'j, 's> Walker<'j, 's> {
                     },
                 }
             }
-            _ => Err(PolicyError::new(path, "a type must be a name, an object or a union array")),
+            _ => Err(PolicyError::new(
+                path,
+                "a type must be a name, an object or a union array",
+            )),
         }
     }
 
     fn note_decimal_scale(&mut self, object: &Map<String, Json>) {
         if object.get("logicalType").and_then(Json::as_str) == Some("decimal") {
-            self.decimal_scale = Some(object.get("scale").and_then(Json::as_u64).unwrap_or(0) as u32);
+            self.decimal_scale =
+                Some(object.get("scale").and_then(Json::as_u64).unwrap_or(0) as u32);
         }
     }
 
     fn define(&mut self, full: String, json: &'j Map<String, Json>, namespace: &str) {
-        self.definitions.entry(full).or_insert(Definition { json, namespace: namespace.to_owned() });
+        self.definitions.entry(full).or_insert(Definition {
+            json,
+            namespace: namespace.to_owned(),
+        });
     }
 
     /// Classifies a type for the action checks, defining inline named types on the way.
-    fn classify(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<Kind<'j>, PolicyError> {
+    fn classify(
+        &mut self,
+        ty: &'j Json,
+        namespace: &str,
+        path: &str,
+    ) -> Result<Kind<'j>, PolicyError> {
         match ty {
             Json::String(name) if name == "null" => Ok(Kind::Null),
-            Json::String(name) if is_primitive(name) => Ok(Kind::Scalar(Scalar::plain(primitive_name(name)))),
+            Json::String(name) if is_primitive(name) => {
+                Ok(Kind::Scalar(Scalar::plain(primitive_name(name))))
+            }
             Json::String(name) => {
                 let full = full_name(name, namespace);
-                let def = self.definitions.get(&full).or_else(|| self.definitions.get(name.as_str()));
-                let Some(def) = def else { return Err(PolicyError::new(path, format!("unknown type `{name}`"))) };
+                let def = self
+                    .definitions
+                    .get(&full)
+                    .or_else(|| self.definitions.get(name.as_str()));
+                let Some(def) = def else {
+                    return Err(PolicyError::new(path, format!("unknown type `{name}`")));
+                };
                 let (json, def_ns) = (def.json, def.namespace.clone());
                 match json.get("type").and_then(Json::as_str) {
                     Some("enum") => Ok(Kind::Scalar(Scalar::plain("enum"))),
                     Some("fixed") => {
                         self.note_decimal_scale(json);
-                        Ok(Kind::Scalar(Scalar { name: fixed_name(json), defines: None }))
+                        Ok(Kind::Scalar(Scalar {
+                            name: fixed_name(json),
+                            defines: None,
+                        }))
                     }
                     _ => Ok(Kind::Record(json, def_ns)),
                 }
@@ -557,52 +772,96 @@ impl<'j, 's> Walker<'j, 's> {
                     Some(Json::String(t)) => match t.as_str() {
                         "record" | "error" => {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object.get("namespace").and_then(Json::as_str).map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = object
+                                .get("namespace")
+                                .and_then(Json::as_str)
+                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
                             self.define(full_name(name, &ns), object, &ns);
                             Ok(Kind::Record(object, ns))
                         }
                         "enum" | "fixed" => {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object.get("namespace").and_then(Json::as_str).map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = object
+                                .get("namespace")
+                                .and_then(Json::as_str)
+                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
                             let full = full_name(name, &ns);
                             self.define(full.clone(), object, &ns);
-                            let name = if t == "enum" { "enum" } else { logical.map_or_else(|| fixed_name(object), logical_name) };
-                            Ok(Kind::Scalar(Scalar { name, defines: Some(full) }))
+                            let name = if t == "enum" {
+                                "enum"
+                            } else {
+                                logical.map_or_else(|| fixed_name(object), logical_name)
+                            };
+                            Ok(Kind::Scalar(Scalar {
+                                name,
+                                defines: Some(full),
+                            }))
                         }
-                        "array" => Ok(Kind::Array(object.get("items").ok_or_else(|| PolicyError::new(path, "array has no items"))?)),
-                        "map" => Ok(Kind::Map(object.get("values").ok_or_else(|| PolicyError::new(path, "map has no values"))?)),
+                        "array" => {
+                            Ok(Kind::Array(object.get("items").ok_or_else(|| {
+                                PolicyError::new(path, "array has no items")
+                            })?))
+                        }
+                        "map" => {
+                            Ok(Kind::Map(object.get("values").ok_or_else(|| {
+                                PolicyError::new(path, "map has no values")
+                            })?))
+                        }
                         "null" => Ok(Kind::Null),
-                        primitive => Ok(Kind::Scalar(Scalar::plain(logical.map_or_else(|| primitive_name(primitive), logical_name)))),
+                        primitive => Ok(Kind::Scalar(Scalar::plain(
+                            logical.map_or_else(|| primitive_name(primitive), logical_name),
+                        ))),
                     },
                     Some(inner) => self.classify(inner, namespace, path),
                     None => Err(PolicyError::new(path, "type object has no \"type\"")),
                 }
             }
-            _ => Err(PolicyError::new(path, "a type must be a name, an object or a union array")),
+            _ => Err(PolicyError::new(
+                path,
+                "a type must be a name, an object or a union array",
+            )),
         }
     }
 
     /// The value a redacted field takes: null where the type allows it, else the type's empty value.
-    fn empty_value(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<Value, PolicyError> {
+    fn empty_value(
+        &mut self,
+        ty: &'j Json,
+        namespace: &str,
+        path: &str,
+    ) -> Result<Value, PolicyError> {
         Ok(match self.classify(ty, namespace, path)? {
             Kind::Null => Value::Null,
             Kind::Scalar(scalar) => empty_scalar(&scalar, ty, &self.definitions, namespace),
             Kind::Record(record, ns) => {
-                let fields = record.get("fields").and_then(Json::as_array).map(Vec::as_slice).unwrap_or_default();
+                let fields = record
+                    .get("fields")
+                    .and_then(Json::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 let mut values = Vec::with_capacity(fields.len());
                 for field in fields {
-                    let name = field.get("name").and_then(Json::as_str).unwrap_or("").to_owned();
-                    let field_ty = field.get("type").ok_or_else(|| PolicyError::new(path, "field has no type"))?;
+                    let name = field
+                        .get("name")
+                        .and_then(Json::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    let field_ty = field
+                        .get("type")
+                        .ok_or_else(|| PolicyError::new(path, "field has no type"))?;
                     values.push((name, self.empty_value(field_ty, &ns, path)?));
                 }
                 Value::Record(values)
             }
             Kind::Array(_) => Value::Array(Vec::new()),
             Kind::Map(_) => Value::Map(HashMap::new()),
-            Kind::Union(branches) => match branches.iter().position(|b| b.as_str() == Some("null")) {
+            Kind::Union(branches) => match branches.iter().position(|b| b.as_str() == Some("null"))
+            {
                 Some(i) => Value::Union(i as u32, Box::new(Value::Null)),
                 None => {
-                    let first = branches.first().ok_or_else(|| PolicyError::new(path, "empty union"))?;
+                    let first = branches
+                        .first()
+                        .ok_or_else(|| PolicyError::new(path, "empty union"))?;
                     Value::Union(0, Box::new(self.empty_value(first, namespace, path)?))
                 }
             },
@@ -615,9 +874,14 @@ fn empty_output(ty: &Json) -> Value {
     match ty {
         Json::Array(branches) => match branches.iter().position(|b| b.as_str() == Some("null")) {
             Some(i) => Value::Union(i as u32, Box::new(Value::Null)),
-            None => Value::Union(0, Box::new(branches.first().map_or(Value::Null, empty_output))),
+            None => Value::Union(
+                0,
+                Box::new(branches.first().map_or(Value::Null, empty_output)),
+            ),
         },
-        Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("map") => Value::Map(HashMap::new()),
+        Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("map") => {
+            Value::Map(HashMap::new())
+        }
         Json::Object(_) => Value::Array(Vec::new()),
         Json::String(t) if t == "bytes" => Value::Bytes(Vec::new()),
         Json::String(t) if t == "null" => Value::Null,
@@ -643,7 +907,10 @@ struct Scalar {
 
 impl Scalar {
     fn plain(name: &'static str) -> Self {
-        Self { name, defines: None }
+        Self {
+            name,
+            defines: None,
+        }
     }
 }
 
@@ -651,16 +918,30 @@ impl Scalar {
 fn scalar_output(action: Action, scalar: &Scalar, path: &str) -> Result<&'static str, PolicyError> {
     match action {
         Action::Tokenize | Action::Hash | Action::Subject => Ok("string"),
-        Action::Encrypt => Ok(if matches!(scalar.name, "bytes" | "fixed") { "bytes" } else { "string" }),
+        Action::Encrypt => Ok(if matches!(scalar.name, "bytes" | "fixed") {
+            "bytes"
+        } else {
+            "string"
+        }),
         Action::Mask { .. } => match scalar.name {
             "string" | "uuid" => Ok("string"),
-            other => Err(PolicyError::new(path, format!("mask applies to strings; this field is {other} (use tokenize, encrypt or hash)"))),
+            other => Err(PolicyError::new(
+                path,
+                format!(
+                    "mask applies to strings; this field is {other} (use tokenize, encrypt or hash)"
+                ),
+            )),
         },
         Action::Redact => unreachable!("redact keeps the type"),
     }
 }
 
-fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Definition<'_>>, namespace: &str) -> Value {
+fn empty_scalar(
+    scalar: &Scalar,
+    ty: &Json,
+    definitions: &HashMap<String, Definition<'_>>,
+    namespace: &str,
+) -> Value {
     let definition = |ty: &Json| -> Option<Map<String, Json>> {
         match ty {
             Json::Object(o) => Some(o.clone()),
@@ -674,23 +955,46 @@ fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Defini
     match scalar.name {
         "boolean" => Value::Boolean(false),
         "int" | "date" | "time-millis" => Value::Int(0),
-        "long" | "time-micros" | "timestamp-millis" | "timestamp-micros" | "timestamp-nanos"
-        | "local-timestamp-millis" | "local-timestamp-micros" | "local-timestamp-nanos" => Value::Long(0),
+        "long"
+        | "time-micros"
+        | "timestamp-millis"
+        | "timestamp-micros"
+        | "timestamp-nanos"
+        | "local-timestamp-millis"
+        | "local-timestamp-micros"
+        | "local-timestamp-nanos" => Value::Long(0),
         "float" => Value::Float(0.0),
         "double" => Value::Double(0.0),
         "bytes" | "decimal" | "big-decimal" => Value::Bytes(Vec::new()),
         "enum" => {
             let def = definition(ty).unwrap_or_default();
-            let symbol = def.get("default").and_then(Json::as_str).map(str::to_owned).or_else(|| {
-                def.get("symbols").and_then(Json::as_array).and_then(|s| s.first()).and_then(Json::as_str).map(str::to_owned)
-            });
-            let symbols = def.get("symbols").and_then(Json::as_array).cloned().unwrap_or_default();
+            let symbol = def
+                .get("default")
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+                .or_else(|| {
+                    def.get("symbols")
+                        .and_then(Json::as_array)
+                        .and_then(|s| s.first())
+                        .and_then(Json::as_str)
+                        .map(str::to_owned)
+                });
+            let symbols = def
+                .get("symbols")
+                .and_then(Json::as_array)
+                .cloned()
+                .unwrap_or_default();
             let symbol = symbol.unwrap_or_default();
-            let index = symbols.iter().position(|s| s.as_str() == Some(&symbol)).unwrap_or(0);
+            let index = symbols
+                .iter()
+                .position(|s| s.as_str() == Some(&symbol))
+                .unwrap_or(0);
             Value::Enum(index as u32, symbol)
         }
         "fixed" | "duration" => {
-            let size = definition(ty).and_then(|d| d.get("size").and_then(Json::as_u64)).unwrap_or(0) as usize;
+            let size = definition(ty)
+                .and_then(|d| d.get("size").and_then(Json::as_u64))
+                .unwrap_or(0) as usize;
             Value::Fixed(size, vec![0; size])
         }
         // string and uuid (and anything string-like)
@@ -699,10 +1003,17 @@ fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Defini
 }
 
 fn parse_annotation(annotation: &Json, path: &str) -> Result<Wanted, PolicyError> {
-    let unknown = |name: &str| PolicyError::new(path, format!("unknown pii action \"{name}\" (expected one of {ACTION_NAMES})"));
+    let unknown = |name: &str| {
+        PolicyError::new(
+            path,
+            format!("unknown pii action \"{name}\" (expected one of {ACTION_NAMES})"),
+        )
+    };
     match annotation {
         Json::String(name) if name == "none" => Ok(Wanted::None),
-        Json::String(name) => Action::from_name(name).map(|action| Wanted::Act { action, kind: None }).ok_or_else(|| unknown(name)),
+        Json::String(name) => Action::from_name(name)
+            .map(|action| Wanted::Act { action, kind: None })
+            .ok_or_else(|| unknown(name)),
         Json::Object(object) => {
             let name = object
                 .get("action")
@@ -720,41 +1031,68 @@ fn parse_annotation(annotation: &Json, path: &str) -> Result<Wanted, PolicyError
                         *keep_last = value
                             .as_u64()
                             .and_then(|n| usize::try_from(n).ok())
-                            .ok_or_else(|| PolicyError::new(path, "keep_last must be a whole number of characters >= 0"))?;
+                            .ok_or_else(|| {
+                                PolicyError::new(
+                                    path,
+                                    "keep_last must be a whole number of characters >= 0",
+                                )
+                            })?;
                     }
-                    ("kind", Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject) => {
+                    (
+                        "kind",
+                        Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject,
+                    ) => {
                         kind = Some(
                             value
                                 .as_str()
                                 .filter(|k| !k.is_empty())
-                                .ok_or_else(|| PolicyError::new(path, "kind must be a non-empty string"))?
+                                .ok_or_else(|| {
+                                    PolicyError::new(path, "kind must be a non-empty string")
+                                })?
                                 .to_owned(),
                         );
                     }
                     (key, action) => {
-                        return Err(PolicyError::new(path, format!("pii option \"{key}\" does not apply to {}", action.name())));
+                        return Err(PolicyError::new(
+                            path,
+                            format!("pii option \"{key}\" does not apply to {}", action.name()),
+                        ));
                     }
                 }
             }
             Ok(Wanted::Act { action, kind })
         }
-        _ => Err(PolicyError::new(path, "pii must be an action name or an object with \"action\"")),
+        _ => Err(PolicyError::new(
+            path,
+            "pii must be an action name or an object with \"action\"",
+        )),
     }
 }
 
 fn tag_list(names: &Json, path: &str, what: &str) -> Result<Vec<String>, PolicyError> {
     names
         .as_array()
-        .and_then(|a| a.iter().map(|t| t.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>())
+        .and_then(|a| {
+            a.iter()
+                .map(|t| t.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        })
         .ok_or_else(|| PolicyError::new(path, format!("{what} must be a list of tag names")))
 }
 
 /// An annotation anywhere but on a field would be dropped by Avro libraries: refuse it, naming where it is.
-fn check_no_annotation(object: &Map<String, Json>, path: &str, keys: &[&str], what: &str) -> Result<(), PolicyError> {
+fn check_no_annotation(
+    object: &Map<String, Json>,
+    path: &str,
+    keys: &[&str],
+    what: &str,
+) -> Result<(), PolicyError> {
     match keys.iter().find(|k| object.contains_key(**k)) {
         Some(key) => Err(PolicyError::new(
             path,
-            format!("\"{key}\" is written inside {what}, where Avro tools drop it; move it onto the field itself"),
+            format!(
+                "\"{key}\" is written inside {what}, where Avro tools drop it; move it onto the field itself"
+            ),
         )),
         None => Ok(()),
     }
@@ -762,7 +1100,9 @@ fn check_no_annotation(object: &Map<String, Json>, path: &str, keys: &[&str], wh
 
 /// After an action changed a field's type, keep its default only where it is still valid.
 fn adjust_default(field: &mut Map<String, Json>, out_type: &Json) {
-    let Some(default) = field.get("default") else { return };
+    let Some(default) = field.get("default") else {
+        return;
+    };
     let first = match out_type {
         Json::Array(branches) => branches.first(),
         other => Some(other),
@@ -778,7 +1118,10 @@ fn adjust_default(field: &mut Map<String, Json>, out_type: &Json) {
 }
 
 fn is_primitive(name: &str) -> bool {
-    matches!(name, "null" | "boolean" | "int" | "long" | "float" | "double" | "bytes" | "string")
+    matches!(
+        name,
+        "null" | "boolean" | "int" | "long" | "float" | "double" | "bytes" | "string"
+    )
 }
 
 fn primitive_name(name: &str) -> &'static str {
@@ -814,11 +1157,18 @@ fn logical_name(name: &str) -> &'static str {
 }
 
 fn fixed_name(object: &Map<String, Json>) -> &'static str {
-    object.get("logicalType").and_then(Json::as_str).map_or("fixed", logical_name)
+    object
+        .get("logicalType")
+        .and_then(Json::as_str)
+        .map_or("fixed", logical_name)
 }
 
 fn full_name(name: &str, namespace: &str) -> String {
-    if name.contains('.') || namespace.is_empty() { name.to_owned() } else { format!("{namespace}.{name}") }
+    if name.contains('.') || namespace.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{namespace}.{name}")
+    }
 }
 
 /// The namespace a definition's names live in: the one its dotted name carries, else the enclosing one.
@@ -831,5 +1181,7 @@ fn namespace_of(name: &str, enclosing: &str) -> String {
 
 pub(crate) fn valid_domain(domain: &str) -> bool {
     (1..=64).contains(&domain.len())
-        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }

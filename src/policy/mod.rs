@@ -10,6 +10,7 @@ mod tags;
 
 use apache_avro::types::Value;
 
+pub(crate) use compile::valid_domain;
 pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
 pub use tags::TagPattern;
 
@@ -52,7 +53,9 @@ impl Action {
             "tokenize" => Action::Tokenize,
             "encrypt" => Action::Encrypt,
             "hash" => Action::Hash,
-            "mask" => Action::Mask { keep_last: DEFAULT_MASK_KEEP_LAST },
+            "mask" => Action::Mask {
+                keep_last: DEFAULT_MASK_KEEP_LAST,
+            },
             "redact" => Action::Redact,
             "subject" => Action::Subject,
             _ => return None,
@@ -66,7 +69,10 @@ impl Action {
 
     /// Whether the action needs a data key.
     pub fn needs_key(self) -> bool {
-        matches!(self, Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject)
+        matches!(
+            self,
+            Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject
+        )
     }
 }
 

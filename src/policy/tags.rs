@@ -18,7 +18,9 @@ impl TagPattern {
         if pattern.is_empty() || segments.iter().any(String::is_empty) {
             return Err(PolicyError::new(
                 "",
-                format!("metadata.tags: pattern `{pattern}` has an empty segment (write a.b, a.*, **.b)"),
+                format!(
+                    "metadata.tags: pattern `{pattern}` has an empty segment (write a.b, a.*, **.b)"
+                ),
             ));
         }
         Ok(Self { segments })
@@ -35,7 +37,9 @@ impl TagPattern {
 fn match_segments(pattern: &[String], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
-        Some((first, rest)) if first == "**" => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
+        Some((first, rest)) if first == "**" => {
+            (0..=path.len()).any(|skip| match_segments(rest, &path[skip..]))
+        }
         Some((first, rest)) => match path.split_first() {
             Some((segment, path_rest)) => glob(first, segment) && match_segments(rest, path_rest),
             None => false,
@@ -48,8 +52,12 @@ fn glob(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == text,
         Some((prefix, rest)) => {
-            let Some(text) = text.strip_prefix(prefix) else { return false };
-            (0..=text.len()).filter(|&i| text.is_char_boundary(i)).any(|i| glob(rest, &text[i..]))
+            let Some(text) = text.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .any(|i| glob(rest, &text[i..]))
         }
     }
 }
@@ -59,7 +67,9 @@ mod tests {
     use super::*;
 
     fn m(pattern: &str, path: &str) -> bool {
-        TagPattern::parse(pattern).unwrap().matches("com.acme.Customer", path)
+        TagPattern::parse(pattern)
+            .unwrap()
+            .matches("com.acme.Customer", path)
     }
 
     #[test]

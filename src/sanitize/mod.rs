@@ -37,7 +37,10 @@ pub struct Sanitizer {
 
 impl Sanitizer {
     pub fn new(keyring: Arc<Keyring>, default_domain: impl Into<String>) -> Self {
-        Self { keyring, default_domain: default_domain.into() }
+        Self {
+            keyring,
+            default_domain: default_domain.into(),
+        }
     }
 
     pub fn keyring(&self) -> &Arc<Keyring> {
@@ -63,15 +66,33 @@ impl Sanitizer {
         };
         Ok(match subject {
             Some(subject) => match self.keyring.subject_key(&subject)? {
-                RecordKey::Active(dek) => RecordKeys { record: Some(dek), domain, forgotten: false },
-                RecordKey::Forgotten => RecordKeys { record: None, domain: None, forgotten: true },
+                RecordKey::Active(dek) => RecordKeys {
+                    record: Some(dek),
+                    domain,
+                    forgotten: false,
+                },
+                RecordKey::Forgotten => RecordKeys {
+                    record: None,
+                    domain: None,
+                    forgotten: true,
+                },
             },
-            None => RecordKeys { record: domain.clone(), domain, forgotten: false },
+            None => RecordKeys {
+                record: domain.clone(),
+                domain,
+                forgotten: false,
+            },
         })
     }
 
     /// The token an analyst filters by: what `tokenize` (or `hash`) would write for `value` at `path`.
-    pub fn token_for(&self, schema: &CompiledSchema, path: &str, subject: Option<&str>, value: &Value) -> Result<String, Error> {
+    pub fn token_for(
+        &self,
+        schema: &CompiledSchema,
+        path: &str,
+        subject: Option<&str>,
+        value: &Value,
+    ) -> Result<String, Error> {
         let plan = &schema.plan;
         let (index, rule) = plan
             .rules
@@ -80,26 +101,48 @@ impl Sanitizer {
             .find(|(_, r)| r.path == path)
             .ok_or_else(|| ValueError::new(path, "the schema does not protect this field"))?;
         let key = match (rule.action, plan.subject_rule(), subject) {
-            (Action::Tokenize | Action::Subject, Some(_), Some(subject)) => self.keyring.subject_key(subject)?,
+            (Action::Tokenize | Action::Subject, Some(_), Some(subject)) => {
+                self.keyring.subject_key(subject)?
+            }
             (Action::Tokenize | Action::Subject, Some(_), None) => {
-                return Err(ValueError::new(path, "the schema names a data subject: give --subject").into());
+                return Err(ValueError::new(
+                    path,
+                    "the schema names a data subject: give --subject",
+                )
+                .into());
             }
-            (Action::Tokenize, None, _) | (Action::Hash, _, _) => {
-                RecordKey::Active(self.keyring.domain_key(plan.domain.as_deref().unwrap_or(&self.default_domain))?)
-            }
+            (Action::Tokenize, None, _) | (Action::Hash, _, _) => RecordKey::Active(
+                self.keyring
+                    .domain_key(plan.domain.as_deref().unwrap_or(&self.default_domain))?,
+            ),
             (action, _, _) => {
-                return Err(ValueError::new(path, format!("{} is not deterministic: there is no single token to filter by", action.name())).into());
+                return Err(ValueError::new(
+                    path,
+                    format!(
+                        "{} is not deterministic: there is no single token to filter by",
+                        action.name()
+                    ),
+                )
+                .into());
             }
         };
         let dek = match key {
             RecordKey::Active(dek) => dek,
             RecordKey::Forgotten => return Err(RevealError::SubjectForgotten.into()),
         };
-        let keys = RecordKeys { record: Some(dek.clone()), domain: Some(dek), forgotten: false };
+        let keys = RecordKeys {
+            record: Some(dek.clone()),
+            domain: Some(dek),
+            forgotten: false,
+        };
         let scale = find_protect(&plan.root, index).map_or(0, |p| p.scale);
         match protect_scalar(rule, scale, value, &keys)? {
             Value::String(token) => Ok(token),
-            _ => Err(ValueError::new(path, "this field's protection does not produce a text token").into()),
+            _ => Err(ValueError::new(
+                path,
+                "this field's protection does not produce a text token",
+            )
+            .into()),
         }
     }
 
@@ -122,17 +165,29 @@ pub fn reveal(keyring: &Keyring, context: &str, token: &str) -> Result<Json, Err
 
 /// The subject id of a record, if its schema names one and the record has a (non-empty) value there.
 pub fn subject_id(plan: &Plan, record: &Value) -> Result<Option<String>, ValueError> {
-    let Some(subject) = &plan.subject else { return Ok(None) };
+    let Some(subject) = &plan.subject else {
+        return Ok(None);
+    };
     let mut value = record;
     for &step in &subject.steps {
         value = unwrap_union(value);
         match value {
             Value::Record(fields) => match fields.get(step) {
                 Some((_, field)) => value = field,
-                None => return Err(ValueError::new(&plan.rules[subject.rule].path, "record does not match its schema")),
+                None => {
+                    return Err(ValueError::new(
+                        &plan.rules[subject.rule].path,
+                        "record does not match its schema",
+                    ));
+                }
             },
             Value::Null => return Ok(None),
-            _ => return Err(ValueError::new(&plan.rules[subject.rule].path, "record does not match its schema")),
+            _ => {
+                return Err(ValueError::new(
+                    &plan.rules[subject.rule].path,
+                    "record does not match its schema",
+                ));
+            }
         }
     }
     Ok(match unwrap_union(value) {
@@ -153,36 +208,60 @@ fn unwrap_union(value: &Value) -> &Value {
 
 /// Applies a plan to a record of its writer schema, in place.
 pub fn apply(plan: &Plan, record: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
-    let Value::Record(fields) = record else { return Err(ValueError::new("", "a record was expected")) };
+    let Value::Record(fields) = record else {
+        return Err(ValueError::new("", "a record was expected"));
+    };
     for (index, node) in &plan.root {
-        let field = &mut fields.get_mut(*index).ok_or_else(|| ValueError::new("", "record does not match its schema"))?.1;
+        let field = &mut fields
+            .get_mut(*index)
+            .ok_or_else(|| ValueError::new("", "record does not match its schema"))?
+            .1;
         apply_node(plan, node, field, keys)?;
     }
     Ok(())
 }
 
-fn apply_node(plan: &Plan, node: &Node, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
+fn apply_node(
+    plan: &Plan,
+    node: &Node,
+    value: &mut Value,
+    keys: &RecordKeys,
+) -> Result<(), ValueError> {
     match (node, value) {
         (Node::Protect(protect), value) => apply_protect(plan, protect, value, keys),
         (Node::Record(nodes), Value::Record(fields)) => {
             for (index, node) in nodes {
-                let field = &mut fields.get_mut(*index).ok_or_else(|| ValueError::new("", "record does not match its schema"))?.1;
+                let field = &mut fields
+                    .get_mut(*index)
+                    .ok_or_else(|| ValueError::new("", "record does not match its schema"))?
+                    .1;
                 apply_node(plan, node, field, keys)?;
             }
             Ok(())
         }
-        (Node::Array(node), Value::Array(items)) => items.iter_mut().try_for_each(|item| apply_node(plan, node, item, keys)),
-        (Node::Map(node), Value::Map(entries)) => entries.values_mut().try_for_each(|item| apply_node(plan, node, item, keys)),
-        (Node::Union(branches), Value::Union(index, inner)) => match branches.get(*index as usize) {
-            Some(Some(node)) => apply_node(plan, node, inner, keys),
-            Some(None) => Ok(()),
-            None => Err(ValueError::new("", "union branch out of range")),
-        },
+        (Node::Array(node), Value::Array(items)) => items
+            .iter_mut()
+            .try_for_each(|item| apply_node(plan, node, item, keys)),
+        (Node::Map(node), Value::Map(entries)) => entries
+            .values_mut()
+            .try_for_each(|item| apply_node(plan, node, item, keys)),
+        (Node::Union(branches), Value::Union(index, inner)) => {
+            match branches.get(*index as usize) {
+                Some(Some(node)) => apply_node(plan, node, inner, keys),
+                Some(None) => Ok(()),
+                None => Err(ValueError::new("", "union branch out of range")),
+            }
+        }
         _ => Err(ValueError::new("", "record does not match its schema")),
     }
 }
 
-fn apply_protect(plan: &Plan, protect: &Protect, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
+fn apply_protect(
+    plan: &Plan,
+    protect: &Protect,
+    value: &mut Value,
+    keys: &RecordKeys,
+) -> Result<(), ValueError> {
     let rule = &plan.rules[protect.rule];
     if rule.action == Action::Redact || keys.forgotten {
         *value = protect.redacted.clone();
@@ -191,34 +270,64 @@ fn apply_protect(plan: &Plan, protect: &Protect, value: &mut Value, keys: &Recor
     apply_shape(&protect.shape, rule, protect.scale, value, keys)
 }
 
-fn apply_shape(shape: &Shape, rule: &Rule, scale: u32, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
+fn apply_shape(
+    shape: &Shape,
+    rule: &Rule,
+    scale: u32,
+    value: &mut Value,
+    keys: &RecordKeys,
+) -> Result<(), ValueError> {
     match (shape, value) {
         (Shape::Scalar, value) => {
             *value = protect_scalar(rule, scale, value, keys)?;
             Ok(())
         }
         (Shape::Union(branches), value @ Value::Union(..)) => {
-            let Value::Union(index, inner) = value else { unreachable!() };
-            let branch = branches.get(*index as usize).ok_or_else(|| ValueError::new(&rule.path, "union branch out of range"))?;
-            let out = if branch.is_null { Value::Null } else { protect_scalar(rule, scale, inner, keys)? };
+            let Value::Union(index, inner) = value else {
+                unreachable!()
+            };
+            let branch = branches
+                .get(*index as usize)
+                .ok_or_else(|| ValueError::new(&rule.path, "union branch out of range"))?;
+            let out = if branch.is_null {
+                Value::Null
+            } else {
+                protect_scalar(rule, scale, inner, keys)?
+            };
             *value = match branch.out {
                 Some(out_index) => Value::Union(out_index, Box::new(out)),
                 None => out,
             };
             Ok(())
         }
-        (Shape::Array(shape), Value::Array(items)) => items.iter_mut().try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
-        (Shape::Map(shape), Value::Map(entries)) => entries.values_mut().try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
-        _ => Err(ValueError::new(&rule.path, "value does not match its schema")),
+        (Shape::Array(shape), Value::Array(items)) => items
+            .iter_mut()
+            .try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
+        (Shape::Map(shape), Value::Map(entries)) => entries
+            .values_mut()
+            .try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
+        _ => Err(ValueError::new(
+            &rule.path,
+            "value does not match its schema",
+        )),
     }
 }
 
 /// Protects one scalar value under a rule.
-fn protect_scalar(rule: &Rule, scale: u32, value: &Value, keys: &RecordKeys) -> Result<Value, ValueError> {
-    let key = |dek: Option<&Arc<Dek>>| dek.cloned().ok_or_else(|| ValueError::new(&rule.path, "no key for this field"));
+fn protect_scalar(
+    rule: &Rule,
+    scale: u32,
+    value: &Value,
+    keys: &RecordKeys,
+) -> Result<Value, ValueError> {
+    let key = |dek: Option<&Arc<Dek>>| {
+        dek.cloned()
+            .ok_or_else(|| ValueError::new(&rule.path, "no key for this field"))
+    };
     let plaintext = || {
         let mut buf = Vec::with_capacity(32);
-        plain::encode_into(value, scale, &mut buf).ok_or_else(|| ValueError::new(&rule.path, "expected a scalar value"))?;
+        plain::encode_into(value, scale, &mut buf)
+            .ok_or_else(|| ValueError::new(&rule.path, "expected a scalar value"))?;
         Ok::<_, ValueError>(buf)
     };
     let record_key = keys.record.as_ref();
@@ -228,7 +337,9 @@ fn protect_scalar(rule: &Rule, scale: u32, value: &Value, keys: &RecordKeys) -> 
             Value::Uuid(u) => Value::String(mask(&u.to_string(), keep_last)),
             _ => return Err(ValueError::new(&rule.path, "mask expects a string value")),
         },
-        Action::Tokenize | Action::Subject => Value::String(key(record_key)?.tokenize(&rule.context, &plaintext()?)),
+        Action::Tokenize | Action::Subject => {
+            Value::String(key(record_key)?.tokenize(&rule.context, &plaintext()?))
+        }
         Action::Encrypt => {
             let token = key(record_key)?.encrypt(&rule.context, &plaintext()?);
             match value {
@@ -236,7 +347,9 @@ fn protect_scalar(rule: &Rule, scale: u32, value: &Value, keys: &RecordKeys) -> 
                 _ => Value::String(token),
             }
         }
-        Action::Hash => Value::String(key(keys.domain.as_ref())?.hash(&rule.context, &plaintext()?)),
+        Action::Hash => {
+            Value::String(key(keys.domain.as_ref())?.hash(&rule.context, &plaintext()?))
+        }
         Action::Redact => unreachable!("redact is applied before the shape walk"),
     })
 }
@@ -251,6 +364,9 @@ fn find_in_node(node: &Node, rule: usize) -> Option<&Protect> {
         Node::Protect(_) => None,
         Node::Record(nodes) => find_protect(nodes, rule),
         Node::Array(node) | Node::Map(node) => find_in_node(node, rule),
-        Node::Union(branches) => branches.iter().flatten().find_map(|n| find_in_node(n, rule)),
+        Node::Union(branches) => branches
+            .iter()
+            .flatten()
+            .find_map(|n| find_in_node(n, rule)),
     }
 }

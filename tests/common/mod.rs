@@ -1,0 +1,43 @@
+//! Helpers shared by the integration tests: a keyring in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use piiwall::crypto::LocalKek;
+use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
+use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::sanitize::Sanitizer;
+
+pub const KEK: [u8; 32] = [0x42; 32];
+
+pub fn keyring_at(dir: &Path) -> Arc<Keyring> {
+    let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
+    Arc::new(
+        Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&KEK).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .expect("open keyring"),
+    )
+}
+
+pub fn sanitizer_at(dir: &Path) -> Sanitizer {
+    Sanitizer::new(keyring_at(dir), "default")
+}
+
+pub fn compiled(schema: &str) -> CompiledSchema {
+    compile(schema, &PolicySettings::default()).expect("schema compiles")
+}
+
+/// Reads an example schema of the repository.
+pub fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(name),
+    )
+    .expect("example schema")
+}
