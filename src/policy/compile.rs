@@ -376,11 +376,15 @@ impl<'j, 's> Walker<'j, 's> {
                 tags.extend(names.iter().cloned());
             }
         }
-        let mut actions: Vec<Action> = tags
+        let mut actions: Vec<Action> = Vec::new();
+        for action in tags
             .iter()
             .filter_map(|t| self.settings.tag_actions.get(t).copied())
-            .collect();
-        actions.dedup();
+        {
+            if !actions.contains(&action) {
+                actions.push(action);
+            }
+        }
         match actions.as_slice() {
             [] => Ok(Wanted::Nothing),
             [action] => Ok(Wanted::Act {

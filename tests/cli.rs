@@ -1,0 +1,311 @@
+//! The `piiwall` command as a user runs it: separate processes sharing a key store in a working directory.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value as Json;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn piiwall(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PIIWALL_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run piiwall");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn lines(output: &Output) -> Vec<Json> {
+    text(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn sanitize_sample(dir: &Path, name: &str) -> Vec<Json> {
+    let schema = repo(&format!("schemas/{name}.avsc"));
+    let input = repo(&format!("schemas/samples/{name}.jsonl"));
+    let out = piiwall(
+        dir,
+        &[
+            "sanitize",
+            "--schema",
+            schema.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    lines(&out)
+}
+
+#[test]
+fn tokens_are_stable_across_processes_and_reveal_in_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = sanitize_sample(dir.path(), "customer_profile");
+    let second = sanitize_sample(dir.path(), "customer_profile");
+    assert_eq!(first.len(), 3);
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(
+            a["email"], b["email"],
+            "tokenize is deterministic across processes"
+        );
+        assert_ne!(a["full_name"], b["full_name"], "encrypt never repeats");
+    }
+    // The KEK file was created once, in the working directory's default place.
+    assert!(dir.path().join(".piiwall/kek.key").exists());
+
+    let email = first[0]["email"].as_str().unwrap();
+    let name = first[0]["full_name"].as_str().unwrap();
+    let out = piiwall(dir.path(), &["reveal", "--field", "email", email], None);
+    assert_eq!(text(&out.stdout).trim(), "\"ada.lovelace@example.com\"");
+    let out = piiwall(
+        dir.path(),
+        &["reveal", "--field", "full_name", "-"],
+        Some(&format!("{name}\n")),
+    );
+    assert_eq!(text(&out.stdout).trim(), "\"Ada Lovelace\"");
+
+    // The token an analyst asks for equals the one in the data; the payment schema shares the email kind.
+    let schema = repo("schemas/customer_profile.avsc");
+    let out = piiwall(
+        dir.path(),
+        &[
+            "tokenize",
+            "--schema",
+            schema.to_str().unwrap(),
+            "--field",
+            "email",
+            "--subject",
+            "cus_0001",
+            "ada.lovelace@example.com",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), email);
+    let payments = sanitize_sample(dir.path(), "payment");
+    assert_eq!(
+        payments[0]["customer_email"], first[0]["email"],
+        "tokens of one kind join across schemas"
+    );
+}
+
+#[test]
+fn forget_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sanitize_sample(dir.path(), "customer_profile");
+    let email = out[0]["email"].as_str().unwrap();
+    let other = out[1]["email"].as_str().unwrap();
+    let forget = piiwall(dir.path(), &["forget", "-"], Some("cus_0001\n"));
+    assert!(forget.status.success(), "{}", text(&forget.stderr));
+    assert!(text(&forget.stdout).contains("1 key version(s) destroyed"));
+    assert!(
+        !text(&forget.stdout).contains("cus_0001"),
+        "the subject id is not echoed"
+    );
+
+    let reveal = piiwall(
+        dir.path(),
+        &["reveal", "--field", "email", email, other],
+        None,
+    );
+    assert_eq!(reveal.status.code(), Some(1));
+    assert!(
+        text(&reveal.stderr).contains("token 1: subject forgotten"),
+        "{}",
+        text(&reveal.stderr)
+    );
+    assert_eq!(text(&reveal.stdout).trim(), "\"grace.hopper@example.com\"");
+
+    let again = sanitize_sample(dir.path(), "customer_profile");
+    assert_eq!(
+        again[0]["email"], "",
+        "later records of a forgotten subject are redacted"
+    );
+    assert_ne!(again[1]["email"], "");
+}
+
+#[test]
+fn bad_lines_are_reported_by_number_and_path_and_the_rest_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = repo("schemas/event.avsc");
+    let good = r#"{"id": "e1", "ts": 1, "email": "good@example.com", "phone": "+1 555 0100", "name": "Good Person", "amount": 1.0, "country": "GB", "ip": "203.0.113.0", "card_number": "4111111111111111", "note": "ok"}"#;
+    let input = [
+        r#"{"id": "e0", "email": "leaked@example.com" "#.to_owned(),
+        good.replace("\"good@example.com\"", "12345"),
+        good.replace(
+            "\"note\": \"ok\"",
+            "\"note\": \"ok\", \"ssn\": \"078-05-1120\"",
+        ),
+        good.replace(", \"phone\": \"+1 555 0100\"", ""),
+        String::new(),
+        good.to_owned(),
+    ]
+    .join("\n");
+    let out = piiwall(
+        dir.path(),
+        &["sanitize", "--schema", schema.to_str().unwrap()],
+        Some(&input),
+    );
+    assert_eq!(out.status.code(), Some(1), "some lines failed");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("line 1: record: not JSON"), "{stderr}");
+    assert!(
+        stderr.contains("line 2: record: field `email`: expected a string, found a number"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 3: record: field `ssn`: unknown field"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 4: record: field `phone`: missing field"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 records sanitized, 4 failed"), "{stderr}");
+    for secret in [
+        "leaked@example.com",
+        "12345",
+        "078-05-1120",
+        "good@example.com",
+        "Good Person",
+    ] {
+        assert!(!stderr.contains(secret), "stderr must not carry values");
+    }
+    let sanitized = lines(&out);
+    assert_eq!(sanitized.len(), 1);
+    assert_eq!(sanitized[0]["id"], "e1");
+    assert!(!text(&out.stdout).contains("good@example.com"));
+}
+
+#[test]
+fn kek_problems_stop_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = repo("schemas/event.avsc");
+    let schema = schema.to_str().unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_piiwall"));
+        command
+            .args(["sanitize", "--schema", schema, "--input", "/dev/null"])
+            .current_dir(dir.path())
+            .env_remove("PIIWALL_CONFIG");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    let missing = run(&[("PIIWALL_KEYS__KEK", "env:PIIWALL_TEST_NO_SUCH_KEK")]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).contains("environment variable PIIWALL_TEST_NO_SUCH_KEK is not set"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let absent_file = run(&[("PIIWALL_KEYS__KEK", "file:absent.key")]);
+    assert_eq!(absent_file.status.code(), Some(2));
+    assert!(text(&absent_file.stderr).contains("cannot read key file absent.key"));
+    assert!(
+        !dir.path().join("absent.key").exists(),
+        "an explicitly configured key file is never created"
+    );
+
+    std::fs::write(dir.path().join("short.key"), "c2hvcnQ=\n").unwrap();
+    let malformed = run(&[("PIIWALL_KEYS__KEK", "file:short.key")]);
+    assert!(
+        text(&malformed.stderr).contains("malformed"),
+        "{}",
+        text(&malformed.stderr)
+    );
+
+    assert!(run(&[]).status.success(), "the default KEK is created");
+    let other = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="; // 32 bytes, not the store's KEK
+    let wrong = run(&[
+        ("PIIWALL_KEYS__KEK", "env:PIIWALL_TEST_KEK"),
+        ("PIIWALL_TEST_KEK", other),
+    ]);
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(
+        text(&wrong.stderr).contains("does not open this key store"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    assert!(!text(&wrong.stderr).contains(other));
+
+    let bad_config = run(&[("PIIWALL_KEYS__STORE", "mysql://nope")]);
+    assert!(
+        text(&bad_config.stderr).contains("keys.store"),
+        "{}",
+        text(&bad_config.stderr)
+    );
+}
+
+#[test]
+fn schema_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let schemas: Vec<String> = [
+        "customer_profile",
+        "payment",
+        "clickstream",
+        "event",
+        "audit",
+    ]
+    .iter()
+    .map(|s| {
+        repo(&format!("schemas/{s}.avsc"))
+            .to_string_lossy()
+            .into_owned()
+    })
+    .collect();
+    let mut args = vec!["schema", "check"];
+    args.extend(schemas.iter().map(String::as_str));
+    let out = piiwall(dir.path(), &args, None);
+    assert!(
+        out.status.success(),
+        "the examples are clean: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("5 file(s) checked: 0 error(s), 0 warning(s)"));
+
+    let bad = dir.path().join("bad.avsc");
+    std::fs::write(&bad, r#"{"type":"record","name":"R","fields":[{"name":"email","type":"string"},{"name":"x","type":"string","pii":"scramble"}]}"#).unwrap();
+    let out = piiwall(
+        dir.path(),
+        &["schema", "check", bad.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("error: field `x`: unknown pii action \"scramble\""),
+        "{report}"
+    );
+    assert!(
+        report.contains("warning: field `email`: the name suggests PII"),
+        "{report}"
+    );
+
+    let out = piiwall(dir.path(), &["schema", "sanitized", &schemas[1]], None);
+    let sanitized: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sanitized["pii.sanitized"], true);
+    assert!(apache_avro::Schema::parse(&sanitized).is_ok());
+}

@@ -1,0 +1,309 @@
+//! The policy compiler: every invalid annotation is an error naming its field path; the sanitized schema keeps
+//! everything but what an action changed; Confluent-style tags map to actions.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use piiwall::codec::json::JsonCodec;
+use piiwall::policy::{Action, PolicySettings, Untagged, compile};
+use serde_json::{Value as Json, json};
+
+fn record(fields: Json) -> String {
+    json!({"type": "record", "name": "R", "namespace": "com.acme", "fields": fields}).to_string()
+}
+
+fn error_of(schema: &str) -> (String, String) {
+    let e = compile(schema, &PolicySettings::default()).expect_err("schema must be refused");
+    (e.path, e.problem)
+}
+
+#[test]
+fn invalid_annotations_name_the_field() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            record(json!([{"name": "email", "type": "string", "pii": "tokenise"}])),
+            "email",
+            "unknown pii action",
+        ),
+        (
+            record(json!([{"name": "age", "type": "long", "pii": "mask"}])),
+            "age",
+            "mask applies to strings",
+        ),
+        (
+            record(
+                json!([{"name": "home", "type": {"type": "record", "name": "A", "fields": [{"name": "zip", "type": "string"}]}, "pii": "tokenize"}]),
+            ),
+            "home",
+            "applies to scalar values",
+        ),
+        (
+            record(json!([{"name": "score", "type": "double", "pii": "subject"}])),
+            "score",
+            "subject field must be",
+        ),
+        (
+            record(
+                json!([{"name": "a", "type": "string", "pii": "subject"}, {"name": "b", "type": "string", "pii": "subject"}]),
+            ),
+            "b",
+            "second subject",
+        ),
+        (
+            record(
+                json!([{"name": "ids", "type": {"type": "array", "items": "string"}, "pii": "subject"}]),
+            ),
+            "ids",
+            "subject field must",
+        ),
+        (
+            record(json!([{"name": "email", "type": {"type": "string", "pii": "tokenize"}}])),
+            "email",
+            "inside a type object",
+        ),
+        (
+            record(
+                json!([{"name": "emails", "type": {"type": "array", "items": "string", "pii": "encrypt"}}]),
+            ),
+            "emails",
+            "inside an array or map type",
+        ),
+        (
+            record(
+                json!([{"name": "card", "type": "string", "pii": {"action": "mask", "keep_last": -1}}]),
+            ),
+            "card",
+            "keep_last",
+        ),
+        (
+            record(
+                json!([{"name": "email", "type": "string", "pii": {"action": "tokenize", "keep_last": 2}}]),
+            ),
+            "email",
+            "does not apply to tokenize",
+        ),
+        (
+            record(json!([{"name": "email", "type": "string", "pii": {"kind": "email"}}])),
+            "email",
+            "needs an \"action\"",
+        ),
+        (
+            record(json!([{"name": "email", "type": "string", "pii": 3}])),
+            "email",
+            "must be an action name",
+        ),
+        (
+            record(
+                json!([{"name": "x", "type": ["null", "string", {"type": "record", "name": "B", "fields": []}], "pii": "encrypt"}]),
+            ),
+            "x",
+            "complex branch",
+        ),
+        (
+            record(json!([
+                {"name": "a", "type": {"type": "enum", "name": "Country", "symbols": ["GB", "US"]}, "pii": "tokenize"},
+                {"name": "b", "type": "Country"}
+            ])),
+            "b",
+            "whose definition at `a` an action replaced",
+        ),
+        (
+            record(
+                json!([{"name": "next", "type": ["null", "R"]}, {"name": "email", "type": "string", "pii": "hash"}]),
+            ),
+            "next",
+            "recursive",
+        ),
+    ];
+    for (schema, path, problem) in cases {
+        let (got_path, got_problem) = error_of(&schema);
+        assert_eq!(got_path, path, "{schema}: {got_problem}");
+        assert!(
+            got_problem.contains(problem),
+            "{schema}: expected '{problem}' in '{got_problem}'"
+        );
+    }
+}
+
+#[test]
+fn schema_level_problems_are_explained() {
+    let subject_missing = json!({"type": "record", "name": "R", "pii.subject": "user.id", "fields": [{"name": "email", "type": "string", "pii": "hash"}]});
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "not valid JSON"),
+        (json!({"type": "record", "name": "R"}).to_string(), "not a valid Avro schema"),
+        (json!("string").to_string(), "root must be a record"),
+        (subject_missing.to_string(), "pii.subject names `user.id`"),
+        (record(json!([{"name": "id", "type": "string"}])), "no pii annotations"),
+        (json!({"type": "record", "name": "R", "pii.sanitized": true, "fields": []}).to_string(), "already sanitized"),
+        (json!({"type": "record", "name": "R", "pii.domain": "Not OK", "fields": []}).to_string(), "pii.domain"),
+        (
+            json!({"type": "record", "name": "R", "fields": [{"name": "n", "type": {"type": "record", "name": "N", "pii.subject": "x", "fields": []}}]}).to_string(),
+            "only the root",
+        ),
+    ];
+    for (schema, problem) in cases {
+        let (_, got) = error_of(&schema);
+        assert!(
+            got.contains(problem),
+            "{schema}: expected '{problem}' in '{got}'"
+        );
+    }
+}
+
+#[test]
+fn untagged_schemas_pass_only_when_configured() {
+    let schema = record(json!([{"name": "id", "type": "string"}]));
+    let pass = PolicySettings {
+        untagged: Untagged::Pass,
+        ..PolicySettings::default()
+    };
+    assert!(compile(&schema, &pass).unwrap().plan.rules.is_empty());
+    let reviewed = record(json!([{"name": "id", "type": "string", "pii": "none"}]));
+    assert!(
+        compile(&reviewed, &PolicySettings::default()).is_ok(),
+        "a field marked none counts as reviewed"
+    );
+}
+
+#[test]
+fn sanitized_schema_keeps_everything_but_what_was_applied() {
+    let schema = json!({
+        "type": "record", "name": "Customer", "namespace": "com.acme", "doc": "A customer.", "x-owner": "crm",
+        "aliases": ["Client"],
+        "fields": [
+            {"name": "email", "type": "string", "doc": "Primary email", "aliases": ["mail"], "pii": "tokenize", "x-quality": "verified"},
+            {"name": "age", "type": "int", "default": 0, "pii": "encrypt"},
+            {"name": "note", "type": ["null", "string", "long"], "default": null, "pii": "encrypt"},
+            {"name": "avatar", "type": "bytes", "pii": "encrypt"},
+            {"name": "card", "type": "string", "default": "", "pii": {"action": "mask", "keep_last": 4}},
+            {"name": "ssn", "type": "string", "confluent:tags": ["PII", "GOVERNMENT"]},
+            {"name": "secret", "type": {"type": "record", "name": "S", "fields": [{"name": "x", "type": "long"}]}, "pii": "redact"},
+            {"name": "country", "type": "string", "default": "GB", "doc": "ISO code"}
+        ]
+    });
+    let compiled = compile(&schema.to_string(), &PolicySettings::default()).unwrap();
+    let out: Json = serde_json::from_str(&compiled.sanitized_json).unwrap();
+    assert_eq!(out["doc"], "A customer.");
+    assert_eq!(out["x-owner"], "crm");
+    assert_eq!(out["aliases"], json!(["Client"]));
+    assert_eq!(out["pii.sanitized"], true);
+    let field = |name: &str| {
+        out["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        field("email"),
+        json!({"name": "email", "type": "string", "doc": "Primary email", "aliases": ["mail"], "x-quality": "verified", "pii.applied": "tokenize"})
+    );
+    assert_eq!(
+        field("age"),
+        json!({"name": "age", "type": "string", "pii.applied": "encrypt"}),
+        "an int default is invalid for a string"
+    );
+    assert_eq!(
+        field("note")["type"],
+        json!(["null", "string"]),
+        "branches that become strings merge"
+    );
+    assert_eq!(field("note")["default"], Json::Null);
+    assert_eq!(
+        field("avatar")["type"],
+        "bytes",
+        "encrypted bytes stay bytes"
+    );
+    assert_eq!(field("card")["default"], "");
+    assert_eq!(
+        field("ssn"),
+        json!({"name": "ssn", "type": "string", "confluent:tags": ["GOVERNMENT"], "pii.applied": "encrypt"})
+    );
+    assert_eq!(
+        field("secret")["type"]["fields"][0]["name"],
+        "x",
+        "redact keeps the type"
+    );
+    assert_eq!(
+        field("country"),
+        schema["fields"][7],
+        "unprotected fields are untouched"
+    );
+}
+
+#[test]
+fn tags_map_to_actions_by_config() {
+    let schema = json!({
+        "type": "record", "name": "User", "namespace": "com.acme",
+        "metadata": {"tags": {"**.ssn": ["PII"], "com.acme.User.contact.phone": ["CONTACT"]}},
+        "fields": [
+            {"name": "ssn", "type": "string"},
+            {"name": "contact", "type": {"type": "record", "name": "Contact", "fields": [
+                {"name": "phone", "type": "string"},
+                {"name": "ssn", "type": "string"}
+            ]}},
+            {"name": "ip", "type": "string", "confluent:tags": ["NETWORK"]}
+        ]
+    })
+    .to_string();
+    let settings = PolicySettings {
+        untagged: Untagged::Block,
+        tag_actions: BTreeMap::from([
+            ("PII".into(), Action::Encrypt),
+            ("CONTACT".into(), Action::Hash),
+            ("NETWORK".into(), Action::Hash),
+        ]),
+    };
+    let rules: Vec<(String, Action)> = compile(&schema, &settings)
+        .unwrap()
+        .plan
+        .rules
+        .into_iter()
+        .map(|r| (r.path, r.action))
+        .collect();
+    assert_eq!(rules[0], ("ssn".into(), Action::Encrypt));
+    assert_eq!(rules[1], ("contact.phone".into(), Action::Hash));
+    assert_eq!(rules[2], ("contact.ssn".into(), Action::Encrypt));
+    assert_eq!(rules[3], ("ip".into(), Action::Hash));
+    let conflicting = json!({"type": "record", "name": "U", "fields": [{"name": "ssn", "type": "string", "confluent:tags": ["PII", "NETWORK", "PII"]}]});
+    let e = compile(&conflicting.to_string(), &settings).unwrap_err();
+    assert_eq!(e.path, "ssn");
+    assert!(e.problem.contains("different actions"));
+}
+
+#[test]
+fn logical_types_enums_and_fixed_round_trip_through_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sanitizer = common::sanitizer_at(dir.path());
+    let schema = record(json!([
+        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}, "pii": "tokenize"},
+        {"name": "price", "type": {"type": "fixed", "name": "P", "size": 8, "logicalType": "decimal", "precision": 12, "scale": 3}, "pii": "encrypt"},
+        {"name": "uid", "type": {"type": "string", "logicalType": "uuid"}, "pii": "tokenize"},
+        {"name": "born", "type": {"type": "int", "logicalType": "date"}, "pii": "encrypt"},
+        {"name": "seen", "type": {"type": "long", "logicalType": "timestamp-micros"}, "pii": "tokenize"},
+        {"name": "tier", "type": {"type": "enum", "name": "Tier", "symbols": ["A", "B"]}, "pii": "tokenize"},
+        {"name": "code", "type": {"type": "fixed", "name": "Code", "size": 2}, "pii": "encrypt"},
+        {"name": "uid_masked", "type": {"type": "string", "logicalType": "uuid"}, "pii": "mask"}
+    ]));
+    let compiled = common::compiled(&schema);
+    let input = json!({
+        "amount": "-1234.50", "price": "7.125", "uid": "6f1c2a9e-3b4d-4e5f-8a6b-1c2d3e4f5a6b", "born": -3650,
+        "seen": 1_764_150_000_000_000i64, "tier": "B", "code": "\u{1}\u{ff}", "uid_masked": "6f1c2a9e-3b4d-4e5f-8a6b-1c2d3e4f5a6b"
+    });
+    let mut value = JsonCodec::new(&compiled.writer).to_value(&input).unwrap();
+    sanitizer.sanitize(&compiled, &mut value).unwrap();
+    assert!(value.validate(&compiled.sanitized));
+    let out = JsonCodec::new(&compiled.sanitized).to_json(&value);
+    for field in ["amount", "price", "uid", "born", "seen", "tier", "code"] {
+        let token = out[field].as_str().unwrap();
+        assert_eq!(
+            sanitizer.reveal(field, token).unwrap(),
+            input[field],
+            "{field}"
+        );
+    }
+    assert_eq!(out["uid_masked"], "********************************5a6b");
+}
