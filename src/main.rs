@@ -187,7 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let compiled = load_schema(&schema, &config)?;
             let sanitizer = sanitizer(&config)?;
-            let subject = subject.map(|s| from_arg_or_stdin(s)).transpose()?;
+            let subject = subject.map(from_arg_or_stdin).transpose()?;
             let value = from_arg_or_stdin(value)?;
             let codec = JsonCodec::new(&compiled.writer);
             // A string field takes the text as it is; other types take it as JSON (numbers, booleans).

@@ -487,13 +487,8 @@ fn minimal_twos_complement_len(bytes: &[u8; 16]) -> usize {
 
 fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<&'s Name, &'s Schema>) {
     match schema {
-        Schema::Record(record) => {
-            if names.insert(&record.name, schema).is_none() {
-                record
-                    .fields
-                    .iter()
-                    .for_each(|f| collect_names(&f.schema, names));
-            }
+        Schema::Record(record) if names.insert(&record.name, schema).is_none() => {
+            record.fields.iter().for_each(|f| collect_names(&f.schema, names));
         }
         Schema::Enum(e) => {
             names.insert(&e.name, schema);

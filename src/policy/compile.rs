@@ -465,8 +465,8 @@ impl<'j, 's> Walker<'j, 's> {
         path: &str,
         in_collection: bool,
     ) -> Result<(), PolicyError> {
-        if self.subject.is_some() {
-            let first = &self.rules[self.subject.as_ref().unwrap().rule].path;
+        if let Some(subject) = &self.subject {
+            let first = &self.rules[subject.rule].path;
             return Err(PolicyError::new(
                 path,
                 format!(
@@ -1111,11 +1111,10 @@ fn adjust_default(field: &mut Map<String, Json>, out_type: &Json) {
         Json::Array(branches) => branches.first(),
         other => Some(other),
     };
-    let valid = match (default, first.and_then(Json::as_str)) {
-        (Json::Null, Some("null")) => true,
-        (Json::String(_), Some("string" | "bytes")) => true,
-        _ => false,
-    };
+    let valid = matches!(
+        (default, first.and_then(Json::as_str)),
+        (Json::Null, Some("null")) | (Json::String(_), Some("string" | "bytes"))
+    );
     if !valid {
         field.shift_remove("default");
     }
