@@ -17,15 +17,27 @@ use piiwall::sanitize::Sanitizer;
 const EVENT: &str = r#"{"id": "evt-000001", "ts": 1764150400000, "email": "ada.lovelace@example.com", "phone": "+44 7700 900123", "name": "Ada Lovelace", "amount": 129.99, "country": "GB", "ip": "203.0.113.0", "card_number": "4111111111111111", "note": "first order, gift wrapped"}"#;
 
 fn bench(c: &mut Criterion) {
-    let schema_text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.avsc")).unwrap();
+    let schema_text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.avsc")).unwrap();
     let schema = compile(&schema_text, &PolicySettings::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
-    let keyring = Keyring::open(store, Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap()), KeyCacheSettings::default()).unwrap();
+    let keyring = Keyring::open(
+        store,
+        Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap()),
+        KeyCacheSettings::default(),
+    )
+    .unwrap();
     let sanitizer = Sanitizer::new(Arc::new(keyring), "default");
-    let value = JsonCodec::new(&schema.writer).to_value(&serde_json::from_str(EVENT).unwrap()).unwrap();
+    let value = JsonCodec::new(&schema.writer)
+        .to_value(&serde_json::from_str(EVENT).unwrap())
+        .unwrap();
     let mut raw = Vec::new();
-    apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer).build().unwrap().write_value_ref(&mut raw, &value).unwrap();
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut raw, &value)
+        .unwrap();
     let codec = ValueCodec::new(&schema);
     let mut out = Vec::with_capacity(512);
 

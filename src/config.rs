@@ -87,31 +87,23 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         origin: &str,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let mut table: toml::Table = text.parse().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         let overridden = apply_env(&mut table, env)?;
-        let raw: RawConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    let note = if overridden {
-                        " (after PIIWALL_* environment overrides)"
-                    } else {
-                        ""
-                    };
-                    ConfigError(format!("{origin}{note}: {}", e.message()))
-                })?;
+        let raw: RawConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            let note = if overridden {
+                " (after PIIWALL_* environment overrides)"
+            } else {
+                ""
+            };
+            ConfigError(format!("{origin}{note}: {}", e.message()))
+        })?;
         raw.validate()
     }
 }
 
 /// Applies `PIIWALL_SECTION__KEY=value` variables; returns whether any applied. Variables without `__`
 /// (such as a KEK held in `PIIWALL_KEK`) are not overrides.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<bool, ConfigError> {
+fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<bool, ConfigError> {
     let mut applied = false;
     for (name, value) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -124,13 +116,7 @@ fn apply_env(
         let segments: Vec<String> = rest
             .split("__")
             .enumerate()
-            .map(|(i, s)| {
-                if i < 2 {
-                    s.to_ascii_lowercase()
-                } else {
-                    s.to_owned()
-                }
-            })
+            .map(|(i, s)| if i < 2 { s.to_ascii_lowercase() } else { s.to_owned() })
             .collect();
         if segments.iter().any(String::is_empty) {
             return Err(ConfigError(format!(
@@ -169,17 +155,11 @@ impl RawConfig {
         if capacity == 0 {
             return Err(ConfigError("keys.cache_capacity must be at least 1".into()));
         }
-        let ttl = self
-            .keys
-            .cache_ttl_secs
-            .map_or(DEFAULT_CACHE_TTL, Duration::from_secs);
+        let ttl = self.keys.cache_ttl_secs.map_or(DEFAULT_CACHE_TTL, Duration::from_secs);
         if ttl.is_zero() {
             return Err(ConfigError("keys.cache_ttl_secs must be at least 1".into()));
         }
-        let default_domain = self
-            .keys
-            .default_domain
-            .unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
+        let default_domain = self.keys.default_domain.unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
         if !valid_domain(&default_domain) {
             return Err(ConfigError(
                 "keys.default_domain must be 1-64 characters of a-z, 0-9, '.', '_' or '-'".into(),
@@ -204,7 +184,11 @@ impl RawConfig {
             for (tag, action) in tags {
                 let parsed = Action::from_name(&action)
                     .filter(|a| *a != Action::Subject)
-                    .ok_or_else(|| ConfigError(format!("policy.tags.{tag}: \"{action}\" is not an action (tokenize, encrypt, hash, mask, redact)")))?;
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "policy.tags.{tag}: \"{action}\" is not an action (tokenize, encrypt, hash, mask, redact)"
+                        ))
+                    })?;
                 policy.tag_actions.insert(tag, parsed);
             }
         }
@@ -222,9 +206,7 @@ impl RawConfig {
 
 fn parse_store(text: &str) -> Result<StoreLocation, ConfigError> {
     match text.split_once(':') {
-        Some(("sqlite", path)) if !path.is_empty() => {
-            Ok(StoreLocation::Sqlite(PathBuf::from(path)))
-        }
+        Some(("sqlite", path)) if !path.is_empty() => Ok(StoreLocation::Sqlite(PathBuf::from(path))),
         _ => Err(ConfigError(format!(
             "keys.store: \"{text}\" is not a key store location (expected sqlite:PATH)"
         ))),
@@ -238,9 +220,7 @@ fn parse_kek(text: &str, is_default: bool) -> Result<KekSource, ConfigError> {
             create: is_default,
         }),
         Some(("env", var)) if !var.is_empty() => Ok(KekSource::Env(var.to_owned())),
-        _ => Err(ConfigError(
-            "keys.kek must be file:PATH or env:VARIABLE".into(),
-        )),
+        _ => Err(ConfigError("keys.kek must be file:PATH or env:VARIABLE".into())),
     }
 }
 
@@ -259,10 +239,7 @@ mod tests {
     #[test]
     fn defaults_are_the_embedded_ones() {
         let config = parse("", &[]).unwrap();
-        assert_eq!(
-            config.keys.store,
-            StoreLocation::Sqlite(".piiwall/keys.db".into())
-        );
+        assert_eq!(config.keys.store, StoreLocation::Sqlite(".piiwall/keys.db".into()));
         assert_eq!(
             config.keys.kek,
             KekSource::File {
@@ -287,10 +264,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.keys.cache.ttl, Duration::from_secs(60));
-        assert_eq!(
-            config.policy.tag_actions.get("SENSITIVE"),
-            Some(&Action::Hash)
-        );
+        assert_eq!(config.policy.tag_actions.get("SENSITIVE"), Some(&Action::Hash));
         let explicit = parse("", &[("PIIWALL_KEYS__KEK", "file:/tmp/k")]).unwrap();
         assert_eq!(
             explicit.keys.kek,
@@ -309,10 +283,7 @@ mod tests {
             ("[keys]\nstore = \"mysql://x\"\n", "keys.store"),
             ("[keys]\nkek = \"vault:x\"\n", "keys.kek"),
             ("[keys]\ncache_capacity = 0\n", "keys.cache_capacity"),
-            (
-                "[keys]\ndefault_domain = \"Bad Domain\"\n",
-                "keys.default_domain",
-            ),
+            ("[keys]\ndefault_domain = \"Bad Domain\"\n", "keys.default_domain"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),
@@ -321,9 +292,7 @@ mod tests {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(named), "{text:?} gave {err}");
         }
-        let err = parse("", &[("PIIWALL_KEYS__NOPE", "1")])
-            .unwrap_err()
-            .to_string();
+        let err = parse("", &[("PIIWALL_KEYS__NOPE", "1")]).unwrap_err().to_string();
         assert!(err.contains("nope") && err.contains("environment"), "{err}");
     }
 }

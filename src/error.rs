@@ -73,9 +73,7 @@ pub enum KeyError {
          keys.store)"
     )]
     KekMismatch,
-    #[error(
-        "key store row fails authentication: the row is corrupted or was written under another KEK"
-    )]
+    #[error("key store row fails authentication: the row is corrupted or was written under another KEK")]
     CorruptRow,
     #[error("key store unavailable: {0}")]
     StoreUnavailable(String),
@@ -129,10 +127,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 impl Error {

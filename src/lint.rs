@@ -65,21 +65,12 @@ fn collect_fields(
     seen: &mut Vec<String>,
     out: &mut Vec<(String, String, bool)>,
 ) {
-    let name = record
-        .get("name")
-        .and_then(Json::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let name = record.get("name").and_then(Json::as_str).unwrap_or("").to_owned();
     if seen.contains(&name) {
         return;
     }
     seen.push(name);
-    for field in record
-        .get("fields")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for field in record.get("fields").and_then(Json::as_array).into_iter().flatten() {
         let Some(field) = field.as_object() else {
             continue;
         };
@@ -99,12 +90,7 @@ fn collect_fields(
     }
 }
 
-fn visit_type(
-    ty: &Json,
-    path: &str,
-    seen: &mut Vec<String>,
-    out: &mut Vec<(String, String, bool)>,
-) {
+fn visit_type(ty: &Json, path: &str, seen: &mut Vec<String>, out: &mut Vec<(String, String, bool)>) {
     match ty {
         Json::Array(branches) => branches.iter().for_each(|b| visit_type(b, path, seen, out)),
         Json::Object(object) => match object.get("type").and_then(Json::as_str) {
@@ -185,19 +171,13 @@ const PII_WORDS: &[(&str, &str)] = &[
 pub fn suggests_pii(name: &str) -> Option<&'static str> {
     let words = split_words(name);
     let joined: String = words.concat();
-    if let Some((_, kind)) = PII_FRAGMENTS
-        .iter()
-        .find(|(fragment, _)| joined.contains(fragment))
-    {
+    if let Some((_, kind)) = PII_FRAGMENTS.iter().find(|(fragment, _)| joined.contains(fragment)) {
         return Some(kind);
     }
     // A lone word such as `name` or `ip`, or one ending the name (`client_ip`, `customer_name`); not `name_length`
     // or `card_type`, which describe rather than hold.
     let last = words.last()?;
-    PII_WORDS
-        .iter()
-        .find(|(word, _)| last == word)
-        .map(|(_, kind)| *kind)
+    PII_WORDS.iter().find(|(word, _)| last == word).map(|(_, kind)| *kind)
 }
 
 fn split_words(name: &str) -> Vec<String> {

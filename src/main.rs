@@ -120,11 +120,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Sanitize {
-            schema,
-            input,
-            output,
-        } => {
+        Command::Sanitize { schema, input, output } => {
             let compiled = load_schema(&schema, &config)?;
             let sanitizer = sanitizer(&config)?;
             let input: Box<dyn BufRead> = match input.as_str() {
@@ -139,10 +135,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     File::create(path).with_context(|| format!("cannot create output {path}"))?,
                 )),
             };
-            let summary =
-                offline::sanitize_lines(&compiled, &sanitizer, input, output, |line, e| {
-                    eprintln!("line {line}: {e}")
-                })?;
+            let summary = offline::sanitize_lines(&compiled, &sanitizer, input, output, |line, e| {
+                eprintln!("line {line}: {e}")
+            })?;
             if summary.failed > 0 {
                 eprintln!(
                     "piiwall: {} records sanitized, {} failed",
@@ -196,9 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(parsed) => parsed,
                 Err(_) => {
                     let json = serde_json::from_str(&value).map_err(|_| {
-                        anyhow::anyhow!(
-                            "field `{field}`: the value is neither text for a string field nor JSON"
-                        )
+                        anyhow::anyhow!("field `{field}`: the value is neither text for a string field nor JSON")
                     })?;
                     codec.field_value(&field, &json)?
                 }
@@ -212,9 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Forget { subject } => {
             let subject = from_arg_or_stdin(subject)?;
             let destroyed = keyring(&config)?.forget_subject(&subject)?;
-            println!(
-                "forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted"
-            );
+            println!("forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted");
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {
@@ -223,9 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let keyring = keyring(&config)?;
             let scope = match subject {
                 Some(subject) => keyring.subject_scope(&from_arg_or_stdin(subject)?),
-                None => {
-                    Keyring::domain_scope(domain.as_deref().unwrap_or(&config.keys.default_domain))
-                }
+                None => Keyring::domain_scope(domain.as_deref().unwrap_or(&config.keys.default_domain)),
             };
             let version = keyring.rotate(&scope)?;
             println!("rotated: new data uses key version {version}; older versions still reveal");
@@ -245,8 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut errors = 0;
             let mut warnings = 0;
             for file in &files {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
                 for finding in lint::check(&text, &config.policy) {
                     let (label, counter) = match finding.severity {
                         Severity::Error => ("error", &mut errors),
@@ -275,8 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn load_schema(path: &Path, config: &Config) -> anyhow::Result<CompiledSchema> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read schema {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read schema {}", path.display()))?;
     compile(&text, &config.policy).with_context(|| format!("schema {}", path.display()))
 }
 
@@ -285,10 +272,7 @@ fn keyring(config: &Config) -> anyhow::Result<Arc<Keyring>> {
 }
 
 fn sanitizer(config: &Config) -> anyhow::Result<Sanitizer> {
-    Ok(Sanitizer::new(
-        keyring(config)?,
-        config.keys.default_domain.clone(),
-    ))
+    Ok(Sanitizer::new(keyring(config)?, config.keys.default_domain.clone()))
 }
 
 fn read_stdin() -> anyhow::Result<String> {

@@ -37,10 +37,7 @@ pub fn sanitize_lines(
             continue;
         }
         let result = serde_json::from_str::<Json>(&line)
-            .map_err(|e| {
-                crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e)))
-                    .into()
-            })
+            .map_err(|e| crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e))).into())
             .and_then(|json| reader.to_value(&json).map_err(Error::from))
             .and_then(|mut value| {
                 sanitizer.sanitize(schema, &mut value)?;
@@ -50,9 +47,7 @@ pub fn sanitize_lines(
             Ok(value) => {
                 serde_json::to_writer(&mut output, &writer.to_json(&value))
                     .map_err(|e| Error::io("writing output", e.into()))?;
-                output
-                    .write_all(b"\n")
-                    .map_err(|e| Error::io("writing output", e))?;
+                output.write_all(b"\n").map_err(|e| Error::io("writing output", e))?;
                 summary.sanitized += 1;
             }
             Err(e) if e.kind() == ErrorKind::Poison => {

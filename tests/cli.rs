@@ -64,10 +64,7 @@ fn tokens_are_stable_across_processes_and_reveal_in_another() {
     let second = sanitize_sample(dir.path(), "customer_profile");
     assert_eq!(first.len(), 3);
     for (a, b) in first.iter().zip(&second) {
-        assert_eq!(
-            a["email"], b["email"],
-            "tokenize is deterministic across processes"
-        );
+        assert_eq!(a["email"], b["email"], "tokenize is deterministic across processes");
         assert_ne!(a["full_name"], b["full_name"], "encrypt never repeats");
     }
     // The KEK file was created once, in the working directory's default place.
@@ -123,11 +120,7 @@ fn forget_from_the_command_line() {
         "the subject id is not echoed"
     );
 
-    let reveal = piiwall(
-        dir.path(),
-        &["reveal", "--field", "email", email, other],
-        None,
-    );
+    let reveal = piiwall(dir.path(), &["reveal", "--field", "email", email, other], None);
     assert_eq!(reveal.status.code(), Some(1));
     assert!(
         text(&reveal.stderr).contains("token 1: subject forgotten"),
@@ -152,10 +145,7 @@ fn bad_lines_are_reported_by_number_and_path_and_the_rest_goes_on() {
     let input = [
         r#"{"id": "e0", "email": "leaked@example.com" "#.to_owned(),
         good.replace("\"good@example.com\"", "12345"),
-        good.replace(
-            "\"note\": \"ok\"",
-            "\"note\": \"ok\", \"ssn\": \"078-05-1120\"",
-        ),
+        good.replace("\"note\": \"ok\"", "\"note\": \"ok\", \"ssn\": \"078-05-1120\""),
         good.replace(", \"phone\": \"+1 555 0100\"", ""),
         String::new(),
         good.to_owned(),
@@ -262,37 +252,19 @@ fn kek_problems_stop_with_a_clear_message() {
 #[test]
 fn schema_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let schemas: Vec<String> = [
-        "customer_profile",
-        "payment",
-        "clickstream",
-        "event",
-        "audit",
-    ]
-    .iter()
-    .map(|s| {
-        repo(&format!("schemas/{s}.avsc"))
-            .to_string_lossy()
-            .into_owned()
-    })
-    .collect();
+    let schemas: Vec<String> = ["customer_profile", "payment", "clickstream", "event", "audit"]
+        .iter()
+        .map(|s| repo(&format!("schemas/{s}.avsc")).to_string_lossy().into_owned())
+        .collect();
     let mut args = vec!["schema", "check"];
     args.extend(schemas.iter().map(String::as_str));
     let out = piiwall(dir.path(), &args, None);
-    assert!(
-        out.status.success(),
-        "the examples are clean: {}",
-        text(&out.stdout)
-    );
+    assert!(out.status.success(), "the examples are clean: {}", text(&out.stdout));
     assert!(text(&out.stdout).contains("5 file(s) checked: 0 error(s), 0 warning(s)"));
 
     let bad = dir.path().join("bad.avsc");
     std::fs::write(&bad, r#"{"type":"record","name":"R","fields":[{"name":"email","type":"string"},{"name":"x","type":"string","pii":"scramble"}]}"#).unwrap();
-    let out = piiwall(
-        dir.path(),
-        &["schema", "check", bad.to_str().unwrap()],
-        None,
-    );
+    let out = piiwall(dir.path(), &["schema", "check", bad.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1));
     let report = text(&out.stdout);
     assert!(

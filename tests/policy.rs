@@ -51,9 +51,7 @@ fn invalid_annotations_name_the_field() {
             "second subject",
         ),
         (
-            record(
-                json!([{"name": "ids", "type": {"type": "array", "items": "string"}, "pii": "subject"}]),
-            ),
+            record(json!([{"name": "ids", "type": {"type": "array", "items": "string"}, "pii": "subject"}])),
             "ids",
             "subject field must",
         ),
@@ -63,23 +61,17 @@ fn invalid_annotations_name_the_field() {
             "inside a type object",
         ),
         (
-            record(
-                json!([{"name": "emails", "type": {"type": "array", "items": "string", "pii": "encrypt"}}]),
-            ),
+            record(json!([{"name": "emails", "type": {"type": "array", "items": "string", "pii": "encrypt"}}])),
             "emails",
             "inside an array or map type",
         ),
         (
-            record(
-                json!([{"name": "card", "type": "string", "pii": {"action": "mask", "keep_last": -1}}]),
-            ),
+            record(json!([{"name": "card", "type": "string", "pii": {"action": "mask", "keep_last": -1}}])),
             "card",
             "keep_last",
         ),
         (
-            record(
-                json!([{"name": "email", "type": "string", "pii": {"action": "tokenize", "keep_last": 2}}]),
-            ),
+            record(json!([{"name": "email", "type": "string", "pii": {"action": "tokenize", "keep_last": 2}}])),
             "email",
             "does not apply to tokenize",
         ),
@@ -144,10 +136,7 @@ fn schema_level_problems_are_explained() {
     ];
     for (schema, problem) in cases {
         let (_, got) = error_of(&schema);
-        assert!(
-            got.contains(problem),
-            "{schema}: expected '{problem}' in '{got}'"
-        );
+        assert!(got.contains(problem), "{schema}: expected '{problem}' in '{got}'");
     }
 }
 
@@ -212,11 +201,7 @@ fn sanitized_schema_keeps_everything_but_what_was_applied() {
         "branches that become strings merge"
     );
     assert_eq!(field("note")["default"], Json::Null);
-    assert_eq!(
-        field("avatar")["type"],
-        "bytes",
-        "encrypted bytes stay bytes"
-    );
+    assert_eq!(field("avatar")["type"], "bytes", "encrypted bytes stay bytes");
     assert_eq!(field("card")["default"], "");
     assert_eq!(
         field("ssn"),
@@ -299,11 +284,41 @@ fn logical_types_enums_and_fixed_round_trip_through_tokens() {
     let out = JsonCodec::new(&compiled.sanitized).to_json(&value);
     for field in ["amount", "price", "uid", "born", "seen", "tier", "code"] {
         let token = out[field].as_str().unwrap();
-        assert_eq!(
-            sanitizer.reveal(field, token).unwrap(),
-            input[field],
-            "{field}"
-        );
+        assert_eq!(sanitizer.reveal(field, token).unwrap(), input[field], "{field}");
     }
     assert_eq!(out["uid_masked"], "********************************5a6b");
+}
+
+#[test]
+fn redacted_values_of_every_type_fit_the_sanitized_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let sanitizer = common::sanitizer_at(dir.path());
+    let schema = record(json!([
+        {"name": "price", "type": {"type": "fixed", "name": "P", "size": 8, "logicalType": "decimal", "precision": 12, "scale": 3}, "pii": "redact"},
+        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}, "pii": "redact"},
+        {"name": "uid", "type": {"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}, "pii": "redact"},
+        {"name": "suid", "type": {"type": "string", "logicalType": "uuid"}, "pii": "redact"},
+        {"name": "born", "type": {"type": "int", "logicalType": "date"}, "pii": "redact"},
+        {"name": "seen", "type": {"type": "long", "logicalType": "timestamp-millis"}, "pii": "redact"},
+        {"name": "tier", "type": {"type": "enum", "name": "Tier", "symbols": ["A", "B"], "default": "B"}, "pii": "redact"},
+        {"name": "home", "type": {"type": "record", "name": "H", "fields": [{"name": "n", "type": "int"}, {"name": "t", "type": "Tier"}]}, "pii": "redact"},
+        {"name": "tags", "type": {"type": "map", "values": "string"}, "pii": "redact"},
+        {"name": "score", "type": "float", "pii": "redact"}
+    ]));
+    let compiled = common::compiled(&schema);
+    let input = json!({
+        "price": "7.125", "amount": "1.50", "uid": "00112233-4455-6677-8899-aabbccddeeff", "suid": "6f1c2a9e-3b4d-4e5f-8a6b-1c2d3e4f5a6b",
+        "born": 12, "seen": 99, "tier": "A", "home": {"n": 3, "t": "A"}, "tags": {"a": "b"}, "score": 1.5
+    });
+    let mut value = JsonCodec::new(&compiled.writer).to_value(&input).unwrap();
+    sanitizer.sanitize(&compiled, &mut value).unwrap();
+    assert!(
+        value.validate(&compiled.sanitized),
+        "every redacted value fits its type"
+    );
+    let out = JsonCodec::new(&compiled.sanitized).to_json(&value);
+    assert_eq!(out["tier"], "B", "an enum redacts to its default symbol");
+    assert_eq!(out["home"], json!({"n": 0, "t": "B"}));
+    assert_eq!(out["amount"], "0.00");
+    assert_eq!(out["tags"], json!({}));
 }

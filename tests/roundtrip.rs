@@ -169,12 +169,8 @@ fn value(ty: &Ty) -> BoxedStrategy<Json> {
             .prop_map(|b| Json::String(b.iter().map(|&c| char::from(c)).collect()))
             .boxed(),
         Ty::Bool => any::<bool>().prop_map(Json::from).boxed(),
-        Ty::Nullable(t) => prop::option::of(value(t))
-            .prop_map(|v| v.unwrap_or(Json::Null))
-            .boxed(),
-        Ty::Array(t) => prop::collection::vec(value(t), 0..3)
-            .prop_map(Json::Array)
-            .boxed(),
+        Ty::Nullable(t) => prop::option::of(value(t)).prop_map(|v| v.unwrap_or(Json::Null)).boxed(),
+        Ty::Array(t) => prop::collection::vec(value(t), 0..3).prop_map(Json::Array).boxed(),
         Ty::Map(t) => prop::collection::btree_map("[a-z]{1,4}", value(t), 0..3)
             .prop_map(|m| Json::Object(m.into_iter().collect()))
             .boxed(),
@@ -185,14 +181,7 @@ fn value(ty: &Ty) -> BoxedStrategy<Json> {
 fn record_value(fields: &[Field]) -> BoxedStrategy<Json> {
     let values: Vec<BoxedStrategy<Json>> = fields.iter().map(|f| value(&f.ty)).collect();
     values
-        .prop_map(|vs| {
-            Json::Object(
-                vs.into_iter()
-                    .enumerate()
-                    .map(|(i, v)| (format!("f{i}"), v))
-                    .collect(),
-            )
-        })
+        .prop_map(|vs| Json::Object(vs.into_iter().enumerate().map(|(i, v)| (format!("f{i}"), v)).collect()))
         .boxed()
 }
 

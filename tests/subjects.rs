@@ -31,24 +31,12 @@ fn sanitize(sanitizer: &Sanitizer, schema: &CompiledSchema, record: &Json) -> Js
 /// (context, token) of every reversible field of a sanitized customer.
 fn tokens(out: &Json) -> Vec<(&'static str, String)> {
     vec![
-        (
-            "customer_id",
-            out["customer_id"].as_str().unwrap().to_owned(),
-        ),
+        ("customer_id", out["customer_id"].as_str().unwrap().to_owned()),
         ("email", out["email"].as_str().unwrap().to_owned()),
         ("full_name", out["full_name"].as_str().unwrap().to_owned()),
-        (
-            "date_of_birth",
-            out["date_of_birth"].as_str().unwrap().to_owned(),
-        ),
-        (
-            "address.street",
-            out["address"]["street"].as_str().unwrap().to_owned(),
-        ),
-        (
-            "phone",
-            out["phones"][0]["number"].as_str().unwrap().to_owned(),
-        ),
+        ("date_of_birth", out["date_of_birth"].as_str().unwrap().to_owned()),
+        ("address.street", out["address"]["street"].as_str().unwrap().to_owned()),
+        ("phone", out["phones"][0]["number"].as_str().unwrap().to_owned()),
     ]
 }
 
@@ -59,26 +47,17 @@ fn tokens_are_per_subject_and_bound_to_field_and_key() {
     let schema = common::compiled(&common::example("customer_profile.avsc"));
     let a = sanitize(&sanitizer, &schema, &customer("cus_a", "same@example.com"));
     let b = sanitize(&sanitizer, &schema, &customer("cus_b", "same@example.com"));
-    assert_ne!(
-        a["email"], b["email"],
-        "the same value of two subjects gets two tokens"
-    );
+    assert_ne!(a["email"], b["email"], "the same value of two subjects gets two tokens");
     assert_eq!(
         a["email"],
         sanitize(&sanitizer, &schema, &customer("cus_a", "same@example.com"))["email"]
     );
 
     let name = a["full_name"].as_str().unwrap();
-    assert_eq!(
-        sanitizer.reveal("full_name", name).unwrap(),
-        json!("Name of cus_a")
-    );
+    assert_eq!(sanitizer.reveal("full_name", name).unwrap(), json!("Name of cus_a"));
     // Copied into another field: revealing it as that field fails.
     let moved = sanitizer.reveal("address.street", name).unwrap_err();
-    assert!(
-        matches!(moved, Error::Reveal(RevealError::Forged)),
-        "{moved}"
-    );
+    assert!(matches!(moved, Error::Reveal(RevealError::Forged)), "{moved}");
     // Paired with another key id (subject b's): fails.
     let b_key_id = b["full_name"].as_str().unwrap().split('.').nth(1).unwrap();
     let parts: Vec<&str> = name.split('.').collect();
@@ -108,23 +87,11 @@ fn forget_makes_every_token_of_the_subject_unrevealable_and_redacts_later_record
     let dir = tempfile::tempdir().unwrap();
     let sanitizer = common::sanitizer_at(dir.path());
     let schema = common::compiled(&common::example("customer_profile.avsc"));
-    let before_rotation = sanitize(
-        &sanitizer,
-        &schema,
-        &customer("cus_gone", "gone@example.com"),
-    );
+    let before_rotation = sanitize(&sanitizer, &schema, &customer("cus_gone", "gone@example.com"));
     let keyring = sanitizer.keyring();
     keyring.rotate(&keyring.subject_scope("cus_gone")).unwrap();
-    let after_rotation = sanitize(
-        &sanitizer,
-        &schema,
-        &customer("cus_gone", "gone@example.com"),
-    );
-    let kept = sanitize(
-        &sanitizer,
-        &schema,
-        &customer("cus_kept", "kept@example.com"),
-    );
+    let after_rotation = sanitize(&sanitizer, &schema, &customer("cus_gone", "gone@example.com"));
+    let kept = sanitize(&sanitizer, &schema, &customer("cus_kept", "kept@example.com"));
 
     assert_eq!(
         keyring.forget_subject("cus_gone").unwrap(),
@@ -154,11 +121,7 @@ fn forget_makes_every_token_of_the_subject_unrevealable_and_redacts_later_record
     }
 
     // New records of the forgotten subject come out redacted, still valid against the sanitized schema.
-    let later = sanitize(
-        &sanitizer,
-        &schema,
-        &customer("cus_gone", "gone@example.com"),
-    );
+    let later = sanitize(&sanitizer, &schema, &customer("cus_gone", "gone@example.com"));
     assert_eq!(later["customer_id"], "");
     assert_eq!(later["email"], "");
     assert_eq!(later["full_name"], "");
@@ -166,18 +129,11 @@ fn forget_makes_every_token_of_the_subject_unrevealable_and_redacts_later_record
     assert_eq!(later["address"]["street"], "");
     assert_eq!(later["address"]["postcode"], "");
     assert_eq!(later["phones"], json!([{"kind": "MOBILE", "number": ""}]));
-    assert_eq!(
-        later["address"]["city"], "Leeds",
-        "unprotected fields are kept"
-    );
+    assert_eq!(later["address"]["city"], "Leeds", "unprotected fields are kept");
     assert!(!later.to_string().contains("gone@example.com"));
     let fresh_sanitizer = Sanitizer::new(fresh, "default");
     assert_eq!(
-        sanitize(
-            &fresh_sanitizer,
-            &schema,
-            &customer("cus_gone", "x@example.com")
-        )["email"],
+        sanitize(&fresh_sanitizer, &schema, &customer("cus_gone", "x@example.com"))["email"],
         ""
     );
 }
@@ -202,15 +158,11 @@ fn a_wrong_kek_is_refused_and_a_corrupted_row_is_named() {
 
     // Flip a byte of every stored data key.
     let db = rusqlite::Connection::open(dir.path().join("keys.db")).unwrap();
-    db.execute(
-        "UPDATE deks SET wrapped = CAST(zeroblob(length(wrapped)) AS BLOB)",
-        [],
-    )
-    .unwrap();
+    db.execute("UPDATE deks SET wrapped = CAST(zeroblob(length(wrapped)) AS BLOB)", [])
+        .unwrap();
     drop(db);
     let keyring = common::keyring_at(dir.path());
-    let err =
-        piiwall::sanitize::reveal(&keyring, "email", out["email"].as_str().unwrap()).unwrap_err();
+    let err = piiwall::sanitize::reveal(&keyring, "email", out["email"].as_str().unwrap()).unwrap_err();
     assert!(matches!(err, Error::Key(KeyError::CorruptRow)), "{err}");
     assert!(err.to_string().contains("corrupted"));
     let sanitizer = Sanitizer::new(keyring, "default");

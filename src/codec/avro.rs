@@ -3,8 +3,8 @@
 //! apache-avro's own error messages can quote the value being read or written; these never leave this module:
 //! the errors here say what went wrong, not with what.
 
-use apache_avro::types::Value;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 
 use crate::error::ValueError;
@@ -18,8 +18,12 @@ pub struct ValueCodec<'s> {
 
 impl<'s> ValueCodec<'s> {
     pub fn new(schema: &'s CompiledSchema) -> Self {
-        let reader = GenericDatumReader::builder(&schema.writer).build().expect("a compiled writer schema resolves");
-        let writer = GenericDatumWriter::builder(&schema.sanitized).build().expect("a compiled sanitized schema resolves");
+        let reader = GenericDatumReader::builder(&schema.writer)
+            .build()
+            .expect("a compiled writer schema resolves");
+        let writer = GenericDatumWriter::builder(&schema.sanitized)
+            .build()
+            .expect("a compiled sanitized schema resolves");
         Self { reader, writer }
     }
 
@@ -30,7 +34,13 @@ impl<'s> ValueCodec<'s> {
             .read_value(&mut bytes)
             .map_err(|_| ValueError::new("", "the bytes are not a record of the writer schema (truncated, corrupted, or written with another schema)"))?;
         if !bytes.is_empty() {
-            return Err(ValueError::new("", format!("{} bytes remain after the record: it was written with another schema", bytes.len())));
+            return Err(ValueError::new(
+                "",
+                format!(
+                    "{} bytes remain after the record: it was written with another schema",
+                    bytes.len()
+                ),
+            ));
         }
         Ok(value)
     }

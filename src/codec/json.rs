@@ -74,61 +74,38 @@ impl<'s> JsonCodec<'s> {
     }
 
     fn read(&self, schema: &Schema, json: &Json, path: &str) -> Result<Value, ValueError> {
-        let mismatch = |expected: &str| {
-            ValueError::new(
-                path,
-                format!("expected {expected}, found {}", json_kind(json)),
-            )
-        };
+        let mismatch =
+            |expected: &str| ValueError::new(path, format!("expected {expected}, found {}", json_kind(json)));
         let int = || {
             json.as_i64()
                 .and_then(|n| i32::try_from(n).ok())
                 .ok_or_else(|| mismatch("an int (32-bit integer)"))
         };
-        let long = || {
-            json.as_i64()
-                .ok_or_else(|| mismatch("a long (64-bit integer)"))
-        };
+        let long = || json.as_i64().ok_or_else(|| mismatch("a long (64-bit integer)"));
         Ok(match self.resolve(schema) {
-            Schema::Null => json
-                .is_null()
-                .then_some(Value::Null)
-                .ok_or_else(|| mismatch("null"))?,
+            Schema::Null => json.is_null().then_some(Value::Null).ok_or_else(|| mismatch("null"))?,
             Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| mismatch("a boolean"))?),
             Schema::Int => Value::Int(int()?),
             Schema::Long => Value::Long(long()?),
-            Schema::Float => {
-                Value::Float(json.as_f64().ok_or_else(|| mismatch("a number"))? as f32)
-            }
+            Schema::Float => Value::Float(json.as_f64().ok_or_else(|| mismatch("a number"))? as f32),
             Schema::Double => Value::Double(json.as_f64().ok_or_else(|| mismatch("a number"))?),
-            Schema::String => Value::String(
-                json.as_str()
-                    .ok_or_else(|| mismatch("a string"))?
-                    .to_owned(),
-            ),
+            Schema::String => Value::String(json.as_str().ok_or_else(|| mismatch("a string"))?.to_owned()),
             Schema::Bytes => Value::Bytes(
-                json_to_bytes(json)
-                    .ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (bytes)"))?,
+                json_to_bytes(json).ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (bytes)"))?,
             ),
             Schema::Fixed(fixed) => {
-                let bytes = json_to_bytes(json)
-                    .ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (fixed)"))?;
+                let bytes =
+                    json_to_bytes(json).ok_or_else(|| mismatch("a string of characters U+0000..U+00FF (fixed)"))?;
                 if bytes.len() != fixed.size {
                     return Err(ValueError::new(
                         path,
-                        format!(
-                            "fixed value has {} bytes, the schema says {}",
-                            bytes.len(),
-                            fixed.size
-                        ),
+                        format!("fixed value has {} bytes, the schema says {}", bytes.len(), fixed.size),
                     ));
                 }
                 Value::Fixed(fixed.size, bytes)
             }
             Schema::Enum(e) => {
-                let symbol = json
-                    .as_str()
-                    .ok_or_else(|| mismatch("an enum symbol string"))?;
+                let symbol = json.as_str().ok_or_else(|| mismatch("an enum symbol string"))?;
                 let index = e
                     .symbols
                     .iter()
@@ -146,9 +123,7 @@ impl<'s> JsonCodec<'s> {
                 )
             }
             Schema::Map(map) => {
-                let entries = json
-                    .as_object()
-                    .ok_or_else(|| mismatch("an object (map)"))?;
+                let entries = json.as_object().ok_or_else(|| mismatch("an object (map)"))?;
                 Value::Map(
                     entries
                         .iter()
@@ -190,12 +165,9 @@ impl<'s> JsonCodec<'s> {
             }
             Schema::Uuid(kind) => {
                 let text = json.as_str().ok_or_else(|| mismatch("a uuid string"))?;
-                let uuid =
-                    Uuid::parse_str(text).map_err(|_| ValueError::new(path, "not a valid uuid"))?;
+                let uuid = Uuid::parse_str(text).map_err(|_| ValueError::new(path, "not a valid uuid"))?;
                 match kind {
-                    UuidSchema::String | UuidSchema::Bytes | UuidSchema::Fixed(_) => {
-                        Value::Uuid(uuid)
-                    }
+                    UuidSchema::String | UuidSchema::Bytes | UuidSchema::Fixed(_) => Value::Uuid(uuid),
                 }
             }
             Schema::Date => Value::Date(int()?),
@@ -208,36 +180,19 @@ impl<'s> JsonCodec<'s> {
             Schema::LocalTimestampMicros => Value::LocalTimestampMicros(long()?),
             Schema::LocalTimestampNanos => Value::LocalTimestampNanos(long()?),
             Schema::Duration(_) => {
-                return Err(ValueError::new(
-                    path,
-                    "duration values are not supported in JSON input",
-                ));
+                return Err(ValueError::new(path, "duration values are not supported in JSON input"));
             }
             Schema::Ref { .. } => {
-                return Err(ValueError::new(
-                    path,
-                    "the schema refers to an undefined type",
-                ));
+                return Err(ValueError::new(path, "the schema refers to an undefined type"));
             }
         })
     }
 
-    fn read_record(
-        &self,
-        record: &RecordSchema,
-        json: &Json,
-        path: &str,
-    ) -> Result<Value, ValueError> {
-        let object = json.as_object().ok_or_else(|| {
-            ValueError::new(
-                path,
-                format!("expected an object (record), found {}", json_kind(json)),
-            )
-        })?;
-        if let Some(unknown) = object
-            .keys()
-            .find(|k| !record.lookup.contains_key(k.as_str()))
-        {
+    fn read_record(&self, record: &RecordSchema, json: &Json, path: &str) -> Result<Value, ValueError> {
+        let object = json
+            .as_object()
+            .ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
+        if let Some(unknown) = object.keys().find(|k| !record.lookup.contains_key(k.as_str())) {
             return Err(ValueError::new(
                 &join(path, unknown),
                 "unknown field: the schema has no such field",
@@ -250,10 +205,7 @@ impl<'s> JsonCodec<'s> {
                 (Some(value), _) => self.read(&field.schema, value, &field_path)?,
                 (None, Some(default)) => self.read_default(&field.schema, default, &field_path)?,
                 (None, None) => {
-                    return Err(ValueError::new(
-                        &field_path,
-                        "missing field (it has no default)",
-                    ));
+                    return Err(ValueError::new(&field_path, "missing field (it has no default)"));
                 }
             };
             fields.push((field.name.clone(), value));
@@ -262,12 +214,7 @@ impl<'s> JsonCodec<'s> {
     }
 
     /// A default of a union field is a value of the union's first branch.
-    fn read_default(
-        &self,
-        schema: &Schema,
-        default: &Json,
-        path: &str,
-    ) -> Result<Value, ValueError> {
+    fn read_default(&self, schema: &Schema, default: &Json, path: &str) -> Result<Value, ValueError> {
         match self.resolve(schema) {
             Schema::Union(union) => {
                 let first = union
@@ -283,12 +230,10 @@ impl<'s> JsonCodec<'s> {
     fn write(&self, schema: &Schema, value: &Value) -> Json {
         let schema = self.resolve(schema);
         match (schema, value) {
-            (Schema::Union(union), Value::Union(index, inner)) => {
-                match union.variants().get(*index as usize) {
-                    Some(variant) => self.write(variant, inner),
-                    None => Json::Null,
-                }
-            }
+            (Schema::Union(union), Value::Union(index, inner)) => match union.variants().get(*index as usize) {
+                Some(variant) => self.write(variant, inner),
+                None => Json::Null,
+            },
             (Schema::Record(record), Value::Record(fields)) => {
                 let mut object = Map::with_capacity(fields.len());
                 for (field, (name, value)) in record.fields.iter().zip(fields) {
@@ -309,9 +254,7 @@ impl<'s> JsonCodec<'s> {
                 )
             }
             (Schema::Decimal(decimal), Value::Decimal(d)) => match Vec::<u8>::try_from(d) {
-                Ok(bytes) => {
-                    decimal_to_string(&bytes, decimal.scale as u32).map_or(Json::Null, Json::String)
-                }
+                Ok(bytes) => decimal_to_string(&bytes, decimal.scale as u32).map_or(Json::Null, Json::String),
                 Err(_) => Json::Null,
             },
             (_, value) => scalar_to_json(value),
@@ -359,11 +302,7 @@ fn scalar_to_json(value: &Value) -> Json {
         Value::Uuid(u) => Json::String(u.to_string()),
         Value::BigDecimal(d) => Json::String(d.to_string()),
         Value::Duration(d) => bytes_to_json(&<[u8; 12]>::from(*d)),
-        Value::Decimal(_)
-        | Value::Union(..)
-        | Value::Array(_)
-        | Value::Map(_)
-        | Value::Record(_) => Json::Null,
+        Value::Decimal(_) | Value::Union(..) | Value::Array(_) | Value::Map(_) | Value::Record(_) => Json::Null,
     }
 }
 
@@ -415,20 +354,14 @@ fn read_decimal(decimal: &DecimalSchema, json: &Json, path: &str) -> Result<Deci
         other => {
             return Err(ValueError::new(
                 path,
-                format!(
-                    "expected a decimal string or number, found {}",
-                    json_kind(other)
-                ),
+                format!("expected a decimal string or number, found {}", json_kind(other)),
             ));
         }
     };
     let bad = || {
         ValueError::new(
             path,
-            format!(
-                "not a decimal with at most {} digits after the point",
-                decimal.scale
-            ),
+            format!("not a decimal with at most {} digits after the point", decimal.scale),
         )
     };
     let (negative, body) = match text.strip_prefix('-') {
@@ -447,10 +380,7 @@ fn read_decimal(decimal: &DecimalSchema, json: &Json, path: &str) -> Result<Deci
     if digits.trim_start_matches('0').len() > decimal.precision {
         return Err(ValueError::new(
             path,
-            format!(
-                "decimal has more than {} significant digits",
-                decimal.precision
-            ),
+            format!("decimal has more than {} significant digits", decimal.precision),
         ));
     }
     let magnitude: i128 = digits
@@ -557,9 +487,7 @@ mod tests {
         let schema = schema();
         let codec = JsonCodec::new(&schema);
         let value = codec
-            .to_value(
-                &json!({"id": 7, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null}),
-            )
+            .to_value(&json!({"id": 7, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null}))
             .unwrap();
         assert_eq!(codec.to_json(&value)["email"], Json::Null);
         assert_eq!(codec.to_json(&value)["amount"], json!("1.00"));
@@ -569,7 +497,9 @@ mod tests {
     fn errors_name_the_path_never_the_value() {
         let schema = schema();
         let codec = JsonCodec::new(&schema);
-        let err = codec.to_value(&json!({"id": "secret-id", "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null})).unwrap_err();
+        let err = codec
+            .to_value(&json!({"id": "secret-id", "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null}))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "field `id`: expected a long (64-bit integer), found a string"
@@ -578,9 +508,13 @@ mod tests {
             .to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": 5}, "work": null}))
             .unwrap_err();
         assert_eq!(err.path, "home.zip");
-        let err = codec.to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null, "ssn": "123"})).unwrap_err();
+        let err = codec
+            .to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null, "ssn": "123"}))
+            .unwrap_err();
         assert_eq!(err.path, "ssn");
-        let err = codec.to_value(&json!({"id": 1, "amount": "1.234", "tags": [], "home": {"zip": "1"}, "work": null})).unwrap_err();
+        let err = codec
+            .to_value(&json!({"id": 1, "amount": "1.234", "tags": [], "home": {"zip": "1"}, "work": null}))
+            .unwrap_err();
         assert_eq!(err.path, "amount");
         assert!(!err.to_string().contains("1.234"));
     }

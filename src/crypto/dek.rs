@@ -77,10 +77,8 @@ impl Dek {
             version,
             encrypt: Aes256Gcm::new_from_slice(derive(b"encrypt").as_slice()).expect("32-byte key"),
             token: Aes256Gcm::new_from_slice(derive(b"tokenize").as_slice()).expect("32-byte key"),
-            token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice())
-                .expect("any length"),
-            hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice())
-                .expect("any length"),
+            token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
+            hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
         }
     }
 
@@ -125,13 +123,7 @@ impl Dek {
         let (nonce, sealed) = token.payload.split_at(NONCE_LEN);
         let ad = associated_data(token.kind, token.key_id, context);
         cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &ad,
-                },
-            )
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad })
             .map(Zeroizing::new)
             .map_err(|_| RevealError::Forged)
     }
@@ -190,10 +182,7 @@ mod tests {
         assert_eq!(a, dek.tokenize("email", b"ada@example.com"));
         assert_ne!(a, dek.tokenize("email", b"bob@example.com"));
         assert_ne!(a, dek.tokenize("contact", b"ada@example.com"));
-        assert_eq!(
-            dek.open(&parse(&a), "email").unwrap().as_slice(),
-            b"ada@example.com"
-        );
+        assert_eq!(dek.open(&parse(&a), "email").unwrap().as_slice(), b"ada@example.com");
     }
 
     #[test]
@@ -209,21 +198,12 @@ mod tests {
     fn context_and_key_id_are_bound() {
         let dek = dek();
         let token = dek.tokenize("email", b"x");
-        assert_eq!(
-            dek.open(&parse(&token), "phone").unwrap_err(),
-            RevealError::Forged
-        );
+        assert_eq!(dek.open(&parse(&token), "phone").unwrap_err(), RevealError::Forged);
         let mut relabelled = parse(&token);
         relabelled.key_id = KeyId([2; 12]);
-        assert_eq!(
-            dek.open(&relabelled, "email").unwrap_err(),
-            RevealError::Forged
-        );
+        assert_eq!(dek.open(&relabelled, "email").unwrap_err(), RevealError::Forged);
         let other = Dek::new(KeyId([1; 12]), 1, &[8; 32]);
-        assert_eq!(
-            other.open(&parse(&token), "email").unwrap_err(),
-            RevealError::Forged
-        );
+        assert_eq!(other.open(&parse(&token), "email").unwrap_err(), RevealError::Forged);
     }
 
     #[test]
@@ -232,9 +212,6 @@ mod tests {
         assert_eq!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.1"));
         assert_ne!(dek.hash("ip", b"10.0.0.1"), dek.hash("ip", b"10.0.0.2"));
         let token = parse(&dek.hash("ip", b"10.0.0.1"));
-        assert_eq!(
-            dek.open(&token, "ip").unwrap_err(),
-            RevealError::NotReversible("hash")
-        );
+        assert_eq!(dek.open(&token, "ip").unwrap_err(), RevealError::NotReversible("hash"));
     }
 }

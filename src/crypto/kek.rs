@@ -18,11 +18,7 @@ const NONCE_LEN: usize = 12;
 /// out of the process.
 pub trait KekProvider: Send + Sync {
     fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError>;
-    fn unwrap(
-        &self,
-        wrapped: &[u8],
-        associated_data: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
 }
 
 /// Where the local KEK comes from.
@@ -57,7 +53,9 @@ impl LocalKek {
         match source {
             KekSource::Env(var) => {
                 let text = Zeroizing::new(std::env::var(var).map_err(|_| {
-                    KeyError::KekMissing(format!("environment variable {var} is not set (it should hold the base64 of 32 random bytes)"))
+                    KeyError::KekMissing(format!(
+                        "environment variable {var} is not set (it should hold the base64 of 32 random bytes)"
+                    ))
                 })?);
                 Self::from_base64(&text, &format!("environment variable {var}"))
             }
@@ -70,10 +68,7 @@ impl LocalKek {
                     );
                 }
                 let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| {
-                    KeyError::KekMissing(format!(
-                        "cannot read key file {}: {e} (set keys.kek)",
-                        path.display()
-                    ))
+                    KeyError::KekMissing(format!("cannot read key file {}: {e} (set keys.kek)", path.display()))
                 })?);
                 Self::from_base64(&text, &format!("key file {}", path.display()))
             }
@@ -81,11 +76,10 @@ impl LocalKek {
     }
 
     fn from_base64(text: &str, what: &str) -> Result<Self, KeyError> {
-        let bytes = Zeroizing::new(STANDARD.decode(text.trim()).map_err(|_| {
-            KeyError::KekMalformed(format!(
-                "{what} is not base64 (expected the base64 of 32 bytes)"
-            ))
-        })?);
+        let bytes =
+            Zeroizing::new(STANDARD.decode(text.trim()).map_err(|_| {
+                KeyError::KekMalformed(format!("{what} is not base64 (expected the base64 of 32 bytes)"))
+            })?);
         Self::from_bytes(&bytes).map_err(|e| match e {
             KeyError::KekMalformed(why) => KeyError::KekMalformed(format!("{what}: {why}")),
             other => other,
@@ -112,11 +106,7 @@ impl KekProvider for LocalKek {
         Ok(out)
     }
 
-    fn unwrap(
-        &self,
-        wrapped: &[u8],
-        associated_data: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         if wrapped.len() < NONCE_LEN + 16 {
             return Err(KeyError::CorruptRow);
         }
@@ -135,9 +125,7 @@ impl KekProvider for LocalKek {
 }
 
 fn create_key_file(path: &Path) -> Result<(), KeyError> {
-    let fail = |e: std::io::Error| {
-        KeyError::KekMissing(format!("cannot create key file {}: {e}", path.display()))
-    };
+    let fail = |e: std::io::Error| KeyError::KekMissing(format!("cannot create key file {}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(fail)?;
     }
@@ -161,27 +149,15 @@ mod tests {
     fn wrap_round_trips_and_binds_associated_data() {
         let kek = LocalKek::from_bytes(&[7; 32]).unwrap();
         let wrapped = kek.wrap(b"dek bytes", b"ad").unwrap();
-        assert_eq!(
-            kek.unwrap(&wrapped, b"ad").unwrap().as_slice(),
-            b"dek bytes"
-        );
-        assert!(matches!(
-            kek.unwrap(&wrapped, b"other"),
-            Err(KeyError::CorruptRow)
-        ));
+        assert_eq!(kek.unwrap(&wrapped, b"ad").unwrap().as_slice(), b"dek bytes");
+        assert!(matches!(kek.unwrap(&wrapped, b"other"), Err(KeyError::CorruptRow)));
         let other = LocalKek::from_bytes(&[8; 32]).unwrap();
-        assert!(matches!(
-            other.unwrap(&wrapped, b"ad"),
-            Err(KeyError::CorruptRow)
-        ));
+        assert!(matches!(other.unwrap(&wrapped, b"ad"), Err(KeyError::CorruptRow)));
     }
 
     #[test]
     fn bad_key_material_is_named() {
-        assert!(matches!(
-            LocalKek::from_bytes(&[0; 16]),
-            Err(KeyError::KekMalformed(_))
-        ));
+        assert!(matches!(LocalKek::from_bytes(&[0; 16]), Err(KeyError::KekMalformed(_))));
         let err = LocalKek::from_base64("not base64!", "key file k")
             .err()
             .unwrap()
@@ -205,9 +181,6 @@ mod tests {
             path: dir.path().join("absent"),
             create: false,
         };
-        assert!(matches!(
-            LocalKek::load(&missing),
-            Err(KeyError::KekMissing(_))
-        ));
+        assert!(matches!(LocalKek::load(&missing), Err(KeyError::KekMissing(_))));
     }
 }

@@ -72,11 +72,7 @@ pub(crate) fn encode_into(value: &Value, decimal_scale: u32, out: &mut Vec<u8>) 
 /// The plaintext as a plain-JSON value, the form `sanitize` reads and `reveal` prints.
 pub(crate) fn to_json(plain: &[u8]) -> Option<Json> {
     let (&tag, body) = plain.split_first()?;
-    let text = || {
-        std::str::from_utf8(body)
-            .ok()
-            .map(|s| Json::String(s.to_owned()))
-    };
+    let text = || std::str::from_utf8(body).ok().map(|s| Json::String(s.to_owned()));
     let i32_of = || Some(i32::from_be_bytes(body.try_into().ok()?));
     let i64_of = || Some(i64::from_be_bytes(body.try_into().ok()?));
     Some(match tag {
@@ -121,34 +117,22 @@ mod tests {
 
     #[test]
     fn scalars_come_back_with_their_type() {
-        assert_eq!(
-            round_trip(Value::String("ada".into()), 0),
-            Json::from("ada")
-        );
+        assert_eq!(round_trip(Value::String("ada".into()), 0), Json::from("ada"));
         assert_eq!(round_trip(Value::Long(-42), 0), Json::from(-42));
         assert_eq!(round_trip(Value::Int(7), 0), Json::from(7));
         assert_eq!(round_trip(Value::Double(1.5), 0), Json::from(1.5));
         assert_eq!(round_trip(Value::Boolean(true), 0), Json::Bool(true));
-        assert_eq!(
-            round_trip(Value::Bytes(vec![0, 255]), 0),
-            Json::from("\u{0}\u{ff}")
-        );
+        assert_eq!(round_trip(Value::Bytes(vec![0, 255]), 0), Json::from("\u{0}\u{ff}"));
         assert_eq!(
             round_trip(Value::TimestampMillis(1_700_000_000_000), 0),
             Json::from(1_700_000_000_000i64)
         );
         assert_eq!(
-            round_trip(
-                Value::Decimal(apache_avro::Decimal::from(vec![0x04, 0xd2])),
-                2
-            ),
+            round_trip(Value::Decimal(apache_avro::Decimal::from(vec![0x04, 0xd2])), 2),
             Json::from("12.34")
         );
         assert_eq!(
-            round_trip(
-                Value::Decimal(apache_avro::Decimal::from(vec![0xfb, 0x2e])),
-                2
-            ),
+            round_trip(Value::Decimal(apache_avro::Decimal::from(vec![0xfb, 0x2e])), 2),
             Json::from("-12.34")
         );
     }

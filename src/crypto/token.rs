@@ -51,9 +51,7 @@ impl Token {
 
     pub fn parse(text: &str) -> Result<Token, RevealError> {
         if text.len() > MAX_TOKEN_LEN {
-            return Err(RevealError::Malformed(
-                "longer than any token piiwall issues",
-            ));
+            return Err(RevealError::Malformed("longer than any token piiwall issues"));
         }
         let mut parts = text.trim().split('.');
         let (Some(prefix), Some(key_id), Some(payload), None) =
@@ -68,22 +66,15 @@ impl Token {
             "pwe1" => TokenKind::Ciphertext,
             "pwh1" => TokenKind::Hash,
             _ => {
-                return Err(RevealError::Malformed(
-                    "unknown prefix (expected pwt1, pwe1 or pwh1)",
-                ));
+                return Err(RevealError::Malformed("unknown prefix (expected pwt1, pwe1 or pwh1)"));
             }
         };
-        let key_id = KeyId::from_text(key_id).ok_or(RevealError::Malformed(
-            "the key id is not 16 URL-safe characters",
-        ))?;
+        let key_id =
+            KeyId::from_text(key_id).ok_or(RevealError::Malformed("the key id is not 16 URL-safe characters"))?;
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| RevealError::Malformed("the payload is not URL-safe base64"))?;
-        Ok(Token {
-            kind,
-            key_id,
-            payload,
-        })
+        Ok(Token { kind, key_id, payload })
     }
 }
 
@@ -112,10 +103,7 @@ mod tests {
             "pwt1.AAAAAAAAAAAAAAAA.!!",
             "a.b.c.d",
         ] {
-            assert!(
-                matches!(Token::parse(bad), Err(RevealError::Malformed(_))),
-                "{bad}"
-            );
+            assert!(matches!(Token::parse(bad), Err(RevealError::Malformed(_))), "{bad}");
         }
     }
 }

@@ -70,13 +70,9 @@ impl Keyring {
     ) -> Result<Self, KeyError> {
         let ad = meta_ad(SUBJECT_INDEX);
         let fresh = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped =
-            store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
-        let index_key = kek
-            .unwrap(&wrapped, &ad)
-            .map_err(|_| KeyError::KekMismatch)?;
-        let subject_index =
-            Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
+        let wrapped = store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
+        let index_key = kek.unwrap(&wrapped, &ad).map_err(|_| KeyError::KekMismatch)?;
+        let subject_index = Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
         let by_scope = Cache::builder()
             .max_capacity(cache.capacity)
             .time_to_live(cache.ttl)
@@ -124,21 +120,17 @@ impl Keyring {
     pub fn domain_key(&self, domain: &str) -> Result<Arc<Dek>, KeyError> {
         match self.current(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => Ok(dek),
-            RecordKey::Forgotten => Err(KeyError::Store(format!(
-                "the key of domain {domain} was destroyed"
-            ))),
+            RecordKey::Forgotten => Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
         }
     }
 
     /// The key that issued a token, for `reveal`.
     pub fn key_by_id(&self, key_id: KeyId) -> Result<Arc<Dek>, Error> {
         if let Some(hit) = self.by_id.get(&key_id) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit")
-                .increment(1);
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit").increment(1);
             return Ok(hit.dek);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss")
-            .increment(1);
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss").increment(1);
         match self.store.by_id(&key_id)? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
@@ -159,9 +151,7 @@ impl Keyring {
     /// Adds a key version to a scope; new data uses it, old versions still reveal. Returns the new version.
     pub fn rotate(&self, scope: &str) -> Result<u32, KeyError> {
         if self.store.is_forgotten(scope)? {
-            return Err(KeyError::Store(
-                "cannot rotate the key of a forgotten subject".into(),
-            ));
+            return Err(KeyError::Store("cannot rotate the key of a forgotten subject".into()));
         }
         let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
         let stored = self.create(scope, next)?;
@@ -184,12 +174,10 @@ impl Keyring {
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
         if let Some(hit) = self.by_scope.get(scope) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit")
-                .increment(1);
+            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit").increment(1);
             return Ok(hit);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss")
-            .increment(1);
+        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss").increment(1);
         let entry = match self.store.current(scope)? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
@@ -206,17 +194,14 @@ impl Keyring {
     fn create(&self, scope: &str, version: u32) -> Result<StoredKey, KeyError> {
         let key_id = KeyId::random();
         let secret = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped = self
-            .kek
-            .wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
+        let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
         let stored = self.store.insert_if_absent(&StoredKey {
             key_id,
             scope: scope.to_owned(),
             version,
             wrapped,
         })?;
-        metrics::counter!("piiwall_keys_created_total")
-            .increment(u64::from(stored.key_id == key_id));
+        metrics::counter!("piiwall_keys_created_total").increment(u64::from(stored.key_id == key_id));
         Ok(stored)
     }
 
@@ -268,18 +253,8 @@ mod tests {
     #[test]
     fn keys_are_created_once_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let first = active(
-            keyring(dir.path(), 1)
-                .unwrap()
-                .subject_key("alice")
-                .unwrap(),
-        );
-        let again = active(
-            keyring(dir.path(), 1)
-                .unwrap()
-                .subject_key("alice")
-                .unwrap(),
-        );
+        let first = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
+        let again = active(keyring(dir.path(), 1).unwrap().subject_key("alice").unwrap());
         assert_eq!(first.key_id, again.key_id);
         let other = active(keyring(dir.path(), 1).unwrap().subject_key("bob").unwrap());
         assert_ne!(first.key_id, other.key_id);
@@ -302,26 +277,16 @@ mod tests {
         assert_ne!(v1, v2);
         ring.key_by_id(v1).unwrap();
         assert_eq!(ring.forget_subject("alice").unwrap(), 2);
-        assert!(matches!(
-            ring.subject_key("alice").unwrap(),
-            RecordKey::Forgotten
-        ));
+        assert!(matches!(ring.subject_key("alice").unwrap(), RecordKey::Forgotten));
         for id in [v1, v2] {
             assert!(matches!(
                 ring.key_by_id(id),
                 Err(Error::Reveal(RevealError::SubjectForgotten))
             ));
         }
-        assert_eq!(
-            ring.forget_subject("alice").unwrap(),
-            0,
-            "forget is idempotent"
-        );
+        assert_eq!(ring.forget_subject("alice").unwrap(), 0, "forget is idempotent");
         let reopened = keyring(dir.path(), 1).unwrap();
-        assert!(matches!(
-            reopened.subject_key("alice").unwrap(),
-            RecordKey::Forgotten
-        ));
+        assert!(matches!(reopened.subject_key("alice").unwrap(), RecordKey::Forgotten));
         assert!(matches!(
             reopened.key_by_id(KeyId([0; 12])),
             Err(Error::Reveal(RevealError::UnknownKey))

@@ -32,13 +32,11 @@ impl SqliteStore {
     /// Opens (creating when missing) the key store file and its tables.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let connection = Connection::open(path).map_err(|e| {
-            KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let connection = Connection::open(path)
+            .map_err(|e| KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
         connection
             .busy_timeout(std::time::Duration::from_secs(10))
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
@@ -49,15 +47,8 @@ impl SqliteStore {
         })
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-        what: &str,
-    ) -> Result<T, KeyError> {
-        let mut connection = self
-            .connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>, what: &str) -> Result<T, KeyError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut connection).map_err(|e| store_error(e, what))
     }
 }
@@ -65,10 +56,7 @@ impl SqliteStore {
 fn store_error(e: rusqlite::Error, what: &str) -> KeyError {
     match e.sqlite_error_code() {
         Some(
-            ErrorCode::DatabaseBusy
-            | ErrorCode::DatabaseLocked
-            | ErrorCode::CannotOpen
-            | ErrorCode::SystemIoFailure,
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure,
         ) => KeyError::StoreUnavailable(format!("{what}: {e}")),
         _ => KeyError::Store(format!("{what}: {e}")),
     }
@@ -83,17 +71,15 @@ fn now() -> i64 {
 fn row_to_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredKey, KeyError>> {
     let key_id: Vec<u8> = row.get(0)?;
     let version: i64 = row.get(2)?;
-    Ok(
-        match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
-            (Ok(id), Ok(version)) => Ok(StoredKey {
-                key_id: KeyId(id),
-                scope: row.get(1)?,
-                version,
-                wrapped: row.get(3)?,
-            }),
-            _ => Err(KeyError::CorruptRow),
-        },
-    )
+    Ok(match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
+        (Ok(id), Ok(version)) => Ok(StoredKey {
+            key_id: KeyId(id),
+            scope: row.get(1)?,
+            version,
+            wrapped: row.get(3)?,
+        }),
+        _ => Err(KeyError::CorruptRow),
+    })
 }
 
 impl KeyStore for SqliteStore {
@@ -123,11 +109,9 @@ impl KeyStore for SqliteStore {
                     )
                     .optional()?;
                 let shredded = c
-                    .query_row(
-                        "SELECT 1 FROM shredded_keys WHERE key_id = ?1",
-                        [&key_id.0[..]],
-                        |_| Ok(()),
-                    )
+                    .query_row("SELECT 1 FROM shredded_keys WHERE key_id = ?1", [&key_id.0[..]], |_| {
+                        Ok(())
+                    })
                     .optional()?
                     .is_some();
                 Ok((found, shredded))
@@ -180,12 +164,8 @@ impl KeyStore for SqliteStore {
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
         self.with(
             |c| {
-                c.query_row(
-                    "SELECT 1 FROM forgotten_scopes WHERE scope = ?1",
-                    [scope],
-                    |_| Ok(()),
-                )
-                .optional()
+                c.query_row("SELECT 1 FROM forgotten_scopes WHERE scope = ?1", [scope], |_| Ok(()))
+                    .optional()
             },
             "reading the forgotten subjects",
         )
@@ -199,9 +179,7 @@ impl KeyStore for SqliteStore {
                     "INSERT OR IGNORE INTO meta (name, wrapped) VALUES (?1, ?2)",
                     params![name, wrapped],
                 )?;
-                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| {
-                    row.get(0)
-                })
+                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| row.get(0))
             },
             "reading the key store's own keys",
         )

@@ -54,14 +54,10 @@ pub struct CompiledSchema {
 pub const SANITIZED_MARK: &str = "pii.sanitized";
 
 /// Compiles a writer schema (JSON text) into its plan and sanitized schema.
-pub fn compile(
-    schema_json: &str,
-    settings: &PolicySettings,
-) -> Result<CompiledSchema, PolicyError> {
+pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
     let json: Json = serde_json::from_str(schema_json)
         .map_err(|e| PolicyError::new("", format!("schema is not valid JSON: {e}")))?;
-    let writer = Schema::parse(&json)
-        .map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
+    let writer = Schema::parse(&json).map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
     let root = json
         .as_object()
         .filter(|o| o.get("type").and_then(Json::as_str) == Some("record"))
@@ -89,11 +85,9 @@ pub fn compile(
              fields \"pii\": \"none\"), or set policy.untagged = \"pass\"",
         ));
     }
-    let sanitized_text =
-        serde_json::to_string(&sanitized_json).expect("a JSON value always serializes");
-    let sanitized = Schema::parse(&sanitized_json).map_err(|e| {
-        PolicyError::new("", format!("the derived sanitized schema is invalid: {e}"))
-    })?;
+    let sanitized_text = serde_json::to_string(&sanitized_json).expect("a JSON value always serializes");
+    let sanitized = Schema::parse(&sanitized_json)
+        .map_err(|e| PolicyError::new("", format!("the derived sanitized schema is invalid: {e}")))?;
     let domain = walker.domain.clone();
     Ok(CompiledSchema {
         writer,
@@ -139,10 +133,7 @@ struct Walker<'j, 's> {
 enum Wanted {
     Nothing,
     None,
-    Act {
-        action: Action,
-        kind: Option<String>,
-    },
+    Act { action: Action, kind: Option<String> },
 }
 
 impl<'j, 's> Walker<'j, 's> {
@@ -155,10 +146,7 @@ impl<'j, 's> Walker<'j, 's> {
             None => None,
             Some(Json::String(p)) if !p.is_empty() => Some((p.clone(), false)),
             Some(_) => {
-                return Err(PolicyError::new(
-                    "",
-                    "pii.subject must be a dotted field path string",
-                ));
+                return Err(PolicyError::new("", "pii.subject must be a dotted field path string"));
             }
         };
         let domain = match root.get("pii.domain") {
@@ -174,13 +162,13 @@ impl<'j, 's> Walker<'j, 's> {
         let mut schema_tags = Vec::new();
         if let Some(metadata) = root.get("metadata") {
             let tags = metadata.get("tags").and_then(Json::as_object).ok_or_else(|| {
-                PolicyError::new("", "metadata must be an object with a \"tags\" object of pattern -> [tag, ...]")
+                PolicyError::new(
+                    "",
+                    "metadata must be an object with a \"tags\" object of pattern -> [tag, ...]",
+                )
             })?;
             for (pattern, names) in tags {
-                schema_tags.push((
-                    TagPattern::parse(pattern)?,
-                    tag_list(names, "", "metadata.tags")?,
-                ));
+                schema_tags.push((TagPattern::parse(pattern)?, tag_list(names, "", "metadata.tags")?));
             }
         }
         Ok(Self {
@@ -208,9 +196,7 @@ impl<'j, 's> Walker<'j, 's> {
                 format!("pii.subject names `{path}`, which is not a field of the schema"),
             ));
         }
-        let root = sanitized
-            .as_object_mut()
-            .expect("the root was checked to be a record");
+        let root = sanitized.as_object_mut().expect("the root was checked to be a record");
         root.shift_remove("pii.subject");
         root.insert(SANITIZED_MARK.to_owned(), Json::Bool(true));
         Ok(())
@@ -300,8 +286,7 @@ impl<'j, 's> Walker<'j, 's> {
         match self.wanted(field, &path)? {
             Wanted::Act { action, kind } => {
                 self.annotated = true;
-                let (protect, out_type) =
-                    self.protect(action, kind, ty, namespace, &path, in_collection)?;
+                let (protect, out_type) = self.protect(action, kind, ty, namespace, &path, in_collection)?;
                 let mut sanitized = field.clone();
                 let type_changed = &out_type != ty;
                 if type_changed {
@@ -310,10 +295,7 @@ impl<'j, 's> Walker<'j, 's> {
                 sanitized.insert("type".to_owned(), out_type);
                 sanitized.shift_remove("pii");
                 self.strip_mapped_tags(&mut sanitized);
-                sanitized.insert(
-                    "pii.applied".to_owned(),
-                    Json::String(action.name().to_owned()),
-                );
+                sanitized.insert("pii.applied".to_owned(), Json::String(action.name().to_owned()));
                 Ok((Some(Node::Protect(protect)), Json::Object(sanitized)))
             }
             wanted => {
@@ -377,10 +359,7 @@ impl<'j, 's> Walker<'j, 's> {
             }
         }
         let mut actions: Vec<Action> = Vec::new();
-        for action in tags
-            .iter()
-            .filter_map(|t| self.settings.tag_actions.get(t).copied())
-        {
+        for action in tags.iter().filter_map(|t| self.settings.tag_actions.get(t).copied()) {
             if !actions.contains(&action) {
                 actions.push(action);
             }
@@ -400,10 +379,7 @@ impl<'j, 's> Walker<'j, 's> {
 
     fn strip_mapped_tags(&self, field: &mut Map<String, Json>) {
         if let Some(Json::Array(tags)) = field.get_mut("confluent:tags") {
-            tags.retain(|t| {
-                t.as_str()
-                    .is_none_or(|t| !self.settings.tag_actions.contains_key(t))
-            });
+            tags.retain(|t| t.as_str().is_none_or(|t| !self.settings.tag_actions.contains_key(t)));
             if tags.is_empty() {
                 field.shift_remove("confluent:tags");
             }
@@ -469,9 +445,7 @@ impl<'j, 's> Walker<'j, 's> {
             let first = &self.rules[subject.rule].path;
             return Err(PolicyError::new(
                 path,
-                format!(
-                    "a second subject field (the first is `{first}`): a record has one data subject"
-                ),
+                format!("a second subject field (the first is `{first}`): a record has one data subject"),
             ));
         }
         if in_collection {
@@ -482,10 +456,7 @@ impl<'j, 's> Walker<'j, 's> {
         }
         let scalar = match ty {
             Json::Array(branches) => {
-                let non_null: Vec<&Json> = branches
-                    .iter()
-                    .filter(|b| b.as_str() != Some("null"))
-                    .collect();
+                let non_null: Vec<&Json> = branches.iter().filter(|b| b.as_str() != Some("null")).collect();
                 match non_null.as_slice() {
                     [one] => *one,
                     _ => {
@@ -561,10 +532,7 @@ impl<'j, 's> Walker<'j, 's> {
                 }
                 if out_types.len() == 1 {
                     plan.iter_mut().for_each(|b| b.out = None);
-                    Ok((
-                        Shape::Union(plan),
-                        out_types.pop().expect("one output type"),
-                    ))
+                    Ok((Shape::Union(plan), out_types.pop().expect("one output type")))
                 } else {
                     Ok((Shape::Union(plan), Json::Array(out_types)))
                 }
@@ -639,36 +607,24 @@ impl<'j, 's> Walker<'j, 's> {
                 let mut nodes = Vec::with_capacity(branches.len());
                 let mut out = Vec::with_capacity(branches.len());
                 for branch in branches {
-                    let (node, sanitized) =
-                        self.walk_type(branch, namespace, path, emit, in_collection)?;
+                    let (node, sanitized) = self.walk_type(branch, namespace, path, emit, in_collection)?;
                     nodes.push(node);
                     out.push(sanitized);
                 }
-                let node = nodes
-                    .iter()
-                    .any(Option::is_some)
-                    .then_some(Node::Union(nodes));
+                let node = nodes.iter().any(Option::is_some).then_some(Node::Union(nodes));
                 Ok((node, Json::Array(out)))
             }
             Json::Object(object) => {
                 let kind = object.get("type");
                 match kind.and_then(Json::as_str) {
-                    Some("record" | "error") => {
-                        self.walk_record(object, namespace, path, emit, in_collection)
-                    }
+                    Some("record" | "error") => self.walk_record(object, namespace, path, emit, in_collection),
                     Some(t @ ("array" | "map")) => {
-                        check_no_annotation(
-                            object,
-                            path,
-                            &["pii", "confluent:tags"],
-                            "an array or map type",
-                        )?;
+                        check_no_annotation(object, path, &["pii", "confluent:tags"], "an array or map type")?;
                         let key = if t == "array" { "items" } else { "values" };
                         let inner = object
                             .get(key)
                             .ok_or_else(|| PolicyError::new(path, format!("{t} has no {key}")))?;
-                        let (node, sanitized) =
-                            self.walk_type(inner, namespace, path, emit, true)?;
+                        let (node, sanitized) = self.walk_type(inner, namespace, path, emit, true)?;
                         let mut out = object.clone();
                         out.insert(key.to_owned(), sanitized);
                         let node = node.map(|n| {
@@ -681,12 +637,7 @@ impl<'j, 's> Walker<'j, 's> {
                         Ok((node, Json::Object(out)))
                     }
                     Some(t @ ("enum" | "fixed")) => {
-                        check_no_annotation(
-                            object,
-                            path,
-                            &["pii", "confluent:tags"],
-                            &format!("an {t} type"),
-                        )?;
+                        check_no_annotation(object, path, &["pii", "confluent:tags"], &format!("an {t} type"))?;
                         if emit {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
                             let ns = object
@@ -698,12 +649,7 @@ impl<'j, 's> Walker<'j, 's> {
                         Ok((None, ty.clone()))
                     }
                     Some(_) => {
-                        check_no_annotation(
-                            object,
-                            path,
-                            &["pii", "confluent:tags"],
-                            "a type object",
-                        )?;
+                        check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
                         Ok((None, ty.clone()))
                     }
                     None => match kind {
@@ -721,8 +667,7 @@ impl<'j, 's> Walker<'j, 's> {
 
     fn note_decimal_scale(&mut self, object: &Map<String, Json>) {
         if object.get("logicalType").and_then(Json::as_str) == Some("decimal") {
-            self.decimal_scale =
-                Some(object.get("scale").and_then(Json::as_u64).unwrap_or(0) as u32);
+            self.decimal_scale = Some(object.get("scale").and_then(Json::as_u64).unwrap_or(0) as u32);
         }
     }
 
@@ -734,17 +679,10 @@ impl<'j, 's> Walker<'j, 's> {
     }
 
     /// Classifies a type for the action checks, defining inline named types on the way.
-    fn classify(
-        &mut self,
-        ty: &'j Json,
-        namespace: &str,
-        path: &str,
-    ) -> Result<Kind<'j>, PolicyError> {
+    fn classify(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<Kind<'j>, PolicyError> {
         match ty {
             Json::String(name) if name == "null" => Ok(Kind::Null),
-            Json::String(name) if is_primitive(name) => {
-                Ok(Kind::Scalar(Scalar::plain(primitive_name(name))))
-            }
+            Json::String(name) if is_primitive(name) => Ok(Kind::Scalar(Scalar::plain(primitive_name(name)))),
             Json::String(name) => {
                 let full = full_name(name, namespace);
                 let def = self
@@ -801,16 +739,16 @@ impl<'j, 's> Walker<'j, 's> {
                                 defines: Some(full),
                             }))
                         }
-                        "array" => {
-                            Ok(Kind::Array(object.get("items").ok_or_else(|| {
-                                PolicyError::new(path, "array has no items")
-                            })?))
-                        }
-                        "map" => {
-                            Ok(Kind::Map(object.get("values").ok_or_else(|| {
-                                PolicyError::new(path, "map has no values")
-                            })?))
-                        }
+                        "array" => Ok(Kind::Array(
+                            object
+                                .get("items")
+                                .ok_or_else(|| PolicyError::new(path, "array has no items"))?,
+                        )),
+                        "map" => Ok(Kind::Map(
+                            object
+                                .get("values")
+                                .ok_or_else(|| PolicyError::new(path, "map has no values"))?,
+                        )),
                         "null" => Ok(Kind::Null),
                         primitive => Ok(Kind::Scalar(Scalar::plain(
                             logical.map_or_else(|| primitive_name(primitive), logical_name),
@@ -828,12 +766,7 @@ impl<'j, 's> Walker<'j, 's> {
     }
 
     /// The value a redacted field takes: null where the type allows it, else the type's empty value.
-    fn empty_value(
-        &mut self,
-        ty: &'j Json,
-        namespace: &str,
-        path: &str,
-    ) -> Result<Value, PolicyError> {
+    fn empty_value(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<Value, PolicyError> {
         Ok(match self.classify(ty, namespace, path)? {
             Kind::Null => Value::Null,
             Kind::Scalar(scalar) => empty_scalar(&scalar, ty, &self.definitions, namespace),
@@ -845,11 +778,7 @@ impl<'j, 's> Walker<'j, 's> {
                     .unwrap_or_default();
                 let mut values = Vec::with_capacity(fields.len());
                 for field in fields {
-                    let name = field
-                        .get("name")
-                        .and_then(Json::as_str)
-                        .unwrap_or("")
-                        .to_owned();
+                    let name = field.get("name").and_then(Json::as_str).unwrap_or("").to_owned();
                     let field_ty = field
                         .get("type")
                         .ok_or_else(|| PolicyError::new(path, "field has no type"))?;
@@ -859,13 +788,10 @@ impl<'j, 's> Walker<'j, 's> {
             }
             Kind::Array(_) => Value::Array(Vec::new()),
             Kind::Map(_) => Value::Map(HashMap::new()),
-            Kind::Union(branches) => match branches.iter().position(|b| b.as_str() == Some("null"))
-            {
+            Kind::Union(branches) => match branches.iter().position(|b| b.as_str() == Some("null")) {
                 Some(i) => Value::Union(i as u32, Box::new(Value::Null)),
                 None => {
-                    let first = branches
-                        .first()
-                        .ok_or_else(|| PolicyError::new(path, "empty union"))?;
+                    let first = branches.first().ok_or_else(|| PolicyError::new(path, "empty union"))?;
                     Value::Union(0, Box::new(self.empty_value(first, namespace, path)?))
                 }
             },
@@ -878,14 +804,9 @@ fn empty_output(ty: &Json) -> Value {
     match ty {
         Json::Array(branches) => match branches.iter().position(|b| b.as_str() == Some("null")) {
             Some(i) => Value::Union(i as u32, Box::new(Value::Null)),
-            None => Value::Union(
-                0,
-                Box::new(branches.first().map_or(Value::Null, empty_output)),
-            ),
+            None => Value::Union(0, Box::new(branches.first().map_or(Value::Null, empty_output))),
         },
-        Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("map") => {
-            Value::Map(HashMap::new())
-        }
+        Json::Object(o) if o.get("type").and_then(Json::as_str) == Some("map") => Value::Map(HashMap::new()),
         Json::Object(_) => Value::Array(Vec::new()),
         Json::String(t) if t == "bytes" => Value::Bytes(Vec::new()),
         Json::String(t) if t == "null" => Value::Null,
@@ -911,10 +832,7 @@ struct Scalar {
 
 impl Scalar {
     fn plain(name: &'static str) -> Self {
-        Self {
-            name,
-            defines: None,
-        }
+        Self { name, defines: None }
     }
 }
 
@@ -931,21 +849,14 @@ fn scalar_output(action: Action, scalar: &Scalar, path: &str) -> Result<&'static
             "string" | "uuid" => Ok("string"),
             other => Err(PolicyError::new(
                 path,
-                format!(
-                    "mask applies to strings; this field is {other} (use tokenize, encrypt or hash)"
-                ),
+                format!("mask applies to strings; this field is {other} (use tokenize, encrypt or hash)"),
             )),
         },
         Action::Redact => unreachable!("redact keeps the type"),
     }
 }
 
-fn empty_scalar(
-    scalar: &Scalar,
-    ty: &Json,
-    definitions: &HashMap<String, Definition<'_>>,
-    namespace: &str,
-) -> Value {
+fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Definition<'_>>, namespace: &str) -> Value {
     let definition = |ty: &Json| -> Option<Map<String, Json>> {
         match ty {
             Json::Object(o) => Some(o.clone()),
@@ -956,6 +867,11 @@ fn empty_scalar(
             _ => None,
         }
     };
+    // Whatever its logical type, a fixed is `size` bytes.
+    if let Some(def) = definition(ty).filter(|d| d.get("type").and_then(Json::as_str) == Some("fixed")) {
+        let size = def.get("size").and_then(Json::as_u64).unwrap_or(0) as usize;
+        return Value::Fixed(size, vec![0; size]);
+    }
     match scalar.name {
         "boolean" => Value::Boolean(false),
         "int" | "date" | "time-millis" => Value::Int(0),
@@ -969,7 +885,10 @@ fn empty_scalar(
         | "local-timestamp-nanos" => Value::Long(0),
         "float" => Value::Float(0.0),
         "double" => Value::Double(0.0),
-        "bytes" | "decimal" | "big-decimal" => Value::Bytes(Vec::new()),
+        "decimal" => Value::Decimal(apache_avro::Decimal::from([0u8])),
+        "big-decimal" => Value::BigDecimal(apache_avro::BigDecimal::from(0)),
+        "bytes" => Value::Bytes(Vec::new()),
+        "uuid" => Value::Uuid(apache_avro::Uuid::nil()),
         "enum" => {
             let def = definition(ty).unwrap_or_default();
             let symbol = def
@@ -983,23 +902,10 @@ fn empty_scalar(
                         .and_then(Json::as_str)
                         .map(str::to_owned)
                 });
-            let symbols = def
-                .get("symbols")
-                .and_then(Json::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let symbols = def.get("symbols").and_then(Json::as_array).cloned().unwrap_or_default();
             let symbol = symbol.unwrap_or_default();
-            let index = symbols
-                .iter()
-                .position(|s| s.as_str() == Some(&symbol))
-                .unwrap_or(0);
+            let index = symbols.iter().position(|s| s.as_str() == Some(&symbol)).unwrap_or(0);
             Value::Enum(index as u32, symbol)
-        }
-        "fixed" | "duration" => {
-            let size = definition(ty)
-                .and_then(|d| d.get("size").and_then(Json::as_u64))
-                .unwrap_or(0) as usize;
-            Value::Fixed(size, vec![0; size])
         }
         // string and uuid (and anything string-like)
         _ => Value::String(String::new()),
@@ -1032,27 +938,16 @@ fn parse_annotation(annotation: &Json, path: &str) -> Result<Wanted, PolicyError
                 match (key.as_str(), &mut action) {
                     ("action", _) => {}
                     ("keep_last", Action::Mask { keep_last }) => {
-                        *keep_last = value
-                            .as_u64()
-                            .and_then(|n| usize::try_from(n).ok())
-                            .ok_or_else(|| {
-                                PolicyError::new(
-                                    path,
-                                    "keep_last must be a whole number of characters >= 0",
-                                )
-                            })?;
+                        *keep_last = value.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                            PolicyError::new(path, "keep_last must be a whole number of characters >= 0")
+                        })?;
                     }
-                    (
-                        "kind",
-                        Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject,
-                    ) => {
+                    ("kind", Action::Tokenize | Action::Encrypt | Action::Hash | Action::Subject) => {
                         kind = Some(
                             value
                                 .as_str()
                                 .filter(|k| !k.is_empty())
-                                .ok_or_else(|| {
-                                    PolicyError::new(path, "kind must be a non-empty string")
-                                })?
+                                .ok_or_else(|| PolicyError::new(path, "kind must be a non-empty string"))?
                                 .to_owned(),
                         );
                     }
@@ -1085,18 +980,11 @@ fn tag_list(names: &Json, path: &str, what: &str) -> Result<Vec<String>, PolicyE
 }
 
 /// An annotation anywhere but on a field would be dropped by Avro libraries: refuse it, naming where it is.
-fn check_no_annotation(
-    object: &Map<String, Json>,
-    path: &str,
-    keys: &[&str],
-    what: &str,
-) -> Result<(), PolicyError> {
+fn check_no_annotation(object: &Map<String, Json>, path: &str, keys: &[&str], what: &str) -> Result<(), PolicyError> {
     match keys.iter().find(|k| object.contains_key(**k)) {
         Some(key) => Err(PolicyError::new(
             path,
-            format!(
-                "\"{key}\" is written inside {what}, where Avro tools drop it; move it onto the field itself"
-            ),
+            format!("\"{key}\" is written inside {what}, where Avro tools drop it; move it onto the field itself"),
         )),
         None => Ok(()),
     }
@@ -1184,7 +1072,7 @@ fn namespace_of(name: &str, enclosing: &str) -> String {
 
 pub(crate) fn valid_domain(domain: &str) -> bool {
     (1..=64).contains(&domain.len())
-        && domain.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -18,9 +18,7 @@ impl TagPattern {
         if pattern.is_empty() || segments.iter().any(String::is_empty) {
             return Err(PolicyError::new(
                 "",
-                format!(
-                    "metadata.tags: pattern `{pattern}` has an empty segment (write a.b, a.*, **.b)"
-                ),
+                format!("metadata.tags: pattern `{pattern}` has an empty segment (write a.b, a.*, **.b)"),
             ));
         }
         Ok(Self { segments })
@@ -37,9 +35,7 @@ impl TagPattern {
 fn match_segments(pattern: &[String], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
-        Some((first, rest)) if first == "**" => {
-            (0..=path.len()).any(|skip| match_segments(rest, &path[skip..]))
-        }
+        Some((first, rest)) if first == "**" => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
         Some((first, rest)) => match path.split_first() {
             Some((segment, path_rest)) => glob(first, segment) && match_segments(rest, path_rest),
             None => false,
@@ -67,9 +63,7 @@ mod tests {
     use super::*;
 
     fn m(pattern: &str, path: &str) -> bool {
-        TagPattern::parse(pattern)
-            .unwrap()
-            .matches("com.acme.Customer", path)
+        TagPattern::parse(pattern).unwrap().matches("com.acme.Customer", path)
     }
 
     #[test]

@@ -4,11 +4,7 @@
 /// A value no longer than `keep_last` is masked whole: showing all of it would be no mask at all.
 pub fn mask(value: &str, keep_last: usize) -> String {
     let chars = value.chars().count();
-    let hidden = if chars <= keep_last {
-        chars
-    } else {
-        chars - keep_last
-    };
+    let hidden = if chars <= keep_last { chars } else { chars - keep_last };
     let mut out = String::with_capacity(value.len());
     out.extend(std::iter::repeat_n('*', hidden));
     out.extend(value.chars().skip(hidden));

@@ -101,15 +101,9 @@ impl Sanitizer {
             .find(|(_, r)| r.path == path)
             .ok_or_else(|| ValueError::new(path, "the schema does not protect this field"))?;
         let key = match (rule.action, plan.subject_rule(), subject) {
-            (Action::Tokenize | Action::Subject, Some(_), Some(subject)) => {
-                self.keyring.subject_key(subject)?
-            }
+            (Action::Tokenize | Action::Subject, Some(_), Some(subject)) => self.keyring.subject_key(subject)?,
             (Action::Tokenize | Action::Subject, Some(_), None) => {
-                return Err(ValueError::new(
-                    path,
-                    "the schema names a data subject: give --subject",
-                )
-                .into());
+                return Err(ValueError::new(path, "the schema names a data subject: give --subject").into());
             }
             (Action::Tokenize, None, _) | (Action::Hash, _, _) => RecordKey::Active(
                 self.keyring
@@ -138,11 +132,7 @@ impl Sanitizer {
         let scale = find_protect(&plan.root, index).map_or(0, |p| p.scale);
         match protect_scalar(rule, scale, value, &keys)? {
             Value::String(token) => Ok(token),
-            _ => Err(ValueError::new(
-                path,
-                "this field's protection does not produce a text token",
-            )
-            .into()),
+            _ => Err(ValueError::new(path, "this field's protection does not produce a text token").into()),
         }
     }
 
@@ -221,12 +211,7 @@ pub fn apply(plan: &Plan, record: &mut Value, keys: &RecordKeys) -> Result<(), V
     Ok(())
 }
 
-fn apply_node(
-    plan: &Plan,
-    node: &Node,
-    value: &mut Value,
-    keys: &RecordKeys,
-) -> Result<(), ValueError> {
+fn apply_node(plan: &Plan, node: &Node, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
     match (node, value) {
         (Node::Protect(protect), value) => apply_protect(plan, protect, value, keys),
         (Node::Record(nodes), Value::Record(fields)) => {
@@ -239,29 +224,22 @@ fn apply_node(
             }
             Ok(())
         }
-        (Node::Array(node), Value::Array(items)) => items
-            .iter_mut()
-            .try_for_each(|item| apply_node(plan, node, item, keys)),
+        (Node::Array(node), Value::Array(items)) => {
+            items.iter_mut().try_for_each(|item| apply_node(plan, node, item, keys))
+        }
         (Node::Map(node), Value::Map(entries)) => entries
             .values_mut()
             .try_for_each(|item| apply_node(plan, node, item, keys)),
-        (Node::Union(branches), Value::Union(index, inner)) => {
-            match branches.get(*index as usize) {
-                Some(Some(node)) => apply_node(plan, node, inner, keys),
-                Some(None) => Ok(()),
-                None => Err(ValueError::new("", "union branch out of range")),
-            }
-        }
+        (Node::Union(branches), Value::Union(index, inner)) => match branches.get(*index as usize) {
+            Some(Some(node)) => apply_node(plan, node, inner, keys),
+            Some(None) => Ok(()),
+            None => Err(ValueError::new("", "union branch out of range")),
+        },
         _ => Err(ValueError::new("", "record does not match its schema")),
     }
 }
 
-fn apply_protect(
-    plan: &Plan,
-    protect: &Protect,
-    value: &mut Value,
-    keys: &RecordKeys,
-) -> Result<(), ValueError> {
+fn apply_protect(plan: &Plan, protect: &Protect, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
     let rule = &plan.rules[protect.rule];
     if rule.action == Action::Redact || keys.forgotten {
         *value = protect.redacted.clone();
@@ -270,13 +248,7 @@ fn apply_protect(
     apply_shape(&protect.shape, rule, protect.scale, value, keys)
 }
 
-fn apply_shape(
-    shape: &Shape,
-    rule: &Rule,
-    scale: u32,
-    value: &mut Value,
-    keys: &RecordKeys,
-) -> Result<(), ValueError> {
+fn apply_shape(shape: &Shape, rule: &Rule, scale: u32, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
     match (shape, value) {
         (Shape::Scalar, value) => {
             *value = protect_scalar(rule, scale, value, keys)?;
@@ -306,20 +278,12 @@ fn apply_shape(
         (Shape::Map(shape), Value::Map(entries)) => entries
             .values_mut()
             .try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
-        _ => Err(ValueError::new(
-            &rule.path,
-            "value does not match its schema",
-        )),
+        _ => Err(ValueError::new(&rule.path, "value does not match its schema")),
     }
 }
 
 /// Protects one scalar value under a rule.
-fn protect_scalar(
-    rule: &Rule,
-    scale: u32,
-    value: &Value,
-    keys: &RecordKeys,
-) -> Result<Value, ValueError> {
+fn protect_scalar(rule: &Rule, scale: u32, value: &Value, keys: &RecordKeys) -> Result<Value, ValueError> {
     let key = |dek: Option<&Arc<Dek>>| {
         dek.cloned()
             .ok_or_else(|| ValueError::new(&rule.path, "no key for this field"))
@@ -337,9 +301,7 @@ fn protect_scalar(
             Value::Uuid(u) => Value::String(mask(&u.to_string(), keep_last)),
             _ => return Err(ValueError::new(&rule.path, "mask expects a string value")),
         },
-        Action::Tokenize | Action::Subject => {
-            Value::String(key(record_key)?.tokenize(&rule.context, &plaintext()?))
-        }
+        Action::Tokenize | Action::Subject => Value::String(key(record_key)?.tokenize(&rule.context, &plaintext()?)),
         Action::Encrypt => {
             let token = key(record_key)?.encrypt(&rule.context, &plaintext()?);
             match value {
@@ -347,9 +309,7 @@ fn protect_scalar(
                 _ => Value::String(token),
             }
         }
-        Action::Hash => {
-            Value::String(key(keys.domain.as_ref())?.hash(&rule.context, &plaintext()?))
-        }
+        Action::Hash => Value::String(key(keys.domain.as_ref())?.hash(&rule.context, &plaintext()?)),
         Action::Redact => unreachable!("redact is applied before the shape walk"),
     })
 }
@@ -364,9 +324,6 @@ fn find_in_node(node: &Node, rule: usize) -> Option<&Protect> {
         Node::Protect(_) => None,
         Node::Record(nodes) => find_protect(nodes, rule),
         Node::Array(node) | Node::Map(node) => find_in_node(node, rule),
-        Node::Union(branches) => branches
-            .iter()
-            .flatten()
-            .find_map(|n| find_in_node(n, rule)),
+        Node::Union(branches) => branches.iter().flatten().find_map(|n| find_in_node(n, rule)),
     }
 }

@@ -34,10 +34,5 @@ pub fn compiled(schema: &str) -> CompiledSchema {
 
 /// Reads an example schema of the repository.
 pub fn example(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("schemas")
-            .join(name),
-    )
-    .expect("example schema")
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(name)).expect("example schema")
 }
