@@ -35,5 +35,6 @@ pub mod lint;
 pub mod offline;
 pub mod policy;
 pub mod sanitize;
+pub mod transcode;
 
 pub use error::{Error, ErrorKind, Result};

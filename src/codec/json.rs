@@ -21,9 +21,10 @@ pub struct JsonCodec<'s> {
 
 impl<'s> JsonCodec<'s> {
     pub fn new(schema: &'s Schema) -> Self {
-        let mut names = HashMap::new();
-        collect_names(schema, &mut names);
-        Self { schema, names }
+        Self {
+            schema,
+            names: super::schema_names(schema),
+        }
     }
 
     /// Reads a plain-JSON record of this schema.
@@ -413,24 +414,6 @@ fn minimal_twos_complement_len(bytes: &[u8; 16]) -> usize {
         }
     }
     16 - start
-}
-
-fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<&'s Name, &'s Schema>) {
-    match schema {
-        Schema::Record(record) if names.insert(&record.name, schema).is_none() => {
-            record.fields.iter().for_each(|f| collect_names(&f.schema, names));
-        }
-        Schema::Enum(e) => {
-            names.insert(&e.name, schema);
-        }
-        Schema::Fixed(f) => {
-            names.insert(&f.name, schema);
-        }
-        Schema::Array(a) => collect_names(&a.items, names),
-        Schema::Map(m) => collect_names(&m.types, names),
-        Schema::Union(u) => u.variants().iter().for_each(|v| collect_names(v, names)),
-        _ => {}
-    }
 }
 
 fn join(path: &str, name: &str) -> String {

@@ -7,3 +7,38 @@
 
 pub mod avro;
 pub mod json;
+
+use std::collections::HashMap;
+
+use apache_avro::Schema;
+use apache_avro::schema::{InnerDecimalSchema, Name, UuidSchema};
+
+/// Every named type a schema defines, by name, to resolve `Schema::Ref`s.
+pub(crate) fn schema_names(schema: &Schema) -> HashMap<&Name, &Schema> {
+    let mut names = HashMap::new();
+    collect_names(schema, &mut names);
+    names
+}
+
+fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<&'s Name, &'s Schema>) {
+    match schema {
+        Schema::Record(record) if names.insert(&record.name, schema).is_none() => {
+            record.fields.iter().for_each(|f| collect_names(&f.schema, names));
+        }
+        Schema::Enum(e) => {
+            names.insert(&e.name, schema);
+        }
+        Schema::Fixed(f) | Schema::Uuid(UuidSchema::Fixed(f)) | Schema::Duration(f) => {
+            names.insert(&f.name, schema);
+        }
+        Schema::Decimal(d) => {
+            if let InnerDecimalSchema::Fixed(f) = &d.inner {
+                names.insert(&f.name, schema);
+            }
+        }
+        Schema::Array(a) => collect_names(&a.items, names),
+        Schema::Map(m) => collect_names(&m.types, names),
+        Schema::Union(u) => u.variants().iter().for_each(|v| collect_names(v, names)),
+        _ => {}
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,6 +17,7 @@ use crate::error::RevealError;
 type HmacSha256 = Hmac<Sha256>;
 
 const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
 
 /// The public name of a data key: 12 random bytes, shown as 16 URL-safe characters inside tokens.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,30 +85,54 @@ impl Dek {
 
     /// A deterministic, reversible token of `plaintext`, bound to `context`.
     pub fn tokenize(&self, context: &str, plaintext: &[u8]) -> String {
-        let ad = associated_data(TokenKind::Token, self.key_id, context);
-        let mut mac = self.token_nonce.clone();
-        mac.update(&(ad.len() as u32).to_be_bytes());
-        mac.update(&ad);
-        mac.update(plaintext);
-        let digest = mac.finalize().into_bytes();
-        let nonce = Nonce::from_slice(&digest[..NONCE_LEN]);
-        self.seal(&self.token, TokenKind::Token, nonce, &ad, plaintext)
+        text(|out| self.tokenize_into(context, plaintext, &mut Scratch::default(), out))
     }
 
     /// A randomized ciphertext of `plaintext`, bound to `context`.
     pub fn encrypt(&self, context: &str, plaintext: &[u8]) -> String {
-        let ad = associated_data(TokenKind::Ciphertext, self.key_id, context);
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        self.seal(&self.encrypt, TokenKind::Ciphertext, &nonce, &ad, plaintext)
+        text(|out| self.encrypt_into(context, plaintext, &mut Scratch::default(), out))
     }
 
     /// A keyed, irreversible pseudonym of `plaintext` within `context`.
     pub fn hash(&self, context: &str, plaintext: &[u8]) -> String {
+        text(|out| self.hash_into(context, plaintext, out))
+    }
+
+    /// Appends the token of `plaintext` to `out`: [`token_len`] bytes.
+    pub fn tokenize_into(&self, context: &str, plaintext: &[u8], scratch: &mut Scratch, out: &mut Vec<u8>) {
+        associated_data(TokenKind::Token, self.key_id, context, &mut scratch.ad);
+        // The nonce key is this DEK's own, so the key id need not be hashed again; with the context's length
+        // first, a field name and a value of common sizes fit one SHA-256 block.
+        let mut mac = self.token_nonce.clone();
+        mac.update(&(context.len() as u32).to_be_bytes());
+        mac.update(context.as_bytes());
+        mac.update(plaintext);
+        let digest = mac.finalize().into_bytes();
+        self.seal_into(
+            &self.token,
+            TokenKind::Token,
+            &digest[..NONCE_LEN],
+            plaintext,
+            scratch,
+            out,
+        );
+    }
+
+    /// Appends a randomized ciphertext of `plaintext` to `out`: [`token_len`] bytes.
+    pub fn encrypt_into(&self, context: &str, plaintext: &[u8], scratch: &mut Scratch, out: &mut Vec<u8>) {
+        associated_data(TokenKind::Ciphertext, self.key_id, context, &mut scratch.ad);
+        // The thread-local CSPRNG (ChaCha, reseeded from the OS) rather than a system call per value.
+        let nonce = Aes256Gcm::generate_nonce(&mut rand::thread_rng());
+        self.seal_into(&self.encrypt, TokenKind::Ciphertext, &nonce, plaintext, scratch, out);
+    }
+
+    /// Appends the keyed hash of `plaintext` to `out`: [`HASH_LEN`] bytes.
+    pub fn hash_into(&self, context: &str, plaintext: &[u8], out: &mut Vec<u8>) {
         let mut mac = self.hash.clone();
         mac.update(&(context.len() as u32).to_be_bytes());
         mac.update(context.as_bytes());
         mac.update(plaintext);
-        Token::render(TokenKind::Hash, self.key_id, &mac.finalize().into_bytes())
+        Token::render_into(TokenKind::Hash, self.key_id, &mac.finalize().into_bytes(), out);
     }
 
     /// Opens a token or ciphertext issued under this key for `context`.
@@ -117,50 +142,73 @@ impl Dek {
             TokenKind::Ciphertext => &self.encrypt,
             TokenKind::Hash => return Err(RevealError::NotReversible("hash")),
         };
-        if token.payload.len() < NONCE_LEN + 16 {
+        if token.payload.len() < NONCE_LEN + TAG_LEN {
             return Err(RevealError::Malformed("the payload is too short"));
         }
         let (nonce, sealed) = token.payload.split_at(NONCE_LEN);
-        let ad = associated_data(token.kind, token.key_id, context);
+        let mut ad = Vec::new();
+        associated_data(token.kind, token.key_id, context, &mut ad);
         cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad })
             .map(Zeroizing::new)
             .map_err(|_| RevealError::Forged)
     }
 
-    fn seal(
+    fn seal_into(
         &self,
         cipher: &Aes256Gcm,
         kind: TokenKind,
-        nonce: &Nonce<aes_gcm::aes::cipher::consts::U12>,
-        ad: &[u8],
+        nonce: &[u8],
         plaintext: &[u8],
-    ) -> String {
-        let sealed = cipher
-            .encrypt(
-                nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: ad,
-                },
-            )
-            .expect("AES-GCM encrypts any input under 64 GiB");
-        let mut payload = Vec::with_capacity(NONCE_LEN + sealed.len());
+        scratch: &mut Scratch,
+        out: &mut Vec<u8>,
+    ) {
+        let payload = &mut scratch.payload;
+        payload.clear();
         payload.extend_from_slice(nonce);
-        payload.extend_from_slice(&sealed);
-        Token::render(kind, self.key_id, &payload)
+        payload.extend_from_slice(plaintext);
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), &scratch.ad, &mut payload[NONCE_LEN..])
+            .expect("AES-GCM encrypts any input under 64 GiB");
+        payload.extend_from_slice(&tag);
+        Token::render_into(kind, self.key_id, payload, out);
     }
 }
 
-fn associated_data(kind: TokenKind, key_id: KeyId, context: &str) -> Vec<u8> {
-    let mut ad = Vec::with_capacity(24 + context.len());
-    ad.extend_from_slice(b"piiwall/1|");
-    ad.extend_from_slice(kind.prefix().as_bytes());
-    ad.push(b'|');
+/// Reusable buffers for building tokens, so the hot path allocates nothing per value. Holds no secret: the
+/// payload buffer holds plaintext only for the instant between copy and in-place encryption.
+#[derive(Default)]
+pub struct Scratch {
+    ad: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// The length of the text of a token or ciphertext of a `plaintext_len`-byte plaintext.
+pub const fn token_len(plaintext_len: usize) -> usize {
+    Token::text_len(NONCE_LEN + plaintext_len + TAG_LEN)
+}
+
+/// The length of the text of a hash.
+pub const HASH_LEN: usize = Token::text_len(32);
+
+fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
+    let mut out = Vec::new();
+    write(&mut out);
+    String::from_utf8(out).expect("tokens are ASCII")
+}
+
+/// What a ciphertext is bound to: its kind and format version, its key id and its context. Kept short: GCM
+/// authenticates it 16 bytes at a time.
+fn associated_data(kind: TokenKind, key_id: KeyId, context: &str, ad: &mut Vec<u8>) {
+    ad.clear();
+    ad.push(match kind {
+        TokenKind::Token => b't',
+        TokenKind::Ciphertext => b'e',
+        TokenKind::Hash => b'h',
+    });
+    ad.push(1);
     ad.extend_from_slice(&key_id.0);
-    ad.push(b'|');
     ad.extend_from_slice(context.as_bytes());
-    ad
 }
 
 #[cfg(test)]
@@ -204,6 +252,17 @@ mod tests {
         assert_eq!(dek.open(&relabelled, "email").unwrap_err(), RevealError::Forged);
         let other = Dek::new(KeyId([1; 12]), 1, &[8; 32]);
         assert_eq!(other.open(&parse(&token), "email").unwrap_err(), RevealError::Forged);
+    }
+
+    #[test]
+    fn token_lengths_are_known_in_advance() {
+        let dek = dek();
+        for len in [0, 1, 2, 3, 30, 100] {
+            let plaintext = vec![b'x'; len];
+            assert_eq!(dek.tokenize("c", &plaintext).len(), token_len(len));
+            assert_eq!(dek.encrypt("c", &plaintext).len(), token_len(len));
+            assert_eq!(dek.hash("c", &plaintext).len(), HASH_LEN);
+        }
     }
 
     #[test]

@@ -19,6 +19,6 @@ mod kek;
 pub(crate) mod plain;
 mod token;
 
-pub use dek::{Dek, KeyId};
+pub use dek::{Dek, HASH_LEN, KeyId, Scratch, token_len};
 pub use kek::{KekProvider, KekSource, LocalKek};
 pub use token::{Token, TokenKind};

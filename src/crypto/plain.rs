@@ -8,29 +8,29 @@ use serde_json::Value as Json;
 
 use crate::codec::json::{bytes_to_json, decimal_to_string};
 
-const STRING: u8 = 0;
-const BYTES: u8 = 1;
-const INT: u8 = 2;
-const LONG: u8 = 3;
-const FLOAT: u8 = 4;
-const DOUBLE: u8 = 5;
-const BOOLEAN: u8 = 6;
-const ENUM: u8 = 7;
-const FIXED: u8 = 8;
-const UUID: u8 = 9;
-const DATE: u8 = 10;
-const TIME_MILLIS: u8 = 11;
-const TIME_MICROS: u8 = 12;
-const TIMESTAMP_MILLIS: u8 = 13;
-const TIMESTAMP_MICROS: u8 = 14;
-const TIMESTAMP_NANOS: u8 = 15;
-const LOCAL_TIMESTAMP_MILLIS: u8 = 16;
-const LOCAL_TIMESTAMP_MICROS: u8 = 17;
-const LOCAL_TIMESTAMP_NANOS: u8 = 18;
+pub(crate) const STRING: u8 = 0;
+pub(crate) const BYTES: u8 = 1;
+pub(crate) const INT: u8 = 2;
+pub(crate) const LONG: u8 = 3;
+pub(crate) const FLOAT: u8 = 4;
+pub(crate) const DOUBLE: u8 = 5;
+pub(crate) const BOOLEAN: u8 = 6;
+pub(crate) const ENUM: u8 = 7;
+pub(crate) const FIXED: u8 = 8;
+pub(crate) const UUID: u8 = 9;
+pub(crate) const DATE: u8 = 10;
+pub(crate) const TIME_MILLIS: u8 = 11;
+pub(crate) const TIME_MICROS: u8 = 12;
+pub(crate) const TIMESTAMP_MILLIS: u8 = 13;
+pub(crate) const TIMESTAMP_MICROS: u8 = 14;
+pub(crate) const TIMESTAMP_NANOS: u8 = 15;
+pub(crate) const LOCAL_TIMESTAMP_MILLIS: u8 = 16;
+pub(crate) const LOCAL_TIMESTAMP_MICROS: u8 = 17;
+pub(crate) const LOCAL_TIMESTAMP_NANOS: u8 = 18;
 /// Followed by the scale (4 bytes, big-endian), then the unscaled two's-complement big-endian bytes.
-const DECIMAL: u8 = 19;
-const DURATION: u8 = 20;
-const BIG_DECIMAL: u8 = 21;
+pub(crate) const DECIMAL: u8 = 19;
+pub(crate) const DURATION: u8 = 20;
+pub(crate) const BIG_DECIMAL: u8 = 21;
 
 /// Appends the plaintext form of a scalar value; `None` for a value that is not a scalar.
 pub(crate) fn encode_into(value: &Value, decimal_scale: u32, out: &mut Vec<u8>) -> Option<()> {

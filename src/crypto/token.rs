@@ -35,18 +35,43 @@ pub struct Token {
     pub payload: Vec<u8>,
 }
 
+const KEY_ID_TEXT_LEN: usize = 16;
+
+/// Unpadded base64 length of `n` bytes.
+const fn base64_len(n: usize) -> usize {
+    (n * 4).div_ceil(3)
+}
+
 /// Longest token `parse` accepts: bounds the work a hostile request can cause.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 
 impl Token {
     pub fn render(kind: TokenKind, key_id: KeyId, payload: &[u8]) -> String {
-        let mut out = String::with_capacity(4 + 2 + 16 + payload.len() * 4 / 3 + 4);
-        out.push_str(kind.prefix());
-        out.push('.');
-        URL_SAFE_NO_PAD.encode_string(key_id.0, &mut out);
-        out.push('.');
-        URL_SAFE_NO_PAD.encode_string(payload, &mut out);
-        out
+        let mut out = Vec::with_capacity(Self::text_len(payload.len()));
+        Self::render_into(kind, key_id, payload, &mut out);
+        String::from_utf8(out).expect("tokens are ASCII")
+    }
+
+    /// Appends the text form to `out`: exactly [`Token::text_len`] bytes of ASCII.
+    pub fn render_into(kind: TokenKind, key_id: KeyId, payload: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(kind.prefix().as_bytes());
+        out.push(b'.');
+        let start = out.len();
+        out.resize(start + KEY_ID_TEXT_LEN, 0);
+        URL_SAFE_NO_PAD
+            .encode_slice(key_id.0, &mut out[start..])
+            .expect("sized for the key id");
+        out.push(b'.');
+        let start = out.len();
+        out.resize(start + base64_len(payload.len()), 0);
+        URL_SAFE_NO_PAD
+            .encode_slice(payload, &mut out[start..])
+            .expect("sized for the payload");
+    }
+
+    /// The length of the text of a token whose payload is `payload_len` bytes.
+    pub const fn text_len(payload_len: usize) -> usize {
+        4 + 1 + KEY_ID_TEXT_LEN + 1 + base64_len(payload_len)
     }
 
     pub fn parse(text: &str) -> Result<Token, RevealError> {

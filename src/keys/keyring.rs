@@ -1,7 +1,9 @@
 //! The keyring: data keys by scope and by id, from the key store through a bounded in-memory cache.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -59,6 +61,17 @@ pub struct Keyring {
     subject_index: Hmac<Sha256>,
     by_scope: Cache<String, RecordKey>,
     by_id: Cache<KeyId, ById>,
+    /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
+    domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
+    ttl: Duration,
+    stats: CacheStats,
+}
+
+/// Key cache hits and misses, counted with atomics on the hot path and published by the caller per batch.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
 }
 
 impl Keyring {
@@ -88,6 +101,9 @@ impl Keyring {
             subject_index,
             by_scope,
             by_id,
+            domains: RwLock::new(HashMap::new()),
+            ttl: cache.ttl,
+            stats: CacheStats::default(),
         })
     }
 
@@ -118,19 +134,36 @@ impl Keyring {
 
     /// The current key of a domain, created on first use.
     pub fn domain_key(&self, domain: &str) -> Result<Arc<Dek>, KeyError> {
-        match self.current(&Self::domain_scope(domain))? {
-            RecordKey::Active(dek) => Ok(dek),
-            RecordKey::Forgotten => Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
+        let now = Instant::now();
+        if let Some((dek, fetched)) = self.domains.read().unwrap_or_else(|p| p.into_inner()).get(domain)
+            && now.duration_since(*fetched) < self.ttl
+        {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(dek.clone());
         }
+        let dek = match self.current(&Self::domain_scope(domain))? {
+            RecordKey::Active(dek) => dek,
+            RecordKey::Forgotten => return Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
+        };
+        self.domains
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(domain.to_owned(), (dek.clone(), now));
+        Ok(dek)
+    }
+
+    /// Cache hits and misses so far.
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.stats
     }
 
     /// The key that issued a token, for `reveal`.
     pub fn key_by_id(&self, key_id: KeyId) -> Result<Arc<Dek>, Error> {
         if let Some(hit) = self.by_id.get(&key_id) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "hit").increment(1);
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit.dek);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_id", "outcome" => "miss").increment(1);
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
         match self.store.by_id(&key_id)? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
@@ -156,6 +189,9 @@ impl Keyring {
         let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
         let stored = self.create(scope, next)?;
         self.by_scope.invalidate(scope);
+        if let Some(domain) = scope.strip_prefix("d:") {
+            self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+        }
         Ok(stored.version)
     }
 
@@ -174,10 +210,10 @@ impl Keyring {
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
         if let Some(hit) = self.by_scope.get(scope) {
-            metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "hit").increment(1);
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
-        metrics::counter!("piiwall_key_cache_total", "cache" => "by_scope", "outcome" => "miss").increment(1);
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let entry = match self.store.current(scope)? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
@@ -201,7 +237,6 @@ impl Keyring {
             version,
             wrapped,
         })?;
-        metrics::counter!("piiwall_keys_created_total").increment(u64::from(stored.key_id == key_id));
         Ok(stored)
     }
 
@@ -258,6 +293,19 @@ mod tests {
         assert_eq!(first.key_id, again.key_id);
         let other = active(keyring(dir.path(), 1).unwrap().subject_key("bob").unwrap());
         assert_ne!(first.key_id, other.key_id);
+    }
+
+    #[test]
+    fn rotation_is_seen_at_once_in_this_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let first = ring.domain_key("sales").unwrap();
+        assert_eq!(ring.domain_key("sales").unwrap().key_id, first.key_id, "cached");
+        assert_eq!(ring.rotate(&Keyring::domain_scope("sales")).unwrap(), 2);
+        let second = ring.domain_key("sales").unwrap();
+        assert_ne!(second.key_id, first.key_id);
+        assert_eq!(second.version, 2);
+        assert!(ring.key_by_id(first.key_id).is_ok(), "old versions still reveal");
     }
 
     #[test]

@@ -3,12 +3,19 @@
 /// Replaces all but the last `keep_last` characters (not bytes) by `*`, keeping the length in characters.
 /// A value no longer than `keep_last` is masked whole: showing all of it would be no mask at all.
 pub fn mask(value: &str, keep_last: usize) -> String {
+    let (hidden, tail) = mask_split(value, keep_last);
+    let mut out = String::with_capacity(hidden + value.len() - tail);
+    out.extend(std::iter::repeat_n('*', hidden));
+    out.push_str(&value[tail..]);
+    out
+}
+
+/// How many `*` a masked value starts with, and the byte index where its kept tail begins.
+pub(crate) fn mask_split(value: &str, keep_last: usize) -> (usize, usize) {
     let chars = value.chars().count();
     let hidden = if chars <= keep_last { chars } else { chars - keep_last };
-    let mut out = String::with_capacity(value.len());
-    out.extend(std::iter::repeat_n('*', hidden));
-    out.extend(value.chars().skip(hidden));
-    out
+    let tail = value.char_indices().nth(hidden).map_or(value.len(), |(i, _)| i);
+    (hidden, tail)
 }
 
 #[cfg(test)]

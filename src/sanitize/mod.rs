@@ -15,8 +15,10 @@ use crate::crypto::{Dek, Token, TokenKind, plain};
 use crate::error::{Error, RevealError, ValueError};
 use crate::keys::{Keyring, RecordKey};
 use crate::policy::{Action, CompiledSchema, Node, Plan, Protect, Rule, Shape};
+use crate::transcode::{TranscodeScratch, Transcoder};
 
 pub use mask::mask;
+pub(crate) use mask::mask_split;
 
 /// The keys one record is sanitized with.
 pub struct RecordKeys {
@@ -54,10 +56,30 @@ impl Sanitizer {
         Ok(())
     }
 
+    /// Replaces a binary record of the writer schema by its sanitized encoding, appended to `out`, through the
+    /// transcoder (no `Value` tree). On error `out` is left as it was.
+    pub fn sanitize_binary(
+        &self,
+        schema: &CompiledSchema,
+        transcoder: &Transcoder,
+        record: &[u8],
+        scratch: &mut TranscodeScratch,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let subject = transcoder.subject(record)?;
+        let keys = self.keys_for_subject(&schema.plan, subject.as_deref())?;
+        transcoder.transcode(schema, record, &keys, scratch, out)?;
+        Ok(())
+    }
+
     /// Resolves the keys a record needs: its subject's, else its domain's.
     pub fn keys_for(&self, plan: &Plan, record: &Value) -> Result<RecordKeys, Error> {
+        self.keys_for_subject(plan, subject_id(plan, record)?.as_deref())
+    }
+
+    /// Resolves the keys of a record whose subject id (if any) is known.
+    pub fn keys_for_subject(&self, plan: &Plan, subject: Option<&str>) -> Result<RecordKeys, Error> {
         let domain_name = plan.domain.as_deref().unwrap_or(&self.default_domain);
-        let subject = subject_id(plan, record)?;
         let needs_domain_key = plan.rules.iter().any(|r| r.action == Action::Hash);
         let domain = if needs_domain_key || (subject.is_none() && plan.needs_keys()) {
             Some(self.keyring.domain_key(domain_name)?)
@@ -65,7 +87,7 @@ impl Sanitizer {
             None
         };
         Ok(match subject {
-            Some(subject) => match self.keyring.subject_key(&subject)? {
+            Some(subject) => match self.keyring.subject_key(subject)? {
                 RecordKey::Active(dek) => RecordKeys {
                     record: Some(dek),
                     domain,

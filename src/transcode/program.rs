@@ -1,0 +1,398 @@
+//! The transcoder's program: the writer schema and the plan, compiled into a tree of steps over Avro binary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apache_avro::Schema;
+use apache_avro::schema::{InnerDecimalSchema, Name, UuidSchema};
+use apache_avro::types::Value;
+
+use crate::codec::schema_names;
+use crate::crypto::plain;
+use crate::error::PolicyError;
+use crate::policy::{Branch, Node, Plan, Shape};
+
+/// How to pass over a value that is not changed (it is copied as bytes), checking it on the way.
+#[derive(Debug, Clone)]
+pub(crate) enum Skip {
+    Null,
+    Boolean,
+    /// A varint within 32 bits.
+    Int,
+    /// A varint.
+    Long,
+    Float,
+    Double,
+    Bytes,
+    String,
+    UuidString,
+    Fixed(usize),
+    Enum(usize),
+    Array(Box<Skip>),
+    Map(Box<Skip>),
+    Union(Vec<Skip>),
+    Record(Vec<Skip>),
+}
+
+impl Skip {
+    /// The fewest bytes one value can take: bounds block counts, so a hostile count cannot loop for long.
+    pub(crate) fn min_size(&self) -> usize {
+        match self {
+            Skip::Null => 0,
+            Skip::Float => 4,
+            Skip::Double => 8,
+            Skip::Fixed(n) => *n,
+            Skip::Record(fields) => fields.iter().map(Skip::min_size).sum(),
+            _ => 1,
+        }
+    }
+}
+
+/// A scalar as written, and the plaintext tag it becomes.
+#[derive(Debug, Clone)]
+pub(crate) enum Scalar {
+    String,
+    UuidString,
+    Bytes,
+    UuidBytes,
+    Fixed { size: usize, tag: u8 },
+    Decimal { fixed: Option<usize> },
+    Int { tag: u8 },
+    Long { tag: u8 },
+    Float,
+    Double,
+    Boolean,
+    Enum(Arc<[String]>),
+}
+
+/// A step of the program.
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    Skip(Skip),
+    Record(Vec<Step>),
+    Array(Box<Step>),
+    Map(Box<Step>),
+    Union(Vec<Step>),
+    Protect(Box<ProtectStep>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ProtectStep {
+    pub(crate) rule: usize,
+    pub(crate) shape: ShapeStep,
+    /// To pass over the whole value when it is redacted.
+    pub(crate) skip: Skip,
+    /// The redacted value, encoded with the sanitized schema.
+    pub(crate) redacted: Vec<u8>,
+    pub(crate) scale: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ShapeStep {
+    Scalar(Scalar),
+    /// Per input branch: its scalar (`None` for null) and its output branch (`None`: output is not a union).
+    Union(Vec<(Option<Scalar>, Option<u32>)>),
+    Array(Box<ShapeStep>),
+    Map(Box<ShapeStep>),
+}
+
+/// Where the subject id is: the fields to pass over at each level, unions on the way.
+#[derive(Debug, Clone)]
+pub(crate) enum Locate {
+    Record {
+        before: Vec<Skip>,
+        then: Box<Locate>,
+    },
+    /// Per branch: how to go on, `None` for null.
+    Union(Vec<Option<Locate>>),
+    Scalar(Scalar),
+}
+
+pub(crate) struct Builder<'s> {
+    names: HashMap<&'s Name, &'s Schema>,
+}
+
+fn unsupported(what: &str) -> PolicyError {
+    PolicyError::new("", format!("the binary transcoder does not support {what}"))
+}
+
+impl<'s> Builder<'s> {
+    pub(crate) fn new(schema: &'s Schema) -> Self {
+        Self {
+            names: schema_names(schema),
+        }
+    }
+
+    fn resolve(&self, schema: &'s Schema) -> &'s Schema {
+        match schema {
+            Schema::Ref { name } => self.names.get(name).copied().unwrap_or(schema),
+            other => other,
+        }
+    }
+
+    pub(crate) fn root(&self, writer: &'s Schema, plan: &Plan) -> Result<Step, PolicyError> {
+        let Schema::Record(record) = self.resolve(writer) else {
+            return Err(unsupported("a root that is not a record"));
+        };
+        let mut steps = Vec::with_capacity(record.fields.len());
+        for (index, field) in record.fields.iter().enumerate() {
+            let node = plan.root.iter().find(|(i, _)| *i == index).map(|(_, n)| n);
+            steps.push(self.step(&field.schema, node, plan)?);
+        }
+        Ok(Step::Record(steps))
+    }
+
+    fn step(&self, schema: &'s Schema, node: Option<&Node>, plan: &Plan) -> Result<Step, PolicyError> {
+        let schema = self.resolve(schema);
+        let Some(node) = node else {
+            return Ok(Step::Skip(self.skip(schema)?));
+        };
+        Ok(match (node, schema) {
+            (Node::Protect(p), schema) => Step::Protect(Box::new(ProtectStep {
+                rule: p.rule,
+                shape: if plan.rules[p.rule].action == crate::policy::Action::Redact {
+                    ShapeStep::Scalar(Scalar::Boolean) // never run: redact skips the value
+                } else {
+                    self.shape(schema, &p.shape)?
+                },
+                skip: self.skip(schema)?,
+                redacted: encode_simple(&p.redacted)?,
+                scale: p.scale,
+            })),
+            (Node::Record(nodes), Schema::Record(record)) => {
+                let mut steps = Vec::with_capacity(record.fields.len());
+                for (index, field) in record.fields.iter().enumerate() {
+                    let node = nodes.iter().find(|(i, _)| *i == index).map(|(_, n)| n);
+                    steps.push(self.step(&field.schema, node, plan)?);
+                }
+                Step::Record(steps)
+            }
+            (Node::Array(node), Schema::Array(array)) => {
+                Step::Array(Box::new(self.step(&array.items, Some(node), plan)?))
+            }
+            (Node::Map(node), Schema::Map(map)) => Step::Map(Box::new(self.step(&map.types, Some(node), plan)?)),
+            (Node::Union(branches), Schema::Union(union)) => Step::Union(
+                union
+                    .variants()
+                    .iter()
+                    .zip(branches)
+                    .map(|(variant, node)| self.step(variant, node.as_ref(), plan))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return Err(unsupported("a plan that does not match its schema")),
+        })
+    }
+
+    fn shape(&self, schema: &'s Schema, shape: &Shape) -> Result<ShapeStep, PolicyError> {
+        let schema = self.resolve(schema);
+        Ok(match (shape, schema) {
+            (Shape::Scalar, schema) => ShapeStep::Scalar(self.scalar(schema)?),
+            (Shape::Union(branches), Schema::Union(union)) => ShapeStep::Union(
+                union
+                    .variants()
+                    .iter()
+                    .zip(branches)
+                    .map(|(variant, Branch { is_null, out })| {
+                        Ok((
+                            if *is_null {
+                                None
+                            } else {
+                                Some(self.scalar(self.resolve(variant))?)
+                            },
+                            *out,
+                        ))
+                    })
+                    .collect::<Result<_, PolicyError>>()?,
+            ),
+            (Shape::Array(inner), Schema::Array(array)) => ShapeStep::Array(Box::new(self.shape(&array.items, inner)?)),
+            (Shape::Map(inner), Schema::Map(map)) => ShapeStep::Map(Box::new(self.shape(&map.types, inner)?)),
+            _ => return Err(unsupported("a protected shape that does not match its schema")),
+        })
+    }
+
+    pub(crate) fn scalar(&self, schema: &'s Schema) -> Result<Scalar, PolicyError> {
+        Ok(match self.resolve(schema) {
+            Schema::String => Scalar::String,
+            Schema::Bytes => Scalar::Bytes,
+            Schema::Int => Scalar::Int { tag: plain::INT },
+            Schema::Long => Scalar::Long { tag: plain::LONG },
+            Schema::Float => Scalar::Float,
+            Schema::Double => Scalar::Double,
+            Schema::Boolean => Scalar::Boolean,
+            Schema::Enum(e) => Scalar::Enum(e.symbols.clone().into()),
+            Schema::Fixed(f) => Scalar::Fixed {
+                size: f.size,
+                tag: plain::FIXED,
+            },
+            Schema::Duration(_) => Scalar::Fixed {
+                size: 12,
+                tag: plain::DURATION,
+            },
+            Schema::Uuid(UuidSchema::String) => Scalar::UuidString,
+            Schema::Uuid(UuidSchema::Bytes) => Scalar::UuidBytes,
+            Schema::Uuid(UuidSchema::Fixed(_)) => Scalar::Fixed {
+                size: 16,
+                tag: plain::UUID,
+            },
+            Schema::Decimal(d) => Scalar::Decimal {
+                fixed: match &d.inner {
+                    InnerDecimalSchema::Bytes => None,
+                    InnerDecimalSchema::Fixed(f) => Some(f.size),
+                },
+            },
+            Schema::Date => Scalar::Int { tag: plain::DATE },
+            Schema::TimeMillis => Scalar::Int {
+                tag: plain::TIME_MILLIS,
+            },
+            Schema::TimeMicros => Scalar::Long {
+                tag: plain::TIME_MICROS,
+            },
+            Schema::TimestampMillis => Scalar::Long {
+                tag: plain::TIMESTAMP_MILLIS,
+            },
+            Schema::TimestampMicros => Scalar::Long {
+                tag: plain::TIMESTAMP_MICROS,
+            },
+            Schema::TimestampNanos => Scalar::Long {
+                tag: plain::TIMESTAMP_NANOS,
+            },
+            Schema::LocalTimestampMillis => Scalar::Long {
+                tag: plain::LOCAL_TIMESTAMP_MILLIS,
+            },
+            Schema::LocalTimestampMicros => Scalar::Long {
+                tag: plain::LOCAL_TIMESTAMP_MICROS,
+            },
+            Schema::LocalTimestampNanos => Scalar::Long {
+                tag: plain::LOCAL_TIMESTAMP_NANOS,
+            },
+            Schema::BigDecimal => return Err(unsupported("protecting big-decimal values (redact them instead)")),
+            _ => return Err(unsupported("protecting a value that is not a scalar")),
+        })
+    }
+
+    pub(crate) fn skip(&self, schema: &'s Schema) -> Result<Skip, PolicyError> {
+        Ok(match self.resolve(schema) {
+            Schema::Null => Skip::Null,
+            Schema::Boolean => Skip::Boolean,
+            Schema::Int | Schema::Date | Schema::TimeMillis => Skip::Int,
+            Schema::Long
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => Skip::Long,
+            Schema::Float => Skip::Float,
+            Schema::Double => Skip::Double,
+            Schema::Bytes | Schema::BigDecimal | Schema::Uuid(UuidSchema::Bytes) => Skip::Bytes,
+            Schema::String => Skip::String,
+            Schema::Uuid(UuidSchema::String) => Skip::UuidString,
+            Schema::Uuid(UuidSchema::Fixed(_)) => Skip::Fixed(16),
+            Schema::Fixed(f) => Skip::Fixed(f.size),
+            Schema::Duration(_) => Skip::Fixed(12),
+            Schema::Decimal(d) => match &d.inner {
+                InnerDecimalSchema::Bytes => Skip::Bytes,
+                InnerDecimalSchema::Fixed(f) => Skip::Fixed(f.size),
+            },
+            Schema::Enum(e) => Skip::Enum(e.symbols.len()),
+            Schema::Array(a) => Skip::Array(Box::new(self.skip(&a.items)?)),
+            Schema::Map(m) => Skip::Map(Box::new(self.skip(&m.types)?)),
+            Schema::Union(u) => Skip::Union(u.variants().iter().map(|v| self.skip(v)).collect::<Result<_, _>>()?),
+            Schema::Record(r) => Skip::Record(
+                r.fields
+                    .iter()
+                    .map(|f| self.skip(&f.schema))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Schema::Ref { .. } => return Err(unsupported("a reference to an undefined type")),
+        })
+    }
+
+    /// How to find the subject id: the field indices of the plan's subject, through records and unions.
+    pub(crate) fn locate(&self, schema: &'s Schema, steps: &[usize]) -> Result<Locate, PolicyError> {
+        let schema = self.resolve(schema);
+        match (steps.split_first(), schema) {
+            (_, Schema::Union(union)) => Ok(Locate::Union(
+                union
+                    .variants()
+                    .iter()
+                    .map(|v| match self.resolve(v) {
+                        Schema::Null => Ok(None),
+                        other => self.locate(other, steps).map(Some),
+                    })
+                    .collect::<Result<_, _>>()?,
+            )),
+            (None, scalar) => Ok(Locate::Scalar(self.scalar(scalar)?)),
+            (Some((&index, rest)), Schema::Record(record)) => {
+                let before = record.fields[..index]
+                    .iter()
+                    .map(|f| self.skip(&f.schema))
+                    .collect::<Result<_, _>>()?;
+                let field = record
+                    .fields
+                    .get(index)
+                    .ok_or_else(|| unsupported("a subject outside its record"))?;
+                Ok(Locate::Record {
+                    before,
+                    then: Box::new(self.locate(&field.schema, rest)?),
+                })
+            }
+            _ => Err(unsupported("a subject path that does not match its schema")),
+        }
+    }
+}
+
+/// Encodes the simple values redaction produces (null, empty and zero values, unions, records of them).
+fn encode_simple(value: &Value) -> Result<Vec<u8>, PolicyError> {
+    let mut out = Vec::new();
+    encode_into(value, &mut out)?;
+    Ok(out)
+}
+
+fn encode_into(value: &Value, out: &mut Vec<u8>) -> Result<(), PolicyError> {
+    use super::wire::write_long;
+    match value {
+        Value::Null => {}
+        Value::Boolean(b) => out.push(u8::from(*b)),
+        Value::Int(n) | Value::Date(n) | Value::TimeMillis(n) => write_long(out, i64::from(*n)),
+        Value::Long(n) | Value::TimeMicros(n) | Value::TimestampMillis(n) | Value::TimestampMicros(n) => {
+            write_long(out, *n)
+        }
+        Value::Float(n) => out.extend_from_slice(&n.to_le_bytes()),
+        Value::Double(n) => out.extend_from_slice(&n.to_le_bytes()),
+        Value::String(s) => {
+            write_long(out, s.len() as i64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        Value::Bytes(b) => {
+            write_long(out, b.len() as i64);
+            out.extend_from_slice(b);
+        }
+        Value::Fixed(_, b) => out.extend_from_slice(b),
+        Value::Uuid(u) => {
+            let text = u.to_string();
+            write_long(out, text.len() as i64);
+            out.extend_from_slice(text.as_bytes());
+        }
+        Value::Decimal(d) => {
+            let bytes = Vec::<u8>::try_from(d).map_err(|_| unsupported("this redacted decimal"))?;
+            write_long(out, bytes.len() as i64);
+            out.extend_from_slice(&bytes);
+        }
+        Value::Enum(i, _) => write_long(out, i64::from(*i)),
+        Value::Union(i, inner) => {
+            write_long(out, i64::from(*i));
+            encode_into(inner, out)?;
+        }
+        Value::Array(items) if items.is_empty() => out.push(0),
+        Value::Map(entries) if entries.is_empty() => out.push(0),
+        Value::Record(fields) => {
+            for (_, field) in fields {
+                encode_into(field, out)?;
+            }
+        }
+        _ => return Err(unsupported("this redacted value")),
+    }
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! Running a program over one encoded record.
+//!
+//! Bytes that do not change are not copied one value at a time: `copy_from` marks the start of the pending
+//! unchanged run, which is copied in one piece when a protected value (or a rewritten block header) interrupts it,
+//! and at the end.
+
+use std::borrow::Cow;
+
+use super::program::{Locate, ProtectStep, Scalar, ShapeStep, Skip, Step};
+use super::wire::{Input, malformed, write_long};
+use crate::crypto::{HASH_LEN, Scratch, plain, token_len};
+use crate::error::ValueError;
+use crate::policy::{Action, Rule};
+use crate::sanitize::{RecordKeys, mask_split};
+
+/// Items a block of zero-size values (nulls, empty records) may declare: they take no bytes, so the input
+/// length cannot bound their count.
+const MAX_EMPTY_ITEMS: usize = 1 << 16;
+
+/// Buffers one transcoding thread reuses from record to record.
+#[derive(Default)]
+pub struct TranscodeScratch {
+    plain: Vec<u8>,
+    crypto: Scratch,
+}
+
+pub(crate) struct Run<'a> {
+    input: Input<'a>,
+    copy_from: usize,
+    out: &'a mut Vec<u8>,
+    scratch: &'a mut TranscodeScratch,
+    keys: &'a RecordKeys,
+    rules: &'a [Rule],
+}
+
+impl<'a> Run<'a> {
+    pub(crate) fn new(
+        input: &'a [u8],
+        out: &'a mut Vec<u8>,
+        scratch: &'a mut TranscodeScratch,
+        keys: &'a RecordKeys,
+        rules: &'a [Rule],
+    ) -> Self {
+        Self {
+            input: Input::new(input),
+            copy_from: 0,
+            out,
+            scratch,
+            keys,
+            rules,
+        }
+    }
+
+    /// Runs the root step and copies the last pending run.
+    pub(crate) fn finish(mut self, root: &Step) -> Result<(), ValueError> {
+        self.exec(root)?;
+        if self.input.remaining() != 0 {
+            return Err(malformed(
+                "bytes remain after the record: it was written with another schema",
+            ));
+        }
+        self.flush();
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        self.out
+            .extend_from_slice(&self.input.bytes[self.copy_from..self.input.pos]);
+        self.copy_from = self.input.pos;
+    }
+
+    fn exec(&mut self, step: &Step) -> Result<(), ValueError> {
+        match step {
+            Step::Skip(skip) => skip_value(&mut self.input, skip),
+            Step::Record(steps) => steps.iter().try_for_each(|s| self.exec(s)),
+            Step::Array(item) => self.blocks(|run| run.exec(item)),
+            Step::Map(value) => self.blocks(|run| {
+                run.input.read_str()?;
+                run.exec(value)
+            }),
+            Step::Union(branches) => {
+                let index = self.input.read_long()?;
+                let branch = usize::try_from(index).ok().and_then(|i| branches.get(i));
+                self.exec(branch.ok_or_else(|| malformed("union branch index out of range"))?)
+            }
+            Step::Protect(protect) => self.protect(protect),
+        }
+    }
+
+    /// Walks the blocks of an array or map whose items change; a block that declares its byte size gets a new
+    /// header without it, since the size no longer holds.
+    fn blocks(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), ValueError>) -> Result<(), ValueError> {
+        loop {
+            let header = self.input.pos;
+            let (count, size) = self.input.read_block()?;
+            if count == 0 {
+                return Ok(());
+            }
+            check_count(count, 1, &self.input)?;
+            if size.is_some() {
+                self.out.extend_from_slice(&self.input.bytes[self.copy_from..header]);
+                write_long(self.out, count as i64);
+                self.copy_from = self.input.pos;
+            }
+            let start = self.input.pos;
+            for _ in 0..count {
+                item(self)?;
+            }
+            check_size(size, start, &self.input)?;
+        }
+    }
+
+    fn protect(&mut self, step: &ProtectStep) -> Result<(), ValueError> {
+        self.flush();
+        let rule = &self.rules[step.rule];
+        if rule.action == Action::Redact || self.keys.forgotten {
+            skip_value(&mut self.input, &step.skip)?;
+            self.out.extend_from_slice(&step.redacted);
+        } else {
+            self.shape(&step.shape, rule, step.scale)?;
+        }
+        self.copy_from = self.input.pos;
+        Ok(())
+    }
+
+    fn shape(&mut self, shape: &ShapeStep, rule: &Rule, scale: u32) -> Result<(), ValueError> {
+        match shape {
+            ShapeStep::Scalar(scalar) => self.scalar(scalar, rule, scale),
+            ShapeStep::Union(branches) => {
+                let index = self.input.read_long()?;
+                let (scalar, out) = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or_else(|| malformed("union branch index out of range"))?;
+                if let Some(out) = out {
+                    write_long(self.out, i64::from(*out));
+                }
+                match scalar {
+                    Some(scalar) => self.scalar(scalar, rule, scale),
+                    None => Ok(()),
+                }
+            }
+            ShapeStep::Array(inner) | ShapeStep::Map(inner) => {
+                let is_map = matches!(shape, ShapeStep::Map(_));
+                loop {
+                    let (count, size) = self.input.read_block()?;
+                    write_long(self.out, count as i64);
+                    if count == 0 {
+                        return Ok(());
+                    }
+                    check_count(count, 1, &self.input)?;
+                    let start = self.input.pos;
+                    for _ in 0..count {
+                        if is_map {
+                            let key = self.input.read_bytes()?;
+                            std::str::from_utf8(key).map_err(|_| malformed("map key is not UTF-8"))?;
+                            write_long(self.out, key.len() as i64);
+                            self.out.extend_from_slice(key);
+                        }
+                        self.shape(inner, rule, scale)?;
+                    }
+                    check_size(size, start, &self.input)?;
+                }
+            }
+        }
+    }
+
+    /// Reads one protected scalar and writes what its action makes of it.
+    fn scalar(&mut self, scalar: &Scalar, rule: &Rule, scale: u32) -> Result<(), ValueError> {
+        if let Action::Mask { keep_last } = rule.action {
+            let text: Cow<'_, str> = match scalar {
+                Scalar::String => Cow::Borrowed(self.input.read_str()?),
+                Scalar::UuidString => Cow::Owned(parse_uuid(self.input.read_str()?)?.to_string()),
+                _ => return Err(ValueError::new(&rule.path, "mask expects a string value")),
+            };
+            let (hidden, tail) = mask_split(&text, keep_last);
+            write_long(self.out, (hidden + text.len() - tail) as i64);
+            self.out.resize(self.out.len() + hidden, b'*');
+            self.out.extend_from_slice(&text.as_bytes()[tail..]);
+            return Ok(());
+        }
+
+        let plain_text = &mut self.scratch.plain;
+        plain_text.clear();
+        read_plaintext(&mut self.input, scalar, scale, plain_text)?;
+        let no_key = || ValueError::new(&rule.path, "no key for this field");
+        match rule.action {
+            Action::Tokenize | Action::Subject => {
+                let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
+                write_long(self.out, token_len(plain_text.len()) as i64);
+                dek.tokenize_into(&rule.context, plain_text, &mut self.scratch.crypto, self.out);
+            }
+            Action::Encrypt => {
+                let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
+                write_long(self.out, token_len(plain_text.len()) as i64);
+                dek.encrypt_into(&rule.context, plain_text, &mut self.scratch.crypto, self.out);
+            }
+            Action::Hash => {
+                let dek = self.keys.domain.as_ref().ok_or_else(no_key)?;
+                write_long(self.out, HASH_LEN as i64);
+                dek.hash_into(&rule.context, plain_text, self.out);
+            }
+            Action::Mask { .. } | Action::Redact => unreachable!("handled before"),
+        }
+        Ok(())
+    }
+}
+
+/// Reads a scalar into its plaintext form: the same bytes `plain::encode_into` makes of its decoded value.
+fn read_plaintext(input: &mut Input<'_>, scalar: &Scalar, scale: u32, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    match scalar {
+        Scalar::String => {
+            out.push(plain::STRING);
+            out.extend_from_slice(input.read_str()?.as_bytes());
+        }
+        Scalar::UuidString => {
+            out.push(plain::UUID);
+            out.extend_from_slice(parse_uuid(input.read_str()?)?.as_bytes());
+        }
+        Scalar::Bytes => {
+            out.push(plain::BYTES);
+            out.extend_from_slice(input.read_bytes()?);
+        }
+        Scalar::UuidBytes => {
+            let bytes = input.read_bytes()?;
+            if bytes.len() != 16 {
+                return Err(malformed("a uuid takes 16 bytes"));
+            }
+            out.push(plain::UUID);
+            out.extend_from_slice(bytes);
+        }
+        Scalar::Fixed { size, tag } => {
+            out.push(*tag);
+            out.extend_from_slice(input.take(*size)?);
+        }
+        Scalar::Decimal { fixed } => {
+            let unscaled = match fixed {
+                Some(size) => input.take(*size)?,
+                None => input.read_bytes()?,
+            };
+            if unscaled.is_empty() {
+                return Err(malformed("a decimal with no bytes"));
+            }
+            out.push(plain::DECIMAL);
+            out.extend_from_slice(&scale.to_be_bytes());
+            out.extend_from_slice(unscaled);
+        }
+        Scalar::Int { tag } => {
+            out.push(*tag);
+            out.extend_from_slice(&input.read_int()?.to_be_bytes());
+        }
+        Scalar::Long { tag } => {
+            out.push(*tag);
+            out.extend_from_slice(&input.read_long()?.to_be_bytes());
+        }
+        Scalar::Float => {
+            let bits: [u8; 4] = input.take(4)?.try_into().expect("4 bytes");
+            out.push(plain::FLOAT);
+            out.extend_from_slice(&f32::from_le_bytes(bits).to_be_bytes());
+        }
+        Scalar::Double => {
+            let bits: [u8; 8] = input.take(8)?.try_into().expect("8 bytes");
+            out.push(plain::DOUBLE);
+            out.extend_from_slice(&f64::from_le_bytes(bits).to_be_bytes());
+        }
+        Scalar::Boolean => {
+            let byte = input.take(1)?[0];
+            if byte > 1 {
+                return Err(malformed("a boolean is 0 or 1"));
+            }
+            out.push(plain::BOOLEAN);
+            out.push(byte);
+        }
+        Scalar::Enum(symbols) => {
+            let index = input.read_long()?;
+            let symbol = usize::try_from(index)
+                .ok()
+                .and_then(|i| symbols.get(i))
+                .ok_or_else(|| malformed("enum index out of range"))?;
+            out.push(plain::ENUM);
+            out.extend_from_slice(symbol.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn parse_uuid(text: &str) -> Result<apache_avro::Uuid, ValueError> {
+    apache_avro::Uuid::parse_str(text).map_err(|_| malformed("not a valid uuid"))
+}
+
+/// A block may not declare more items than its remaining bytes could hold.
+fn check_count(count: usize, min_size: usize, input: &Input<'_>) -> Result<(), ValueError> {
+    let limit = input.remaining().checked_div(min_size).unwrap_or(MAX_EMPTY_ITEMS);
+    if count > limit {
+        return Err(malformed("block count larger than the record could hold"));
+    }
+    Ok(())
+}
+
+/// A block that declares its byte size must have exactly that many bytes of items.
+fn check_size(size: Option<usize>, start: usize, input: &Input<'_>) -> Result<(), ValueError> {
+    match size {
+        Some(size) if size != input.pos - start => Err(malformed("block byte size does not match its items")),
+        _ => Ok(()),
+    }
+}
+
+/// Passes over one value, checking it (UTF-8, enum and union indices, lengths) on the way.
+pub(crate) fn skip_value(input: &mut Input<'_>, skip: &Skip) -> Result<(), ValueError> {
+    match skip {
+        Skip::Null => {}
+        Skip::Boolean => {
+            if input.take(1)?[0] > 1 {
+                return Err(malformed("a boolean is 0 or 1"));
+            }
+        }
+        Skip::Int => {
+            input.read_int()?;
+        }
+        Skip::Long => {
+            input.read_long()?;
+        }
+        Skip::Float => {
+            input.take(4)?;
+        }
+        Skip::Double => {
+            input.take(8)?;
+        }
+        Skip::Bytes => {
+            input.read_bytes()?;
+        }
+        Skip::String => {
+            input.read_str()?;
+        }
+        Skip::UuidString => {
+            parse_uuid(input.read_str()?)?;
+        }
+        Skip::Fixed(size) => {
+            input.take(*size)?;
+        }
+        Skip::Enum(symbols) => {
+            let index = input.read_long()?;
+            if !(0..*symbols as i64).contains(&index) {
+                return Err(malformed("enum index out of range"));
+            }
+        }
+        Skip::Array(item) | Skip::Map(item) => {
+            let is_map = matches!(skip, Skip::Map(_));
+            let min_size = item.min_size() + usize::from(is_map);
+            loop {
+                let (count, size) = input.read_block()?;
+                if count == 0 {
+                    break;
+                }
+                check_count(count, min_size, input)?;
+                let start = input.pos;
+                for _ in 0..count {
+                    if is_map {
+                        input.read_str()?;
+                    }
+                    skip_value(input, item)?;
+                }
+                check_size(size, start, input)?;
+            }
+        }
+        Skip::Union(branches) => {
+            let index = input.read_long()?;
+            let branch = usize::try_from(index).ok().and_then(|i| branches.get(i));
+            skip_value(
+                input,
+                branch.ok_or_else(|| malformed("union branch index out of range"))?,
+            )?;
+        }
+        Skip::Record(fields) => fields.iter().try_for_each(|f| skip_value(input, f))?,
+    }
+    Ok(())
+}
+
+/// Reads the subject id of a record, as the reference path's `subject_id` would give it.
+pub(crate) fn locate_subject<'a>(record: &'a [u8], mut locate: &Locate) -> Result<Option<Cow<'a, str>>, ValueError> {
+    let mut input = Input::new(record);
+    loop {
+        match locate {
+            Locate::Record { before, then } => {
+                before.iter().try_for_each(|s| skip_value(&mut input, s))?;
+                locate = then;
+            }
+            Locate::Union(branches) => {
+                let index = input.read_long()?;
+                match usize::try_from(index).ok().and_then(|i| branches.get(i)) {
+                    Some(Some(next)) => locate = next,
+                    Some(None) => return Ok(None),
+                    None => return Err(malformed("union branch index out of range")),
+                }
+            }
+            Locate::Scalar(scalar) => {
+                return Ok(match scalar {
+                    Scalar::String => Some(input.read_str()?).filter(|s| !s.is_empty()).map(Cow::Borrowed),
+                    Scalar::UuidString => Some(Cow::Owned(parse_uuid(input.read_str()?)?.to_string())),
+                    Scalar::Int { .. } => Some(Cow::Owned(input.read_int()?.to_string())),
+                    Scalar::Long { .. } => Some(Cow::Owned(input.read_long()?.to_string())),
+                    Scalar::Fixed {
+                        size: 16,
+                        tag: plain::UUID,
+                    } => {
+                        let uuid = apache_avro::Uuid::from_slice(input.take(16)?).expect("16 bytes");
+                        Some(Cow::Owned(uuid.to_string()))
+                    }
+                    _ => None,
+                });
+            }
+        }
+    }
+}

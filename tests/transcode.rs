@@ -1,0 +1,209 @@
+//! The binary transcoder on hand-built encodings: blocks with byte sizes, and malformed input of every kind,
+//! rejected with an error and never a panic.
+
+mod common;
+
+use std::sync::Arc;
+
+use piiwall::codec::avro::ValueCodec;
+use piiwall::crypto::{Dek, KeyId};
+use piiwall::policy::CompiledSchema;
+use piiwall::sanitize::{RecordKeys, apply};
+use piiwall::transcode::{TranscodeScratch, Transcoder};
+use serde_json::json;
+
+fn schema() -> CompiledSchema {
+    common::compiled(
+        &json!({"type": "record", "name": "R", "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "emails", "type": {"type": "array", "items": "string"}, "pii": "tokenize"},
+            {"name": "notes", "type": {"type": "array", "items": "string"}},
+            {"name": "kind", "type": {"type": "enum", "name": "K", "symbols": ["A", "B"]}},
+            {"name": "nick", "type": ["null", "string"], "pii": {"action": "mask", "keep_last": 1}},
+            {"name": "empties", "type": {"type": "array", "items": "null"}}
+        ]})
+        .to_string(),
+    )
+}
+
+fn keys() -> RecordKeys {
+    let dek = Arc::new(Dek::new(KeyId([5; 12]), 1, &[5; 32]));
+    RecordKeys {
+        record: Some(dek.clone()),
+        domain: Some(dek),
+        forgotten: false,
+    }
+}
+
+fn zigzag(n: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out
+}
+
+fn string(s: &str) -> Vec<u8> {
+    [zigzag(s.len() as i64), s.as_bytes().to_vec()].concat()
+}
+
+/// id=1, emails=[a@x, b@x] as one block of `emails_header`, notes=[n] with a byte-size block, kind=B, nick="bob",
+/// empties=[].
+fn record(emails_header: Vec<u8>) -> Vec<u8> {
+    record_with(emails_header, 1)
+}
+
+fn record_with(emails_header: Vec<u8>, kind: i64) -> Vec<u8> {
+    let note = string("n");
+    [
+        zigzag(1),
+        emails_header,
+        string("a@x"),
+        string("b@x"),
+        vec![0],
+        zigzag(-1),
+        zigzag(note.len() as i64),
+        note,
+        vec![0],
+        zigzag(kind),
+        zigzag(1),
+        string("bob"),
+        vec![0],
+    ]
+    .concat()
+}
+
+fn transcode(schema: &CompiledSchema, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let transcoder = Transcoder::new(schema).unwrap();
+    let mut out = Vec::new();
+    transcoder
+        .transcode(schema, bytes, &keys(), &mut TranscodeScratch::default(), &mut out)
+        .map(|()| out)
+        .map_err(|e| e.to_string())
+}
+
+fn reference(schema: &CompiledSchema, bytes: &[u8]) -> Vec<u8> {
+    let codec = ValueCodec::new(schema);
+    let mut value = codec.decode(bytes).unwrap();
+    apply(&schema.plan, &mut value, &keys()).unwrap();
+    let mut out = Vec::new();
+    codec.encode(&value, &mut out).unwrap();
+    out
+}
+
+fn decode(schema: &CompiledSchema, bytes: &[u8]) -> apache_avro::types::Value {
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema.sanitized)
+        .build()
+        .unwrap();
+    reader.read_value(&mut &bytes[..]).unwrap()
+}
+
+#[test]
+fn blocks_with_byte_sizes_are_rewritten_and_match_the_reference() {
+    let schema = schema();
+    let plain_block = record(zigzag(2));
+    let items = [string("a@x"), string("b@x")].concat();
+    let sized_block = record([zigzag(-2), zigzag(items.len() as i64)].concat());
+    let out = transcode(&schema, &sized_block).unwrap();
+    assert_eq!(
+        decode(&schema, &out),
+        decode(&schema, &reference(&schema, &sized_block))
+    );
+    assert_eq!(
+        out,
+        transcode(&schema, &plain_block).unwrap(),
+        "the byte size of a changed block goes"
+    );
+    let sized_notes = [zigzag(-1), zigzag(2), string("n"), vec![0]].concat();
+    assert!(
+        out.windows(sized_notes.len()).any(|w| w == sized_notes),
+        "an unchanged sized block is copied as it is"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("a@x") && !text.contains("b@x"));
+    assert!(text.contains("**b"), "mask keeps the last character");
+    assert!(
+        text.contains('n'),
+        "unprotected notes are copied with their sized block"
+    );
+}
+
+#[test]
+fn malformed_records_are_errors_never_panics() {
+    let schema = schema();
+    let good = record(zigzag(2));
+    assert!(transcode(&schema, &good).is_ok());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty input", vec![], "truncated"),
+        (
+            "overlong varint",
+            [vec![0xff; 11], good[1..].to_vec()].concat(),
+            "varint",
+        ),
+        (
+            "negative string length",
+            [zigzag(1), zigzag(1), zigzag(-3)].concat(),
+            "negative length",
+        ),
+        (
+            "length past the end",
+            [zigzag(1), zigzag(1), zigzag(1_000_000)].concat(),
+            "past the end",
+        ),
+        (
+            "absurd block count",
+            [zigzag(1), zigzag(1 << 40), string("a")].concat(),
+            "block count",
+        ),
+        (
+            "i64::MIN block count",
+            [zigzag(1), zigzag(i64::MIN)].concat(),
+            "block count",
+        ),
+        ("byte size lies", record([zigzag(-2), zigzag(1)].concat()), "byte size"),
+        ("enum index out of range", record_with(zigzag(2), 7), "enum index"),
+        ("negative enum index", record_with(zigzag(2), -1), "enum index"),
+        ("trailing bytes", [good.clone(), vec![0]].concat(), "bytes remain"),
+        (
+            "huge count of nulls",
+            {
+                let mut r = good.clone();
+                r.pop();
+                [r, zigzag(1 << 30), vec![0]].concat()
+            },
+            "block count",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let err = transcode(&schema, &bytes).expect_err(what);
+        assert!(err.contains(expected), "{what}: {err}");
+        assert!(
+            err.starts_with("malformed Avro") || err.contains("malformed Avro"),
+            "{what}: {err}"
+        );
+    }
+}
+
+#[test]
+fn garbage_never_panics() {
+    let schema = schema();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    let mut scratch = TranscodeScratch::default();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for len in 0..2000usize {
+        let bytes: Vec<u8> = (0..len % 64)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let mut out = Vec::new();
+        let _ = transcoder.transcode(&schema, &bytes, &keys(), &mut scratch, &mut out);
+        assert!(out.len() <= 64 * 200, "output stays proportional to the input");
+    }
+}
