@@ -30,6 +30,47 @@ pub const ENV_PREFIX: &str = "PIIWALL_";
 struct RawConfig {
     keys: RawKeys,
     policy: RawPolicy,
+    kafka: RawKafka,
+    schemas: RawSchemas,
+    pipeline: RawPipeline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKafka {
+    brokers: Option<String>,
+    group_id: Option<String>,
+    inputs: Option<Vec<String>>,
+    output_suffix: Option<String>,
+    quarantine_topic: Option<String>,
+    delivery: Option<String>,
+    headers_allow: Option<Vec<String>>,
+    properties: Option<BTreeMap<String, toml::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSchemas {
+    local: Option<Vec<RawBinding>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBinding {
+    topic: String,
+    schema: PathBuf,
+    id: Option<u32>,
+    sanitized_id: Option<u32>,
+    key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPipeline {
+    batch_size: Option<usize>,
+    lane_capacity: Option<usize>,
+    commit_interval_ms: Option<u64>,
+    drain_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,11 +90,81 @@ struct RawPolicy {
     tags: Option<BTreeMap<String, String>>,
 }
 
+/// Brokers, unless `kafka.brokers` says otherwise.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+/// Consumer group of all instances of one deployment.
+pub const DEFAULT_GROUP_ID: &str = "piiwall";
+/// Output topic = input topic + this suffix.
+pub const DEFAULT_OUTPUT_SUFFIX: &str = ".sanitized";
+pub const DEFAULT_QUARANTINE_TOPIC: &str = "piiwall.quarantine";
+/// Records sanitized and produced together before their offsets are stored.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Records a partition's lane may hold before the consumer waits (backpressure).
+pub const DEFAULT_LANE_CAPACITY: usize = 2_000;
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(1_000);
+/// How long SIGTERM waits for in-flight records before giving up.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Schema id of the writer schema of a local binding, unless set.
+pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub keys: KeysConfig,
     pub policy: PolicySettings,
+    pub kafka: KafkaConfig,
+    pub bindings: Vec<LocalBinding>,
+    pub pipeline: PipelineConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub inputs: Vec<String>,
+    pub output_suffix: String,
+    pub quarantine_topic: String,
+    pub delivery: Delivery,
+    /// Header names copied to the output; all others are dropped (they may carry PII).
+    pub headers_allow: Vec<String>,
+    /// librdkafka properties, passed through (TLS, SASL, tuning).
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    AtLeastOnce,
+}
+
+/// A topic whose records are written with a schema from a local file (no registry).
+#[derive(Debug, Clone)]
+pub struct LocalBinding {
+    pub topic: String,
+    pub schema: PathBuf,
+    /// The schema id producers frame the records with (Confluent wire format).
+    pub id: u32,
+    /// The id sanitized records are framed with.
+    pub sanitized_id: u32,
+    pub key: KeyAction,
+}
+
+/// What happens to a record's key. Keys often hold a customer id or an email.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAction {
+    /// Keyed hash under the domain key: deterministic, so partitioning and compaction still work.
+    Hash,
+    /// Copied as it is (for keys known to hold no PII).
+    Keep,
+    /// Dropped.
+    Redact,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub batch_size: usize,
+    pub lane_capacity: usize,
+    pub commit_interval: Duration,
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +311,127 @@ impl RawConfig {
                 default_domain,
             },
             policy,
+            kafka: self.kafka.validate()?,
+            bindings: self
+                .schemas
+                .local
+                .unwrap_or_default()
+                .into_iter()
+                .map(RawBinding::validate)
+                .collect::<Result<_, _>>()?,
+            pipeline: self.pipeline.validate()?,
+        })
+    }
+}
+
+impl RawKafka {
+    fn validate(self) -> Result<KafkaConfig, ConfigError> {
+        let delivery = match self.delivery.as_deref().unwrap_or("at-least-once") {
+            "at-least-once" => Delivery::AtLeastOnce,
+            "exactly-once" => {
+                return Err(ConfigError(
+                    "kafka.delivery = \"exactly-once\" is not available in this build yet; use \"at-least-once\""
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(ConfigError(format!(
+                    "kafka.delivery must be \"at-least-once\", not \"{other}\""
+                )));
+            }
+        };
+        let output_suffix = self.output_suffix.unwrap_or_else(|| DEFAULT_OUTPUT_SUFFIX.to_owned());
+        if output_suffix.is_empty() {
+            return Err(ConfigError(
+                "kafka.output_suffix must not be empty: outputs would overwrite inputs".into(),
+            ));
+        }
+        let inputs = self.inputs.unwrap_or_default();
+        if let Some(bad) = inputs.iter().find(|t| t.is_empty() || t.ends_with(&output_suffix)) {
+            return Err(ConfigError(format!(
+                "kafka.inputs: \"{bad}\" is empty or already an output topic"
+            )));
+        }
+        let mut properties = BTreeMap::new();
+        for (name, value) in self.properties.unwrap_or_default() {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "kafka.properties.{name} must be a string, number or boolean"
+                    )));
+                }
+            };
+            if matches!(
+                name.as_str(),
+                "enable.auto.offset.store" | "enable.auto.commit" | "group.id" | "bootstrap.servers"
+            ) {
+                return Err(ConfigError(format!(
+                    "kafka.properties.{name} is set by piiwall (offsets are stored only after delivery); use the kafka section"
+                )));
+            }
+            properties.insert(name, text);
+        }
+        Ok(KafkaConfig {
+            brokers: self.brokers.unwrap_or_else(|| DEFAULT_BROKERS.to_owned()),
+            group_id: self.group_id.unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned()),
+            inputs,
+            output_suffix,
+            quarantine_topic: self
+                .quarantine_topic
+                .unwrap_or_else(|| DEFAULT_QUARANTINE_TOPIC.to_owned()),
+            delivery,
+            headers_allow: self.headers_allow.unwrap_or_default(),
+            properties,
+        })
+    }
+}
+
+impl RawBinding {
+    fn validate(self) -> Result<LocalBinding, ConfigError> {
+        let key = match self.key.as_deref().unwrap_or("hash") {
+            "hash" => KeyAction::Hash,
+            "keep" => KeyAction::Keep,
+            "redact" => KeyAction::Redact,
+            other => {
+                return Err(ConfigError(format!(
+                    "schemas.local (topic {}): key must be \"hash\", \"keep\" or \"redact\", not \"{other}\"",
+                    self.topic
+                )));
+            }
+        };
+        let id = self.id.unwrap_or(DEFAULT_LOCAL_SCHEMA_ID);
+        let sanitized_id = self.sanitized_id.unwrap_or(id);
+        Ok(LocalBinding {
+            topic: self.topic,
+            schema: self.schema,
+            id,
+            sanitized_id,
+            key,
+        })
+    }
+}
+
+impl RawPipeline {
+    fn validate(self) -> Result<PipelineConfig, ConfigError> {
+        let positive = |value: Option<usize>, default: usize, name: &str| match value {
+            Some(0) => Err(ConfigError(format!("pipeline.{name} must be at least 1"))),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let drain_timeout = self
+            .drain_timeout_secs
+            .map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_secs);
+        Ok(PipelineConfig {
+            batch_size: positive(self.batch_size, DEFAULT_BATCH_SIZE, "batch_size")?,
+            lane_capacity: positive(self.lane_capacity, DEFAULT_LANE_CAPACITY, "lane_capacity")?,
+            commit_interval: self
+                .commit_interval_ms
+                .map_or(DEFAULT_COMMIT_INTERVAL, Duration::from_millis),
+            drain_timeout,
         })
     }
 }
@@ -279,7 +511,7 @@ mod tests {
     fn bad_configs_name_the_key() {
         let cases = [
             ("[keys]\nstroe = \"x\"\n", "stroe"),
-            ("[kafka]\n", "kafka"),
+            ("[kafak]\n", "kafak"),
             ("[keys]\nstore = \"mysql://x\"\n", "keys.store"),
             ("[keys]\nkek = \"vault:x\"\n", "keys.kek"),
             ("[keys]\ncache_capacity = 0\n", "keys.cache_capacity"),
@@ -287,6 +519,17 @@ mod tests {
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),
+            ("[kafka]\ndelivery = \"exactly-once\"\n", "kafka.delivery"),
+            ("[kafka]\noutput_suffix = \"\"\n", "kafka.output_suffix"),
+            (
+                "[kafka.properties]\n\"enable.auto.commit\" = true\n",
+                "kafka.properties.enable.auto.commit",
+            ),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"s.avsc\"\nkey = \"scramble\"\n",
+                "key must be",
+            ),
+            ("[pipeline]\nbatch_size = 0\n", "pipeline.batch_size"),
         ];
         for (text, named) in cases {
             let err = parse(text, &[]).unwrap_err().to_string();

@@ -128,6 +128,9 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// The broker refused or failed an operation piiwall cannot do without.
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 impl Error {
@@ -135,7 +138,7 @@ impl Error {
         match self {
             Error::Policy(_) | Error::Value(_) | Error::Reveal(_) => ErrorKind::Poison,
             Error::Key(e) => e.kind(),
-            Error::Config(_) | Error::Io { .. } => ErrorKind::Fatal,
+            Error::Config(_) | Error::Io { .. } | Error::Kafka(_) => ErrorKind::Fatal,
         }
     }
 

@@ -35,6 +35,7 @@ pub mod lint;
 pub mod offline;
 pub mod policy;
 pub mod sanitize;
+pub mod stream;
 pub mod transcode;
 
 pub use error::{Error, ErrorKind, Result};

@@ -29,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the stream processor: raw topics in, sanitized topics out (needs --config with a [kafka] section).
+    Run,
     /// Sanitize plain-JSON records (one per line) with an annotated schema.
     Sanitize {
         #[arg(long)]
@@ -104,7 +106,10 @@ enum SchemaCommand {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("piiwall=info")),
+        )
         .with_writer(io::stderr)
         .init();
     let cli = Cli::parse();
@@ -120,6 +125,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Run => {
+            if cli.config.is_none() {
+                bail!("run needs --config FILE (see config/piiwall.toml)");
+            }
+            run_stream(config)
+        }
         Command::Sanitize { schema, input, output } => {
             let compiled = load_schema(&schema, &config)?;
             let sanitizer = sanitizer(&config)?;
@@ -260,6 +271,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Runs the pipeline on a tokio runtime. The first SIGTERM or SIGINT drains and commits; a second exits at once.
+fn run_stream(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = piiwall::stream::Shutdown::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("signal received: draining (a second signal exits at once)");
+            trigger.trigger();
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            eprintln!("piiwall: second signal: exiting without draining");
+            std::process::exit(130);
+        });
+        let summary = piiwall::stream::run(config, shutdown).await?;
+        eprintln!(
+            "piiwall: stopped: {} records sanitized, {} quarantined",
+            summary.sanitized, summary.quarantined
+        );
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn load_schema(path: &Path, config: &Config) -> anyhow::Result<CompiledSchema> {

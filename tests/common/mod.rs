@@ -24,6 +24,23 @@ pub fn keyring_at(dir: &Path) -> Arc<Keyring> {
     )
 }
 
+/// A keyring over `dir/keys.db` whose KEK is the base64 text of a key file.
+pub fn keyring_at_with(dir: &Path, kek_base64: &str) -> Arc<Keyring> {
+    use base64::Engine;
+    let kek = base64::engine::general_purpose::STANDARD
+        .decode(kek_base64.trim())
+        .unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
+    Arc::new(
+        Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&kek).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .unwrap(),
+    )
+}
+
 pub fn sanitizer_at(dir: &Path) -> Sanitizer {
     Sanitizer::new(keyring_at(dir), "default")
 }

@@ -1,0 +1,217 @@
+//! One ordered lane per input partition: take a batch, sanitize it off the reactor, produce every record to the
+//! same partition number of its output topic (or to quarantine), wait for every acknowledgement, and only then
+//! store the batch's last offset. A record is never committed before its output is durably written.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio::sync::mpsc;
+
+use super::process::{Outcome, Processor};
+use crate::error::{Error, ErrorKind};
+use crate::transcode::TranscodeScratch;
+
+/// Header names of a record's source coordinates, on every output and quarantine record.
+pub const SOURCE_TOPIC: &str = "piiwall.source.topic";
+pub const SOURCE_PARTITION: &str = "piiwall.source.partition";
+pub const SOURCE_OFFSET: &str = "piiwall.source.offset";
+/// Header names of quarantine records.
+pub const REASON: &str = "piiwall.reason";
+pub const SCHEMA_ID: &str = "piiwall.schema.id";
+
+const RETRY_START: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// What every lane shares.
+pub struct LaneContext {
+    pub processor: Processor,
+    pub consumer: Arc<StreamConsumer>,
+    pub producer: FutureProducer,
+    pub output_suffix: String,
+    pub quarantine_topic: String,
+    pub headers_allow: Vec<String>,
+    pub batch_size: usize,
+    pub sanitized: AtomicU64,
+    pub quarantined: AtomicU64,
+}
+
+/// Runs the lane of one partition until its channel closes (shutdown or revocation) and is drained.
+pub async fn run(
+    topic: String,
+    partition: i32,
+    mut input: mpsc::Receiver<OwnedMessage>,
+    ctx: Arc<LaneContext>,
+) -> Result<(), Error> {
+    let output_topic = format!("{topic}{}", ctx.output_suffix);
+    let mut scratch = TranscodeScratch::default();
+    tracing::debug!(%topic, partition, "lane started");
+    while let Some(first) = input.recv().await {
+        let mut batch = Vec::with_capacity(ctx.batch_size);
+        batch.push(first);
+        while batch.len() < ctx.batch_size {
+            match input.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        let (returned, outcomes) = process_with_retry(batch, scratch, &ctx).await?;
+        scratch = returned.1;
+        let batch = returned.0;
+
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let (mut sanitized, mut quarantined) = (0, 0);
+        for (message, outcome) in batch.iter().zip(&outcomes) {
+            let delivery = match outcome {
+                Outcome::Output { key, value } => {
+                    sanitized += 1;
+                    let headers = headers(message, &ctx.headers_allow);
+                    let mut record = FutureRecord::to(&output_topic).partition(partition).headers(headers);
+                    record = with_payload(record, key.as_deref(), value.as_deref());
+                    send(&ctx.producer, record).await?
+                }
+                Outcome::Quarantine {
+                    key,
+                    value,
+                    reason,
+                    schema_id,
+                } => {
+                    quarantined += 1;
+                    tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
+                    let mut headers = headers(message, &[]).insert(Header {
+                        key: REASON,
+                        value: Some(reason.as_bytes()),
+                    });
+                    if let Some(id) = schema_id {
+                        headers = headers.insert(Header {
+                            key: SCHEMA_ID,
+                            value: Some(id.to_string().as_bytes()),
+                        });
+                    }
+                    let record = FutureRecord::to(&ctx.quarantine_topic).headers(headers);
+                    send(&ctx.producer, with_payload(record, key.as_deref(), Some(value))).await?
+                }
+            };
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(Error::Kafka(format!("an output record was not delivered: {e}"))),
+                Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
+            }
+        }
+        let last = batch.last().expect("a batch has at least one record").offset();
+        if let Err(e) = ctx.consumer.store_offset(&topic, partition, last) {
+            // The partition was revoked meanwhile: its new owner processes these records again (at-least-once).
+            tracing::info!(%topic, partition, error = %e, "offset not stored: partition no longer assigned");
+        }
+        ctx.sanitized.fetch_add(sanitized, Ordering::Relaxed);
+        ctx.quarantined.fetch_add(quarantined, Ordering::Relaxed);
+        metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "sanitized")
+            .increment(sanitized);
+        metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "quarantined")
+            .increment(quarantined);
+    }
+    tracing::debug!(%topic, partition, "lane drained");
+    Ok(())
+}
+
+type Returned = (Vec<OwnedMessage>, TranscodeScratch);
+
+/// Sanitizes a batch on the blocking pool; a dependency that does not answer (key store) is retried with backoff,
+/// the batch kept: nothing is quarantined or skipped for it.
+async fn process_with_retry(
+    batch: Vec<OwnedMessage>,
+    scratch: TranscodeScratch,
+    ctx: &Arc<LaneContext>,
+) -> Result<(Returned, Vec<Outcome>), Error> {
+    let mut held = (batch, scratch);
+    let mut wait = RETRY_START;
+    loop {
+        let lane = ctx.clone();
+        let (batch, mut scratch) = held;
+        let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
+            let result: Result<Vec<Outcome>, Error> = batch
+                .iter()
+                .map(|message| lane.processor.process(message, &mut scratch))
+                .collect();
+            (batch, scratch, result)
+        })
+        .await
+        .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
+        match result {
+            Ok(outcomes) => return Ok(((batch, scratch), outcomes)),
+            Err(e) if e.kind() == ErrorKind::Retriable => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "dependency unavailable: batch waits");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
+                held = (batch, scratch);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn with_payload<'a>(
+    record: FutureRecord<'a, [u8], [u8]>,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let record = match key {
+        Some(key) => record.key(key),
+        None => record,
+    };
+    match value {
+        Some(value) => record.payload(value),
+        None => record,
+    }
+}
+
+/// Source coordinates, and the allowlisted input headers (every other header may carry PII and is dropped).
+fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: SOURCE_TOPIC,
+            value: Some(message.topic().as_bytes()),
+        })
+        .insert(Header {
+            key: SOURCE_PARTITION,
+            value: Some(message.partition().to_string().as_bytes()),
+        })
+        .insert(Header {
+            key: SOURCE_OFFSET,
+            value: Some(message.offset().to_string().as_bytes()),
+        });
+    if let Some(input) = message.headers() {
+        for header in input.iter().filter(|h| allow.iter().any(|a| a == h.key)) {
+            headers = headers.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+    }
+    headers
+}
+
+/// Enqueues a record, waiting while the producer's queue is full.
+async fn send<'a>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, [u8], [u8]>,
+) -> Result<DeliveryFuture, Error> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(Error::Kafka(format!("cannot enqueue an output record: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! `piiwall run`: the stream processor.
+//!
+//! ```text
+//!  consumer (group) ──► lane per partition (bounded) ──► sanitize batch (blocking pool)
+//!        ▲                                                  │
+//!        └── offsets stored after every ack ◄── produce to <topic>.sanitized, same partition (or quarantine)
+//! ```
+//!
+//! Delivery is at-least-once: a record's offset is stored only once its output (or its quarantine copy) is
+//! acknowledged, and stored offsets are committed every `pipeline.commit_interval_ms` and at shutdown. Every output
+//! record carries its source topic, partition and offset in headers, so a consumer can drop the duplicates a crash
+//! or a rebalance can cause. Schemas come from local bindings (`[[schemas.local]]`) in this version.
+
+mod framing;
+mod lane;
+mod process;
+mod routes;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use framing::{parse as parse_frame, write_header as write_frame_header};
+pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
+pub use process::QUARANTINE_DOMAIN;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::Keyring;
+use crate::sanitize::Sanitizer;
+use lane::LaneContext;
+use process::Processor;
+use routes::Routes;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running lane: its input channel and its task.
+type Lane = (
+    mpsc::Sender<rdkafka::message::OwnedMessage>,
+    JoinHandle<Result<(), Error>>,
+);
+
+/// Tells a running pipeline to stop: it stops consuming, drains what it holds, commits, and returns.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self(watch::channel(false).0)
+    }
+
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn listen(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub sanitized: u64,
+    pub quarantined: u64,
+}
+
+/// Runs the stream processor until `shutdown` fires or a fatal error occurs.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
+    if config.kafka.inputs.is_empty() {
+        return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
+    }
+    let keys = config.keys.clone();
+    let keyring = tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
+        .await
+        .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
+    let sanitizer = Arc::new(Sanitizer::new(Arc::new(keyring), config.keys.default_domain.clone()));
+    let routes = Arc::new(Routes::compile(&config));
+
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (name, value) in &config.kafka.properties {
+        client.set(name, value);
+    }
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        client
+            .clone()
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
+    );
+    let producer: FutureProducer = client
+        .clone()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create the producer: {e}")))?;
+    let admin: AdminClient<DefaultClientContext> = client
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create the admin client: {e}")))?;
+    ensure_topics(&admin, &consumer, &config).await?;
+
+    let inputs: Vec<&str> = config.kafka.inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&inputs)
+        .map_err(|e| Error::Kafka(format!("cannot subscribe to kafka.inputs: {e}")))?;
+    tracing::info!(inputs = ?config.kafka.inputs, group = %config.kafka.group_id, "piiwall running");
+
+    let ctx = Arc::new(LaneContext {
+        processor: Processor {
+            routes,
+            sanitizer,
+            default_domain: config.keys.default_domain.clone(),
+        },
+        consumer: consumer.clone(),
+        producer,
+        output_suffix: config.kafka.output_suffix.clone(),
+        quarantine_topic: config.kafka.quarantine_topic.clone(),
+        headers_allow: config.kafka.headers_allow.clone(),
+        batch_size: config.pipeline.batch_size,
+        sanitized: AtomicU64::new(0),
+        quarantined: AtomicU64::new(0),
+    });
+    let mut lanes: HashMap<(String, i32), Lane> = HashMap::new();
+    let mut stop = shutdown.listen();
+    let mut commit = tokio::time::interval(config.pipeline.commit_interval);
+    let mut failure = None;
+
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = commit.tick() => commit_stored(&consumer, CommitMode::Async),
+            received = consumer.recv() => {
+                let message = match received {
+                    Ok(message) => message.detach(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        continue;
+                    }
+                };
+                let lane_key = (message.topic().to_owned(), message.partition());
+                if lanes.get(&lane_key).is_some_and(|(_, task)| task.is_finished()) {
+                    let (_, task) = lanes.remove(&lane_key).expect("present");
+                    if let Err(e) = task.await.unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into()))) {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                let (sender, _) = lanes.entry(lane_key.clone()).or_insert_with(|| {
+                    let (sender, receiver) = mpsc::channel(config.pipeline.lane_capacity);
+                    let task = tokio::spawn(lane::run(lane_key.0.clone(), lane_key.1, receiver, ctx.clone()));
+                    (sender, task)
+                });
+                // Waits while the lane is full: backpressure reaches the consumer.
+                if sender.send(message).await.is_err() {
+                    let (_, task) = lanes.remove(&lane_key).expect("present");
+                    failure = Some(task.await.unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into()))).err()
+                        .unwrap_or_else(|| Error::Kafka("a lane stopped".into())));
+                    break;
+                }
+            }
+        }
+    }
+
+    // Drain: close every lane, let each finish what it holds, then commit what they stored.
+    tracing::info!(lanes = lanes.len(), "draining");
+    let drain = async {
+        let mut first_error = None;
+        for (_, (sender, task)) in lanes.drain() {
+            drop(sender);
+            if let Err(e) = task
+                .await
+                .unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into())))
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    };
+    match tokio::time::timeout(config.pipeline.drain_timeout, drain).await {
+        Ok(Some(e)) => {
+            failure.get_or_insert(e);
+        }
+        Ok(None) => {}
+        Err(_) => tracing::error!("drain timed out: records in flight will be processed again after restart"),
+    }
+    commit_stored(&consumer, CommitMode::Sync);
+    let summary = Summary {
+        sanitized: ctx.sanitized.load(Ordering::Relaxed),
+        quarantined: ctx.quarantined.load(Ordering::Relaxed),
+    };
+    tracing::info!(
+        sanitized = summary.sanitized,
+        quarantined = summary.quarantined,
+        "stopped"
+    );
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+fn commit_stored(consumer: &StreamConsumer, mode: CommitMode) {
+    if let Err(e) = consumer.commit_consumer_state(mode) {
+        // Nothing stored since the last commit is the common case, not a problem.
+        tracing::debug!(error = %e, "commit skipped");
+    }
+}
+
+/// Creates missing output topics with their input's partition count, and the quarantine topic.
+async fn ensure_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    consumer: &StreamConsumer,
+    config: &Config,
+) -> Result<(), Error> {
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for input in &config.kafka.inputs {
+        let metadata = consumer
+            .fetch_metadata(Some(input), METADATA_TIMEOUT)
+            .map_err(|e| Error::Kafka(format!("cannot read the metadata of input topic {input}: {e}")))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(Error::Kafka(format!(
+                "input topic {input} does not exist (kafka.inputs)"
+            )));
+        }
+        wanted.push((format!("{input}{}", config.kafka.output_suffix), partitions as i32));
+    }
+    wanted.push((config.kafka.quarantine_topic.clone(), 1));
+    let mut missing = Vec::new();
+    for (topic, partitions) in &wanted {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+            .map_err(|e| Error::Kafka(format!("cannot read the metadata of topic {topic}: {e}")))?;
+        if metadata.topics().first().is_none_or(|t| t.partitions().is_empty()) {
+            missing.push(NewTopic::new(topic, *partitions, TopicReplication::Fixed(1)));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let results = admin
+        .create_topics(&missing, &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)))
+        .await
+        .map_err(|e| Error::Kafka(format!("cannot create topics: {e}")))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, "topic created"),
+            Err((topic, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(%topic, "topic exists")
+            }
+            Err((topic, code)) => return Err(Error::Kafka(format!("cannot create topic {topic}: {code}"))),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! The stream processor against a real broker (Tansu, started by scripts/test-services): every record arrives
+//! sanitized in per-partition order on the same partition number; poison records land in quarantine, encrypted,
+//! with their reason; offsets are committed only for delivered records, so a restart resumes without loss or
+//! duplicates. Each test uses its own topics and consumer group.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use piiwall::codec::json::JsonCodec;
+use piiwall::config::Config;
+use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown, Summary};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::{Value as Json, json};
+
+const PARTITIONS: i32 = 3;
+const SCHEMA_ID: u32 = 7;
+const SANITIZED_ID: u32 = 1007;
+
+fn broker() -> String {
+    std::env::var("PIIWALL_TEST_KAFKA").expect(
+        "these tests need the test broker: run `bash scripts/test`, or `bash scripts/test-services` and export the \
+         PIIWALL_TEST_KAFKA it prints",
+    )
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results.into_iter().for_each(|r| {
+        r.unwrap();
+    });
+}
+
+fn customer(i: usize) -> Json {
+    json!({
+        "customer_id": format!("cus_{i:05}"),
+        "email": format!("person{i}@example.com"),
+        "full_name": format!("Person Number{i}"),
+        "date_of_birth": 7000 + i,
+        "address": {"street": format!("{i} Secret Lane"), "city": "Leeds", "postcode": format!("LS{i} 9ZZ"), "country": "GB"},
+        "phones": [{"kind": "MOBILE", "number": format!("+44 7700 9{i:05}")}],
+        "notes": format!("private note {i}"),
+        "updated_at": 1_764_150_000_000i64 + i as i64
+    })
+}
+
+/// The PII strings of a customer that must never leave in clear.
+fn pii_of(i: usize) -> Vec<String> {
+    vec![
+        format!("person{i}@example.com"),
+        format!("Person Number{i}"),
+        format!("{i} Secret Lane"),
+        format!("+44 7700 9{i:05}"),
+        format!("private note {i}"),
+    ]
+}
+
+fn framed(schema: &CompiledSchema, record: &Json) -> Vec<u8> {
+    let value = JsonCodec::new(&schema.writer).to_value(record).unwrap();
+    let mut out = Vec::new();
+    stream::write_frame_header(SCHEMA_ID, &mut out);
+    GenericDatumWriter::builder(&schema.writer)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut out, &value)
+        .unwrap();
+    out
+}
+
+fn schema_path() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas/customer_profile.avsc")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn config(dir: &Path, input: &str, group: &str) -> Config {
+    std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    let text = format!(
+        r#"
+[keys]
+store = "sqlite:{dir}/keys.db"
+kek = "file:{dir}/kek.key"
+
+[kafka]
+brokers = "{broker}"
+group_id = "{group}"
+inputs = ["{input}"]
+quarantine_topic = "{input}.quarantine"
+headers_allow = ["trace-id"]
+
+[[schemas.local]]
+topic = "{input}"
+schema = "{schema}"
+id = {SCHEMA_ID}
+sanitized_id = {SANITIZED_ID}
+
+[pipeline]
+batch_size = 50
+commit_interval_ms = 200
+"#,
+        dir = dir.display(),
+        broker = broker(),
+        schema = schema_path(),
+    );
+    Config::parse(&text, std::iter::empty(), "test config").unwrap()
+}
+
+async fn produce(topic: &str, records: Vec<(i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders)>) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    for (partition, key, value, headers) in records {
+        let mut record = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(&value)
+            .headers(headers);
+        if let Some(key) = &key {
+            record = record.key(key);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Reads `topic` from the start until `count` records arrived (or the deadline passed).
+fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        // The topic may not exist yet when reading starts: look again soon.
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < count && start.elapsed() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(message.detach());
+        }
+    }
+    out
+}
+
+fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+fn header_i64(message: &OwnedMessage, name: &str) -> i64 {
+    std::str::from_utf8(header(message, name).expect(name))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The offsets the group committed on `topic`, by partition.
+fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("customers");
+    let group = unique("piiwall");
+    create_topic(&input, PARTITIONS).await;
+    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+
+    const N: usize = 120;
+    let mut records = Vec::new();
+    for i in 0..N {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "trace-id",
+                value: Some(format!("t{i}").as_bytes()),
+            })
+            .insert(Header {
+                key: "x-user-email",
+                value: Some(format!("person{i}@example.com").as_bytes()),
+            });
+        records.push((
+            (i % 3) as i32,
+            Some(format!("cus_{i:05}").into_bytes()),
+            framed(&schema, &customer(i)),
+            headers,
+        ));
+    }
+    let mut truncated = framed(&schema, &customer(999));
+    truncated.truncate(truncated.len() - 3);
+    let mut unknown_id = framed(&schema, &customer(998));
+    unknown_id[4] = 99;
+    let poison = [
+        (
+            0,
+            b"plain text with person997@example.com".to_vec(),
+            "not Confluent wire format",
+        ),
+        (1, unknown_id, "unknown schema id 99"),
+        (2, truncated, "malformed Avro"),
+    ];
+    for (partition, value, _) in &poison {
+        records.push((
+            *partition,
+            Some(b"poison-key".to_vec()),
+            value.clone(),
+            OwnedHeaders::new(),
+        ));
+    }
+    produce(&input, records).await;
+
+    let output = format!("{input}.sanitized");
+    let quarantine = format!("{input}.quarantine");
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let sanitized = tokio::task::spawn_blocking({
+        let output = output.clone();
+        move || consume(&output, N, Duration::from_secs(90))
+    })
+    .await
+    .unwrap();
+    let quarantined = tokio::task::spawn_blocking({
+        let quarantine = quarantine.clone();
+        move || consume(&quarantine, 3, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    // Give the committer a moment, then stop: drain, commit, return.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    shutdown.trigger();
+    let summary = task.await.unwrap().expect("the pipeline stops cleanly");
+    assert_eq!(
+        summary,
+        Summary {
+            sanitized: N as u64,
+            quarantined: 3
+        }
+    );
+
+    // Every record arrived once, on its input's partition number, in order.
+    assert_eq!(sanitized.len(), N, "every record arrives on the output topic");
+    let mut last_offset: HashMap<i32, i64> = HashMap::new();
+    let reader = GenericDatumReader::builder(&schema.sanitized).build().unwrap();
+    for message in &sanitized {
+        assert_eq!(header(message, SOURCE_TOPIC), Some(input.as_bytes()));
+        let source_partition = header_i64(message, SOURCE_PARTITION) as i32;
+        assert_eq!(
+            message.partition(),
+            source_partition,
+            "output partition = input partition"
+        );
+        let offset = header_i64(message, SOURCE_OFFSET);
+        if let Some(previous) = last_offset.insert(source_partition, offset) {
+            assert!(offset > previous, "per-partition order is kept");
+        }
+        assert!(header(message, "trace-id").is_some(), "allowlisted headers are kept");
+        assert!(header(message, "x-user-email").is_none(), "other headers are dropped");
+        let (id, payload) = stream::parse_frame(message.payload().unwrap()).unwrap();
+        assert_eq!(id, SANITIZED_ID);
+        let value = reader
+            .read_value(&mut &payload[..])
+            .expect("decodes with the sanitized schema");
+        assert!(value.validate(&schema.sanitized));
+        let key = message.key().unwrap();
+        assert!(key.starts_with(b"pwh1."), "keys are hashed by default");
+    }
+
+    // Quarantine: each poison record, encrypted, with its reason and coordinates.
+    assert_eq!(quarantined.len(), 3);
+    let keyring = common::keyring_at_with(
+        dir.path(),
+        &std::fs::read_to_string(dir.path().join("kek.key")).unwrap(),
+    );
+    for (partition, original, reason) in &poison {
+        let copy = quarantined
+            .iter()
+            .find(|m| header_i64(m, SOURCE_PARTITION) as i32 == *partition)
+            .expect("each poison record is quarantined");
+        let why = std::str::from_utf8(header(copy, REASON).unwrap()).unwrap();
+        assert!(why.contains(reason), "{why}");
+        let token = std::str::from_utf8(copy.payload().unwrap()).unwrap();
+        assert!(token.starts_with("pwe1."), "the original bytes are encrypted");
+        let revealed = piiwall::sanitize::reveal(&keyring, "quarantine.value", token).unwrap();
+        let bytes: Vec<u8> = revealed.as_str().unwrap().chars().map(|c| c as u8).collect();
+        assert_eq!(
+            &bytes, original,
+            "the quarantine copy decrypts to the original bytes, for replay"
+        );
+    }
+
+    // No input PII anywhere in what left: values, keys, headers.
+    let mut everything = Vec::new();
+    for message in sanitized.iter().chain(&quarantined) {
+        everything.extend_from_slice(message.payload().unwrap_or_default());
+        everything.extend_from_slice(message.key().unwrap_or_default());
+        for h in message
+            .headers()
+            .map(|h| h.iter().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            everything.extend_from_slice(h.value.unwrap_or_default());
+        }
+    }
+    let everything = String::from_utf8_lossy(&everything);
+    for i in (0..N).chain([997, 998, 999]) {
+        for pii in pii_of(i) {
+            assert!(!everything.contains(&pii), "a PII value left in clear");
+        }
+    }
+
+    // Offsets were committed for everything, so a restart finds nothing to redo.
+    let committed = tokio::task::spawn_blocking({
+        let (group, input) = (group.clone(), input.clone());
+        move || committed(&group, &input)
+    })
+    .await
+    .unwrap();
+    let expected: HashMap<i32, i64> = (0..PARTITIONS).map(|p| (p, (N / 3) as i64 + 1)).collect();
+    assert_eq!(committed, expected, "each partition committed past its last record");
+}
