@@ -128,7 +128,10 @@ commit_interval_ms = 200
     Config::parse(&text, std::iter::empty(), "test config").unwrap()
 }
 
-async fn produce(topic: &str, records: Vec<(i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders)>) {
+/// (partition, key, value, headers) of a record to produce.
+type Outgoing = (i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+
+async fn produce(topic: &str, records: Vec<Outgoing>) {
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
     for (partition, key, value, headers) in records {
         let mut record = FutureRecord::to(topic)
