@@ -29,6 +29,7 @@
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod lint;

@@ -3,6 +3,7 @@
 //! apache-avro's own error messages can quote the value being read or written; these never leave this module:
 //! the errors here say what went wrong, not with what.
 
+use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -10,29 +11,47 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use crate::error::ValueError;
 use crate::policy::CompiledSchema;
 
-/// Decoder for the writer schema and encoder for the sanitized schema of one compiled schema.
+/// A decoder for one schema and an encoder for another.
 pub struct ValueCodec<'s> {
     reader: GenericDatumReader<'s>,
     writer: GenericDatumWriter<'s>,
 }
 
 impl<'s> ValueCodec<'s> {
+    /// The reference path: decodes the writer schema, encodes the sanitized schema.
     pub fn new(schema: &'s CompiledSchema) -> Self {
-        let reader = GenericDatumReader::builder(&schema.writer)
-            .build()
-            .expect("a compiled writer schema resolves");
-        let writer = GenericDatumWriter::builder(&schema.sanitized)
-            .build()
-            .expect("a compiled sanitized schema resolves");
-        Self { reader, writer }
+        Self::between(&schema.writer, &schema.sanitized)
     }
 
-    /// Decodes one record of the writer schema; every byte must belong to it.
+    /// Decodes and encodes the writer schema: what producers write.
+    pub fn for_writer(schema: &'s CompiledSchema) -> Self {
+        Self::between(&schema.writer, &schema.writer)
+    }
+
+    /// Decodes and encodes the sanitized schema: what consumers of the output read.
+    pub fn for_sanitized(schema: &'s CompiledSchema) -> Self {
+        Self::between(&schema.sanitized, &schema.sanitized)
+    }
+
+    fn between(read: &'s Schema, write: &'s Schema) -> Self {
+        Self {
+            reader: GenericDatumReader::builder(read)
+                .build()
+                .expect("a compiled schema resolves"),
+            writer: GenericDatumWriter::builder(write)
+                .build()
+                .expect("a compiled schema resolves"),
+        }
+    }
+
+    /// Decodes one record; every byte must belong to it.
     pub fn decode(&self, mut bytes: &[u8]) -> Result<Value, ValueError> {
-        let value = self
-            .reader
-            .read_value(&mut bytes)
-            .map_err(|_| ValueError::new("", "the bytes are not a record of the writer schema (truncated, corrupted, or written with another schema)"))?;
+        let value = self.reader.read_value(&mut bytes).map_err(|_| {
+            ValueError::new(
+                "",
+                "the bytes are not a record of the writer schema (truncated, corrupted, or written with another schema)",
+            )
+        })?;
         if !bytes.is_empty() {
             return Err(ValueError::new(
                 "",
@@ -45,11 +64,11 @@ impl<'s> ValueCodec<'s> {
         Ok(value)
     }
 
-    /// Encodes a sanitized record, appending to `out`.
+    /// Encodes a record, appending to `out`.
     pub fn encode(&self, value: &Value, out: &mut Vec<u8>) -> Result<(), ValueError> {
         self.writer
             .write_value_ref(out, value)
             .map(drop)
-            .map_err(|_| ValueError::new("", "the sanitized record does not fit the sanitized schema"))
+            .map_err(|_| ValueError::new("", "the record does not fit its schema"))
     }
 }

@@ -1,0 +1,279 @@
+//! `piiwall demo`: the whole pipeline on librdkafka's in-process mock cluster, with the example schemas and sample
+//! records built into the binary. It produces raw records, runs the firewall, prints raw and sanitized records side
+//! by side and what went to quarantine, reveals one token, forgets one customer, and exits. No servers, no config.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use serde_json::Value as Json;
+
+use crate::codec::json::JsonCodec;
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::Keyring;
+use crate::policy::{CompiledSchema, compile};
+use crate::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown};
+
+struct Example {
+    topic: &'static str,
+    file: &'static str,
+    schema: &'static str,
+    samples: &'static str,
+    id: u32,
+}
+
+const EXAMPLES: [Example; 3] = [
+    Example {
+        topic: "demo.customers",
+        file: "customer_profile.avsc",
+        schema: include_str!("../schemas/customer_profile.avsc"),
+        samples: include_str!("../schemas/samples/customer_profile.jsonl"),
+        id: 1,
+    },
+    Example {
+        topic: "demo.payments",
+        file: "payment.avsc",
+        schema: include_str!("../schemas/payment.avsc"),
+        samples: include_str!("../schemas/samples/payment.jsonl"),
+        id: 2,
+    },
+    Example {
+        topic: "demo.clicks",
+        file: "clickstream.avsc",
+        schema: include_str!("../schemas/clickstream.avsc"),
+        samples: include_str!("../schemas/samples/clickstream.jsonl"),
+        id: 3,
+    },
+];
+
+const PARTITIONS: i32 = 2;
+const SANITIZED_ID_OFFSET: u32 = 100;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn kafka(e: impl std::fmt::Display) -> Error {
+    Error::Kafka(format!("demo: {e}"))
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::io("demo", e)
+}
+
+/// Runs the demo, printing to `out`.
+pub async fn run(out: &mut impl Write) -> Result<(), Error> {
+    let dir = std::env::temp_dir().join(format!("piiwall-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let result = run_in(&dir, out).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error> {
+    let cluster = MockCluster::new(1).map_err(kafka)?;
+    let brokers = cluster.bootstrap_servers();
+    for example in &EXAMPLES {
+        for topic in [example.topic.to_owned(), format!("{}.sanitized", example.topic)] {
+            cluster.create_topic(&topic, PARTITIONS, 1).map_err(kafka)?;
+        }
+    }
+    cluster.create_topic("demo.quarantine", 1, 1).map_err(kafka)?;
+
+    let kek = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    std::fs::write(dir.join("kek.key"), kek).map_err(io)?;
+    let mut text = format!(
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
+         group_id = \"piiwall-demo\"\ninputs = [{inputs}]\nquarantine_topic = \"demo.quarantine\"\n\n\
+         [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n",
+        dir = dir.display(),
+        inputs = EXAMPLES
+            .iter()
+            .map(|e| format!("\"{}\"", e.topic))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let mut schemas = Vec::new();
+    for example in &EXAMPLES {
+        let path: PathBuf = dir.join(example.file);
+        std::fs::write(&path, example.schema).map_err(io)?;
+        text.push_str(&format!(
+            "\n[[schemas.local]]\ntopic = \"{}\"\nschema = \"{}\"\nid = {}\nsanitized_id = {}\nkey = \"keep\"\n",
+            example.topic,
+            path.display(),
+            example.id,
+            example.id + SANITIZED_ID_OFFSET
+        ));
+        schemas.push(compile(example.schema, &crate::policy::PolicySettings::default())?);
+    }
+    let config = Config::parse(&text, std::iter::empty(), "the demo's config")?;
+
+    // Raw records, as producers write them: Confluent wire format, schema id in front.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .map_err(kafka)?;
+    let mut raw: Vec<(String, i32, i64, Json)> = Vec::new();
+    for (example, schema) in EXAMPLES.iter().zip(&schemas) {
+        let writer = crate::codec::avro::ValueCodec::for_writer(schema);
+        for (i, line) in example.samples.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
+            let value = JsonCodec::new(&schema.writer).to_value(&json)?;
+            let mut framed = Vec::new();
+            stream::write_frame_header(example.id, &mut framed);
+            writer.encode(&value, &mut framed)?;
+            let partition = i as i32 % PARTITIONS;
+            let delivery = producer
+                .send(
+                    FutureRecord::<(), _>::to(example.topic)
+                        .partition(partition)
+                        .payload(&framed),
+                    WAIT,
+                )
+                .await
+                .map_err(|(e, _)| kafka(e))?;
+            raw.push((example.topic.to_owned(), partition, delivery.offset, json));
+        }
+    }
+    producer
+        .send(
+            FutureRecord::<(), _>::to("demo.payments")
+                .partition(0)
+                .payload("card=4111111111111111;name=Eve"),
+            WAIT,
+        )
+        .await
+        .map_err(|(e, _)| kafka(e))?;
+
+    // The firewall, until every record came out.
+    let shutdown = Shutdown::new();
+    let pipeline = tokio::spawn(stream::run(config.clone(), shutdown.clone()));
+    let mut topics: Vec<String> = EXAMPLES.iter().map(|e| format!("{}.sanitized", e.topic)).collect();
+    topics.push("demo.quarantine".to_owned());
+    let expected = raw.len() + 1;
+    let read_all = tokio::task::spawn_blocking({
+        let brokers = brokers.clone();
+        move || read(&brokers, &topics, expected)
+    });
+    let (quarantined, sanitized): (Vec<OwnedMessage>, Vec<OwnedMessage>) = read_all
+        .await
+        .map_err(kafka)?
+        .into_iter()
+        .partition(|m| m.topic() == "demo.quarantine");
+    shutdown.trigger();
+    let summary = pipeline.await.map_err(kafka)??;
+
+    let w = |out: &mut dyn Write, line: String| writeln!(out, "{line}").map_err(io);
+    w(
+        out,
+        "piiwall demo: raw topics -> piiwall -> sanitized topics, on an in-process Kafka mock cluster\n".into(),
+    )?;
+    for (topic, partition, offset, json) in &raw {
+        let Some(message) = sanitized.iter().find(|m| {
+            header(m, SOURCE_TOPIC).as_deref() == Some(topic.as_str())
+                && header(m, SOURCE_PARTITION) == Some(partition.to_string())
+                && header(m, SOURCE_OFFSET) == Some(offset.to_string())
+        }) else {
+            continue;
+        };
+        let schema = &schemas[EXAMPLES.iter().position(|e| e.topic == topic).expect("a demo topic")];
+        let (_, payload) = stream::parse_frame(message.payload().unwrap_or_default()).map_err(kafka)?;
+        let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
+        w(out, format!("{topic} [partition {partition}, offset {offset}]"))?;
+        w(out, format!("  raw       {json}"))?;
+        w(
+            out,
+            format!("  sanitized {}\n", JsonCodec::new(&schema.sanitized).to_json(&value)),
+        )?;
+    }
+    for message in &quarantined {
+        w(
+            out,
+            format!("quarantined: {}", header(message, REASON).unwrap_or_default()),
+        )?;
+        w(
+            out,
+            "  (the original bytes are kept encrypted, for replay once the cause is fixed)\n".into(),
+        )?;
+    }
+    w(
+        out,
+        format!(
+            "{} records sanitized, {} quarantined\n",
+            summary.sanitized, summary.quarantined
+        ),
+    )?;
+
+    show_reveal_and_forget(&config, &schemas[0], &sanitized, out)?;
+    Ok(())
+}
+
+/// Reveals the first customer's email, forgets that customer, and shows the token no longer reveals.
+fn show_reveal_and_forget(
+    config: &Config,
+    schema: &CompiledSchema,
+    sanitized: &[OwnedMessage],
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let keyring = Arc::new(Keyring::from_config(&config.keys)?);
+    let first = sanitized
+        .iter()
+        .filter(|m| header(m, SOURCE_TOPIC).as_deref() == Some("demo.customers"))
+        .find(|m| {
+            header(m, SOURCE_OFFSET).as_deref() == Some("0") && header(m, SOURCE_PARTITION).as_deref() == Some("0")
+        });
+    let Some(first) = first else { return Ok(()) };
+    let (_, payload) = stream::parse_frame(first.payload().unwrap_or_default()).map_err(kafka)?;
+    let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
+    let json = JsonCodec::new(&schema.sanitized).to_json(&value);
+    let token = json["email"].as_str().unwrap_or_default();
+    writeln!(out, "reveal --field email {token}").map_err(io)?;
+    writeln!(out, "  -> {}", crate::sanitize::reveal(&keyring, "email", token)?).map_err(io)?;
+    let destroyed = keyring.forget_subject("cus_0001")?;
+    writeln!(out, "forget cus_0001  ({destroyed} key version destroyed)").map_err(io)?;
+    match crate::sanitize::reveal(&keyring, "email", token) {
+        Ok(_) => writeln!(out, "  -> still revealable: this is a bug").map_err(io)?,
+        Err(e) => writeln!(out, "reveal --field email {token}\n  -> {e}").map_err(io)?,
+    }
+    Ok(())
+}
+
+fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Reads `topics` from the start until `count` records arrived, or the wait is over.
+fn read(brokers: &str, topics: &[String], count: usize) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "piiwall-demo-reader")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+    {
+        Ok(consumer) => consumer,
+        Err(_) => return Vec::new(),
+    };
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    if consumer.subscribe(&topics).is_err() {
+        return Vec::new();
+    }
+    let start = Instant::now();
+    let mut messages = Vec::new();
+    while messages.len() < count && start.elapsed() < WAIT {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            messages.push(message.detach());
+        }
+    }
+    messages
+}

@@ -1,0 +1,40 @@
+//! `piiwall demo`: the README's first command, run as a user runs it.
+
+use std::process::Command;
+
+#[test]
+fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
+    let output = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .arg("demo")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("7 records sanitized, 1 quarantined"), "{stdout}");
+    assert_eq!(stdout.matches("  sanitized ").count(), 7);
+    for line in stdout.lines().filter(|l| l.starts_with("  sanitized ")) {
+        for pii in [
+            "ada.lovelace@example.com",
+            "Ada Lovelace",
+            "4111111111111111",
+            "203.0.113.42",
+            "DE89370400440532013000",
+        ] {
+            assert!(!line.contains(pii), "a sanitized record shows PII: {line}");
+        }
+    }
+    assert!(stdout.contains("quarantined: not Confluent wire format"));
+    assert!(
+        stdout.contains("-> \"ada.lovelace@example.com\""),
+        "the reveal gives the email back"
+    );
+    assert!(
+        stdout.contains("-> subject forgotten"),
+        "after forget the same token no longer reveals"
+    );
+}
