@@ -2,15 +2,20 @@
 //!
 //! A line that cannot be sanitized is reported (line number and field path, never the value) and skipped; the
 //! rest go on. A key store or KEK failure stops the run: it would fail every line the same way.
+//!
+//! Each record takes the stream processor's path: JSON is encoded as Avro with the writer schema, sanitized by the
+//! binary transcoder, and the result decoded with the sanitized schema back to JSON.
 
 use std::io::{BufRead, Write};
 
 use serde_json::Value as Json;
 
+use crate::codec::avro::ValueCodec;
 use crate::codec::json::JsonCodec;
 use crate::error::{Error, ErrorKind};
 use crate::policy::CompiledSchema;
 use crate::sanitize::Sanitizer;
+use crate::transcode::{TranscodeScratch, Transcoder};
 
 /// How a run went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +34,10 @@ pub fn sanitize_lines(
 ) -> Result<Summary, Error> {
     let reader = JsonCodec::new(&schema.writer);
     let writer = JsonCodec::new(&schema.sanitized);
+    let (raw_codec, sanitized_codec) = (ValueCodec::for_writer(schema), ValueCodec::for_sanitized(schema));
+    let transcoder = Transcoder::new(schema)?;
+    let mut scratch = TranscodeScratch::default();
+    let (mut raw, mut sanitized) = (Vec::new(), Vec::new());
     let mut summary = Summary::default();
     for (index, line) in input.lines().enumerate() {
         let number = index + 1;
@@ -39,9 +48,12 @@ pub fn sanitize_lines(
         let result = serde_json::from_str::<Json>(&line)
             .map_err(|e| crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e))).into())
             .and_then(|json| reader.to_value(&json).map_err(Error::from))
-            .and_then(|mut value| {
-                sanitizer.sanitize(schema, &mut value)?;
-                Ok(value)
+            .and_then(|value| {
+                raw.clear();
+                raw_codec.encode(&value, &mut raw)?;
+                sanitized.clear();
+                sanitizer.sanitize_binary(schema, &transcoder, &raw, &mut scratch, &mut sanitized)?;
+                Ok(sanitized_codec.decode(&sanitized)?)
             });
         match result {
             Ok(value) => {
