@@ -72,6 +72,10 @@ pub async fn run(
                     sanitized += 1;
                     let headers = headers(message, &ctx.headers_allow);
                     let mut record = FutureRecord::to(&output_topic).partition(partition).headers(headers);
+                    // Event time survives sanitization.
+                    if let Some(timestamp) = message.timestamp().to_millis() {
+                        record = record.timestamp(timestamp);
+                    }
                     record = with_payload(record, key.as_deref(), value.as_deref());
                     send(&ctx.producer, record).await?
                 }

@@ -1,0 +1,334 @@
+//! End to end on a real broker (Tansu, started by `bash scripts/test-services`), in one run:
+//!
+//! 1. throughput: N records of the 10-field event (default 1,000,000; `PIIWALL_E2E_RECORDS`) through a plain
+//!    consume -> produce copy, then through `piiwall run`, with the same client settings (consumer group, offsets
+//!    stored after delivery, idempotent producer with acks=all and linger.ms=5); each timed until a reader has seen
+//!    all N outputs;
+//! 2. latency: records produced at a steady rate to a caught-up pipeline, from the producer's timestamp to the
+//!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds.
+//!
+//! Run: `bash scripts/bench-e2e` (or `PIIWALL_TEST_KAFKA=127.0.0.1:19092 cargo bench --bench end_to_end`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use apache_avro::writer::datum::GenericDatumWriter;
+use piiwall::codec::json::JsonCodec;
+use piiwall::config::Config;
+use piiwall::policy::{PolicySettings, compile};
+use piiwall::stream::{self, Shutdown};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Message};
+use tokio::sync::watch;
+
+const PARTITIONS: i32 = 2;
+const SCHEMA_ID: u32 = 1;
+const BATCH: usize = 500;
+const LATENCY_RECORDS: usize = 20_000;
+const LATENCY_RATE: u64 = 5_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+fn client(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    config
+}
+
+async fn create_topic(brokers: &str, topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+}
+
+/// The framed 10-field event number `i` (distinct ids and emails).
+fn events(count: usize) -> impl Iterator<Item = Vec<u8>> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.avsc")).unwrap();
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    (0..count).map(move |i| {
+        let json = serde_json::json!({
+            "id": format!("evt-{i:09}"), "ts": 1_764_150_400_000i64 + i as i64,
+            "email": format!("person{i}@example.com"), "phone": format!("+44 7700 {i:06}"),
+            "name": format!("Person Number{i}"), "amount": 129.99, "country": "GB", "ip": "203.0.113.0",
+            "card_number": "4111111111111111", "note": "first order, gift wrapped"
+        });
+        let value = JsonCodec::new(&schema.writer).to_value(&json).unwrap();
+        let mut out = Vec::with_capacity(256);
+        stream::write_frame_header(SCHEMA_ID, &mut out);
+        GenericDatumWriter::builder(&schema.writer)
+            .build()
+            .unwrap()
+            .write_value_ref(&mut out, &value)
+            .unwrap();
+        out
+    })
+}
+
+/// Produces `count` events, paced at `rate` per second if given; returns the time it took.
+fn produce(brokers: &str, topic: &str, count: usize, rate: Option<u64>) -> Duration {
+    let producer: BaseProducer = client(brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    for (i, value) in events(count).enumerate() {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_micros(i as u64 * 1_000_000 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let mut record = BaseRecord::<(), _>::to(topic)
+            .partition(i as i32 % PARTITIONS)
+            .payload(&value)
+            .timestamp(now_ms());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    start.elapsed()
+}
+
+/// Reads `topic` until `count` records arrived; returns each record's latency (arrival - producer timestamp), ms.
+fn read(brokers: &str, topic: &str, count: usize, deadline: Duration) -> Vec<i64> {
+    let consumer: BaseConsumer = client(brokers)
+        .set("group.id", unique("bench-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(count);
+    while latencies.len() < count && start.elapsed() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            latencies.push(now_ms() - message.timestamp().to_millis().unwrap_or(0));
+        }
+    }
+    assert_eq!(
+        latencies.len(),
+        count,
+        "{topic}: not every record arrived within {deadline:?}"
+    );
+    latencies
+}
+
+/// The plain copy: consume, produce the same key, value and timestamp to the same partition of `output`, store
+/// offsets after delivery, with piiwall's client settings.
+async fn copy(brokers: String, input: String, output: String, mut stop: watch::Receiver<bool>) {
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        client(&brokers)
+            .set("group.id", unique("copy"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap(),
+    );
+    let producer: FutureProducer = client(&brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&input]).unwrap();
+    let mut pending = Vec::with_capacity(BATCH);
+    let mut last = Vec::with_capacity(BATCH);
+    loop {
+        // Take what is ready now; when nothing is, flush the partial batch and wait (piiwall's lanes do the same).
+        let message = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+            Ok(message) => message.unwrap(),
+            Err(_) => {
+                flush(&consumer, &mut pending, &mut last).await;
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    m = consumer.recv() => m.unwrap(),
+                }
+            }
+        };
+        let mut record = FutureRecord::to(&output).partition(message.partition());
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(ts) = message.timestamp().to_millis() {
+            record = record.timestamp(ts);
+        }
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        last.push((message.topic().to_owned(), message.partition(), message.offset()));
+        if pending.len() >= BATCH {
+            flush(&consumer, &mut pending, &mut last).await;
+        }
+    }
+    flush(&consumer, &mut pending, &mut last).await;
+}
+
+/// Waits for every pending delivery, then stores and commits the offsets of what was delivered.
+async fn flush(
+    consumer: &StreamConsumer,
+    pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
+    last: &mut Vec<(String, i32, i64)>,
+) {
+    for delivery in pending.drain(..) {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    for (topic, partition, offset) in last.drain(..) {
+        let _ = consumer.store_offset(&topic, partition, offset);
+    }
+    let _ = consumer.commit_consumer_state(CommitMode::Async);
+}
+
+fn piiwall_config(brokers: &str, dir: &Path, input: &str) -> Config {
+    std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.avsc");
+    let text = format!(
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{brokers}\"\n\
+         group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
+         [[schemas.local]]\ntopic = \"{input}\"\nschema = \"{schema}\"\nid = {SCHEMA_ID}\n",
+        dir = dir.display(),
+        group = unique("piiwall"),
+        schema = schema.display(),
+    );
+    Config::parse(&text, std::iter::empty(), "bench config").unwrap()
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn measure(brokers: &str, which: &str, input: &str, count: usize, paced: bool) -> (Duration, Vec<i64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, stop): (String, Box<dyn FnOnce() -> tokio::task::JoinHandle<()>>) = if which == "copy" {
+        let output = format!("{input}.copy");
+        create_topic(brokers, &output).await;
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(copy(brokers.to_owned(), input.to_owned(), output.clone(), rx));
+        (
+            output,
+            Box::new(move || {
+                tx.send_replace(true);
+                task
+            }),
+        )
+    } else {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(stream::run(
+            piiwall_config(brokers, dir.path(), input),
+            shutdown.clone(),
+        ));
+        (
+            format!("{input}.sanitized"),
+            Box::new(move || {
+                shutdown.trigger();
+                tokio::spawn(async move {
+                    task.await.unwrap().unwrap();
+                })
+            }),
+        )
+    };
+    let start = Instant::now();
+    let reader = tokio::task::spawn_blocking({
+        let (brokers, output) = (brokers.to_owned(), output.clone());
+        move || read(&brokers, &output, count, Duration::from_secs(1800))
+    });
+    if paced {
+        let (brokers, input) = (brokers.to_owned(), input.to_owned());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || produce(&brokers, &input, count, Some(LATENCY_RATE)))
+            .await
+            .unwrap();
+    }
+    let latencies = reader.await.unwrap();
+    let elapsed = start.elapsed();
+    stop().await.unwrap();
+    (elapsed, latencies)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` and `cargo bench -- --list` probe bench targets: nothing to list
+    }
+    let Ok(brokers) = std::env::var("PIIWALL_TEST_KAFKA") else {
+        eprintln!("end_to_end: set PIIWALL_TEST_KAFKA (start the broker with `bash scripts/test-services`)");
+        std::process::exit(2);
+    };
+    let count: usize = std::env::var("PIIWALL_E2E_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+
+    let input = unique("e2e");
+    create_topic(&brokers, &input).await;
+    let produced = tokio::task::spawn_blocking({
+        let (brokers, input) = (brokers.clone(), input.clone());
+        move || produce(&brokers, &input, count, None)
+    })
+    .await
+    .unwrap();
+    println!("produced {count} records in {:.1} s", produced.as_secs_f64());
+
+    let (copy_time, _) = measure(&brokers, "copy", &input, count, false).await;
+    let (piiwall_time, _) = measure(&brokers, "piiwall", &input, count, false).await;
+    let copy_rate = count as f64 / copy_time.as_secs_f64();
+    let piiwall_rate = count as f64 / piiwall_time.as_secs_f64();
+    println!(
+        "throughput  copy    {copy_rate:>10.0} records/s  ({:.1} s)",
+        copy_time.as_secs_f64()
+    );
+    println!(
+        "throughput  piiwall {piiwall_rate:>10.0} records/s  ({:.1} s)",
+        piiwall_time.as_secs_f64()
+    );
+    println!("ratio       piiwall / copy = {:.2}", piiwall_rate / copy_rate);
+
+    let mut results = Vec::new();
+    for which in ["copy", "piiwall"] {
+        let topic = unique("e2e-latency");
+        create_topic(&brokers, &topic).await;
+        let (_, mut latencies) = measure(&brokers, which, &topic, LATENCY_RECORDS, true).await;
+        latencies.sort_unstable();
+        let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+        println!(
+            "latency     {which:<7} p50 {p50:>4} ms  p99 {p99:>4} ms  ({LATENCY_RECORDS} records at {LATENCY_RATE}/s)"
+        );
+        results.push((p50, p99));
+    }
+    println!(
+        "added by piiwall: p50 {} ms, p99 {} ms",
+        results[1].0 - results[0].0,
+        results[1].1 - results[0].1
+    );
+}
