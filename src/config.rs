@@ -33,6 +33,15 @@ struct RawConfig {
     kafka: RawKafka,
     schemas: RawSchemas,
     pipeline: RawPipeline,
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAudit {
+    topic: Option<String>,
+    instance: Option<String>,
+    window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +116,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Schema id of the writer schema of a local binding, unless set.
 pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 
+pub const DEFAULT_AUDIT_TOPIC: &str = "piiwall.audit";
+/// The span of one processing-summary audit event.
+pub const DEFAULT_AUDIT_WINDOW: Duration = Duration::from_secs(60);
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -115,6 +128,15 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub bindings: Vec<LocalBinding>,
     pub pipeline: PipelineConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub topic: String,
+    /// The name of this instance's chain; default `piiwall-<host>-<pid>`.
+    pub instance: String,
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +342,7 @@ impl RawConfig {
                 .map(RawBinding::validate)
                 .collect::<Result<_, _>>()?,
             pipeline: self.pipeline.validate()?,
+            audit: self.audit.validate()?,
         })
     }
 }
@@ -411,6 +434,24 @@ impl RawBinding {
             id,
             sanitized_id,
             key,
+        })
+    }
+}
+
+impl RawAudit {
+    fn validate(self) -> Result<AuditConfig, ConfigError> {
+        let window = self.window_secs.map_or(DEFAULT_AUDIT_WINDOW, Duration::from_secs);
+        if window.is_zero() {
+            return Err(ConfigError("audit.window_secs must be at least 1".into()));
+        }
+        let instance = self.instance.unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+            format!("piiwall-{host}-{}", std::process::id())
+        });
+        Ok(AuditConfig {
+            topic: self.topic.unwrap_or_else(|| DEFAULT_AUDIT_TOPIC.to_owned()),
+            instance,
+            window,
         })
     }
 }

@@ -84,13 +84,14 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         }
     }
     cluster.create_topic("demo.quarantine", 1, 1).map_err(kafka)?;
+    cluster.create_topic("demo.audit", 1, 1).map_err(kafka)?;
 
     let kek = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     std::fs::write(dir.join("kek.key"), kek).map_err(io)?;
     let mut text = format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
          group_id = \"piiwall-demo\"\ninputs = [{inputs}]\nquarantine_topic = \"demo.quarantine\"\n\n\
-         [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n",
+         [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n\n[audit]\ntopic = \"demo.audit\"\ninstance = \"demo\"\n",
         dir = dir.display(),
         inputs = EXAMPLES
             .iter()
@@ -209,7 +210,54 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         ),
     )?;
 
+    show_audit(&config, &brokers, out)?;
     show_reveal_and_forget(&config, &schemas[0], &sanitized, out)?;
+    Ok(())
+}
+
+/// Prints the audit trail the run left, and checks its chain.
+fn show_audit(config: &Config, brokers: &str, out: &mut impl Write) -> Result<(), Error> {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", brokers);
+    let keyring = Keyring::from_config(&config.keys)?;
+    let report = crate::audit::verify(&client, "demo.audit", &keyring)?;
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&crate::audit::AUDIT_SCHEMA)
+        .build()
+        .expect("the audit schema resolves");
+    writeln!(
+        out,
+        "audit trail (topic demo.audit; no value in clear, each event MACed over its predecessor):"
+    )
+    .map_err(io)?;
+    let all = read(brokers, &["demo.audit".to_owned()], report.events);
+    for message in &all {
+        let Ok(value) = reader.read_value(&mut message.payload().unwrap_or_default()) else {
+            continue;
+        };
+        let json = JsonCodec::new(&crate::audit::AUDIT_SCHEMA).to_json(&value);
+        let mut line = format!("  #{} {}", json["seq"], json["kind"].as_str().unwrap_or_default());
+        for key in ["topic", "partition", "offset", "reason"] {
+            if !json[key].is_null() {
+                line.push_str(&format!(" {key}={}", json[key]));
+            }
+        }
+        if let Some(counts) = json["counts"].as_array().filter(|c| !c.is_empty()) {
+            let rules: Vec<String> = counts
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}:{}",
+                        c["field_path"].as_str().unwrap_or_default(),
+                        c["action"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            line.push_str(&format!(" records={} rules=[{}]", counts[0]["count"], rules.join(" ")));
+        }
+        writeln!(out, "{line}").map_err(io)?;
+    }
+    let verdict = report.first_break.unwrap_or_else(|| "every chain verifies".into());
+    writeln!(out, "audit verify: {} events: {verdict}\n", report.events).map_err(io)?;
     Ok(())
 }
 
@@ -256,7 +304,7 @@ fn header(message: &OwnedMessage, name: &str) -> Option<String> {
 fn read(brokers: &str, topics: &[String], count: usize) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = match ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "piiwall-demo-reader")
+        .set("group.id", format!("piiwall-demo-reader-{:08x}", rand::random::<u32>()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()

@@ -26,6 +26,7 @@
 //! [`crypto`] (data keys and tokens), [`sanitize`] (the core), [`offline`] (the file-to-file command),
 //! [`lint`] (schema checks), [`config`].
 
+pub mod audit;
 pub mod codec;
 pub mod config;
 pub mod crypto;

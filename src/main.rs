@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Schema tools.
     Schema {
         #[command(subcommand)]
@@ -92,6 +97,16 @@ enum KeysCommand {
         /// The subject id; - reads it from standard input.
         #[arg(long)]
         subject: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every instance's chain in an audit topic: no event removed, reordered or altered.
+    Verify {
+        /// The audit topic (default: audit.topic of the config).
+        #[arg(long)]
+        topic: Option<String>,
     },
 }
 
@@ -243,6 +258,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let version = keyring.rotate(&scope)?;
             println!("rotated: new data uses key version {version}; older versions still reveal");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { topic },
+        } => {
+            let topic = topic.unwrap_or_else(|| config.audit.topic.clone());
+            let mut client = rdkafka::ClientConfig::new();
+            client.set("bootstrap.servers", &config.kafka.brokers);
+            for (name, value) in &config.kafka.properties {
+                client.set(name, value);
+            }
+            let report = piiwall::audit::verify(&client, &topic, &*keyring(&config)?)?;
+            match report.first_break {
+                None => {
+                    println!(
+                        "{}: {} events from {} instance(s): every chain verifies",
+                        topic, report.events, report.instances
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(problem) => {
+                    println!("{topic}: chain broken at {problem}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Schema {
             command: SchemaCommand::Sanitized { file },

@@ -374,6 +374,11 @@ sanitized_id = {SANITIZED_ID}
 [pipeline]
 batch_size = 20
 commit_interval_ms = 100
+
+[audit]
+topic = "{input}.audit"
+instance = "test-instance"
+window_secs = 3600
 "#,
         dir = dir.display(),
         broker = broker(),
@@ -502,4 +507,121 @@ async fn sigkill_loses_nothing_and_duplicates_carry_their_source_coordinates() {
     // the source coordinates leaves each input record once.
     let duplicates: usize = count.values().map(|c| c - 1).sum();
     assert_eq!(all.len(), N + duplicates);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_verifies_and_tampering_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("audited");
+    let group = unique("piiwall");
+    create_topic(&input, PARTITIONS).await;
+    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+    const N: usize = 30;
+    let mut records: Vec<Outgoing> = (0..N)
+        .map(|i| ((i % 3) as i32, None, framed(&schema, &customer(i)), OwnedHeaders::new()))
+        .collect();
+    records.push((0, None, b"person996@example.com in clear".to_vec(), OwnedHeaders::new()));
+    produce(&input, records).await;
+
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let output = format!("{input}.sanitized");
+    let arrived = tokio::task::spawn_blocking(move || consume(&output, N, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(arrived.len(), N);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+
+    let audit_topic = format!("{input}.audit");
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", broker());
+    let kek = std::fs::read_to_string(dir.path().join("kek.key")).unwrap();
+    let keyring = common::keyring_at_with(dir.path(), &kek);
+    let verify = |topic: String| {
+        let (client, keyring) = (client.clone(), keyring.clone());
+        tokio::task::spawn_blocking(move || piiwall::audit::verify(&client, &topic, &keyring).unwrap())
+    };
+    let report = verify(audit_topic.clone()).await.unwrap();
+    assert_eq!(report.first_break, None, "the chain as written verifies");
+    assert_eq!(report.instances, 1);
+
+    let events = tokio::task::spawn_blocking({
+        let topic = audit_topic.clone();
+        let count = report.events;
+        move || consume(&topic, count, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    let reader = GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
+        .build()
+        .unwrap();
+    let decoded: Vec<Json> = events
+        .iter()
+        .map(|m| {
+            JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA)
+                .to_json(&reader.read_value(&mut m.payload().unwrap()).unwrap())
+        })
+        .collect();
+    let kinds: Vec<&str> = decoded.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["START", "QUARANTINE", "PROCESSING_SUMMARY", "STOP"]);
+    assert!(
+        decoded[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not Confluent wire format")
+    );
+    assert_eq!(decoded[1]["partition"], 0);
+    assert_eq!(
+        decoded[2]["counts"][0],
+        json!({"field_path": "customer_id", "action": "subject", "count": N})
+    );
+    assert_eq!(decoded[0]["config_digest"], decoded[3]["config_digest"]);
+    let everything: Vec<u8> = events.iter().flat_map(|m| m.payload().unwrap().to_vec()).collect();
+    let everything = String::from_utf8_lossy(&everything);
+    for i in (0..N).chain([996]) {
+        for pii in pii_of(i) {
+            assert!(!everything.contains(&pii), "an audit event carries a PII value");
+        }
+    }
+
+    // Copies of the trail, each with one change: the verifier must find it.
+    let tampered = |name: &str, payloads: Vec<Vec<u8>>| {
+        let topic = unique(name);
+        async move {
+            create_topic(&topic, 1).await;
+            produce(
+                &topic,
+                payloads
+                    .into_iter()
+                    .map(|p| (0, None, p, OwnedHeaders::new()))
+                    .collect(),
+            )
+            .await;
+            topic
+        }
+    };
+    let originals: Vec<Vec<u8>> = events.iter().map(|m| m.payload().unwrap().to_vec()).collect();
+
+    let mut altered = originals.clone();
+    let at = altered[1].windows(3).position(|w| w == b"not").unwrap();
+    altered[1][at] = b'N';
+    let report = verify(tampered("altered", altered).await).await.unwrap();
+    let problem = report.first_break.expect("an altered event breaks the chain");
+    assert!(
+        problem.contains("seq 1") && problem.contains("MAC does not verify"),
+        "{problem}"
+    );
+
+    let mut removed = originals.clone();
+    removed.remove(1);
+    let report = verify(tampered("removed", removed).await).await.unwrap();
+    let problem = report.first_break.expect("a removed event breaks the chain");
+    assert!(problem.contains("expected seq 1, found 2"), "{problem}");
+
+    let mut swapped = originals.clone();
+    swapped.swap(1, 2);
+    let report = verify(tampered("reordered", swapped).await).await.unwrap();
+    assert!(report.first_break.is_some(), "reordered events break the chain");
 }

@@ -128,11 +128,16 @@ impl Dek {
 
     /// Appends the keyed hash of `plaintext` to `out`: [`HASH_LEN`] bytes.
     pub fn hash_into(&self, context: &str, plaintext: &[u8], out: &mut Vec<u8>) {
+        Token::render_into(TokenKind::Hash, self.key_id, &self.mac(context, plaintext), out);
+    }
+
+    /// HMAC-SHA256 of `data` within `context`, under this key's hash key.
+    pub fn mac(&self, context: &str, data: &[u8]) -> [u8; 32] {
         let mut mac = self.hash.clone();
         mac.update(&(context.len() as u32).to_be_bytes());
         mac.update(context.as_bytes());
-        mac.update(plaintext);
-        Token::render_into(TokenKind::Hash, self.key_id, &mac.finalize().into_bytes(), out);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
     }
 
     /// Opens a token or ciphertext issued under this key for `context`.

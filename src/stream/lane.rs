@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
 use super::process::{Outcome, Processor};
+use crate::audit::{AuditEvent, AuditKind, Auditor};
 use crate::error::{Error, ErrorKind};
 use crate::transcode::TranscodeScratch;
 
@@ -39,6 +40,9 @@ pub struct LaneContext {
     pub batch_size: usize,
     pub sanitized: AtomicU64,
     pub quarantined: AtomicU64,
+    pub auditor: Auditor,
+    /// Records sanitized per input topic since the last processing summary.
+    pub window: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Runs the lane of one partition until its channel closes (shutdown or revocation) and is drained.
@@ -65,6 +69,7 @@ pub async fn run(
         let batch = returned.0;
 
         let mut deliveries = Vec::with_capacity(batch.len());
+        let mut audit = Vec::new();
         let (mut sanitized, mut quarantined) = (0, 0);
         for (message, outcome) in batch.iter().zip(&outcomes) {
             let delivery = match outcome {
@@ -87,6 +92,13 @@ pub async fn run(
                 } => {
                     quarantined += 1;
                     tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
+                    let mut event = AuditEvent::new(AuditKind::Quarantine);
+                    event.topic = Some(topic.clone());
+                    event.partition = Some(partition);
+                    event.offset = Some(message.offset());
+                    event.schema_id = schema_id.map(|id| id as i32);
+                    event.reason = Some(reason.clone());
+                    audit.push(event);
                     let mut headers = headers(message, &[]).insert(Header {
                         key: REASON,
                         value: Some(reason.as_bytes()),
@@ -110,6 +122,14 @@ pub async fn run(
                 Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
             }
         }
+        for event in audit {
+            ctx.auditor.emit(event).await;
+        }
+        *ctx.window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(topic.clone())
+            .or_default() += sanitized;
         let last = batch.last().expect("a batch has at least one record").offset();
         if let Err(e) = ctx.consumer.store_offset(&topic, partition, last) {
             // The partition was revoked meanwhile: its new owner processes these records again (at-least-once).

@@ -34,6 +34,7 @@ pub use framing::{parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
 pub use process::QUARANTINE_DOMAIN;
 
+use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::Keyring;
@@ -90,7 +91,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let keyring = tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
         .await
         .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
-    let sanitizer = Arc::new(Sanitizer::new(Arc::new(keyring), config.keys.default_domain.clone()));
+    let keyring = Arc::new(keyring);
+    let sanitizer = Arc::new(Sanitizer::new(keyring.clone(), config.keys.default_domain.clone()));
     let routes = Arc::new(Routes::compile(&config));
 
     let mut client = ClientConfig::new();
@@ -120,6 +122,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         .map_err(|e| Error::Kafka(format!("cannot create the admin client: {e}")))?;
     ensure_topics(&admin, &consumer, &config).await?;
 
+    let (auditor, audit_writer) = Auditor::start(
+        producer.clone(),
+        config.audit.topic.clone(),
+        config.audit.instance.clone(),
+        keyring.clone(),
+    );
+    let mut start = AuditEvent::new(AuditKind::Start);
+    start.config_digest = Some(config_digest(&config));
+    auditor.emit(start).await;
+
     let inputs: Vec<&str> = config.kafka.inputs.iter().map(String::as_str).collect();
     consumer
         .subscribe(&inputs)
@@ -140,7 +152,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         batch_size: config.pipeline.batch_size,
         sanitized: AtomicU64::new(0),
         quarantined: AtomicU64::new(0),
+        auditor: auditor.clone(),
+        window: std::sync::Mutex::new(HashMap::new()),
     });
+    let mut window = tokio::time::interval(config.audit.window);
+    window.tick().await;
+    let mut window_start = crate::audit::now_ms();
     let mut lanes: HashMap<(String, i32), Lane> = HashMap::new();
     let mut stop = shutdown.listen();
     let mut commit = tokio::time::interval(config.pipeline.commit_interval);
@@ -150,6 +167,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         tokio::select! {
             _ = stop.changed() => break,
             _ = commit.tick() => commit_stored(&consumer, CommitMode::Async),
+            _ = window.tick() => window_start = summarize(&ctx, window_start).await,
             received = consumer.recv() => {
                 let message = match received {
                     Ok(message) => message.detach(),
@@ -205,6 +223,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Err(_) => tracing::error!("drain timed out: records in flight will be processed again after restart"),
     }
     commit_stored(&consumer, CommitMode::Sync);
+    summarize(&ctx, window_start).await;
+    let mut stop_event = AuditEvent::new(AuditKind::Stop);
+    stop_event.config_digest = Some(config_digest(&config));
+    auditor.emit(stop_event).await;
     let summary = Summary {
         sanitized: ctx.sanitized.load(Ordering::Relaxed),
         quarantined: ctx.quarantined.load(Ordering::Relaxed),
@@ -214,10 +236,59 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         quarantined = summary.quarantined,
         "stopped"
     );
+    // The audit writer ends once every sender is gone, after writing what it holds.
+    drop(ctx);
+    drop(auditor);
+    match tokio::time::timeout(config.pipeline.drain_timeout, audit_writer).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            failure.get_or_insert(e);
+        }
+        _ => {
+            failure.get_or_insert(Error::Kafka("the audit writer did not finish".into()));
+        }
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// Emits one processing summary per input topic for the window that ends now; returns the next window's start.
+async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
+    let now = crate::audit::now_ms();
+    let counts: Vec<(String, u64)> = ctx.window.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    for (topic, records) in counts.into_iter().filter(|(_, n)| *n > 0) {
+        let mut event = AuditEvent::new(AuditKind::ProcessingSummary);
+        if let Some(routes::Route::Ready(route)) = ctx.processor.routes.get(&topic) {
+            event.schema_id = Some(route.schema_id as i32);
+            // Each rule is applied once per sanitized record (per item for arrays and maps).
+            event.counts = route
+                .schema
+                .plan
+                .rules
+                .iter()
+                .map(|rule| FieldCount {
+                    field_path: rule.path.clone(),
+                    action: rule.action.name().to_owned(),
+                    count: records as i64,
+                })
+                .collect();
+        }
+        event.topic = Some(topic);
+        event.window = Some((window_start, now));
+        ctx.auditor.emit(event).await;
+    }
+    now
+}
+
+/// SHA-256 of the effective configuration (it holds paths and names, never key material).
+fn config_digest(config: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("{config:?}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn commit_stored(consumer: &StreamConsumer, mode: CommitMode) {
@@ -247,6 +318,7 @@ async fn ensure_topics(
         wanted.push((format!("{input}{}", config.kafka.output_suffix), partitions as i32));
     }
     wanted.push((config.kafka.quarantine_topic.clone(), 1));
+    wanted.push((config.audit.topic.clone(), 1));
     let mut missing = Vec::new();
     for (topic, partitions) in &wanted {
         let metadata = consumer

@@ -1,0 +1,160 @@
+//! `piiwall audit verify`: reads an audit topic from its start to its end and checks every instance's chain.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use subtle::ConstantTimeEq;
+
+use super::event::{AUDIT_SCHEMA, MAC_CONTEXT, MAC_TAIL, mac_key_id};
+use crate::error::Error;
+use crate::keys::Keyring;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a verification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub events: usize,
+    pub instances: usize,
+    /// The first break found: where, and what is wrong. `None` when every chain holds.
+    pub first_break: Option<String>,
+}
+
+struct Position {
+    seq: i64,
+    mac: Vec<u8>,
+}
+
+/// Reads `topic` (all partitions, from the start to the current end) and checks each instance's chain: sequence
+/// numbers without gaps from 0, each event naming its predecessor's MAC, and each MAC verifying.
+pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<VerifyReport, Error> {
+    let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(format!("reading audit topic {topic}: {e}"));
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", "piiwall-audit-verify")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kafka)?;
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(Error::Kafka(format!("audit topic {topic} does not exist")));
+    }
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for &partition in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT).map_err(kafka)?;
+        if high > low {
+            ends.insert(partition, high);
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .map_err(kafka)?;
+        }
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+    let reader = GenericDatumReader::builder(&AUDIT_SCHEMA)
+        .build()
+        .expect("the audit schema resolves");
+    let mut chains: HashMap<String, Position> = HashMap::new();
+    let mut events = 0;
+    let mut first_break = None;
+    let mut pending = ends.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !pending.is_empty() && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.map_err(kafka)?;
+        if pending
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            pending.remove(&message.partition());
+        }
+        events += 1;
+        if first_break.is_some() {
+            continue;
+        }
+        let at = format!("partition {}, offset {}", message.partition(), message.offset());
+        if let Err(problem) = check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
+            first_break = Some(format!("{at}: {problem}"));
+        }
+    }
+    if !pending.is_empty() {
+        return Err(Error::Kafka(format!("audit topic {topic}: could not read to its end")));
+    }
+    Ok(VerifyReport {
+        events,
+        instances: chains.len(),
+        first_break,
+    })
+}
+
+fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+    match value {
+        Value::Record(fields) => fields.iter().find(|(n, _)| n == name).map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+fn check(
+    bytes: &[u8],
+    reader: &GenericDatumReader<'_>,
+    keyring: &Keyring,
+    chains: &mut HashMap<String, Position>,
+) -> Result<(), String> {
+    let value = reader
+        .read_value(&mut &bytes[..])
+        .map_err(|_| "not an audit event (does not decode)".to_owned())?;
+    let (Some(Value::String(instance)), Some(Value::Long(seq)), Some(Value::Bytes(prev_mac)), Some(Value::Bytes(mac))) = (
+        field(&value, "instance"),
+        field(&value, "seq"),
+        field(&value, "prev_mac"),
+        field(&value, "mac"),
+    ) else {
+        return Err("an audit event without its chain fields".into());
+    };
+    if mac.len() != 32 || bytes.len() < MAC_TAIL || bytes[bytes.len() - MAC_TAIL] != 0x40 {
+        return Err(format!("instance {instance}, seq {seq}: malformed MAC"));
+    }
+    let key_id = mac_key_id(&value).ok_or_else(|| format!("instance {instance}, seq {seq}: no MAC key id"))?;
+    let key = keyring
+        .key_by_id(key_id)
+        .map_err(|e| format!("instance {instance}, seq {seq}: MAC key: {e}"))?;
+    let expected = key.mac(MAC_CONTEXT, &bytes[..bytes.len() - MAC_TAIL]);
+    if !bool::from(expected.ct_eq(mac.as_slice())) {
+        return Err(format!(
+            "instance {instance}, seq {seq}: MAC does not verify (the event was altered)"
+        ));
+    }
+    let (want_seq, want_prev) = match chains.get(instance) {
+        Some(position) => (position.seq + 1, position.mac.clone()),
+        None => (0, Vec::new()),
+    };
+    if *seq != want_seq {
+        return Err(format!(
+            "instance {instance}: expected seq {want_seq}, found {seq} (events removed or reordered)"
+        ));
+    }
+    if *prev_mac != want_prev {
+        return Err(format!(
+            "instance {instance}, seq {seq}: does not follow the previous event (chain broken)"
+        ));
+    }
+    chains.insert(
+        instance.clone(),
+        Position {
+            seq: *seq,
+            mac: mac.clone(),
+        },
+    );
+    Ok(())
+}
