@@ -216,7 +216,7 @@ fn piiwall_config(brokers: &str, dir: &Path, input: &str) -> Config {
     let text = format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{brokers}\"\n\
          group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
-         [[schemas.local]]\ntopic = \"{input}\"\nschema = \"{schema}\"\nid = {SCHEMA_ID}\n",
+         [[schemas.local]]\ntopic = \"{input}\"\nschema = \"{schema}\"\nid = {SCHEMA_ID}\n[http]\nlisten = \"off\"\n",
         dir = dir.display(),
         group = unique("piiwall"),
         schema = schema.display(),

@@ -34,6 +34,13 @@ struct RawConfig {
     schemas: RawSchemas,
     pipeline: RawPipeline,
     audit: RawAudit,
+    http: RawHttp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +124,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 
 pub const DEFAULT_AUDIT_TOPIC: &str = "piiwall.audit";
+/// Where `/metrics`, `/healthz` and `/readyz` are served, unless `http.listen` says otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 /// The span of one processing-summary audit event.
 pub const DEFAULT_AUDIT_WINDOW: Duration = Duration::from_secs(60);
 
@@ -129,6 +138,8 @@ pub struct Config {
     pub bindings: Vec<LocalBinding>,
     pub pipeline: PipelineConfig,
     pub audit: AuditConfig,
+    /// The address of the operations endpoints; `None` when `http.listen = "off"`.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +354,14 @@ impl RawConfig {
                 .collect::<Result<_, _>>()?,
             pipeline: self.pipeline.validate()?,
             audit: self.audit.validate()?,
+            http_listen: match self.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN) {
+                "off" => None,
+                text => Some(text.parse().map_err(|_| {
+                    ConfigError(format!(
+                        "http.listen: \"{text}\" is not an address such as 127.0.0.1:9464 (or \"off\")"
+                    ))
+                })?),
+            },
         })
     }
 }
@@ -571,6 +590,7 @@ mod tests {
                 "key must be",
             ),
             ("[pipeline]\nbatch_size = 0\n", "pipeline.batch_size"),
+            ("[http]\nlisten = \"localhost\"\n", "http.listen"),
         ];
         for (text, named) in cases {
             let err = parse(text, &[]).unwrap_err().to_string();

@@ -32,6 +32,7 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod keys;
 pub mod lint;
 pub mod offline;

@@ -98,8 +98,33 @@ fn schema_path() -> String {
 
 /// The pipeline's config for one test: its own key store and KEK in `dir` (the KEK file is written here).
 fn config(dir: &Path, input: &str, group: &str) -> Config {
+    config_on(dir, input, group, 0)
+}
+
+/// As [`config`], serving the operations endpoints on `http_port` (0: any free port).
+fn config_on(dir: &Path, input: &str, group: &str, http_port: u16) -> Config {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
-    Config::parse(&config_text(dir, input, group), std::iter::empty(), "test config").unwrap()
+    Config::parse(
+        &config_text(dir, input, group, http_port),
+        std::iter::empty(),
+        "test config",
+    )
+    .unwrap()
+}
+
+/// A GET on the pipeline's operations port: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
 }
 
 /// (partition, key, value, headers) of a record to produce.
@@ -230,8 +255,16 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
 
     let output = format!("{input}.sanitized");
     let quarantine = format!("{input}.quarantine");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let task = tokio::spawn(stream::run(
+        config_on(dir.path(), &input, &group, port),
+        shutdown.clone(),
+    ));
     let sanitized = tokio::task::spawn_blocking({
         let output = output.clone();
         move || consume(&output, N, Duration::from_secs(90))
@@ -244,8 +277,34 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
     })
     .await
     .unwrap();
-    // Give the committer a moment, then stop: drain, commit, return.
+    // Give the committer a moment, look at the operations endpoints, then stop: drain, commit, return.
     tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status} {body}");
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "ready while consuming: {status}");
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("piiwall_records_total{")
+                    && l.contains(&format!("topic=\"{input}\""))
+                    && l.contains(outcome)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(count("outcome=\"sanitized\"").as_deref(), Some("120"), "{metrics}");
+    assert_eq!(count("outcome=\"quarantined\"").as_deref(), Some("3"));
+    assert!(metrics.contains("piiwall_batch_seconds"), "batch latency histogram");
+    assert!(!metrics.contains("example.com"), "no value in a metric");
     shutdown.trigger();
     let summary = task.await.unwrap().expect("the pipeline stops cleanly");
     assert_eq!(
@@ -341,7 +400,7 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
 /// Starts `piiwall run` as its own process over a config file.
 fn spawn_piiwall(dir: &Path, input: &str, group: &str) -> std::process::Child {
     config(dir, input, group);
-    std::fs::write(dir.join("config.toml"), config_text(dir, input, group)).unwrap();
+    std::fs::write(dir.join("config.toml"), config_text(dir, input, group, 0)).unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_piiwall"))
         .args(["run", "--config"])
         .arg(dir.join("config.toml"))
@@ -351,7 +410,7 @@ fn spawn_piiwall(dir: &Path, input: &str, group: &str) -> std::process::Child {
         .unwrap()
 }
 
-fn config_text(dir: &Path, input: &str, group: &str) -> String {
+fn config_text(dir: &Path, input: &str, group: &str, http_port: u16) -> String {
     format!(
         r#"
 [keys]
@@ -379,6 +438,9 @@ commit_interval_ms = 100
 topic = "{input}.audit"
 instance = "test-instance"
 window_secs = 3600
+
+[http]
+listen = "127.0.0.1:{http_port}"
 "#,
         dir = dir.display(),
         broker = broker(),

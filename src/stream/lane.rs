@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -32,7 +32,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// What every lane shares.
 pub struct LaneContext {
     pub processor: Processor,
-    pub consumer: Arc<StreamConsumer>,
+    pub consumer: Arc<super::PipelineConsumer>,
     pub producer: FutureProducer,
     pub output_suffix: String,
     pub quarantine_topic: String,
@@ -56,6 +56,7 @@ pub async fn run(
     let mut scratch = TranscodeScratch::default();
     tracing::debug!(%topic, partition, "lane started");
     while let Some(first) = input.recv().await {
+        let started = std::time::Instant::now();
         let mut batch = Vec::with_capacity(ctx.batch_size);
         batch.push(first);
         while batch.len() < ctx.batch_size {
@@ -137,6 +138,7 @@ pub async fn run(
         }
         ctx.sanitized.fetch_add(sanitized, Ordering::Relaxed);
         ctx.quarantined.fetch_add(quarantined, Ordering::Relaxed);
+        metrics::histogram!("piiwall_batch_seconds", "topic" => topic.clone()).record(started.elapsed().as_secs_f64());
         metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "sanitized")
             .increment(sanitized);
         metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "quarantined")

@@ -11,6 +11,7 @@
 //! record carries its source topic, partition and offset in headers, so a consumer can drop the duplicates a crash
 //! or a rebalance can cause. Schemas come from local bindings (`[[schemas.local]]`) in this version.
 
+mod context;
 mod framing;
 mod lane;
 mod process;
@@ -44,6 +45,11 @@ use process::Processor;
 use routes::Routes;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often counters kept outside the hot path (key cache) are published.
+const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The pipeline's consumer: librdkafka's statistics feed the lane-lag gauges.
+pub(crate) type PipelineConsumer = StreamConsumer<context::PipelineContext>;
 
 /// A running lane: its input channel and its task.
 type Lane = (
@@ -92,6 +98,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         .await
         .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
     let keyring = Arc::new(keyring);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(listen) = config.http_listen {
+        crate::http::serve(listen, ready.clone(), shutdown.listen()).await?;
+    }
     let sanitizer = Arc::new(Sanitizer::new(keyring.clone(), config.keys.default_domain.clone()));
     let routes = Arc::new(Routes::compile(&config));
 
@@ -100,14 +110,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     for (name, value) in &config.kafka.properties {
         client.set(name, value);
     }
-    let consumer: Arc<StreamConsumer> = Arc::new(
+    let consumer: Arc<PipelineConsumer> = Arc::new(
         client
             .clone()
             .set("group.id", &config.kafka.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .create()
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(context::PipelineContext)
             .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
     );
     let producer: FutureProducer = client
@@ -137,6 +148,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         .subscribe(&inputs)
         .map_err(|e| Error::Kafka(format!("cannot subscribe to kafka.inputs: {e}")))?;
     tracing::info!(inputs = ?config.kafka.inputs, group = %config.kafka.group_id, "piiwall running");
+    ready.store(true, Ordering::Relaxed);
 
     let ctx = Arc::new(LaneContext {
         processor: Processor {
@@ -155,6 +167,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         auditor: auditor.clone(),
         window: std::sync::Mutex::new(HashMap::new()),
     });
+    let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
     let mut window = tokio::time::interval(config.audit.window);
     window.tick().await;
     let mut window_start = crate::audit::now_ms();
@@ -168,6 +181,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             _ = stop.changed() => break,
             _ = commit.tick() => commit_stored(&consumer, CommitMode::Async),
             _ = window.tick() => window_start = summarize(&ctx, window_start).await,
+            _ = metrics_tick.tick() => publish_key_cache(&ctx),
             received = consumer.recv() => {
                 let message = match received {
                     Ok(message) => message.detach(),
@@ -201,6 +215,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     }
 
     // Drain: close every lane, let each finish what it holds, then commit what they stored.
+    ready.store(false, Ordering::Relaxed);
     tracing::info!(lanes = lanes.len(), "draining");
     let drain = async {
         let mut first_error = None;
@@ -282,6 +297,13 @@ async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
     now
 }
 
+/// Publishes the key cache's hit and miss totals (counted with atomics on the hot path).
+fn publish_key_cache(ctx: &LaneContext) {
+    let stats = ctx.processor.sanitizer.keyring().cache_stats();
+    metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(stats.hits.load(Ordering::Relaxed));
+    metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(stats.misses.load(Ordering::Relaxed));
+}
+
 /// SHA-256 of the effective configuration (it holds paths and names, never key material).
 fn config_digest(config: &Config) -> String {
     use sha2::{Digest, Sha256};
@@ -291,7 +313,7 @@ fn config_digest(config: &Config) -> String {
         .collect()
 }
 
-fn commit_stored(consumer: &StreamConsumer, mode: CommitMode) {
+fn commit_stored(consumer: &PipelineConsumer, mode: CommitMode) {
     if let Err(e) = consumer.commit_consumer_state(mode) {
         // Nothing stored since the last commit is the common case, not a problem.
         tracing::debug!(error = %e, "commit skipped");
@@ -301,7 +323,7 @@ fn commit_stored(consumer: &StreamConsumer, mode: CommitMode) {
 /// Creates missing output topics with their input's partition count, and the quarantine topic.
 async fn ensure_topics(
     admin: &AdminClient<DefaultClientContext>,
-    consumer: &StreamConsumer,
+    consumer: &PipelineConsumer,
     config: &Config,
 ) -> Result<(), Error> {
     let mut wanted: Vec<(String, i32)> = Vec::new();
