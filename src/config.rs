@@ -68,6 +68,8 @@ struct RawKafka {
 #[serde(deny_unknown_fields, default)]
 struct RawSchemas {
     local: Option<Vec<RawBinding>>,
+    registry: Option<String>,
+    key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +138,10 @@ pub struct Config {
     pub policy: PolicySettings,
     pub kafka: KafkaConfig,
     pub bindings: Vec<LocalBinding>,
+    /// A Confluent-compatible Schema Registry for the topics without a local binding.
+    pub registry: Option<String>,
+    /// How keys of registry-resolved topics are protected.
+    pub registry_key: KeyAction,
     pub pipeline: PipelineConfig,
     pub audit: AuditConfig,
     /// The address of the operations endpoints; `None` when `http.listen = "off"`.
@@ -345,6 +351,16 @@ impl RawConfig {
             },
             policy,
             kafka: self.kafka.validate()?,
+            registry: match self.schemas.registry {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+                Some(url) => {
+                    return Err(ConfigError(format!(
+                        "schemas.registry: \"{url}\" is not an http:// or https:// URL"
+                    )));
+                }
+                None => None,
+            },
+            registry_key: parse_key_action(self.schemas.key.as_deref(), "schemas.key")?,
             bindings: self
                 .schemas
                 .local
@@ -434,17 +450,10 @@ impl RawKafka {
 
 impl RawBinding {
     fn validate(self) -> Result<LocalBinding, ConfigError> {
-        let key = match self.key.as_deref().unwrap_or("hash") {
-            "hash" => KeyAction::Hash,
-            "keep" => KeyAction::Keep,
-            "redact" => KeyAction::Redact,
-            other => {
-                return Err(ConfigError(format!(
-                    "schemas.local (topic {}): key must be \"hash\", \"keep\" or \"redact\", not \"{other}\"",
-                    self.topic
-                )));
-            }
-        };
+        let key = parse_key_action(
+            self.key.as_deref(),
+            &format!("schemas.local (topic {}): key", self.topic),
+        )?;
         let id = self.id.unwrap_or(DEFAULT_LOCAL_SCHEMA_ID);
         let sanitized_id = self.sanitized_id.unwrap_or(id);
         Ok(LocalBinding {
@@ -493,6 +502,17 @@ impl RawPipeline {
                 .map_or(DEFAULT_COMMIT_INTERVAL, Duration::from_millis),
             drain_timeout,
         })
+    }
+}
+
+fn parse_key_action(text: Option<&str>, name: &str) -> Result<KeyAction, ConfigError> {
+    match text.unwrap_or("hash") {
+        "hash" => Ok(KeyAction::Hash),
+        "keep" => Ok(KeyAction::Keep),
+        "redact" => Ok(KeyAction::Redact),
+        other => Err(ConfigError(format!(
+            "{name} must be \"hash\", \"keep\" or \"redact\", not \"{other}\""
+        ))),
     }
 }
 
@@ -591,6 +611,8 @@ mod tests {
             ),
             ("[pipeline]\nbatch_size = 0\n", "pipeline.batch_size"),
             ("[http]\nlisten = \"localhost\"\n", "http.listen"),
+            ("[schemas]\nregistry = \"localhost:8081\"\n", "schemas.registry"),
+            ("[schemas]\nkey = \"shred\"\n", "schemas.key"),
         ];
         for (text, named) in cases {
             let err = parse(text, &[]).unwrap_err().to_string();

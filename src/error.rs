@@ -131,6 +131,9 @@ pub enum Error {
     /// The broker refused or failed an operation piiwall cannot do without.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// A dependency (schema registry) did not answer; the same work may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -139,6 +142,7 @@ impl Error {
             Error::Policy(_) | Error::Value(_) | Error::Reveal(_) => ErrorKind::Poison,
             Error::Key(e) => e.kind(),
             Error::Config(_) | Error::Io { .. } | Error::Kafka(_) => ErrorKind::Fatal,
+            Error::Unavailable(_) => ErrorKind::Retriable,
         }
     }
 

@@ -41,8 +41,8 @@ pub struct LaneContext {
     pub sanitized: AtomicU64,
     pub quarantined: AtomicU64,
     pub auditor: Auditor,
-    /// Records sanitized per input topic since the last processing summary.
-    pub window: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Records sanitized per (input topic, writer schema id) since the last processing summary.
+    pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
 }
 
 /// Runs the lane of one partition until its channel closes (shutdown or revocation) and is drained.
@@ -71,11 +71,15 @@ pub async fn run(
 
         let mut deliveries = Vec::with_capacity(batch.len());
         let mut audit = Vec::new();
+        let mut window: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         let (mut sanitized, mut quarantined) = (0, 0);
         for (message, outcome) in batch.iter().zip(&outcomes) {
             let delivery = match outcome {
-                Outcome::Output { key, value } => {
+                Outcome::Output { key, value, schema_id } => {
                     sanitized += 1;
+                    if let Some(id) = schema_id {
+                        *window.entry(*id).or_default() += 1;
+                    }
                     let headers = headers(message, &ctx.headers_allow);
                     let mut record = FutureRecord::to(&output_topic).partition(partition).headers(headers);
                     // Event time survives sanitization.
@@ -126,11 +130,11 @@ pub async fn run(
         for event in audit {
             ctx.auditor.emit(event).await;
         }
-        *ctx.window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(topic.clone())
-            .or_default() += sanitized;
+        let mut totals = ctx.window.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, count) in window {
+            *totals.entry((topic.clone(), id)).or_default() += count;
+        }
+        drop(totals);
         let last = batch.last().expect("a batch has at least one record").offset();
         if let Err(e) = ctx.consumer.store_offset(&topic, partition, last) {
             // The partition was revoked meanwhile: its new owner processes these records again (at-least-once).
@@ -159,7 +163,20 @@ async fn process_with_retry(
 ) -> Result<(Returned, Vec<Outcome>), Error> {
     let mut held = (batch, scratch);
     let mut wait = RETRY_START;
+    let wanted: Vec<(String, u32)> = held
+        .0
+        .iter()
+        .filter_map(|m| Some((m.topic().to_owned(), super::framing::parse(m.payload()?).ok()?.0)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     loop {
+        if let Err(e) = ctx.processor.routes.resolve(&wanted).await {
+            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "dependency unavailable: batch waits");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+            continue;
+        }
         let lane = ctx.clone();
         let (batch, mut scratch) = held;
         let (batch, scratch, result) = tokio::task::spawn_blocking(move || {

@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         crate::http::serve(listen, ready.clone(), shutdown.listen()).await?;
     }
     let sanitizer = Arc::new(Sanitizer::new(keyring.clone(), config.keys.default_domain.clone()));
-    let routes = Arc::new(Routes::compile(&config));
+    let routes = Arc::new(Routes::compile(&config)?);
 
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka.brokers);
@@ -272,11 +272,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
 /// Emits one processing summary per input topic for the window that ends now; returns the next window's start.
 async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
     let now = crate::audit::now_ms();
-    let counts: Vec<(String, u64)> = ctx.window.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-    for (topic, records) in counts.into_iter().filter(|(_, n)| *n > 0) {
+    let counts: Vec<((String, u32), u64)> = ctx.window.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    for ((topic, schema_id), records) in counts.into_iter().filter(|(_, n)| *n > 0) {
         let mut event = AuditEvent::new(AuditKind::ProcessingSummary);
-        if let Some(routes::Route::Ready(route)) = ctx.processor.routes.get(&topic) {
-            event.schema_id = Some(route.schema_id as i32);
+        event.schema_id = Some(schema_id as i32);
+        if let routes::Route::Ready(route) = ctx.processor.routes.get(&topic, schema_id) {
             // Each rule is applied once per sanitized record (per item for arrays and maps).
             event.counts = route
                 .schema

@@ -8,7 +8,7 @@ use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
 use super::framing;
-use super::routes::{ReadyRoute, Route, Routes};
+use super::routes::{Route, Routes};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -19,10 +19,11 @@ use crate::transcode::TranscodeScratch;
 pub const QUARANTINE_DOMAIN: &str = "piiwall.quarantine";
 
 pub enum Outcome {
-    /// The sanitized record (a `None` value is a tombstone, passed on as one).
+    /// The sanitized record (a `None` value is a tombstone, passed on as one), and its writer schema id.
     Output {
         key: Option<Vec<u8>>,
         value: Option<Vec<u8>>,
+        schema_id: Option<u32>,
     },
     /// The original key and value encrypted under the quarantine key, and why.
     Quarantine {
@@ -51,42 +52,53 @@ impl Processor {
 
     fn sanitize(&self, message: &OwnedMessage, scratch: &mut TranscodeScratch) -> Result<Outcome, Failure> {
         let poison = |reason: String, schema_id| Failure::Poison { reason, schema_id };
-        let route = match self.routes.get(message.topic()) {
-            Some(Route::Ready(route)) => route,
-            Some(Route::Broken(reason)) => return Err(poison(reason.clone(), None)),
-            None => return Err(poison("no schema binding for this topic".to_owned(), None)),
-        };
-        let key = self.key(route, message.key()).map_err(Failure::Other)?;
         let Some(value) = message.payload() else {
-            return Ok(Outcome::Output { key, value: None });
+            // A tombstone: no schema, only its key to protect.
+            let action = self
+                .routes
+                .key_action(message.topic())
+                .ok_or_else(|| poison("no schema binding for this topic".into(), None))?;
+            let key = self.key(action, None, message.key()).map_err(Failure::Other)?;
+            return Ok(Outcome::Output {
+                key,
+                value: None,
+                schema_id: None,
+            });
         };
         let (schema_id, payload) = framing::parse(value).map_err(|reason| poison(reason.to_owned(), None))?;
-        if schema_id != route.schema_id {
-            return Err(poison(
-                format!("unknown schema id {schema_id} for this topic"),
-                Some(schema_id),
-            ));
-        }
+        let route = match self.routes.get(message.topic(), schema_id) {
+            Route::Ready(route) => route,
+            Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
+        };
+        let key = self
+            .key(route.key, route.schema.plan.domain.as_deref(), message.key())
+            .map_err(Failure::Other)?;
         let mut out = Vec::with_capacity(value.len() * 2 + 64);
         framing::write_header(route.sanitized_id, &mut out);
         match self
             .sanitizer
             .sanitize_binary(&route.schema, &route.transcoder, payload, scratch, &mut out)
         {
-            Ok(()) => Ok(Outcome::Output { key, value: Some(out) }),
+            Ok(()) => Ok(Outcome::Output {
+                key,
+                value: Some(out),
+                schema_id: Some(schema_id),
+            }),
             Err(e) if e.kind() == ErrorKind::Poison => Err(poison(e.to_string(), Some(schema_id))),
             Err(e) => Err(Failure::Other(e)),
         }
     }
 
-    fn key(&self, route: &ReadyRoute, key: Option<&[u8]>) -> Result<Option<Vec<u8>>, Error> {
+    fn key(&self, action: KeyAction, domain: Option<&str>, key: Option<&[u8]>) -> Result<Option<Vec<u8>>, Error> {
         let Some(key) = key else { return Ok(None) };
-        Ok(match route.key {
+        Ok(match action {
             KeyAction::Keep => Some(key.to_vec()),
             KeyAction::Redact => None,
             KeyAction::Hash => {
-                let domain = route.schema.plan.domain.as_deref().unwrap_or(&self.default_domain);
-                let dek = self.sanitizer.keyring().domain_key(domain)?;
+                let dek = self
+                    .sanitizer
+                    .keyring()
+                    .domain_key(domain.unwrap_or(&self.default_domain))?;
                 let mut plaintext = Vec::with_capacity(key.len() + 1);
                 plaintext.push(plain::BYTES);
                 plaintext.extend_from_slice(key);

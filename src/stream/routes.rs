@@ -1,13 +1,24 @@
-//! What to do with each input topic: its schema binding compiled once at start-up.
+//! What to do with a record of (topic, schema id): its compiled schema, or why it has none.
+//!
+//! Local bindings (`[[schemas.local]]`) are compiled at start-up. With a Schema Registry (`schemas.registry`),
+//! other topics' schemas are fetched by id the first time a lane meets them: the writer schema is compiled, its
+//! sanitized schema registered under `<output topic>-value`, and the pair cached. A registry that does not answer
+//! is not the record's fault: [`Routes::resolve`] says so and the lane waits; a registry that answers "unknown"
+//! makes the records of that id poison (quarantine).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use crate::config::{Config, KeyAction};
-use crate::policy::{CompiledSchema, compile};
+use crate::error::Error;
+use crate::policy::{CompiledSchema, PolicySettings, compile};
 use crate::transcode::Transcoder;
 
-/// A topic's compiled schema, or why it has none (its records are quarantined with that reason).
+/// A compiled schema, or why there is none (its records are quarantined with that reason).
+#[derive(Clone)]
 pub enum Route {
     Ready(Arc<ReadyRoute>),
     Broken(String),
@@ -21,42 +32,168 @@ pub struct ReadyRoute {
     pub key: KeyAction,
 }
 
-/// Routes by input topic.
 pub struct Routes {
-    by_topic: HashMap<String, Route>,
+    local: HashMap<String, Route>,
+    registry: Option<Registry>,
+}
+
+struct Registry {
+    settings: SrSettings,
+    policy: PolicySettings,
+    output_suffix: String,
+    key: KeyAction,
+    resolved: Mutex<HashMap<(String, u32), Route>>,
 }
 
 impl Routes {
-    /// Compiles every binding. A binding whose schema cannot be read or compiled becomes a broken route: the
+    /// Compiles every local binding. A binding whose schema cannot be read or compiled becomes a broken route: the
     /// pipeline still starts, and that topic's records go to quarantine with the reason.
-    pub fn compile(config: &Config) -> Self {
-        let mut by_topic = HashMap::new();
+    pub fn compile(config: &Config) -> Result<Self, Error> {
+        let mut local = HashMap::new();
         for binding in &config.bindings {
             let route = match std::fs::read_to_string(&binding.schema) {
                 Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", binding.schema.display())),
-                Ok(text) => match compile(&text, &config.policy) {
-                    Err(e) => Route::Broken(format!("schema {}: {e}", binding.schema.display())),
-                    Ok(schema) => match Transcoder::new(&schema) {
-                        Err(e) => Route::Broken(format!("schema {}: {e}", binding.schema.display())),
-                        Ok(transcoder) => Route::Ready(Arc::new(ReadyRoute {
-                            schema_id: binding.id,
-                            sanitized_id: binding.sanitized_id,
-                            schema,
-                            transcoder,
-                            key: binding.key,
-                        })),
-                    },
+                Ok(text) => match ready(&text, &config.policy, binding.id, binding.sanitized_id, binding.key) {
+                    Ok(route) => route,
+                    Err(reason) => Route::Broken(format!("schema {}: {reason}", binding.schema.display())),
                 },
             };
             if let Route::Broken(reason) = &route {
                 tracing::error!(topic = %binding.topic, %reason, "schema binding unusable: its records will be quarantined");
             }
-            by_topic.insert(binding.topic.clone(), route);
+            local.insert(binding.topic.clone(), route);
         }
-        Self { by_topic }
+        let registry = match &config.registry {
+            None => None,
+            Some(url) => Some(Registry {
+                settings: SrSettings::new_builder(url.clone())
+                    .set_timeout(std::time::Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| Error::Config(crate::error::ConfigError(format!("schemas.registry: {}", e.error))))?,
+                policy: config.policy.clone(),
+                output_suffix: config.kafka.output_suffix.clone(),
+                key: config.registry_key,
+                resolved: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok(Self { local, registry })
     }
 
-    pub fn get(&self, topic: &str) -> Option<&Route> {
-        self.by_topic.get(topic)
+    /// The route of a record. Registry routes must have been [`resolve`](Self::resolve)d first.
+    pub fn get(&self, topic: &str, schema_id: u32) -> Route {
+        if let Some(route) = self.local.get(topic) {
+            return match route {
+                Route::Ready(ready) if ready.schema_id != schema_id => {
+                    Route::Broken(format!("unknown schema id {schema_id} for this topic"))
+                }
+                route => route.clone(),
+            };
+        }
+        match &self.registry {
+            Some(registry) => registry
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(topic.to_owned(), schema_id))
+                .cloned()
+                .unwrap_or_else(|| Route::Broken(format!("schema id {schema_id} was not resolved"))),
+            None => Route::Broken("no schema binding for this topic".to_owned()),
+        }
     }
+
+    /// How a topic's keys are protected (for tombstones, which carry no schema id).
+    pub fn key_action(&self, topic: &str) -> Option<KeyAction> {
+        match self.local.get(topic) {
+            Some(Route::Ready(ready)) => Some(ready.key),
+            Some(Route::Broken(_)) => None,
+            None => self.registry.as_ref().map(|r| r.key),
+        }
+    }
+
+    /// Fetches, compiles and registers what the registry routes of `wanted` need. `Err` (retriable) when the
+    /// registry does not answer: nothing is decided, the caller waits and asks again.
+    pub async fn resolve(&self, wanted: &[(String, u32)]) -> Result<(), Error> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        for (topic, id) in wanted {
+            if self.local.contains_key(topic) {
+                continue;
+            }
+            let key = (topic.clone(), *id);
+            if registry
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&key)
+            {
+                continue;
+            }
+            let route = registry.fetch(topic, *id).await?;
+            if let Route::Broken(reason) = &route {
+                tracing::warn!(%topic, schema_id = id, %reason, "schema unusable: its records will be quarantined");
+            }
+            registry
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, route);
+        }
+        Ok(())
+    }
+}
+
+impl Registry {
+    async fn fetch(&self, topic: &str, id: u32) -> Result<Route, Error> {
+        let unavailable = |what: &str, e: &schema_registry_converter::error::SRCError| {
+            Error::Unavailable(format!("schema registry: {what}: {}", e.error))
+        };
+        let writer = match get_schema_by_id(id, &self.settings).await {
+            Ok(writer) => writer,
+            Err(e) if e.retriable => return Err(unavailable("fetching a schema", &e)),
+            Err(e) => {
+                return Ok(Route::Broken(format!(
+                    "the schema registry has no schema id {id} ({})",
+                    e.error
+                )));
+            }
+        };
+        let mut route = match ready(&writer.schema, &self.policy, id, 0, self.key) {
+            Ok(route) => route,
+            Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
+        };
+        let Route::Ready(ready_route) = &mut route else {
+            return Ok(route);
+        };
+        let subject = format!("{topic}{}-value", self.output_suffix);
+        let supplied = SuppliedSchema::new(None, SchemaType::Avro, ready_route.schema.sanitized_json.clone());
+        let registered = match post_schema(&self.settings, subject, supplied).await {
+            Ok(registered) => registered,
+            Err(e) if e.retriable => return Err(unavailable("registering a sanitized schema", &e)),
+            Err(e) => {
+                return Ok(Route::Broken(format!(
+                    "the registry refused the sanitized schema of id {id} ({})",
+                    e.error
+                )));
+            }
+        };
+        Arc::get_mut(ready_route).expect("not shared yet").sanitized_id = registered.id;
+        Ok(route)
+    }
+}
+
+fn ready(
+    schema_json: &str,
+    policy: &PolicySettings,
+    id: u32,
+    sanitized_id: u32,
+    key: KeyAction,
+) -> Result<Route, String> {
+    let schema = compile(schema_json, policy).map_err(|e| e.to_string())?;
+    let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
+    Ok(Route::Ready(Arc::new(ReadyRoute {
+        schema_id: id,
+        sanitized_id,
+        schema,
+        transcoder,
+        key,
+    })))
 }
