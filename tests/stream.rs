@@ -5,89 +5,25 @@
 
 mod common;
 
+use common::kafka::{Outgoing, broker, consume, create_topic, customer, framed, header, pii_of, produce, unique};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
-use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::policy::{PolicySettings, compile};
 use piiwall::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown, Summary};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value as Json, json};
 
 const PARTITIONS: i32 = 3;
 const SCHEMA_ID: u32 = 7;
 const SANITIZED_ID: u32 = 1007;
-
-fn broker() -> String {
-    std::env::var("PIIWALL_TEST_KAFKA").expect(
-        "these tests need the test broker: run `bash scripts/test`, or `bash scripts/test-services` and export the \
-         PIIWALL_TEST_KAFKA it prints",
-    )
-}
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand::random::<u64>())
-}
-
-async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    results.into_iter().for_each(|r| {
-        r.unwrap();
-    });
-}
-
-fn customer(i: usize) -> Json {
-    json!({
-        "customer_id": format!("cus_{i:05}"),
-        "email": format!("person{i}@example.com"),
-        "full_name": format!("Person Number{i}"),
-        "date_of_birth": 7000 + i,
-        "address": {"street": format!("{i} Secret Lane"), "city": "Leeds", "postcode": format!("LS{i} 9ZZ"), "country": "GB"},
-        "phones": [{"kind": "MOBILE", "number": format!("+44 7700 9{i:05}")}],
-        "notes": format!("private note {i}"),
-        "updated_at": 1_764_150_000_000i64 + i as i64
-    })
-}
-
-/// The PII strings of a customer that must never leave in clear.
-fn pii_of(i: usize) -> Vec<String> {
-    vec![
-        format!("person{i}@example.com"),
-        format!("Person Number{i}"),
-        format!("{i} Secret Lane"),
-        format!("+44 7700 9{i:05}"),
-        format!("private note {i}"),
-    ]
-}
-
-fn framed(schema: &CompiledSchema, record: &Json) -> Vec<u8> {
-    let value = JsonCodec::new(&schema.writer).to_value(record).unwrap();
-    let mut out = Vec::new();
-    stream::write_frame_header(SCHEMA_ID, &mut out);
-    GenericDatumWriter::builder(&schema.writer)
-        .build()
-        .unwrap()
-        .write_value_ref(&mut out, &value)
-        .unwrap();
-    out
-}
 
 fn schema_path() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -125,53 +61,6 @@ fn http_get(port: u16, path: &str) -> (String, String) {
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
-}
-
-/// (partition, key, value, headers) of a record to produce.
-type Outgoing = (i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
-
-async fn produce(topic: &str, records: Vec<Outgoing>) {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
-    for (partition, key, value, headers) in records {
-        let mut record = FutureRecord::to(topic)
-            .partition(partition)
-            .payload(&value)
-            .headers(headers);
-        if let Some(key) = &key {
-            record = record.key(key);
-        }
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-}
-
-/// Reads `topic` from the start until `count` records arrived (or the deadline passed).
-fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        // The topic may not exist yet when reading starts: look again soon.
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let start = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < count && start.elapsed() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            out.push(message.detach());
-        }
-    }
-    out
-}
-
-fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
-    message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
 fn header_i64(message: &OwnedMessage, name: &str) -> i64 {
@@ -226,13 +115,13 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
         records.push((
             (i % 3) as i32,
             Some(format!("cus_{i:05}").into_bytes()),
-            framed(&schema, &customer(i)),
+            framed(&schema, SCHEMA_ID, &customer(i)),
             headers,
         ));
     }
-    let mut truncated = framed(&schema, &customer(999));
+    let mut truncated = framed(&schema, SCHEMA_ID, &customer(999));
     truncated.truncate(truncated.len() - 3);
-    let mut unknown_id = framed(&schema, &customer(998));
+    let mut unknown_id = framed(&schema, SCHEMA_ID, &customer(998));
     unknown_id[4] = 99;
     let poison = [
         (
@@ -504,7 +393,14 @@ async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<(i32, i64)>, Opti
     create_topic(&input, PARTITIONS).await;
     let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
     let records = (0..n)
-        .map(|i| ((i % 3) as i32, None, framed(&schema, &customer(i)), OwnedHeaders::new()))
+        .map(|i| {
+            (
+                (i % 3) as i32,
+                None,
+                framed(&schema, SCHEMA_ID, &customer(i)),
+                OwnedHeaders::new(),
+            )
+        })
         .collect();
     produce(&input, records).await;
     let output = format!("{input}.sanitized");
@@ -580,7 +476,14 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
     const N: usize = 30;
     let mut records: Vec<Outgoing> = (0..N)
-        .map(|i| ((i % 3) as i32, None, framed(&schema, &customer(i)), OwnedHeaders::new()))
+        .map(|i| {
+            (
+                (i % 3) as i32,
+                None,
+                framed(&schema, SCHEMA_ID, &customer(i)),
+                OwnedHeaders::new(),
+            )
+        })
         .collect();
     records.push((0, None, b"person996@example.com in clear".to_vec(), OwnedHeaders::new()));
     produce(&input, records).await;

@@ -223,7 +223,17 @@ pub fn apply(plan: &Plan, record: &mut Value, keys: &RecordKeys) -> Result<(), V
     let Value::Record(fields) = record else {
         return Err(ValueError::new("", "a record was expected"));
     };
-    for (index, node) in &plan.root {
+    apply_fields(plan, &plan.root, fields, keys)
+}
+
+/// Applies the nodes of a record's fields, by field index.
+fn apply_fields(
+    plan: &Plan,
+    nodes: &[(usize, Node)],
+    fields: &mut [(String, Value)],
+    keys: &RecordKeys,
+) -> Result<(), ValueError> {
+    for (index, node) in nodes {
         let field = &mut fields
             .get_mut(*index)
             .ok_or_else(|| ValueError::new("", "record does not match its schema"))?
@@ -236,16 +246,7 @@ pub fn apply(plan: &Plan, record: &mut Value, keys: &RecordKeys) -> Result<(), V
 fn apply_node(plan: &Plan, node: &Node, value: &mut Value, keys: &RecordKeys) -> Result<(), ValueError> {
     match (node, value) {
         (Node::Protect(protect), value) => apply_protect(plan, protect, value, keys),
-        (Node::Record(nodes), Value::Record(fields)) => {
-            for (index, node) in nodes {
-                let field = &mut fields
-                    .get_mut(*index)
-                    .ok_or_else(|| ValueError::new("", "record does not match its schema"))?
-                    .1;
-                apply_node(plan, node, field, keys)?;
-            }
-            Ok(())
-        }
+        (Node::Record(nodes), Value::Record(fields)) => apply_fields(plan, nodes, fields, keys),
         (Node::Array(node), Value::Array(items)) => {
             items.iter_mut().try_for_each(|item| apply_node(plan, node, item, keys))
         }

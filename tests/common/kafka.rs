@@ -1,0 +1,127 @@
+//! Helpers for the tests that talk to the test broker (started by scripts/test-services).
+
+use std::time::{Duration, Instant};
+
+use apache_avro::writer::datum::GenericDatumWriter;
+use piiwall::codec::json::JsonCodec;
+use piiwall::policy::CompiledSchema;
+use piiwall::stream;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use serde_json::{Value as Json, json};
+
+pub fn broker() -> String {
+    std::env::var("PIIWALL_TEST_KAFKA").expect(
+        "these tests need the test broker: run `bash scripts/test`, or `bash scripts/test-services` and export the \
+         PIIWALL_TEST_KAFKA it prints",
+    )
+}
+
+/// A name no other test uses: topics and groups are per test.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results.into_iter().for_each(|r| {
+        r.unwrap();
+    });
+}
+
+/// (partition, key, value, headers) of a record to produce.
+pub type Outgoing = (i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+
+pub async fn produce(topic: &str, records: Vec<Outgoing>) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    for (partition, key, value, headers) in records {
+        let mut record = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(&value)
+            .headers(headers);
+        if let Some(key) = &key {
+            record = record.key(key);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Reads `topic` from the start until `count` records arrived (or the deadline passed).
+pub fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        // The topic may not exist yet when reading starts: look again soon.
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < count && start.elapsed() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(message.detach());
+        }
+    }
+    out
+}
+
+/// A record of the writer schema in the Confluent wire format with schema id `id`.
+pub fn framed(schema: &CompiledSchema, id: u32, record: &Json) -> Vec<u8> {
+    let value = JsonCodec::new(&schema.writer).to_value(record).unwrap();
+    let mut out = Vec::new();
+    stream::write_frame_header(id, &mut out);
+    GenericDatumWriter::builder(&schema.writer)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut out, &value)
+        .unwrap();
+    out
+}
+
+/// Customer `i` of `schemas/customer_profile.avsc`; [`pii_of`] lists its values that must never leave in clear.
+pub fn customer(i: usize) -> Json {
+    json!({
+        "customer_id": format!("cus_{i:05}"),
+        "email": format!("person{i}@example.com"),
+        "full_name": format!("Person Number{i}"),
+        "date_of_birth": 7000 + i,
+        "address": {"street": format!("{i} Secret Lane"), "city": "Leeds", "postcode": format!("LS{i} 9ZZ"), "country": "GB"},
+        "phones": [{"kind": "MOBILE", "number": format!("+44 7700 9{i:05}")}],
+        "notes": format!("private note {i}"),
+        "updated_at": 1_764_150_000_000i64 + i as i64
+    })
+}
+
+pub fn pii_of(i: usize) -> Vec<String> {
+    vec![
+        format!("person{i}@example.com"),
+        format!("Person Number{i}"),
+        format!("{i} Secret Lane"),
+        format!("+44 7700 9{i:05}"),
+        format!("private note {i}"),
+    ]
+}
+
+pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    use rdkafka::message::Headers;
+    message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
+}

@@ -1,0 +1,236 @@
+//! The stream processor with a Schema Registry (rivven-schema, a Confluent-compatible registry held in memory,
+//! installed by scripts/test-services): writer schemas resolved by id, sanitized schemas registered, and a registry
+//! that goes away makes records wait, never quarantines them.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::kafka::{broker, consume, create_topic, customer, framed, header, produce, unique};
+use piiwall::config::Config;
+use piiwall::policy::{PolicySettings, compile};
+use piiwall::stream::{self, Shutdown};
+use rdkafka::Message;
+use rdkafka::message::OwnedHeaders;
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use serde_json::Value as Json;
+
+/// A registry of our own, on a free port, so a test can stop and restart it.
+struct Registry {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Registry {
+    fn start(port: u16) -> Self {
+        let child = Command::new("rivven-schema")
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rivven-schema is on PATH: run `bash scripts/test` (scripts/test-services installs it)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "rivven-schema did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn register(url: &str, subject: &str, schema: &str) -> u32 {
+    let settings = SrSettings::new(url.to_owned());
+    post_schema(
+        &settings,
+        subject.to_owned(),
+        SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
+    )
+    .await
+    .unwrap()
+    .id
+}
+
+fn config(dir: &Path, input: &str, registry: &str) -> Config {
+    std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    let text = format!(
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{broker}\"\n\
+         group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
+         [schemas]\nregistry = \"{registry}\"\n[pipeline]\ncommit_interval_ms = 100\n[audit]\ntopic = \"{input}.audit\"\n\
+         [http]\nlisten = \"off\"\n",
+        dir = dir.display(),
+        broker = broker(),
+        group = unique("piiwall"),
+    );
+    Config::parse(&text, std::iter::empty(), "registry test config").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_schemas_come_from_the_registry_and_sanitized_schemas_are_registered() {
+    let registry = Registry::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("reg-customers");
+    create_topic(&input, 2).await;
+    let text = common::example("customer_profile.avsc");
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    let id = register(&registry.url(), &format!("{input}-value"), &text).await;
+    const N: usize = 20;
+    let mut values: Vec<Vec<u8>> = (0..N).map(|i| framed(&schema, id, &customer(i))).collect();
+    values.push(framed(&schema, id + 1000, &customer(999)));
+    produce(
+        &input,
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| ((i % 2) as i32, None, v, OwnedHeaders::new()))
+            .collect(),
+    )
+    .await;
+
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(
+        config(dir.path(), &input, &registry.url()),
+        shutdown.clone(),
+    ));
+    let output = format!("{input}.sanitized");
+    let quarantine = format!("{input}.quarantine");
+    let (out, quarantined) = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, N, Duration::from_secs(60)),
+            consume(&quarantine, 1, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(out.len(), N);
+    let (sanitized_id, _) = stream::parse_frame(out[0].payload().unwrap()).unwrap();
+    assert_ne!(
+        sanitized_id, id,
+        "outputs are framed with the sanitized schema's own id"
+    );
+    let registered = get_schema_by_id(sanitized_id, &SrSettings::new(registry.url()))
+        .await
+        .unwrap();
+    let sanitized: Json = serde_json::from_str(&registered.schema).unwrap();
+    assert_eq!(
+        sanitized["pii.sanitized"], true,
+        "the registered schema is the sanitized one"
+    );
+    let sanitized_schema = apache_avro::Schema::parse(&sanitized).unwrap();
+    for message in &out {
+        let (frame_id, payload) = stream::parse_frame(message.payload().unwrap()).unwrap();
+        assert_eq!(frame_id, sanitized_id);
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&sanitized_schema)
+            .build()
+            .unwrap();
+        let value = reader
+            .read_value(&mut &payload[..])
+            .expect("decodes with the registered sanitized schema");
+        assert!(
+            !format!("{value:?}").contains("@example.com"),
+            "no email leaves in clear"
+        );
+    }
+    assert_eq!(quarantined.len(), 1, "an id the registry does not know is quarantined");
+    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    assert!(reason.contains(&format!("no schema id {}", id + 1000)), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_while_the_registry_is_down_and_none_is_quarantined() {
+    let port = free_port();
+    let mut registry = Registry::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("reg-outage");
+    create_topic(&input, 2).await;
+    let text = common::example("customer_profile.avsc");
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    let id = register(&registry.url(), &format!("{input}-value"), &text).await;
+    registry.stop();
+
+    const N: usize = 15;
+    produce(
+        &input,
+        (0..N)
+            .map(|i| {
+                (
+                    (i % 2) as i32,
+                    None,
+                    framed(&schema, id, &customer(i)),
+                    OwnedHeaders::new(),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(
+        config(dir.path(), &input, &format!("http://127.0.0.1:{port}")),
+        shutdown.clone(),
+    ));
+
+    // While the registry is down: nothing out, nothing quarantined.
+    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
+    let during = tokio::task::spawn_blocking({
+        let (output, quarantine) = (output.clone(), quarantine.clone());
+        move || {
+            (
+                consume(&output, 1, Duration::from_secs(4)),
+                consume(&quarantine, 1, Duration::from_secs(1)),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        during.0.is_empty() && during.1.is_empty(),
+        "records wait for the registry"
+    );
+
+    // The registry comes back (in memory: its schemas are registered again, the first one getting its id back).
+    let registry = Registry::start(port);
+    assert_eq!(register(&registry.url(), &format!("{input}-value"), &text).await, id);
+    let out = tokio::task::spawn_blocking(move || consume(&output, N, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(out.len(), N, "every record arrives once the registry answers");
+    let late = tokio::task::spawn_blocking(move || consume(&quarantine, 1, Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(late.is_empty(), "nothing was quarantined for the outage");
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
