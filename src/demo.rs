@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
@@ -176,9 +176,9 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
     )?;
     for (topic, partition, offset, json) in &raw {
         let Some(message) = sanitized.iter().find(|m| {
-            header(m, SOURCE_TOPIC).as_deref() == Some(topic.as_str())
-                && header(m, SOURCE_PARTITION) == Some(partition.to_string())
-                && header(m, SOURCE_OFFSET) == Some(offset.to_string())
+            stream::header_text(m, SOURCE_TOPIC).as_deref() == Some(topic.as_str())
+                && stream::header_text(m, SOURCE_PARTITION) == Some(partition.to_string())
+                && stream::header_text(m, SOURCE_OFFSET) == Some(offset.to_string())
         }) else {
             continue;
         };
@@ -195,7 +195,10 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
     for message in &quarantined {
         w(
             out,
-            format!("quarantined: {}", header(message, REASON).unwrap_or_default()),
+            format!(
+                "quarantined: {}",
+                stream::header_text(message, REASON).unwrap_or_default()
+            ),
         )?;
         w(
             out,
@@ -271,9 +274,10 @@ fn show_reveal_and_forget(
     let keyring = Arc::new(Keyring::from_config(&config.keys)?);
     let first = sanitized
         .iter()
-        .filter(|m| header(m, SOURCE_TOPIC).as_deref() == Some("demo.customers"))
+        .filter(|m| stream::header_text(m, SOURCE_TOPIC).as_deref() == Some("demo.customers"))
         .find(|m| {
-            header(m, SOURCE_OFFSET).as_deref() == Some("0") && header(m, SOURCE_PARTITION).as_deref() == Some("0")
+            stream::header_text(m, SOURCE_OFFSET).as_deref() == Some("0")
+                && stream::header_text(m, SOURCE_PARTITION).as_deref() == Some("0")
         });
     let Some(first) = first else { return Ok(()) };
     let (_, payload) = stream::parse_frame(first.payload().unwrap_or_default()).map_err(kafka)?;
@@ -289,15 +293,6 @@ fn show_reveal_and_forget(
         Err(e) => writeln!(out, "reveal --field email {token}\n  -> {e}").map_err(io)?,
     }
     Ok(())
-}
-
-fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Reads `topics` from the start until `count` records arrived, or the wait is over.

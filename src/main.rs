@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Quarantine tools.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -98,6 +103,12 @@ enum KeysCommand {
         #[arg(long)]
         subject: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Re-run quarantined records through the firewall once their cause is fixed; exit 1 if some still fail.
+    Replay,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +269,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let version = keyring.rotate(&scope)?;
             println!("rotated: new data uses key version {version}; older versions still reveal");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Quarantine {
+            command: QuarantineCommand::Replay,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(piiwall::stream::replay(config))?;
+            println!(
+                "replayed {} record(s); {} still failing",
+                summary.replayed,
+                summary.still_failing.len()
+            );
+            for reason in &summary.still_failing {
+                println!("  {reason}");
+            }
+            Ok(if summary.still_failing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Audit {
             command: AuditCommand::Verify { topic },

@@ -14,6 +14,8 @@ use crate::error::Error;
 use crate::keys::Keyring;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading an audit topic to its end may take.
+const READ_DEADLINE: Duration = Duration::from_secs(300);
 
 /// What a verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,27 +39,18 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
         .clone()
         .set("group.id", "piiwall-audit-verify")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(kafka)?;
     let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if partitions.is_empty() {
-        return Err(Error::Kafka(format!("audit topic {topic} does not exist")));
-    }
     let mut assignment = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT).map_err(kafka)?;
-        if high > low {
-            ends.insert(partition, high);
-            assignment
-                .add_partition_offset(topic, partition, Offset::Beginning)
-                .map_err(kafka)?;
-        }
+    for partition in metadata.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        assignment
+            .add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .map_err(kafka)?;
+    }
+    if assignment.count() == 0 {
+        return Err(Error::Kafka(format!("audit topic {topic} does not exist")));
     }
     consumer.assign(&assignment).map_err(kafka)?;
     let reader = GenericDatumReader::builder(&AUDIT_SCHEMA)
@@ -66,31 +59,16 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
     let mut chains: HashMap<String, Position> = HashMap::new();
     let mut events = 0;
     let mut first_break = None;
-    let mut pending = ends.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !pending.is_empty() && std::time::Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.map_err(kafka)?;
-        if pending
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() + 1 >= *end)
-        {
-            pending.remove(&message.partition());
-        }
+    crate::stream::read_to_end(&consumer, assignment.count(), READ_DEADLINE, |message| {
         events += 1;
-        if first_break.is_some() {
-            continue;
+        if first_break.is_none() {
+            let at = format!("partition {}, offset {}", message.partition(), message.offset());
+            if let Err(problem) = check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
+                first_break = Some(format!("{at}: {problem}"));
+            }
         }
-        let at = format!("partition {}, offset {}", message.partition(), message.offset());
-        if let Err(problem) = check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
-            first_break = Some(format!("{at}: {problem}"));
-        }
-    }
-    if !pending.is_empty() {
-        return Err(Error::Kafka(format!("audit topic {topic}: could not read to its end")));
-    }
+        Ok(())
+    })?;
     Ok(VerifyReport {
         events,
         instances: chains.len(),

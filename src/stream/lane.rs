@@ -201,7 +201,7 @@ async fn process_with_retry(
     }
 }
 
-fn with_payload<'a>(
+pub(super) fn with_payload<'a>(
     record: FutureRecord<'a, [u8], [u8]>,
     key: Option<&'a [u8]>,
     value: Option<&'a [u8]>,
@@ -217,7 +217,7 @@ fn with_payload<'a>(
 }
 
 /// Source coordinates, and the allowlisted input headers (every other header may carry PII and is dropped).
-fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders {
+pub(super) fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: SOURCE_TOPIC,
@@ -242,8 +242,18 @@ fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders {
     headers
 }
 
+/// A header's value as text.
+pub fn header_text(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// Enqueues a record, waiting while the producer's queue is full.
-async fn send<'a>(
+pub(super) async fn send<'a>(
     producer: &FutureProducer,
     mut record: FutureRecord<'a, [u8], [u8]>,
 ) -> Result<DeliveryFuture, Error> {

@@ -15,6 +15,7 @@ mod context;
 mod framing;
 mod lane;
 mod process;
+mod replay;
 mod routes;
 
 use std::collections::HashMap;
@@ -32,8 +33,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use framing::{parse as parse_frame, write_header as write_frame_header};
-pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
+pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use process::QUARANTINE_DOMAIN;
+pub use replay::{ReplaySummary, replay};
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::Config;
@@ -81,6 +83,81 @@ impl Default for Shutdown {
     }
 }
 
+/// What `run` and `quarantine replay` build from the config alike.
+pub(crate) struct Parts {
+    pub(crate) sanitizer: Arc<Sanitizer>,
+    pub(crate) routes: Arc<Routes>,
+    /// Brokers and the `[kafka.properties]` passthrough, for every client.
+    pub(crate) client: ClientConfig,
+    /// Idempotent, acks=all.
+    pub(crate) producer: FutureProducer,
+}
+
+impl Parts {
+    pub(crate) async fn build(config: &Config) -> Result<Self, Error> {
+        let keys = config.keys.clone();
+        let keyring = tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
+            .await
+            .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
+        let sanitizer = Arc::new(Sanitizer::new(Arc::new(keyring), config.keys.default_domain.clone()));
+        let routes = Arc::new(Routes::compile(config)?);
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.kafka.brokers);
+        for (name, value) in &config.kafka.properties {
+            client.set(name, value);
+        }
+        let producer: FutureProducer = client
+            .clone()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|e| Error::Kafka(format!("cannot create the producer: {e}")))?;
+        Ok(Self {
+            sanitizer,
+            routes,
+            client,
+            producer,
+        })
+    }
+}
+
+/// How long a topic must stay silent before [`read_to_end`] takes it as read.
+const QUIET_END: Duration = Duration::from_secs(3);
+
+/// Reads the assigned partitions of `consumer` (created with `enable.partition.eof = true`) to their end, handing
+/// every record to `on_record`. The end is every partition reporting end-of-partition, or no record for
+/// [`QUIET_END`]: some brokers (Tansu 0.6) report high watermarks in record batches rather than records, which
+/// makes end-of-partition unreliable there.
+pub(crate) fn read_to_end(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    partitions: usize,
+    deadline: Duration,
+    mut on_record: impl FnMut(rdkafka::message::OwnedMessage) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut ended = std::collections::HashSet::new();
+    let give_up = std::time::Instant::now() + deadline;
+    let mut last_record = std::time::Instant::now();
+    while ended.len() < partitions && last_record.elapsed() < QUIET_END {
+        if std::time::Instant::now() > give_up {
+            return Err(Error::Kafka(format!("could not read to the end within {deadline:?}")));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                ended.insert(partition);
+            }
+            Some(Err(e)) => return Err(Error::Kafka(format!("reading: {e}"))),
+            Some(Ok(message)) => {
+                last_record = std::time::Instant::now();
+                ended.remove(&message.partition());
+                on_record(message.detach())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Counts of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -93,22 +170,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     if config.kafka.inputs.is_empty() {
         return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
     }
-    let keys = config.keys.clone();
-    let keyring = tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
-        .await
-        .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
-    let keyring = Arc::new(keyring);
+    let Parts {
+        sanitizer,
+        routes,
+        client,
+        producer,
+    } = Parts::build(&config).await?;
+    let keyring = sanitizer.keyring().clone();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = config.http_listen {
         crate::http::serve(listen, ready.clone(), shutdown.listen()).await?;
-    }
-    let sanitizer = Arc::new(Sanitizer::new(keyring.clone(), config.keys.default_domain.clone()));
-    let routes = Arc::new(Routes::compile(&config)?);
-
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (name, value) in &config.kafka.properties {
-        client.set(name, value);
     }
     let consumer: Arc<PipelineConsumer> = Arc::new(
         client
@@ -121,13 +192,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             .create_with_context(context::PipelineContext)
             .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
     );
-    let producer: FutureProducer = client
-        .clone()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .map_err(|e| Error::Kafka(format!("cannot create the producer: {e}")))?;
     let admin: AdminClient<DefaultClientContext> = client
         .create()
         .map_err(|e| Error::Kafka(format!("cannot create the admin client: {e}")))?;

@@ -1,0 +1,156 @@
+//! `piiwall quarantine replay`: once the cause of a quarantine is fixed (a schema registered, a binding corrected),
+//! re-runs the quarantined records through the firewall.
+//!
+//! Each quarantined copy is decrypted, processed exactly as the pipeline would process the original, and — when it
+//! now sanitizes — produced to its output topic on its source partition, with its original source coordinates in
+//! the headers (so consumers deduplicate it like any other record). Records that still fail stay where they are and
+//! are reported. The replay's consumer group commits only up to the first record that still fails, so the next
+//! replay starts there: nothing fixed is replayed twice, nothing unfixed is skipped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{OwnedMessage, Timestamp};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::lane::{self, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
+use super::process::{Outcome, Processor};
+use crate::config::Config;
+use crate::error::Error;
+use crate::transcode::TranscodeScratch;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading the quarantine topic to its end may take.
+const READ_DEADLINE: Duration = Duration::from_secs(300);
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub replayed: u64,
+    /// Records that still cannot be sanitized, with the reason of each (no value in it).
+    pub still_failing: Vec<String>,
+}
+
+pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
+    let parts = super::Parts::build(&config).await?;
+    let kafka =
+        |e: rdkafka::error::KafkaError| Error::Kafka(format!("replaying {}: {e}", config.kafka.quarantine_topic));
+    let consumer: BaseConsumer = parts
+        .client
+        .clone()
+        .set("group.id", format!("{}.replay", config.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(kafka)?;
+    let topic = config.kafka.quarantine_topic.as_str();
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka)?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        assignment.add_partition(topic, partition.id());
+    }
+    // Start where the last replay committed (at the first record that still failed), else at the beginning.
+    let committed = consumer.committed_offsets(assignment, TIMEOUT).map_err(kafka)?;
+    let mut start = TopicPartitionList::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        start
+            .add_partition_offset(topic, element.partition(), offset)
+            .map_err(kafka)?;
+    }
+    consumer.assign(&start).map_err(kafka)?;
+
+    let processor = Processor {
+        routes: parts.routes.clone(),
+        sanitizer: parts.sanitizer.clone(),
+        default_domain: config.keys.default_domain.clone(),
+    };
+    let mut scratch = TranscodeScratch::default();
+    let mut summary = ReplaySummary::default();
+    let mut failed: HashMap<i32, bool> = HashMap::new();
+    let mut commit = TopicPartitionList::new();
+    let mut copies = Vec::new();
+    super::read_to_end(&consumer, start.count(), READ_DEADLINE, |copy| {
+        copies.push(copy);
+        Ok(())
+    })?;
+    for message in copies {
+        match original(&message, &parts, &processor, &mut scratch).await? {
+            Ok((Outcome::Output { key, value, .. }, source)) => {
+                let output = format!("{}{}", source.topic(), config.kafka.output_suffix);
+                let mut record = FutureRecord::to(&output)
+                    .partition(source.partition())
+                    .headers(lane::headers(&source, &[]));
+                record = lane::with_payload(record, key.as_deref(), value.as_deref());
+                let delivery = lane::send(&parts.producer, record).await?;
+                delivery
+                    .await
+                    .map_err(|_| Error::Kafka("the producer went away".into()))?
+                    .map_err(|(e, _)| Error::Kafka(format!("a replayed record was not delivered: {e}")))?;
+                summary.replayed += 1;
+            }
+            Ok((Outcome::Quarantine { reason, .. }, _)) | Err(reason) => {
+                failed.insert(message.partition(), true);
+                summary
+                    .still_failing
+                    .push(format!("offset {}: {reason}", message.offset()));
+            }
+        }
+        if !failed.get(&message.partition()).copied().unwrap_or(false) {
+            commit
+                .add_partition_offset(topic, message.partition(), Offset::Offset(message.offset() + 1))
+                .map_err(kafka)?;
+        }
+    }
+    if commit.count() > 0 {
+        consumer.commit(&commit, CommitMode::Sync).map_err(kafka)?;
+    }
+    Ok(summary)
+}
+
+/// Decrypts a quarantined copy back into the record it was, and processes that.
+async fn original(
+    copy: &OwnedMessage,
+    parts: &super::Parts,
+    processor: &Processor,
+    scratch: &mut TranscodeScratch,
+) -> Result<Result<(Outcome, OwnedMessage), String>, Error> {
+    let header = |name: &str| lane::header_text(copy, name);
+    let (Some(topic), Some(partition), Some(offset)) = (
+        header(SOURCE_TOPIC),
+        header(SOURCE_PARTITION).and_then(|p| p.parse().ok()),
+        header(SOURCE_OFFSET).and_then(|o| o.parse().ok()),
+    ) else {
+        return Ok(Err("no source coordinates in its headers".into()));
+    };
+    let keyring = parts.sanitizer.keyring();
+    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, String> {
+        let token = std::str::from_utf8(bytes).map_err(|_| "not a quarantine copy".to_owned())?;
+        let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| e.to_string())?;
+        Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
+    };
+    let value = match copy.payload().map(|p| open(p, "quarantine.value")).transpose() {
+        Ok(value) => value,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let key = match copy.key().map(|k| open(k, "quarantine.key")).transpose() {
+        Ok(key) => key,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    if let Some(id) = value
+        .as_deref()
+        .and_then(|v| super::framing::parse(v).ok())
+        .map(|(id, _)| id)
+    {
+        parts.routes.resolve(&[(topic.clone(), id)]).await?;
+    }
+    let source = OwnedMessage::new(value, key, topic, Timestamp::NotAvailable, partition, offset, None);
+    let outcome = processor.process(&source, scratch)?;
+    Ok(Ok((outcome, source)))
+}
