@@ -17,6 +17,9 @@ use crate::policy::CompiledSchema;
 use crate::sanitize::Sanitizer;
 use crate::transcode::{TranscodeScratch, Transcoder};
 
+/// Lines read and sanitized together.
+const CHUNK: usize = 500;
+
 /// How a run went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -39,34 +42,63 @@ pub fn sanitize_lines(
     let mut scratch = TranscodeScratch::default();
     let (mut raw, mut sanitized) = (Vec::new(), Vec::new());
     let mut summary = Summary::default();
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
-        let line = line.map_err(|e| Error::io(format!("reading line {number}"), e))?;
-        if line.trim().is_empty() {
-            continue;
+    let mut lines = input.lines().enumerate();
+    loop {
+        // A chunk of lines at a time, so the keys of new subjects are created in one store transaction.
+        let mut chunk: Vec<(usize, Result<Vec<u8>, Error>)> = Vec::with_capacity(CHUNK);
+        for (index, line) in lines.by_ref() {
+            let number = index + 1;
+            let line = line.map_err(|e| Error::io(format!("reading line {number}"), e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let encoded = serde_json::from_str::<Json>(&line)
+                .map_err(|e| crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e))).into())
+                .and_then(|json| reader.to_value(&json).map_err(Error::from))
+                .and_then(|value| {
+                    raw.clear();
+                    raw_codec.encode(&value, &mut raw)?;
+                    Ok(raw.clone())
+                });
+            chunk.push((number, encoded));
+            if chunk.len() == CHUNK {
+                break;
+            }
         }
-        let result = serde_json::from_str::<Json>(&line)
-            .map_err(|e| crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e))).into())
-            .and_then(|json| reader.to_value(&json).map_err(Error::from))
-            .and_then(|value| {
-                raw.clear();
-                raw_codec.encode(&value, &mut raw)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let subjects: Vec<String> = chunk
+            .iter()
+            .filter_map(|(_, r)| {
+                r.as_ref()
+                    .ok()
+                    .and_then(|raw| transcoder.subject(raw).ok().flatten())
+                    .map(|s| s.into_owned())
+            })
+            .collect();
+        sanitizer
+            .keyring()
+            .prefetch_subjects(subjects.iter().map(String::as_str))?;
+        for (number, encoded) in chunk {
+            let result = encoded.and_then(|raw| {
                 sanitized.clear();
                 sanitizer.sanitize_binary(schema, &transcoder, &raw, &mut scratch, &mut sanitized)?;
                 Ok(sanitized_codec.decode(&sanitized)?)
             });
-        match result {
-            Ok(value) => {
-                serde_json::to_writer(&mut output, &writer.to_json(&value))
-                    .map_err(|e| Error::io("writing output", e.into()))?;
-                output.write_all(b"\n").map_err(|e| Error::io("writing output", e))?;
-                summary.sanitized += 1;
+            match result {
+                Ok(value) => {
+                    serde_json::to_writer(&mut output, &writer.to_json(&value))
+                        .map_err(|e| Error::io("writing output", e.into()))?;
+                    output.write_all(b"\n").map_err(|e| Error::io("writing output", e))?;
+                    summary.sanitized += 1;
+                }
+                Err(e) if e.kind() == ErrorKind::Poison => {
+                    on_error(number, &e);
+                    summary.failed += 1;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == ErrorKind::Poison => {
-                on_error(number, &e);
-                summary.failed += 1;
-            }
-            Err(e) => return Err(e),
         }
     }
     output.flush().map_err(|e| Error::io("writing output", e))?;

@@ -132,6 +132,39 @@ impl Keyring {
         self.current(&self.subject_scope(subject))
     }
 
+    /// Makes sure every subject of a batch has its key cached, creating the missing ones in one store transaction
+    /// (first use of many new subjects costs one durable commit, not one each).
+    pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<(), KeyError> {
+        let mut scopes: Vec<String> = subjects.into_iter().map(|s| self.subject_scope(s)).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes.retain(|scope| !self.by_scope.contains_key(scope));
+        if scopes.is_empty() {
+            return Ok(());
+        }
+        let mut candidates = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            let key_id = KeyId::random();
+            let secret = Zeroizing::new(rand::random::<[u8; 32]>());
+            let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, &scope, 1))?;
+            candidates.push(StoredKey {
+                key_id,
+                scope,
+                version: 1,
+                wrapped,
+            });
+        }
+        let rows = self.store.ensure_current(&candidates)?;
+        for (candidate, row) in candidates.into_iter().zip(rows) {
+            let entry = match row {
+                Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
+                None => RecordKey::Forgotten,
+            };
+            self.by_scope.insert(candidate.scope, entry);
+        }
+        Ok(())
+    }
+
     /// The current key of a domain, created on first use.
     pub fn domain_key(&self, domain: &str) -> Result<Arc<Dek>, KeyError> {
         let now = Instant::now();
@@ -306,6 +339,31 @@ mod tests {
         assert_ne!(second.key_id, first.key_id);
         assert_eq!(second.version, 2);
         assert!(ring.key_by_id(first.key_id).is_ok(), "old versions still reveal");
+    }
+
+    #[test]
+    fn prefetch_creates_missing_keys_once_and_respects_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let existing = active(ring.subject_key("old").unwrap()).key_id;
+        ring.forget_subject("gone").unwrap();
+        ring.prefetch_subjects(["old", "new-1", "new-2", "new-1", "gone"])
+            .unwrap();
+        assert_eq!(
+            active(ring.subject_key("old").unwrap()).key_id,
+            existing,
+            "existing keys are kept"
+        );
+        assert!(matches!(ring.subject_key("gone").unwrap(), RecordKey::Forgotten));
+        let fresh = keyring(dir.path(), 1).unwrap();
+        assert_eq!(
+            active(fresh.subject_key("new-1").unwrap()).key_id,
+            active(ring.subject_key("new-1").unwrap()).key_id
+        );
+        assert_ne!(
+            active(fresh.subject_key("new-2").unwrap()).key_id,
+            active(fresh.subject_key("new-1").unwrap()).key_id
+        );
     }
 
     #[test]

@@ -143,6 +143,46 @@ impl KeyStore for SqliteStore {
         )?
     }
 
+    fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
+        let rows = self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let mut rows = Vec::with_capacity(candidates.len());
+                {
+                    let mut current = tx.prepare_cached(
+                        "SELECT key_id, scope, version, wrapped FROM deks WHERE scope = ?1 ORDER BY version DESC LIMIT 1",
+                    )?;
+                    let mut forgotten = tx.prepare_cached("SELECT 1 FROM forgotten_scopes WHERE scope = ?1")?;
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (scope, version) DO NOTHING",
+                    )?;
+                    for candidate in candidates {
+                        if let Some(row) = current.query_row([&candidate.scope], row_to_key).optional()? {
+                            rows.push(Some(row));
+                        } else if forgotten.exists([&candidate.scope])? {
+                            rows.push(None);
+                        } else {
+                            insert.execute(params![
+                                &candidate.key_id.0[..],
+                                candidate.scope,
+                                candidate.version,
+                                candidate.wrapped,
+                                now()
+                            ])?;
+                            // Ours, or a concurrent writer's that won: either way the stored one.
+                            rows.push(current.query_row([&candidate.scope], row_to_key).optional()?);
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(rows)
+            },
+            "creating keys",
+        )?;
+        rows.into_iter().map(Option::transpose).collect()
+    }
+
     fn forget(&self, scope: &str) -> Result<usize, KeyError> {
         self.with(
             |c| {

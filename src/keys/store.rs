@@ -28,6 +28,9 @@ pub trait KeyStore: Send + Sync {
     /// Inserts the key unless the scope already has this version; returns the row that is stored, so
     /// concurrent first uses agree on one key.
     fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError>;
+    /// For each scope, in one transaction: its current key, after inserting `candidate` (version 1) when it has none
+    /// and is not forgotten; `None` for a forgotten scope. Makes first use of many subjects cost one commit.
+    fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError>;
     /// Deletes every version of a scope's key, records their ids as shredded and the scope as forgotten.
     /// Returns how many key versions were destroyed. Idempotent.
     fn forget(&self, scope: &str) -> Result<usize, KeyError>;

@@ -180,10 +180,12 @@ async fn process_with_retry(
         let lane = ctx.clone();
         let (batch, mut scratch) = held;
         let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
-            let result: Result<Vec<Outcome>, Error> = batch
-                .iter()
-                .map(|message| lane.processor.process(message, &mut scratch))
-                .collect();
+            let result: Result<Vec<Outcome>, Error> = lane.processor.prefetch_keys(&batch).and_then(|()| {
+                batch
+                    .iter()
+                    .map(|message| lane.processor.process(message, &mut scratch))
+                    .collect()
+            });
             (batch, scratch, result)
         })
         .await

@@ -41,6 +41,24 @@ pub struct Processor {
 }
 
 impl Processor {
+    /// Creates, in one store transaction, the keys of the batch's subjects that have none yet.
+    pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<(), Error> {
+        let subjects: Vec<String> = batch
+            .iter()
+            .filter_map(|message| {
+                let (id, payload) = framing::parse(message.payload()?).ok()?;
+                match self.routes.get(message.topic(), id) {
+                    Route::Ready(route) => route.transcoder.subject(payload).ok().flatten().map(|s| s.into_owned()),
+                    Route::Broken(_) => None,
+                }
+            })
+            .collect();
+        Ok(self
+            .sanitizer
+            .keyring()
+            .prefetch_subjects(subjects.iter().map(String::as_str))?)
+    }
+
     /// Processes one record. `Err` only for what is not the record's fault (retriable or fatal).
     pub fn process(&self, message: &OwnedMessage, scratch: &mut TranscodeScratch) -> Result<Outcome, Error> {
         match self.sanitize(message, scratch) {
