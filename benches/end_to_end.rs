@@ -5,7 +5,9 @@
 //!    stored after delivery, idempotent producer with acks=all and linger.ms=5); each timed until a reader has seen
 //!    all N outputs;
 //! 2. latency: records produced at a steady rate to a caught-up pipeline, from the producer's timestamp to the
-//!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds.
+//!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds;
+//! 3. memory: peak RSS of `piiwall run` (its own process, key cache bounded to 10,000) over customer records of
+//!    distinct data subjects (default 1,000,000; `PIIWALL_E2E_SUBJECTS`), each needing its own key.
 //!
 //! Run: `bash scripts/bench-e2e` (or `PIIWALL_TEST_KAFKA=127.0.0.1:19092 cargo bench --bench end_to_end`).
 
@@ -84,6 +86,10 @@ fn events(count: usize) -> impl Iterator<Item = Vec<u8>> {
 
 /// Produces `count` events, paced at `rate` per second if given; returns the time it took.
 fn produce(brokers: &str, topic: &str, count: usize, rate: Option<u64>) -> Duration {
+    produce_values(brokers, topic, events(count), rate)
+}
+
+fn produce_values(brokers: &str, topic: &str, values: impl Iterator<Item = Vec<u8>>, rate: Option<u64>) -> Duration {
     let producer: BaseProducer = client(brokers)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
@@ -91,7 +97,7 @@ fn produce(brokers: &str, topic: &str, count: usize, rate: Option<u64>) -> Durat
         .create()
         .unwrap();
     let start = Instant::now();
-    for (i, value) in events(count).enumerate() {
+    for (i, value) in values.enumerate() {
         if let Some(rate) = rate {
             let due = start + Duration::from_micros(i as u64 * 1_000_000 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -331,4 +337,99 @@ async fn main() {
         results[1].0 - results[0].0,
         results[1].1 - results[0].1
     );
+
+    let subjects: usize = std::env::var("PIIWALL_E2E_SUBJECTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let (peak_kib, elapsed) = peak_rss(&brokers, subjects).await;
+    println!(
+        "memory      piiwall run: peak RSS {:.1} MiB over {subjects} distinct subjects ({:.0} records/s, key cache 10,000)",
+        peak_kib as f64 / 1024.0,
+        subjects as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// Customer records of `count` distinct subjects, framed with schema id 1.
+fn customers(count: usize) -> impl Iterator<Item = Vec<u8>> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/customer_profile.avsc")).unwrap();
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    (0..count).map(move |i| {
+        let json = serde_json::json!({
+            "customer_id": format!("cus_{i:09}"), "email": format!("person{i}@example.com"),
+            "full_name": format!("Person Number{i}"),
+            "address": {"street": format!("{i} Lane"), "city": "Leeds", "postcode": "LS1 1AA", "country": "GB"},
+            "phones": [{"kind": "MOBILE", "number": format!("+44 7700 {i:06}")}], "updated_at": 1
+        });
+        let value = JsonCodec::new(&schema.writer).to_value(&json).unwrap();
+        let mut out = Vec::with_capacity(256);
+        stream::write_frame_header(SCHEMA_ID, &mut out);
+        GenericDatumWriter::builder(&schema.writer)
+            .build()
+            .unwrap()
+            .write_value_ref(&mut out, &value)
+            .unwrap();
+        out
+    })
+}
+
+/// Runs `piiwall run` as its own process over `count` records of distinct subjects; returns its peak resident set
+/// (VmHWM, KiB) and the time until a reader had every output.
+async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
+    let input = unique("e2e-subjects");
+    create_topic(brokers, &input).await;
+    tokio::task::spawn_blocking({
+        let (brokers, input) = (brokers.to_owned(), input.clone());
+        move || produce_values(&brokers, &input, customers(count), None)
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kek.key"),
+        "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n",
+    )
+    .unwrap();
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/customer_profile.avsc");
+    let config = format!(
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\ncache_capacity = 10000\n\
+         [kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ninputs = [\"{input}\"]\n\
+         quarantine_topic = \"{input}.quarantine\"\n[[schemas.local]]\ntopic = \"{input}\"\nschema = \"{schema}\"\n\
+         id = {SCHEMA_ID}\n[audit]\ntopic = \"{input}.audit\"\n[http]\nlisten = \"off\"\n",
+        dir = dir.path().display(),
+        group = unique("piiwall"),
+        schema = schema.display(),
+    );
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .env("RUST_LOG", "piiwall=warn")
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let reader = tokio::task::spawn_blocking({
+        let (brokers, output) = (brokers.to_owned(), format!("{input}.sanitized"));
+        move || read(&brokers, &output, count, Duration::from_secs(3600))
+    });
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    while !reader.is_finished() {
+        if let Some(hwm) = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+        {
+            peak = peak.max(hwm);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = start.elapsed();
+    reader.await.unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    (peak, elapsed)
 }
