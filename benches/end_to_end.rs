@@ -15,7 +15,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use apache_avro::writer::datum::GenericDatumWriter;
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::policy::{PolicySettings, compile};
@@ -72,15 +71,12 @@ fn events(count: usize) -> impl Iterator<Item = Vec<u8>> {
             "name": format!("Person Number{i}"), "amount": 129.99, "country": "GB", "ip": "203.0.113.0",
             "card_number": "4111111111111111", "note": "first order, gift wrapped"
         });
-        let value = JsonCodec::new(&schema.writer).to_value(&json).unwrap();
-        let mut out = Vec::with_capacity(256);
-        stream::write_frame_header(SCHEMA_ID, &mut out);
-        GenericDatumWriter::builder(&schema.writer)
-            .build()
-            .unwrap()
-            .write_value_ref(&mut out, &value)
-            .unwrap();
-        out
+        stream::encode_framed(
+            &schema,
+            SCHEMA_ID,
+            &JsonCodec::new(&schema.writer).to_value(&json).unwrap(),
+        )
+        .unwrap()
     })
 }
 
@@ -362,15 +358,12 @@ fn customers(count: usize) -> impl Iterator<Item = Vec<u8>> {
             "address": {"street": format!("{i} Lane"), "city": "Leeds", "postcode": "LS1 1AA", "country": "GB"},
             "phones": [{"kind": "MOBILE", "number": format!("+44 7700 {i:06}")}], "updated_at": 1
         });
-        let value = JsonCodec::new(&schema.writer).to_value(&json).unwrap();
-        let mut out = Vec::with_capacity(256);
-        stream::write_frame_header(SCHEMA_ID, &mut out);
-        GenericDatumWriter::builder(&schema.writer)
-            .build()
-            .unwrap()
-            .write_value_ref(&mut out, &value)
-            .unwrap();
-        out
+        stream::encode_framed(
+            &schema,
+            SCHEMA_ID,
+            &JsonCodec::new(&schema.writer).to_value(&json).unwrap(),
+        )
+        .unwrap()
     })
 }
 

@@ -121,13 +121,10 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         .map_err(kafka)?;
     let mut raw: Vec<(String, i32, i64, Json)> = Vec::new();
     for (example, schema) in EXAMPLES.iter().zip(&schemas) {
-        let writer = crate::codec::avro::ValueCodec::for_writer(schema);
         for (i, line) in example.samples.lines().filter(|l| !l.trim().is_empty()).enumerate() {
             let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
             let value = JsonCodec::new(&schema.writer).to_value(&json)?;
-            let mut framed = Vec::new();
-            stream::write_frame_header(example.id, &mut framed);
-            writer.encode(&value, &mut framed)?;
+            let framed = stream::encode_framed(schema, example.id, &value)?;
             let partition = i as i32 % PARTITIONS;
             let delivery = producer
                 .send(

@@ -347,15 +347,7 @@ fn signal(child: &std::process::Child, name: &str) {
 
 /// Reads the output topic until `wanted` distinct source records arrived; returns every message read.
 fn read_until_unique(topic: &str, wanted: usize, deadline: Duration) -> Vec<(i32, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = common::kafka::reader(topic);
     let start = Instant::now();
     let mut seen = Vec::new();
     let mut distinct = std::collections::HashSet::new();

@@ -11,6 +11,18 @@ pub fn parse(value: &[u8]) -> Result<(u32, &[u8]), &'static str> {
     }
 }
 
+/// Encodes a record of a compiled schema's writer schema in the Confluent wire format, as producers write it.
+pub fn encode_framed(
+    schema: &crate::policy::CompiledSchema,
+    schema_id: u32,
+    record: &apache_avro::types::Value,
+) -> Result<Vec<u8>, crate::error::ValueError> {
+    let mut out = Vec::with_capacity(256);
+    write_header(schema_id, &mut out);
+    crate::codec::avro::ValueCodec::for_writer(schema).encode(record, &mut out)?;
+    Ok(out)
+}
+
 /// Appends the 5-byte header of `schema_id`.
 pub fn write_header(schema_id: u32, out: &mut Vec<u8>) {
     out.push(MAGIC);

@@ -32,7 +32,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use framing::{parse as parse_frame, write_header as write_frame_header};
+pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use process::QUARANTINE_DOMAIN;
 pub use replay::{ReplaySummary, replay};

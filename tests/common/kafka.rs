@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use apache_avro::writer::datum::GenericDatumWriter;
 use piiwall::codec::json::JsonCodec;
 use piiwall::policy::CompiledSchema;
 use piiwall::stream;
@@ -64,16 +63,7 @@ pub async fn produce(topic: &str, records: Vec<Outgoing>) {
 
 /// Reads `topic` from the start until `count` records arrived (or the deadline passed).
 pub fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        // The topic may not exist yet when reading starts: look again soon.
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = reader(topic);
     let start = Instant::now();
     let mut out = Vec::new();
     while out.len() < count && start.elapsed() < deadline {
@@ -86,15 +76,22 @@ pub fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessag
 
 /// A record of the writer schema in the Confluent wire format with schema id `id`.
 pub fn framed(schema: &CompiledSchema, id: u32, record: &Json) -> Vec<u8> {
-    let value = JsonCodec::new(&schema.writer).to_value(record).unwrap();
-    let mut out = Vec::new();
-    stream::write_frame_header(id, &mut out);
-    GenericDatumWriter::builder(&schema.writer)
-        .build()
-        .unwrap()
-        .write_value_ref(&mut out, &value)
+    stream::encode_framed(schema, id, &JsonCodec::new(&schema.writer).to_value(record).unwrap()).unwrap()
+}
+
+/// A consumer reading `topic` from its start, in a group of its own.
+pub fn reader(topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        // The topic may not exist yet when reading starts: look again soon.
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
         .unwrap();
-    out
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
 }
 
 /// Customer `i` of `schemas/customer_profile.avsc`; [`pii_of`] lists its values that must never leave in clear.
