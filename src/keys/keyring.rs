@@ -134,13 +134,14 @@ impl Keyring {
 
     /// Makes sure every subject of a batch has its key cached, creating the missing ones in one store transaction
     /// (first use of many new subjects costs one durable commit, not one each).
-    pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<(), KeyError> {
+    /// Returns how many keys were created.
+    pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<usize, KeyError> {
         let mut scopes: Vec<String> = subjects.into_iter().map(|s| self.subject_scope(s)).collect();
         scopes.sort_unstable();
         scopes.dedup();
         scopes.retain(|scope| !self.by_scope.contains_key(scope));
         if scopes.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut candidates = Vec::with_capacity(scopes.len());
         for scope in scopes {
@@ -155,14 +156,18 @@ impl Keyring {
             });
         }
         let rows = self.store.ensure_current(&candidates)?;
+        let mut created = 0;
         for (candidate, row) in candidates.into_iter().zip(rows) {
             let entry = match row {
-                Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
+                Some(row) => {
+                    created += usize::from(row.key_id == candidate.key_id);
+                    RecordKey::Active(Arc::new(self.unwrap(&row)?))
+                }
                 None => RecordKey::Forgotten,
             };
             self.by_scope.insert(candidate.scope, entry);
         }
-        Ok(())
+        Ok(created)
     }
 
     /// The current key of a domain, created on first use.

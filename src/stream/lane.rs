@@ -14,7 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
 use super::process::{Outcome, Processor};
-use crate::audit::{AuditEvent, AuditKind, Auditor};
+use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::error::{Error, ErrorKind};
 use crate::transcode::TranscodeScratch;
 
@@ -65,12 +65,27 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let (returned, outcomes) = process_with_retry(batch, scratch, &ctx).await?;
-        scratch = returned.1;
-        let batch = returned.0;
+        let Sanitized {
+            batch,
+            scratch: returned,
+            outcomes,
+            keys_created,
+        } = sanitize_batch(batch, scratch, &ctx).await?;
+        scratch = returned;
 
         let mut deliveries = Vec::with_capacity(batch.len());
         let mut audit = Vec::new();
+        if keys_created > 0 {
+            let mut event = AuditEvent::new(AuditKind::KeyCreated);
+            event.topic = Some(topic.clone());
+            event.partition = Some(partition);
+            event.counts = vec![FieldCount {
+                field_path: "subject".into(),
+                action: "key created".into(),
+                count: keys_created as i64,
+            }];
+            audit.push(event);
+        }
         let mut window: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         let (mut sanitized, mut quarantined) = (0, 0);
         for (message, outcome) in batch.iter().zip(&outcomes) {
@@ -152,54 +167,70 @@ pub async fn run(
     Ok(())
 }
 
-type Returned = (Vec<OwnedMessage>, TranscodeScratch);
+/// A batch after sanitizing: its records, what became of each, and how many subject keys it created.
+struct Sanitized {
+    batch: Vec<OwnedMessage>,
+    scratch: TranscodeScratch,
+    outcomes: Vec<Outcome>,
+    keys_created: usize,
+}
 
-/// Sanitizes a batch on the blocking pool; a dependency that does not answer (key store) is retried with backoff,
-/// the batch kept: nothing is quarantined or skipped for it.
-async fn process_with_retry(
+/// Sanitizes a batch on the blocking pool, its registry schemas resolved and its new subjects' keys created first.
+/// A dependency that does not answer (registry, key store) is retried with backoff, the batch kept: nothing is
+/// quarantined or skipped for it.
+async fn sanitize_batch(
     batch: Vec<OwnedMessage>,
     scratch: TranscodeScratch,
     ctx: &Arc<LaneContext>,
-) -> Result<(Returned, Vec<Outcome>), Error> {
-    let mut held = (batch, scratch);
-    let mut wait = RETRY_START;
-    let wanted: Vec<(String, u32)> = held
-        .0
+) -> Result<Sanitized, Error> {
+    let wanted: Vec<(String, u32)> = batch
         .iter()
         .filter_map(|m| Some((m.topic().to_owned(), super::framing::parse(m.payload()?).ok()?.0)))
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
+    let mut held = (batch, scratch);
+    let mut wait = RETRY_START;
     loop {
-        if let Err(e) = ctx.processor.routes.resolve(&wanted).await {
-            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "dependency unavailable: batch waits");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(RETRY_MAX);
-            continue;
-        }
-        let lane = ctx.clone();
-        let (batch, mut scratch) = held;
-        let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
-            let result: Result<Vec<Outcome>, Error> = lane.processor.prefetch_keys(&batch).and_then(|()| {
-                batch
-                    .iter()
-                    .map(|message| lane.processor.process(message, &mut scratch))
-                    .collect()
-            });
-            (batch, scratch, result)
-        })
-        .await
-        .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
-        match result {
-            Ok(outcomes) => return Ok(((batch, scratch), outcomes)),
-            Err(e) if e.kind() == ErrorKind::Retriable => {
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "dependency unavailable: batch waits");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MAX);
-                held = (batch, scratch);
+        let failure = match ctx.processor.routes.resolve(&wanted).await {
+            Err(e) => e,
+            Ok(()) => {
+                let lane = ctx.clone();
+                let (batch, mut scratch) = held;
+                let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
+                    let result = lane.processor.prefetch_keys(&batch).and_then(|created| {
+                        let outcomes = batch
+                            .iter()
+                            .map(|message| lane.processor.process(message, &mut scratch))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok((created, outcomes))
+                    });
+                    (batch, scratch, result)
+                })
+                .await
+                .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
+                match result {
+                    Ok((keys_created, outcomes)) => {
+                        return Ok(Sanitized {
+                            batch,
+                            scratch,
+                            outcomes,
+                            keys_created,
+                        });
+                    }
+                    Err(e) => {
+                        held = (batch, scratch);
+                        e
+                    }
+                }
             }
-            Err(e) => return Err(e),
+        };
+        if failure.kind() != ErrorKind::Retriable {
+            return Err(failure);
         }
+        tracing::warn!(error = %failure, retry_in_ms = wait.as_millis() as u64, "dependency unavailable: batch waits");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
     }
 }
 

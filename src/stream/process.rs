@@ -41,8 +41,8 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Creates, in one store transaction, the keys of the batch's subjects that have none yet.
-    pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<(), Error> {
+    /// Creates, in one store transaction, the keys of the batch's subjects that have none yet; returns how many.
+    pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<usize, Error> {
         let subjects: Vec<String> = batch
             .iter()
             .filter_map(|message| {
