@@ -293,7 +293,7 @@ fn spawn_piiwall(dir: &Path, input: &str, group: &str) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_piiwall"))
         .args(["run", "--config"])
         .arg(dir.join("config.toml"))
-        .env("RUST_LOG", "piiwall=info")
+        .env("RUST_LOG", "piiwall=debug")
         .stderr(std::fs::File::create(dir.join(format!("piiwall-{}.log", rand::random::<u32>()))).unwrap())
         .spawn()
         .unwrap()
@@ -425,6 +425,20 @@ async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<(i32, i64)>, Opti
         second.wait().unwrap().success(),
         "the second run stops cleanly on SIGTERM"
     );
+    // piiwall's own log output (debug level, both runs) carries no value of any input record.
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            logs.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+    assert!(logs.contains("piiwall running"), "the logs were captured");
+    for i in 0..n {
+        for pii in pii_of(i) {
+            assert!(!logs.contains(&pii), "a PII value in piiwall's log output");
+        }
+    }
     (all, status.code())
 }
 
