@@ -77,13 +77,13 @@ pub fn sanitize_lines(
                     .map(|s| s.into_owned())
             })
             .collect();
-        sanitizer
+        let keys = sanitizer
             .keyring()
             .prefetch_subjects(subjects.iter().map(String::as_str))?;
         for (number, encoded) in chunk {
             let result = encoded.and_then(|raw| {
                 sanitized.clear();
-                sanitizer.sanitize_binary(schema, &transcoder, &raw, &mut scratch, &mut sanitized)?;
+                sanitizer.sanitize_binary_in(schema, &transcoder, &raw, Some(&keys), &mut scratch, &mut sanitized)?;
                 Ok(sanitized_codec.decode(&sanitized)?)
             });
             match result {

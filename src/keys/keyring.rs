@@ -41,6 +41,19 @@ impl Default for KeyCacheSettings {
     }
 }
 
+/// The keys of one batch's subjects, by subject id (held in memory for the batch only), and how many were created.
+#[derive(Default)]
+pub struct BatchKeys {
+    keys: HashMap<String, RecordKey>,
+    pub created: usize,
+}
+
+impl BatchKeys {
+    pub fn get(&self, subject: &str) -> Option<&RecordKey> {
+        self.keys.get(subject)
+    }
+}
+
 /// The key protecting a record.
 #[derive(Clone)]
 pub enum RecordKey {
@@ -132,42 +145,52 @@ impl Keyring {
         self.current(&self.subject_scope(subject))
     }
 
-    /// Makes sure every subject of a batch has its key cached, creating the missing ones in one store transaction
-    /// (first use of many new subjects costs one durable commit, not one each).
-    /// Returns how many keys were created.
-    pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<usize, KeyError> {
-        let mut scopes: Vec<String> = subjects.into_iter().map(|s| self.subject_scope(s)).collect();
-        scopes.sort_unstable();
-        scopes.dedup();
-        scopes.retain(|scope| !self.by_scope.contains_key(scope));
-        if scopes.is_empty() {
-            return Ok(0);
+    /// The keys of a batch's subjects, creating the missing ones in one store transaction (first use of many new
+    /// subjects costs one durable commit, not one each). The batch uses the returned keys directly: a bounded cache
+    /// may evict or refuse them before their records come.
+    pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<BatchKeys, KeyError> {
+        let mut batch = BatchKeys::default();
+        let mut missing: Vec<(String, String)> = Vec::new();
+        for subject in subjects {
+            if batch.keys.contains_key(subject) || missing.iter().any(|(s, _)| s == subject) {
+                continue;
+            }
+            let scope = self.subject_scope(subject);
+            match self.by_scope.get(&scope) {
+                Some(key) => {
+                    batch.keys.insert(subject.to_owned(), key);
+                }
+                None => missing.push((subject.to_owned(), scope)),
+            }
         }
-        let mut candidates = Vec::with_capacity(scopes.len());
-        for scope in scopes {
+        if missing.is_empty() {
+            return Ok(batch);
+        }
+        let mut candidates = Vec::with_capacity(missing.len());
+        for (_, scope) in &missing {
             let key_id = KeyId::random();
             let secret = Zeroizing::new(rand::random::<[u8; 32]>());
-            let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, &scope, 1))?;
+            let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, 1))?;
             candidates.push(StoredKey {
                 key_id,
-                scope,
+                scope: scope.clone(),
                 version: 1,
                 wrapped,
             });
         }
         let rows = self.store.ensure_current(&candidates)?;
-        let mut created = 0;
-        for (candidate, row) in candidates.into_iter().zip(rows) {
+        for ((subject, _), (candidate, row)) in missing.into_iter().zip(candidates.into_iter().zip(rows)) {
             let entry = match row {
                 Some(row) => {
-                    created += usize::from(row.key_id == candidate.key_id);
+                    batch.created += usize::from(row.key_id == candidate.key_id);
                     RecordKey::Active(Arc::new(self.unwrap(&row)?))
                 }
                 None => RecordKey::Forgotten,
             };
-            self.by_scope.insert(candidate.scope, entry);
+            self.by_scope.insert(candidate.scope, entry.clone());
+            batch.keys.insert(subject, entry);
         }
-        Ok(created)
+        Ok(batch)
     }
 
     /// The current key of a domain, created on first use.

@@ -10,6 +10,8 @@ mod keyring;
 mod sqlite;
 mod store;
 
-pub use keyring::{CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey};
+pub use keyring::{
+    BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey,
+};
 pub use sqlite::SqliteStore;
 pub use store::{KeyLookup, KeyStore, StoredKey};

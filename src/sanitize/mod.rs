@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use crate::crypto::{Dek, Token, TokenKind, plain};
 use crate::error::{Error, RevealError, ValueError};
-use crate::keys::{Keyring, RecordKey};
+use crate::keys::{BatchKeys, Keyring, RecordKey};
 use crate::policy::{Action, CompiledSchema, Node, Plan, Protect, Rule, Shape};
 use crate::transcode::{TranscodeScratch, Transcoder};
 
@@ -66,8 +66,26 @@ impl Sanitizer {
         scratch: &mut TranscodeScratch,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
+        self.sanitize_binary_in(schema, transcoder, record, None, scratch, out)
+    }
+
+    /// As [`sanitize_binary`](Self::sanitize_binary), taking the record's subject key from `batch` when it is there
+    /// (see [`Keyring::prefetch_subjects`]).
+    pub fn sanitize_binary_in(
+        &self,
+        schema: &CompiledSchema,
+        transcoder: &Transcoder,
+        record: &[u8],
+        batch: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
         let subject = transcoder.subject(record)?;
-        let keys = self.keys_for_subject(&schema.plan, subject.as_deref())?;
+        let prefetched = subject.as_deref().and_then(|s| batch?.get(s));
+        let keys = match prefetched {
+            Some(key) => self.keys_with(&schema.plan, key.clone())?,
+            None => self.keys_for_subject(&schema.plan, subject.as_deref())?,
+        };
         transcoder.transcode(schema, record, &keys, scratch, out)?;
         Ok(())
     }
@@ -87,24 +105,42 @@ impl Sanitizer {
             None
         };
         Ok(match subject {
-            Some(subject) => match self.keyring.subject_key(subject)? {
-                RecordKey::Active(dek) => RecordKeys {
-                    record: Some(dek),
-                    domain,
-                    forgotten: false,
-                },
-                RecordKey::Forgotten => RecordKeys {
-                    record: None,
-                    domain: None,
-                    forgotten: true,
-                },
-            },
+            Some(subject) => Self::subject_keys(self.keyring.subject_key(subject)?, domain),
             None => RecordKeys {
                 record: domain.clone(),
                 domain,
                 forgotten: false,
             },
         })
+    }
+
+    /// The keys of a record whose subject key is already known.
+    fn keys_with(&self, plan: &Plan, subject_key: RecordKey) -> Result<RecordKeys, Error> {
+        let needs_hash = plan.rules.iter().any(|r| r.action == Action::Hash);
+        let domain = if needs_hash {
+            Some(
+                self.keyring
+                    .domain_key(plan.domain.as_deref().unwrap_or(&self.default_domain))?,
+            )
+        } else {
+            None
+        };
+        Ok(Self::subject_keys(subject_key, domain))
+    }
+
+    fn subject_keys(key: RecordKey, domain: Option<Arc<Dek>>) -> RecordKeys {
+        match key {
+            RecordKey::Active(dek) => RecordKeys {
+                record: Some(dek),
+                domain,
+                forgotten: false,
+            },
+            RecordKey::Forgotten => RecordKeys {
+                record: None,
+                domain: None,
+                forgotten: true,
+            },
+        }
     }
 
     /// The token an analyst filters by: what `tokenize` (or `hash`) would write for `value` at `path`.

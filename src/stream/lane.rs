@@ -198,12 +198,12 @@ async fn sanitize_batch(
                 let lane = ctx.clone();
                 let (batch, mut scratch) = held;
                 let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
-                    let result = lane.processor.prefetch_keys(&batch).and_then(|created| {
+                    let result = lane.processor.prefetch_keys(&batch).and_then(|keys| {
                         let outcomes = batch
                             .iter()
-                            .map(|message| lane.processor.process(message, &mut scratch))
+                            .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
                             .collect::<Result<Vec<_>, _>>()?;
-                        Ok((created, outcomes))
+                        Ok((keys.created, outcomes))
                     });
                     (batch, scratch, result)
                 })

@@ -12,6 +12,7 @@ use super::routes::{Route, Routes};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
+use crate::keys::BatchKeys;
 use crate::sanitize::Sanitizer;
 use crate::transcode::TranscodeScratch;
 
@@ -41,8 +42,8 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Creates, in one store transaction, the keys of the batch's subjects that have none yet; returns how many.
-    pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<usize, Error> {
+    /// The keys of the batch's subjects, the missing ones created in one store transaction.
+    pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<BatchKeys, Error> {
         let subjects: Vec<String> = batch
             .iter()
             .filter_map(|message| {
@@ -60,15 +61,25 @@ impl Processor {
     }
 
     /// Processes one record. `Err` only for what is not the record's fault (retriable or fatal).
-    pub fn process(&self, message: &OwnedMessage, scratch: &mut TranscodeScratch) -> Result<Outcome, Error> {
-        match self.sanitize(message, scratch) {
+    pub fn process(
+        &self,
+        message: &OwnedMessage,
+        keys: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+    ) -> Result<Outcome, Error> {
+        match self.sanitize(message, keys, scratch) {
             Ok(outcome) => Ok(outcome),
             Err(Failure::Poison { reason, schema_id }) => self.quarantine(message, reason, schema_id),
             Err(Failure::Other(e)) => Err(e),
         }
     }
 
-    fn sanitize(&self, message: &OwnedMessage, scratch: &mut TranscodeScratch) -> Result<Outcome, Failure> {
+    fn sanitize(
+        &self,
+        message: &OwnedMessage,
+        keys: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+    ) -> Result<Outcome, Failure> {
         let poison = |reason: String, schema_id| Failure::Poison { reason, schema_id };
         let Some(value) = message.payload() else {
             // A tombstone: no schema, only its key to protect.
@@ -95,7 +106,7 @@ impl Processor {
         framing::write_header(route.sanitized_id, &mut out);
         match self
             .sanitizer
-            .sanitize_binary(&route.schema, &route.transcoder, payload, scratch, &mut out)
+            .sanitize_binary_in(&route.schema, &route.transcoder, payload, keys, scratch, &mut out)
         {
             Ok(()) => Ok(Outcome::Output {
                 key,

@@ -151,6 +151,6 @@ async fn original(
         parts.routes.resolve(&[(topic.clone(), id)]).await?;
     }
     let source = OwnedMessage::new(value, key, topic, Timestamp::NotAvailable, partition, offset, None);
-    let outcome = processor.process(&source, scratch)?;
+    let outcome = processor.process(&source, None, scratch)?;
     Ok(Ok((outcome, source)))
 }
