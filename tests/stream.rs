@@ -32,6 +32,26 @@ fn schema_path() -> String {
         .into_owned()
 }
 
+/// What every test here starts from: its own key store directory, input topic, consumer group, and the customer
+/// schema.
+struct Setup {
+    dir: tempfile::TempDir,
+    input: String,
+    group: String,
+    schema: piiwall::policy::CompiledSchema,
+}
+
+async fn setup(name: &str) -> Setup {
+    let input = unique(name);
+    create_topic(&input, PARTITIONS).await;
+    Setup {
+        dir: tempfile::tempdir().unwrap(),
+        input,
+        group: unique("piiwall"),
+        schema: compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap(),
+    }
+}
+
 /// The pipeline's config for one test: its own key store and KEK in `dir` (the KEK file is written here).
 fn config(dir: &Path, input: &str, group: &str) -> Config {
     config_on(dir, input, group, 0)
@@ -94,11 +114,12 @@ fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("customers");
-    let group = unique("piiwall");
-    create_topic(&input, PARTITIONS).await;
-    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("customers").await;
 
     const N: usize = 120;
     let mut records = Vec::new();
@@ -379,11 +400,12 @@ fn read_until_unique(topic: &str, wanted: usize, deadline: Duration) -> Vec<(i32
 /// Produces `n` customers, starts piiwall, stops it with `first_signal` once part of the output is there, restarts
 /// it, and returns the source coordinates of every output record once all `n` have arrived.
 async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<(i32, i64)>, Option<i32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("restart");
-    let group = unique("piiwall");
-    create_topic(&input, PARTITIONS).await;
-    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("restart").await;
     let records = (0..n)
         .map(|i| {
             (
@@ -475,11 +497,12 @@ async fn sigkill_loses_nothing_and_duplicates_carry_their_source_coordinates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_verifies_and_tampering_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("audited");
-    let group = unique("piiwall");
-    create_topic(&input, PARTITIONS).await;
-    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("audited").await;
     const N: usize = 30;
     let mut records: Vec<Outgoing> = (0..N)
         .map(|i| {
@@ -614,11 +637,12 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_records_are_replayed_once_their_cause_is_fixed() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("replay");
-    let group = unique("piiwall");
-    create_topic(&input, PARTITIONS).await;
-    let schema = compile(&common::example("customer_profile.avsc"), &PolicySettings::default()).unwrap();
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("replay").await;
     // Producers moved to schema id 42, the binding still says SCHEMA_ID: everything is quarantined.
     let mut records: Vec<Outgoing> = (0..5)
         .map(|i| (0, None, framed(&schema, 42, &customer(i)), OwnedHeaders::new()))

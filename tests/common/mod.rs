@@ -15,32 +15,24 @@ use piiwall::sanitize::Sanitizer;
 pub const KEK: [u8; 32] = [0x42; 32];
 
 pub fn keyring_at(dir: &Path) -> Arc<Keyring> {
-    let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
-    Arc::new(
-        Keyring::open(
-            store,
-            Arc::new(LocalKek::from_bytes(&KEK).unwrap()),
-            KeyCacheSettings::default(),
-        )
-        .expect("open keyring"),
-    )
+    keyring_with_kek(dir, &KEK)
 }
 
 /// A keyring over `dir/keys.db` whose KEK is the base64 text of a key file.
 pub fn keyring_at_with(dir: &Path, kek_base64: &str) -> Arc<Keyring> {
     use base64::Engine;
-    let kek = base64::engine::general_purpose::STANDARD
-        .decode(kek_base64.trim())
-        .unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
-    Arc::new(
-        Keyring::open(
-            store,
-            Arc::new(LocalKek::from_bytes(&kek).unwrap()),
-            KeyCacheSettings::default(),
-        )
-        .unwrap(),
+    keyring_with_kek(
+        dir,
+        &base64::engine::general_purpose::STANDARD
+            .decode(kek_base64.trim())
+            .unwrap(),
     )
+}
+
+fn keyring_with_kek(dir: &Path, kek: &[u8]) -> Arc<Keyring> {
+    let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
+    let kek = Arc::new(LocalKek::from_bytes(kek).unwrap());
+    Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).expect("open keyring"))
 }
 
 pub fn sanitizer_at(dir: &Path) -> Sanitizer {
