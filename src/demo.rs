@@ -252,7 +252,11 @@ fn show_audit(config: &Config, brokers: &str, out: &mut impl Write) -> Result<()
                     )
                 })
                 .collect();
-            line.push_str(&format!(" records={} rules=[{}]", counts[0]["count"], rules.join(" ")));
+            if json["kind"] == "KEY_CREATED" {
+                line.push_str(&format!(" keys={}", counts[0]["count"]));
+            } else {
+                line.push_str(&format!(" records={} rules=[{}]", counts[0]["count"], rules.join(" ")));
+            }
         }
         writeln!(out, "{line}").map_err(io)?;
     }
