@@ -12,9 +12,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use apache_avro::reader::datum::GenericDatumReader;
+use piiwall::codec::avro::ValueCodec;
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
-use piiwall::policy::{PolicySettings, compile};
+use piiwall::policy::{CompiledSchema, PolicySettings, compile};
 use piiwall::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown, Summary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -367,31 +368,45 @@ fn signal(child: &std::process::Child, name: &str) {
 }
 
 /// Reads the output topic until `wanted` distinct source records arrived; returns every message read.
-fn read_until_unique(topic: &str, wanted: usize, deadline: Duration) -> Vec<(i32, i64)> {
+/// An output record as the restart tests see it: its source coordinates, and the subject token it carries.
+type Seen = ((i32, i64), String);
+
+/// Reads the output topic until `wanted` distinct source records arrived; returns every record read.
+fn read_until_unique(topic: &str, schema: &CompiledSchema, wanted: usize, deadline: Duration) -> Vec<Seen> {
     let consumer = common::kafka::reader(topic);
+    let codec = ValueCodec::for_sanitized(schema);
+    let seen_of = |message: &OwnedMessage| -> Seen {
+        let (_, payload) = stream::parse_frame(message.payload().unwrap()).unwrap();
+        let subject = match codec.decode(payload).unwrap() {
+            apache_avro::types::Value::Record(fields) => match &fields[0].1 {
+                apache_avro::types::Value::String(token) => token.clone(),
+                other => panic!("customer_id is a token, not {other:?}"),
+            },
+            _ => panic!("a record"),
+        };
+        (
+            (
+                header_i64(message, SOURCE_PARTITION) as i32,
+                header_i64(message, SOURCE_OFFSET),
+            ),
+            subject,
+        )
+    };
     let start = Instant::now();
     let mut seen = Vec::new();
     let mut distinct = std::collections::HashSet::new();
     while distinct.len() < wanted && start.elapsed() < deadline {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let message = message.detach();
-            let source = (
-                header_i64(&message, SOURCE_PARTITION) as i32,
-                header_i64(&message, SOURCE_OFFSET),
-            );
-            distinct.insert(source);
-            seen.push(source);
+            let record = seen_of(&message.detach());
+            distinct.insert(record.0);
+            seen.push(record);
         }
     }
     // Anything still in flight (a duplicate) shows up within a moment.
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(2) {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let message = message.detach();
-            seen.push((
-                header_i64(&message, SOURCE_PARTITION) as i32,
-                header_i64(&message, SOURCE_OFFSET),
-            ));
+            seen.push(seen_of(&message.detach()));
         }
     }
     seen
@@ -399,30 +414,20 @@ fn read_until_unique(topic: &str, wanted: usize, deadline: Duration) -> Vec<(i32
 
 /// Produces `n` customers, starts piiwall, stops it with `first_signal` once part of the output is there, restarts
 /// it, and returns the source coordinates of every output record once all `n` have arrived.
-async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<(i32, i64)>, Option<i32>) {
+async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<Seen>, Option<i32>) {
     let Setup {
         dir,
         input,
         group,
         schema,
     } = setup("restart").await;
-    let records = (0..n)
-        .map(|i| {
-            (
-                (i % 3) as i32,
-                None,
-                framed(&schema, SCHEMA_ID, &customer(i)),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
-    produce(&input, records).await;
+    produce(&input, common::kafka::customer_records(&schema, SCHEMA_ID, n)).await;
     let output = format!("{input}.sanitized");
 
     let first = spawn_piiwall(dir.path(), &input, &group);
     let partial = tokio::task::spawn_blocking({
-        let output = output.clone();
-        move || read_until_unique(&output, n / 4, Duration::from_secs(60))
+        let (output, reader_schema) = (output.clone(), schema.clone());
+        move || read_until_unique(&output, &reader_schema, n / 4, Duration::from_secs(60))
     })
     .await
     .unwrap();
@@ -437,8 +442,8 @@ async fn interrupted_run(first_signal: &str, n: usize) -> (Vec<(i32, i64)>, Opti
 
     let mut second = spawn_piiwall(dir.path(), &input, &group);
     let all = tokio::task::spawn_blocking({
-        let output = output.clone();
-        move || read_until_unique(&output, n, Duration::from_secs(90))
+        let (output, reader_schema) = (output.clone(), schema.clone());
+        move || read_until_unique(&output, &reader_schema, n, Duration::from_secs(90))
     })
     .await
     .unwrap();
@@ -469,7 +474,7 @@ async fn sigterm_drains_commits_and_exits_0_and_a_restart_has_no_duplicates() {
     const N: usize = 3000;
     let (all, code) = interrupted_run("TERM", N).await;
     assert_eq!(code, Some(0), "SIGTERM drains and exits 0");
-    let distinct: std::collections::HashSet<_> = all.iter().collect();
+    let distinct: std::collections::HashSet<_> = all.iter().map(|(source, _)| source).collect();
     assert_eq!(distinct.len(), N, "nothing lost");
     assert_eq!(all.len(), N, "no duplicate after a graceful stop and restart");
 }
@@ -479,20 +484,28 @@ async fn sigkill_loses_nothing_and_duplicates_carry_their_source_coordinates() {
     const N: usize = 3000;
     let (all, code) = interrupted_run("KILL", N).await;
     assert_eq!(code, None, "killed by a signal");
-    let mut count: HashMap<(i32, i64), usize> = HashMap::new();
-    for source in &all {
-        *count.entry(*source).or_default() += 1;
+    // Every input record is in the output at least once.
+    let mut by_source: HashMap<(i32, i64), Vec<&str>> = HashMap::new();
+    for (source, subject) in &all {
+        by_source.entry(*source).or_default().push(subject);
     }
-    assert_eq!(count.len(), N, "every input record is in the output at least once");
     let expected: std::collections::HashSet<(i32, i64)> = (0..N).map(|i| ((i % 3) as i32, (i / 3) as i64)).collect();
     assert_eq!(
-        count.keys().copied().collect::<std::collections::HashSet<_>>(),
-        expected
+        by_source.keys().copied().collect::<std::collections::HashSet<_>>(),
+        expected,
+        "nothing lost"
     );
-    // Duplicates are exactly the records seen more than once by their (partition, offset): dropping repeats of
-    // the source coordinates leaves each input record once.
-    let duplicates: usize = count.values().map(|c| c - 1).sum();
-    assert_eq!(all.len(), N + duplicates);
+    // The source coordinates identify the duplicates: every copy under one coordinate is the same record (same
+    // subject token, tokens being deterministic), and different coordinates are different records. So dropping
+    // repeated coordinates leaves each input record exactly once.
+    for (source, subjects) in &by_source {
+        assert!(
+            subjects.iter().all(|s| s == &subjects[0]),
+            "copies under {source:?} are one record"
+        );
+    }
+    let subjects: std::collections::HashSet<&str> = by_source.values().map(|s| s[0]).collect();
+    assert_eq!(subjects.len(), N, "distinct coordinates are distinct records");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,16 +517,7 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
         schema,
     } = setup("audited").await;
     const N: usize = 30;
-    let mut records: Vec<Outgoing> = (0..N)
-        .map(|i| {
-            (
-                (i % 3) as i32,
-                None,
-                framed(&schema, SCHEMA_ID, &customer(i)),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let mut records = common::kafka::customer_records(&schema, SCHEMA_ID, N);
     records.push((0, None, b"person996@example.com in clear".to_vec(), OwnedHeaders::new()));
     produce(&input, records).await;
 

@@ -94,6 +94,20 @@ pub fn reader(topic: &str) -> BaseConsumer {
     consumer
 }
 
+/// Customers `0..n`, framed with schema id `id`, spread over 3 partitions (customer `i` on partition `i % 3`).
+pub fn customer_records(schema: &CompiledSchema, id: u32, n: usize) -> Vec<Outgoing> {
+    (0..n)
+        .map(|i| {
+            (
+                (i % 3) as i32,
+                None,
+                framed(schema, id, &customer(i)),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect()
+}
+
 /// Customer `i` of `schemas/customer_profile.avsc`; [`pii_of`] lists its values that must never leave in clear.
 pub fn customer(i: usize) -> Json {
     json!({
