@@ -60,6 +60,7 @@ struct RawKafka {
     output_suffix: Option<String>,
     quarantine_topic: Option<String>,
     delivery: Option<String>,
+    transactional_id: Option<String>,
     headers_allow: Option<Vec<String>>,
     properties: Option<BTreeMap<String, toml::Value>>,
 }
@@ -170,9 +171,14 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
+    /// Idempotent producer; offsets stored after every acknowledgement; source coordinates in headers.
     AtLeastOnce,
+    /// Kafka transactions: a batch's outputs and its input offsets commit together. `transactional_id` names this
+    /// instance; it must be stable across restarts (so a restarted instance fences its predecessor) and unique
+    /// among the instances of the group.
+    ExactlyOnce { transactional_id: String },
 }
 
 /// A topic whose records are written with a schema from a local file (no registry).
@@ -342,6 +348,7 @@ impl RawConfig {
                 policy.tag_actions.insert(tag, parsed);
             }
         }
+        let audit = self.audit.validate()?;
         Ok(Config {
             keys: KeysConfig {
                 store,
@@ -350,7 +357,7 @@ impl RawConfig {
                 default_domain,
             },
             policy,
-            kafka: self.kafka.validate()?,
+            kafka: self.kafka.validate(&audit.instance)?,
             registry: match self.schemas.registry {
                 Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
                 Some(url) => {
@@ -369,7 +376,7 @@ impl RawConfig {
                 .map(RawBinding::validate)
                 .collect::<Result<_, _>>()?,
             pipeline: self.pipeline.validate()?,
-            audit: self.audit.validate()?,
+            audit,
             http_listen: match self.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN) {
                 "off" => None,
                 text => Some(text.parse().map_err(|_| {
@@ -383,18 +390,27 @@ impl RawConfig {
 }
 
 impl RawKafka {
-    fn validate(self) -> Result<KafkaConfig, ConfigError> {
-        let delivery = match self.delivery.as_deref().unwrap_or("at-least-once") {
-            "at-least-once" => Delivery::AtLeastOnce,
-            "exactly-once" => {
+    fn validate(self, instance: &str) -> Result<KafkaConfig, ConfigError> {
+        let group_id = self.group_id.unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
+        let delivery = match (
+            self.delivery.as_deref().unwrap_or("at-least-once"),
+            self.transactional_id,
+        ) {
+            ("at-least-once", None) => Delivery::AtLeastOnce,
+            ("at-least-once", Some(_)) => {
                 return Err(ConfigError(
-                    "kafka.delivery = \"exactly-once\" is not available in this build yet; use \"at-least-once\""
-                        .into(),
+                    "kafka.transactional_id is only used with kafka.delivery = \"exactly-once\"".into(),
                 ));
             }
-            other => {
+            ("exactly-once", Some(id)) if id.trim().is_empty() => {
+                return Err(ConfigError("kafka.transactional_id must not be empty".into()));
+            }
+            ("exactly-once", id) => Delivery::ExactlyOnce {
+                transactional_id: id.unwrap_or_else(|| format!("{group_id}-{instance}")),
+            },
+            (other, _) => {
                 return Err(ConfigError(format!(
-                    "kafka.delivery must be \"at-least-once\", not \"{other}\""
+                    "kafka.delivery must be \"at-least-once\" or \"exactly-once\", not \"{other}\""
                 )));
             }
         };
@@ -425,17 +441,23 @@ impl RawKafka {
             };
             if matches!(
                 name.as_str(),
-                "enable.auto.offset.store" | "enable.auto.commit" | "group.id" | "bootstrap.servers"
+                "enable.auto.offset.store"
+                    | "enable.auto.commit"
+                    | "group.id"
+                    | "bootstrap.servers"
+                    | "transactional.id"
+                    | "enable.idempotence"
+                    | "isolation.level"
             ) {
                 return Err(ConfigError(format!(
-                    "kafka.properties.{name} is set by piiwall (offsets are stored only after delivery); use the kafka section"
+                    "kafka.properties.{name} is set by piiwall (offsets and transactions follow kafka.delivery); use the kafka section"
                 )));
             }
             properties.insert(name, text);
         }
         Ok(KafkaConfig {
             brokers: self.brokers.unwrap_or_else(|| DEFAULT_BROKERS.to_owned()),
-            group_id: self.group_id.unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned()),
+            group_id,
             inputs,
             output_suffix,
             quarantine_topic: self
@@ -599,7 +621,12 @@ mod tests {
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),
-            ("[kafka]\ndelivery = \"exactly-once\"\n", "kafka.delivery"),
+            ("[kafka]\ndelivery = \"exactly-twice\"\n", "kafka.delivery"),
+            ("[kafka]\ntransactional_id = \"a\"\n", "kafka.transactional_id"),
+            (
+                "[kafka]\ndelivery = \"exactly-once\"\ntransactional_id = \" \"\n",
+                "kafka.transactional_id",
+            ),
             ("[kafka]\noutput_suffix = \"\"\n", "kafka.output_suffix"),
             (
                 "[kafka.properties]\n\"enable.auto.commit\" = true\n",

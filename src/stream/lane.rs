@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
 use super::process::{Outcome, Processor};
+use super::transaction;
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::error::{Error, ErrorKind};
 use crate::transcode::TranscodeScratch;
@@ -34,6 +35,8 @@ pub struct LaneContext {
     pub processor: Processor,
     pub consumer: Arc<super::PipelineConsumer>,
     pub producer: FutureProducer,
+    /// Exactly-once: the transactional producer the lanes write through instead of `producer`.
+    pub transactions: Option<super::transaction::Transactions>,
     pub output_suffix: String,
     pub quarantine_topic: String,
     pub headers_allow: Vec<String>,
@@ -45,13 +48,25 @@ pub struct LaneContext {
     pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
 }
 
+/// How a lane ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LaneEnd {
+    /// Its channel closed (shutdown or revocation) and everything it held is written.
+    Drained,
+    /// Exactly-once: a batch's transaction was aborted; the partition must be read again from this offset.
+    Rewind(i64),
+}
+
+/// Pause before a lane gives up an aborted batch, so a failing broker is not hammered.
+const REWIND_PAUSE: Duration = Duration::from_secs(1);
+
 /// Runs the lane of one partition until its channel closes (shutdown or revocation) and is drained.
 pub async fn run(
     topic: String,
     partition: i32,
     mut input: mpsc::Receiver<OwnedMessage>,
     ctx: Arc<LaneContext>,
-) -> Result<(), Error> {
+) -> Result<LaneEnd, Error> {
     let output_topic = format!("{topic}{}", ctx.output_suffix);
     let mut scratch = TranscodeScratch::default();
     tracing::debug!(%topic, partition, "lane started");
@@ -72,9 +87,6 @@ pub async fn run(
             keys_created,
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
-
-        let mut deliveries = Vec::with_capacity(batch.len());
-        let mut audit = Vec::new();
         if keys_created > 0 {
             let mut event = AuditEvent::new(AuditKind::KeyCreated);
             event.topic = Some(topic.clone());
@@ -84,87 +96,148 @@ pub async fn run(
                 action: "key created".into(),
                 count: keys_created as i64,
             }];
-            audit.push(event);
+            ctx.auditor.emit(event).await;
         }
-        let mut window: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
-        let (mut sanitized, mut quarantined) = (0, 0);
-        for (message, outcome) in batch.iter().zip(&outcomes) {
-            let delivery = match outcome {
-                Outcome::Output { key, value, schema_id } => {
-                    sanitized += 1;
-                    if let Some(id) = schema_id {
-                        *window.entry(*id).or_default() += 1;
-                    }
-                    let headers = headers(message, &ctx.headers_allow);
-                    let mut record = FutureRecord::to(&output_topic).partition(partition).headers(headers);
-                    // Event time survives sanitization.
-                    if let Some(timestamp) = message.timestamp().to_millis() {
-                        record = record.timestamp(timestamp);
-                    }
-                    record = with_payload(record, key.as_deref(), value.as_deref());
-                    send(&ctx.producer, record).await?
+
+        let first_offset = batch.first().expect("a batch has at least one record").offset();
+        let last_offset = batch.last().expect("a batch has at least one record").offset();
+        let written = match &ctx.transactions {
+            None => {
+                let written = write(&ctx.producer, &ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
+                if let Err(e) = ctx.consumer.store_offset(&topic, partition, last_offset) {
+                    // The partition was revoked meanwhile: its new owner processes these records again.
+                    tracing::info!(%topic, partition, error = %e, "offset not stored: partition no longer assigned");
                 }
-                Outcome::Quarantine {
-                    key,
-                    value,
-                    reason,
-                    schema_id,
-                } => {
-                    quarantined += 1;
-                    tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
-                    let mut event = AuditEvent::new(AuditKind::Quarantine);
-                    event.topic = Some(topic.clone());
-                    event.partition = Some(partition);
-                    event.offset = Some(message.offset());
-                    event.schema_id = schema_id.map(|id| id as i32);
-                    event.reason = Some(reason.clone());
-                    audit.push(event);
-                    let mut headers = headers(message, &[]).insert(Header {
-                        key: REASON,
-                        value: Some(reason.as_bytes()),
-                    });
-                    if let Some(id) = schema_id {
-                        headers = headers.insert(Header {
-                            key: SCHEMA_ID,
-                            value: Some(id.to_string().as_bytes()),
-                        });
-                    }
-                    let record = FutureRecord::to(&ctx.quarantine_topic).headers(headers);
-                    send(&ctx.producer, with_payload(record, key.as_deref(), Some(value))).await?
-                }
-            };
-            deliveries.push(delivery);
-        }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(Error::Kafka(format!("an output record was not delivered: {e}"))),
-                Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
+                written
             }
-        }
-        for event in audit {
+            Some(transactions) => {
+                let turn = transactions.begin().await?;
+                let committed = match write(
+                    turn.producer(),
+                    &ctx,
+                    &topic,
+                    partition,
+                    &output_topic,
+                    &batch,
+                    &outcomes,
+                )
+                .await
+                {
+                    Ok(written) => turn.commit(&topic, partition, last_offset + 1).await.map(|()| written),
+                    Err(e) => Err(turn.abort(&e.to_string(), false).await),
+                };
+                match committed {
+                    Ok(written) => written,
+                    Err(transaction::Outcome::Fatal(e)) => return Err(e),
+                    Err(transaction::Outcome::Rewind) => {
+                        tokio::time::sleep(REWIND_PAUSE).await;
+                        return Ok(LaneEnd::Rewind(first_offset));
+                    }
+                }
+            }
+        };
+        for event in written.audit {
             ctx.auditor.emit(event).await;
         }
         let mut totals = ctx.window.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, count) in window {
+        for (id, count) in written.per_schema {
             *totals.entry((topic.clone(), id)).or_default() += count;
         }
         drop(totals);
-        let last = batch.last().expect("a batch has at least one record").offset();
-        if let Err(e) = ctx.consumer.store_offset(&topic, partition, last) {
-            // The partition was revoked meanwhile: its new owner processes these records again (at-least-once).
-            tracing::info!(%topic, partition, error = %e, "offset not stored: partition no longer assigned");
-        }
-        ctx.sanitized.fetch_add(sanitized, Ordering::Relaxed);
-        ctx.quarantined.fetch_add(quarantined, Ordering::Relaxed);
+        ctx.sanitized.fetch_add(written.sanitized, Ordering::Relaxed);
+        ctx.quarantined.fetch_add(written.quarantined, Ordering::Relaxed);
         metrics::histogram!("piiwall_batch_seconds", "topic" => topic.clone()).record(started.elapsed().as_secs_f64());
         metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "sanitized")
-            .increment(sanitized);
+            .increment(written.sanitized);
         metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "quarantined")
-            .increment(quarantined);
+            .increment(written.quarantined);
     }
     tracing::debug!(%topic, partition, "lane drained");
-    Ok(())
+    Ok(LaneEnd::Drained)
+}
+
+/// What a batch wrote, for the audit events, the processing summary and the metrics.
+struct Written {
+    sanitized: u64,
+    quarantined: u64,
+    /// Sanitized records per writer schema id.
+    per_schema: std::collections::HashMap<u32, u64>,
+    /// One event per quarantined record.
+    audit: Vec<AuditEvent>,
+}
+
+/// Produces a batch's outputs and quarantine copies and waits until every one is acknowledged.
+async fn write(
+    producer: &FutureProducer,
+    ctx: &LaneContext,
+    topic: &str,
+    partition: i32,
+    output_topic: &str,
+    batch: &[OwnedMessage],
+    outcomes: &[Outcome],
+) -> Result<Written, Error> {
+    let mut written = Written {
+        sanitized: 0,
+        quarantined: 0,
+        per_schema: std::collections::HashMap::new(),
+        audit: Vec::new(),
+    };
+    let mut deliveries = Vec::with_capacity(batch.len());
+    for (message, outcome) in batch.iter().zip(outcomes) {
+        let delivery = match outcome {
+            Outcome::Output { key, value, schema_id } => {
+                written.sanitized += 1;
+                if let Some(id) = schema_id {
+                    *written.per_schema.entry(*id).or_default() += 1;
+                }
+                let headers = headers(message, &ctx.headers_allow);
+                let mut record = FutureRecord::to(output_topic).partition(partition).headers(headers);
+                // Event time survives sanitization.
+                if let Some(timestamp) = message.timestamp().to_millis() {
+                    record = record.timestamp(timestamp);
+                }
+                record = with_payload(record, key.as_deref(), value.as_deref());
+                send(producer, record).await?
+            }
+            Outcome::Quarantine {
+                key,
+                value,
+                reason,
+                schema_id,
+            } => {
+                written.quarantined += 1;
+                tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
+                let mut event = AuditEvent::new(AuditKind::Quarantine);
+                event.topic = Some(topic.to_owned());
+                event.partition = Some(partition);
+                event.offset = Some(message.offset());
+                event.schema_id = schema_id.map(|id| id as i32);
+                event.reason = Some(reason.clone());
+                written.audit.push(event);
+                let mut headers = headers(message, &[]).insert(Header {
+                    key: REASON,
+                    value: Some(reason.as_bytes()),
+                });
+                if let Some(id) = schema_id {
+                    headers = headers.insert(Header {
+                        key: SCHEMA_ID,
+                        value: Some(id.to_string().as_bytes()),
+                    });
+                }
+                let record = FutureRecord::to(&ctx.quarantine_topic).headers(headers);
+                send(producer, with_payload(record, key.as_deref(), Some(value))).await?
+            }
+        };
+        deliveries.push(delivery);
+    }
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(Error::Kafka(format!("an output record was not delivered: {e}"))),
+            Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
+        }
+    }
+    Ok(written)
 }
 
 /// A batch after sanitizing: its records, what became of each, and how many subject keys it created.

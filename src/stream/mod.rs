@@ -6,10 +6,12 @@
 //!        └── offsets stored after every ack ◄── produce to <topic>.sanitized, same partition (or quarantine)
 //! ```
 //!
-//! Delivery is at-least-once: a record's offset is stored only once its output (or its quarantine copy) is
+//! Delivery is at-least-once by default: a record's offset is stored only once its output (or its quarantine copy) is
 //! acknowledged, and stored offsets are committed every `pipeline.commit_interval_ms` and at shutdown. Every output
 //! record carries its source topic, partition and offset in headers, so a consumer can drop the duplicates a crash
-//! or a rebalance can cause. Schemas come from local bindings (`[[schemas.local]]`) in this version.
+//! or a rebalance can cause. With `kafka.delivery = "exactly-once"` a batch's outputs and its input offset commit
+//! in one Kafka transaction instead (see `transaction`). Schemas come from local bindings (`[[schemas.local]]`) or
+//! a Schema Registry.
 
 mod context;
 mod framing;
@@ -17,6 +19,7 @@ mod lane;
 mod process;
 mod replay;
 mod routes;
+mod transaction;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,15 +41,17 @@ pub use process::QUARANTINE_DOMAIN;
 pub use replay::{ReplaySummary, replay};
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
-use crate::config::Config;
+use crate::config::{Config, Delivery};
 use crate::error::Error;
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
-use lane::LaneContext;
+use lane::{LaneContext, LaneEnd};
 use process::Processor;
 use routes::Routes;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often ended lanes are looked for (a lane that aborted a transaction waits for its partition to be rewound).
+const REAP_INTERVAL: Duration = Duration::from_millis(250);
 /// How often counters kept outside the hot path (key cache) are published.
 const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -56,7 +61,7 @@ pub(crate) type PipelineConsumer = StreamConsumer<context::PipelineContext>;
 /// A running lane: its input channel and its task.
 type Lane = (
     mpsc::Sender<rdkafka::message::OwnedMessage>,
-    JoinHandle<Result<(), Error>>,
+    JoinHandle<Result<LaneEnd, Error>>,
 );
 
 /// Tells a running pipeline to stop: it stops consuming, drains what it holds, commits, and returns.
@@ -188,6 +193,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Inputs written in transactions are read once committed (the default, stated).
+            .set("isolation.level", "read_committed")
             .set("statistics.interval.ms", "5000")
             .create_with_context(context::PipelineContext)
             .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
@@ -196,6 +203,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         .create()
         .map_err(|e| Error::Kafka(format!("cannot create the admin client: {e}")))?;
     ensure_topics(&admin, &consumer, &config).await?;
+    let transactions = match &config.kafka.delivery {
+        Delivery::AtLeastOnce => None,
+        Delivery::ExactlyOnce { transactional_id } => Some(
+            transaction::Transactions::start(&client, transactional_id, consumer.clone(), &config.kafka.inputs[0])
+                .await?,
+        ),
+    };
+    let at_least_once = transactions.is_none();
 
     let (auditor, audit_writer) = Auditor::start(
         producer.clone(),
@@ -222,6 +237,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         },
         consumer: consumer.clone(),
         producer,
+        transactions,
         output_suffix: config.kafka.output_suffix.clone(),
         quarantine_topic: config.kafka.quarantine_topic.clone(),
         headers_allow: config.kafka.headers_allow.clone(),
@@ -232,6 +248,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         window: std::sync::Mutex::new(HashMap::new()),
     });
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
+    let mut reap = tokio::time::interval(REAP_INTERVAL);
     let mut window = tokio::time::interval(config.audit.window);
     window.tick().await;
     let mut window_start = crate::audit::now_ms();
@@ -243,9 +260,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            _ = commit.tick() => commit_stored(&consumer, CommitMode::Async),
+            _ = commit.tick(), if at_least_once => commit_stored(&consumer, CommitMode::Async),
             _ = window.tick() => window_start = summarize(&ctx, window_start).await,
             _ = metrics_tick.tick() => publish_key_cache(&ctx),
+            _ = reap.tick() => {
+                let ended: Vec<(String, i32)> =
+                    lanes.iter().filter(|(_, (_, task))| task.is_finished()).map(|(key, _)| key.clone()).collect();
+                for lane_key in ended {
+                    let (_, task) = lanes.remove(&lane_key).expect("present");
+                    if let Err(e) = end_lane(&consumer, &lane_key, task).await {
+                        failure = Some(e);
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
             received = consumer.recv() => {
                 let message = match received {
                     Ok(message) => message.detach(),
@@ -257,9 +287,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 let lane_key = (message.topic().to_owned(), message.partition());
                 if lanes.get(&lane_key).is_some_and(|(_, task)| task.is_finished()) {
                     let (_, task) = lanes.remove(&lane_key).expect("present");
-                    if let Err(e) = task.await.unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into()))) {
-                        failure = Some(e);
-                        break;
+                    match end_lane(&consumer, &lane_key, task).await {
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                        // This record is read again from the rewound position.
+                        Ok(LaneEnd::Rewind(_)) => continue,
+                        Ok(LaneEnd::Drained) => {}
                     }
                 }
                 let (sender, _) = lanes.entry(lane_key.clone()).or_insert_with(|| {
@@ -270,9 +305,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 // Waits while the lane is full: backpressure reaches the consumer.
                 if sender.send(message).await.is_err() {
                     let (_, task) = lanes.remove(&lane_key).expect("present");
-                    failure = Some(task.await.unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into()))).err()
-                        .unwrap_or_else(|| Error::Kafka("a lane stopped".into())));
-                    break;
+                    match end_lane(&consumer, &lane_key, task).await {
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                        Ok(LaneEnd::Rewind(_)) => {}
+                        Ok(LaneEnd::Drained) => {
+                            failure = Some(Error::Kafka("a lane stopped while its partition was read".into()));
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -285,6 +328,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         let mut first_error = None;
         for (_, (sender, task)) in lanes.drain() {
             drop(sender);
+            // A lane that rewinds now leaves its batch uncommitted: it is read again after the restart.
             if let Err(e) = task
                 .await
                 .unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into())))
@@ -301,7 +345,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Ok(None) => {}
         Err(_) => tracing::error!("drain timed out: records in flight will be processed again after restart"),
     }
-    commit_stored(&consumer, CommitMode::Sync);
+    if at_least_once {
+        commit_stored(&consumer, CommitMode::Sync);
+    }
     summarize(&ctx, window_start).await;
     let mut stop_event = AuditEvent::new(AuditKind::Stop);
     stop_event.config_digest = Some(config_digest(&config));
@@ -331,6 +377,25 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// Awaits a lane that ended. A lane whose transaction was aborted asks for its partition to be read again from its
+/// batch's first offset; a partition no longer assigned here is read by its new owner from the committed offset.
+async fn end_lane(
+    consumer: &PipelineConsumer,
+    (topic, partition): &(String, i32),
+    task: JoinHandle<Result<LaneEnd, Error>>,
+) -> Result<LaneEnd, Error> {
+    let end = task
+        .await
+        .unwrap_or_else(|_| Err(Error::Kafka("a lane panicked".into())))?;
+    if let LaneEnd::Rewind(offset) = end {
+        match consumer.seek(topic, *partition, rdkafka::Offset::Offset(offset), METADATA_TIMEOUT) {
+            Ok(()) => tracing::info!(%topic, partition, offset, "partition rewound to an aborted batch"),
+            Err(e) => tracing::info!(%topic, partition, error = %e, "aborted batch left to the partition's new owner"),
+        }
+    }
+    Ok(end)
 }
 
 /// Emits one processing summary per input topic for the window that ends now; returns the next window's start.

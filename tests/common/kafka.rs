@@ -44,7 +44,15 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 pub type Outgoing = (i32, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
 
 pub async fn produce(topic: &str, records: Vec<Outgoing>) {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    produce_on(&broker(), topic, records).await
+}
+
+/// As [`produce`], on the brokers at `bootstrap` (a mock cluster).
+pub async fn produce_on(bootstrap: &str, topic: &str, records: Vec<Outgoing>) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
     for (partition, key, value, headers) in records {
         let mut record = FutureRecord::to(topic)
             .partition(partition)
@@ -63,7 +71,11 @@ pub async fn produce(topic: &str, records: Vec<Outgoing>) {
 
 /// Reads `topic` from the start until `count` records arrived (or the deadline passed).
 pub fn consume(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer = reader(topic);
+    consume_from(reader(topic), count, deadline)
+}
+
+/// Reads from `consumer` until `count` records arrived (or the deadline passed).
+pub fn consume_from(consumer: BaseConsumer, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
     let start = Instant::now();
     let mut out = Vec::new();
     while out.len() < count && start.elapsed() < deadline {
@@ -81,8 +93,14 @@ pub fn framed(schema: &CompiledSchema, id: u32, record: &Json) -> Vec<u8> {
 
 /// A consumer reading `topic` from its start, in a group of its own.
 pub fn reader(topic: &str) -> BaseConsumer {
+    reader_on(&broker(), topic, "read_committed")
+}
+
+/// As [`reader`], on the brokers at `bootstrap`, with the given `isolation.level`.
+pub fn reader_on(bootstrap: &str, topic: &str, isolation: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker())
+        .set("bootstrap.servers", bootstrap)
+        .set("isolation.level", isolation)
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
