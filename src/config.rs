@@ -81,6 +81,9 @@ struct RawBinding {
     id: Option<u32>,
     sanitized_id: Option<u32>,
     key: Option<String>,
+    key_schema: Option<PathBuf>,
+    key_id: Option<u32>,
+    key_sanitized_id: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +194,15 @@ pub struct LocalBinding {
     /// The id sanitized records are framed with.
     pub sanitized_id: u32,
     pub key: KeyAction,
+    /// With `key = "avro"`: the key schema, the id keys are framed with, and the id sanitized keys are framed with.
+    pub key_schema: Option<KeySchema>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeySchema {
+    pub schema: PathBuf,
+    pub id: u32,
+    pub sanitized_id: u32,
 }
 
 /// What happens to a record's key. Keys often hold a customer id or an email.
@@ -202,6 +214,9 @@ pub enum KeyAction {
     Keep,
     /// Dropped.
     Redact,
+    /// Confluent-framed Avro, sanitized by its key schema's annotations (from the registry by the framed id, or a
+    /// local binding's `key_schema`).
+    Avro,
 }
 
 #[derive(Debug, Clone)]
@@ -478,12 +493,41 @@ impl RawBinding {
         )?;
         let id = self.id.unwrap_or(DEFAULT_LOCAL_SCHEMA_ID);
         let sanitized_id = self.sanitized_id.unwrap_or(id);
+        let key_schema = match (key, self.key_schema) {
+            (KeyAction::Avro, Some(schema)) => {
+                let key_id = self.key_id.ok_or_else(|| {
+                    ConfigError(format!(
+                        "schemas.local (topic {}): key_schema needs key_id, the schema id keys are framed with",
+                        self.topic
+                    ))
+                })?;
+                Some(KeySchema {
+                    schema,
+                    id: key_id,
+                    sanitized_id: self.key_sanitized_id.unwrap_or(key_id),
+                })
+            }
+            (KeyAction::Avro, None) => {
+                return Err(ConfigError(format!(
+                    "schemas.local (topic {}): key = \"avro\" needs key_schema (and key_id)",
+                    self.topic
+                )));
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError(format!(
+                    "schemas.local (topic {}): key_schema is only used with key = \"avro\"",
+                    self.topic
+                )));
+            }
+            (_, None) => None,
+        };
         Ok(LocalBinding {
             topic: self.topic,
             schema: self.schema,
             id,
             sanitized_id,
             key,
+            key_schema,
         })
     }
 }
@@ -532,8 +576,9 @@ fn parse_key_action(text: Option<&str>, name: &str) -> Result<KeyAction, ConfigE
         "hash" => Ok(KeyAction::Hash),
         "keep" => Ok(KeyAction::Keep),
         "redact" => Ok(KeyAction::Redact),
+        "avro" => Ok(KeyAction::Avro),
         other => Err(ConfigError(format!(
-            "{name} must be \"hash\", \"keep\" or \"redact\", not \"{other}\""
+            "{name} must be \"hash\", \"keep\", \"redact\" or \"avro\", not \"{other}\""
         ))),
     }
 }
@@ -635,6 +680,18 @@ mod tests {
             (
                 "[[schemas.local]]\ntopic = \"t\"\nschema = \"s.avsc\"\nkey = \"scramble\"\n",
                 "key must be",
+            ),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"s.avsc\"\nkey = \"avro\"\n",
+                "needs key_schema",
+            ),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"s.avsc\"\nkey = \"avro\"\nkey_schema = \"k.avsc\"\n",
+                "needs key_id",
+            ),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"s.avsc\"\nkey_schema = \"k.avsc\"\n",
+                "only used with key = \"avro\"",
             ),
             ("[pipeline]\nbatch_size = 0\n", "pipeline.batch_size"),
             ("[http]\nlisten = \"localhost\"\n", "http.listen"),

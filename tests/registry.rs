@@ -82,11 +82,16 @@ async fn register(url: &str, subject: &str, schema: &str) -> u32 {
 }
 
 fn config(dir: &Path, input: &str, registry: &str) -> Config {
+    config_with_keys(dir, input, registry, "hash")
+}
+
+/// As [`config`], with `schemas.key` set to `key`.
+fn config_with_keys(dir: &Path, input: &str, registry: &str, key: &str) -> Config {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
     let text = format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{broker}\"\n\
          group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
-         [schemas]\nregistry = \"{registry}\"\n[pipeline]\ncommit_interval_ms = 100\n[audit]\ntopic = \"{input}.audit\"\n\
+         [schemas]\nregistry = \"{registry}\"\nkey = \"{key}\"\n[pipeline]\ncommit_interval_ms = 100\n[audit]\ntopic = \"{input}.audit\"\n\
          [http]\nlisten = \"off\"\n",
         dir = dir.display(),
         broker = broker(),
@@ -233,4 +238,116 @@ async fn records_wait_while_the_registry_is_down_and_none_is_quarantined() {
     assert!(late.is_empty(), "nothing was quarantined for the outage");
     shutdown.trigger();
     task.await.unwrap().unwrap();
+}
+
+/// A key schema: the customer id is tokenized under the domain key (deterministic, so partitioning by key and
+/// compaction still work); the region passes.
+const KEY_SCHEMA: &str = r#"{"type": "record", "name": "CustomerKey", "namespace": "test.keys",
+  "fields": [{"name": "customer_id", "type": "string", "pii": "tokenize"}, {"name": "region", "type": "string"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_keys_are_sanitized_by_their_key_schema_registered_under_key() {
+    let registry = Registry::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("reg-keys");
+    create_topic(&input, 2).await;
+    let text = common::example("customer_profile.avsc");
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    let key_schema = compile(KEY_SCHEMA, &PolicySettings::default()).unwrap();
+    let id = register(&registry.url(), &format!("{input}-value"), &text).await;
+    let key_id = register(&registry.url(), &format!("{input}-key"), KEY_SCHEMA).await;
+
+    // Customers 0..N, keyed by customer id; each key appears twice.
+    const N: usize = 12;
+    let key_of = |i: usize| {
+        framed(
+            &key_schema,
+            key_id,
+            &serde_json::json!({"customer_id": format!("cus_{:05}", i % (N / 2)), "region": "eu-west"}),
+        )
+    };
+    let mut records: Vec<common::kafka::Outgoing> = (0..N)
+        .map(|i| {
+            (
+                0,
+                Some(key_of(i)),
+                framed(&schema, id, &customer(i)),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    records.push((
+        0,
+        Some(b"cus_00001".to_vec()),
+        framed(&schema, id, &customer(1)),
+        OwnedHeaders::new(),
+    ));
+    produce(&input, records).await;
+
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(
+        config_with_keys(dir.path(), &input, &registry.url(), "avro"),
+        shutdown.clone(),
+    ));
+    let output = format!("{input}.sanitized");
+    let quarantine = format!("{input}.quarantine");
+    let (out, quarantined) = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, N, Duration::from_secs(60)),
+            consume(&quarantine, 1, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(out.len(), N);
+    let settings = SrSettings::new(registry.url());
+    let (sanitized_key_id, _) = stream::parse_frame(out[0].key().unwrap()).unwrap();
+    let registered = get_schema_by_id(sanitized_key_id, &settings).await.unwrap();
+    let registered: Json = serde_json::from_str(&registered.schema).unwrap();
+    assert_eq!(registered["name"], "CustomerKey");
+    assert_eq!(
+        registered["pii.sanitized"], true,
+        "the sanitized key schema is registered"
+    );
+    let latest = schema_registry_converter::async_impl::schema_registry::get_schema_by_subject(
+        &settings,
+        &schema_registry_converter::schema_registry_common::SubjectNameStrategy::TopicNameStrategy(
+            format!("{input}.sanitized"),
+            true,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(latest.id, sanitized_key_id, "registered under <output topic>-key");
+
+    let reader_schema = apache_avro::Schema::parse(&registered).unwrap();
+    let mut keys_by_offset = Vec::new();
+    for message in &out {
+        let (frame_id, payload) = stream::parse_frame(message.key().unwrap()).unwrap();
+        assert_eq!(frame_id, sanitized_key_id);
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(&reader_schema)
+            .build()
+            .unwrap()
+            .read_value(&mut &payload[..])
+            .expect("the key decodes with the registered sanitized key schema");
+        let text = format!("{value:?}");
+        assert!(!text.contains("cus_0"), "no customer id leaves in clear: {text}");
+        assert!(text.contains("eu-west"), "unannotated key fields pass: {text}");
+        keys_by_offset.push((message.offset(), message.key().unwrap().to_vec()));
+    }
+    keys_by_offset.sort();
+    for i in 0..N / 2 {
+        assert_eq!(
+            keys_by_offset[i].1,
+            keys_by_offset[i + N / 2].1,
+            "the same key gives the same sanitized key"
+        );
+        assert_ne!(keys_by_offset[i].1, keys_by_offset[(i + 1) % (N / 2)].1);
+    }
+    assert_eq!(quarantined.len(), 1, "a key that is not framed Avro is quarantined");
+    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    assert!(reason.starts_with("key: not Confluent wire format"), "{reason}");
 }

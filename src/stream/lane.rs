@@ -256,12 +256,7 @@ async fn sanitize_batch(
     scratch: TranscodeScratch,
     ctx: &Arc<LaneContext>,
 ) -> Result<Sanitized, Error> {
-    let wanted: Vec<(String, u32)> = batch
-        .iter()
-        .filter_map(|m| Some((m.topic().to_owned(), super::framing::parse(m.payload()?).ok()?.0)))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let wanted = ctx.processor.schemas_wanted(&batch);
     let mut held = (batch, scratch);
     let mut wait = RETRY_START;
     loop {

@@ -8,7 +8,7 @@ use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
 use super::framing;
-use super::routes::{Route, Routes};
+use super::routes::{Part, Route, Routes};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -42,6 +42,23 @@ pub struct Processor {
 }
 
 impl Processor {
+    /// The (topic, part, schema id) triples a batch's values and Avro keys are framed with, each once: what
+    /// [`Routes::resolve`] must know before the batch is processed.
+    pub fn schemas_wanted(&self, batch: &[OwnedMessage]) -> Vec<(String, Part, u32)> {
+        let mut wanted = std::collections::BTreeSet::new();
+        for message in batch {
+            if let Some((id, _)) = message.payload().and_then(|v| framing::parse(v).ok()) {
+                wanted.insert((message.topic().to_owned(), Part::Value, id));
+            }
+            if self.routes.key_action(message.topic()) == Some(KeyAction::Avro)
+                && let Some((id, _)) = message.key().and_then(|k| framing::parse(k).ok())
+            {
+                wanted.insert((message.topic().to_owned(), Part::Key, id));
+            }
+        }
+        wanted.into_iter().collect()
+    }
+
     /// The keys of the batch's subjects, the missing ones created in one store transaction.
     pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<BatchKeys, Error> {
         let subjects: Vec<String> = batch
@@ -87,7 +104,7 @@ impl Processor {
                 .routes
                 .key_action(message.topic())
                 .ok_or_else(|| poison("no schema binding for this topic".into(), None))?;
-            let key = self.key(action, None, message.key()).map_err(Failure::Other)?;
+            let key = self.key(message.topic(), action, None, message.key(), keys, scratch)?;
             return Ok(Outcome::Output {
                 key,
                 value: None,
@@ -99,9 +116,15 @@ impl Processor {
             Route::Ready(route) => route,
             Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
         };
-        let key = self
-            .key(route.key, route.schema.plan.domain.as_deref(), message.key())
-            .map_err(Failure::Other)?;
+        let action = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash);
+        let key = self.key(
+            message.topic(),
+            action,
+            route.schema.plan.domain.as_deref(),
+            message.key(),
+            keys,
+            scratch,
+        )?;
         let mut out = Vec::with_capacity(value.len() * 2 + 64);
         framing::write_header(route.sanitized_id, &mut out);
         match self
@@ -118,16 +141,26 @@ impl Processor {
         }
     }
 
-    fn key(&self, action: KeyAction, domain: Option<&str>, key: Option<&[u8]>) -> Result<Option<Vec<u8>>, Error> {
+    fn key(
+        &self,
+        topic: &str,
+        action: KeyAction,
+        domain: Option<&str>,
+        key: Option<&[u8]>,
+        keys: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+    ) -> Result<Option<Vec<u8>>, Failure> {
         let Some(key) = key else { return Ok(None) };
         Ok(match action {
             KeyAction::Keep => Some(key.to_vec()),
             KeyAction::Redact => None,
+            KeyAction::Avro => Some(self.avro_key(topic, key, keys, scratch)?),
             KeyAction::Hash => {
                 let dek = self
                     .sanitizer
                     .keyring()
-                    .domain_key(domain.unwrap_or(&self.default_domain))?;
+                    .domain_key(domain.unwrap_or(&self.default_domain))
+                    .map_err(|e| Failure::Other(e.into()))?;
                 let mut plaintext = Vec::with_capacity(key.len() + 1);
                 plaintext.push(plain::BYTES);
                 plaintext.extend_from_slice(key);
@@ -136,6 +169,35 @@ impl Processor {
                 Some(out)
             }
         })
+    }
+
+    /// A Confluent-framed Avro key, sanitized by its key schema and framed with the sanitized key schema's id.
+    fn avro_key(
+        &self,
+        topic: &str,
+        key: &[u8],
+        keys: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+    ) -> Result<Vec<u8>, Failure> {
+        let poison = |reason: String, schema_id| Failure::Poison {
+            reason: format!("key: {reason}"),
+            schema_id,
+        };
+        let (schema_id, payload) = framing::parse(key).map_err(|reason| poison(reason.to_owned(), None))?;
+        let route = match self.routes.get_part(topic, Part::Key, schema_id) {
+            Route::Ready(route) => route,
+            Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
+        };
+        let mut out = Vec::with_capacity(key.len() * 2 + 64);
+        framing::write_header(route.sanitized_id, &mut out);
+        match self
+            .sanitizer
+            .sanitize_binary_in(&route.schema, &route.transcoder, payload, keys, scratch, &mut out)
+        {
+            Ok(()) => Ok(out),
+            Err(e) if e.kind() == ErrorKind::Poison => Err(poison(e.to_string(), Some(schema_id))),
+            Err(e) => Err(Failure::Other(e)),
+        }
     }
 
     fn quarantine(&self, message: &OwnedMessage, reason: String, schema_id: Option<u32>) -> Result<Outcome, Error> {

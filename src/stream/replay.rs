@@ -143,14 +143,11 @@ async fn original(
         Ok(key) => key,
         Err(reason) => return Ok(Err(reason)),
     };
-    if let Some(id) = value
-        .as_deref()
-        .and_then(|v| super::framing::parse(v).ok())
-        .map(|(id, _)| id)
-    {
-        parts.routes.resolve(&[(topic.clone(), id)]).await?;
-    }
     let source = OwnedMessage::new(value, key, topic, Timestamp::NotAvailable, partition, offset, None);
+    parts
+        .routes
+        .resolve(&processor.schemas_wanted(std::slice::from_ref(&source)))
+        .await?;
     let outcome = processor.process(&source, None, scratch)?;
     Ok(Ok((outcome, source)))
 }

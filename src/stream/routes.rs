@@ -1,8 +1,8 @@
-//! What to do with a record of (topic, schema id): its compiled schema, or why it has none.
+//! What to do with a record's value (or Avro key) of (topic, schema id): its compiled schema, or why it has none.
 //!
 //! Local bindings (`[[schemas.local]]`) are compiled at start-up. With a Schema Registry (`schemas.registry`),
 //! other topics' schemas are fetched by id the first time a lane meets them: the writer schema is compiled, its
-//! sanitized schema registered under `<output topic>-value`, and the pair cached. A registry that does not answer
+//! sanitized schema registered under `<output topic>-value` (`-key` for Avro keys), and the pair cached. A registry that does not answer
 //! is not the record's fault: [`Routes::resolve`] says so and the lane waits; a registry that answers "unknown"
 //! makes the records of that id poison (quarantine).
 
@@ -29,11 +29,30 @@ pub struct ReadyRoute {
     pub sanitized_id: u32,
     pub schema: CompiledSchema,
     pub transcoder: Transcoder,
-    pub key: KeyAction,
+}
+
+/// Which part of a record a schema describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Part {
+    Value,
+    Key,
+}
+
+impl Part {
+    /// The Schema Registry subject suffix (TopicNameStrategy).
+    fn subject_suffix(self) -> &'static str {
+        match self {
+            Part::Value => "-value",
+            Part::Key => "-key",
+        }
+    }
 }
 
 pub struct Routes {
-    local: HashMap<String, Route>,
+    /// Local bindings' routes: every bound topic's value, and the keys of those bound with `key = "avro"`.
+    local: HashMap<(String, Part), Route>,
+    /// How the keys of each locally bound topic are protected.
+    local_keys: HashMap<String, KeyAction>,
     registry: Option<Registry>,
 }
 
@@ -42,7 +61,7 @@ struct Registry {
     policy: PolicySettings,
     output_suffix: String,
     key: KeyAction,
-    resolved: Mutex<HashMap<(String, u32), Route>>,
+    resolved: Mutex<HashMap<(String, Part, u32), Route>>,
 }
 
 impl Routes {
@@ -50,18 +69,26 @@ impl Routes {
     /// pipeline still starts, and that topic's records go to quarantine with the reason.
     pub fn compile(config: &Config) -> Result<Self, Error> {
         let mut local = HashMap::new();
+        let mut local_keys = HashMap::new();
         for binding in &config.bindings {
-            let route = match std::fs::read_to_string(&binding.schema) {
-                Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", binding.schema.display())),
-                Ok(text) => match ready(&text, &config.policy, binding.id, binding.sanitized_id, binding.key) {
-                    Ok(route) => route,
-                    Err(reason) => Route::Broken(format!("schema {}: {reason}", binding.schema.display())),
-                },
-            };
-            if let Route::Broken(reason) = &route {
-                tracing::error!(topic = %binding.topic, %reason, "schema binding unusable: its records will be quarantined");
+            let mut schemas = vec![(Part::Value, &binding.schema, binding.id, binding.sanitized_id)];
+            if let Some(key) = &binding.key_schema {
+                schemas.push((Part::Key, &key.schema, key.id, key.sanitized_id));
             }
-            local.insert(binding.topic.clone(), route);
+            for (part, path, id, sanitized_id) in schemas {
+                let route = match std::fs::read_to_string(path) {
+                    Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", path.display())),
+                    Ok(text) => match ready(&text, &config.policy, id, sanitized_id) {
+                        Ok(route) => route,
+                        Err(reason) => Route::Broken(format!("schema {}: {reason}", path.display())),
+                    },
+                };
+                if let Route::Broken(reason) = &route {
+                    tracing::error!(topic = %binding.topic, ?part, %reason, "schema binding unusable: its records will be quarantined");
+                }
+                local.insert((binding.topic.clone(), part), route);
+            }
+            local_keys.insert(binding.topic.clone(), binding.key);
         }
         let registry = match &config.registry {
             None => None,
@@ -76,17 +103,27 @@ impl Routes {
                 resolved: Mutex::new(HashMap::new()),
             }),
         };
-        Ok(Self { local, registry })
+        Ok(Self {
+            local,
+            local_keys,
+            registry,
+        })
     }
 
-    /// The route of a record. Registry routes must have been [`resolve`](Self::resolve)d first.
+    /// The route of a record's value. Registry routes must have been [`resolve`](Self::resolve)d first.
     pub fn get(&self, topic: &str, schema_id: u32) -> Route {
-        if let Some(route) = self.local.get(topic) {
-            return match route {
-                Route::Ready(ready) if ready.schema_id != schema_id => {
+        self.get_part(topic, Part::Value, schema_id)
+    }
+
+    /// The route of a record's value or Avro key.
+    pub fn get_part(&self, topic: &str, part: Part, schema_id: u32) -> Route {
+        if self.local_keys.contains_key(topic) {
+            return match self.local.get(&(topic.to_owned(), part)) {
+                Some(Route::Ready(ready)) if ready.schema_id != schema_id => {
                     Route::Broken(format!("unknown schema id {schema_id} for this topic"))
                 }
-                route => route.clone(),
+                Some(route) => route.clone(),
+                None => Route::Broken("no key schema bound for this topic".to_owned()),
             };
         }
         match &self.registry {
@@ -94,31 +131,30 @@ impl Routes {
                 .resolved
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(&(topic.to_owned(), schema_id))
+                .get(&(topic.to_owned(), part, schema_id))
                 .cloned()
                 .unwrap_or_else(|| Route::Broken(format!("schema id {schema_id} was not resolved"))),
             None => Route::Broken("no schema binding for this topic".to_owned()),
         }
     }
 
-    /// How a topic's keys are protected (for tombstones, which carry no schema id).
+    /// How a topic's keys are protected; `None` for a topic nothing binds.
     pub fn key_action(&self, topic: &str) -> Option<KeyAction> {
-        match self.local.get(topic) {
-            Some(Route::Ready(ready)) => Some(ready.key),
-            Some(Route::Broken(_)) => None,
+        match self.local_keys.get(topic) {
+            Some(action) => Some(*action),
             None => self.registry.as_ref().map(|r| r.key),
         }
     }
 
     /// Fetches, compiles and registers what the registry routes of `wanted` need. `Err` (retriable) when the
     /// registry does not answer: nothing is decided, the caller waits and asks again.
-    pub async fn resolve(&self, wanted: &[(String, u32)]) -> Result<(), Error> {
+    pub async fn resolve(&self, wanted: &[(String, Part, u32)]) -> Result<(), Error> {
         let Some(registry) = &self.registry else { return Ok(()) };
-        for (topic, id) in wanted {
-            if self.local.contains_key(topic) {
+        for (topic, part, id) in wanted {
+            if self.local_keys.contains_key(topic) {
                 continue;
             }
-            let key = (topic.clone(), *id);
+            let key = (topic.clone(), *part, *id);
             if registry
                 .resolved
                 .lock()
@@ -127,7 +163,7 @@ impl Routes {
             {
                 continue;
             }
-            let route = registry.fetch(topic, *id).await?;
+            let route = registry.fetch(topic, *part, *id).await?;
             if let Route::Broken(reason) = &route {
                 tracing::warn!(%topic, schema_id = id, %reason, "schema unusable: its records will be quarantined");
             }
@@ -142,7 +178,7 @@ impl Routes {
 }
 
 impl Registry {
-    async fn fetch(&self, topic: &str, id: u32) -> Result<Route, Error> {
+    async fn fetch(&self, topic: &str, part: Part, id: u32) -> Result<Route, Error> {
         let unavailable = |what: &str, e: &schema_registry_converter::error::SRCError| {
             Error::Unavailable(format!("schema registry: {what}: {}", e.error))
         };
@@ -156,14 +192,14 @@ impl Registry {
                 )));
             }
         };
-        let mut route = match ready(&writer.schema, &self.policy, id, 0, self.key) {
+        let mut route = match ready(&writer.schema, &self.policy, id, 0) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
         let Route::Ready(ready_route) = &mut route else {
             return Ok(route);
         };
-        let subject = format!("{topic}{}-value", self.output_suffix);
+        let subject = format!("{topic}{}{}", self.output_suffix, part.subject_suffix());
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, ready_route.schema.sanitized_json.clone());
         let registered = match post_schema(&self.settings, subject, supplied).await {
             Ok(registered) => registered,
@@ -180,13 +216,7 @@ impl Registry {
     }
 }
 
-fn ready(
-    schema_json: &str,
-    policy: &PolicySettings,
-    id: u32,
-    sanitized_id: u32,
-    key: KeyAction,
-) -> Result<Route, String> {
+fn ready(schema_json: &str, policy: &PolicySettings, id: u32, sanitized_id: u32) -> Result<Route, String> {
     let schema = compile(schema_json, policy).map_err(|e| e.to_string())?;
     let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
     Ok(Route::Ready(Arc::new(ReadyRoute {
@@ -194,6 +224,5 @@ fn ready(
         sanitized_id,
         schema,
         transcoder,
-        key,
     })))
 }
