@@ -35,6 +35,33 @@ struct RawConfig {
     pipeline: RawPipeline,
     audit: RawAudit,
     http: RawHttp,
+    api: RawApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    max_body_bytes: Option<usize>,
+    principals: Option<Vec<RawPrincipal>>,
+    roles: Option<BTreeMap<String, RawRole>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrincipal {
+    name: String,
+    token_sha256: String,
+    roles: Vec<String>,
+    expires: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    operations: Vec<String>,
+    #[serde(default)]
+    fields: Vec<String>,
+    purposes: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +130,7 @@ struct RawKeys {
     cache_capacity: Option<u64>,
     cache_ttl_secs: Option<u64>,
     default_domain: Option<String>,
+    control_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +158,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 
 pub const DEFAULT_AUDIT_TOPIC: &str = "piiwall.audit";
+/// The compacted topic on which forget and rotate reach every instance's key cache.
+pub const DEFAULT_CONTROL_TOPIC: &str = "piiwall.control";
+/// The largest request body the API reads.
+pub const DEFAULT_API_MAX_BODY: usize = 64 * 1024;
 /// Where `/metrics`, `/healthz` and `/readyz` are served, unless `http.listen` says otherwise.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 /// The span of one processing-summary audit event.
@@ -148,8 +180,16 @@ pub struct Config {
     pub registry_key: KeyAction,
     pub pipeline: PipelineConfig,
     pub audit: AuditConfig,
-    /// The address of the operations endpoints; `None` when `http.listen = "off"`.
+    /// The address of the operations endpoints and the API; `None` when `http.listen = "off"`.
     pub http_listen: Option<std::net::SocketAddr>,
+    pub api: ApiConfig,
+}
+
+/// The subject-rights API (served on `http.listen` when any principal is configured).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub access: crate::api::AccessPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -233,11 +273,38 @@ pub struct KeysConfig {
     pub kek: KekSource,
     pub cache: KeyCacheSettings,
     pub default_domain: String,
+    /// Where forget and rotate are announced to every instance sharing the key store.
+    pub control_topic: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
+    /// A libpq-style URL; may hold a password, so its `Debug` masks it.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            StoreLocation::Postgres(url) => write!(f, "{}", mask_url_password(url)),
+        }
+    }
+}
+
+/// `scheme://user:secret@host/...` as `scheme://user:***@host/...`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 impl Config {
@@ -370,6 +437,10 @@ impl RawConfig {
                 kek,
                 cache: KeyCacheSettings { capacity, ttl },
                 default_domain,
+                control_topic: self
+                    .keys
+                    .control_topic
+                    .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned()),
             },
             policy,
             kafka: self.kafka.validate(&audit.instance)?,
@@ -392,6 +463,7 @@ impl RawConfig {
                 .collect::<Result<_, _>>()?,
             pipeline: self.pipeline.validate()?,
             audit,
+            api: self.api.validate()?,
             http_listen: match self.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN) {
                 "off" => None,
                 text => Some(text.parse().map_err(|_| {
@@ -532,6 +604,86 @@ impl RawBinding {
     }
 }
 
+impl RawApi {
+    fn validate(self) -> Result<ApiConfig, ConfigError> {
+        use crate::api::{AccessPolicy, Operation, Principal, Role};
+        let mut roles = BTreeMap::new();
+        for (name, raw) in self.roles.unwrap_or_default() {
+            let operations = raw
+                .operations
+                .iter()
+                .map(|op| {
+                    Operation::from_name(op).ok_or_else(|| {
+                        ConfigError(format!(
+                            "api.roles.{name}.operations: \"{op}\" is not an operation (reveal, tokenize, forget, status, rotate)"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            if raw.purposes.is_empty() {
+                return Err(ConfigError(format!(
+                    "api.roles.{name}.purposes lists no purpose (\"*\" allows any)"
+                )));
+            }
+            roles.insert(
+                name,
+                Role {
+                    operations,
+                    fields: raw.fields,
+                    purposes: raw.purposes,
+                },
+            );
+        }
+        let mut principals = Vec::new();
+        for raw in self.principals.unwrap_or_default() {
+            let name = raw.name;
+            let digest = (raw.token_sha256.len() == 64)
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&raw.token_sha256[2 * i..2 * i + 2], 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "api.principals ({name}): token_sha256 must be the 64 hex digits of the token's SHA-256 \
+                         (piiwall api digest prints it), never the token"
+                    ))
+                })?;
+            if let Some(missing) = raw.roles.iter().find(|r| !roles.contains_key(*r)) {
+                return Err(ConfigError(format!(
+                    "api.principals ({name}): role \"{missing}\" is not defined under api.roles"
+                )));
+            }
+            let expires = match raw.expires {
+                None => None,
+                Some(text) => Some(crate::api::parse_utc(&text).ok_or_else(|| {
+                    ConfigError(format!(
+                        "api.principals ({name}): expires \"{text}\" is not YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ"
+                    ))
+                })?),
+            };
+            if principals.iter().any(|p: &Principal| p.name == name) {
+                return Err(ConfigError(format!("api.principals: \"{name}\" is defined twice")));
+            }
+            principals.push(Principal {
+                name,
+                token_digest: digest.try_into().expect("32 bytes"),
+                roles: raw.roles,
+                expires,
+            });
+        }
+        let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_API_MAX_BODY);
+        if max_body_bytes < 256 {
+            return Err(ConfigError("api.max_body_bytes must be at least 256".into()));
+        }
+        Ok(ApiConfig {
+            max_body_bytes,
+            access: AccessPolicy { principals, roles },
+        })
+    }
+}
+
 impl RawAudit {
     fn validate(self) -> Result<AuditConfig, ConfigError> {
         let window = self.window_secs.map_or(DEFAULT_AUDIT_WINDOW, Duration::from_secs);
@@ -586,8 +738,18 @@ fn parse_key_action(text: Option<&str>, name: &str) -> Result<KeyAction, ConfigE
 fn parse_store(text: &str) -> Result<StoreLocation, ConfigError> {
     match text.split_once(':') {
         Some(("sqlite", path)) if !path.is_empty() => Ok(StoreLocation::Sqlite(PathBuf::from(path))),
+        Some(("postgres" | "postgresql", rest)) if rest.len() > 2 && rest.starts_with("//") => {
+            match text.parse::<postgres::Config>() {
+                Ok(_) => Ok(StoreLocation::Postgres(text.to_owned())),
+                Err(e) => Err(ConfigError(format!(
+                    "keys.store: \"{}\" is not a PostgreSQL URL: {e}",
+                    mask_url_password(text)
+                ))),
+            }
+        }
         _ => Err(ConfigError(format!(
-            "keys.store: \"{text}\" is not a key store location (expected sqlite:PATH)"
+            "keys.store: \"{}\" is not a key store location (expected sqlite:PATH or postgres://USER@HOST/DB)",
+            mask_url_password(text)
         ))),
     }
 }

@@ -79,6 +79,8 @@ pub enum KeyError {
     StoreUnavailable(String),
     #[error("key store: {0}")]
     Store(String),
+    #[error("the data subject was forgotten: its keys are destroyed and none are made for it again")]
+    Forgotten,
 }
 
 impl KeyError {

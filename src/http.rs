@@ -1,5 +1,6 @@
-//! The operations endpoints of `piiwall run`: `GET /metrics` (Prometheus text), `GET /healthz` (the process
-//! answers) and `GET /readyz` (the pipeline subscribed and is consuming; 503 before and while draining).
+//! The HTTP server of `piiwall run`: `GET /metrics` (Prometheus text), `GET /healthz` (the process answers),
+//! `GET /readyz` (the pipeline subscribed and is consuming; 503 before and while draining), and the subject-rights
+//! API ([`crate::api`]) when principals are configured.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub async fn serve(
     listen: SocketAddr,
     ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
+    api: Option<Arc<crate::api::Api>>,
 ) -> Result<SocketAddr, Error> {
     prometheus();
     let listener = TcpListener::bind(listen)
@@ -49,6 +51,11 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(Ops { ready });
+    let serves_api = api.is_some();
+    let app = match api {
+        Some(api) => app.merge(crate::api::router(api)),
+        None => app,
+    };
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
@@ -57,7 +64,7 @@ pub async fn serve(
             tracing::error!(error = %e, "http server stopped");
         }
     });
-    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+    tracing::info!(address = %bound, api = serves_api, "serving /metrics, /healthz, /readyz");
     Ok(bound)
 }
 

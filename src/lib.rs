@@ -24,8 +24,10 @@
 //! and benchmarked without Kafka. Modules, in the order a record meets them:
 //! [`codec`] (wire forms to values), [`policy`] (annotations to plans and sanitized schemas), [`keys`] and
 //! [`crypto`] (data keys and tokens), [`sanitize`] (the core), [`offline`] (the file-to-file command),
-//! [`lint`] (schema checks), [`config`].
+//! [`lint`] (schema checks), [`config`]; [`stream`] runs it all on Kafka and serves [`http`] and the
+//! subject-rights [`api`].
 
+pub mod api;
 pub mod audit;
 pub mod codec;
 pub mod config;

@@ -35,9 +35,10 @@ pub enum AuditKind {
     KeyCreated,
     KeyRotated,
     KeyShredded,
+    SubjectStatus,
 }
 
-const KIND_SYMBOLS: [&str; 10] = [
+const KIND_SYMBOLS: [&str; 11] = [
     "START",
     "STOP",
     "PROCESSING_SUMMARY",
@@ -48,7 +49,26 @@ const KIND_SYMBOLS: [&str; 10] = [
     "KEY_CREATED",
     "KEY_ROTATED",
     "KEY_SHREDDED",
+    "SUBJECT_STATUS",
 ];
+
+/// How an API call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOutcome {
+    Allowed,
+    Denied,
+    Error,
+}
+
+impl AuditOutcome {
+    fn symbol(self) -> &'static str {
+        match self {
+            AuditOutcome::Allowed => "ALLOWED",
+            AuditOutcome::Denied => "DENIED",
+            AuditOutcome::Error => "ERROR",
+        }
+    }
+}
 
 impl AuditKind {
     pub fn symbol(self) -> &'static str {
@@ -76,6 +96,12 @@ pub struct AuditEvent {
     pub counts: Vec<FieldCount>,
     pub window: Option<(i64, i64)>,
     pub config_digest: Option<String>,
+    /// API calls: who (the configured principal name), why, how it ended, which fields, which subject (a token).
+    pub principal: Option<String>,
+    pub purpose: Option<String>,
+    pub outcome: Option<AuditOutcome>,
+    pub field_paths: Vec<String>,
+    pub subject_token: Option<String>,
 }
 
 impl AuditEvent {
@@ -90,6 +116,11 @@ impl AuditEvent {
             counts: Vec::new(),
             window: None,
             config_digest: None,
+            principal: None,
+            purpose: None,
+            outcome: None,
+            field_paths: Vec::new(),
+            subject_token: None,
         }
     }
 }
@@ -121,16 +152,22 @@ impl Chain {
                 "kind".into(),
                 Value::Enum(event.kind as u32, event.kind.symbol().into()),
             ),
-            ("principal".into(), nullable(None)),
-            ("purpose".into(), nullable(None)),
-            ("outcome".into(), nullable(None)),
+            ("principal".into(), text(&event.principal)),
+            ("purpose".into(), text(&event.purpose)),
+            (
+                "outcome".into(),
+                nullable(event.outcome.map(|o| Value::Enum(o as u32, o.symbol().into()))),
+            ),
             ("topic".into(), text(&event.topic)),
             ("partition".into(), nullable(event.partition.map(Value::Int))),
             ("offset".into(), nullable(event.offset.map(Value::Long))),
             ("schema_id".into(), nullable(event.schema_id.map(Value::Int))),
             ("reason".into(), text(&event.reason)),
-            ("field_paths".into(), Value::Array(Vec::new())),
-            ("subject_token".into(), nullable(None)),
+            (
+                "field_paths".into(),
+                Value::Array(event.field_paths.iter().cloned().map(Value::String).collect()),
+            ),
+            ("subject_token".into(), text(&event.subject_token)),
             (
                 "counts".into(),
                 Value::Array(

@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use event::{AUDIT_DOMAIN, AUDIT_SCHEMA, AUDIT_SCHEMA_JSON, AuditEvent, AuditKind, FieldCount};
+pub use event::{AUDIT_DOMAIN, AUDIT_SCHEMA, AUDIT_SCHEMA_JSON, AuditEvent, AuditKind, AuditOutcome, FieldCount};
 pub use verify::{VerifyReport, verify};
 
 use crate::error::Error;

@@ -80,6 +80,15 @@ pub struct Keyring {
     stats: CacheStats,
 }
 
+/// The right-of-access answer about a subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectStatus {
+    /// The store holds keys for it, or remembers it as forgotten.
+    pub known: bool,
+    pub forgotten: bool,
+    pub key_versions: u32,
+}
+
 /// Key cache hits and misses, counted with atomics on the hot path and published by the caller per batch.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -124,6 +133,7 @@ impl Keyring {
     pub fn from_config(config: &KeysConfig) -> Result<Self, KeyError> {
         let store: Arc<dyn KeyStore> = match &config.store {
             StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+            StoreLocation::Postgres(url) => Arc::new(super::PostgresStore::open(url)?),
         };
         let kek = Arc::new(LocalKek::load(&config.kek)?);
         Self::open(store, kek, config.cache)
@@ -245,14 +255,11 @@ impl Keyring {
     /// Adds a key version to a scope; new data uses it, old versions still reveal. Returns the new version.
     pub fn rotate(&self, scope: &str) -> Result<u32, KeyError> {
         if self.store.is_forgotten(scope)? {
-            return Err(KeyError::Store("cannot rotate the key of a forgotten subject".into()));
+            return Err(KeyError::Forgotten);
         }
         let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
         let stored = self.create(scope, next)?;
-        self.by_scope.invalidate(scope);
-        if let Some(domain) = scope.strip_prefix("d:") {
-            self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
-        }
+        self.invalidate_scope(scope);
         Ok(stored.version)
     }
 
@@ -261,12 +268,32 @@ impl Keyring {
     pub fn forget_subject(&self, subject: &str) -> Result<usize, KeyError> {
         let scope = self.subject_scope(subject);
         let destroyed = self.store.forget(&scope)?;
-        self.by_scope.invalidate(&scope);
+        self.invalidate_scope(&scope);
+        Ok(destroyed)
+    }
+
+    /// What the key store knows of a subject, for the right of access: no PII, only counts.
+    pub fn subject_status(&self, subject: &str) -> Result<SubjectStatus, KeyError> {
+        let scope = self.subject_scope(subject);
+        let forgotten = self.store.is_forgotten(&scope)?;
+        let key_versions = if forgotten { 0 } else { self.store.versions(&scope)? };
+        Ok(SubjectStatus {
+            known: forgotten || key_versions > 0,
+            forgotten,
+            key_versions,
+        })
+    }
+
+    /// Drops whatever this process caches of a scope's keys: another instance forgot or rotated it.
+    pub fn invalidate_scope(&self, scope: &str) {
+        self.by_scope.invalidate(scope);
+        if let Some(domain) = scope.strip_prefix("d:") {
+            self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+        }
         let scope: Arc<str> = scope.into();
         self.by_id
             .invalidate_entries_if(move |_, cached| cached.scope == scope)
             .expect("invalidation closures are enabled");
-        Ok(destroyed)
     }
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {

@@ -7,11 +7,14 @@
 //! (so later records of the subject are redacted rather than given a fresh key).
 
 mod keyring;
+mod postgres;
 mod sqlite;
 mod store;
 
 pub use keyring::{
     BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey,
+    SubjectStatus,
 };
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use store::{KeyLookup, KeyStore, StoredKey};

@@ -212,6 +212,13 @@ impl KeyStore for SqliteStore {
         .map(|found| found.is_some())
     }
 
+    fn versions(&self, scope: &str) -> Result<u32, KeyError> {
+        self.with(
+            |c| c.query_row("SELECT COUNT(*) FROM deks WHERE scope = ?1", [scope], |row| row.get(0)),
+            "counting key versions",
+        )
+    }
+
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.with(
             |c| {

@@ -35,6 +35,8 @@ pub trait KeyStore: Send + Sync {
     /// Returns how many key versions were destroyed. Idempotent.
     fn forget(&self, scope: &str) -> Result<usize, KeyError>;
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError>;
+    /// How many key versions a scope holds (0 when it has none or was forgotten).
+    fn versions(&self, scope: &str) -> Result<u32, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
 }

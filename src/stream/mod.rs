@@ -14,6 +14,7 @@
 //! a Schema Registry.
 
 mod context;
+mod control;
 mod framing;
 mod lane;
 mod process;
@@ -35,10 +36,12 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use control::{Control, ControlOp};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use process::QUARANTINE_DOMAIN;
 pub use replay::{ReplaySummary, replay};
+pub use routes::Routes;
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::{Config, Delivery};
@@ -47,7 +50,6 @@ use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
 use lane::{LaneContext, LaneEnd};
 use process::Processor;
-use routes::Routes;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often ended lanes are looked for (a lane that aborted a transaction waits for its partition to be rewound).
@@ -183,9 +185,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     } = Parts::build(&config).await?;
     let keyring = sanitizer.keyring().clone();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(listen) = config.http_listen {
-        crate::http::serve(listen, ready.clone(), shutdown.listen()).await?;
-    }
     let consumer: Arc<PipelineConsumer> = Arc::new(
         client
             .clone()
@@ -218,6 +217,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         config.audit.instance.clone(),
         keyring.clone(),
     );
+    let control_listener =
+        control::listen(&client, &config.keys.control_topic, keyring.clone(), shutdown.listen()).await?;
+    if let Some(listen) = config.http_listen {
+        let api = (!config.api.access.principals.is_empty()).then(|| {
+            Arc::new(crate::api::Api {
+                config: config.api.clone(),
+                sanitizer: sanitizer.clone(),
+                routes: routes.clone(),
+                auditor: auditor.clone(),
+                control: Control::new(producer.clone(), config.keys.control_topic.clone()),
+            })
+        });
+        crate::http::serve(listen, ready.clone(), shutdown.listen(), api).await?;
+    }
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config_digest(&config));
     auditor.emit(start).await;
@@ -364,6 +377,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     // The audit writer ends once every sender is gone, after writing what it holds.
     drop(ctx);
     drop(auditor);
+    let _ = control_listener.await;
     match tokio::time::timeout(config.pipeline.drain_timeout, audit_writer).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => {
@@ -470,13 +484,19 @@ async fn ensure_topics(
     }
     wanted.push((config.kafka.quarantine_topic.clone(), 1));
     wanted.push((config.audit.topic.clone(), 1));
+    wanted.push((config.keys.control_topic.clone(), 1));
     let mut missing = Vec::new();
     for (topic, partitions) in &wanted {
         let metadata = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
             .map_err(|e| Error::Kafka(format!("cannot read the metadata of topic {topic}: {e}")))?;
         if metadata.topics().first().is_none_or(|t| t.partitions().is_empty()) {
-            missing.push(NewTopic::new(topic, *partitions, TopicReplication::Fixed(1)));
+            let mut new = NewTopic::new(topic, *partitions, TopicReplication::Fixed(1));
+            if *topic == config.keys.control_topic {
+                // Only the latest announcement per key scope matters.
+                new = new.set("cleanup.policy", "compact");
+            }
+            missing.push(new);
         }
     }
     if missing.is_empty() {

@@ -13,7 +13,7 @@ use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_sch
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use crate::config::{Config, KeyAction};
-use crate::error::Error;
+use crate::error::{Error, ValueError};
 use crate::policy::{CompiledSchema, PolicySettings, compile};
 use crate::transcode::Transcoder;
 
@@ -143,6 +143,27 @@ impl Routes {
         match self.local_keys.get(topic) {
             Some(action) => Some(*action),
             None => self.registry.as_ref().map(|r| r.key),
+        }
+    }
+
+    /// The writer schema of a topic's values, for `tokenize`: the local binding's, or the registry's schema
+    /// `schema_id`.
+    pub async fn schema_for(&self, topic: &str, schema_id: Option<u32>) -> Result<Arc<ReadyRoute>, Error> {
+        let id = match (schema_id, self.local.get(&(topic.to_owned(), Part::Value))) {
+            (Some(id), _) => id,
+            (None, Some(Route::Ready(route))) => route.schema_id,
+            (None, _) => {
+                return Err(ValueError::new(
+                    "schema_id",
+                    "this topic has no usable local schema binding: give the schema id",
+                )
+                .into());
+            }
+        };
+        self.resolve(&[(topic.to_owned(), Part::Value, id)]).await?;
+        match self.get(topic, id) {
+            Route::Ready(route) => Ok(route),
+            Route::Broken(reason) => Err(ValueError::new("topic", reason).into()),
         }
     }
 

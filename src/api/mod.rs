@@ -1,0 +1,429 @@
+//! The subject-rights API, served by `piiwall run` next to `/metrics` (JSON over HTTP, bearer tokens):
+//!
+//! | endpoint | body | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/reveal` | `purpose`, `field`, `tokens` | `values`: per token `{"value": …}` or `{"error": …}` |
+//! | `POST /v1/tokenize` | `purpose`, `topic`, `field`, `value`, `subject`?, `schema_id`? | `token` |
+//! | `POST /v1/subjects/forget` | `purpose`, `subject` | `key_versions_destroyed` |
+//! | `POST /v1/subjects/status` | `purpose`, `subject` | `known`, `forgotten`, `key_versions` |
+//! | `POST /v1/keys/rotate` | `purpose`, `subject` or `domain` | `version` |
+//!
+//! Subject ids travel in bodies, never in URLs. Every call is authenticated ([`access`]), authorized by operation,
+//! field path and purpose, and audited — denied and failed ones too — with the principal's configured name, the
+//! purpose, the fields, the subject as a keyed pseudonym, and the outcome; never a value or a bearer token.
+//! Errors are JSON `{"error": …}` and never echo what was sent.
+
+mod access;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value as Json, json};
+
+pub use access::{AccessPolicy, Denial, Operation, Principal, Role, parse_utc, path_matches, token_digest_hex};
+
+use crate::audit::{AUDIT_DOMAIN, AuditEvent, AuditKind, AuditOutcome, Auditor};
+use crate::codec::json::JsonCodec;
+use crate::config::ApiConfig;
+use crate::crypto::plain;
+use crate::error::{Error, ErrorKind, KeyError, RevealError};
+use crate::keys::Keyring;
+use crate::sanitize::Sanitizer;
+use crate::stream::{Control, ControlOp, Routes};
+
+/// The most tokens one reveal request may carry.
+pub const MAX_REVEAL_TOKENS: usize = 1_000;
+
+/// What the handlers share.
+pub struct Api {
+    pub config: ApiConfig,
+    pub sanitizer: Arc<Sanitizer>,
+    /// The schemas of the pipeline's topics, for tokenize.
+    pub routes: Arc<Routes>,
+    pub auditor: Auditor,
+    /// Where forget and rotate are announced to the other instances.
+    pub control: Control,
+}
+
+/// The API's routes, to be merged into the operations server.
+pub fn router(api: Arc<Api>) -> Router {
+    let limit = api.config.max_body_bytes;
+    Router::new()
+        .route("/v1/reveal", post(reveal))
+        .route("/v1/tokenize", post(tokenize))
+        .route("/v1/subjects/forget", post(forget))
+        .route("/v1/subjects/status", post(status))
+        .route("/v1/keys/rotate", post(rotate))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(api)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevealRequest {
+    purpose: String,
+    field: String,
+    tokens: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    purpose: String,
+    topic: String,
+    #[serde(default)]
+    schema_id: Option<u32>,
+    field: String,
+    #[serde(default)]
+    subject: Option<String>,
+    value: Json,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubjectRequest {
+    purpose: String,
+    subject: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    purpose: String,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    domain: Option<String>,
+}
+
+/// A refused or failed call: its status, its message (never a value), and how the audit records it.
+struct Failure {
+    status: StatusCode,
+    message: String,
+    outcome: AuditOutcome,
+}
+
+impl Failure {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            outcome: AuditOutcome::Error,
+        }
+    }
+
+    fn from_denial(denial: Denial) -> Self {
+        let (status, message) = match denial {
+            Denial::Unauthenticated(why) => (StatusCode::UNAUTHORIZED, why.to_owned()),
+            Denial::Forbidden(why) => (StatusCode::FORBIDDEN, why),
+        };
+        Self {
+            status,
+            message,
+            outcome: AuditOutcome::Denied,
+        }
+    }
+
+    fn from_error(e: &Error) -> Self {
+        let status = match e {
+            Error::Reveal(RevealError::SubjectForgotten) => StatusCode::GONE,
+            Error::Reveal(_) | Error::Value(_) | Error::Policy(_) => StatusCode::BAD_REQUEST,
+            Error::Key(KeyError::Forgotten) => StatusCode::GONE,
+            _ if e.kind() == ErrorKind::Retriable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            outcome: AuditOutcome::Error,
+        }
+    }
+
+    fn response(&self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// One call in progress: what its audit event will say.
+struct Call {
+    event: AuditEvent,
+}
+
+impl Call {
+    fn new(operation: Operation) -> Self {
+        let kind = match operation {
+            Operation::Reveal => AuditKind::Reveal,
+            Operation::Tokenize => AuditKind::Tokenize,
+            Operation::Forget => AuditKind::Forget,
+            Operation::Status => AuditKind::SubjectStatus,
+            Operation::Rotate => AuditKind::KeyRotated,
+        };
+        Self {
+            event: AuditEvent::new(kind),
+        }
+    }
+}
+
+/// Authenticates, parses, authorizes, performs and audits one call. `describe` names the request's purpose, its
+/// field paths and its subject (if any); `perform` runs off the reactor (key store work is blocking).
+async fn handle<R: DeserializeOwned + Send + 'static>(
+    api: Arc<Api>,
+    operation: Operation,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    describe: fn(&R) -> (&str, Vec<String>, Option<&str>),
+    perform: fn(&Api, R) -> Result<Json, Error>,
+) -> Response {
+    let mut call = Call::new(operation);
+    let result = async {
+        let token = bearer(&headers);
+        let principal = api
+            .config
+            .access
+            .authenticate(token, crate::audit::now_ms() / 1000)
+            .map_err(Failure::from_denial)?;
+        call.event.principal = Some(principal.name.clone());
+        let body = body.map_err(|e| Failure {
+            status: e.status(),
+            message: format!(
+                "the request body could not be read ({} bytes at most)",
+                api.config.max_body_bytes
+            ),
+            outcome: AuditOutcome::Error,
+        })?;
+        let request: R = parse(&body)?;
+        let (purpose, fields, subject) = describe(&request);
+        call.event.purpose = Some(purpose.to_owned());
+        call.event.field_paths = fields.clone();
+        if let Some(subject) = subject {
+            call.event.subject_token =
+                Some(subject_token(api.sanitizer.keyring(), subject).map_err(|e| Failure::from_error(&e))?);
+        }
+        if purpose.trim().is_empty() {
+            return Err(Failure::bad_request("purpose must state why the call is made"));
+        }
+        let field_refs: Vec<&str> = fields.iter().map(String::as_str).collect();
+        api.config
+            .access
+            .authorize(principal, operation, purpose, &field_refs)
+            .map_err(Failure::from_denial)?;
+        let worker = api.clone();
+        tokio::task::spawn_blocking(move || perform(&worker, request))
+            .await
+            .map_err(|_| Failure::from_error(&Error::Kafka("the request handler panicked".into())))?
+            .map_err(|e| Failure::from_error(&e))
+    }
+    .await;
+    let response = match &result {
+        Ok(answer) => {
+            call.event.outcome = Some(AuditOutcome::Allowed);
+            (StatusCode::OK, axum::Json(answer.clone())).into_response()
+        }
+        Err(failure) => {
+            call.event.outcome = Some(failure.outcome);
+            call.event.reason = Some(failure.message.clone());
+            failure.response()
+        }
+    };
+    tracing::info!(
+        operation = operation.name(),
+        principal = call.event.principal.as_deref().unwrap_or("-"),
+        status = response.status().as_u16(),
+        "api call"
+    );
+    metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => response.status().as_str().to_owned())
+        .increment(1);
+    api.auditor.emit(call.event).await;
+    // Follow-up events: the keys a forget shredded.
+    if let (Operation::Forget, Ok(answer)) = (operation, &result) {
+        let mut shredded = AuditEvent::new(AuditKind::KeyShredded);
+        shredded.counts = vec![crate::audit::FieldCount {
+            field_path: "subject".into(),
+            action: "key versions destroyed".into(),
+            count: answer["key_versions_destroyed"].as_i64().unwrap_or(0),
+        }];
+        api.auditor.emit(shredded).await;
+    }
+    response
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Parses a JSON body. The message names where the problem is, never what was sent (serde's own messages quote
+/// the offending value).
+fn parse<R: DeserializeOwned>(body: &[u8]) -> Result<R, Failure> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "malformed JSON",
+            serde_json::error::Category::Data => "a missing, unknown or mistyped field",
+            serde_json::error::Category::Io => "an unreadable body",
+        };
+        Failure::bad_request(format!(
+            "request body: {what} at line {} column {} (see the API reference in the README)",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// The subject as a keyed pseudonym under the audit domain key: the same subject gives the same token in every
+/// audit event, so an auditor can follow one subject's requests without ever seeing the id.
+fn subject_token(keyring: &Keyring, subject: &str) -> Result<String, Error> {
+    let key = keyring.domain_key(AUDIT_DOMAIN)?;
+    let mut plaintext = Vec::with_capacity(subject.len() + 1);
+    plaintext.push(plain::STRING);
+    plaintext.extend_from_slice(subject.as_bytes());
+    let mut out = Vec::new();
+    key.hash_into("audit.subject", &plaintext, &mut out);
+    String::from_utf8(out).map_err(|_| Error::Kafka("a subject token is not text".into()))
+}
+
+async fn reveal(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<RevealRequest>(
+        api,
+        Operation::Reveal,
+        headers,
+        body,
+        |r| (&r.purpose, vec![r.field.clone()], None),
+        |api, r| {
+            if r.tokens.is_empty() || r.tokens.len() > MAX_REVEAL_TOKENS {
+                return Err(
+                    crate::error::ValueError::new("tokens", format!("give 1 to {MAX_REVEAL_TOKENS} tokens")).into(),
+                );
+            }
+            let values: Vec<Json> = r
+                .tokens
+                .iter()
+                .map(|token| match api.sanitizer.reveal(&r.field, token) {
+                    Ok(value) => json!({ "value": value }),
+                    Err(e) => json!({ "error": e.to_string() }),
+                })
+                .collect();
+            Ok(json!({ "values": values }))
+        },
+    )
+    .await
+}
+
+async fn tokenize(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<TokenizeRequest>(
+        api,
+        Operation::Tokenize,
+        headers,
+        body,
+        |r| (&r.purpose, vec![r.field.clone()], r.subject.as_deref()),
+        |api, r| {
+            let route = tokio::runtime::Handle::current().block_on(api.routes.schema_for(&r.topic, r.schema_id))?;
+            let value = JsonCodec::new(&route.schema.writer).field_value(&r.field, &r.value)?;
+            let token = api
+                .sanitizer
+                .token_for(&route.schema, &r.field, r.subject.as_deref(), &value)?;
+            Ok(json!({ "token": token }))
+        },
+    )
+    .await
+}
+
+async fn forget(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<SubjectRequest>(
+        api,
+        Operation::Forget,
+        headers,
+        body,
+        |r| (&r.purpose, Vec::new(), Some(&r.subject)),
+        |api, r| {
+            let keyring = api.sanitizer.keyring();
+            let destroyed = keyring.forget_subject(&r.subject)?;
+            announce(api, ControlOp::Forget, &keyring.subject_scope(&r.subject))?;
+            Ok(json!({ "forgotten": true, "key_versions_destroyed": destroyed }))
+        },
+    )
+    .await
+}
+
+async fn status(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<SubjectRequest>(
+        api,
+        Operation::Status,
+        headers,
+        body,
+        |r| (&r.purpose, Vec::new(), Some(&r.subject)),
+        |api, r| {
+            let status = api.sanitizer.keyring().subject_status(&r.subject)?;
+            Ok(json!({
+                "known": status.known,
+                "forgotten": status.forgotten,
+                "key_versions": status.key_versions,
+            }))
+        },
+    )
+    .await
+}
+
+async fn rotate(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<RotateRequest>(
+        api,
+        Operation::Rotate,
+        headers,
+        body,
+        |r| (&r.purpose, Vec::new(), r.subject.as_deref()),
+        |api, r| {
+            let keyring = api.sanitizer.keyring();
+            let scope = match (&r.subject, &r.domain) {
+                (Some(subject), None) => keyring.subject_scope(subject),
+                (None, Some(domain)) if crate::policy::valid_domain(domain) => Keyring::domain_scope(domain),
+                _ => {
+                    return Err(crate::error::ValueError::new(
+                        "subject",
+                        "give either subject or domain (1-64 characters of a-z, 0-9, '.', '_' or '-')",
+                    )
+                    .into());
+                }
+            };
+            let version = keyring.rotate(&scope)?;
+            announce(api, ControlOp::Rotate, &scope)?;
+            Ok(json!({ "version": version }))
+        },
+    )
+    .await
+}
+
+/// Announces on the control topic from the blocking pool, waiting for the acknowledgement.
+fn announce(api: &Api, op: ControlOp, scope: &str) -> Result<(), Error> {
+    tokio::runtime::Handle::current().block_on(api.control.announce(op, scope))
+}

@@ -1,0 +1,276 @@
+//! The PostgreSQL key store: what several instances share (`keys.store = "postgres://..."`).
+//!
+//! The same tables as the SQLite store, prefixed `piiwall_`, created by versioned migrations at start-up under an
+//! advisory lock (two instances starting together do not race). Every write that decides a scope's key takes that
+//! scope's advisory transaction lock, so a first use and a forget of one subject are serialised across instances:
+//! concurrent first uses create exactly one key (insert-if-absent under the lock), and no key is created for a
+//! subject once its forget committed.
+//!
+//! The client is synchronous (the `postgres` crate): callers already run key-store work off the async reactor.
+//! TLS follows the URL's `sslmode` (native-tls); a connection that broke is reopened on the next call, and until
+//! then calls fail as *unavailable* (the pipeline waits and retries).
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use postgres::{Client, Transaction};
+
+use super::store::{KeyLookup, KeyStore, StoredKey};
+use crate::crypto::KeyId;
+use crate::error::KeyError;
+
+/// Migrations, applied in order once each; the index + 1 is the schema version.
+const MIGRATIONS: [&str; 1] = ["
+CREATE TABLE piiwall_deks (
+    key_id     BYTEA PRIMARY KEY,
+    scope      TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    wrapped    BYTEA NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (scope, version)
+);
+CREATE TABLE piiwall_shredded_keys (key_id BYTEA PRIMARY KEY, shredded_at BIGINT NOT NULL);
+CREATE TABLE piiwall_forgotten_scopes (scope TEXT PRIMARY KEY, forgotten_at BIGINT NOT NULL);
+CREATE TABLE piiwall_meta (name TEXT PRIMARY KEY, wrapped BYTEA NOT NULL);
+"];
+
+/// The advisory lock key of the migrations (an arbitrary constant: "piiwall" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7069_6977_616c_6c;
+
+const CURRENT: &str =
+    "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 ORDER BY version DESC LIMIT 1";
+const INSERT: &str =
+    "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (scope, version) DO NOTHING";
+
+pub struct PostgresStore {
+    url: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl PostgresStore {
+    /// Connects and migrates. `url` is a libpq-style URL (`postgres://user:password@host:port/db?sslmode=...`).
+    pub fn open(url: &str) -> Result<Self, KeyError> {
+        let store = Self {
+            url: url.to_owned(),
+            client: Mutex::new(None),
+        };
+        store.with("migrating the key store", |tx| {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS piiwall_schema_version (version INTEGER NOT NULL)")?;
+            let applied: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0)::BIGINT FROM piiwall_schema_version",
+                    &[],
+                )?
+                .get(0);
+            for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+                tx.batch_execute(migration)?;
+                tx.execute(
+                    "INSERT INTO piiwall_schema_version (version) VALUES ($1)",
+                    &[&(index as i32 + 1)],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` in a transaction on the (re)opened connection.
+    fn with<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, KeyError> {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = Some(connect(&self.url)?);
+        }
+        let client = slot.as_mut().expect("connected above");
+        let result = client.transaction().and_then(|mut tx| {
+            let value = f(&mut tx)?;
+            tx.commit()?;
+            Ok(value)
+        });
+        let closed = client.is_closed();
+        result.map_err(|e| {
+            if closed {
+                *slot = None;
+            }
+            store_error(&e, what)
+        })
+    }
+}
+
+fn connect(url: &str) -> Result<Client, KeyError> {
+    let tls = native_tls::TlsConnector::new()
+        .map_err(|e| KeyError::StoreUnavailable(format!("cannot set up TLS for the key store: {e}")))?;
+    // The error names the cause (refused, authentication, unknown database), never the URL with its password.
+    Client::connect(url, postgres_native_tls::MakeTlsConnector::new(tls))
+        .map_err(|e| KeyError::StoreUnavailable(format!("cannot connect to the PostgreSQL key store: {e}")))
+}
+
+fn store_error(e: &postgres::Error, what: &str) -> KeyError {
+    if e.is_closed() || e.as_db_error().is_none() {
+        KeyError::StoreUnavailable(format!("{what}: {e}"))
+    } else {
+        KeyError::Store(format!("{what}: {e}"))
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A row as a key; `Err` for a row that is not one (a key id of the wrong size, a negative version).
+fn row_to_key(row: &postgres::Row) -> Result<StoredKey, KeyError> {
+    let key_id: Vec<u8> = row.get(0);
+    let version: i32 = row.get(2);
+    match (<[u8; 12]>::try_from(key_id), u32::try_from(version)) {
+        (Ok(id), Ok(version)) => Ok(StoredKey {
+            key_id: KeyId(id),
+            scope: row.get(1),
+            version,
+            wrapped: row.get(3),
+        }),
+        _ => Err(KeyError::CorruptRow),
+    }
+}
+
+/// Serialises every decision about `scope` across instances until the transaction ends.
+fn lock_scope(tx: &mut Transaction<'_>, scope: &str) -> Result<(), postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&scope])
+        .map(drop)
+}
+
+fn insert(tx: &mut Transaction<'_>, key: &StoredKey) -> Result<(), postgres::Error> {
+    tx.execute(
+        INSERT,
+        &[
+            &&key.key_id.0[..],
+            &key.scope,
+            &(key.version as i32),
+            &key.wrapped,
+            &now(),
+        ],
+    )
+    .map(drop)
+}
+
+impl KeyStore for PostgresStore {
+    fn current(&self, scope: &str) -> Result<Option<StoredKey>, KeyError> {
+        self.with("reading a key", |tx| tx.query_opt(CURRENT, &[&scope]))?
+            .as_ref()
+            .map(row_to_key)
+            .transpose()
+    }
+
+    fn by_id(&self, key_id: &KeyId) -> Result<KeyLookup, KeyError> {
+        let (found, shredded) = self.with("reading a key", |tx| {
+            let found = tx.query_opt(
+                "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE key_id = $1",
+                &[&&key_id.0[..]],
+            )?;
+            let shredded = tx
+                .query_opt(
+                    "SELECT 1 FROM piiwall_shredded_keys WHERE key_id = $1",
+                    &[&&key_id.0[..]],
+                )?
+                .is_some();
+            Ok((found, shredded))
+        })?;
+        Ok(match found {
+            Some(row) => KeyLookup::Found(row_to_key(&row)?),
+            None if shredded => KeyLookup::Shredded,
+            None => KeyLookup::Unknown,
+        })
+    }
+
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError> {
+        let row = self.with("storing a key", |tx| {
+            lock_scope(tx, &key.scope)?;
+            insert(tx, key)?;
+            tx.query_one(
+                "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 AND version = $2",
+                &[&key.scope, &(key.version as i32)],
+            )
+        })?;
+        row_to_key(&row)
+    }
+
+    fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
+        // Scopes are locked in sorted order, so two instances' batches cannot deadlock on each other.
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|a, b| candidates[*a].scope.cmp(&candidates[*b].scope));
+        let rows = self.with("creating keys", |tx| {
+            let mut rows = vec![None; candidates.len()];
+            for index in order {
+                let candidate = &candidates[index];
+                lock_scope(tx, &candidate.scope)?;
+                let mut row = tx.query_opt(CURRENT, &[&candidate.scope])?;
+                if row.is_none()
+                    && tx
+                        .query_opt(
+                            "SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1",
+                            &[&candidate.scope],
+                        )?
+                        .is_none()
+                {
+                    insert(tx, candidate)?;
+                    row = tx.query_opt(CURRENT, &[&candidate.scope])?;
+                }
+                rows[index] = row;
+            }
+            Ok(rows)
+        })?;
+        rows.iter()
+            .map(|row| row.as_ref().map(row_to_key).transpose())
+            .collect()
+    }
+
+    fn forget(&self, scope: &str) -> Result<usize, KeyError> {
+        self.with("forgetting a subject", |tx| {
+            lock_scope(tx, scope)?;
+            let at = now();
+            tx.execute(
+                "INSERT INTO piiwall_shredded_keys (key_id, shredded_at) SELECT key_id, $2 FROM piiwall_deks
+                 WHERE scope = $1 ON CONFLICT DO NOTHING",
+                &[&scope, &at],
+            )?;
+            let destroyed = tx.execute("DELETE FROM piiwall_deks WHERE scope = $1", &[&scope])?;
+            tx.execute(
+                "INSERT INTO piiwall_forgotten_scopes (scope, forgotten_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&scope, &at],
+            )?;
+            Ok(destroyed as usize)
+        })
+    }
+
+    fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
+        self.with("reading the forgotten subjects", |tx| {
+            tx.query_opt("SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1", &[&scope])
+        })
+        .map(|row| row.is_some())
+    }
+
+    fn versions(&self, scope: &str) -> Result<u32, KeyError> {
+        let count: i64 = self.with("counting key versions", |tx| {
+            tx.query_one("SELECT COUNT(*) FROM piiwall_deks WHERE scope = $1", &[&scope])
+                .map(|row| row.get(0))
+        })?;
+        Ok(count as u32)
+    }
+
+    fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.with("reading the key store's own keys", |tx| {
+            tx.execute(
+                "INSERT INTO piiwall_meta (name, wrapped) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&name, &wrapped],
+            )?;
+            tx.query_one("SELECT wrapped FROM piiwall_meta WHERE name = $1", &[&name])
+                .map(|row| row.get(0))
+        })
+    }
+}
