@@ -85,11 +85,12 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
     }
     cluster.create_topic("demo.quarantine", 1, 1).map_err(kafka)?;
     cluster.create_topic("demo.audit", 1, 1).map_err(kafka)?;
+    cluster.create_topic("demo.control", 1, 1).map_err(kafka)?;
 
     let kek = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     std::fs::write(dir.join("kek.key"), kek).map_err(io)?;
     let mut text = format!(
-        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\ncontrol_topic = \"demo.control\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
          group_id = \"piiwall-demo\"\ninputs = [{inputs}]\nquarantine_topic = \"demo.quarantine\"\n\n\
          [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n\n[audit]\ntopic = \"demo.audit\"\ninstance = \"demo\"\n\n[http]\nlisten = \"off\"\n",
         dir = dir.display(),

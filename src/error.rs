@@ -136,6 +136,9 @@ pub enum Error {
     /// A dependency (schema registry) did not answer; the same work may succeed later.
     #[error("{0}")]
     Unavailable(String),
+    /// A piiwall server refused or failed an API call (`--server`): its HTTP status and message.
+    #[error("server answered {0}")]
+    Remote(String),
 }
 
 impl Error {
@@ -143,7 +146,7 @@ impl Error {
         match self {
             Error::Policy(_) | Error::Value(_) | Error::Reveal(_) => ErrorKind::Poison,
             Error::Key(e) => e.kind(),
-            Error::Config(_) | Error::Io { .. } | Error::Kafka(_) => ErrorKind::Fatal,
+            Error::Config(_) | Error::Io { .. } | Error::Kafka(_) | Error::Remote(_) => ErrorKind::Fatal,
             Error::Unavailable(_) => ErrorKind::Retriable,
         }
     }

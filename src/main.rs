@@ -16,6 +16,7 @@ use piiwall::lint::{self, Severity};
 use piiwall::offline;
 use piiwall::policy::{CompiledSchema, compile};
 use piiwall::sanitize::Sanitizer;
+use piiwall::stream::{Control, ControlOp};
 
 #[derive(Parser)]
 #[command(name = "piiwall", version, about = "A PII firewall for event streams")]
@@ -52,11 +53,20 @@ enum Command {
         /// Tokens (pwt1.… / pwe1.…); - reads them from standard input, one per line.
         #[arg(required = true)]
         tokens: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Print the token a field's value gets, to filter sanitized data by it.
     Tokenize {
-        #[arg(long)]
-        schema: PathBuf,
+        /// The annotated schema (local); with --server, give --topic instead.
+        #[arg(long, required_unless_present = "server")]
+        schema: Option<PathBuf>,
+        /// With --server: the topic whose schema to use.
+        #[arg(long, requires = "server")]
+        topic: Option<String>,
+        /// With --server: the writer schema id, for a topic whose schemas come from the registry.
+        #[arg(long, requires = "server")]
+        schema_id: Option<u32>,
         /// Dotted field path, as in the schema.
         #[arg(long)]
         field: String,
@@ -65,11 +75,20 @@ enum Command {
         subject: Option<String>,
         /// The value (a JSON number for numeric fields); - reads it from standard input.
         value: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Forget a data subject: destroy all its keys (crypto-shredding).
     Forget {
         /// The subject id; - reads it from standard input (keeps it out of shell history).
         subject: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Subject-rights API tools.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
     },
     /// Key management.
     Keys {
@@ -102,7 +121,53 @@ enum KeysCommand {
         /// The subject id; - reads it from standard input.
         #[arg(long)]
         subject: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
     },
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Print the SHA-256 digest of a bearer token read from standard input: what api.principals.token_sha256 holds.
+    Digest,
+}
+
+/// Where an operator command acts: the local key store, or a running instance's API.
+#[derive(clap::Args)]
+struct Remote {
+    /// Send the request to a running instance (its http.listen URL) instead of acting on the local key store.
+    #[arg(long, requires = "token_file")]
+    server: Option<String>,
+    /// The file holding the bearer token for --server.
+    #[arg(long, requires = "server")]
+    token_file: Option<PathBuf>,
+    /// Why the call is made (checked against the caller's role, recorded in the audit event). Required with --server.
+    #[arg(long, requires = "server")]
+    purpose: Option<String>,
+}
+
+impl Remote {
+    /// The API client and the stated purpose, when --server is given.
+    fn client(&self) -> anyhow::Result<Option<(piiwall::api::client::Client, String)>> {
+        let (Some(server), Some(token_file)) = (&self.server, &self.token_file) else {
+            return Ok(None);
+        };
+        let purpose = self
+            .purpose
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--server needs --purpose: say why the call is made"))?;
+        Ok(Some((piiwall::api::client::Client::new(server, token_file)?, purpose)))
+    }
+}
+
+/// Runs one API call on a fresh runtime.
+fn remote_call(
+    client: &piiwall::api::client::Client,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(runtime.block_on(client.call(path, &body))?)
 }
 
 #[derive(Subcommand)]
@@ -197,8 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Reveal { field, tokens } => {
-            let keyring = keyring(&config)?;
+        Command::Reveal { field, tokens, remote } => {
             let tokens = if tokens == ["-"] {
                 read_stdin()?
                     .lines()
@@ -209,12 +273,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokens
             };
             let mut failed = 0;
-            for (index, token) in tokens.iter().enumerate() {
-                match piiwall::sanitize::reveal(&keyring, &field, token) {
-                    Ok(value) => println!("{value}"),
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("token {}: {e}", index + 1);
+            if let Some((client, purpose)) = remote.client()? {
+                let answer = remote_call(
+                    &client,
+                    "/v1/reveal",
+                    serde_json::json!({"purpose": purpose, "field": field, "tokens": tokens}),
+                )?;
+                let values = answer["values"].as_array().cloned().unwrap_or_default();
+                for (index, item) in values.iter().enumerate() {
+                    match item.get("value") {
+                        Some(value) => println!("{value}"),
+                        None => {
+                            failed += 1;
+                            eprintln!(
+                                "token {}: {}",
+                                index + 1,
+                                item["error"].as_str().unwrap_or("not revealed")
+                            );
+                        }
+                    }
+                }
+            } else {
+                let keyring = keyring(&config)?;
+                for (index, token) in tokens.iter().enumerate() {
+                    match piiwall::sanitize::reveal(&keyring, &field, token) {
+                        Ok(value) => println!("{value}"),
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("token {}: {e}", index + 1);
+                        }
                     }
                 }
             }
@@ -226,10 +313,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tokenize {
             schema,
+            topic,
+            schema_id,
             field,
             subject,
             value,
+            remote,
         } => {
+            if let Some((client, purpose)) = remote.client()? {
+                let topic = topic.ok_or_else(|| anyhow::anyhow!("tokenize --server needs --topic"))?;
+                let subject = subject.map(from_arg_or_stdin).transpose()?;
+                let value = from_arg_or_stdin(value)?;
+                let answer = remote_call(
+                    &client,
+                    "/v1/tokenize",
+                    serde_json::json!({"purpose": purpose, "topic": topic, "schema_id": schema_id, "field": field,
+                        "subject": subject, "value": value}),
+                )?;
+                println!("{}", answer["token"].as_str().unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let schema = schema.ok_or_else(|| anyhow::anyhow!("tokenize needs --schema (or --server and --topic)"))?;
             let compiled = load_schema(&schema, &config)?;
             let sanitizer = sanitizer(&config)?;
             let subject = subject.map(from_arg_or_stdin).transpose()?;
@@ -252,22 +356,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Forget { subject } => {
+        Command::Forget { subject, remote } => {
             let subject = from_arg_or_stdin(subject)?;
-            let destroyed = keyring(&config)?.forget_subject(&subject)?;
+            let destroyed = match remote.client()? {
+                Some((client, purpose)) => remote_call(
+                    &client,
+                    "/v1/subjects/forget",
+                    serde_json::json!({"purpose": purpose, "subject": subject}),
+                )?["key_versions_destroyed"]
+                    .as_u64()
+                    .unwrap_or(0) as usize,
+                None => {
+                    let keyring = keyring(&config)?;
+                    let destroyed = keyring.forget_subject(&subject)?;
+                    announce_locally(&config, ControlOp::Forget, &keyring.subject_scope(&subject));
+                    destroyed
+                }
+            };
             println!("forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted");
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {
-            command: KeysCommand::Rotate { domain, subject },
+            command:
+                KeysCommand::Rotate {
+                    domain,
+                    subject,
+                    remote,
+                },
         } => {
-            let keyring = keyring(&config)?;
-            let scope = match subject {
-                Some(subject) => keyring.subject_scope(&from_arg_or_stdin(subject)?),
-                None => Keyring::domain_scope(domain.as_deref().unwrap_or(&config.keys.default_domain)),
+            let subject = subject.map(from_arg_or_stdin).transpose()?;
+            let domain = domain.unwrap_or_else(|| config.keys.default_domain.clone());
+            let version = match remote.client()? {
+                Some((client, purpose)) => {
+                    let body = match &subject {
+                        Some(subject) => serde_json::json!({"purpose": purpose, "subject": subject}),
+                        None => serde_json::json!({"purpose": purpose, "domain": domain}),
+                    };
+                    remote_call(&client, "/v1/keys/rotate", body)?["version"]
+                        .as_u64()
+                        .unwrap_or(0) as u32
+                }
+                None => {
+                    let keyring = keyring(&config)?;
+                    let scope = match &subject {
+                        Some(subject) => keyring.subject_scope(subject),
+                        None => Keyring::domain_scope(&domain),
+                    };
+                    let version = keyring.rotate(&scope)?;
+                    announce_locally(&config, ControlOp::Rotate, &scope);
+                    version
+                }
             };
-            let version = keyring.rotate(&scope)?;
             println!("rotated: new data uses key version {version}; older versions still reveal");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Api {
+            command: ApiCommand::Digest,
+        } => {
+            let token = read_stdin()?;
+            let token = token.trim();
+            if token.is_empty() {
+                bail!("api digest reads the bearer token from standard input, and it was empty");
+            }
+            println!("{}", piiwall::api::token_digest_hex(token));
             Ok(ExitCode::SUCCESS)
         }
         Command::Quarantine {
@@ -352,6 +503,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// After a local forget or rotate on a shared (PostgreSQL) key store, tells the running instances through the
+/// control topic. Best effort: without it they drop cached keys within keys.cache_ttl_secs.
+fn announce_locally(config: &Config, op: ControlOp, scope: &str) {
+    if !matches!(config.keys.store, piiwall::config::StoreLocation::Postgres(_)) {
+        return;
+    }
+    let announced = (|| -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", &config.kafka.brokers);
+        for (name, value) in &config.kafka.properties {
+            client.set(name, value);
+        }
+        let producer: rdkafka::producer::FutureProducer = client.create()?;
+        runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(op, scope))?;
+        Ok(())
+    })();
+    if let Err(e) = announced {
+        eprintln!(
+            "piiwall: warning: running instances were not told ({e:#}); they drop cached keys within {} s",
+            config.keys.cache.ttl.as_secs()
+        );
     }
 }
 

@@ -33,6 +33,7 @@ fn config(dir: &Path, brokers: &str, input: &str, group: &str) -> Config {
 [keys]
 store = "sqlite:{dir}/keys.db"
 kek = "file:{dir}/kek.key"
+control_topic = "{input}.control"
 
 [kafka]
 brokers = "{brokers}"
@@ -80,7 +81,11 @@ fn cluster(input: &str) -> MockCluster<'static, rdkafka::producer::DefaultProduc
     cluster
         .create_topic(&format!("{input}.sanitized"), PARTITIONS, 1)
         .unwrap();
-    for topic in [format!("{input}.quarantine"), format!("{input}.audit")] {
+    for topic in [
+        format!("{input}.quarantine"),
+        format!("{input}.audit"),
+        format!("{input}.control"),
+    ] {
         cluster.create_topic(&topic, 1, 1).unwrap();
     }
     cluster

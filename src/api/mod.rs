@@ -14,6 +14,7 @@
 //! Errors are JSON `{"error": …}` and never echo what was sent.
 
 mod access;
+pub mod client;
 
 use std::sync::Arc;
 
@@ -151,6 +152,57 @@ impl Failure {
     }
 }
 
+/// What the access check and the audit event need to know of a request.
+struct Described<'a> {
+    purpose: &'a str,
+    fields: Vec<String>,
+    subject: Option<&'a str>,
+}
+
+trait ApiRequest: DeserializeOwned + Send + 'static {
+    fn describe(&self) -> Described<'_>;
+}
+
+impl ApiRequest for RevealRequest {
+    fn describe(&self) -> Described<'_> {
+        Described {
+            purpose: &self.purpose,
+            fields: vec![self.field.clone()],
+            subject: None,
+        }
+    }
+}
+
+impl ApiRequest for TokenizeRequest {
+    fn describe(&self) -> Described<'_> {
+        Described {
+            purpose: &self.purpose,
+            fields: vec![self.field.clone()],
+            subject: self.subject.as_deref(),
+        }
+    }
+}
+
+impl ApiRequest for SubjectRequest {
+    fn describe(&self) -> Described<'_> {
+        Described {
+            purpose: &self.purpose,
+            fields: Vec::new(),
+            subject: Some(&self.subject),
+        }
+    }
+}
+
+impl ApiRequest for RotateRequest {
+    fn describe(&self) -> Described<'_> {
+        Described {
+            purpose: &self.purpose,
+            fields: Vec::new(),
+            subject: self.subject.as_deref(),
+        }
+    }
+}
+
 /// One call in progress: what its audit event will say.
 struct Call {
     event: AuditEvent,
@@ -171,14 +223,13 @@ impl Call {
     }
 }
 
-/// Authenticates, parses, authorizes, performs and audits one call. `describe` names the request's purpose, its
-/// field paths and its subject (if any); `perform` runs off the reactor (key store work is blocking).
-async fn handle<R: DeserializeOwned + Send + 'static>(
+/// Authenticates, parses, authorizes, performs and audits one call; `perform` runs off the reactor (key store work
+/// is blocking).
+async fn handle<R: ApiRequest>(
     api: Arc<Api>,
     operation: Operation,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-    describe: fn(&R) -> (&str, Vec<String>, Option<&str>),
     perform: fn(&Api, R) -> Result<Json, Error>,
 ) -> Response {
     let mut call = Call::new(operation);
@@ -199,12 +250,19 @@ async fn handle<R: DeserializeOwned + Send + 'static>(
             outcome: AuditOutcome::Error,
         })?;
         let request: R = parse(&body)?;
-        let (purpose, fields, subject) = describe(&request);
+        let Described {
+            purpose,
+            fields,
+            subject,
+        } = request.describe();
         call.event.purpose = Some(purpose.to_owned());
         call.event.field_paths = fields.clone();
         if let Some(subject) = subject {
-            call.event.subject_token =
-                Some(subject_token(api.sanitizer.keyring(), subject).map_err(|e| Failure::from_error(&e))?);
+            let (keyring, subject) = (api.sanitizer.keyring().clone(), subject.to_owned());
+            let token = tokio::task::spawn_blocking(move || subject_token(&keyring, &subject))
+                .await
+                .map_err(|_| Failure::from_error(&Error::Kafka("the audit pseudonym task panicked".into())))?;
+            call.event.subject_token = Some(token.map_err(|e| Failure::from_error(&e))?);
         }
         if purpose.trim().is_empty() {
             return Err(Failure::bad_request("purpose must state why the call is made"));
@@ -298,29 +356,22 @@ async fn reveal(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<RevealRequest>(
-        api,
-        Operation::Reveal,
-        headers,
-        body,
-        |r| (&r.purpose, vec![r.field.clone()], None),
-        |api, r| {
-            if r.tokens.is_empty() || r.tokens.len() > MAX_REVEAL_TOKENS {
-                return Err(
-                    crate::error::ValueError::new("tokens", format!("give 1 to {MAX_REVEAL_TOKENS} tokens")).into(),
-                );
-            }
-            let values: Vec<Json> = r
-                .tokens
-                .iter()
-                .map(|token| match api.sanitizer.reveal(&r.field, token) {
-                    Ok(value) => json!({ "value": value }),
-                    Err(e) => json!({ "error": e.to_string() }),
-                })
-                .collect();
-            Ok(json!({ "values": values }))
-        },
-    )
+    handle::<RevealRequest>(api, Operation::Reveal, headers, body, |api, r| {
+        if r.tokens.is_empty() || r.tokens.len() > MAX_REVEAL_TOKENS {
+            return Err(
+                crate::error::ValueError::new("tokens", format!("give 1 to {MAX_REVEAL_TOKENS} tokens")).into(),
+            );
+        }
+        let values: Vec<Json> = r
+            .tokens
+            .iter()
+            .map(|token| match api.sanitizer.reveal(&r.field, token) {
+                Ok(value) => json!({ "value": value }),
+                Err(e) => json!({ "error": e.to_string() }),
+            })
+            .collect();
+        Ok(json!({ "values": values }))
+    })
     .await
 }
 
@@ -329,21 +380,23 @@ async fn tokenize(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<TokenizeRequest>(
-        api,
-        Operation::Tokenize,
-        headers,
-        body,
-        |r| (&r.purpose, vec![r.field.clone()], r.subject.as_deref()),
-        |api, r| {
-            let route = tokio::runtime::Handle::current().block_on(api.routes.schema_for(&r.topic, r.schema_id))?;
-            let value = JsonCodec::new(&route.schema.writer).field_value(&r.field, &r.value)?;
-            let token = api
-                .sanitizer
-                .token_for(&route.schema, &r.field, r.subject.as_deref(), &value)?;
-            Ok(json!({ "token": token }))
-        },
-    )
+    handle::<TokenizeRequest>(api, Operation::Tokenize, headers, body, |api, r| {
+        let route = tokio::runtime::Handle::current().block_on(api.routes.schema_for(&r.topic, r.schema_id))?;
+        let codec = JsonCodec::new(&route.schema.writer);
+        // A number or boolean may arrive as text (as the CLI sends it): read it as JSON when text does not fit.
+        let value = match (codec.field_value(&r.field, &r.value), &r.value) {
+            (Ok(value), _) => value,
+            (Err(e), Json::String(text)) => match serde_json::from_str::<Json>(text) {
+                Ok(parsed) => codec.field_value(&r.field, &parsed)?,
+                Err(_) => return Err(e.into()),
+            },
+            (Err(e), _) => return Err(e.into()),
+        };
+        let token = api
+            .sanitizer
+            .token_for(&route.schema, &r.field, r.subject.as_deref(), &value)?;
+        Ok(json!({ "token": token }))
+    })
     .await
 }
 
@@ -352,19 +405,12 @@ async fn forget(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<SubjectRequest>(
-        api,
-        Operation::Forget,
-        headers,
-        body,
-        |r| (&r.purpose, Vec::new(), Some(&r.subject)),
-        |api, r| {
-            let keyring = api.sanitizer.keyring();
-            let destroyed = keyring.forget_subject(&r.subject)?;
-            announce(api, ControlOp::Forget, &keyring.subject_scope(&r.subject))?;
-            Ok(json!({ "forgotten": true, "key_versions_destroyed": destroyed }))
-        },
-    )
+    handle::<SubjectRequest>(api, Operation::Forget, headers, body, |api, r| {
+        let keyring = api.sanitizer.keyring();
+        let destroyed = keyring.forget_subject(&r.subject)?;
+        announce(api, ControlOp::Forget, &keyring.subject_scope(&r.subject))?;
+        Ok(json!({ "forgotten": true, "key_versions_destroyed": destroyed }))
+    })
     .await
 }
 
@@ -373,21 +419,14 @@ async fn status(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<SubjectRequest>(
-        api,
-        Operation::Status,
-        headers,
-        body,
-        |r| (&r.purpose, Vec::new(), Some(&r.subject)),
-        |api, r| {
-            let status = api.sanitizer.keyring().subject_status(&r.subject)?;
-            Ok(json!({
-                "known": status.known,
-                "forgotten": status.forgotten,
-                "key_versions": status.key_versions,
-            }))
-        },
-    )
+    handle::<SubjectRequest>(api, Operation::Status, headers, body, |api, r| {
+        let status = api.sanitizer.keyring().subject_status(&r.subject)?;
+        Ok(json!({
+            "known": status.known,
+            "forgotten": status.forgotten,
+            "key_versions": status.key_versions,
+        }))
+    })
     .await
 }
 
@@ -396,30 +435,23 @@ async fn rotate(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<RotateRequest>(
-        api,
-        Operation::Rotate,
-        headers,
-        body,
-        |r| (&r.purpose, Vec::new(), r.subject.as_deref()),
-        |api, r| {
-            let keyring = api.sanitizer.keyring();
-            let scope = match (&r.subject, &r.domain) {
-                (Some(subject), None) => keyring.subject_scope(subject),
-                (None, Some(domain)) if crate::policy::valid_domain(domain) => Keyring::domain_scope(domain),
-                _ => {
-                    return Err(crate::error::ValueError::new(
-                        "subject",
-                        "give either subject or domain (1-64 characters of a-z, 0-9, '.', '_' or '-')",
-                    )
-                    .into());
-                }
-            };
-            let version = keyring.rotate(&scope)?;
-            announce(api, ControlOp::Rotate, &scope)?;
-            Ok(json!({ "version": version }))
-        },
-    )
+    handle::<RotateRequest>(api, Operation::Rotate, headers, body, |api, r| {
+        let keyring = api.sanitizer.keyring();
+        let scope = match (&r.subject, &r.domain) {
+            (Some(subject), None) => keyring.subject_scope(subject),
+            (None, Some(domain)) if crate::policy::valid_domain(domain) => Keyring::domain_scope(domain),
+            _ => {
+                return Err(crate::error::ValueError::new(
+                    "subject",
+                    "give either subject or domain (1-64 characters of a-z, 0-9, '.', '_' or '-')",
+                )
+                .into());
+            }
+        };
+        let version = keyring.rotate(&scope)?;
+        announce(api, ControlOp::Rotate, &scope)?;
+        Ok(json!({ "version": version }))
+    })
     .await
 }
 

@@ -35,7 +35,7 @@ CREATE TABLE piiwall_meta (name TEXT PRIMARY KEY, wrapped BYTEA NOT NULL);
 "];
 
 /// The advisory lock key of the migrations (an arbitrary constant: "piiwall" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7069_6977_616c_6c;
+const MIGRATION_LOCK: i64 = 0x0070_6969_7761_6c6c;
 
 const CURRENT: &str =
     "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 ORDER BY version DESC LIMIT 1";

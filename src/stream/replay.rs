@@ -148,6 +148,7 @@ async fn original(
         .routes
         .resolve(&processor.schemas_wanted(std::slice::from_ref(&source)))
         .await?;
-    let outcome = processor.process(&source, None, scratch)?;
+    // Key-store work blocks (PostgreSQL's client may not run on a runtime thread).
+    let outcome = tokio::task::block_in_place(|| processor.process(&source, None, scratch))?;
     Ok(Ok((outcome, source)))
 }
