@@ -404,8 +404,74 @@ async fn every_role_is_allowed_and_denied_exactly_as_configured_and_every_call_i
     assert_eq!(status, 200);
     assert!(!answer.to_string().contains("person1@example.com"), "{answer}");
 
+    // CLI parity: the operator verbs talk to the running instance with --server and --token-file.
+    let token_file = |name: &str, token: &str| {
+        let path = deployment.dir.path().join(name);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        path
+    };
+    let (alice_file, olga_file) = (token_file("alice.token", &t.alice), token_file("olga.token", &t.olga));
+    let cli = |file: &Path, purpose: &str, args: &[&str]| {
+        let server = format!("http://127.0.0.1:{port}");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_piiwall"));
+        command.args(args).args([
+            "--server",
+            &server,
+            "--token-file",
+            file.to_str().unwrap(),
+            "--purpose",
+            purpose,
+        ]);
+        command.output().unwrap()
+    };
+    let revealed = cli(
+        &alice_file,
+        "fraud-investigation",
+        &["reveal", "--field", "email", &email],
+    );
+    assert!(
+        revealed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revealed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&revealed.stdout).trim(),
+        "\"person1@example.com\""
+    );
+    let topic_arg = deployment.input.clone();
+    let tokenized = cli(
+        &alice_file,
+        "fraud-investigation",
+        &[
+            "tokenize",
+            "--topic",
+            &topic_arg,
+            "--field",
+            "email",
+            "--subject",
+            "cus_00001",
+            "person1@example.com",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&tokenized.stdout).trim(),
+        email,
+        "the CLI's token is the pipeline's"
+    );
+    let rotated = cli(&olga_file, "key-hygiene", &["keys", "rotate", "--subject", "cus_00001"]);
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    assert!(String::from_utf8_lossy(&rotated.stdout).contains("version 2"));
+    let refused = cli(&alice_file, "fraud-investigation", &["forget", "cus_00001"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let (cli_allowed, cli_denied) = (3, 1);
+
     stop(child);
-    let calls = allowed + denied.len() + malformed.len() + 1;
+    let calls = allowed + denied.len() + malformed.len() + 1 + cli_allowed + cli_denied;
     let audit = format!("{}.audit", deployment.input);
     let events = tokio::task::spawn_blocking(move || audit_events(&audit, calls + 10))
         .await
@@ -413,8 +479,8 @@ async fn every_role_is_allowed_and_denied_exactly_as_configured_and_every_call_i
     let api_events: Vec<_> = events.iter().filter(|(_, _, outcome, _)| outcome.is_some()).collect();
     assert_eq!(api_events.len(), calls, "every call is audited once");
     let count = |outcome: &str| api_events.iter().filter(|e| e.2.as_deref() == Some(outcome)).count();
-    assert_eq!(count("ALLOWED"), allowed + 1);
-    assert_eq!(count("DENIED"), denied.len());
+    assert_eq!(count("ALLOWED"), allowed + 1 + cli_allowed);
+    assert_eq!(count("DENIED"), denied.len() + cli_denied);
     assert_eq!(count("ERROR"), malformed.len());
     assert!(
         events.iter().any(|(kind, _, _, _)| kind == "KEY_SHREDDED"),
