@@ -154,6 +154,8 @@ pub const DEFAULT_LANE_CAPACITY: usize = 2_000;
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(1_000);
 /// How long SIGTERM waits for in-flight records before giving up.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka's consumer session timeout unless `kafka.properties` sets `session.timeout.ms`.
+pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 /// Schema id of the writer schema of a local binding, unless set.
 pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 
@@ -339,6 +341,142 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What `piiwall config check` verifies beyond parsing, without connecting anywhere: the KEK can be read, and
+    /// every schema file a binding names exists. Returns the problems found.
+    pub fn check_offline(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match &self.keys.kek {
+            KekSource::File { path, create } => {
+                if !*create && !path.is_file() {
+                    problems.push(format!("keys.kek: the key file {} does not exist", path.display()));
+                }
+            }
+            KekSource::Env(var) => {
+                if std::env::var_os(var).is_none() {
+                    problems.push(format!("keys.kek: the environment variable {var} is not set"));
+                }
+            }
+        }
+        for binding in &self.bindings {
+            let key_schema = binding.key_schema.as_ref().map(|k| &k.schema);
+            for schema in std::iter::once(&binding.schema).chain(key_schema) {
+                if !schema.is_file() {
+                    problems.push(format!(
+                        "schemas.local (topic {}): the schema file {} does not exist",
+                        binding.topic,
+                        schema.display()
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// The effective configuration as `section.key = value` lines, secrets masked: passwords in URLs, and
+    /// librdkafka properties whose names speak of passwords, secrets or keys.
+    pub fn describe(&self) -> String {
+        let mut lines = Vec::new();
+        let mut line = |key: &str, value: String| lines.push(format!("{key} = {value}"));
+        line("keys.store", format!("{:?}", self.keys.store));
+        line(
+            "keys.kek",
+            match &self.keys.kek {
+                KekSource::File { path, create } => {
+                    format!(
+                        "file:{}{}",
+                        path.display(),
+                        if *create { " (created on first use)" } else { "" }
+                    )
+                }
+                KekSource::Env(var) => format!("env:{var}"),
+            },
+        );
+        line("keys.cache_capacity", self.keys.cache.capacity.to_string());
+        line("keys.cache_ttl_secs", self.keys.cache.ttl.as_secs().to_string());
+        line("keys.default_domain", self.keys.default_domain.clone());
+        line("keys.control_topic", self.keys.control_topic.clone());
+        line("policy.untagged", format!("{:?}", self.policy.untagged).to_lowercase());
+        for (tag, action) in &self.policy.tag_actions {
+            line(&format!("policy.tags.{tag}"), action.name().to_owned());
+        }
+        line("kafka.brokers", self.kafka.brokers.clone());
+        line("kafka.group_id", self.kafka.group_id.clone());
+        line("kafka.inputs", format!("{:?}", self.kafka.inputs));
+        line("kafka.output_suffix", self.kafka.output_suffix.clone());
+        line("kafka.quarantine_topic", self.kafka.quarantine_topic.clone());
+        match &self.kafka.delivery {
+            Delivery::AtLeastOnce => line("kafka.delivery", "at-least-once".into()),
+            Delivery::ExactlyOnce { transactional_id } => {
+                line("kafka.delivery", "exactly-once".into());
+                line("kafka.transactional_id", transactional_id.clone());
+            }
+        }
+        line("kafka.headers_allow", format!("{:?}", self.kafka.headers_allow));
+        for (name, value) in &self.kafka.properties {
+            let secret = ["password", "secret", "key", "token", "credential"]
+                .iter()
+                .any(|word| name.to_ascii_lowercase().contains(word));
+            line(
+                &format!("kafka.properties.{name}"),
+                if secret { "***".into() } else { value.clone() },
+            );
+        }
+        line(
+            "schemas.registry",
+            self.registry.as_deref().map_or("(none)".into(), mask_url_password),
+        );
+        for binding in &self.bindings {
+            line(
+                &format!("schemas.local.{}", binding.topic),
+                format!(
+                    "{} (id {}, sanitized id {}, key {})",
+                    binding.schema.display(),
+                    binding.id,
+                    binding.sanitized_id,
+                    format!("{:?}", binding.key).to_lowercase()
+                ),
+            );
+        }
+        line("pipeline.batch_size", self.pipeline.batch_size.to_string());
+        line("pipeline.lane_capacity", self.pipeline.lane_capacity.to_string());
+        line(
+            "pipeline.commit_interval_ms",
+            self.pipeline.commit_interval.as_millis().to_string(),
+        );
+        line(
+            "pipeline.drain_timeout_secs",
+            self.pipeline.drain_timeout.as_secs().to_string(),
+        );
+        line("audit.topic", self.audit.topic.clone());
+        line("audit.instance", self.audit.instance.clone());
+        line("audit.window_secs", self.audit.window.as_secs().to_string());
+        line("http.listen", self.http_listen.map_or("off".into(), |a| a.to_string()));
+        line("api.max_body_bytes", self.api.max_body_bytes.to_string());
+        for (name, role) in &self.api.access.roles {
+            let operations: Vec<&str> = role.operations.iter().map(|o| o.name()).collect();
+            line(
+                &format!("api.roles.{name}"),
+                format!(
+                    "operations {operations:?}, fields {:?}, purposes {:?}",
+                    role.fields, role.purposes
+                ),
+            );
+        }
+        for principal in &self.api.access.principals {
+            line(
+                &format!("api.principals.{}", principal.name),
+                format!(
+                    "roles {:?}, token sha256 ***{}",
+                    principal.roles,
+                    if principal.expires.is_some() { ", expires" } else { "" }
+                ),
+            );
+        }
+        lines.join("\n")
+    }
+}
+
 /// Applies `PIIWALL_SECTION__KEY=value` variables; returns whether any applied. Variables without `__`
 /// (such as a KEK held in `PIIWALL_KEK`) are not overrides.
 fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<bool, ConfigError> {
@@ -431,6 +569,25 @@ impl RawConfig {
             }
         }
         let audit = self.audit.validate()?;
+        let kafka = self.kafka.validate(&audit.instance)?;
+        let pipeline = self.pipeline.validate()?;
+        let session_ms = match kafka.properties.get("session.timeout.ms") {
+            None => DEFAULT_SESSION_TIMEOUT_MS,
+            Some(text) => text.parse::<u64>().map_err(|_| {
+                ConfigError(format!(
+                    "kafka.properties.session.timeout.ms: \"{text}\" is not a number of milliseconds"
+                ))
+            })?,
+        };
+        if pipeline.drain_timeout > Duration::from_millis(session_ms) {
+            return Err(ConfigError(format!(
+                "pipeline.drain_timeout_secs ({} s) exceeds the consumer session timeout ({} s, \
+                 kafka.properties.session.timeout.ms): the group would hand this instance's partitions to another \
+                 while it still drains them; lower the drain timeout or raise the session timeout",
+                pipeline.drain_timeout.as_secs(),
+                session_ms / 1000
+            )));
+        }
         Ok(Config {
             keys: KeysConfig {
                 store,
@@ -443,7 +600,7 @@ impl RawConfig {
                     .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned()),
             },
             policy,
-            kafka: self.kafka.validate(&audit.instance)?,
+            kafka,
             registry: match self.schemas.registry {
                 Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
                 Some(url) => {
@@ -461,7 +618,7 @@ impl RawConfig {
                 .into_iter()
                 .map(RawBinding::validate)
                 .collect::<Result<_, _>>()?,
-            pipeline: self.pipeline.validate()?,
+            pipeline,
             audit,
             api: self.api.validate()?,
             http_listen: match self.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN) {
@@ -856,6 +1013,11 @@ mod tests {
                 "only used with key = \"avro\"",
             ),
             ("[pipeline]\nbatch_size = 0\n", "pipeline.batch_size"),
+            (
+                "[pipeline]\ndrain_timeout_secs = 60\n",
+                "exceeds the consumer session timeout",
+            ),
+            ("[keys]\nstore = \"postgres://u:hunter2@h:port/db\"\n", "keys.store"),
             ("[http]\nlisten = \"localhost\"\n", "http.listen"),
             ("[schemas]\nregistry = \"localhost:8081\"\n", "schemas.registry"),
             ("[schemas]\nkey = \"shred\"\n", "schemas.key"),

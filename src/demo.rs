@@ -66,6 +66,39 @@ fn io(e: std::io::Error) -> Error {
     Error::io("demo", e)
 }
 
+/// The compose stack's sample producer: registers each example schema under `<topic>-value` (topics `customers`,
+/// `payments`, `clicks`) and sends its sample events framed with the registered id. Returns how many were sent.
+pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Error> {
+    use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
+    use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+    let settings = SrSettings::new(registry.to_owned());
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(kafka)?;
+    let mut sent = 0;
+    for example in &EXAMPLES {
+        let topic = example.topic.trim_start_matches("demo.");
+        let schema = compile(example.schema, &crate::policy::PolicySettings::default())?;
+        let supplied = SuppliedSchema::new(None, SchemaType::Avro, example.schema.to_owned());
+        let id = post_schema(&settings, format!("{topic}-value"), supplied)
+            .await
+            .map_err(|e| Error::Unavailable(format!("registering the schema of {topic}: {}", e.error)))?
+            .id;
+        for line in example.samples.lines().filter(|l| !l.trim().is_empty()) {
+            let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
+            let framed = stream::encode_framed(&schema, id, &JsonCodec::new(&schema.writer).to_value(&json)?)?;
+            producer
+                .send(FutureRecord::<(), _>::to(topic).payload(&framed), WAIT)
+                .await
+                .map_err(|(e, _)| kafka(e))?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
 /// Runs the demo, printing to `out`.
 pub async fn run(out: &mut impl Write) -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("piiwall-demo-{}", std::process::id()));

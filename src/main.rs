@@ -85,6 +85,21 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Register the example schemas with a Schema Registry and send their sample events (the compose stack's
+    /// sample producer).
+    Samples {
+        /// Kafka bootstrap servers.
+        #[arg(long)]
+        brokers: String,
+        /// The Confluent-compatible Schema Registry URL.
+        #[arg(long)]
+        registry: String,
+    },
     /// Subject-rights API tools.
     Api {
         #[command(subcommand)]
@@ -124,6 +139,13 @@ enum KeysCommand {
         #[command(flatten)]
         remote: Remote,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file with the PIIWALL_* environment overrides applied, without connecting anywhere;
+    /// print the effective configuration with secrets masked. Exit 2 when it is not valid.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -222,6 +244,22 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Config {
+        command: ConfigCommand::Check { file },
+    } = &cli.command
+    {
+        let config = Config::load(Some(file))?;
+        let problems = config.check_offline();
+        println!("{}", config.describe());
+        if !problems.is_empty() {
+            for problem in &problems {
+                eprintln!("piiwall: config: {problem}");
+            }
+            return Ok(ExitCode::from(2));
+        }
+        eprintln!("{}: valid", file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Demo => {
@@ -408,6 +446,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             println!("rotated: new data uses key version {version}; older versions still reveal");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { .. } => unreachable!("handled before the config is loaded"),
+        Command::Samples { brokers, registry } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let sent = runtime.block_on(piiwall::demo::produce_samples(&brokers, &registry))?;
+            println!("registered the example schemas and sent {sent} sample events");
             Ok(ExitCode::SUCCESS)
         }
         Command::Api {

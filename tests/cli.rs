@@ -281,3 +281,105 @@ fn schema_commands() {
     assert_eq!(sanitized["pii.sanitized"], true);
     assert!(apache_avro::Schema::parse(&sanitized).is_ok());
 }
+
+/// `piiwall config check FILE` with `env` set (and no other PIIWALL_* variable): (exit code, stdout, stderr).
+fn config_check(file: &Path, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_piiwall"));
+    command.args(["config", "check", file.to_str().unwrap()]);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("PIIWALL_")) {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_check_accepts_the_shipped_configs_and_masks_secrets() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek.key");
+    std::fs::write(&kek, "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    let kek_source = format!("file:{}", kek.display());
+    let (code, stdout, stderr) = config_check(&root.join("config/piiwall.toml"), &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kafka.delivery = at-least-once"), "{stdout}");
+
+    // As docker/compose.yaml runs it: the store, the KEK and the instance's ids from the environment.
+    let compose = std::fs::read_to_string(root.join("docker/compose.yaml")).unwrap();
+    assert!(compose.contains("PIIWALL_KEYS__STORE") && compose.contains("PIIWALL_KAFKA__TRANSACTIONAL_ID"));
+    let (code, stdout, stderr) = config_check(
+        &root.join("docker/piiwall.toml"),
+        &[
+            (
+                "PIIWALL_KEYS__STORE",
+                "postgres://piiwall:s3cret-pw@postgres:5432/piiwall?sslmode=disable",
+            ),
+            ("PIIWALL_KEYS__KEK", &kek_source),
+            ("PIIWALL_KAFKA__TRANSACTIONAL_ID", "piiwall-1"),
+            ("PIIWALL_AUDIT__INSTANCE", "piiwall-1"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kafka.delivery = exactly-once") && stdout.contains("kafka.transactional_id = piiwall-1"));
+    assert!(stdout.contains("postgres://piiwall:***@postgres"), "{stdout}");
+    assert!(
+        !stdout.contains("s3cret-pw") && !stderr.contains("s3cret-pw"),
+        "the password is masked"
+    );
+
+    // Every TOML example of the README (the sample role config among them).
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .collect();
+    assert!(!blocks.is_empty());
+    for (index, block) in blocks.iter().enumerate() {
+        let file = dir.path().join(format!("readme-{index}.toml"));
+        std::fs::write(&file, block).unwrap();
+        let (code, _, stderr) = config_check(&file, &[]);
+        assert_eq!(code, Some(0), "README toml block {index}: {stderr}");
+    }
+}
+
+#[test]
+fn config_check_rejects_bad_configs_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[kafka]\nbrokerz = \"k:9092\"\n", "unknown field `brokerz`"),
+        (
+            "[schemas]\nregistry = \"schema-registry:8081\"\n",
+            "is not an http:// or https:// URL",
+        ),
+        (
+            "[keys]\nkek = \"file:/nonexistent/kek.key\"\n",
+            "the key file /nonexistent/kek.key does not exist",
+        ),
+        (
+            "[keys]\nkek = \"env:PIIWALL_TEST_NO_SUCH_KEK\"\n",
+            "PIIWALL_TEST_NO_SUCH_KEK is not set",
+        ),
+        (
+            "[pipeline]\ndrain_timeout_secs = 50\n[kafka.properties]\n\"session.timeout.ms\" = 45000\n",
+            "exceeds the consumer session timeout",
+        ),
+        (
+            "[keys]\nstore = \"postgres://u:hunter2@host:notaport/db\"\n",
+            "keys.store",
+        ),
+    ];
+    for (index, (text, message)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad-{index}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let (code, stdout, stderr) = config_check(&file, &[]);
+        assert_eq!(code, Some(2), "{text}: {stdout}{stderr}");
+        assert!(stderr.contains(message), "{text}: {stderr}");
+        assert!(!stderr.contains("hunter2") && !stdout.contains("hunter2"));
+    }
+}
