@@ -68,6 +68,8 @@ struct RawRole {
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
     listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,7 +186,15 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The address of the operations endpoints and the API; `None` when `http.listen = "off"`.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// TLS on that listener: the PEM certificate chain and the PEM private key.
+    pub http_tls: Option<HttpTls>,
     pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The subject-rights API (served on `http.listen` when any principal is configured).
@@ -358,6 +368,13 @@ impl Config {
                 }
             }
         }
+        if let Some(tls) = &self.http_tls {
+            for (name, path) in [("http.tls_cert", &tls.cert), ("http.tls_key", &tls.key)] {
+                if !path.is_file() {
+                    problems.push(format!("{name}: {} does not exist", path.display()));
+                }
+            }
+        }
         for binding in &self.bindings {
             let key_schema = binding.key_schema.as_ref().map(|k| &k.schema);
             for schema in std::iter::once(&binding.schema).chain(key_schema) {
@@ -452,6 +469,10 @@ impl Config {
         line("audit.instance", self.audit.instance.clone());
         line("audit.window_secs", self.audit.window.as_secs().to_string());
         line("http.listen", self.http_listen.map_or("off".into(), |a| a.to_string()));
+        if let Some(tls) = &self.http_tls {
+            line("http.tls_cert", tls.cert.display().to_string());
+            line("http.tls_key", tls.key.display().to_string());
+        }
         line("api.max_body_bytes", self.api.max_body_bytes.to_string());
         for (name, role) in &self.api.access.roles {
             let operations: Vec<&str> = role.operations.iter().map(|o| o.name()).collect();
@@ -621,6 +642,15 @@ impl RawConfig {
             pipeline,
             audit,
             api: self.api.validate()?,
+            http_tls: match (self.http.tls_cert, self.http.tls_key) {
+                (Some(cert), Some(key)) => Some(HttpTls { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError(
+                        "http.tls_cert and http.tls_key go together: give both (PEM files) or neither".into(),
+                    ));
+                }
+            },
             http_listen: match self.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN) {
                 "off" => None,
                 text => Some(text.parse().map_err(|_| {

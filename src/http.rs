@@ -40,8 +40,10 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
     api: Option<Arc<crate::api::Api>>,
+    tls: Option<&crate::config::HttpTls>,
 ) -> Result<SocketAddr, Error> {
     prometheus();
+    let acceptor = tls.map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::io(format!("http.listen {listen}"), e))?;
@@ -56,15 +58,24 @@ pub async fn serve(
         Some(api) => app.merge(crate::api::router(api)),
         None => app,
     };
+    let uses_tls = acceptor.is_some();
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        let served = match acceptor {
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+            Some(acceptor) => {
+                axum::serve(TlsListener { listener, acceptor }, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "http server stopped");
         }
     });
-    tracing::info!(address = %bound, api = serves_api, "serving /metrics, /healthz, /readyz");
+    tracing::info!(address = %bound, api = serves_api, tls = uses_tls, "serving /metrics, /healthz, /readyz");
     Ok(bound)
 }
 
@@ -73,5 +84,70 @@ async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// How long a client may take over its TLS handshake before the listener drops it and accepts the next.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The rustls acceptor of `http.tls_cert` (PEM chain) and `http.tls_key` (PEM private key).
+fn tls_acceptor(tls: &crate::config::HttpTls) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let config_error = |what: String| Error::Config(crate::error::ConfigError(what));
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| config_error(format!("http.tls_cert {}: {e}", tls.cert.display())))?;
+    if certs.is_empty() {
+        return Err(config_error(format!(
+            "http.tls_cert {}: no certificate in it",
+            tls.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| config_error(format!("http.tls_key {}: {e}", tls.key.display())))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| {
+            config_error(format!(
+                "http.tls_cert and http.tls_key do not make a TLS identity: {e}"
+            ))
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TCP listener whose connections complete a TLS handshake before axum sees them. Handshakes run one at a time,
+/// each bounded by [`HANDSHAKE_TIMEOUT`]: enough for an operations API, not for a public endpoint.
+struct TlsListener {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => return (tls, peer),
+                Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
+                Err(_) => tracing::debug!("tls handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }

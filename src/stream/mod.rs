@@ -229,7 +229,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 control: Control::new(producer.clone(), config.keys.control_topic.clone()),
             })
         });
-        crate::http::serve(listen, ready.clone(), shutdown.listen(), api).await?;
+        crate::http::serve(listen, ready.clone(), shutdown.listen(), api, config.http_tls.as_ref()).await?;
     }
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config_digest(&config));
