@@ -675,6 +675,16 @@ async fn two_instances_share_keys_and_a_forget_on_one_reaches_the_other() {
     assert!(String::from_utf8_lossy(&cli.stderr).contains("forgotten"));
     stop(a);
     stop(b);
+    // Neither instance's log shows the subject, its values or a bearer token.
+    for name in ["instance-a", "instance-b"] {
+        let log = std::fs::read_to_string(deployment.log(name)).unwrap();
+        let mut secrets = pii_of(42);
+        secrets.push("cus_00042".into());
+        secrets.extend(t.all().map(String::from));
+        for secret in &secrets {
+            assert!(!log.contains(secret.as_str()), "{name}'s log shows a secret");
+        }
+    }
 }
 
 #[test]
