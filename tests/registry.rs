@@ -100,6 +100,31 @@ fn config_with_keys(dir: &Path, input: &str, registry: &str, key: &str) -> Confi
     Config::parse(&text, std::iter::empty(), "registry test config").unwrap()
 }
 
+/// Runs the pipeline until `outputs` sanitized and `quarantined` quarantined records arrived (or time ran out),
+/// then stops it; returns both.
+async fn run_until(
+    config: Config,
+    input: &str,
+    outputs: usize,
+    quarantined: usize,
+) -> (Vec<rdkafka::message::OwnedMessage>, Vec<rdkafka::message::OwnedMessage>) {
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let output = format!("{input}.sanitized");
+    let quarantine = format!("{input}.quarantine");
+    let read = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, outputs, Duration::from_secs(60)),
+            consume(&quarantine, quarantined, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    read
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_schemas_come_from_the_registry_and_sanitized_schemas_are_registered() {
     let registry = Registry::start(free_port());
@@ -122,23 +147,7 @@ async fn writer_schemas_come_from_the_registry_and_sanitized_schemas_are_registe
     )
     .await;
 
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(
-        config(dir.path(), &input, &registry.url()),
-        shutdown.clone(),
-    ));
-    let output = format!("{input}.sanitized");
-    let quarantine = format!("{input}.quarantine");
-    let (out, quarantined) = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, N, Duration::from_secs(60)),
-            consume(&quarantine, 1, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    let (out, quarantined) = run_until(config(dir.path(), &input, &registry.url()), &input, N, 1).await;
 
     assert_eq!(out.len(), N);
     let (sanitized_id, _) = stream::parse_frame(out[0].payload().unwrap()).unwrap();
@@ -284,23 +293,13 @@ async fn avro_keys_are_sanitized_by_their_key_schema_registered_under_key() {
     ));
     produce(&input, records).await;
 
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(
+    let (out, quarantined) = run_until(
         config_with_keys(dir.path(), &input, &registry.url(), "avro"),
-        shutdown.clone(),
-    ));
-    let output = format!("{input}.sanitized");
-    let quarantine = format!("{input}.quarantine");
-    let (out, quarantined) = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, N, Duration::from_secs(60)),
-            consume(&quarantine, 1, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+        &input,
+        N,
+        1,
+    )
+    .await;
 
     assert_eq!(out.len(), N);
     let settings = SrSettings::new(registry.url());
