@@ -203,24 +203,15 @@ impl ApiRequest for RotateRequest {
     }
 }
 
-/// One call in progress: what its audit event will say.
-struct Call {
-    event: AuditEvent,
-}
-
-impl Call {
-    fn new(operation: Operation) -> Self {
-        let kind = match operation {
-            Operation::Reveal => AuditKind::Reveal,
-            Operation::Tokenize => AuditKind::Tokenize,
-            Operation::Forget => AuditKind::Forget,
-            Operation::Status => AuditKind::SubjectStatus,
-            Operation::Rotate => AuditKind::KeyRotated,
-        };
-        Self {
-            event: AuditEvent::new(kind),
-        }
-    }
+/// The audit event of a call of `operation`, filled in as the call proceeds.
+fn audit_event(operation: Operation) -> AuditEvent {
+    AuditEvent::new(match operation {
+        Operation::Reveal => AuditKind::Reveal,
+        Operation::Tokenize => AuditKind::Tokenize,
+        Operation::Forget => AuditKind::Forget,
+        Operation::Status => AuditKind::SubjectStatus,
+        Operation::Rotate => AuditKind::KeyRotated,
+    })
 }
 
 /// Authenticates, parses, authorizes, performs and audits one call; `perform` runs off the reactor (key store work
@@ -232,7 +223,7 @@ async fn handle<R: ApiRequest>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     perform: fn(&Api, R) -> Result<Json, Error>,
 ) -> Response {
-    let mut call = Call::new(operation);
+    let mut event = audit_event(operation);
     let result = async {
         let token = bearer(&headers);
         let principal = api
@@ -240,7 +231,7 @@ async fn handle<R: ApiRequest>(
             .access
             .authenticate(token, crate::audit::now_ms() / 1000)
             .map_err(Failure::from_denial)?;
-        call.event.principal = Some(principal.name.clone());
+        event.principal = Some(principal.name.clone());
         let body = body.map_err(|e| Failure {
             status: e.status(),
             message: format!(
@@ -255,14 +246,14 @@ async fn handle<R: ApiRequest>(
             fields,
             subject,
         } = request.describe();
-        call.event.purpose = Some(purpose.to_owned());
-        call.event.field_paths = fields.clone();
+        event.purpose = Some(purpose.to_owned());
+        event.field_paths = fields.clone();
         if let Some(subject) = subject {
             let (keyring, subject) = (api.sanitizer.keyring().clone(), subject.to_owned());
             let token = tokio::task::spawn_blocking(move || subject_token(&keyring, &subject))
                 .await
                 .map_err(|_| Failure::from_error(&Error::Kafka("the audit pseudonym task panicked".into())))?;
-            call.event.subject_token = Some(token.map_err(|e| Failure::from_error(&e))?);
+            event.subject_token = Some(token.map_err(|e| Failure::from_error(&e))?);
         }
         if purpose.trim().is_empty() {
             return Err(Failure::bad_request("purpose must state why the call is made"));
@@ -281,24 +272,24 @@ async fn handle<R: ApiRequest>(
     .await;
     let response = match &result {
         Ok(answer) => {
-            call.event.outcome = Some(AuditOutcome::Allowed);
+            event.outcome = Some(AuditOutcome::Allowed);
             (StatusCode::OK, axum::Json(answer.clone())).into_response()
         }
         Err(failure) => {
-            call.event.outcome = Some(failure.outcome);
-            call.event.reason = Some(failure.message.clone());
+            event.outcome = Some(failure.outcome);
+            event.reason = Some(failure.message.clone());
             failure.response()
         }
     };
     tracing::info!(
         operation = operation.name(),
-        principal = call.event.principal.as_deref().unwrap_or("-"),
+        principal = event.principal.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
         "api call"
     );
     metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => response.status().as_str().to_owned())
         .increment(1);
-    api.auditor.emit(call.event).await;
+    api.auditor.emit(event).await;
     // Follow-up events: the keys a forget shredded.
     if let (Operation::Forget, Ok(answer)) = (operation, &result) {
         let mut shredded = AuditEvent::new(AuditKind::KeyShredded);
