@@ -77,9 +77,10 @@ pub fn sanitize_lines(
                     .map(|s| s.into_owned())
             })
             .collect();
+        let domain = schema.plan.needs_keys().then(|| sanitizer.domain_of(&schema.plan));
         let keys = sanitizer
             .keyring()
-            .prefetch_subjects(subjects.iter().map(String::as_str))?;
+            .prefetch(subjects.iter().map(String::as_str), domain)?;
         for (number, encoded) in chunk {
             let result = encoded.and_then(|raw| {
                 sanitized.clear();

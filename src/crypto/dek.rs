@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::token::{Token, TokenKind};
+use super::token::{HEAD_LEN, Token, TokenKind};
 use crate::error::RevealError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -53,6 +53,8 @@ pub struct Dek {
     token: Aes256Gcm,
     token_nonce: HmacSha256,
     hash: HmacSha256,
+    /// `<prefix>.<key id>.` of this key's tokens, ciphertexts and hashes.
+    heads: [[u8; HEAD_LEN]; 3],
 }
 
 impl fmt::Debug for Dek {
@@ -80,6 +82,7 @@ impl Dek {
             token: Aes256Gcm::new_from_slice(derive(b"tokenize").as_slice()).expect("32-byte key"),
             token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
             hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
+            heads: [TokenKind::Token, TokenKind::Ciphertext, TokenKind::Hash].map(|kind| Token::head(kind, key_id)),
         }
     }
 
@@ -128,7 +131,7 @@ impl Dek {
 
     /// Appends the keyed hash of `plaintext` to `out`: [`HASH_LEN`] bytes.
     pub fn hash_into(&self, context: &str, plaintext: &[u8], out: &mut Vec<u8>) {
-        Token::render_into(TokenKind::Hash, self.key_id, &self.mac(context, plaintext), out);
+        Token::render_with_head(self.head(TokenKind::Hash), &self.mac(context, plaintext), out);
     }
 
     /// HMAC-SHA256 of `data` within `context`, under this key's hash key.
@@ -159,6 +162,14 @@ impl Dek {
             .map_err(|_| RevealError::Forged)
     }
 
+    fn head(&self, kind: TokenKind) -> &[u8; HEAD_LEN] {
+        &self.heads[match kind {
+            TokenKind::Token => 0,
+            TokenKind::Ciphertext => 1,
+            TokenKind::Hash => 2,
+        }]
+    }
+
     fn seal_into(
         &self,
         cipher: &Aes256Gcm,
@@ -176,7 +187,7 @@ impl Dek {
             .encrypt_in_place_detached(Nonce::from_slice(nonce), &scratch.ad, &mut payload[NONCE_LEN..])
             .expect("AES-GCM encrypts any input under 64 GiB");
         payload.extend_from_slice(&tag);
-        Token::render_into(kind, self.key_id, payload, out);
+        Token::render_with_head(self.head(kind), payload, out);
     }
 }
 

@@ -37,6 +37,9 @@ pub struct Token {
 
 const KEY_ID_TEXT_LEN: usize = 16;
 
+/// The length of a token's head, `<prefix>.<key id>.`.
+pub const HEAD_LEN: usize = 4 + 1 + KEY_ID_TEXT_LEN + 1;
+
 /// Unpadded base64 length of `n` bytes.
 const fn base64_len(n: usize) -> usize {
     (n * 4).div_ceil(3)
@@ -54,24 +57,30 @@ impl Token {
 
     /// Appends the text form to `out`: exactly [`Token::text_len`] bytes of ASCII.
     pub fn render_into(kind: TokenKind, key_id: KeyId, payload: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(kind.prefix().as_bytes());
-        out.push(b'.');
-        let start = out.len();
-        out.resize(start + KEY_ID_TEXT_LEN, 0);
-        URL_SAFE_NO_PAD
-            .encode_slice(key_id.0, &mut out[start..])
-            .expect("sized for the key id");
-        out.push(b'.');
-        let start = out.len();
-        out.resize(start + base64_len(payload.len()), 0);
-        URL_SAFE_NO_PAD
-            .encode_slice(payload, &mut out[start..])
-            .expect("sized for the payload");
+        Self::render_with_head(&Self::head(kind, key_id), payload, out);
+    }
+
+    /// The part of a token before its payload, `<prefix>.<key id>.`: the same for every token of one key and kind,
+    /// so a data key renders it once.
+    pub fn head(kind: TokenKind, key_id: KeyId) -> [u8; HEAD_LEN] {
+        let mut head = Vec::with_capacity(HEAD_LEN);
+        head.extend_from_slice(kind.prefix().as_bytes());
+        head.push(b'.');
+        push_base64url(&key_id.0, &mut head);
+        head.push(b'.');
+        head.try_into().expect("prefix, key id and two dots")
+    }
+
+    /// Appends `head` and the text form of `payload` to `out`.
+    pub fn render_with_head(head: &[u8; HEAD_LEN], payload: &[u8], out: &mut Vec<u8>) {
+        out.reserve(HEAD_LEN + base64_len(payload.len()));
+        out.extend_from_slice(head);
+        push_base64url(payload, out);
     }
 
     /// The length of the text of a token whose payload is `payload_len` bytes.
     pub const fn text_len(payload_len: usize) -> usize {
-        4 + 1 + KEY_ID_TEXT_LEN + 1 + base64_len(payload_len)
+        HEAD_LEN + base64_len(payload_len)
     }
 
     pub fn parse(text: &str) -> Result<Token, RevealError> {
@@ -103,6 +112,36 @@ impl Token {
     }
 }
 
+const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Appends `bytes` as URL-safe base64 without padding. The `base64` crate's encoder costs more than the AES work
+/// on payloads this short, so tokens are written by this one; `parse` decodes with the crate.
+fn push_base64url(bytes: &[u8], out: &mut Vec<u8>) {
+    let char_at = |bits: u32| BASE64URL[(bits & 63) as usize];
+    out.reserve(base64_len(bytes.len()));
+    let mut groups = bytes.chunks_exact(3);
+    for group in &mut groups {
+        let bits = u32::from(group[0]) << 16 | u32::from(group[1]) << 8 | u32::from(group[2]);
+        out.extend_from_slice(&[
+            char_at(bits >> 18),
+            char_at(bits >> 12),
+            char_at(bits >> 6),
+            char_at(bits),
+        ]);
+    }
+    match *groups.remainder() {
+        [a] => {
+            let bits = u32::from(a) << 16;
+            out.extend_from_slice(&[char_at(bits >> 18), char_at(bits >> 12)]);
+        }
+        [a, b] => {
+            let bits = u32::from(a) << 16 | u32::from(b) << 8;
+            out.extend_from_slice(&[char_at(bits >> 18), char_at(bits >> 12), char_at(bits >> 6)]);
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +154,23 @@ mod tests {
         assert_eq!(token.kind, TokenKind::Ciphertext);
         assert_eq!(token.key_id, KeyId([3; 12]));
         assert_eq!(token.payload, b"payload bytes");
+    }
+
+    #[test]
+    fn base64url_matches_the_base64_crate() {
+        let bytes: Vec<u8> = (0..=255u8).rev().chain(0..=255).collect();
+        for len in 0..bytes.len() {
+            for start in [0, 1, 2] {
+                let input = &bytes[start..start + len.min(bytes.len() - start)];
+                let mut out = b"x".to_vec();
+                push_base64url(input, &mut out);
+                assert_eq!(
+                    &out[1..],
+                    URL_SAFE_NO_PAD.encode(input).as_bytes(),
+                    "{len} bytes from {start}"
+                );
+            }
+        }
     }
 
     #[test]

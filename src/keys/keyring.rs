@@ -41,16 +41,23 @@ impl Default for KeyCacheSettings {
     }
 }
 
-/// The keys of one batch's subjects, by subject id (held in memory for the batch only), and how many were created.
+/// The keys of one batch's subjects, by subject id, and of its domains (held in memory for the batch only), and how
+/// many subject keys were created.
 #[derive(Default)]
 pub struct BatchKeys {
     keys: HashMap<String, RecordKey>,
+    /// The current keys of the domains the batch's records use: a batch has one or a few.
+    domains: Vec<(String, Arc<Dek>)>,
     pub created: usize,
 }
 
 impl BatchKeys {
     pub fn get(&self, subject: &str) -> Option<&RecordKey> {
         self.keys.get(subject)
+    }
+
+    pub fn domain(&self, domain: &str) -> Option<&Arc<Dek>> {
+        self.domains.iter().find(|(name, _)| name == domain).map(|(_, dek)| dek)
     }
 }
 
@@ -159,7 +166,22 @@ impl Keyring {
     /// subjects costs one durable commit, not one each). The batch uses the returned keys directly: a bounded cache
     /// may evict or refuse them before their records come.
     pub fn prefetch_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Result<BatchKeys, KeyError> {
+        self.prefetch(subjects, [])
+    }
+
+    /// The keys of a batch's subjects (as [`prefetch_subjects`](Self::prefetch_subjects)) and the current keys of
+    /// its domains, so its records resolve their keys without touching the shared caches.
+    pub fn prefetch<'a>(
+        &self,
+        subjects: impl IntoIterator<Item = &'a str>,
+        domains: impl IntoIterator<Item = &'a str>,
+    ) -> Result<BatchKeys, KeyError> {
         let mut batch = BatchKeys::default();
+        for domain in domains {
+            if batch.domain(domain).is_none() {
+                batch.domains.push((domain.to_owned(), self.domain_key(domain)?));
+            }
+        }
         let mut missing: Vec<(String, String)> = Vec::new();
         for subject in subjects {
             if batch.keys.contains_key(subject) || missing.iter().any(|(s, _)| s == subject) {

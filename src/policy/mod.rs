@@ -111,6 +111,11 @@ impl Plan {
     pub fn needs_keys(&self) -> bool {
         self.rules.iter().any(|r| r.action.needs_key())
     }
+
+    /// Whether any field is hashed, which takes the domain's key whatever the record's subject.
+    pub fn needs_domain_key(&self) -> bool {
+        self.rules.iter().any(|r| r.action == Action::Hash)
+    }
 }
 
 /// Where the subject id sits: field indices from the root, unions unwrapped on the way.

@@ -69,8 +69,8 @@ impl Sanitizer {
         self.sanitize_binary_in(schema, transcoder, record, None, scratch, out)
     }
 
-    /// As [`sanitize_binary`](Self::sanitize_binary), taking the record's subject key from `batch` when it is there
-    /// (see [`Keyring::prefetch_subjects`]).
+    /// As [`sanitize_binary`](Self::sanitize_binary), taking the record's keys from `batch` when they are there
+    /// (see [`Keyring::prefetch`]).
     pub fn sanitize_binary_in(
         &self,
         schema: &CompiledSchema,
@@ -81,11 +81,7 @@ impl Sanitizer {
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let subject = transcoder.subject(record)?;
-        let prefetched = subject.as_deref().and_then(|s| batch?.get(s));
-        let keys = match prefetched {
-            Some(key) => self.keys_with(&schema.plan, key.clone())?,
-            None => self.keys_for_subject(&schema.plan, subject.as_deref())?,
-        };
+        let keys = self.keys_in(&schema.plan, subject.as_deref(), batch)?;
         transcoder.transcode(schema, record, &keys, scratch, out)?;
         Ok(())
     }
@@ -97,50 +93,52 @@ impl Sanitizer {
 
     /// Resolves the keys of a record whose subject id (if any) is known.
     pub fn keys_for_subject(&self, plan: &Plan, subject: Option<&str>) -> Result<RecordKeys, Error> {
-        let domain_name = plan.domain.as_deref().unwrap_or(&self.default_domain);
-        let needs_domain_key = plan.rules.iter().any(|r| r.action == Action::Hash);
-        let domain = if needs_domain_key || (subject.is_none() && plan.needs_keys()) {
-            Some(self.keyring.domain_key(domain_name)?)
+        self.keys_in(plan, subject, None)
+    }
+
+    /// The domain a plan's keys belong to.
+    pub fn domain_of<'a>(&'a self, plan: &'a Plan) -> &'a str {
+        plan.domain.as_deref().unwrap_or(&self.default_domain)
+    }
+
+    /// Resolves a record's keys, from `batch` where it has them, else through the keyring.
+    fn keys_in(&self, plan: &Plan, subject: Option<&str>, batch: Option<&BatchKeys>) -> Result<RecordKeys, Error> {
+        let subject_key = match subject {
+            Some(subject) => Some(match batch.and_then(|b| b.get(subject)) {
+                Some(key) => key.clone(),
+                None => self.keyring.subject_key(subject)?,
+            }),
+            None => None,
+        };
+        if matches!(subject_key, Some(RecordKey::Forgotten)) {
+            return Ok(RecordKeys {
+                record: None,
+                domain: None,
+                forgotten: true,
+            });
+        }
+        let needs_domain_key = plan.needs_domain_key() || (subject.is_none() && plan.needs_keys());
+        let domain = if needs_domain_key {
+            let name = self.domain_of(plan);
+            Some(match batch.and_then(|b| b.domain(name)) {
+                Some(dek) => dek.clone(),
+                None => self.keyring.domain_key(name)?,
+            })
         } else {
             None
         };
-        Ok(match subject {
-            Some(subject) => Self::subject_keys(self.keyring.subject_key(subject)?, domain),
-            None => RecordKeys {
+        Ok(match subject_key {
+            Some(RecordKey::Active(dek)) => RecordKeys {
+                record: Some(dek),
+                domain,
+                forgotten: false,
+            },
+            _ => RecordKeys {
                 record: domain.clone(),
                 domain,
                 forgotten: false,
             },
         })
-    }
-
-    /// The keys of a record whose subject key is already known.
-    fn keys_with(&self, plan: &Plan, subject_key: RecordKey) -> Result<RecordKeys, Error> {
-        let needs_hash = plan.rules.iter().any(|r| r.action == Action::Hash);
-        let domain = if needs_hash {
-            Some(
-                self.keyring
-                    .domain_key(plan.domain.as_deref().unwrap_or(&self.default_domain))?,
-            )
-        } else {
-            None
-        };
-        Ok(Self::subject_keys(subject_key, domain))
-    }
-
-    fn subject_keys(key: RecordKey, domain: Option<Arc<Dek>>) -> RecordKeys {
-        match key {
-            RecordKey::Active(dek) => RecordKeys {
-                record: Some(dek),
-                domain,
-                forgotten: false,
-            },
-            RecordKey::Forgotten => RecordKeys {
-                record: None,
-                domain: None,
-                forgotten: true,
-            },
-        }
     }
 
     /// The token an analyst filters by: what `tokenize` (or `hash`) would write for `value` at `path`.

@@ -59,22 +59,38 @@ impl Processor {
         wanted.into_iter().collect()
     }
 
-    /// The keys of the batch's subjects, the missing ones created in one store transaction.
+    /// The keys of the batch's subjects, the missing ones created in one store transaction, and of its domains.
     pub fn prefetch_keys(&self, batch: &[OwnedMessage]) -> Result<BatchKeys, Error> {
-        let subjects: Vec<String> = batch
-            .iter()
-            .filter_map(|message| {
-                let (id, payload) = framing::parse(message.payload()?).ok()?;
-                match self.routes.get(message.topic(), id) {
-                    Route::Ready(route) => route.transcoder.subject(payload).ok().flatten().map(|s| s.into_owned()),
-                    Route::Broken(_) => None,
-                }
-            })
-            .collect();
+        let mut subjects = Vec::new();
+        let mut domains: Vec<String> = Vec::new();
+        let mut want_domain = |domain: &str| {
+            if !domains.iter().any(|d| d == domain) {
+                domains.push(domain.to_owned());
+            }
+        };
+        for message in batch {
+            let Some(Ok((id, payload))) = message.payload().map(framing::parse) else {
+                continue;
+            };
+            let Route::Ready(route) = self.routes.get(message.topic(), id) else {
+                continue;
+            };
+            let plan = &route.schema.plan;
+            if plan.needs_keys() {
+                want_domain(self.sanitizer.domain_of(plan));
+            }
+            let hashes_key = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash) == KeyAction::Hash;
+            if hashes_key && message.key().is_some() {
+                want_domain(self.sanitizer.domain_of(plan));
+            }
+            if let Ok(Some(subject)) = route.transcoder.subject(payload) {
+                subjects.push(subject.into_owned());
+            }
+        }
         Ok(self
             .sanitizer
             .keyring()
-            .prefetch_subjects(subjects.iter().map(String::as_str))?)
+            .prefetch(subjects.iter().map(String::as_str), domains.iter().map(String::as_str))?)
     }
 
     /// Processes one record. `Err` only for what is not the record's fault (retriable or fatal).
@@ -156,11 +172,15 @@ impl Processor {
             KeyAction::Redact => None,
             KeyAction::Avro => Some(self.avro_key(topic, key, keys, scratch)?),
             KeyAction::Hash => {
-                let dek = self
-                    .sanitizer
-                    .keyring()
-                    .domain_key(domain.unwrap_or(&self.default_domain))
-                    .map_err(|e| Failure::Other(e.into()))?;
+                let domain = domain.unwrap_or(&self.default_domain);
+                let dek = match keys.and_then(|k| k.domain(domain)) {
+                    Some(dek) => dek.clone(),
+                    None => self
+                        .sanitizer
+                        .keyring()
+                        .domain_key(domain)
+                        .map_err(|e| Failure::Other(e.into()))?,
+                };
                 let mut plaintext = Vec::with_capacity(key.len() + 1);
                 plaintext.push(plain::BYTES);
                 plaintext.extend_from_slice(key);
