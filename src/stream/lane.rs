@@ -319,6 +319,7 @@ pub(super) fn with_payload<'a>(
 
 /// Source coordinates, and the allowlisted input headers (every other header may carry PII and is dropped).
 pub(super) fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders {
+    let (mut partition, mut offset) = (itoa::Buffer::new(), itoa::Buffer::new());
     let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: SOURCE_TOPIC,
@@ -326,11 +327,11 @@ pub(super) fn headers(message: &OwnedMessage, allow: &[String]) -> OwnedHeaders 
         })
         .insert(Header {
             key: SOURCE_PARTITION,
-            value: Some(message.partition().to_string().as_bytes()),
+            value: Some(partition.format(message.partition()).as_bytes()),
         })
         .insert(Header {
             key: SOURCE_OFFSET,
-            value: Some(message.offset().to_string().as_bytes()),
+            value: Some(offset.format(message.offset()).as_bytes()),
         });
     if let Some(input) = message.headers() {
         for header in input.iter().filter(|h| allow.iter().any(|a| a == h.key)) {
