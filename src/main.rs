@@ -498,8 +498,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match report.first_break {
                 None => {
                     println!(
-                        "{}: {} events from {} instance(s): every chain verifies",
-                        topic, report.events, report.instances
+                        "{}: {} events from {} instance(s) in {} run(s): every chain verifies",
+                        topic, report.events, report.instances, report.runs
                     );
                     Ok(ExitCode::SUCCESS)
                 }

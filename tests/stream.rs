@@ -531,6 +531,12 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     shutdown.trigger();
     task.await.unwrap().unwrap();
+    // A restart of the same instance begins a new run of its chain.
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
 
     let audit_topic = format!("{input}.audit");
     let mut client = ClientConfig::new();
@@ -543,7 +549,7 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     };
     let report = verify(audit_topic.clone()).await.unwrap();
     assert_eq!(report.first_break, None, "the chain as written verifies");
-    assert_eq!(report.instances, 1);
+    assert_eq!((report.instances, report.runs), (1, 2));
 
     let events = tokio::task::spawn_blocking({
         let topic = audit_topic.clone();
@@ -566,6 +572,9 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     let of = |kind: &str| decoded.iter().filter(|e| e["kind"] == kind).collect::<Vec<_>>();
     assert_eq!(kinds.first(), Some(&"START"));
     assert_eq!(kinds.last(), Some(&"STOP"));
+    assert_eq!(kinds.iter().filter(|k| **k == "START").count(), 2);
+    let restart = kinds.iter().rposition(|k| *k == "START").unwrap();
+    assert_eq!(decoded[restart]["seq"], 0, "the second run starts its own sequence");
     let quarantine = of("QUARANTINE");
     assert_eq!(quarantine.len(), 1);
     assert!(

@@ -22,6 +22,8 @@ const READ_DEADLINE: Duration = Duration::from_secs(300);
 pub struct VerifyReport {
     pub events: usize,
     pub instances: usize,
+    /// Runs of those instances: each start of a process begins a new run of its instance's chain at sequence 0.
+    pub runs: usize,
     /// The first break found: where, and what is wrong. `None` when every chain holds.
     pub first_break: Option<String>,
 }
@@ -32,7 +34,9 @@ struct Position {
 }
 
 /// Reads `topic` (all partitions, from the start to the current end) and checks each instance's chain: sequence
-/// numbers without gaps from 0, each event naming its predecessor's MAC, and each MAC verifying.
+/// numbers without gaps from 0, each event naming its predecessor's MAC, and each MAC verifying. A restarted
+/// instance begins a new run of its chain (sequence 0, no predecessor); events removed from the middle or the
+/// start of a run break it.
 pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<VerifyReport, Error> {
     let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(format!("reading audit topic {topic}: {e}"));
     let consumer: BaseConsumer = client
@@ -57,14 +61,17 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
         .build()
         .expect("the audit schema resolves");
     let mut chains: HashMap<String, Position> = HashMap::new();
+    let mut runs = 0;
     let mut events = 0;
     let mut first_break = None;
     crate::stream::read_to_end(&consumer, assignment.count(), READ_DEADLINE, |message| {
         events += 1;
         if first_break.is_none() {
             let at = format!("partition {}, offset {}", message.partition(), message.offset());
-            if let Err(problem) = check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
-                first_break = Some(format!("{at}: {problem}"));
+            match check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
+                Ok(Link::NewRun) => runs += 1,
+                Ok(Link::Next) => {}
+                Err(problem) => first_break = Some(format!("{at}: {problem}")),
             }
         }
         Ok(())
@@ -72,6 +79,7 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
     Ok(VerifyReport {
         events,
         instances: chains.len(),
+        runs,
         first_break,
     })
 }
@@ -83,12 +91,20 @@ fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
     }
 }
 
+/// How a verified event joins its instance's chain.
+enum Link {
+    /// It begins a run: sequence 0, no predecessor.
+    NewRun,
+    /// It follows the event before it.
+    Next,
+}
+
 fn check(
     bytes: &[u8],
     reader: &GenericDatumReader<'_>,
     keyring: &Keyring,
     chains: &mut HashMap<String, Position>,
-) -> Result<(), String> {
+) -> Result<Link, String> {
     let value = reader
         .read_value(&mut &bytes[..])
         .map_err(|_| "not an audit event (does not decode)".to_owned())?;
@@ -113,9 +129,14 @@ fn check(
             "instance {instance}, seq {seq}: MAC does not verify (the event was altered)"
         ));
     }
-    let (want_seq, want_prev) = match chains.get(instance) {
-        Some(position) => (position.seq + 1, position.mac.clone()),
-        None => (0, Vec::new()),
+    let link = if *seq == 0 && prev_mac.is_empty() {
+        Link::NewRun
+    } else {
+        Link::Next
+    };
+    let (want_seq, want_prev) = match (chains.get(instance), &link) {
+        (Some(position), Link::Next) => (position.seq + 1, position.mac.clone()),
+        _ => (0, Vec::new()),
     };
     if *seq != want_seq {
         return Err(format!(
@@ -134,5 +155,5 @@ fn check(
             mac: mac.clone(),
         },
     );
-    Ok(())
+    Ok(link)
 }
