@@ -215,6 +215,9 @@ pub struct AuditConfig {
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
+    /// Whether the config (or its environment) named the brokers. Without, local commands run offline and
+    /// unaudited; with, they write their audit events to `audit.topic` or refuse to act.
+    pub brokers_configured: bool,
     pub group_id: String,
     pub inputs: Vec<String>,
     pub output_suffix: String,
@@ -730,6 +733,7 @@ impl RawKafka {
             properties.insert(name, text);
         }
         Ok(KafkaConfig {
+            brokers_configured: self.brokers.is_some(),
             brokers: self.brokers.unwrap_or_else(|| DEFAULT_BROKERS.to_owned()),
             group_id,
             inputs,

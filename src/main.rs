@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome, FieldCount, LocalAudit};
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::keys::Keyring;
@@ -163,8 +164,9 @@ struct Remote {
     /// The file holding the bearer token for --server.
     #[arg(long, requires = "server")]
     token_file: Option<PathBuf>,
-    /// Why the call is made (checked against the caller's role, recorded in the audit event). Required with --server.
-    #[arg(long, requires = "server")]
+    /// Why the call is made: recorded in the audit event; with --server, required and checked against the caller's
+    /// role.
+    #[arg(long)]
     purpose: Option<String>,
 }
 
@@ -333,8 +335,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             } else {
                 let keyring = keyring(&config)?;
-                for (index, token) in tokens.iter().enumerate() {
-                    match piiwall::sanitize::reveal(&keyring, &field, token) {
+                let results: Vec<_> = tokens
+                    .iter()
+                    .map(|token| piiwall::sanitize::reveal(&keyring, &field, token))
+                    .collect();
+                let not_revealed = results.iter().filter(|r| r.is_err()).count();
+                let mut event = local_event(AuditKind::Reveal, &remote);
+                event.field_paths = vec![field.clone()];
+                event.outcome = Some(if not_revealed < results.len() {
+                    AuditOutcome::Allowed
+                } else {
+                    AuditOutcome::Error
+                });
+                if not_revealed > 0 {
+                    event.reason = Some(format!("{not_revealed} of {} tokens not revealed", results.len()));
+                }
+                audit_locally(&config, &keyring, vec![event]).context("reveal refused")?;
+                for (index, result) in results.into_iter().enumerate() {
+                    match result {
                         Ok(value) => println!("{value}"),
                         Err(e) => {
                             failed += 1;
@@ -388,10 +406,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     codec.field_value(&field, &json)?
                 }
             };
-            println!(
-                "{}",
-                sanitizer.token_for(&compiled, &field, subject.as_deref(), &parsed)?
-            );
+            let token = sanitizer.token_for(&compiled, &field, subject.as_deref(), &parsed)?;
+            let mut event = local_event(AuditKind::Tokenize, &remote);
+            event.field_paths = vec![field.clone()];
+            event.subject_token = subject
+                .as_deref()
+                .map(|s| piiwall::audit::subject_pseudonym(sanitizer.keyring(), s))
+                .transpose()?;
+            event.outcome = Some(AuditOutcome::Allowed);
+            audit_locally(&config, sanitizer.keyring(), vec![event]).context("tokenize refused")?;
+            println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Forget { subject, remote } => {
@@ -406,9 +430,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or(0) as usize,
                 None => {
                     let keyring = keyring(&config)?;
+                    let mut event = local_event(AuditKind::Forget, &remote);
+                    event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
                     let destroyed = keyring.forget_subject(&subject)?;
                     announce_locally(&config, ControlOp::Forget, &keyring.subject_scope(&subject));
-                    destroyed
+                    event.outcome = Some(AuditOutcome::Allowed);
+                    let mut shredded = AuditEvent::new(AuditKind::KeyShredded);
+                    shredded.counts = vec![FieldCount {
+                        field_path: "subject".into(),
+                        action: "key versions destroyed".into(),
+                        count: destroyed as i64,
+                    }];
+                    println!(
+                        "forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted"
+                    );
+                    return audited_after(audit_locally(&config, &keyring, vec![event, shredded]));
                 }
             };
             println!("forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted");
@@ -436,13 +472,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let keyring = keyring(&config)?;
+                    let mut event = local_event(AuditKind::KeyRotated, &remote);
                     let scope = match &subject {
-                        Some(subject) => keyring.subject_scope(subject),
+                        Some(subject) => {
+                            event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, subject)?);
+                            keyring.subject_scope(subject)
+                        }
                         None => Keyring::domain_scope(&domain),
                     };
                     let version = keyring.rotate(&scope)?;
                     announce_locally(&config, ControlOp::Rotate, &scope);
-                    version
+                    event.outcome = Some(AuditOutcome::Allowed);
+                    println!("rotated: new data uses key version {version}; older versions still reveal");
+                    return audited_after(audit_locally(&config, &keyring, vec![event]));
                 }
             };
             println!("rotated: new data uses key version {version}; older versions still reveal");
@@ -547,6 +589,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+    }
+}
+
+/// The audit event of a local command, by the operating-system user, for the purpose given (if any).
+fn local_event(kind: AuditKind, remote: &Remote) -> AuditEvent {
+    let mut event = AuditEvent::new(kind);
+    event.principal = Some(piiwall::audit::local_principal());
+    event.purpose = remote.purpose.clone();
+    event
+}
+
+/// Writes a local command's audit events to the audit topic, waiting for the brokers' acknowledgement. Without
+/// configured brokers (offline use) there is nowhere to write them, and stderr says so.
+fn audit_locally(config: &Config, keyring: &Arc<Keyring>, events: Vec<AuditEvent>) -> anyhow::Result<()> {
+    if piiwall::audit::write_local(config, keyring, events)? == LocalAudit::Offline {
+        eprintln!("piiwall: not audited: the config names no kafka.brokers (offline use)");
+    }
+    Ok(())
+}
+
+/// The exit of a command that acted before writing its audit events (forget, rotate: the act stands): 1 when
+/// they were not written.
+fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    match audit {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("piiwall: done, but not audited: {e:#}");
+            Ok(ExitCode::from(1))
         }
     }
 }

@@ -68,16 +68,14 @@ pub fn sanitize_lines(
         if chunk.is_empty() {
             break;
         }
-        let subjects: Vec<String> = chunk
-            .iter()
-            .filter_map(|(_, r)| {
-                r.as_ref()
-                    .ok()
-                    .and_then(|raw| transcoder.subject(raw).ok().flatten())
-                    .map(|s| s.into_owned())
-            })
-            .collect();
-        let domain = schema.plan.needs_keys().then(|| sanitizer.domain_of(&schema.plan));
+        let mut subjects = Vec::new();
+        let mut needs_domain = false;
+        for raw in chunk.iter().filter_map(|(_, r)| r.as_ref().ok()) {
+            let Ok(subject) = transcoder.subject(raw) else { continue };
+            needs_domain |= schema.plan.needs_domain_key(subject.is_some());
+            subjects.extend(subject.map(|s| s.into_owned()));
+        }
+        let domain = needs_domain.then(|| sanitizer.domain_of(&schema.plan));
         let keys = sanitizer
             .keyring()
             .prefetch(subjects.iter().map(String::as_str), domain)?;

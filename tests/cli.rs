@@ -383,3 +383,131 @@ fn config_check_rejects_bad_configs_with_a_clear_message() {
         assert!(!stderr.contains("hunter2") && !stdout.contains("hunter2"));
     }
 }
+
+/// As [`piiwall`], with environment overrides of the config.
+fn piiwall_env(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PIIWALL_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run piiwall");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaudited() {
+    use common::kafka::{broker, consume, create_topic, unique};
+    use rdkafka::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let sanitized = sanitize_sample(dir.path(), "customer_profile");
+    let email = sanitized[0]["email"].as_str().unwrap();
+    let audit_topic = unique("cli-audit");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(create_topic(&audit_topic, 1));
+    let brokers = broker();
+    let env = [
+        ("PIIWALL_KAFKA__BROKERS", brokers.as_str()),
+        ("PIIWALL_AUDIT__TOPIC", audit_topic.as_str()),
+        ("PIIWALL_AUDIT__INSTANCE", "ops-box"),
+        ("USER", "dana"),
+    ];
+    let run = |args: &[&str], stdin: Option<&str>| piiwall_env(dir.path(), args, stdin, &env);
+    let ok = |out: &Output| assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let reveal = run(&["reveal", "--field", "email", "--purpose", "case 7", email], None);
+    ok(&reveal);
+    assert_eq!(text(&reveal.stdout).trim(), "\"ada.lovelace@example.com\"");
+    assert!(!text(&reveal.stderr).contains("not audited"));
+    let schema = repo("schemas/customer_profile.avsc");
+    let args = [
+        "tokenize",
+        "--schema",
+        schema.to_str().unwrap(),
+        "--field",
+        "email",
+        "--subject",
+        "cus_0001",
+    ];
+    let tokenize = run(&[&args[..], &["ada.lovelace@example.com"]].concat(), None);
+    ok(&tokenize);
+    assert_eq!(text(&tokenize.stdout).trim(), email);
+    ok(&run(&["keys", "rotate", "--subject", "-"], Some("cus_0002\n")));
+    ok(&run(
+        &["forget", "--purpose", "erasure request", "-"],
+        Some("cus_0001\n"),
+    ));
+
+    let events = consume(&audit_topic, 5, std::time::Duration::from_secs(30));
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
+        .build()
+        .unwrap();
+    let decoded: Vec<Json> = events
+        .iter()
+        .map(|m| {
+            piiwall::codec::json::JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA)
+                .to_json(&reader.read_value(&mut m.payload().unwrap()).unwrap())
+        })
+        .collect();
+    let kinds: Vec<&str> = decoded.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["REVEAL", "TOKENIZE", "KEY_ROTATED", "FORGET", "KEY_SHREDDED"]);
+    for event in &decoded[..4] {
+        assert_eq!(event["principal"], "cli:dana");
+        assert_eq!(event["outcome"], "ALLOWED");
+        assert_eq!(event["instance"], "ops-box/cli");
+    }
+    assert_eq!(decoded[0]["purpose"], "case 7");
+    assert_eq!(decoded[0]["field_paths"], serde_json::json!(["email"]));
+    assert_eq!(decoded[3]["purpose"], "erasure request");
+    assert_eq!(decoded[4]["counts"][0]["count"], 1);
+    let pseudonym = |e: &Json| e["subject_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pseudonym(&decoded[1]),
+        pseudonym(&decoded[3]),
+        "one subject, one pseudonym"
+    );
+    assert_ne!(pseudonym(&decoded[1]), pseudonym(&decoded[2]));
+    let raw: Vec<u8> = events.iter().flat_map(|m| m.payload().unwrap().to_vec()).collect();
+    let raw = String::from_utf8_lossy(&raw);
+    for secret in ["cus_0001", "cus_0002", "ada.lovelace@example.com", email] {
+        assert!(
+            !raw.contains(secret),
+            "an audit event carries a subject id, value or token"
+        );
+    }
+    let verify = run(&["audit", "verify"], None);
+    ok(&verify);
+    assert!(
+        text(&verify.stdout).contains("5 events from 1 instance(s) in 4 run(s)"),
+        "{}",
+        text(&verify.stdout)
+    );
+
+    // Brokers configured but not answering: nothing is revealed.
+    let unreachable = [("PIIWALL_KAFKA__BROKERS", "127.0.0.1:9"), env[1], env[2]];
+    let other = sanitized[1]["email"].as_str().unwrap();
+    let refused = piiwall_env(dir.path(), &["reveal", "--field", "email", other], None, &unreachable);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert_eq!(text(&refused.stdout), "", "no value without its audit event");
+    assert!(
+        text(&refused.stderr).contains("reveal refused") && text(&refused.stderr).contains(&audit_topic),
+        "{}",
+        text(&refused.stderr)
+    );
+    // No brokers in the config: offline use, said so.
+    let offline = piiwall(dir.path(), &["reveal", "--field", "email", other], None);
+    assert!(offline.status.success());
+    assert!(
+        text(&offline.stderr).contains("not audited"),
+        "{}",
+        text(&offline.stderr)
+    );
+}

@@ -30,10 +30,9 @@ use serde_json::{Value as Json, json};
 
 pub use access::{AccessPolicy, Denial, Operation, Principal, Role, parse_utc, path_matches, token_digest_hex};
 
-use crate::audit::{AUDIT_DOMAIN, AuditEvent, AuditKind, AuditOutcome, Auditor};
+use crate::audit::{AuditEvent, AuditKind, AuditOutcome, Auditor};
 use crate::codec::json::JsonCodec;
 use crate::config::ApiConfig;
-use crate::crypto::plain;
 use crate::error::{Error, ErrorKind, KeyError, RevealError};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
@@ -250,7 +249,7 @@ async fn handle<R: ApiRequest>(
         event.field_paths = fields.clone();
         if let Some(subject) = subject {
             let (keyring, subject) = (api.sanitizer.keyring().clone(), subject.to_owned());
-            let token = tokio::task::spawn_blocking(move || subject_token(&keyring, &subject))
+            let token = tokio::task::spawn_blocking(move || crate::audit::subject_pseudonym(&keyring, &subject))
                 .await
                 .map_err(|_| Failure::from_error(&Error::Kafka("the audit pseudonym task panicked".into())))?;
             event.subject_token = Some(token.map_err(|e| Failure::from_error(&e))?);
@@ -328,18 +327,6 @@ fn parse<R: DeserializeOwned>(body: &[u8]) -> Result<R, Failure> {
             e.column()
         ))
     })
-}
-
-/// The subject as a keyed pseudonym under the audit domain key: the same subject gives the same token in every
-/// audit event, so an auditor can follow one subject's requests without ever seeing the id.
-fn subject_token(keyring: &Keyring, subject: &str) -> Result<String, Error> {
-    let key = keyring.domain_key(AUDIT_DOMAIN)?;
-    let mut plaintext = Vec::with_capacity(subject.len() + 1);
-    plaintext.push(plain::STRING);
-    plaintext.extend_from_slice(subject.as_bytes());
-    let mut out = Vec::new();
-    key.hash_into("audit.subject", &plaintext, &mut out);
-    String::from_utf8(out).map_err(|_| Error::Kafka("a subject token is not text".into()))
 }
 
 async fn reveal(

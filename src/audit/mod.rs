@@ -5,6 +5,7 @@
 //! every chain in it. No event ever carries a clear PII value: coordinates, field paths, reasons and tokens only.
 
 mod event;
+mod local;
 mod verify;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use event::{AUDIT_DOMAIN, AUDIT_SCHEMA, AUDIT_SCHEMA_JSON, AuditEvent, AuditKind, AuditOutcome, FieldCount};
+pub use local::{LocalAudit, local_principal, write_local};
 pub use verify::{VerifyReport, verify};
 
 use crate::error::Error;
@@ -71,6 +73,18 @@ impl Auditor {
             tracing::error!("audit writer stopped: an audit event was not written");
         }
     }
+}
+
+/// A data subject as a keyed pseudonym under the audit domain key: the same subject gives the same token in every
+/// audit event, so an auditor can follow one subject's requests without ever seeing the id.
+pub fn subject_pseudonym(keyring: &Keyring, subject: &str) -> Result<String, Error> {
+    let key = keyring.domain_key(AUDIT_DOMAIN)?;
+    let mut plaintext = Vec::with_capacity(subject.len() + 1);
+    plaintext.push(crate::crypto::plain::STRING);
+    plaintext.extend_from_slice(subject.as_bytes());
+    let mut out = Vec::new();
+    key.hash_into("audit.subject", &plaintext, &mut out);
+    String::from_utf8(out).map_err(|_| Error::Kafka("a subject token is not text".into()))
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -112,9 +112,10 @@ impl Plan {
         self.rules.iter().any(|r| r.action.needs_key())
     }
 
-    /// Whether any field is hashed, which takes the domain's key whatever the record's subject.
-    pub fn needs_domain_key(&self) -> bool {
-        self.rules.iter().any(|r| r.action == Action::Hash)
+    /// Whether a record takes its domain's key: to hash (whatever its subject), or to tokenize and encrypt for want
+    /// of a subject of its own.
+    pub fn needs_domain_key(&self, has_subject: bool) -> bool {
+        self.rules.iter().any(|r| r.action == Action::Hash) || (!has_subject && self.needs_keys())
     }
 }
 

@@ -117,8 +117,7 @@ impl Sanitizer {
                 forgotten: true,
             });
         }
-        let needs_domain_key = plan.needs_domain_key() || (subject.is_none() && plan.needs_keys());
-        let domain = if needs_domain_key {
+        let domain = if plan.needs_domain_key(subject.is_some()) {
             let name = self.domain_of(plan);
             Some(match batch.and_then(|b| b.domain(name)) {
                 Some(dek) => dek.clone(),

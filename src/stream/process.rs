@@ -76,14 +76,14 @@ impl Processor {
                 continue;
             };
             let plan = &route.schema.plan;
-            if plan.needs_keys() {
-                want_domain(self.sanitizer.domain_of(plan));
-            }
+            let Ok(subject) = route.transcoder.subject(payload) else {
+                continue;
+            };
             let hashes_key = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash) == KeyAction::Hash;
-            if hashes_key && message.key().is_some() {
+            if plan.needs_domain_key(subject.is_some()) || (hashes_key && message.key().is_some()) {
                 want_domain(self.sanitizer.domain_of(plan));
             }
-            if let Ok(Some(subject)) = route.transcoder.subject(payload) {
+            if let Some(subject) = subject {
                 subjects.push(subject.into_owned());
             }
         }
