@@ -13,10 +13,16 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn piiwall(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    piiwall_env(dir, args, stdin, &[])
+}
+
+/// As [`piiwall`], with environment overrides of the config.
+fn piiwall_env(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_piiwall"))
         .args(args)
         .current_dir(dir)
         .env_remove("PIIWALL_CONFIG")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -193,15 +199,12 @@ fn kek_problems_stop_with_a_clear_message() {
     let schema = repo("schemas/event.avsc");
     let schema = schema.to_str().unwrap();
     let run = |envs: &[(&str, &str)]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_piiwall"));
-        command
-            .args(["sanitize", "--schema", schema, "--input", "/dev/null"])
-            .current_dir(dir.path())
-            .env_remove("PIIWALL_CONFIG");
-        for (k, v) in envs {
-            command.env(k, v);
-        }
-        command.output().unwrap()
+        piiwall_env(
+            dir.path(),
+            &["sanitize", "--schema", schema, "--input", "/dev/null"],
+            None,
+            envs,
+        )
     };
     let missing = run(&[("PIIWALL_KEYS__KEK", "env:PIIWALL_TEST_NO_SUCH_KEK")]);
     assert_eq!(missing.status.code(), Some(2));
@@ -382,24 +385,6 @@ fn config_check_rejects_bad_configs_with_a_clear_message() {
         assert!(stderr.contains(message), "{text}: {stderr}");
         assert!(!stderr.contains("hunter2") && !stdout.contains("hunter2"));
     }
-}
-
-/// As [`piiwall`], with environment overrides of the config.
-fn piiwall_env(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_piiwall"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("PIIWALL_CONFIG")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run piiwall");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
 }
 
 #[test]
