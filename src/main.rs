@@ -140,6 +140,9 @@ enum KeysCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Forget again every subject the control topic records as forgotten: after restoring the key store from a
+    /// backup taken before some forgets, run this before anything else uses the store.
+    ReapplyForgets,
 }
 
 #[derive(Subcommand)]
@@ -490,6 +493,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("rotated: new data uses key version {version}; older versions still reveal");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys {
+            command: KeysCommand::ReapplyForgets,
+        } => {
+            if !config.kafka.brokers_configured {
+                bail!("keys reapply-forgets reads keys.control_topic: the config names no kafka.brokers");
+            }
+            let scopes = piiwall::stream::forgotten_scopes(&kafka_client(&config), &config.keys.control_topic)?;
+            let keyring = keyring(&config)?;
+            let mut destroyed = 0;
+            for scope in &scopes {
+                destroyed += keyring.forget_scope(scope)?;
+            }
+            let mut event = AuditEvent::new(AuditKind::KeyShredded);
+            event.principal = Some(piiwall::audit::local_principal());
+            event.reason = Some(format!("{} forgets re-applied from the control topic", scopes.len()));
+            event.counts = vec![FieldCount {
+                field_path: "subject".into(),
+                action: "key versions destroyed".into(),
+                count: destroyed as i64,
+            }];
+            println!(
+                "{} forgotten subject(s) on {}; {destroyed} key version(s) destroyed again{}",
+                scopes.len(),
+                config.keys.control_topic,
+                if destroyed > 0 {
+                    " (the store had them back)"
+                } else {
+                    ""
+                }
+            );
+            audited_after(audit_locally(&config, &keyring, vec![event]))
+        }
         Command::Config { .. } => unreachable!("handled before the config is loaded"),
         Command::Samples { brokers, registry } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -531,12 +566,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Verify { topic },
         } => {
             let topic = topic.unwrap_or_else(|| config.audit.topic.clone());
-            let mut client = rdkafka::ClientConfig::new();
-            client.set("bootstrap.servers", &config.kafka.brokers);
-            for (name, value) in &config.kafka.properties {
-                client.set(name, value);
-            }
-            let report = piiwall::audit::verify(&client, &topic, &*keyring(&config)?)?;
+            let report = piiwall::audit::verify(&kafka_client(&config), &topic, &*keyring(&config)?)?;
             match report.first_break {
                 None => {
                     println!(
@@ -622,29 +652,37 @@ fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// After a local forget or rotate on a shared (PostgreSQL) key store, tells the running instances through the
-/// control topic. Best effort: without it they drop cached keys within keys.cache_ttl_secs.
+/// After a local forget or rotate, when the config names brokers: tells the running instances through the control
+/// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
+/// within keys.cache_ttl_secs.
 fn announce_locally(config: &Config, op: ControlOp, scope: &str) {
-    if !matches!(config.keys.store, piiwall::config::StoreLocation::Postgres(_)) {
+    if !config.kafka.brokers_configured {
         return;
     }
     let announced = (|| -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let mut client = rdkafka::ClientConfig::new();
-        client.set("bootstrap.servers", &config.kafka.brokers);
-        for (name, value) in &config.kafka.properties {
-            client.set(name, value);
-        }
-        let producer: rdkafka::producer::FutureProducer = client.create()?;
+        let producer: rdkafka::producer::FutureProducer = kafka_client(config).create()?;
         runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(op, scope))?;
         Ok(())
     })();
     if let Err(e) = announced {
         eprintln!(
-            "piiwall: warning: running instances were not told ({e:#}); they drop cached keys within {} s",
+            "piiwall: warning: not announced on {} ({e:#}): running instances drop cached keys within {} s, and \
+             `keys reapply-forgets` will not know of it",
+            config.keys.control_topic,
             config.keys.cache.ttl.as_secs()
         );
     }
+}
+
+/// A Kafka client for the configured brokers, with the configured properties.
+fn kafka_client(config: &Config) -> rdkafka::ClientConfig {
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (name, value) in &config.kafka.properties {
+        client.set(name, value);
+    }
+    client
 }
 
 /// Runs the pipeline on a tokio runtime. The first SIGTERM or SIGINT drains and commits; a second exits at once.

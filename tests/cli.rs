@@ -496,3 +496,83 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
         text(&offline.stderr)
     );
 }
+
+#[test]
+fn a_key_store_restored_from_a_backup_forgets_again() {
+    use common::kafka::{broker, create_topic, unique};
+    let dir = tempfile::tempdir().unwrap();
+    let (control, audit) = (unique("cli-control"), unique("cli-audit"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(create_topic(&control, 1));
+    runtime.block_on(create_topic(&audit, 1));
+    let brokers = broker();
+    let env = [
+        ("PIIWALL_KAFKA__BROKERS", brokers.as_str()),
+        ("PIIWALL_KEYS__CONTROL_TOPIC", control.as_str()),
+        ("PIIWALL_AUDIT__TOPIC", audit.as_str()),
+    ];
+    let run = |args: &[&str], stdin: Option<&str>| piiwall_env(dir.path(), args, stdin, &env);
+    let email = sanitize_sample(dir.path(), "customer_profile")[0]["email"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reveal = || run(&["reveal", "--field", "email", &email], None);
+    let store = dir.path().join(".piiwall");
+    let backup = dir.path().join("backup");
+    let copy_store = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_str().unwrap().starts_with("keys.db") {
+                std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+    copy_store(&store, &backup);
+
+    let forget = run(&["forget", "-"], Some("cus_0001\n"));
+    assert!(forget.status.success(), "{}", text(&forget.stderr));
+    assert!(
+        !text(&forget.stderr).contains("not announced"),
+        "{}",
+        text(&forget.stderr)
+    );
+    assert!(text(&reveal().stderr).contains("subject forgotten"));
+
+    // The store comes back from the backup: the forgotten subject's key with it.
+    for entry in std::fs::read_dir(&store).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_str().unwrap().starts_with("keys.db") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    copy_store(&backup, &store);
+    assert_eq!(
+        text(&reveal().stdout).trim(),
+        "\"ada.lovelace@example.com\"",
+        "the restore undid the forget"
+    );
+
+    let reapply = run(&["keys", "reapply-forgets"], None);
+    assert!(reapply.status.success(), "{}", text(&reapply.stderr));
+    assert!(
+        text(&reapply.stdout).contains("1 forgotten subject(s)")
+            && text(&reapply.stdout).contains("1 key version(s) destroyed again"),
+        "{}",
+        text(&reapply.stdout)
+    );
+    let refused = reveal();
+    assert_eq!(text(&refused.stdout), "");
+    assert!(
+        text(&refused.stderr).contains("subject forgotten"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let again = run(&["keys", "reapply-forgets"], None);
+    assert!(
+        text(&again.stdout).contains("0 key version(s) destroyed again"),
+        "{}",
+        text(&again.stdout)
+    );
+    assert!(!text(&again.stdout).contains("cus_0001"));
+}

@@ -5,15 +5,13 @@ use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use subtle::ConstantTimeEq;
 
 use super::event::{AUDIT_SCHEMA, MAC_CONTEXT, MAC_TAIL, mac_key_id};
 use crate::error::Error;
 use crate::keys::Keyring;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// How long reading an audit topic to its end may take.
 const READ_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -38,25 +36,6 @@ struct Position {
 /// instance begins a new run of its chain (sequence 0, no predecessor); events removed from the middle or the
 /// start of a run break it.
 pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<VerifyReport, Error> {
-    let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(format!("reading audit topic {topic}: {e}"));
-    let consumer: BaseConsumer = client
-        .clone()
-        .set("group.id", "piiwall-audit-verify")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(kafka)?;
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka)?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in metadata.topics().first().map(|t| t.partitions()).unwrap_or_default() {
-        assignment
-            .add_partition_offset(topic, partition.id(), Offset::Beginning)
-            .map_err(kafka)?;
-    }
-    if assignment.count() == 0 {
-        return Err(Error::Kafka(format!("audit topic {topic} does not exist")));
-    }
-    consumer.assign(&assignment).map_err(kafka)?;
     let reader = GenericDatumReader::builder(&AUDIT_SCHEMA)
         .build()
         .expect("the audit schema resolves");
@@ -64,7 +43,7 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
     let mut runs = 0;
     let mut events = 0;
     let mut first_break = None;
-    crate::stream::read_to_end(&consumer, assignment.count(), READ_DEADLINE, |message| {
+    crate::stream::read_topic(client, topic, "audit topic", READ_DEADLINE, |message| {
         events += 1;
         if first_break.is_none() {
             let at = format!("partition {}, offset {}", message.partition(), message.offset());

@@ -288,9 +288,13 @@ impl Keyring {
     /// Destroys every key version of a subject and remembers it as forgotten. Returns how many versions were
     /// destroyed (0 when it had none, or was already forgotten).
     pub fn forget_subject(&self, subject: &str) -> Result<usize, KeyError> {
-        let scope = self.subject_scope(subject);
-        let destroyed = self.store.forget(&scope)?;
-        self.invalidate_scope(&scope);
+        self.forget_scope(&self.subject_scope(subject))
+    }
+
+    /// As [`forget_subject`](Self::forget_subject), by the subject's key scope (as the control topic names it).
+    pub fn forget_scope(&self, scope: &str) -> Result<usize, KeyError> {
+        let destroyed = self.store.forget(scope)?;
+        self.invalidate_scope(scope);
         Ok(destroyed)
     }
 

@@ -7,6 +7,10 @@
 //! therefore the producer's acknowledgement plus one poll and fetch round (measured in `tests/shared_keys.rs`);
 //! the cache TTL (`keys.cache_ttl_secs`) bounds it too should the control topic be unreachable. A restarted
 //! instance starts with empty caches and reads the store, which already records the forget, so it needs no history.
+//!
+//! The topic is also the ledger of forgets outside the key store: a forget is final, so compaction keeps it, and
+//! [`forgotten_scopes`] reads them all back so that a key store restored from a backup can be made to forget
+//! again (`piiwall keys reapply-forgets`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,8 @@ use crate::keys::Keyring;
 pub const POLL: Duration = Duration::from_millis(50);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading the whole control topic back may take.
+const READ_DEADLINE: Duration = Duration::from_secs(300);
 
 /// What happened to a key scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,20 @@ impl Control {
             .map(drop)
             .map_err(|(e, _)| Error::Kafka(format!("cannot announce on the control topic {}: {e}", self.topic)))
     }
+}
+
+/// Every scope ever announced as forgotten on the control topic, read from its start to its end.
+pub fn forgotten_scopes(client: &ClientConfig, topic: &str) -> Result<Vec<String>, Error> {
+    let mut scopes = std::collections::BTreeSet::new();
+    crate::stream::read_topic(client, topic, "control topic", READ_DEADLINE, |message| {
+        if message.payload() == Some(ControlOp::Forget.name().as_bytes())
+            && let Some(scope) = message.key().and_then(|k| std::str::from_utf8(k).ok())
+        {
+            scopes.insert(scope.to_owned());
+        }
+        Ok(())
+    })?;
+    Ok(scopes.into_iter().collect())
 }
 
 /// Reads the control topic from its current end until `stop`, dropping each announced scope from `keyring`'s

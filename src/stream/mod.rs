@@ -36,7 +36,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use control::{Control, ControlOp};
+pub use control::{Control, ControlOp, forgotten_scopes};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use process::QUARANTINE_DOMAIN;
@@ -127,6 +127,40 @@ impl Parts {
             producer,
         })
     }
+}
+
+/// Reads every partition of `topic` from its start to its end (see [`read_to_end`]) without a consumer group's
+/// offsets: nothing is committed. `what` names the topic's role in errors.
+pub(crate) fn read_topic(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    what: &str,
+    deadline: Duration,
+    on_record: impl FnMut(rdkafka::message::OwnedMessage) -> Result<(), Error>,
+) -> Result<(), Error> {
+    use rdkafka::consumer::Consumer;
+    let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(format!("reading {what} {topic}: {e}"));
+    let consumer: rdkafka::consumer::BaseConsumer = client
+        .clone()
+        .set("group.id", "piiwall.reader.unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(kafka)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka)?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        assignment
+            .add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning)
+            .map_err(kafka)?;
+    }
+    if assignment.count() == 0 {
+        return Err(Error::Kafka(format!("{what} {topic} does not exist")));
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+    read_to_end(&consumer, assignment.count(), deadline, on_record)
 }
 
 /// How long a topic must stay silent before [`read_to_end`] takes it as read.
