@@ -519,13 +519,18 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
     let reveal = || run(&["reveal", "--field", "email", &email], None);
     let store = dir.path().join(".piiwall");
     let backup = dir.path().join("backup");
+    // The SQLite key store: its database file and any journal beside it.
+    let store_files = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.file_name().unwrap().to_string_lossy().starts_with("keys.db"))
+            .collect()
+    };
     let copy_store = |from: &Path, to: &Path| {
         std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let path = entry.unwrap().path();
-            if path.file_name().unwrap().to_str().unwrap().starts_with("keys.db") {
-                std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-            }
+        for path in store_files(from) {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
         }
     };
     copy_store(&store, &backup);
@@ -540,11 +545,8 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
     assert!(text(&reveal().stderr).contains("subject forgotten"));
 
     // The store comes back from the backup: the forgotten subject's key with it.
-    for entry in std::fs::read_dir(&store).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_str().unwrap().starts_with("keys.db") {
-            std::fs::remove_file(path).unwrap();
-        }
+    for path in store_files(&store) {
+        std::fs::remove_file(path).unwrap();
     }
     copy_store(&backup, &store);
     assert_eq!(
