@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome, FieldCount, LocalAudit};
+use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome, LocalAudit};
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::keys::Keyring;
@@ -343,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|token| piiwall::sanitize::reveal(&keyring, &field, token))
                     .collect();
                 let not_revealed = results.iter().filter(|r| r.is_err()).count();
-                let mut event = local_event(AuditKind::Reveal, &remote);
+                let mut event = local_event(AuditKind::Reveal, remote.purpose.as_deref());
                 event.field_paths = vec![field.clone()];
                 event.outcome = Some(if not_revealed < results.len() {
                     AuditOutcome::Allowed
@@ -410,7 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let token = sanitizer.token_for(&compiled, &field, subject.as_deref(), &parsed)?;
-            let mut event = local_event(AuditKind::Tokenize, &remote);
+            let mut event = local_event(AuditKind::Tokenize, remote.purpose.as_deref());
             event.field_paths = vec![field.clone()];
             event.subject_token = subject
                 .as_deref()
@@ -433,17 +433,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or(0) as usize,
                 None => {
                     let keyring = keyring(&config)?;
-                    let mut event = local_event(AuditKind::Forget, &remote);
+                    let mut event = local_event(AuditKind::Forget, remote.purpose.as_deref());
                     event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
                     let destroyed = keyring.forget_subject(&subject)?;
                     announce_locally(&config, ControlOp::Forget, &keyring.subject_scope(&subject));
                     event.outcome = Some(AuditOutcome::Allowed);
-                    let mut shredded = AuditEvent::new(AuditKind::KeyShredded);
-                    shredded.counts = vec![FieldCount {
-                        field_path: "subject".into(),
-                        action: "key versions destroyed".into(),
-                        count: destroyed as i64,
-                    }];
+                    let shredded = AuditEvent::key_shredded(destroyed as i64);
                     println!(
                         "forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted"
                     );
@@ -475,7 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let keyring = keyring(&config)?;
-                    let mut event = local_event(AuditKind::KeyRotated, &remote);
+                    let mut event = local_event(AuditKind::KeyRotated, remote.purpose.as_deref());
                     let scope = match &subject {
                         Some(subject) => {
                             event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, subject)?);
@@ -505,14 +500,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for scope in &scopes {
                 destroyed += keyring.forget_scope(scope)?;
             }
-            let mut event = AuditEvent::new(AuditKind::KeyShredded);
+            let mut event = AuditEvent::key_shredded(destroyed as i64);
             event.principal = Some(piiwall::audit::local_principal());
             event.reason = Some(format!("{} forgets re-applied from the control topic", scopes.len()));
-            event.counts = vec![FieldCount {
-                field_path: "subject".into(),
-                action: "key versions destroyed".into(),
-                count: destroyed as i64,
-            }];
             println!(
                 "{} forgotten subject(s) on {}; {destroyed} key version(s) destroyed again{}",
                 scopes.len(),
@@ -624,10 +614,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// The audit event of a local command, by the operating-system user, for the purpose given (if any).
-fn local_event(kind: AuditKind, remote: &Remote) -> AuditEvent {
+fn local_event(kind: AuditKind, purpose: Option<&str>) -> AuditEvent {
     let mut event = AuditEvent::new(kind);
     event.principal = Some(piiwall::audit::local_principal());
-    event.purpose = remote.purpose.clone();
+    event.purpose = purpose.map(str::to_owned);
     event
 }
 

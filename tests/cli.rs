@@ -38,6 +38,15 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts that a command's output (stdout or stderr) contains `needle`, showing the output when not.
+fn says(output: &[u8], needle: &str) {
+    assert!(
+        text(output).contains(needle),
+        "expected {needle:?} in: {}",
+        text(output)
+    );
+}
+
 fn lines(output: &Output) -> Vec<Json> {
     text(&output.stdout)
         .lines()
@@ -128,11 +137,7 @@ fn forget_from_the_command_line() {
 
     let reveal = piiwall(dir.path(), &["reveal", "--field", "email", email, other], None);
     assert_eq!(reveal.status.code(), Some(1));
-    assert!(
-        text(&reveal.stderr).contains("token 1: subject forgotten"),
-        "{}",
-        text(&reveal.stderr)
-    );
+    says(&reveal.stderr, "token 1: subject forgotten");
     assert_eq!(text(&reveal.stdout).trim(), "\"grace.hopper@example.com\"");
 
     let again = sanitize_sample(dir.path(), "customer_profile");
@@ -208,10 +213,9 @@ fn kek_problems_stop_with_a_clear_message() {
     };
     let missing = run(&[("PIIWALL_KEYS__KEK", "env:PIIWALL_TEST_NO_SUCH_KEK")]);
     assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        text(&missing.stderr).contains("environment variable PIIWALL_TEST_NO_SUCH_KEK is not set"),
-        "{}",
-        text(&missing.stderr)
+    says(
+        &missing.stderr,
+        "environment variable PIIWALL_TEST_NO_SUCH_KEK is not set",
     );
 
     let absent_file = run(&[("PIIWALL_KEYS__KEK", "file:absent.key")]);
@@ -224,11 +228,7 @@ fn kek_problems_stop_with_a_clear_message() {
 
     std::fs::write(dir.path().join("short.key"), "c2hvcnQ=\n").unwrap();
     let malformed = run(&[("PIIWALL_KEYS__KEK", "file:short.key")]);
-    assert!(
-        text(&malformed.stderr).contains("malformed"),
-        "{}",
-        text(&malformed.stderr)
-    );
+    says(&malformed.stderr, "malformed");
 
     assert!(run(&[]).status.success(), "the default KEK is created");
     let other = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="; // 32 bytes, not the store's KEK
@@ -237,19 +237,11 @@ fn kek_problems_stop_with_a_clear_message() {
         ("PIIWALL_TEST_KEK", other),
     ]);
     assert_eq!(wrong.status.code(), Some(2));
-    assert!(
-        text(&wrong.stderr).contains("does not open this key store"),
-        "{}",
-        text(&wrong.stderr)
-    );
+    says(&wrong.stderr, "does not open this key store");
     assert!(!text(&wrong.stderr).contains(other));
 
     let bad_config = run(&[("PIIWALL_KEYS__STORE", "mysql://nope")]);
-    assert!(
-        text(&bad_config.stderr).contains("keys.store"),
-        "{}",
-        text(&bad_config.stderr)
-    );
+    says(&bad_config.stderr, "keys.store");
 }
 
 #[test]
@@ -470,11 +462,7 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
     }
     let verify = run(&["audit", "verify"], None);
     ok(&verify);
-    assert!(
-        text(&verify.stdout).contains("5 events from 1 instance(s) in 4 run(s)"),
-        "{}",
-        text(&verify.stdout)
-    );
+    says(&verify.stdout, "5 events from 1 instance(s) in 4 run(s)");
 
     // Brokers configured but not answering: nothing is revealed.
     let unreachable = [("PIIWALL_KAFKA__BROKERS", "127.0.0.1:9"), env[1], env[2]];
@@ -482,19 +470,12 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
     let refused = piiwall_env(dir.path(), &["reveal", "--field", "email", other], None, &unreachable);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
     assert_eq!(text(&refused.stdout), "", "no value without its audit event");
-    assert!(
-        text(&refused.stderr).contains("reveal refused") && text(&refused.stderr).contains(&audit_topic),
-        "{}",
-        text(&refused.stderr)
-    );
+    says(&refused.stderr, "reveal refused");
+    says(&refused.stderr, &audit_topic);
     // No brokers in the config: offline use, said so.
     let offline = piiwall(dir.path(), &["reveal", "--field", "email", other], None);
     assert!(offline.status.success());
-    assert!(
-        text(&offline.stderr).contains("not audited"),
-        "{}",
-        text(&offline.stderr)
-    );
+    says(&offline.stderr, "not audited");
 }
 
 #[test]
@@ -557,24 +538,12 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
 
     let reapply = run(&["keys", "reapply-forgets"], None);
     assert!(reapply.status.success(), "{}", text(&reapply.stderr));
-    assert!(
-        text(&reapply.stdout).contains("1 forgotten subject(s)")
-            && text(&reapply.stdout).contains("1 key version(s) destroyed again"),
-        "{}",
-        text(&reapply.stdout)
-    );
+    says(&reapply.stdout, "1 forgotten subject(s)");
+    says(&reapply.stdout, "1 key version(s) destroyed again");
     let refused = reveal();
     assert_eq!(text(&refused.stdout), "");
-    assert!(
-        text(&refused.stderr).contains("subject forgotten"),
-        "{}",
-        text(&refused.stderr)
-    );
+    says(&refused.stderr, "subject forgotten");
     let again = run(&["keys", "reapply-forgets"], None);
-    assert!(
-        text(&again.stdout).contains("0 key version(s) destroyed again"),
-        "{}",
-        text(&again.stdout)
-    );
+    says(&again.stdout, "0 key version(s) destroyed again");
     assert!(!text(&again.stdout).contains("cus_0001"));
 }

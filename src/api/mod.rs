@@ -291,13 +291,8 @@ async fn handle<R: ApiRequest>(
     api.auditor.emit(event).await;
     // Follow-up events: the keys a forget shredded.
     if let (Operation::Forget, Ok(answer)) = (operation, &result) {
-        let mut shredded = AuditEvent::new(AuditKind::KeyShredded);
-        shredded.counts = vec![crate::audit::FieldCount {
-            field_path: "subject".into(),
-            action: "key versions destroyed".into(),
-            count: answer["key_versions_destroyed"].as_i64().unwrap_or(0),
-        }];
-        api.auditor.emit(shredded).await;
+        let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
+        api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
     }
     response
 }

@@ -125,6 +125,19 @@ impl AuditEvent {
     }
 }
 
+impl AuditEvent {
+    /// KEY_SHREDDED: how many key versions of a subject a forget destroyed.
+    pub fn key_shredded(destroyed: i64) -> Self {
+        let mut event = Self::new(AuditKind::KeyShredded);
+        event.counts = vec![FieldCount {
+            field_path: "subject".into(),
+            action: "key versions destroyed".into(),
+            count: destroyed,
+        }];
+        event
+    }
+}
+
 /// The position of an instance in its chain.
 pub(crate) struct Chain {
     pub(crate) instance: String,

@@ -448,6 +448,21 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_holds_the_current_key_of_each_of_its_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        ring.domain_key("sales").unwrap();
+        ring.rotate(&Keyring::domain_scope("sales")).unwrap();
+        let batch = ring.prefetch([], ["sales", "support", "sales"]).unwrap();
+        for domain in ["sales", "support"] {
+            let held = batch.domain(domain).expect("prefetched");
+            assert_eq!(held.key_id, ring.domain_key(domain).unwrap().key_id, "{domain}");
+        }
+        assert_eq!(batch.domain("sales").unwrap().version, 2, "the current version");
+        assert!(batch.domain("billing").is_none(), "only the domains asked for");
+    }
+
+    #[test]
     fn another_kek_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         keyring(dir.path(), 1).unwrap();
