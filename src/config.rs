@@ -133,6 +133,7 @@ struct RawKeys {
     cache_ttl_secs: Option<u64>,
     default_domain: Option<String>,
     control_topic: Option<String>,
+    max_encryptions_per_key: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +165,10 @@ pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 pub const DEFAULT_AUDIT_TOPIC: &str = "piiwall.audit";
 /// The compacted topic on which forget and rotate reach every instance's key cache.
 pub const DEFAULT_CONTROL_TOPIC: &str = "piiwall.control";
+/// AES-GCM with random 96-bit nonces is bounded to 2^32 encryptions per key (NIST SP 800-38D).
+pub const MAX_ENCRYPTIONS_BOUND: u64 = 1 << 32;
+/// Half the bound: the other half covers counts not yet recorded and instances still using a rotated key.
+pub const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 31;
 /// The largest request body the API reads.
 pub const DEFAULT_API_MAX_BODY: usize = 64 * 1024;
 /// Where `/metrics`, `/healthz` and `/readyz` are served, unless `http.listen` says otherwise.
@@ -290,6 +295,8 @@ pub struct KeysConfig {
     pub default_domain: String,
     /// Where forget and rotate are announced to every instance sharing the key store.
     pub control_topic: String,
+    /// Random-nonce encryptions after which a key is rotated (`Keyring::retire_worn`).
+    pub max_encryptions: u64,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -416,6 +423,7 @@ impl Config {
         line("keys.cache_ttl_secs", self.keys.cache.ttl.as_secs().to_string());
         line("keys.default_domain", self.keys.default_domain.clone());
         line("keys.control_topic", self.keys.control_topic.clone());
+        line("keys.max_encryptions_per_key", self.keys.max_encryptions.to_string());
         line("policy.untagged", format!("{:?}", self.policy.untagged).to_lowercase());
         for (tag, action) in &self.policy.tag_actions {
             line(&format!("policy.tags.{tag}"), action.name().to_owned());
@@ -559,6 +567,13 @@ impl RawConfig {
         if ttl.is_zero() {
             return Err(ConfigError("keys.cache_ttl_secs must be at least 1".into()));
         }
+        let max_encryptions = self.keys.max_encryptions_per_key.unwrap_or(DEFAULT_MAX_ENCRYPTIONS);
+        if !(1..=MAX_ENCRYPTIONS_BOUND).contains(&max_encryptions) {
+            return Err(ConfigError(format!(
+                "keys.max_encryptions_per_key must be between 1 and {MAX_ENCRYPTIONS_BOUND} (2^32, the AES-GCM bound \
+                 for random nonces)"
+            )));
+        }
         let default_domain = self.keys.default_domain.unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
         if !valid_domain(&default_domain) {
             return Err(ConfigError(
@@ -622,6 +637,7 @@ impl RawConfig {
                     .keys
                     .control_topic
                     .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned()),
+                max_encryptions,
             },
             policy,
             kafka,
@@ -1015,6 +1031,11 @@ mod tests {
             ("[keys]\nstore = \"mysql://x\"\n", "keys.store"),
             ("[keys]\nkek = \"vault:x\"\n", "keys.kek"),
             ("[keys]\ncache_capacity = 0\n", "keys.cache_capacity"),
+            ("[keys]\nmax_encryptions_per_key = 0\n", "keys.max_encryptions_per_key"),
+            (
+                "[keys]\nmax_encryptions_per_key = 4294967297\n",
+                "keys.max_encryptions_per_key",
+            ),
             ("[keys]\ndefault_domain = \"Bad Domain\"\n", "keys.default_domain"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),

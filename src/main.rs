@@ -293,9 +293,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     File::create(path).with_context(|| format!("cannot create output {path}"))?,
                 )),
             };
-            let summary = offline::sanitize_lines(&compiled, &sanitizer, input, output, |line, e| {
-                eprintln!("line {line}: {e}")
-            })?;
+            let summary = offline::sanitize_lines(
+                &compiled,
+                &sanitizer,
+                config.keys.max_encryptions,
+                input,
+                output,
+                |line, e| eprintln!("line {line}: {e}"),
+            )?;
+            for key in &summary.retired {
+                eprintln!(
+                    "piiwall: a key reached keys.max_encryptions_per_key: new data uses its version {}",
+                    key.version
+                );
+                announce_locally(&config, ControlOp::Rotate, &key.scope);
+            }
             if summary.failed > 0 {
                 eprintln!(
                     "piiwall: {} records sanitized, {} failed",

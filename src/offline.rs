@@ -13,6 +13,7 @@ use serde_json::Value as Json;
 use crate::codec::avro::ValueCodec;
 use crate::codec::json::JsonCodec;
 use crate::error::{Error, ErrorKind};
+use crate::keys::Retired;
 use crate::policy::CompiledSchema;
 use crate::sanitize::Sanitizer;
 use crate::transcode::{TranscodeScratch, Transcoder};
@@ -21,16 +22,20 @@ use crate::transcode::{TranscodeScratch, Transcoder};
 const CHUNK: usize = 500;
 
 /// How a run went.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub sanitized: usize,
     pub failed: usize,
+    /// Keys rotated on reaching `keys.max_encryptions_per_key`.
+    pub retired: Vec<Retired>,
 }
 
 /// Sanitizes every line of `input` into `output`; `on_error` hears of each line that failed (1-based number).
+/// Keys that reach `max_encryptions` are rotated as the stream processor does (`Keyring::retire_worn`).
 pub fn sanitize_lines(
     schema: &CompiledSchema,
     sanitizer: &Sanitizer,
+    max_encryptions: u64,
     input: impl BufRead,
     mut output: impl Write,
     mut on_error: impl FnMut(usize, &Error),
@@ -99,6 +104,8 @@ pub fn sanitize_lines(
                 Err(e) => return Err(e),
             }
         }
+        let retired = sanitizer.keyring().retire_worn(&keys, max_encryptions)?;
+        summary.retired.extend(retired);
     }
     output.flush().map_err(|e| Error::io("writing output", e))?;
     Ok(summary)

@@ -1,6 +1,7 @@
 //! Data keys: one 32-byte secret, with the per-purpose keys derived from it kept ready for use.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -55,6 +56,8 @@ pub struct Dek {
     hash: HmacSha256,
     /// `<prefix>.<key id>.` of this key's tokens, ciphertexts and hashes.
     heads: [[u8; HEAD_LEN]; 3],
+    /// Random-nonce encryptions under this key not yet added to the key store's count (`Keyring::retire_worn`).
+    unrecorded: AtomicU64,
 }
 
 impl fmt::Debug for Dek {
@@ -83,7 +86,18 @@ impl Dek {
             token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
             hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
             heads: [TokenKind::Token, TokenKind::Ciphertext, TokenKind::Hash].map(|kind| Token::head(kind, key_id)),
+            unrecorded: AtomicU64::new(0),
         }
+    }
+
+    /// Takes the count of encryptions not yet recorded in the key store, once it has reached `at_least`.
+    pub fn take_unrecorded(&self, at_least: u64) -> Option<u64> {
+        (self.unrecorded.load(Ordering::Relaxed) >= at_least).then(|| self.unrecorded.swap(0, Ordering::Relaxed))
+    }
+
+    /// Gives back a count taken by [`take_unrecorded`](Self::take_unrecorded) that the store did not record.
+    pub fn restore_unrecorded(&self, count: u64) {
+        self.unrecorded.fetch_add(count, Ordering::Relaxed);
     }
 
     /// A deterministic, reversible token of `plaintext`, bound to `context`.
@@ -126,6 +140,8 @@ impl Dek {
         associated_data(TokenKind::Ciphertext, self.key_id, context, &mut scratch.ad);
         // The thread-local CSPRNG (ChaCha, reseeded from the OS) rather than a system call per value.
         let nonce = Aes256Gcm::generate_nonce(&mut rand::thread_rng());
+        // Random 96-bit nonces bound the encryptions per key (2^32, NIST SP 800-38D): counted for rotation.
+        self.unrecorded.fetch_add(1, Ordering::Relaxed);
         self.seal_into(&self.encrypt, TokenKind::Ciphertext, &nonce, plaintext, scratch, out);
     }
 

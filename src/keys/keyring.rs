@@ -61,12 +61,27 @@ impl BatchKeys {
     }
 }
 
+/// A key that reached its encryption limit and was replaced by a new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// The key scope: `d:<domain>`, or a subject's keyed hash (never the subject id).
+    pub scope: String,
+    /// The version new data uses from now on.
+    pub version: u32,
+}
+
 /// The key protecting a record.
 #[derive(Clone)]
 pub enum RecordKey {
     Active(Arc<Dek>),
     /// The record's subject was forgotten: its protected fields are redacted.
     Forgotten,
+}
+
+/// Whose key a counted key is: a scope known by name, or a subject whose scope is derived only when needed.
+enum KeyHolder<'a> {
+    Scope(String),
+    Subject(&'a str),
 }
 
 #[derive(Clone)]
@@ -285,6 +300,59 @@ impl Keyring {
         Ok(stored.version)
     }
 
+    /// Records the random-nonce encryptions done under the domain keys in use and the batch's subject keys, and
+    /// rotates each key whose total reached `limit`. AES-GCM with random 96-bit nonces is safe for 2^32
+    /// encryptions per key (NIST SP 800-38D); the total is kept in the key store, so it survives restarts and adds up
+    /// the work of every instance sharing the store. Counts are written in steps of `limit / 1024` (one store write
+    /// per key every ~2 million encryptions at the default limit): a crash loses at most one step per key.
+    pub fn retire_worn(&self, batch: &BatchKeys, limit: u64) -> Result<Vec<Retired>, KeyError> {
+        let step = (limit / 1024).max(1);
+        let mut keys: Vec<(KeyHolder<'_>, Arc<Dek>)> = self
+            .domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(domain, (dek, _))| (KeyHolder::Scope(Self::domain_scope(domain)), dek.clone()))
+            .collect();
+        keys.extend(batch.keys.iter().filter_map(|(subject, key)| match key {
+            RecordKey::Active(dek) => Some((KeyHolder::Subject(subject), dek.clone())),
+            RecordKey::Forgotten => None,
+        }));
+        let mut retired = Vec::new();
+        for (holder, dek) in keys {
+            let Some(count) = dek.take_unrecorded(step) else {
+                continue;
+            };
+            let total = self
+                .store
+                .record_encryptions(&dek.key_id, count)
+                .inspect_err(|_| dek.restore_unrecorded(count))?;
+            if total < limit {
+                continue;
+            }
+            let scope = match holder {
+                KeyHolder::Scope(scope) => scope,
+                KeyHolder::Subject(subject) => self.subject_scope(subject),
+            };
+            if let Some(version) = self.rotate_if_current(&scope, dek.key_id)? {
+                retired.push(Retired { scope, version });
+            }
+        }
+        Ok(retired)
+    }
+
+    /// Rotates a scope whose current key is `key_id`; when another instance rotated (or forgot) it already, only
+    /// drops this process's cached copy.
+    fn rotate_if_current(&self, scope: &str, key_id: KeyId) -> Result<Option<u32>, KeyError> {
+        match self.store.current(scope)? {
+            Some(current) if current.key_id == key_id => self.rotate(scope).map(Some),
+            _ => {
+                self.invalidate_scope(scope);
+                Ok(None)
+            }
+        }
+    }
+
     /// Destroys every key version of a subject and remembers it as forgotten. Returns how many versions were
     /// destroyed (0 when it had none, or was already forgotten).
     pub fn forget_subject(&self, subject: &str) -> Result<usize, KeyError> {
@@ -460,6 +528,89 @@ mod tests {
         }
         assert_eq!(batch.domain("sales").unwrap().version, 2, "the current version");
         assert!(batch.domain("billing").is_none(), "only the domains asked for");
+    }
+
+    fn encrypt_times(dek: &Dek, times: usize) {
+        for _ in 0..times {
+            dek.encrypt("note", b"value");
+        }
+    }
+
+    #[test]
+    fn a_key_is_rotated_when_its_encryptions_reach_the_limit_counted_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = keyring(dir.path(), 1).unwrap();
+        let v1 = first.domain_key("sales").unwrap();
+        encrypt_times(&v1, 6);
+        assert_eq!(first.retire_worn(&BatchKeys::default(), 10).unwrap(), [], "6 of 10");
+        let restarted = keyring(dir.path(), 1).unwrap();
+        let same = restarted.domain_key("sales").unwrap();
+        assert_eq!(same.key_id, v1.key_id);
+        encrypt_times(&same, 3);
+        assert_eq!(restarted.retire_worn(&BatchKeys::default(), 10).unwrap(), [], "9 of 10");
+        encrypt_times(&same, 1);
+        let retired = restarted.retire_worn(&BatchKeys::default(), 10).unwrap();
+        assert_eq!(
+            retired,
+            [Retired {
+                scope: Keyring::domain_scope("sales"),
+                version: 2
+            }]
+        );
+        assert_eq!(
+            restarted.domain_key("sales").unwrap().version,
+            2,
+            "new data uses the new version"
+        );
+        assert!(restarted.key_by_id(v1.key_id).is_ok(), "the worn key still reveals");
+        assert_eq!(
+            restarted.retire_worn(&BatchKeys::default(), 10).unwrap(),
+            [],
+            "nothing new to count"
+        );
+    }
+
+    #[test]
+    fn a_key_another_instance_rotated_is_not_rotated_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (keyring(dir.path(), 1).unwrap(), keyring(dir.path(), 1).unwrap());
+        let (held_by_one, held_by_two) = (one.domain_key("sales").unwrap(), two.domain_key("sales").unwrap());
+        encrypt_times(&held_by_one, 10);
+        assert_eq!(one.retire_worn(&BatchKeys::default(), 10).unwrap().len(), 1);
+        encrypt_times(&held_by_two, 1);
+        assert_eq!(
+            two.retire_worn(&BatchKeys::default(), 10).unwrap(),
+            [],
+            "already rotated"
+        );
+        assert_eq!(two.domain_key("sales").unwrap().version, 2, "its stale copy is dropped");
+        assert_eq!(two.store.versions(&Keyring::domain_scope("sales")).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_batch_subject_key_is_rotated_at_the_limit_and_forgotten_subjects_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        ring.forget_subject("gone").unwrap();
+        let batch = ring.prefetch_subjects(["alice", "bob", "gone"]).unwrap();
+        let RecordKey::Active(alice) = batch.get("alice").unwrap().clone() else {
+            panic!("alice has a key")
+        };
+        encrypt_times(&alice, 10);
+        let RecordKey::Active(bob) = batch.get("bob").unwrap().clone() else {
+            panic!("bob has a key")
+        };
+        encrypt_times(&bob, 9);
+        let retired = ring.retire_worn(&batch, 10).unwrap();
+        assert_eq!(
+            retired,
+            [Retired {
+                scope: ring.subject_scope("alice"),
+                version: 2
+            }]
+        );
+        assert_eq!(active(ring.subject_key("alice").unwrap()).version, 2);
+        assert_eq!(active(ring.subject_key("bob").unwrap()).version, 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod sqlite;
 mod store;
 
 pub use keyring::{
-    BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey,
+    BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey, Retired,
     SubjectStatus,
 };
 pub use postgres::PostgresStore;

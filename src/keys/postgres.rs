@@ -20,7 +20,8 @@ use crate::crypto::KeyId;
 use crate::error::KeyError;
 
 /// Migrations, applied in order once each; the index + 1 is the schema version.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE piiwall_deks (
     key_id     BYTEA PRIMARY KEY,
     scope      TEXT NOT NULL,
@@ -32,7 +33,11 @@ CREATE TABLE piiwall_deks (
 CREATE TABLE piiwall_shredded_keys (key_id BYTEA PRIMARY KEY, shredded_at BIGINT NOT NULL);
 CREATE TABLE piiwall_forgotten_scopes (scope TEXT PRIMARY KEY, forgotten_at BIGINT NOT NULL);
 CREATE TABLE piiwall_meta (name TEXT PRIMARY KEY, wrapped BYTEA NOT NULL);
-"];
+",
+    "
+CREATE TABLE piiwall_key_usage (key_id BYTEA PRIMARY KEY, encryptions BIGINT NOT NULL);
+",
+];
 
 /// The advisory lock key of the migrations (an arbitrary constant: "piiwall" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0070_6969_7761_6c6c;
@@ -261,6 +266,20 @@ impl KeyStore for PostgresStore {
                 .map(|row| row.get(0))
         })?;
         Ok(count as u32)
+    }
+
+    fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
+        let count = i64::try_from(count).map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
+        let total: i64 = self.with("recording key usage", |tx| {
+            tx.query_one(
+                "INSERT INTO piiwall_key_usage (key_id, encryptions) VALUES ($1, $2)
+                 ON CONFLICT (key_id) DO UPDATE SET encryptions = piiwall_key_usage.encryptions + EXCLUDED.encryptions
+                 RETURNING encryptions",
+                &[&&key_id.0[..], &count],
+            )
+            .map(|row| row.get(0))
+        })?;
+        Ok(total.max(0) as u64)
     }
 
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {

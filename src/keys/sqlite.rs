@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS deks (
 CREATE TABLE IF NOT EXISTS shredded_keys (key_id BLOB PRIMARY KEY, shredded_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS forgotten_scopes (scope TEXT PRIMARY KEY, forgotten_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS key_usage (key_id BLOB PRIMARY KEY, encryptions INTEGER NOT NULL);
 ";
 
 pub struct SqliteStore {
@@ -217,6 +218,23 @@ impl KeyStore for SqliteStore {
             |c| c.query_row("SELECT COUNT(*) FROM deks WHERE scope = ?1", [scope], |row| row.get(0)),
             "counting key versions",
         )
+    }
+
+    fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
+        let count = i64::try_from(count).map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
+        let total: i64 = self.with(
+            |c| {
+                c.query_row(
+                    "INSERT INTO key_usage (key_id, encryptions) VALUES (?1, ?2)
+                     ON CONFLICT (key_id) DO UPDATE SET encryptions = encryptions + excluded.encryptions
+                     RETURNING encryptions",
+                    params![&key_id.0[..], count],
+                    |row| row.get(0),
+                )
+            },
+            "recording key usage",
+        )?;
+        Ok(total.max(0) as u64)
     }
 
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {

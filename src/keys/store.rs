@@ -37,6 +37,9 @@ pub trait KeyStore: Send + Sync {
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError>;
     /// How many key versions a scope holds (0 when it has none or was forgotten).
     fn versions(&self, scope: &str) -> Result<u32, KeyError>;
+    /// Adds `count` to a key's tally of random-nonce encryptions (kept across restarts, shared by every instance
+    /// using the store); returns the new total.
+    fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
 }

@@ -13,10 +13,12 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
+use super::control::{Control, ControlOp};
 use super::process::{Outcome, Processor};
 use super::transaction;
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::error::{Error, ErrorKind};
+use crate::keys::Retired;
 use crate::transcode::TranscodeScratch;
 
 /// Header names of a record's source coordinates, on every output and quarantine record.
@@ -44,6 +46,9 @@ pub struct LaneContext {
     pub sanitized: AtomicU64,
     pub quarantined: AtomicU64,
     pub auditor: Auditor,
+    /// Where the rotations of keys that reached `max_encryptions` are announced.
+    pub control: Control,
+    pub max_encryptions: u64,
     /// Records sanitized per (input topic, writer schema id) since the last processing summary.
     pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
 }
@@ -85,8 +90,12 @@ pub async fn run(
             scratch: returned,
             outcomes,
             keys_created,
+            retired,
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
+        for key in retired {
+            announce_retired(&ctx, key).await;
+        }
         if keys_created > 0 {
             let mut event = AuditEvent::new(AuditKind::KeyCreated);
             event.topic = Some(topic.clone());
@@ -240,12 +249,34 @@ async fn write(
     Ok(written)
 }
 
-/// A batch after sanitizing: its records, what became of each, and how many subject keys it created.
+/// A batch after sanitizing: its records, what became of each, how many subject keys it created, and the keys
+/// rotated after it for having reached their encryption limit.
 struct Sanitized {
     batch: Vec<OwnedMessage>,
     scratch: TranscodeScratch,
     outcomes: Vec<Outcome>,
     keys_created: usize,
+    retired: Vec<Retired>,
+}
+
+/// Tells the other instances (control topic) and the audit trail that a worn key was rotated. Not announcing only
+/// delays the others until their key cache expires, so a failure is logged, not fatal.
+async fn announce_retired(ctx: &LaneContext, key: Retired) {
+    let whose = match key.scope.strip_prefix("d:") {
+        Some(domain) => format!("the key of domain {domain}"),
+        None => "a subject's key".to_owned(),
+    };
+    tracing::info!(key = %whose, version = key.version, "key reached keys.max_encryptions_per_key: rotated");
+    if let Err(e) = ctx.control.announce(ControlOp::Rotate, &key.scope).await {
+        tracing::warn!(error = %e, "rotation not announced: other instances see it when their key cache expires");
+    }
+    let mut event = AuditEvent::new(AuditKind::KeyRotated);
+    event.principal = Some("piiwall".into());
+    event.reason = Some(format!(
+        "{whose} reached keys.max_encryptions_per_key ({})",
+        ctx.max_encryptions
+    ));
+    ctx.auditor.emit(event).await;
 }
 
 /// Sanitizes a batch on the blocking pool, its registry schemas resolved and its new subjects' keys created first.
@@ -271,19 +302,25 @@ async fn sanitize_batch(
                             .iter()
                             .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
                             .collect::<Result<Vec<_>, _>>()?;
-                        Ok((keys.created, outcomes))
+                        let keyring = lane.processor.sanitizer.keyring();
+                        let retired = keyring.retire_worn(&keys, lane.max_encryptions).unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
+                            Vec::new()
+                        });
+                        Ok((keys.created, outcomes, retired))
                     });
                     (batch, scratch, result)
                 })
                 .await
                 .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
                 match result {
-                    Ok((keys_created, outcomes)) => {
+                    Ok((keys_created, outcomes, retired)) => {
                         return Ok(Sanitized {
                             batch,
                             scratch,
                             outcomes,
                             keys_created,
+                            retired,
                         });
                     }
                     Err(e) => {

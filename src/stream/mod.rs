@@ -251,6 +251,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         config.audit.instance.clone(),
         keyring.clone(),
     );
+    let control = Control::new(producer.clone(), config.keys.control_topic.clone());
     let control_listener =
         control::listen(&client, &config.keys.control_topic, keyring.clone(), shutdown.listen()).await?;
     if let Some(listen) = config.http_listen {
@@ -260,7 +261,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 sanitizer: sanitizer.clone(),
                 routes: routes.clone(),
                 auditor: auditor.clone(),
-                control: Control::new(producer.clone(), config.keys.control_topic.clone()),
+                control: control.clone(),
             })
         });
         crate::http::serve(listen, ready.clone(), shutdown.listen(), api, config.http_tls.as_ref()).await?;
@@ -292,6 +293,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         sanitized: AtomicU64::new(0),
         quarantined: AtomicU64::new(0),
         auditor: auditor.clone(),
+        control: control.clone(),
+        max_encryptions: config.keys.max_encryptions,
         window: std::sync::Mutex::new(HashMap::new()),
     });
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
