@@ -508,6 +508,18 @@ async fn sigkill_loses_nothing_and_duplicates_carry_their_source_coordinates() {
     assert_eq!(subjects.len(), N, "distinct coordinates are distinct records");
 }
 
+/// Audit events as JSON.
+fn audit_events(messages: &[OwnedMessage]) -> Vec<Json> {
+    let reader = GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
+        .build()
+        .unwrap();
+    let json = JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA);
+    messages
+        .iter()
+        .map(|m| json.to_json(&reader.read_value(&mut m.payload().unwrap()).unwrap()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_verifies_and_tampering_is_detected() {
     let Setup {
@@ -558,16 +570,7 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     })
     .await
     .unwrap();
-    let reader = GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
-        .build()
-        .unwrap();
-    let decoded: Vec<Json> = events
-        .iter()
-        .map(|m| {
-            JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA)
-                .to_json(&reader.read_value(&mut m.payload().unwrap()).unwrap())
-        })
-        .collect();
+    let decoded = audit_events(&events);
     let kinds: Vec<&str> = decoded.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     let of = |kind: &str| decoded.iter().filter(|e| e["kind"] == kind).collect::<Vec<_>>();
     assert_eq!(kinds.first(), Some(&"START"));
@@ -728,4 +731,123 @@ async fn quarantined_records_are_replayed_once_their_cause_is_fixed() {
     assert_eq!(again.replayed, 0, "nothing is replayed twice");
     // (On Kafka the second replay reports the garbage record again; Tansu 0.6 cannot serve a fetch that starts
     // inside a record batch, so that part is not asserted here.)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_reaches_its_encryption_limit_is_rotated_announced_and_audited() {
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("worn").await;
+    // One customer throughout: 3 encrypted fields a record, 60 records = 180 encryptions against a limit of 100.
+    // Whatever the batching, the first key passes 100 and the second stays under it (at most 80 + 3 x 5).
+    let one_customer = |n: usize, updated_at: i64| -> Vec<Outgoing> {
+        let mut record = customer(7);
+        record["updated_at"] = json!(updated_at);
+        (0..n)
+            .map(|i| {
+                let value = framed(&schema, SCHEMA_ID, &record);
+                ((i % 3) as i32, Some(b"cus_00007".to_vec()), value, OwnedHeaders::new())
+            })
+            .collect()
+    };
+    const LATER: i64 = 1_800_000_000_000;
+    produce(&input, one_customer(60, 1)).await;
+    config(dir.path(), &input, &group);
+    let text = config_text(dir.path(), &input, &group, 0).replace(
+        "[keys]\n",
+        &format!("[keys]\nmax_encryptions_per_key = 100\ncontrol_topic = \"{input}.control\"\n"),
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(
+        Config::parse(&text, std::iter::empty(), "test config").unwrap(),
+        shutdown.clone(),
+    ));
+    let output = format!("{input}.sanitized");
+    let wait_for = |count: usize| {
+        let output = output.clone();
+        tokio::task::spawn_blocking(move || consume(&output, count, Duration::from_secs(60)))
+    };
+    assert_eq!(wait_for(60).await.unwrap().len(), 60);
+    produce(&input, one_customer(5, LATER)).await;
+    let sanitized = wait_for(65).await.unwrap();
+    assert_eq!(sanitized.len(), 65);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+
+    let kek = std::fs::read_to_string(dir.path().join("kek.key")).unwrap();
+    let keyring = common::keyring_at_with(dir.path(), &kek);
+    let status = keyring.subject_status("cus_00007").unwrap();
+    assert_eq!(status.key_versions, 2, "rotated exactly once");
+    let current = match keyring.subject_key("cus_00007").unwrap() {
+        piiwall::keys::RecordKey::Active(dek) => dek,
+        piiwall::keys::RecordKey::Forgotten => panic!("not forgotten"),
+    };
+    let new_head = format!("pwe1.{}.", current.key_id.to_text());
+    let reader = GenericDatumReader::builder(&schema.sanitized).build().unwrap();
+    let json = JsonCodec::new(&schema.sanitized);
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for message in &sanitized {
+        let (_, payload) = stream::parse_frame(message.payload().unwrap()).unwrap();
+        let record = json.to_json(&reader.read_value(&mut &payload[..]).unwrap());
+        let under_new_key = record["full_name"].as_str().unwrap().starts_with(&new_head);
+        if record["updated_at"] == json!(LATER) {
+            after.push(under_new_key);
+        } else {
+            before.push(under_new_key);
+        }
+    }
+    assert_eq!(after, [true; 5], "records after the rotation use the new key");
+    assert!(
+        before.iter().filter(|new| !**new).count() >= 100 / 3,
+        "the first 100 encryptions used the old key"
+    );
+
+    let announced = tokio::task::spawn_blocking({
+        let topic = format!("{input}.control");
+        move || consume(&topic, 1, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(announced.len(), 1);
+    assert_eq!(announced[0].payload(), Some(&b"rotate"[..]));
+    assert_eq!(
+        announced[0].key(),
+        Some(keyring.subject_scope("cus_00007").as_bytes()),
+        "the subject's key scope, not its id"
+    );
+
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", broker());
+    let audit_topic = format!("{input}.audit");
+    let report = tokio::task::spawn_blocking({
+        let (topic, keyring) = (audit_topic.clone(), keyring.clone());
+        move || piiwall::audit::verify(&client, &topic, &keyring).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.first_break, None);
+    let events = tokio::task::spawn_blocking(move || consume(&audit_topic, report.events, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let rotated: Vec<Json> = audit_events(&events)
+        .into_iter()
+        .filter(|e| e["kind"] == "KEY_ROTATED")
+        .collect();
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
+    assert_eq!(rotated[0]["principal"], "piiwall");
+    assert_eq!(
+        rotated[0]["reason"],
+        "a subject's key reached keys.max_encryptions_per_key (100)"
+    );
+    for event in &events {
+        let bytes = event.payload().unwrap();
+        assert!(
+            !bytes.windows(9).any(|w| w == b"cus_00007"),
+            "no subject id in the audit trail"
+        );
+    }
 }

@@ -734,3 +734,55 @@ fn parallel_first_uses_of_one_subject_on_two_instances_create_one_key() {
         .get(0);
     assert_eq!(rows, 5, "exactly one key row per subject");
 }
+
+#[test]
+fn encryption_counts_add_up_across_instances_and_a_store_from_before_them_is_migrated() {
+    use piiwall::crypto::LocalKek;
+    use piiwall::keys::{BatchKeys, KeyCacheSettings, Keyring, PostgresStore, Retired};
+    use std::sync::Arc;
+
+    let url = fresh_database();
+    PostgresStore::open(&url).unwrap();
+    // As a store made before the usage table existed: schema version 1.
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .batch_execute("DROP TABLE piiwall_key_usage; DELETE FROM piiwall_schema_version WHERE version > 1")
+        .unwrap();
+    let instance = || {
+        let store = Arc::new(PostgresStore::open(&url).unwrap());
+        let kek = Arc::new(LocalKek::from_bytes(&common::KEK).unwrap());
+        Keyring::open(store, kek, KeyCacheSettings::default()).unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let (held_by_a, held_by_b) = (a.domain_key("sales").unwrap(), b.domain_key("sales").unwrap());
+    assert_eq!(held_by_a.key_id, held_by_b.key_id);
+    let none = BatchKeys::default();
+    for _ in 0..6 {
+        held_by_a.encrypt("note", b"value");
+    }
+    assert_eq!(a.retire_worn(&none, 10).unwrap(), [], "6 of 10");
+    for _ in 0..4 {
+        held_by_b.encrypt("note", b"value");
+    }
+    assert_eq!(
+        b.retire_worn(&none, 10).unwrap(),
+        [Retired {
+            scope: Keyring::domain_scope("sales"),
+            version: 2
+        }],
+        "both instances' encryptions count"
+    );
+    held_by_a.encrypt("note", b"value");
+    assert_eq!(a.retire_worn(&none, 10).unwrap(), [], "rotated once, by b");
+    assert_eq!(a.domain_key("sales").unwrap().version, 2);
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM piiwall_deks WHERE scope = 'd:sales' ORDER BY version",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+}
