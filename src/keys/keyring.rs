@@ -70,6 +70,13 @@ pub struct Retired {
     pub version: u32,
 }
 
+impl Retired {
+    /// The domain whose key this was; `None` for a subject's key.
+    pub fn domain(&self) -> Option<&str> {
+        self.scope.strip_prefix("d:")
+    }
+}
+
 /// The key protecting a record.
 #[derive(Clone)]
 pub enum RecordKey {

@@ -262,7 +262,7 @@ struct Sanitized {
 /// Tells the other instances (control topic) and the audit trail that a worn key was rotated. Not announcing only
 /// delays the others until their key cache expires, so a failure is logged, not fatal.
 async fn announce_retired(ctx: &LaneContext, key: Retired) {
-    let whose = match key.scope.strip_prefix("d:") {
+    let whose = match key.domain() {
         Some(domain) => format!("the key of domain {domain}"),
         None => "a subject's key".to_owned(),
     };
