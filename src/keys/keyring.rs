@@ -302,7 +302,7 @@ impl Keyring {
             return Err(KeyError::Forgotten);
         }
         let next = self.store.current(scope)?.map_or(1, |k| k.version + 1);
-        let stored = self.create(scope, next)?;
+        let (stored, _) = self.create(scope, next)?;
         self.invalidate_scope(scope);
         Ok(stored.version)
     }
@@ -348,16 +348,19 @@ impl Keyring {
         Ok(retired)
     }
 
-    /// Rotates a scope whose current key is `key_id`; when another instance rotated (or forgot) it already, only
-    /// drops this process's cached copy.
+    /// Rotates a scope whose current key is `key_id`, returning the new version. When another lane or instance
+    /// rotated (or forgot) it first, even at the same moment, only drops this process's cached copy: each rotation
+    /// is reported once.
     fn rotate_if_current(&self, scope: &str, key_id: KeyId) -> Result<Option<u32>, KeyError> {
-        match self.store.current(scope)? {
-            Some(current) if current.key_id == key_id => self.rotate(scope).map(Some),
-            _ => {
-                self.invalidate_scope(scope);
-                Ok(None)
+        let rotated = match self.store.current(scope)? {
+            Some(current) if current.key_id == key_id => {
+                let (stored, ours) = self.create(scope, current.version + 1)?;
+                ours.then_some(stored.version)
             }
-        }
+            _ => None,
+        };
+        self.invalidate_scope(scope);
+        Ok(rotated)
     }
 
     /// Destroys every key version of a subject and remembers it as forgotten. Returns how many versions were
@@ -407,7 +410,7 @@ impl Keyring {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
             None => {
-                let row = self.create(scope, 1)?;
+                let (row, _) = self.create(scope, 1)?;
                 RecordKey::Active(Arc::new(self.unwrap(&row)?))
             }
         };
@@ -415,8 +418,9 @@ impl Keyring {
         Ok(entry)
     }
 
-    /// Creates and stores a key version unless one exists; returns the stored row (ours or a concurrent winner's).
-    fn create(&self, scope: &str, version: u32) -> Result<StoredKey, KeyError> {
+    /// Creates and stores a key version unless one exists; returns the stored row (ours or a concurrent winner's)
+    /// and whether it is ours.
+    fn create(&self, scope: &str, version: u32) -> Result<(StoredKey, bool), KeyError> {
         let key_id = KeyId::random();
         let secret = Zeroizing::new(rand::random::<[u8; 32]>());
         let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
@@ -426,7 +430,8 @@ impl Keyring {
             version,
             wrapped,
         })?;
-        Ok(stored)
+        let ours = stored.key_id == key_id;
+        Ok((stored, ours))
     }
 
     fn unwrap(&self, row: &StoredKey) -> Result<Dek, KeyError> {
@@ -592,6 +597,32 @@ mod tests {
         );
         assert_eq!(two.domain_key("sales").unwrap().version, 2, "its stale copy is dropped");
         assert_eq!(two.store.versions(&Keyring::domain_scope("sales")).unwrap(), 2);
+    }
+
+    #[test]
+    fn instances_passing_the_limit_together_report_one_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let rings: Vec<Keyring> = (0..8).map(|_| keyring(dir.path(), 1).unwrap()).collect();
+        let barrier = std::sync::Barrier::new(rings.len());
+        for round in 0..10 {
+            let domain = format!("sales-{round}");
+            let reported: usize = std::thread::scope(|threads| {
+                let handles: Vec<_> = rings
+                    .iter()
+                    .map(|ring| {
+                        let (barrier, domain) = (&barrier, &domain);
+                        threads.spawn(move || {
+                            encrypt_times(&ring.domain_key(domain).unwrap(), 10);
+                            barrier.wait();
+                            ring.retire_worn(&BatchKeys::default(), 10).unwrap().len()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(reported, 1, "{domain}: one rotation, reported once");
+            assert_eq!(rings[0].store.versions(&Keyring::domain_scope(&domain)).unwrap(), 2);
+        }
     }
 
     #[test]
