@@ -626,19 +626,16 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_subject_key_is_rotated_at_the_limit_and_forgotten_subjects_are_skipped() {
+    fn only_the_batch_subject_key_that_reached_the_limit_is_rotated() {
         let dir = tempfile::tempdir().unwrap();
         let ring = keyring(dir.path(), 1).unwrap();
-        ring.forget_subject("gone").unwrap();
-        let batch = ring.prefetch_subjects(["alice", "bob", "gone"]).unwrap();
-        let RecordKey::Active(alice) = batch.get("alice").unwrap().clone() else {
-            panic!("alice has a key")
+        let batch = ring.prefetch_subjects(["alice", "bob"]).unwrap();
+        let key = |subject| match batch.get(subject) {
+            Some(RecordKey::Active(dek)) => dek.clone(),
+            _ => panic!("{subject} has a key"),
         };
-        encrypt_times(&alice, 10);
-        let RecordKey::Active(bob) = batch.get("bob").unwrap().clone() else {
-            panic!("bob has a key")
-        };
-        encrypt_times(&bob, 9);
+        encrypt_times(&key("alice"), 10);
+        encrypt_times(&key("bob"), 9);
         let retired = ring.retire_worn(&batch, 10).unwrap();
         assert_eq!(
             retired,
@@ -649,6 +646,23 @@ mod tests {
         );
         assert_eq!(active(ring.subject_key("alice").unwrap()).version, 2);
         assert_eq!(active(ring.subject_key("bob").unwrap()).version, 1);
+    }
+
+    #[test]
+    fn counts_the_store_could_not_record_are_kept_for_the_next_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        encrypt_times(&ring.domain_key("sales").unwrap(), 10);
+        let store_file = rusqlite::Connection::open(dir.path().join("keys.db")).unwrap();
+        store_file.execute_batch("DROP TABLE key_usage").unwrap();
+        assert!(ring.retire_worn(&BatchKeys::default(), 10).is_err(), "the store fails");
+        SqliteStore::open(&dir.path().join("keys.db")).unwrap();
+        let retired = ring.retire_worn(&BatchKeys::default(), 10).unwrap();
+        assert_eq!(
+            retired.len(),
+            1,
+            "the 10 encryptions were counted once the store answered"
+        );
     }
 
     #[test]
