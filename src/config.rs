@@ -507,6 +507,16 @@ impl Config {
         }
         lines.join("\n")
     }
+
+    /// SHA-256 (hex) of the effective configuration with every secret masked, as [`describe`](Self::describe)
+    /// shows it: START and STOP audit events carry it, so it must not be a way to test guesses of a password.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.describe().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// Applies `PIIWALL_SECTION__KEY=value` variables; returns whether any applied. Variables without `__`
@@ -982,6 +992,28 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             "test.toml",
         )
+    }
+
+    #[test]
+    fn the_digest_does_not_depend_on_secrets() {
+        let with = |password: &str, registry_password: &str| {
+            parse(
+                &format!(
+                    "[kafka.properties]\n\"sasl.password\" = \"{password}\"\n\"ssl.key.password\" = \"{password}\"\n\
+                     [schemas]\nregistry = \"https://user:{registry_password}@registry.example:8081\"\n"
+                ),
+                &[],
+            )
+            .unwrap()
+            .digest()
+        };
+        assert_eq!(with("hunter2", "s3cret"), with("correct horse", "other"));
+        let other_setting = parse("[kafka]\nbrokers = \"10.0.0.1:9092\"\n", &[]).unwrap();
+        assert_ne!(
+            with("hunter2", "s3cret"),
+            other_setting.digest(),
+            "settings that are not secret count"
+        );
     }
 
     #[test]

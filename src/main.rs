@@ -51,7 +51,7 @@ enum Command {
         /// The field the tokens were found in: its path, or the `kind` its annotation names.
         #[arg(long)]
         field: String,
-        /// Tokens (pwt1.… / pwe1.…); - reads them from standard input, one per line.
+        /// Tokens (pwt1.… / pwe2.…); - reads them from standard input, one per line.
         #[arg(required = true)]
         tokens: Vec<String>,
         #[command(flatten)]

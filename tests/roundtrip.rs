@@ -181,7 +181,8 @@ fn value(ty: &Ty) -> BoxedStrategy<Json> {
         Ty::Bool => any::<bool>().prop_map(Json::from).boxed(),
         Ty::Nullable(t) => prop::option::of(value(t)).prop_map(|v| v.unwrap_or(Json::Null)).boxed(),
         Ty::Array(t) => prop::collection::vec(value(t), 0..3).prop_map(Json::Array).boxed(),
-        Ty::Map(t) => prop::collection::btree_map("[a-z]{1,4}", value(t), 0..3)
+        // Keys are marked like protected strings, and long enough that two maps do not share one by chance.
+        Ty::Map(t) => prop::collection::btree_map("~[a-z]{6,8}~", value(t), 0..3)
             .prop_map(|m| Json::Object(m.into_iter().collect()))
             .boxed(),
         Ty::Record(fields) => record_value(fields),
@@ -256,7 +257,7 @@ fn sanitize_binary(schema: &CompiledSchema, transcoder: &Transcoder, record: &Js
 /// Replaces each ciphertext by its prefix and key id, the part that does not depend on the random nonce.
 fn without_nonces(json: &Json) -> Json {
     match json {
-        Json::String(s) if s.starts_with("pwe1.") => Json::String(format!("{}..{}", &s[..21], s.len())),
+        Json::String(s) if s.starts_with("pwe2.") => Json::String(format!("{}..{}", &s[..21], s.len())),
         Json::Array(items) => Json::Array(items.iter().map(without_nonces).collect()),
         Json::Object(map) => Json::Object(map.iter().map(|(k, v)| (k.clone(), without_nonces(v))).collect()),
         other => other.clone(),
@@ -361,8 +362,32 @@ impl Checker {
                 }
             }
             Ty::Map(t) => {
+                // Keys are protected too: tokenized (reversible) under tokenize and encrypt, hashed otherwise.
+                let key_context = format!("{path}#key");
+                let (s_map, a_map) = (s.as_object().unwrap(), a.as_object().unwrap());
+                assert_eq!(
+                    s_map.len(),
+                    o.as_object().unwrap().len(),
+                    "keys stay distinct at {path}"
+                );
                 for k in o.as_object().unwrap().keys() {
-                    self.protected(t, action, path, &o[k], &s[k], &a[k]);
+                    let protected_key = match action {
+                        Act::Tokenize | Act::Encrypt => s_map
+                            .keys()
+                            .find(|t| SANITIZER.reveal(&key_context, t).ok().as_ref() == Some(&json!(k)))
+                            .unwrap_or_else(|| panic!("{path}: no key token reveals to the original key"))
+                            .clone(),
+                        _ => {
+                            let domain = SANITIZER.keyring().domain_key("default").unwrap();
+                            domain.hash(&key_context, &[&[0u8][..], k.as_bytes()].concat())
+                        }
+                    };
+                    assert!(
+                        a_map.contains_key(&protected_key),
+                        "map keys are deterministic at {path}"
+                    );
+                    self.note(&json!(k));
+                    self.protected(t, action, path, &o[k], &s_map[&protected_key], &a_map[&protected_key]);
                 }
             }
             _ => self.leaf(action, path, o, s, a),
@@ -384,7 +409,7 @@ impl Checker {
                 );
             }
             Act::Encrypt => {
-                assert!(token.starts_with("pwe1."), "{path}");
+                assert!(token.starts_with("pwe2."), "{path}");
                 assert_ne!(s, a, "encrypt never repeats at {path}");
                 assert_eq!(
                     &SANITIZER.reveal(path, token).unwrap(),

@@ -268,7 +268,7 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
         let why = std::str::from_utf8(header(copy, REASON).unwrap()).unwrap();
         assert!(why.contains(reason), "{why}");
         let token = std::str::from_utf8(copy.payload().unwrap()).unwrap();
-        assert!(token.starts_with("pwe1."), "the original bytes are encrypted");
+        assert!(token.starts_with("pwe2."), "the original bytes are encrypted");
         let revealed = piiwall::sanitize::reveal(&keyring, "quarantine.value", token).unwrap();
         let bytes: Vec<u8> = revealed.as_str().unwrap().chars().map(|c| c as u8).collect();
         assert_eq!(
@@ -786,7 +786,7 @@ async fn a_key_that_reaches_its_encryption_limit_is_rotated_announced_and_audite
         piiwall::keys::RecordKey::Active(dek) => dek,
         piiwall::keys::RecordKey::Forgotten => panic!("not forgotten"),
     };
-    let new_head = format!("pwe1.{}.", current.key_id.to_text());
+    let new_head = format!("pwe2.{}.", current.key_id.to_text());
     let reader = GenericDatumReader::builder(&schema.sanitized).build().unwrap();
     let json = JsonCodec::new(&schema.sanitized);
     let (mut before, mut after) = (Vec::new(), Vec::new());

@@ -174,3 +174,104 @@ fn a_wrong_kek_is_refused_and_a_corrupted_row_is_named() {
         Err(Error::Key(KeyError::CorruptRow))
     ));
 }
+
+/// Every type the compiler accepts as a subject is located on both paths (the transcoder `run` and `sanitize` use,
+/// and the `Value` path): the record's tokens are under the subject's own key, so forgetting the subject makes them
+/// unrevealable. A record that fell back to the domain key would still reveal after the forget.
+#[test]
+fn every_accepted_subject_type_is_located_and_forgotten() {
+    use piiwall::transcode::{TranscodeScratch, Transcoder};
+    let uuid = "0b7e6f3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+    let cases: [(&str, Json, &str); 9] = [
+        ("string", json!("string"), "cus_1"),
+        ("int", json!("int"), "42"),
+        ("long", json!("long"), "4200000000"),
+        ("uuid on string", json!({"type": "string", "logicalType": "uuid"}), uuid),
+        ("uuid on bytes", json!({"type": "bytes", "logicalType": "uuid"}), uuid),
+        (
+            "uuid on fixed",
+            json!({"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}),
+            uuid,
+        ),
+        ("nullable string", json!(["null", "string"]), "cus_2"),
+        ("nullable long", json!(["null", "long"]), "7"),
+        (
+            "nullable uuid on bytes",
+            json!(["null", {"type": "bytes", "logicalType": "uuid"}]),
+            uuid,
+        ),
+    ];
+    for (name, ty, id) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let sanitizer = common::sanitizer_at(dir.path());
+        let schema = common::compiled(
+            &json!({"type": "record", "name": "S", "fields": [
+                {"name": "id", "type": ty, "pii": "subject"},
+                {"name": "email", "type": "string", "pii": "tokenize"}
+            ]})
+            .to_string(),
+        );
+        let id_json = match name {
+            "int" | "long" | "nullable long" => json!(id.parse::<i64>().unwrap()),
+            _ => json!(id),
+        };
+        let record = JsonCodec::new(&schema.writer)
+            .to_value(&json!({"id": id_json, "email": "ada@example.com"}))
+            .unwrap();
+        let binary = common::encode(&schema.writer, &record);
+        let transcoder = Transcoder::new(&schema).unwrap();
+        assert_eq!(transcoder.subject(&binary).unwrap().as_deref(), Some(id), "{name}");
+        let mut out = Vec::new();
+        sanitizer
+            .sanitize_binary(
+                &schema,
+                &transcoder,
+                &binary,
+                &mut TranscodeScratch::default(),
+                &mut out,
+            )
+            .unwrap();
+        let sanitized = common::decode(&schema.sanitized, &out);
+        let from_binary = JsonCodec::new(&schema.sanitized).to_json(&sanitized);
+        let mut value = record;
+        sanitizer.sanitize(&schema, &mut value).unwrap();
+        let from_value = JsonCodec::new(&schema.sanitized).to_json(&value);
+        assert_eq!(
+            from_binary["email"], from_value["email"],
+            "{name}: both paths use one key"
+        );
+        let token = from_binary["email"].as_str().unwrap();
+        assert_eq!(
+            sanitizer.reveal("email", token).unwrap(),
+            json!("ada@example.com"),
+            "{name}"
+        );
+        assert_eq!(
+            sanitizer.keyring().forget_subject(id).unwrap(),
+            1,
+            "{name}: the subject had its own key"
+        );
+        assert!(
+            matches!(
+                sanitizer.reveal("email", token),
+                Err(Error::Reveal(RevealError::SubjectForgotten))
+            ),
+            "{name}: the token was under the subject's key"
+        );
+    }
+}
+
+/// A uuid on a fixed of another size than 16 is no uuid to Avro: as a subject it would never be located, so the
+/// schema is refused with an error that says why.
+#[test]
+fn a_subject_that_could_not_be_located_is_refused_at_compile_time() {
+    for ty in [
+        json!({"type": "fixed", "name": "U", "size": 8, "logicalType": "uuid"}),
+        json!("double"),
+        json!({"type": "enum", "name": "E", "symbols": ["A"]}),
+    ] {
+        let schema = json!({"type": "record", "name": "S", "fields": [{"name": "id", "type": ty, "pii": "subject"}]});
+        let err = piiwall::policy::compile(&schema.to_string(), &Default::default()).unwrap_err();
+        assert!(err.to_string().contains("16-byte fixed"), "{err}");
+    }
+}

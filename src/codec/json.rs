@@ -193,10 +193,14 @@ impl<'s> JsonCodec<'s> {
         let object = json
             .as_object()
             .ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
-        if let Some(unknown) = object.keys().find(|k| !record.lookup.contains_key(k.as_str())) {
+        // The key itself is input, and may be PII (an e-mail pasted as a key): the error names its position.
+        if let Some(position) = object.keys().position(|k| !record.lookup.contains_key(k.as_str())) {
             return Err(ValueError::new(
-                &join(path, unknown),
-                "unknown field: the schema has no such field",
+                path,
+                format!(
+                    "the object's key number {} is not a field of the record (the schema has no such field)",
+                    position + 1
+                ),
             ));
         }
         let mut fields = Vec::with_capacity(record.fields.len());
@@ -492,9 +496,15 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.path, "home.zip");
         let err = codec
-            .to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1"}, "work": null, "ssn": "123"}))
+            .to_value(
+                &json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1", "ada@example.com": "1"}, "work": null}),
+            )
             .unwrap_err();
-        assert_eq!(err.path, "ssn");
+        assert_eq!(err.path, "home");
+        assert_eq!(
+            err.to_string(),
+            "field `home`: the object's key number 2 is not a field of the record (the schema has no such field)"
+        );
         let err = codec
             .to_value(&json!({"id": 1, "amount": "1.234", "tags": [], "home": {"zip": "1"}, "work": null}))
             .unwrap_err();

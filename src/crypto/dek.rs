@@ -135,14 +135,21 @@ impl Dek {
         );
     }
 
-    /// Appends a randomized ciphertext of `plaintext` to `out`: [`token_len`] bytes.
+    /// Appends a randomized ciphertext of `plaintext` to `out`: [`ciphertext_len`] bytes. The plaintext is padded
+    /// (see [`padded_len`]) so that the ciphertext's length does not give short values away.
     pub fn encrypt_into(&self, context: &str, plaintext: &[u8], scratch: &mut Scratch, out: &mut Vec<u8>) {
         associated_data(TokenKind::Ciphertext, self.key_id, context, &mut scratch.ad);
         // The thread-local CSPRNG (ChaCha, reseeded from the OS) rather than a system call per value.
         let nonce = Aes256Gcm::generate_nonce(&mut rand::thread_rng());
         // Random 96-bit nonces bound the encryptions per key (2^32, NIST SP 800-38D): counted for rotation.
         self.unrecorded.fetch_add(1, Ordering::Relaxed);
-        self.seal_into(&self.encrypt, TokenKind::Ciphertext, &nonce, plaintext, scratch, out);
+        let payload = &mut scratch.payload;
+        payload.clear();
+        payload.extend_from_slice(&nonce);
+        payload.extend_from_slice(plaintext);
+        payload.push(PAD_MARK);
+        payload.resize(NONCE_LEN + padded_len(plaintext.len()), 0);
+        self.seal_payload(&self.encrypt, TokenKind::Ciphertext, scratch, out);
     }
 
     /// Appends the keyed hash of `plaintext` to `out`: [`HASH_LEN`] bytes.
@@ -163,7 +170,7 @@ impl Dek {
     pub fn open(&self, token: &Token, context: &str) -> Result<Zeroizing<Vec<u8>>, RevealError> {
         let cipher = match token.kind {
             TokenKind::Token => &self.token,
-            TokenKind::Ciphertext => &self.encrypt,
+            TokenKind::Ciphertext | TokenKind::CiphertextV1 => &self.encrypt,
             TokenKind::Hash => return Err(RevealError::NotReversible("hash")),
         };
         if token.payload.len() < NONCE_LEN + TAG_LEN {
@@ -172,16 +179,24 @@ impl Dek {
         let (nonce, sealed) = token.payload.split_at(NONCE_LEN);
         let mut ad = Vec::new();
         associated_data(token.kind, token.key_id, context, &mut ad);
-        cipher
+        let mut plaintext = cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad })
             .map(Zeroizing::new)
-            .map_err(|_| RevealError::Forged)
+            .map_err(|_| RevealError::Forged)?;
+        if token.kind == TokenKind::Ciphertext {
+            let end = plaintext.iter().rposition(|&b| b != 0);
+            match end {
+                Some(end) if plaintext[end] == PAD_MARK => plaintext.truncate(end),
+                _ => return Err(RevealError::Forged),
+            }
+        }
+        Ok(plaintext)
     }
 
     fn head(&self, kind: TokenKind) -> &[u8; HEAD_LEN] {
         &self.heads[match kind {
             TokenKind::Token => 0,
-            TokenKind::Ciphertext => 1,
+            TokenKind::Ciphertext | TokenKind::CiphertextV1 => 1,
             TokenKind::Hash => 2,
         }]
     }
@@ -199,8 +214,15 @@ impl Dek {
         payload.clear();
         payload.extend_from_slice(nonce);
         payload.extend_from_slice(plaintext);
+        self.seal_payload(cipher, kind, scratch, out);
+    }
+
+    /// Encrypts `scratch.payload` (nonce, then plaintext) in place, appends the tag and writes the token.
+    fn seal_payload(&self, cipher: &Aes256Gcm, kind: TokenKind, scratch: &mut Scratch, out: &mut Vec<u8>) {
+        let payload = &mut scratch.payload;
+        let (nonce, plaintext) = payload.split_at_mut(NONCE_LEN);
         let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &scratch.ad, &mut payload[NONCE_LEN..])
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), &scratch.ad, plaintext)
             .expect("AES-GCM encrypts any input under 64 GiB");
         payload.extend_from_slice(&tag);
         Token::render_with_head(self.head(kind), payload, out);
@@ -215,9 +237,25 @@ pub struct Scratch {
     payload: Vec<u8>,
 }
 
-/// The length of the text of a token or ciphertext of a `plaintext_len`-byte plaintext.
+/// Ends a plaintext inside a `pwe2` ciphertext; zero bytes follow up to the padded length (ISO/IEC 7816-4 padding).
+const PAD_MARK: u8 = 0x80;
+
+/// The length a plaintext is padded to before `encrypt`: the next multiple of 16 above it (room for the pad mark),
+/// and at least 32, so every plaintext of up to 31 bytes (a tag byte and 30 bytes of value) gives a ciphertext of
+/// one length.
+pub const fn padded_len(plaintext_len: usize) -> usize {
+    let next = (plaintext_len / 16 + 1) * 16;
+    if next < 32 { 32 } else { next }
+}
+
+/// The length of the text of a token of a `plaintext_len`-byte plaintext.
 pub const fn token_len(plaintext_len: usize) -> usize {
     Token::text_len(NONCE_LEN + plaintext_len + TAG_LEN)
+}
+
+/// The length of the text of a ciphertext (`encrypt`) of a `plaintext_len`-byte plaintext.
+pub const fn ciphertext_len(plaintext_len: usize) -> usize {
+    Token::text_len(NONCE_LEN + padded_len(plaintext_len) + TAG_LEN)
 }
 
 /// The length of the text of a hash.
@@ -233,12 +271,14 @@ fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
 /// authenticates it 16 bytes at a time.
 fn associated_data(kind: TokenKind, key_id: KeyId, context: &str, ad: &mut Vec<u8>) {
     ad.clear();
-    ad.push(match kind {
-        TokenKind::Token => b't',
-        TokenKind::Ciphertext => b'e',
-        TokenKind::Hash => b'h',
-    });
-    ad.push(1);
+    let (letter, version) = match kind {
+        TokenKind::Token => (b't', 1),
+        TokenKind::Ciphertext => (b'e', 2),
+        TokenKind::CiphertextV1 => (b'e', 1),
+        TokenKind::Hash => (b'h', 1),
+    };
+    ad.push(letter);
+    ad.push(version);
     ad.extend_from_slice(&key_id.0);
     ad.extend_from_slice(context.as_bytes());
 }
@@ -253,6 +293,16 @@ mod tests {
 
     fn parse(text: &str) -> Token {
         Token::parse(text).unwrap()
+    }
+
+    /// Compiles only when `T` wipes its memory on drop.
+    fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+
+    #[test]
+    fn key_schedules_are_zeroized_on_drop() {
+        // The AES-256 round keys behind both ciphers of every data key. (The GHASH key H = AES_K(0) of each cipher
+        // is not: polyval's run-time-dispatched backend has no `Drop`. H reveals nothing of K.)
+        zeroized_on_drop::<aes::Aes256>();
     }
 
     #[test]
@@ -292,9 +342,54 @@ mod tests {
         for len in [0, 1, 2, 3, 30, 100] {
             let plaintext = vec![b'x'; len];
             assert_eq!(dek.tokenize("c", &plaintext).len(), token_len(len));
-            assert_eq!(dek.encrypt("c", &plaintext).len(), token_len(len));
+            assert_eq!(dek.encrypt("c", &plaintext).len(), ciphertext_len(len));
             assert_eq!(dek.hash("c", &plaintext).len(), HASH_LEN);
         }
+    }
+
+    #[test]
+    fn ciphertexts_of_short_values_have_one_length() {
+        let dek = dek();
+        // A tag byte and up to 30 bytes of value: MALE/FEMALE/OTHER, yes/no, small numbers all look alike.
+        let lengths: std::collections::BTreeSet<usize> =
+            (1..=31).map(|len| dek.encrypt("sex", &vec![b'x'; len]).len()).collect();
+        assert_eq!(lengths.len(), 1, "{lengths:?}");
+        assert!(dek.encrypt("sex", &[b'x'; 32]).len() > dek.encrypt("sex", b"x").len());
+        for len in [0, 1, 15, 16, 17, 29, 30, 31, 32, 100] {
+            let plaintext: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37) | 1).collect();
+            let token = dek.encrypt("c", &plaintext);
+            assert_eq!(
+                dek.open(&parse(&token), "c").unwrap().as_slice(),
+                plaintext,
+                "{len} bytes"
+            );
+        }
+        // Trailing zero bytes are value, not padding.
+        let token = dek.encrypt("c", &[7, 0, 0]);
+        assert_eq!(dek.open(&parse(&token), "c").unwrap().as_slice(), [7, 0, 0]);
+    }
+
+    #[test]
+    fn unpadded_ciphertexts_written_before_padding_still_open() {
+        let dek = dek();
+        let mut ad = Vec::new();
+        associated_data(TokenKind::CiphertextV1, dek.key_id, "note", &mut ad);
+        let nonce = [5u8; NONCE_LEN];
+        let sealed = dek
+            .encrypt
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: b"old", aad: &ad })
+            .unwrap();
+        let token = Token::render(TokenKind::CiphertextV1, dek.key_id, &[&nonce[..], &sealed].concat());
+        assert!(token.starts_with("pwe1."));
+        assert_eq!(dek.open(&parse(&token), "note").unwrap().as_slice(), b"old");
+    }
+
+    #[test]
+    fn a_padded_ciphertext_relabelled_as_unpadded_does_not_open() {
+        let dek = dek();
+        let token = dek.encrypt("c", b"value");
+        let relabelled = token.replacen("pwe2.", "pwe1.", 1);
+        assert_eq!(dek.open(&parse(&relabelled), "c").unwrap_err(), RevealError::Forged);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Every data key (DEK) is 32 random bytes; HKDF-SHA256 derives from it one key per purpose, so no key ever
 //! serves two constructions:
-//! - `encrypt`: AES-256-GCM with a random 96-bit nonce;
+//! - `encrypt`: AES-256-GCM with a random 96-bit nonce, over the plaintext padded to a multiple of 16 bytes (at
+//!   least 32), so that short values of one field all give ciphertexts of one length;
 //! - `tokenize`: deterministic AEAD, AES-256-GCM under a *synthetic* nonce = HMAC-SHA256 over (associated data,
 //!   plaintext). Equal inputs give equal tokens (joins and counts work); different inputs get different nonces.
 //!   Unlike AES-SIV from the `aes-siv` crate, the cipher and the HMAC state are keyed once per DEK, not per call;
@@ -11,14 +12,16 @@
 //! Every ciphertext binds its context (field path or kind) and key id as associated data: a token copied into
 //! another field, or relabelled with another key id, does not decrypt.
 //!
-//! Key material is zeroized on drop (the raw DEK and the AES key schedules). The HMAC mid-states kept per DEK are
-//! not: the `hmac`/`sha2` crates offer no zeroizing state.
+//! Key material is zeroized on drop: the raw DEK, the derived keys, and the AES key schedules (the `aes` crate's
+//! `zeroize` feature, proven by a compile-time test). Not zeroized, for want of support in the crates: the HMAC
+//! mid-states kept per DEK (`hmac`/`sha2`) and GCM's hash key H = AES_K(0) (`polyval`'s dispatching backend), neither
+//! of which gives the AES or HMAC key back.
 
 mod dek;
 mod kek;
 pub(crate) mod plain;
 mod token;
 
-pub use dek::{Dek, HASH_LEN, KeyId, Scratch, token_len};
+pub use dek::{Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
 pub use kek::{KekProvider, KekSource, LocalKek};
 pub use token::{Token, TokenKind};

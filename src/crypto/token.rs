@@ -1,7 +1,8 @@
 //! The text form of tokens, ciphertexts and hashes: `<prefix>.<key id>.<payload>`.
 //!
-//! `pwt1` is a deterministic token, `pwe1` a randomized ciphertext, `pwh1` a keyed hash; the digit is the format
-//! version. The key id (16 URL-safe characters) names the data key, so `reveal` needs nothing but the token and
+//! `pwt1` is a deterministic token, `pwe2` a randomized ciphertext of a padded plaintext (`pwe1`, unpadded, is still
+//! revealed but no longer written), `pwh1` a keyed hash; the digit is the format version. docs/token-format.md
+//! describes every byte. The key id (16 URL-safe characters) names the data key, so `reveal` needs nothing but the token and
 //! the field context it was found in. The payload is URL-safe base64 without padding.
 
 use base64::Engine;
@@ -13,7 +14,10 @@ use crate::error::RevealError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
     Token,
+    /// A randomized ciphertext of a plaintext padded to a multiple of 16 bytes (`pwe2`).
     Ciphertext,
+    /// A randomized ciphertext of an unpadded plaintext (`pwe1`, written before padding): revealed, never written.
+    CiphertextV1,
     Hash,
 }
 
@@ -21,7 +25,8 @@ impl TokenKind {
     pub fn prefix(self) -> &'static str {
         match self {
             TokenKind::Token => "pwt1",
-            TokenKind::Ciphertext => "pwe1",
+            TokenKind::Ciphertext => "pwe2",
+            TokenKind::CiphertextV1 => "pwe1",
             TokenKind::Hash => "pwh1",
         }
     }
@@ -97,10 +102,13 @@ impl Token {
         };
         let kind = match prefix {
             "pwt1" => TokenKind::Token,
-            "pwe1" => TokenKind::Ciphertext,
+            "pwe2" => TokenKind::Ciphertext,
+            "pwe1" => TokenKind::CiphertextV1,
             "pwh1" => TokenKind::Hash,
             _ => {
-                return Err(RevealError::Malformed("unknown prefix (expected pwt1, pwe1 or pwh1)"));
+                return Err(RevealError::Malformed(
+                    "unknown prefix (expected pwt1, pwe2, pwe1 or pwh1)",
+                ));
             }
         };
         let key_id =
@@ -149,7 +157,7 @@ mod tests {
     #[test]
     fn render_parse_round_trip() {
         let text = Token::render(TokenKind::Ciphertext, KeyId([3; 12]), b"payload bytes");
-        assert!(text.starts_with("pwe1."));
+        assert!(text.starts_with("pwe2."));
         let token = Token::parse(&text).unwrap();
         assert_eq!(token.kind, TokenKind::Ciphertext);
         assert_eq!(token.key_id, KeyId([3; 12]));

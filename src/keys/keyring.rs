@@ -107,6 +107,9 @@ pub struct Keyring {
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
     ttl: Duration,
     stats: CacheStats,
+    /// Bumped by every invalidation (forget, rotation), before it removes entries: a cache fill compares it with
+    /// the value it read before its store read, so it never re-caches what a racing forget destroyed.
+    invalidations: AtomicU64,
 }
 
 /// The right-of-access answer about a subject.
@@ -155,6 +158,7 @@ impl Keyring {
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
             stats: CacheStats::default(),
+            invalidations: AtomicU64::new(0),
         })
     }
 
@@ -232,7 +236,9 @@ impl Keyring {
                 wrapped,
             });
         }
+        let generation = self.invalidations.load(Ordering::SeqCst);
         let rows = self.store.ensure_current(&candidates)?;
+        let mut cached = Vec::with_capacity(candidates.len());
         for ((subject, _), (candidate, row)) in missing.into_iter().zip(candidates.into_iter().zip(rows)) {
             let entry = match row {
                 Some(row) => {
@@ -241,9 +247,13 @@ impl Keyring {
                 }
                 None => RecordKey::Forgotten,
             };
-            self.by_scope.insert(candidate.scope, entry.clone());
+            self.by_scope.insert(candidate.scope.clone(), entry.clone());
+            cached.push(candidate.scope);
             batch.keys.insert(subject, entry);
         }
+        self.unless_invalidated_since(generation, || {
+            cached.iter().for_each(|scope| self.by_scope.invalidate(scope))
+        });
         Ok(batch)
     }
 
@@ -256,6 +266,7 @@ impl Keyring {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(dek.clone());
         }
+        let generation = self.invalidations.load(Ordering::SeqCst);
         let dek = match self.current(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => dek,
             RecordKey::Forgotten => return Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
@@ -264,6 +275,9 @@ impl Keyring {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(domain.to_owned(), (dek.clone(), now));
+        self.unless_invalidated_since(generation, || {
+            self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
+        });
         Ok(dek)
     }
 
@@ -279,6 +293,7 @@ impl Keyring {
             return Ok(hit.dek);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.invalidations.load(Ordering::SeqCst);
         match self.store.by_id(&key_id)? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
@@ -289,6 +304,7 @@ impl Keyring {
                         dek: dek.clone(),
                     },
                 );
+                self.unless_invalidated_since(generation, || self.by_id.invalidate(&key_id));
                 Ok(dek)
             }
             KeyLookup::Shredded => Err(RevealError::SubjectForgotten.into()),
@@ -353,10 +369,11 @@ impl Keyring {
     /// is reported once.
     fn rotate_if_current(&self, scope: &str, key_id: KeyId) -> Result<Option<u32>, KeyError> {
         let rotated = match self.store.current(scope)? {
-            Some(current) if current.key_id == key_id => {
-                let (stored, ours) = self.create(scope, current.version + 1)?;
-                ours.then_some(stored.version)
-            }
+            Some(current) if current.key_id == key_id => match self.create(scope, current.version + 1) {
+                Ok((stored, ours)) => ours.then_some(stored.version),
+                Err(KeyError::Forgotten) => None,
+                Err(e) => return Err(e),
+            },
             _ => None,
         };
         self.invalidate_scope(scope);
@@ -390,6 +407,7 @@ impl Keyring {
 
     /// Drops whatever this process caches of a scope's keys: another instance forgot or rotated it.
     pub fn invalidate_scope(&self, scope: &str) {
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         self.by_scope.invalidate(scope);
         if let Some(domain) = scope.strip_prefix("d:") {
             self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
@@ -406,30 +424,47 @@ impl Keyring {
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.invalidations.load(Ordering::SeqCst);
         let entry = match self.store.current(scope)? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
-            None => {
-                let (row, _) = self.create(scope, 1)?;
-                RecordKey::Active(Arc::new(self.unwrap(&row)?))
-            }
+            None => match self.create(scope, 1) {
+                Ok((row, _)) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
+                Err(KeyError::Forgotten) => RecordKey::Forgotten,
+                Err(e) => return Err(e),
+            },
         };
         self.by_scope.insert(scope.to_owned(), entry.clone());
+        self.unless_invalidated_since(generation, || self.by_scope.invalidate(scope));
         Ok(entry)
     }
 
+    /// Undoes a cache insert when an invalidation ran since `generation` was read (before the store read that the
+    /// inserted entry came from): a forget or rotation that raced the read wins, instead of being overwritten by
+    /// what the read found. An invalidation bumps the counter before it removes entries, so either it removes the
+    /// entry itself, or this check sees the bump.
+    fn unless_invalidated_since(&self, generation: u64, undo: impl FnOnce()) {
+        if self.invalidations.load(Ordering::SeqCst) != generation {
+            undo();
+        }
+    }
+
     /// Creates and stores a key version unless one exists; returns the stored row (ours or a concurrent winner's)
-    /// and whether it is ours.
+    /// and whether it is ours. [`KeyError::Forgotten`] when the scope is forgotten: the store checks that in the
+    /// transaction of the insert, so a forget that commits between a caller's own check and this insert still wins.
     fn create(&self, scope: &str, version: u32) -> Result<(StoredKey, bool), KeyError> {
         let key_id = KeyId::random();
         let secret = Zeroizing::new(rand::random::<[u8; 32]>());
         let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
-        let stored = self.store.insert_if_absent(&StoredKey {
-            key_id,
-            scope: scope.to_owned(),
-            version,
-            wrapped,
-        })?;
+        let stored = self
+            .store
+            .insert_if_absent(&StoredKey {
+                key_id,
+                scope: scope.to_owned(),
+                version,
+                wrapped,
+            })?
+            .ok_or(KeyError::Forgotten)?;
         let ours = stored.key_id == key_id;
         Ok((stored, ours))
     }
@@ -696,5 +731,173 @@ mod tests {
             reopened.key_by_id(KeyId([0; 12])),
             Err(Error::Reveal(RevealError::UnknownKey))
         ));
+    }
+
+    /// Where [`Racing`] runs its hook: right after the store call of that name returned.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum After {
+        IsForgotten,
+        ById,
+        Current,
+        EnsureCurrent,
+    }
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A store that runs a hook once, right after a chosen call: puts a forget exactly where a race would.
+    struct Racing {
+        inner: SqliteStore,
+        hook: std::sync::Mutex<Option<(After, Hook)>>,
+    }
+
+    impl Racing {
+        fn open(dir: &std::path::Path) -> Arc<Self> {
+            Arc::new(Self {
+                inner: SqliteStore::open(&dir.join("keys.db")).unwrap(),
+                hook: std::sync::Mutex::new(None),
+            })
+        }
+
+        fn arm(&self, after: After, hook: impl FnOnce() + Send + 'static) {
+            *self.hook.lock().unwrap() = Some((after, Box::new(hook)));
+        }
+
+        fn fire(&self, point: After) {
+            let hook = {
+                let mut slot = self.hook.lock().unwrap();
+                match slot.take() {
+                    Some((after, hook)) if after == point => Some(hook),
+                    other => {
+                        *slot = other;
+                        None
+                    }
+                }
+            };
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+
+    impl KeyStore for Racing {
+        fn current(&self, scope: &str) -> Result<Option<StoredKey>, KeyError> {
+            let found = self.inner.current(scope);
+            self.fire(After::Current);
+            found
+        }
+        fn by_id(&self, key_id: &KeyId) -> Result<KeyLookup, KeyError> {
+            let found = self.inner.by_id(key_id);
+            self.fire(After::ById);
+            found
+        }
+        fn insert_if_absent(&self, key: &StoredKey) -> Result<Option<StoredKey>, KeyError> {
+            self.inner.insert_if_absent(key)
+        }
+        fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
+            let rows = self.inner.ensure_current(candidates);
+            self.fire(After::EnsureCurrent);
+            rows
+        }
+        fn forget(&self, scope: &str) -> Result<usize, KeyError> {
+            self.inner.forget(scope)
+        }
+        fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
+            let forgotten = self.inner.is_forgotten(scope);
+            self.fire(After::IsForgotten);
+            forgotten
+        }
+        fn versions(&self, scope: &str) -> Result<u32, KeyError> {
+            self.inner.versions(scope)
+        }
+        fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
+            self.inner.record_encryptions(key_id, count)
+        }
+        fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.inner.meta_insert_if_absent(name, wrapped)
+        }
+    }
+
+    fn racing_keyring(store: &Arc<Racing>) -> Arc<Keyring> {
+        let kek = Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap());
+        Arc::new(Keyring::open(store.clone(), kek, KeyCacheSettings::default()).unwrap())
+    }
+
+    #[test]
+    fn a_forget_between_the_check_and_the_insert_leaves_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing::open(dir.path());
+        let ring = racing_keyring(&store);
+        // First use: the keyring finds no key and no forget, then the forget commits, then it inserts.
+        let scope = ring.subject_scope("alice");
+        let inner = store.clone();
+        let forget_scope = scope.clone();
+        store.arm(After::IsForgotten, move || {
+            inner.inner.forget(&forget_scope).unwrap();
+        });
+        assert!(matches!(ring.subject_key("alice").unwrap(), RecordKey::Forgotten));
+        assert!(
+            store.inner.current(&scope).unwrap().is_none(),
+            "no live key in a forgotten scope"
+        );
+
+        // Rotation: the same race.
+        let scope = ring.subject_scope("bob");
+        active(ring.subject_key("bob").unwrap());
+        let inner = store.clone();
+        let forget_scope = scope.clone();
+        store.arm(After::IsForgotten, move || {
+            inner.inner.forget(&forget_scope).unwrap();
+        });
+        assert!(matches!(ring.rotate(&scope), Err(KeyError::Forgotten)));
+        assert!(store.inner.current(&scope).unwrap().is_none());
+
+        // The store refuses on its own, whatever the caller checked.
+        let key = StoredKey {
+            key_id: KeyId::random(),
+            scope,
+            version: 3,
+            wrapped: vec![0; 60],
+        };
+        assert!(store.inner.insert_if_absent(&key).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_forget_racing_a_cache_fill_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing::open(dir.path());
+        let key_id = active(racing_keyring(&store).subject_key("alice").unwrap()).key_id;
+
+        // A reveal's key read, then the forget and its invalidation, then the reveal caches what it read.
+        let ring = racing_keyring(&store);
+        let forgetter = ring.clone();
+        store.arm(After::ById, move || {
+            forgetter.forget_subject("alice").unwrap();
+        });
+        assert!(ring.key_by_id(key_id).is_ok(), "the read came before the forget");
+        assert!(
+            matches!(
+                ring.key_by_id(key_id),
+                Err(Error::Reveal(RevealError::SubjectForgotten))
+            ),
+            "the forgotten key must not stay cached"
+        );
+
+        // The same for a subject's current key, and for a batch's prefetch.
+        for (subject, point) in [("bob", After::Current), ("carol", After::EnsureCurrent)] {
+            active(racing_keyring(&store).subject_key(subject).unwrap());
+            let ring = racing_keyring(&store);
+            let forgetter = ring.clone();
+            store.arm(point, move || {
+                forgetter.forget_subject(subject).unwrap();
+            });
+            match point {
+                After::Current => drop(ring.subject_key(subject).unwrap()),
+                _ => drop(ring.prefetch_subjects([subject]).unwrap()),
+            }
+            assert!(
+                matches!(ring.subject_key(subject).unwrap(), RecordKey::Forgotten),
+                "{subject}: the forgotten key must not stay cached"
+            );
+        }
     }
 }

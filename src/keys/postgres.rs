@@ -44,6 +44,7 @@ const MIGRATION_LOCK: i64 = 0x0070_6969_7761_6c6c;
 
 const CURRENT: &str =
     "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 ORDER BY version DESC LIMIT 1";
+const FORGOTTEN: &str = "SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1";
 const INSERT: &str =
     "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (scope, version) DO NOTHING";
@@ -193,16 +194,21 @@ impl KeyStore for PostgresStore {
         })
     }
 
-    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError> {
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<Option<StoredKey>, KeyError> {
         let row = self.with("storing a key", |tx| {
+            // Under the scope's lock a forget has committed wholly before this check, or waits for this insert.
             lock_scope(tx, &key.scope)?;
+            if tx.query_opt(FORGOTTEN, &[&key.scope])?.is_some() {
+                return Ok(None);
+            }
             insert(tx, key)?;
             tx.query_one(
                 "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 AND version = $2",
                 &[&key.scope, &(key.version as i32)],
             )
+            .map(Some)
         })?;
-        row_to_key(&row)
+        row.as_ref().map(row_to_key).transpose()
     }
 
     fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
@@ -215,14 +221,7 @@ impl KeyStore for PostgresStore {
                 let candidate = &candidates[index];
                 lock_scope(tx, &candidate.scope)?;
                 let mut row = tx.query_opt(CURRENT, &[&candidate.scope])?;
-                if row.is_none()
-                    && tx
-                        .query_opt(
-                            "SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1",
-                            &[&candidate.scope],
-                        )?
-                        .is_none()
-                {
+                if row.is_none() && tx.query_opt(FORGOTTEN, &[&candidate.scope])?.is_none() {
                     insert(tx, candidate)?;
                     row = tx.query_opt(CURRENT, &[&candidate.scope])?;
                 }
@@ -255,7 +254,7 @@ impl KeyStore for PostgresStore {
 
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError> {
         self.with("reading the forgotten subjects", |tx| {
-            tx.query_opt("SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1", &[&scope])
+            tx.query_opt(FORGOTTEN, &[&scope])
         })
         .map(|row| row.is_some())
     }

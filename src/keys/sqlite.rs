@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::crypto::KeyId;
@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS key_usage (key_id BLOB PRIMARY KEY, encryptions INTEGER NOT NULL);
 ";
 
+const FORGOTTEN: &str = "SELECT 1 FROM forgotten_scopes WHERE scope = ?1";
+const INSERT: &str = "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+    ON CONFLICT (scope, version) DO NOTHING";
+
 pub struct SqliteStore {
     connection: Mutex<Connection>,
 }
@@ -41,6 +45,8 @@ impl SqliteStore {
         connection
             .busy_timeout(std::time::Duration::from_secs(10))
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
+            // Deleted rows (a forgotten subject's wrapped keys) are overwritten with zeros, not left in free pages.
+            .and_then(|()| connection.pragma_update(None, "secure_delete", "ON"))
             .and_then(|()| connection.execute_batch(SCHEMA))
             .map_err(|e| store_error(e, "cannot prepare the key store"))?;
         Ok(Self {
@@ -126,38 +132,46 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError> {
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<Option<StoredKey>, KeyError> {
         self.with(
             |c| {
-                c.execute(
-                    "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (scope, version) DO NOTHING",
-                    params![&key.key_id.0[..], key.scope, key.version, key.wrapped, now()],
-                )?;
-                c.query_row(
+                // IMMEDIATE: the write lock is taken first, so a forget (from this or another process) commits
+                // wholly before or wholly after the check and the insert.
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if tx.prepare_cached(FORGOTTEN)?.exists([&key.scope])? {
+                    return Ok(None);
+                }
+                tx.prepare_cached(INSERT)?.execute(params![
+                    &key.key_id.0[..],
+                    key.scope,
+                    key.version,
+                    key.wrapped,
+                    now()
+                ])?;
+                let row = tx.query_row(
                     "SELECT key_id, scope, version, wrapped FROM deks WHERE scope = ?1 AND version = ?2",
                     params![key.scope, key.version],
                     row_to_key,
-                )
+                )?;
+                tx.commit()?;
+                Ok(Some(row))
             },
             "storing a key",
         )?
+        .transpose()
     }
 
     fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
         let rows = self.with(
             |c| {
-                let tx = c.transaction()?;
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut rows = Vec::with_capacity(candidates.len());
                 {
                     let mut current = tx.prepare_cached(
                         "SELECT key_id, scope, version, wrapped FROM deks WHERE scope = ?1 ORDER BY version DESC LIMIT 1",
                     )?;
-                    let mut forgotten = tx.prepare_cached("SELECT 1 FROM forgotten_scopes WHERE scope = ?1")?;
-                    let mut insert = tx.prepare_cached(
-                        "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (scope, version) DO NOTHING",
-                    )?;
+                    let mut forgotten = tx.prepare_cached(FORGOTTEN)?;
+                    let mut insert = tx.prepare_cached(INSERT)?;
                     for candidate in candidates {
                         if let Some(row) = current.query_row([&candidate.scope], row_to_key).optional()? {
                             rows.push(Some(row));
@@ -196,6 +210,10 @@ impl KeyStore for SqliteStore {
                 let destroyed = tx.execute("DELETE FROM deks WHERE scope = ?1", [scope])?;
                 tx.execute("INSERT OR IGNORE INTO forgotten_scopes (scope, forgotten_at) VALUES (?1, ?2)", params![scope, at])?;
                 tx.commit()?;
+                // The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
+                // database file and empty the WAL. Busy (a reader in another process) leaves it to the next forget or
+                // SQLite's automatic checkpoint; the forget itself has committed.
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
                 Ok(destroyed)
             },
             "forgetting a subject",
@@ -248,5 +266,48 @@ impl KeyStore for SqliteStore {
             },
             "reading the key store's own keys",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// The bytes of the store's files: the database, its WAL and its shared-memory index.
+    fn files(dir: &Path) -> Vec<u8> {
+        ["keys.db", "keys.db-wal", "keys.db-shm"]
+            .iter()
+            .flat_map(|name| std::fs::read(dir.join(name)).unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn a_forgotten_key_leaves_no_bytes_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("keys.db")).unwrap();
+        let wrapped: Vec<u8> = (0..60u8).map(|b| b.wrapping_mul(151).wrapping_add(7)).collect();
+        for (scope, wrapped) in [("s:kept", vec![0xAB; 60]), ("s:gone", wrapped.clone())] {
+            let key = StoredKey {
+                key_id: KeyId::random(),
+                scope: scope.into(),
+                version: 1,
+                wrapped,
+            };
+            store.insert_if_absent(&key).unwrap().unwrap();
+        }
+        assert!(
+            contains(&files(dir.path()), &wrapped),
+            "the test looks for bytes that are there"
+        );
+        assert_eq!(store.forget("s:gone").unwrap(), 1);
+        assert!(
+            !contains(&files(dir.path()), &wrapped),
+            "the wrapped key is still on disk"
+        );
+        assert!(store.current("s:kept").unwrap().is_some());
     }
 }

@@ -26,8 +26,9 @@ pub trait KeyStore: Send + Sync {
     fn current(&self, scope: &str) -> Result<Option<StoredKey>, KeyError>;
     fn by_id(&self, key_id: &KeyId) -> Result<KeyLookup, KeyError>;
     /// Inserts the key unless the scope already has this version; returns the row that is stored, so
-    /// concurrent first uses agree on one key.
-    fn insert_if_absent(&self, key: &StoredKey) -> Result<StoredKey, KeyError>;
+    /// concurrent first uses agree on one key. `None` when the scope is forgotten: checked in the same transaction
+    /// as the insert, so no key is ever created in a scope whose forget committed.
+    fn insert_if_absent(&self, key: &StoredKey) -> Result<Option<StoredKey>, KeyError>;
     /// For each scope, in one transaction: its current key, after inserting `candidate` (version 1) when it has none
     /// and is not forgotten; `None` for a forgotten scope. Makes first use of many subjects cost one commit.
     fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError>;

@@ -127,6 +127,8 @@ struct Walker<'j, 's> {
     steps: Vec<usize>,
     /// The scale of the last decimal type classified (a token of a decimal carries its scale).
     decimal_scale: Option<u32>,
+    /// Whether the protected value being compiled holds a map (its keys need protecting too).
+    holds_map: bool,
 }
 
 /// What a field's annotations ask for.
@@ -185,6 +187,7 @@ impl<'j, 's> Walker<'j, 's> {
             domain,
             steps: Vec::new(),
             decimal_scale: None,
+            holds_map: false,
         })
     }
 
@@ -400,6 +403,7 @@ impl<'j, 's> Walker<'j, 's> {
             self.check_subject(ty, namespace, path, in_collection)?;
         }
         self.decimal_scale = None;
+        self.holds_map = false;
         let (shape, out_type) = if action == Action::Redact {
             // The type stays; nested annotations under a redacted field are moot.
             (Shape::Scalar, ty.clone())
@@ -412,10 +416,13 @@ impl<'j, 's> Walker<'j, 's> {
             empty_output(&out_type)
         };
         let rule = self.rules.len();
+        let context = kind.unwrap_or_else(|| path.to_owned());
         self.rules.push(Rule {
             path: path.to_owned(),
             action,
-            context: kind.unwrap_or_else(|| path.to_owned()),
+            map_keys: (self.holds_map && action != Action::Redact).then(|| action.for_map_keys()),
+            key_context: format!("{context}#key"),
+            context,
         });
         if action == Action::Subject {
             self.subject = Some(SubjectRef {
@@ -460,10 +467,7 @@ impl<'j, 's> Walker<'j, 's> {
                 match non_null.as_slice() {
                     [one] => *one,
                     _ => {
-                        return Err(PolicyError::new(
-                            path,
-                            "the subject field must be a string, int, long or uuid (optionally nullable)",
-                        ));
+                        return Err(PolicyError::new(path, SUBJECT_TYPES));
                     }
                 }
             }
@@ -471,10 +475,7 @@ impl<'j, 's> Walker<'j, 's> {
         };
         match self.classify(scalar, namespace, path)? {
             Kind::Scalar(s) if matches!(s.name, "string" | "int" | "long" | "uuid") => Ok(()),
-            _ => Err(PolicyError::new(
-                path,
-                "the subject field must be a string, int, long or uuid (optionally nullable)",
-            )),
+            _ => Err(PolicyError::new(path, SUBJECT_TYPES)),
         }
     }
 
@@ -545,10 +546,11 @@ impl<'j, 's> Walker<'j, 's> {
                 ))
             }
             Kind::Map(values) if action != Action::Subject => {
+                self.holds_map = true;
                 let (shape, out) = self.shape(action, values, namespace, path)?;
                 Ok((
                     Shape::Map(Box::new(shape)),
-                    serde_json::json!({"type": "map", "values": out}),
+                    serde_json::json!({"type": "map", "values": out, "pii.keys": action.for_map_keys().name()}),
                 ))
             }
             Kind::Null => Err(PolicyError::new(
@@ -1047,11 +1049,14 @@ fn logical_name(name: &str) -> &'static str {
     }
 }
 
+pub(crate) const SUBJECT_TYPES: &str = "the subject field must be a string, int, long or uuid (a uuid on string, bytes or a 16-byte fixed), optionally nullable";
+
 fn fixed_name(object: &Map<String, Json>) -> &'static str {
-    object
-        .get("logicalType")
-        .and_then(Json::as_str)
-        .map_or("fixed", logical_name)
+    match object.get("logicalType").and_then(Json::as_str) {
+        // Avro ignores a uuid logical type on a fixed of another size: so does the compiler.
+        Some("uuid") if object.get("size").and_then(Json::as_u64) != Some(16) => "fixed",
+        logical => logical.map_or("fixed", logical_name),
+    }
 }
 
 fn full_name(name: &str, namespace: &str) -> String {

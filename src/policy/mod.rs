@@ -10,8 +10,8 @@ mod tags;
 
 use apache_avro::types::Value;
 
-pub(crate) use compile::valid_domain;
 pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
+pub(crate) use compile::{SUBJECT_TYPES, valid_domain};
 pub use tags::TagPattern;
 
 /// The protection applied to one field (DESIGN §2).
@@ -67,6 +67,16 @@ impl Action {
         matches!(self, Action::Tokenize | Action::Encrypt | Action::Subject)
     }
 
+    /// What protects the keys of a map the action applies to: deterministic, so two keys never become one.
+    /// `tokenize` and `encrypt` tokenize them (reversible, as their values are); `hash` and `mask` hash them
+    /// (irreversible, as their values are); `redact` empties the map.
+    pub fn for_map_keys(self) -> Action {
+        match self {
+            Action::Tokenize | Action::Encrypt | Action::Subject => Action::Tokenize,
+            Action::Hash | Action::Mask { .. } | Action::Redact => Action::Hash,
+        }
+    }
+
     /// Whether the action needs a data key.
     pub fn needs_key(self) -> bool {
         matches!(
@@ -89,6 +99,11 @@ pub struct Rule {
     /// that fields of one kind in different schemas share tokens; otherwise the field path. `reveal` must be
     /// told the same context.
     pub context: String,
+    /// How the keys of the maps inside the field are protected (`None` when it holds no map): keys are data too,
+    /// and must stay unique, so they take a deterministic action (see [`Action::for_map_keys`]).
+    pub map_keys: Option<Action>,
+    /// The context of map keys' tokens and hashes: `<context>#key`.
+    pub key_context: String,
 }
 
 /// The compiled policy of one schema.
@@ -115,7 +130,10 @@ impl Plan {
     /// Whether a record takes its domain's key: to hash (whatever its subject), or to tokenize and encrypt for want
     /// of a subject of its own.
     pub fn needs_domain_key(&self, has_subject: bool) -> bool {
-        self.rules.iter().any(|r| r.action == Action::Hash) || (!has_subject && self.needs_keys())
+        self.rules
+            .iter()
+            .any(|r| r.action == Action::Hash || r.map_keys == Some(Action::Hash))
+            || (!has_subject && self.needs_keys())
     }
 }
 

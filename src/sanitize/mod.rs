@@ -6,6 +6,7 @@
 
 mod mask;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::types::Value;
@@ -331,11 +332,43 @@ fn apply_shape(shape: &Shape, rule: &Rule, scale: u32, value: &mut Value, keys: 
         (Shape::Array(shape), Value::Array(items)) => items
             .iter_mut()
             .try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
-        (Shape::Map(shape), Value::Map(entries)) => entries
-            .values_mut()
-            .try_for_each(|item| apply_shape(shape, rule, scale, item, keys)),
+        (Shape::Map(shape), Value::Map(entries)) => {
+            let mut protected = HashMap::with_capacity(entries.len());
+            for (key, mut item) in std::mem::take(entries) {
+                apply_shape(shape, rule, scale, &mut item, keys)?;
+                protected.insert(protect_map_key(rule, &key, keys)?, item);
+            }
+            *entries = protected;
+            Ok(())
+        }
         _ => Err(ValueError::new(&rule.path, "value does not match its schema")),
     }
+}
+
+/// The protected form of a protected map's key (see [`Action::for_map_keys`]).
+fn protect_map_key(rule: &Rule, key: &str, keys: &RecordKeys) -> Result<String, ValueError> {
+    let no_key = || ValueError::new(&rule.path, "no key for this field");
+    let mut plaintext = Vec::with_capacity(1 + key.len());
+    plaintext.push(plain::STRING);
+    plaintext.extend_from_slice(key.as_bytes());
+    Ok(match rule.map_keys {
+        Some(Action::Tokenize) => keys
+            .record
+            .as_ref()
+            .ok_or_else(no_key)?
+            .tokenize(&rule.key_context, &plaintext),
+        Some(Action::Hash) => keys
+            .domain
+            .as_ref()
+            .ok_or_else(no_key)?
+            .hash(&rule.key_context, &plaintext),
+        _ => {
+            return Err(ValueError::new(
+                &rule.path,
+                "a map whose keys the plan does not protect",
+            ));
+        }
+    })
 }
 
 /// Protects one scalar value under a rule.

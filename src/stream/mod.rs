@@ -267,7 +267,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         crate::http::serve(listen, ready.clone(), shutdown.listen(), api, config.http_tls.as_ref()).await?;
     }
     let mut start = AuditEvent::new(AuditKind::Start);
-    start.config_digest = Some(config_digest(&config));
+    start.config_digest = Some(config.digest());
     auditor.emit(start).await;
 
     let inputs: Vec<&str> = config.kafka.inputs.iter().map(String::as_str).collect();
@@ -400,7 +400,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     }
     summarize(&ctx, window_start).await;
     let mut stop_event = AuditEvent::new(AuditKind::Stop);
-    stop_event.config_digest = Some(config_digest(&config));
+    stop_event.config_digest = Some(config.digest());
     auditor.emit(stop_event).await;
     let summary = Summary {
         sanitized: ctx.sanitized.load(Ordering::Relaxed),
@@ -482,15 +482,6 @@ fn publish_key_cache(ctx: &LaneContext) {
     let stats = ctx.processor.sanitizer.keyring().cache_stats();
     metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(stats.hits.load(Ordering::Relaxed));
     metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(stats.misses.load(Ordering::Relaxed));
-}
-
-/// SHA-256 of the effective configuration (it holds paths and names, never key material).
-fn config_digest(config: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(format!("{config:?}").as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn commit_stored(consumer: &PipelineConsumer, mode: CommitMode) {

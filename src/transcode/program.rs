@@ -323,7 +323,20 @@ impl<'s> Builder<'s> {
                     })
                     .collect::<Result<_, _>>()?,
             )),
-            (None, scalar) => Ok(Locate::Scalar(self.scalar(scalar)?)),
+            (None, scalar) => match self.scalar(scalar)? {
+                scalar @ (Scalar::String
+                | Scalar::UuidString
+                | Scalar::UuidBytes
+                | Scalar::Int { tag: plain::INT }
+                | Scalar::Long { tag: plain::LONG }
+                | Scalar::Fixed {
+                    size: 16,
+                    tag: plain::UUID,
+                }) => Ok(Locate::Scalar(scalar)),
+                // A record whose subject could not be read would fall back to the domain key, which no forget
+                // destroys: such a schema is refused, never run.
+                _ => Err(PolicyError::new("", crate::policy::SUBJECT_TYPES)),
+            },
             (Some((&index, rest)), Schema::Record(record)) => {
                 let before = record.fields[..index]
                     .iter()

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use super::program::{Locate, ProtectStep, Scalar, ShapeStep, Skip, Step};
 use super::wire::{Input, malformed, write_long};
-use crate::crypto::{HASH_LEN, Scratch, plain, token_len};
+use crate::crypto::{HASH_LEN, Scratch, ciphertext_len, plain, token_len};
 use crate::error::ValueError;
 use crate::policy::{Action, Rule};
 use crate::sanitize::{RecordKeys, mask_split};
@@ -152,10 +152,8 @@ impl<'a> Run<'a> {
                     let start = self.input.pos;
                     for _ in 0..count {
                         if is_map {
-                            let key = self.input.read_bytes()?;
-                            std::str::from_utf8(key).map_err(|_| malformed("map key is not UTF-8"))?;
-                            write_long(self.out, key.len() as i64);
-                            self.out.extend_from_slice(key);
+                            let key = self.input.read_str()?;
+                            self.map_key(key, rule)?;
                         }
                         self.shape(inner, rule, scale)?;
                     }
@@ -163,6 +161,30 @@ impl<'a> Run<'a> {
                 }
             }
         }
+    }
+
+    /// Writes the protected form of a protected map's key: keys are data, and stay unique (see
+    /// [`Action::for_map_keys`]).
+    fn map_key(&mut self, key: &str, rule: &Rule) -> Result<(), ValueError> {
+        let plain_text = &mut self.scratch.plain;
+        plain_text.clear();
+        plain_text.push(plain::STRING);
+        plain_text.extend_from_slice(key.as_bytes());
+        let no_key = || ValueError::new(&rule.path, "no key for this field");
+        match rule.map_keys {
+            Some(Action::Tokenize) => {
+                let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
+                write_long(self.out, token_len(plain_text.len()) as i64);
+                dek.tokenize_into(&rule.key_context, plain_text, &mut self.scratch.crypto, self.out);
+            }
+            Some(Action::Hash) => {
+                let dek = self.keys.domain.as_ref().ok_or_else(no_key)?;
+                write_long(self.out, HASH_LEN as i64);
+                dek.hash_into(&rule.key_context, plain_text, self.out);
+            }
+            _ => unreachable!("the compiler gives every map a key action of tokenize or hash"),
+        }
+        Ok(())
     }
 
     /// Reads one protected scalar and writes what its action makes of it.
@@ -192,7 +214,7 @@ impl<'a> Run<'a> {
             }
             Action::Encrypt => {
                 let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
-                write_long(self.out, token_len(plain_text.len()) as i64);
+                write_long(self.out, ciphertext_len(plain_text.len()) as i64);
                 dek.encrypt_into(&rule.context, plain_text, &mut self.scratch.crypto, self.out);
             }
             Action::Hash => {
@@ -399,6 +421,11 @@ pub(crate) fn locate_subject<'a>(record: &'a [u8], mut locate: &Locate) -> Resul
                     Scalar::UuidString => Some(Cow::Owned(parse_uuid(input.read_str()?)?.to_string())),
                     Scalar::Int { .. } => Some(Cow::Owned(input.read_int()?.to_string())),
                     Scalar::Long { .. } => Some(Cow::Owned(input.read_long()?.to_string())),
+                    Scalar::UuidBytes => {
+                        let uuid = apache_avro::Uuid::from_slice(input.read_bytes()?)
+                            .map_err(|_| malformed("a uuid takes 16 bytes"))?;
+                        Some(Cow::Owned(uuid.to_string()))
+                    }
                     Scalar::Fixed {
                         size: 16,
                         tag: plain::UUID,
@@ -406,7 +433,7 @@ pub(crate) fn locate_subject<'a>(record: &'a [u8], mut locate: &Locate) -> Resul
                         let uuid = apache_avro::Uuid::from_slice(input.take(16)?).expect("16 bytes");
                         Some(Cow::Owned(uuid.to_string()))
                     }
-                    _ => None,
+                    _ => unreachable!("Builder::locate accepts no other subject type"),
                 });
             }
         }

@@ -48,3 +48,23 @@ pub fn compiled(schema: &str) -> CompiledSchema {
 pub fn example(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(name)).expect("example schema")
 }
+
+/// Avro binary of a value.
+pub fn encode(schema: &apache_avro::Schema, value: &apache_avro::types::Value) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut bytes, value)
+        .unwrap();
+    bytes
+}
+
+/// A value read from Avro binary; panics when the bytes do not decode with `schema`.
+pub fn decode(schema: &apache_avro::Schema, bytes: &[u8]) -> apache_avro::types::Value {
+    apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .unwrap()
+        .read_value(&mut &bytes[..])
+        .expect("decodes with the schema")
+}
