@@ -586,9 +586,10 @@ impl RawConfig {
         }
         let default_domain = self.keys.default_domain.unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
         if !valid_domain(&default_domain) {
-            return Err(ConfigError(
-                "keys.default_domain must be 1-64 characters of a-z, 0-9, '.', '_' or '-'".into(),
-            ));
+            return Err(ConfigError(format!(
+                "keys.default_domain must be {}",
+                crate::policy::DOMAIN_RULE
+            )));
         }
 
         let untagged = match self.policy.untagged.as_deref().unwrap_or(DEFAULT_UNTAGGED) {
@@ -1069,6 +1070,7 @@ mod tests {
                 "keys.max_encryptions_per_key",
             ),
             ("[keys]\ndefault_domain = \"Bad Domain\"\n", "keys.default_domain"),
+            ("[keys]\ndefault_domain = \"piiwall.audit\"\n", "keys.default_domain"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),

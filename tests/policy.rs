@@ -322,3 +322,34 @@ fn redacted_values_of_every_type_fit_the_sanitized_schema() {
     assert_eq!(out["amount"], "0.00");
     assert_eq!(out["tags"], json!({}));
 }
+
+/// piiwall's own domains and contexts cannot be named by a schema: otherwise the pipeline (or `/v1/tokenize`) would
+/// compute the audit trail's subject pseudonyms, or the hashes of record keys, for whoever registers a schema.
+#[test]
+fn internal_domains_and_contexts_are_reserved() {
+    let audit_pseudonym_oracle = json!({"type": "record", "name": "R", "pii.domain": "piiwall.audit", "fields": [
+        {"name": "who", "type": "string", "pii": {"action": "hash", "kind": "audit.subject"}}
+    ]});
+    let (_, problem) = error_of(&audit_pseudonym_oracle.to_string());
+    assert!(
+        problem.contains("pii.domain must be") && problem.contains("piiwall"),
+        "{problem}"
+    );
+    for (pii, fields) in [
+        (json!({"action": "hash", "kind": "audit.subject"}), None),
+        (json!({"action": "tokenize", "kind": "kafka.key"}), None),
+        (json!({"action": "tokenize", "kind": "email#key"}), None),
+        (json!("hash"), Some("kafka.key")),
+    ] {
+        let schema = match fields {
+            None => record(json!([{"name": "who", "type": "string", "pii": pii}])),
+            Some(_) => record(
+                json!([{"name": "kafka", "type": {"type": "record", "name": "K", "fields": [
+                    {"name": "key", "type": "string", "pii": pii}
+                ]}}]),
+            ),
+        };
+        let (_, problem) = error_of(&schema);
+        assert!(problem.contains("is reserved"), "{pii}: {problem}");
+    }
+}

@@ -416,7 +416,7 @@ async fn rotate(
             _ => {
                 return Err(crate::error::ValueError::new(
                     "subject",
-                    "give either subject or domain (1-64 characters of a-z, 0-9, '.', '_' or '-')",
+                    format!("give either subject or domain ({})", crate::policy::DOMAIN_RULE),
                 )
                 .into());
             }

@@ -18,7 +18,7 @@ pub static AUDIT_SCHEMA: LazyLock<Schema> =
 /// The key domain whose key makes the chain's MACs.
 pub const AUDIT_DOMAIN: &str = "piiwall.audit";
 /// The MAC context of the chain.
-pub(crate) const MAC_CONTEXT: &str = "audit.chain";
+pub(crate) const MAC_CONTEXT: &str = crate::policy::contexts::AUDIT_CHAIN;
 /// An encoded event ends with its MAC: a 32-byte Avro `bytes` (length varint 0x40, then the MAC).
 pub(crate) const MAC_TAIL: usize = 33;
 

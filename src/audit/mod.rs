@@ -83,7 +83,7 @@ pub fn subject_pseudonym(keyring: &Keyring, subject: &str) -> Result<String, Err
     plaintext.push(crate::crypto::plain::STRING);
     plaintext.extend_from_slice(subject.as_bytes());
     let mut out = Vec::new();
-    key.hash_into("audit.subject", &plaintext, &mut out);
+    key.hash_into(crate::policy::contexts::AUDIT_SUBJECT, &plaintext, &mut out);
     String::from_utf8(out).map_err(|_| Error::Kafka("a subject token is not text".into()))
 }
 

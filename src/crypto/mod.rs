@@ -4,8 +4,8 @@
 //! serves two constructions:
 //! - `encrypt`: AES-256-GCM with a random 96-bit nonce, over the plaintext padded to a multiple of 16 bytes (at
 //!   least 32), so that short values of one field all give ciphertexts of one length;
-//! - `tokenize`: deterministic AEAD, AES-256-GCM under a *synthetic* nonce = HMAC-SHA256 over (associated data,
-//!   plaintext). Equal inputs give equal tokens (joins and counts work); different inputs get different nonces.
+//! - `tokenize`: deterministic AEAD, AES-256-GCM under a *synthetic* nonce = HMAC-SHA256 (its own derived key) over
+//!   (context length, context, plaintext). Equal inputs give equal tokens (joins and counts work); different inputs get different nonces.
 //!   Unlike AES-SIV from the `aes-siv` crate, the cipher and the HMAC state are keyed once per DEK, not per call;
 //! - `hash`: HMAC-SHA256, not reversible.
 //!

@@ -155,10 +155,7 @@ impl<'j, 's> Walker<'j, 's> {
             None => None,
             Some(Json::String(d)) if valid_domain(d) => Some(d.clone()),
             Some(_) => {
-                return Err(PolicyError::new(
-                    "",
-                    "pii.domain must be 1-64 characters of a-z, 0-9, '.', '_' or '-'",
-                ));
+                return Err(PolicyError::new("", format!("pii.domain must be {DOMAIN_RULE}")));
             }
         };
         let mut schema_tags = Vec::new();
@@ -417,6 +414,15 @@ impl<'j, 's> Walker<'j, 's> {
         };
         let rule = self.rules.len();
         let context = kind.unwrap_or_else(|| path.to_owned());
+        if super::contexts::ALL.contains(&context.as_str()) || context.contains('#') {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "the context `{context}` is reserved (piiwall's own pseudonyms use it, and `#` marks map keys): \
+                     give the field another \"kind\""
+                ),
+            ));
+        }
         self.rules.push(Rule {
             path: path.to_owned(),
             action,
@@ -1075,8 +1081,14 @@ fn namespace_of(name: &str, enclosing: &str) -> String {
     }
 }
 
+/// What a valid domain name is, for error messages.
+pub(crate) const DOMAIN_RULE: &str =
+    "1-64 characters of a-z, 0-9, '.', '_' or '-', not starting with \"piiwall\" (piiwall's own domains)";
+
+/// Whether a name may be a key domain: see [`DOMAIN_RULE`].
 pub(crate) fn valid_domain(domain: &str) -> bool {
-    (1..=64).contains(&domain.len())
+    !domain.starts_with(super::RESERVED_DOMAIN_PREFIX)
+        && (1..=64).contains(&domain.len())
         && domain
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))

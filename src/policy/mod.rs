@@ -11,7 +11,7 @@ mod tags;
 use apache_avro::types::Value;
 
 pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
-pub(crate) use compile::{SUBJECT_TYPES, valid_domain};
+pub(crate) use compile::{DOMAIN_RULE, SUBJECT_TYPES, valid_domain};
 pub use tags::TagPattern;
 
 /// The protection applied to one field (DESIGN §2).
@@ -85,6 +85,24 @@ impl Action {
         )
     }
 }
+
+/// The contexts of piiwall's own pseudonyms and MACs. No schema may name one (as a `kind` or a field path), or the
+/// pipeline and `/v1/tokenize` would compute them for anyone who can register a schema.
+pub(crate) mod contexts {
+    /// The audit trail's subject pseudonyms (under the audit domain's key).
+    pub(crate) const AUDIT_SUBJECT: &str = "audit.subject";
+    /// The audit chain's MACs.
+    pub(crate) const AUDIT_CHAIN: &str = "audit.chain";
+    /// Hashed record keys.
+    pub(crate) const KAFKA_KEY: &str = "kafka.key";
+    /// The control topic's message MACs.
+    pub(crate) const CONTROL: &str = "control.message";
+    pub(crate) const ALL: [&str; 4] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY, CONTROL];
+}
+
+/// Key domains piiwall keeps for itself (`piiwall.audit`, `piiwall.quarantine`, ...): no schema, config or request
+/// may name one.
+pub const RESERVED_DOMAIN_PREFIX: &str = "piiwall";
 
 /// The action names an annotation may use, for error messages.
 pub const ACTION_NAMES: &str = "tokenize, encrypt, hash, mask, redact, subject, none";

@@ -185,7 +185,7 @@ impl Processor {
                 plaintext.push(plain::BYTES);
                 plaintext.extend_from_slice(key);
                 let mut out = Vec::new();
-                dek.hash_into("kafka.key", &plaintext, &mut out);
+                dek.hash_into(crate::policy::contexts::KAFKA_KEY, &plaintext, &mut out);
                 Some(out)
             }
         })
