@@ -12,8 +12,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
 
 use crate::error::Error;
 
@@ -66,7 +68,7 @@ pub async fn serve(
         let served = match acceptor {
             None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
             Some(acceptor) => {
-                axum::serve(TlsListener { listener, acceptor }, app)
+                axum::serve(TlsListener::new(listener, acceptor), app)
                     .with_graceful_shutdown(shutdown)
                     .await
             }
@@ -87,8 +89,14 @@ async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
     }
 }
 
-/// How long a client may take over its TLS handshake before the listener drops it and accepts the next.
+/// How long a client may take over its TLS handshake before the listener drops it.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How many TLS handshakes may be in progress at once. Beyond it the listener stops accepting: further connections
+/// wait in the kernel's accept backlog (they are not refused) until a handshake completes or times out. Waiting keeps
+/// a burst of real clients served; the bound keeps clients that connect and never speak from holding unbounded
+/// memory and tasks, and [`HANDSHAKE_TIMEOUT`] frees each of their slots after 5 s.
+const MAX_HANDSHAKES: usize = 64;
 
 /// The rustls acceptor of `http.tls_cert` (PEM chain) and `http.tls_key` (PEM private key).
 fn tls_acceptor(tls: &crate::config::HttpTls) -> Result<tokio_rustls::TlsAcceptor, Error> {
@@ -118,31 +126,65 @@ fn tls_acceptor(tls: &crate::config::HttpTls) -> Result<tokio_rustls::TlsAccepto
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A TCP listener whose connections complete a TLS handshake before axum sees them. Handshakes run one at a time,
-/// each bounded by [`HANDSHAKE_TIMEOUT`]: enough for an operations API, not for a public endpoint.
+/// A TCP listener whose connections complete a TLS handshake before axum sees them. Each handshake runs in its own
+/// task, bounded by [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at a time, so a client that connects and sends
+/// nothing delays no one: accepting never waits on a handshake.
 struct TlsListener {
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    /// The handshakes in progress; dropping the listener (at shutdown) aborts them.
+    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        Self {
+            listener,
+            acceptor,
+            handshakes: JoinSet::new(),
+        }
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
 
+    // Cancel-safe, as axum's graceful shutdown needs: `TcpListener::accept` and `JoinSet::join_next` are, and a
+    // handshake in progress lives in `self.handshakes`, not in this future.
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, peer),
-                Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
-                Err(_) => tracing::debug!("tls handshake timed out"),
+            tokio::select! {
+                // Finished handshakes first: those clients are waiting for an answer.
+                biased;
+                Some(done) = self.handshakes.join_next() => match done {
+                    Ok(Some(connection)) => return connection,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "tls handshake task failed"),
+                },
+                accepted = self.listener.accept(), if self.handshakes.len() < MAX_HANDSHAKES => match accepted {
+                    Ok((stream, peer)) => {
+                        let handshake = self.acceptor.accept(stream);
+                        self.handshakes.spawn(async move {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                                Ok(Ok(tls)) => Some((tls, peer)),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "tls handshake failed");
+                                    None
+                                }
+                                Err(_) => {
+                                    tracing::debug!("tls handshake timed out");
+                                    None
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
             }
         }
     }

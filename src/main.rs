@@ -306,7 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "piiwall: a key reached keys.max_encryptions_per_key: new data uses its version {}",
                     key.version
                 );
-                announce_locally(&config, ControlOp::Rotate, &key.scope);
+                announce_locally(&config, sanitizer.keyring(), ControlOp::Rotate, &key.scope);
             }
             if summary.failed > 0 {
                 eprintln!(
@@ -448,7 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let mut event = local_event(AuditKind::Forget, remote.purpose.as_deref());
                     event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
                     let destroyed = keyring.forget_subject(&subject)?;
-                    announce_locally(&config, ControlOp::Forget, &keyring.subject_scope(&subject));
+                    announce_locally(&config, &keyring, ControlOp::Forget, &keyring.subject_scope(&subject));
                     event.outcome = Some(AuditOutcome::Allowed);
                     let shredded = AuditEvent::key_shredded(destroyed as i64);
                     println!(
@@ -491,7 +491,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         None => Keyring::domain_scope(&domain),
                     };
                     let version = keyring.rotate(&scope)?;
-                    announce_locally(&config, ControlOp::Rotate, &scope);
+                    announce_locally(&config, &keyring, ControlOp::Rotate, &scope);
                     event.outcome = Some(AuditOutcome::Allowed);
                     println!("rotated: new data uses key version {version}; older versions still reveal");
                     return audited_after(audit_locally(&config, &keyring, vec![event]));
@@ -506,8 +506,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !config.kafka.brokers_configured {
                 bail!("keys reapply-forgets reads keys.control_topic: the config names no kafka.brokers");
             }
-            let scopes = piiwall::stream::forgotten_scopes(&kafka_client(&config), &config.keys.control_topic)?;
             let keyring = keyring(&config)?;
+            let ledger =
+                piiwall::stream::forgotten_scopes(&kafka_client(&config), &config.keys.control_topic, &keyring)?;
+            if ledger.ignored > 0 {
+                eprintln!(
+                    "piiwall: {} message(s) on {} ignored: unsigned (written before messages were signed), forged, \
+                     or not a subject's forget",
+                    ledger.ignored, config.keys.control_topic
+                );
+            }
+            let scopes = ledger.scopes;
             let mut destroyed = 0;
             for scope in &scopes {
                 destroyed += keyring.forget_scope(scope)?;
@@ -657,14 +666,14 @@ fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
 /// After a local forget or rotate, when the config names brokers: tells the running instances through the control
 /// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
 /// within keys.cache_ttl_secs.
-fn announce_locally(config: &Config, op: ControlOp, scope: &str) {
+fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &str) {
     if !config.kafka.brokers_configured {
         return;
     }
     let announced = (|| -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let producer: rdkafka::producer::FutureProducer = kafka_client(config).create()?;
-        runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(op, scope))?;
+        runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(keyring, op, scope))?;
         Ok(())
     })();
     if let Err(e) = announced {

@@ -539,10 +539,40 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
         "the restore undid the forget"
     );
 
+    // Anyone with write access to the control topic could forge the ledger: unsigned or badly signed forgets (of
+    // the domain key, of another subject) change nothing.
+    let other_scope = {
+        let kek = std::fs::read_to_string(store.join("kek.key")).unwrap();
+        common::keyring_at_with(&store, &kek).subject_scope("cus_0002")
+    };
+    let other_email = sanitize_sample(dir.path(), "customer_profile")[1]["email"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forged: Vec<common::kafka::Outgoing> = [
+        (b"d:default".to_vec(), b"forget".to_vec()),
+        (other_scope.clone().into_bytes(), b"forget".to_vec()),
+        (
+            other_scope.into_bytes(),
+            b"forget AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_vec(),
+        ),
+    ]
+    .into_iter()
+    .map(|(key, value)| (0, Some(key), value, rdkafka::message::OwnedHeaders::new()))
+    .collect();
+    runtime.block_on(common::kafka::produce(&control, forged));
+
     let reapply = run(&["keys", "reapply-forgets"], None);
     assert!(reapply.status.success(), "{}", text(&reapply.stderr));
     says(&reapply.stdout, "1 forgotten subject(s)");
     says(&reapply.stdout, "1 key version(s) destroyed again");
+    says(&reapply.stderr, "3 message(s)");
+    let still = run(&["reveal", "--field", "email", &other_email], None);
+    assert!(
+        still.status.success(),
+        "a forged forget destroyed a key: {}",
+        text(&still.stderr)
+    );
     let refused = reveal();
     assert_eq!(text(&refused.stdout), "");
     says(&refused.stderr, "subject forgotten");

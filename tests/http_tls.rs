@@ -1,10 +1,12 @@
 //! TLS on the HTTP listener (`http.tls_cert`, `http.tls_key`): a client that trusts the certificate gets answers;
-//! a plain-HTTP client gets none; a key that does not fit is refused at start with the setting named.
+//! a plain-HTTP client gets none; a client that connects and never starts its handshake delays no one else; a key
+//! that does not fit is refused at start with the setting named.
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use piiwall::config::HttpTls;
 use tokio::sync::watch;
@@ -74,6 +76,47 @@ async fn the_listener_speaks_tls_with_the_configured_certificate() {
         untrusted.is_err(),
         "a client that does not trust the certificate is refused"
     );
+    stop.send_replace(true);
+}
+
+/// The listener's handshake timeout is 5 s; an answer well within it shows the silent clients were not waited on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_send_a_client_hello_do_not_stall_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = self_signed(dir.path(), "server");
+    let (stop, stopped) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let bound = piiwall::http::serve("127.0.0.1:0".parse().unwrap(), ready, stopped, None, Some(&tls))
+        .await
+        .unwrap();
+
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(bound).await.unwrap());
+    }
+    // Time for the server to accept them first: with handshakes one at a time, the real client would queue behind them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let trusted = reqwest::Certificate::from_pem(&std::fs::read(&tls.cert).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(trusted)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let response = client
+        .get(format!("https://localhost:{}/healthz", bound.port()))
+        .send()
+        .await
+        .expect("an https request with the certificate trusted");
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(
+        took < Duration::from_secs(2),
+        "/healthz took {took:?} while {} clients sent nothing",
+        silent.len()
+    );
+    drop(silent);
     stop.send_replace(true);
 }
 

@@ -430,5 +430,5 @@ async fn rotate(
 
 /// Announces on the control topic from the blocking pool, waiting for the acknowledgement.
 fn announce(api: &Api, op: ControlOp, scope: &str) -> Result<(), Error> {
-    tokio::runtime::Handle::current().block_on(api.control.announce(op, scope))
+    tokio::runtime::Handle::current().block_on(api.control.announce(api.sanitizer.keyring(), op, scope))
 }

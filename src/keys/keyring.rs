@@ -101,6 +101,9 @@ pub struct Keyring {
     store: Arc<dyn KeyStore>,
     kek: Arc<dyn KekProvider>,
     subject_index: Hmac<Sha256>,
+    /// Signs control-topic messages: derived from the subject-index key, so every instance of one store (and a
+    /// restored backup of it) has it, and nobody without the KEK does.
+    control: Hmac<Sha256>,
     by_scope: Cache<String, RecordKey>,
     by_id: Cache<KeyId, ById>,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
@@ -140,6 +143,11 @@ impl Keyring {
         let wrapped = store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
         let index_key = kek.unwrap(&wrapped, &ad).map_err(|_| KeyError::KekMismatch)?;
         let subject_index = Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
+        let mut control_key = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<Sha256>::new(Some(b"piiwall control v1"), &index_key)
+            .expand(b"control topic", control_key.as_mut_slice())
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        let control = Hmac::<Sha256>::new_from_slice(control_key.as_slice()).expect("HMAC takes any key length");
         let by_scope = Cache::builder()
             .max_capacity(cache.capacity)
             .time_to_live(cache.ttl)
@@ -153,6 +161,7 @@ impl Keyring {
             store,
             kek,
             subject_index,
+            control,
             by_scope,
             by_id,
             domains: RwLock::new(HashMap::new()),
@@ -177,6 +186,13 @@ impl Keyring {
         let mut mac = self.subject_index.clone();
         mac.update(subject.as_bytes());
         format!("s:{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// HMAC-SHA256 of a control-topic message under the store's control key.
+    pub fn control_mac(&self, data: &[u8]) -> [u8; 32] {
+        let mut mac = self.control.clone();
+        mac.update(data);
+        mac.finalize().into_bytes().into()
     }
 
     pub fn domain_scope(domain: &str) -> String {

@@ -95,9 +95,7 @@ pub(crate) mod contexts {
     pub(crate) const AUDIT_CHAIN: &str = "audit.chain";
     /// Hashed record keys.
     pub(crate) const KAFKA_KEY: &str = "kafka.key";
-    /// The control topic's message MACs.
-    pub(crate) const CONTROL: &str = "control.message";
-    pub(crate) const ALL: [&str; 4] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY, CONTROL];
+    pub(crate) const ALL: [&str; 3] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY];
 }
 
 /// Key domains piiwall keeps for itself (`piiwall.audit`, `piiwall.quarantine`, ...): no schema, config or request

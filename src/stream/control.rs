@@ -8,9 +8,17 @@
 //! the cache TTL (`keys.cache_ttl_secs`) bounds it too should the control topic be unreachable. A restarted
 //! instance starts with empty caches and reads the store, which already records the forget, so it needs no history.
 //!
-//! The topic is also the ledger of forgets outside the key store: a forget is final, so compaction keeps it, and
-//! [`forgotten_scopes`] reads them all back so that a key store restored from a backup can be made to forget
-//! again (`piiwall keys reapply-forgets`).
+//! The topic is also the ledger of forgets outside the key store: [`forgotten_scopes`] reads them all back so that a
+//! key store restored from a backup can be made to forget again (`piiwall keys reapply-forgets`).
+//!
+//! Anyone with write access to the topic could otherwise forge that ledger, so:
+//! - every message is signed: its value is `<op> <MAC>`, an HMAC-SHA256 (URL-safe base64) over the operation and
+//!   the scope under a key derived from the key store's own subject-index key ([`Keyring::control_mac`]), which only
+//!   holders of the KEK can unwrap, and which a restored backup of the store still has. Unsigned or badly signed
+//!   messages are ignored (and counted): they neither drop cache entries nor enter the ledger;
+//! - the ledger only forgets subject scopes (`s:`): a domain key is never destroyed from the topic;
+//! - the topic is created append-only (`cleanup.policy=delete`, infinite retention), so no later message — a
+//!   rotation, or a tombstone for the scope — can erase a forget by compaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +27,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use subtle::ConstantTimeEq;
 
 use crate::error::Error;
 use crate::keys::Keyring;
@@ -44,6 +56,35 @@ impl ControlOp {
             ControlOp::Rotate => "rotate",
         }
     }
+
+    fn from_name(name: &[u8]) -> Option<Self> {
+        match name {
+            b"forget" => Some(ControlOp::Forget),
+            b"rotate" => Some(ControlOp::Rotate),
+            _ => None,
+        }
+    }
+}
+
+/// What a MAC of a control message covers: the operation and the scope, unambiguously.
+fn signed_bytes(op: ControlOp, scope: &str) -> Vec<u8> {
+    [op.name().as_bytes(), b"\0", scope.as_bytes()].concat()
+}
+
+/// The value of a control message: `<op> <MAC>`.
+pub fn sign(keyring: &Keyring, op: ControlOp, scope: &str) -> Vec<u8> {
+    let mac = keyring.control_mac(&signed_bytes(op, scope));
+    format!("{} {}", op.name(), URL_SAFE_NO_PAD.encode(mac)).into_bytes()
+}
+
+/// The operation a control message announces, when its signature holds; `None` for an unsigned, forged or
+/// malformed message, or one signed by instances of another key store.
+pub fn verify(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<ControlOp> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let op = ControlOp::from_name(&value[..space])?;
+    let mac = URL_SAFE_NO_PAD.decode(&value[space + 1..]).ok()?;
+    let expected = keyring.control_mac(&signed_bytes(op, scope));
+    bool::from(expected.ct_eq(mac.as_slice())).then_some(op)
 }
 
 /// Announces forgets and rotations on the control topic.
@@ -58,13 +99,12 @@ impl Control {
         Self { producer, topic }
     }
 
-    /// Publishes `op` on `scope` and waits for the broker's acknowledgement.
-    pub async fn announce(&self, op: ControlOp, scope: &str) -> Result<(), Error> {
+    /// Publishes `op` on `scope`, signed, and waits for the broker's acknowledgement.
+    pub async fn announce(&self, keyring: &Keyring, op: ControlOp, scope: &str) -> Result<(), Error> {
+        let value = sign(keyring, op, scope);
         self.producer
             .send(
-                FutureRecord::to(&self.topic)
-                    .key(scope.as_bytes())
-                    .payload(op.name().as_bytes()),
+                FutureRecord::to(&self.topic).key(scope.as_bytes()).payload(&value),
                 SEND_TIMEOUT,
             )
             .await
@@ -73,18 +113,38 @@ impl Control {
     }
 }
 
-/// Every scope ever announced as forgotten on the control topic, read from its start to its end.
-pub fn forgotten_scopes(client: &ClientConfig, topic: &str) -> Result<Vec<String>, Error> {
+/// The forgets of the control topic's ledger.
+pub struct Ledger {
+    /// Every subject scope announced as forgotten by a signed message.
+    pub scopes: Vec<String>,
+    /// Messages that were not taken: unsigned (written before messages were signed), forged, or a forget of
+    /// something other than a subject.
+    pub ignored: usize,
+}
+
+/// Every subject scope ever announced as forgotten on the control topic, read from its start to its end; only
+/// signed announcements count (see the module's documentation).
+pub fn forgotten_scopes(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<Ledger, Error> {
     let mut scopes = std::collections::BTreeSet::new();
+    let mut ignored = 0;
     crate::stream::read_topic(client, topic, "control topic", READ_DEADLINE, |message| {
-        if message.payload() == Some(ControlOp::Forget.name().as_bytes())
-            && let Some(scope) = message.key().and_then(|k| std::str::from_utf8(k).ok())
-        {
-            scopes.insert(scope.to_owned());
+        let scope = message.key().and_then(|k| std::str::from_utf8(k).ok());
+        match (scope, message.payload()) {
+            (Some(scope), Some(value)) => match verify(keyring, scope, value) {
+                Some(ControlOp::Forget) if scope.starts_with("s:") => {
+                    scopes.insert(scope.to_owned());
+                }
+                Some(ControlOp::Rotate) => {}
+                _ => ignored += 1,
+            },
+            _ => ignored += 1,
         }
         Ok(())
     })?;
-    Ok(scopes.into_iter().collect())
+    Ok(Ledger {
+        scopes: scopes.into_iter().collect(),
+        ignored,
+    })
 }
 
 /// Reads the control topic from its current end until `stop`, dropping each announced scope from `keyring`'s
@@ -133,20 +193,63 @@ pub async fn listen(
                 None => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "control topic read failed"),
                 Some(Ok(message)) => {
-                    let Some(scope) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                        continue;
-                    };
-                    keyring.invalidate_scope(scope);
-                    let op = match message.payload() {
-                        Some(b"forget") => "forget",
-                        Some(b"rotate") => "rotate",
-                        _ => "other",
-                    };
+                    let scope = message.key().and_then(|k| std::str::from_utf8(k).ok());
+                    let op = scope.zip(message.payload()).and_then(|(scope, value)| {
+                        let op = verify(&keyring, scope, value)?;
+                        keyring.invalidate_scope(scope);
+                        Some(op.name())
+                    });
+                    let op = op.unwrap_or("unsigned");
                     metrics::counter!("piiwall_control_messages_total", "op" => op).increment(1);
-                    tracing::debug!(op, "key cache entry dropped on announcement");
+                    if op == "unsigned" {
+                        tracing::warn!("control message without a valid signature ignored");
+                    } else {
+                        tracing::debug!(op, "key cache entry dropped on announcement");
+                    }
                 }
             }
         }
     });
     Ok(task)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::LocalKek;
+    use crate::keys::{KeyCacheSettings, SqliteStore};
+
+    fn keyring(dir: &std::path::Path) -> Keyring {
+        let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).unwrap());
+        Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&[3; 32]).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_messages_signed_for_this_key_store_are_taken() {
+        let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ring, other) = (keyring(dir.path()), keyring(other_dir.path()));
+        let signed = sign(&ring, ControlOp::Forget, "s:abc");
+        assert_eq!(verify(&ring, "s:abc", &signed), Some(ControlOp::Forget));
+        assert_eq!(
+            verify(&keyring(dir.path()), "s:abc", &signed),
+            Some(ControlOp::Forget),
+            "another instance of the same store (or a restored backup) checks it"
+        );
+        assert_eq!(verify(&ring, "s:abd", &signed), None, "moved to another scope");
+        assert_eq!(verify(&other, "s:abc", &signed), None, "another store's key");
+        let as_rotate = [b"rotate".as_slice(), &signed[6..]].concat();
+        assert_eq!(verify(&ring, "s:abc", &as_rotate), None, "relabelled operation");
+        for forged in [&b"forget"[..], b"forget ", b"forget AAAA", b"", b"delete x"] {
+            assert_eq!(verify(&ring, "s:abc", forged), None);
+        }
+        let rotate = sign(&ring, ControlOp::Rotate, "d:sales");
+        assert_eq!(verify(&ring, "d:sales", &rotate), Some(ControlOp::Rotate));
+    }
 }

@@ -267,7 +267,11 @@ async fn announce_retired(ctx: &LaneContext, key: Retired) {
         None => "a subject's key".to_owned(),
     };
     tracing::info!(key = %whose, version = key.version, "key reached keys.max_encryptions_per_key: rotated");
-    if let Err(e) = ctx.control.announce(ControlOp::Rotate, &key.scope).await {
+    if let Err(e) = ctx
+        .control
+        .announce(ctx.processor.sanitizer.keyring(), ControlOp::Rotate, &key.scope)
+        .await
+    {
         tracing::warn!(error = %e, "rotation not announced: other instances see it when their key cache expires");
     }
     let mut event = AuditEvent::new(AuditKind::KeyRotated);

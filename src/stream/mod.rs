@@ -521,8 +521,12 @@ async fn ensure_topics(
         if metadata.topics().first().is_none_or(|t| t.partitions().is_empty()) {
             let mut new = NewTopic::new(topic, *partitions, TopicReplication::Fixed(1));
             if *topic == config.keys.control_topic {
-                // Only the latest announcement per key scope matters.
-                new = new.set("cleanup.policy", "compact");
+                // The forget ledger is append-only: compaction would let a later message for a scope (a rotation,
+                // or anyone's tombstone) erase its forget.
+                new = new
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", "-1")
+                    .set("retention.bytes", "-1");
             }
             missing.push(new);
         }
