@@ -275,3 +275,40 @@ fn a_subject_that_could_not_be_located_is_refused_at_compile_time() {
         assert!(err.to_string().contains("16-byte fixed"), "{err}");
     }
 }
+
+/// `/v1/tokenize` (and `piiwall tokenize`) give no pseudonym of a forgotten subject, not even a domain-keyed hash:
+/// it would let a caller find the subject's earlier records.
+#[test]
+fn a_forgotten_subject_gets_no_pseudonym_of_any_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let sanitizer = common::sanitizer_at(dir.path());
+    let schema = common::compiled(
+        &json!({"type": "record", "name": "S", "fields": [
+            {"name": "id", "type": "string", "pii": "subject"},
+            {"name": "email", "type": "string", "pii": "tokenize"},
+            {"name": "ip", "type": "string", "pii": "hash"}
+        ]})
+        .to_string(),
+    );
+    let value = apache_avro::types::Value::String("203.0.113.9".into());
+    for field in ["email", "ip"] {
+        assert!(
+            sanitizer.token_for(&schema, field, Some("cus_1"), &value).is_ok(),
+            "{field}"
+        );
+        assert!(
+            sanitizer.token_for(&schema, field, None, &value).is_err(),
+            "{field}: the subject is required"
+        );
+    }
+    sanitizer.keyring().forget_subject("cus_1").unwrap();
+    for field in ["email", "ip"] {
+        assert!(
+            matches!(
+                sanitizer.token_for(&schema, field, Some("cus_1"), &value),
+                Err(Error::Reveal(RevealError::SubjectForgotten))
+            ),
+            "{field}"
+        );
+    }
+}

@@ -737,11 +737,7 @@ impl<'j, 's> Walker<'j, 's> {
                                 .map_or_else(|| namespace_of(name, namespace), str::to_owned);
                             let full = full_name(name, &ns);
                             self.define(full.clone(), object, &ns);
-                            let name = if t == "enum" {
-                                "enum"
-                            } else {
-                                logical.map_or_else(|| fixed_name(object), logical_name)
-                            };
+                            let name = if t == "enum" { "enum" } else { fixed_name(object) };
                             Ok(Kind::Scalar(Scalar {
                                 name,
                                 defines: Some(full),

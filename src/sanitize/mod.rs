@@ -82,9 +82,35 @@ impl Sanitizer {
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let subject = transcoder.subject(record)?;
-        let keys = self.keys_in(&schema.plan, subject.as_deref(), batch)?;
+        self.sanitize_binary_as(schema, transcoder, record, subject.as_deref(), batch, scratch, out)
+    }
+
+    /// As [`sanitize_binary_in`](Self::sanitize_binary_in), with the keys of `subject` (`None`: the domain's) instead
+    /// of the record's own: a record key is protected with the keys of the value's subject, so that forgetting the
+    /// subject covers it too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sanitize_binary_as(
+        &self,
+        schema: &CompiledSchema,
+        transcoder: &Transcoder,
+        record: &[u8],
+        subject: Option<&str>,
+        batch: Option<&BatchKeys>,
+        scratch: &mut TranscodeScratch,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let keys = self.keys_in(&schema.plan, subject, batch)?;
         transcoder.transcode(schema, record, &keys, scratch, out)?;
         Ok(())
+    }
+
+    /// Whether a data subject is forgotten, from `batch` when it has the subject's key, else through the keyring.
+    pub fn is_forgotten(&self, subject: &str, batch: Option<&BatchKeys>) -> Result<bool, Error> {
+        let key = match batch.and_then(|b| b.get(subject)) {
+            Some(key) => key.clone(),
+            None => self.keyring.subject_key(subject)?,
+        };
+        Ok(matches!(key, RecordKey::Forgotten))
     }
 
     /// Resolves the keys a record needs: its subject's, else its domain's.
@@ -156,6 +182,15 @@ impl Sanitizer {
             .enumerate()
             .find(|(_, r)| r.path == path)
             .ok_or_else(|| ValueError::new(path, "the schema does not protect this field"))?;
+        // A forgotten subject gets no pseudonym of any kind: not even a domain-keyed hash, which would let a caller
+        // find the subject's earlier records.
+        if plan.subject_rule().is_some() {
+            let subject =
+                subject.ok_or_else(|| ValueError::new(path, "the schema names a data subject: give --subject"))?;
+            if matches!(self.keyring.subject_key(subject)?, RecordKey::Forgotten) {
+                return Err(RevealError::SubjectForgotten.into());
+            }
+        }
         let key = match (rule.action, plan.subject_rule(), subject) {
             (Action::Tokenize | Action::Subject, Some(_), Some(subject)) => self.keyring.subject_key(subject)?,
             (Action::Tokenize | Action::Subject, Some(_), None) => {

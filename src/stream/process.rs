@@ -120,7 +120,7 @@ impl Processor {
                 .routes
                 .key_action(message.topic())
                 .ok_or_else(|| poison("no schema binding for this topic".into(), None))?;
-            let key = self.key(message.topic(), action, None, message.key(), keys, scratch)?;
+            let key = self.key(message.topic(), action, None, None, message.key(), keys, scratch)?;
             return Ok(Outcome::Output {
                 key,
                 value: None,
@@ -133,14 +133,29 @@ impl Processor {
             Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
         };
         let action = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash);
-        let key = self.key(
-            message.topic(),
-            action,
-            route.schema.plan.domain.as_deref(),
-            message.key(),
-            keys,
-            scratch,
-        )?;
+        let subject = route
+            .transcoder
+            .subject(payload)
+            .map_err(|e| poison(e.to_string(), Some(schema_id)))?;
+        let forgotten = match subject.as_deref() {
+            Some(subject) => self.sanitizer.is_forgotten(subject, keys).map_err(Failure::Other)?,
+            None => false,
+        };
+        let key = if forgotten && action != KeyAction::Keep {
+            // A forgotten subject's records keep no pseudonym of their key: a domain-keyed hash, or a key schema
+            // without a subject of its own, would link them under a key that survives the forget.
+            None
+        } else {
+            self.key(
+                message.topic(),
+                action,
+                route.schema.plan.domain.as_deref(),
+                subject.as_deref(),
+                message.key(),
+                keys,
+                scratch,
+            )?
+        };
         let mut out = Vec::with_capacity(value.len() * 2 + 64);
         framing::write_header(route.sanitized_id, &mut out);
         match self
@@ -157,11 +172,15 @@ impl Processor {
         }
     }
 
+    /// The protected record key. `subject` is the value's data subject: an Avro key schema that names no subject
+    /// of its own is protected with that subject's keys.
+    #[allow(clippy::too_many_arguments)]
     fn key(
         &self,
         topic: &str,
         action: KeyAction,
         domain: Option<&str>,
+        subject: Option<&str>,
         key: Option<&[u8]>,
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
@@ -170,7 +189,7 @@ impl Processor {
         Ok(match action {
             KeyAction::Keep => Some(key.to_vec()),
             KeyAction::Redact => None,
-            KeyAction::Avro => Some(self.avro_key(topic, key, keys, scratch)?),
+            KeyAction::Avro => Some(self.avro_key(topic, key, subject, keys, scratch)?),
             KeyAction::Hash => {
                 let domain = domain.unwrap_or(&self.default_domain);
                 let dek = match keys.and_then(|k| k.domain(domain)) {
@@ -196,6 +215,7 @@ impl Processor {
         &self,
         topic: &str,
         key: &[u8],
+        value_subject: Option<&str>,
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
     ) -> Result<Vec<u8>, Failure> {
@@ -208,12 +228,22 @@ impl Processor {
             Route::Ready(route) => route,
             Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
         };
+        let own_subject = route
+            .transcoder
+            .subject(payload)
+            .map_err(|e| poison(e.to_string(), Some(schema_id)))?;
+        let subject = own_subject.as_deref().or(value_subject);
         let mut out = Vec::with_capacity(key.len() * 2 + 64);
         framing::write_header(route.sanitized_id, &mut out);
-        match self
-            .sanitizer
-            .sanitize_binary_in(&route.schema, &route.transcoder, payload, keys, scratch, &mut out)
-        {
+        match self.sanitizer.sanitize_binary_as(
+            &route.schema,
+            &route.transcoder,
+            payload,
+            subject,
+            keys,
+            scratch,
+            &mut out,
+        ) {
             Ok(()) => Ok(out),
             Err(e) if e.kind() == ErrorKind::Poison => Err(poison(e.to_string(), Some(schema_id))),
             Err(e) => Err(Failure::Other(e)),
@@ -243,4 +273,123 @@ enum Failure {
     Poison { reason: String, schema_id: Option<u32> },
     /// Not the record's fault (key store, KEK): retried or fatal, never quarantined.
     Other(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rdkafka::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::codec::json::JsonCodec;
+    use crate::config::Config;
+    use crate::crypto::LocalKek;
+    use crate::error::RevealError;
+    use crate::keys::{KeyCacheSettings, Keyring, SqliteStore};
+
+    const KEY_SCHEMA: &str =
+        r#"{"type": "record", "name": "K", "fields": [{"name": "customer_id", "type": "string", "pii": "tokenize"}]}"#;
+
+    /// A processor for topic `t` (customer_profile.avsc, id 1), its record keys protected by `key`.
+    fn processor(dir: &Path, key: &str) -> Processor {
+        let root = env!("CARGO_MANIFEST_DIR");
+        std::fs::write(dir.join("key.avsc"), KEY_SCHEMA).unwrap();
+        let key_schema = if key == "avro" {
+            format!("key_schema = \"{}\"\nkey_id = 2\n", dir.join("key.avsc").display())
+        } else {
+            String::new()
+        };
+        let config = Config::parse(
+            &format!(
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"{root}/schemas/customer_profile.avsc\"\nid = 1\n\
+                 key = \"{key}\"\n{key_schema}"
+            ),
+            [],
+            "test.toml",
+        )
+        .unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).unwrap());
+        let kek = Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());
+        let keyring = Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).unwrap());
+        Processor {
+            routes: Arc::new(Routes::compile(&config).unwrap()),
+            sanitizer: Arc::new(Sanitizer::new(keyring, "default")),
+            default_domain: "default".into(),
+        }
+    }
+
+    fn framed(processor: &Processor, part: Part, id: u32, record: serde_json::Value) -> Vec<u8> {
+        let Route::Ready(route) = processor.routes.get_part("t", part, id) else {
+            panic!("the binding compiles");
+        };
+        let value = JsonCodec::new(&route.schema.writer).to_value(&record).unwrap();
+        framing::encode_framed(&route.schema, id, &value).unwrap()
+    }
+
+    fn message(processor: &Processor, key: Vec<u8>) -> OwnedMessage {
+        let customer = json!({
+            "customer_id": "cus_9", "email": "ada@example.com", "full_name": "Ada", "date_of_birth": 1000,
+            "address": {"street": "1 Main Street", "city": "Leeds", "postcode": "LS1 4AP", "country": "GB"},
+            "phones": [], "notes": null, "updated_at": 1
+        });
+        let value = framed(processor, Part::Value, 1, customer);
+        OwnedMessage::new(Some(value), Some(key), "t".into(), Timestamp::NotAvailable, 0, 0, None)
+    }
+
+    fn output_key(processor: &Processor, message: &OwnedMessage) -> Option<Vec<u8>> {
+        match processor
+            .process(message, None, &mut TranscodeScratch::default())
+            .unwrap()
+        {
+            Outcome::Output { key, .. } => key,
+            Outcome::Quarantine { reason, .. } => panic!("quarantined: {reason}"),
+        }
+    }
+
+    /// After a forget, no new output carries a pseudonym of the subject's record key under a key that survives it.
+    #[test]
+    fn a_forgotten_subjects_record_keys_keep_no_pseudonym() {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = processor(dir.path(), "hash");
+        let message = message(&processor, b"cus_9".to_vec());
+        assert!(output_key(&processor, &message).unwrap().starts_with(b"pwh1."));
+        processor.sanitizer.keyring().forget_subject("cus_9").unwrap();
+        assert_eq!(output_key(&processor, &message), None);
+    }
+
+    /// An Avro key whose schema names no subject is protected with the value's subject's key: forgetting the
+    /// subject makes its key tokens unrevealable, and later keys carry none.
+    #[test]
+    fn avro_keys_take_the_keys_of_the_values_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = processor(dir.path(), "avro");
+        let key = framed(&processor, Part::Key, 2, json!({"customer_id": "cus_9"}));
+        let message = message(&processor, key);
+        let out = output_key(&processor, &message).unwrap();
+        let Route::Ready(route) = processor.routes.get_part("t", Part::Key, 2) else {
+            panic!()
+        };
+        let (_, payload) = framing::parse(&out).unwrap();
+        let decoded = apache_avro::reader::datum::GenericDatumReader::builder(&route.schema.sanitized)
+            .build()
+            .unwrap()
+            .read_value(&mut &payload[..])
+            .unwrap();
+        let token = JsonCodec::new(&route.schema.sanitized).to_json(&decoded)["customer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            processor.sanitizer.reveal("customer_id", &token).unwrap(),
+            json!("cus_9")
+        );
+        processor.sanitizer.keyring().forget_subject("cus_9").unwrap();
+        assert!(matches!(
+            processor.sanitizer.reveal("customer_id", &token),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
+        assert_eq!(output_key(&processor, &message), None);
+    }
 }
