@@ -88,6 +88,7 @@ struct RawKafka {
     inputs: Option<Vec<String>>,
     output_suffix: Option<String>,
     quarantine_topic: Option<String>,
+    quarantine_retention_days: Option<u64>,
     delivery: Option<String>,
     transactional_id: Option<String>,
     headers_allow: Option<Vec<String>>,
@@ -150,6 +151,8 @@ pub const DEFAULT_GROUP_ID: &str = "piiwall";
 /// Output topic = input topic + this suffix.
 pub const DEFAULT_OUTPUT_SUFFIX: &str = ".sanitized";
 pub const DEFAULT_QUARANTINE_TOPIC: &str = "piiwall.quarantine";
+/// Days the key of a quarantined copy without a known data subject is kept (then destroyed, and the copy with it).
+pub const DEFAULT_QUARANTINE_RETENTION_DAYS: u64 = 7;
 /// Records sanitized and produced together before their offsets are stored.
 pub const DEFAULT_BATCH_SIZE: usize = 500;
 /// Records a partition's lane may hold before the consumer waits (backpressure).
@@ -227,6 +230,9 @@ pub struct KafkaConfig {
     pub inputs: Vec<String>,
     pub output_suffix: String,
     pub quarantine_topic: String,
+    /// How long the keys of quarantined copies whose data subject is unknown are kept: a copy's key is destroyed
+    /// `quarantine_retention_days` to `quarantine_retention_days + 1` days after it was written.
+    pub quarantine_retention_days: u64,
     pub delivery: Delivery,
     /// Header names copied to the output; all others are dropped (they may carry PII).
     pub headers_allow: Vec<String>,
@@ -433,6 +439,10 @@ impl Config {
         line("kafka.inputs", format!("{:?}", self.kafka.inputs));
         line("kafka.output_suffix", self.kafka.output_suffix.clone());
         line("kafka.quarantine_topic", self.kafka.quarantine_topic.clone());
+        line(
+            "kafka.quarantine_retention_days",
+            self.kafka.quarantine_retention_days.to_string(),
+        );
         match &self.kafka.delivery {
             Delivery::AtLeastOnce => line("kafka.delivery", "at-least-once".into()),
             Delivery::ExactlyOnce { transactional_id } => {
@@ -765,6 +775,15 @@ impl RawKafka {
             group_id,
             inputs,
             output_suffix,
+            quarantine_retention_days: match self.quarantine_retention_days {
+                None => DEFAULT_QUARANTINE_RETENTION_DAYS,
+                Some(days @ 1..=3650) => days,
+                Some(_) => {
+                    return Err(ConfigError(
+                        "kafka.quarantine_retention_days must be between 1 and 3650".into(),
+                    ));
+                }
+            },
             quarantine_topic: self
                 .quarantine_topic
                 .unwrap_or_else(|| DEFAULT_QUARANTINE_TOPIC.to_owned()),
@@ -1071,6 +1090,10 @@ mod tests {
             ),
             ("[keys]\ndefault_domain = \"Bad Domain\"\n", "keys.default_domain"),
             ("[keys]\ndefault_domain = \"piiwall.audit\"\n", "keys.default_domain"),
+            (
+                "[kafka]\nquarantine_retention_days = 0\n",
+                "kafka.quarantine_retention_days",
+            ),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),

@@ -25,6 +25,15 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 
 const SUBJECT_INDEX: &str = "subject-index";
+/// The daily quarantine domains: `piiwall.quarantine.<day>`.
+const QUARANTINE_DOMAIN_PREFIX: &str = "piiwall.quarantine.";
+
+/// Days since 1970-01-01 (UTC) now.
+pub fn today() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct KeyCacheSettings {
@@ -406,6 +415,26 @@ impl Keyring {
     pub fn forget_scope(&self, scope: &str) -> Result<usize, KeyError> {
         let destroyed = self.store.forget(scope)?;
         self.invalidate_scope(scope);
+        Ok(destroyed)
+    }
+
+    /// The key domain of the quarantined copies written on `day` (days since 1970-01-01, UTC) of records whose data
+    /// subject is unknown: one key a day, destroyed by [`expire_quarantine_keys`](Self::expire_quarantine_keys).
+    pub fn quarantine_domain(day: u64) -> String {
+        format!("{QUARANTINE_DOMAIN_PREFIX}{day}")
+    }
+
+    /// Destroys the daily quarantine keys of days more than `retention_days` before `today`: the copies under them
+    /// can never be read again. Returns how many key versions were destroyed.
+    pub fn expire_quarantine_keys(&self, retention_days: u64, today: u64) -> Result<usize, KeyError> {
+        let prefix = Self::domain_scope(QUARANTINE_DOMAIN_PREFIX);
+        let mut destroyed = 0;
+        for scope in self.store.scopes_with_prefix(&prefix)? {
+            let day = scope[prefix.len()..].parse::<u64>();
+            if day.is_ok_and(|day| today > day.saturating_add(retention_days)) {
+                destroyed += self.forget_scope(&scope)?;
+            }
+        }
         Ok(destroyed)
     }
 
@@ -825,6 +854,9 @@ mod tests {
         fn versions(&self, scope: &str) -> Result<u32, KeyError> {
             self.inner.versions(scope)
         }
+        fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+            self.inner.scopes_with_prefix(prefix)
+        }
         fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
             self.inner.record_encryptions(key_id, count)
         }
@@ -915,5 +947,29 @@ mod tests {
                 "{subject}: the forgotten key must not stay cached"
             );
         }
+    }
+
+    #[test]
+    fn daily_quarantine_keys_are_destroyed_after_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let keys: Vec<(u64, KeyId)> = [100, 105, 106]
+            .into_iter()
+            .map(|day| (day, ring.domain_key(&Keyring::quarantine_domain(day)).unwrap().key_id))
+            .collect();
+        let other = ring.domain_key("sales").unwrap().key_id;
+        assert_eq!(
+            ring.expire_quarantine_keys(7, 112).unwrap(),
+            1,
+            "day 105 is kept until day 113"
+        );
+        assert!(matches!(
+            ring.key_by_id(keys[0].1),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
+        assert!(ring.key_by_id(keys[1].1).is_ok() && ring.key_by_id(keys[2].1).is_ok());
+        assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 2);
+        assert!(ring.key_by_id(other).is_ok(), "other domains are not touched");
+        assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 0, "idempotent");
     }
 }

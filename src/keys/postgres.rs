@@ -259,6 +259,16 @@ impl KeyStore for PostgresStore {
         .map(|row| row.is_some())
     }
 
+    fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+        self.with("listing key scopes", |tx| {
+            tx.query(
+                "SELECT DISTINCT scope FROM piiwall_deks WHERE left(scope, $2) = $1",
+                &[&prefix, &(prefix.chars().count() as i32)],
+            )
+        })
+        .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+    }
+
     fn versions(&self, scope: &str) -> Result<u32, KeyError> {
         let count: i64 = self.with("counting key versions", |tx| {
             tx.query_one("SELECT COUNT(*) FROM piiwall_deks WHERE scope = $1", &[&scope])

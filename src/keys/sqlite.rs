@@ -231,6 +231,17 @@ impl KeyStore for SqliteStore {
         .map(|found| found.is_some())
     }
 
+    fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+        self.with(
+            |c| {
+                let mut statement = c.prepare("SELECT DISTINCT scope FROM deks WHERE substr(scope, 1, ?2) = ?1")?;
+                let rows = statement.query_map(params![prefix, prefix.len() as i64], |row| row.get(0))?;
+                rows.collect()
+            },
+            "listing key scopes",
+        )
+    }
+
     fn versions(&self, scope: &str) -> Result<u32, KeyError> {
         self.with(
             |c| c.query_row("SELECT COUNT(*) FROM deks WHERE scope = ?1", [scope], |row| row.get(0)),

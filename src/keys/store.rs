@@ -36,6 +36,8 @@ pub trait KeyStore: Send + Sync {
     /// Returns how many key versions were destroyed. Idempotent.
     fn forget(&self, scope: &str) -> Result<usize, KeyError>;
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError>;
+    /// The scopes that hold keys and start with `prefix` (a domain family such as the quarantine's daily keys).
+    fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError>;
     /// How many key versions a scope holds (0 when it has none or was forgotten).
     fn versions(&self, scope: &str) -> Result<u32, KeyError>;
     /// Adds `count` to a key's tally of random-nonce encryptions (kept across restarts, shared by every instance

@@ -39,7 +39,6 @@ use tokio::task::JoinHandle;
 pub use control::{Control, ControlOp, forgotten_scopes};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
-pub use process::QUARANTINE_DOMAIN;
 pub use replay::{ReplaySummary, replay};
 pub use routes::Routes;
 
@@ -305,6 +304,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let mut lanes: HashMap<(String, i32), Lane> = HashMap::new();
     let mut stop = shutdown.listen();
     let mut commit = tokio::time::interval(config.pipeline.commit_interval);
+    let mut expire = tokio::time::interval(QUARANTINE_EXPIRY_INTERVAL);
     let mut failure = None;
 
     loop {
@@ -313,6 +313,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             _ = commit.tick(), if at_least_once => commit_stored(&consumer, CommitMode::Async),
             _ = window.tick() => window_start = summarize(&ctx, window_start).await,
             _ = metrics_tick.tick() => publish_key_cache(&ctx),
+            _ = expire.tick() => expire_quarantine_keys(&ctx, config.kafka.quarantine_retention_days).await,
             _ = reap.tick() => {
                 let ended: Vec<(String, i32)> =
                     lanes.iter().filter(|(_, (_, task))| task.is_finished()).map(|(key, _)| key.clone()).collect();
@@ -482,6 +483,22 @@ fn publish_key_cache(ctx: &LaneContext) {
     let stats = ctx.processor.sanitizer.keyring().cache_stats();
     metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(stats.hits.load(Ordering::Relaxed));
     metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(stats.misses.load(Ordering::Relaxed));
+}
+
+/// How often the daily quarantine keys past their retention are looked for (and at start-up).
+const QUARANTINE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Destroys the daily quarantine keys past `kafka.quarantine_retention_days`. A failure is retried at the next tick.
+async fn expire_quarantine_keys(ctx: &Arc<LaneContext>, retention_days: u64) {
+    let keyring = ctx.processor.sanitizer.keyring().clone();
+    let expired =
+        tokio::task::spawn_blocking(move || keyring.expire_quarantine_keys(retention_days, crate::keys::today())).await;
+    match expired {
+        Ok(Ok(0)) => {}
+        Ok(Ok(destroyed)) => tracing::info!(destroyed, "quarantine keys past their retention destroyed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "quarantine keys not expired: retried within the hour"),
+        Err(_) => tracing::warn!("quarantine key expiry panicked: retried within the hour"),
+    }
 }
 
 fn commit_stored(consumer: &PipelineConsumer, mode: CommitMode) {

@@ -12,12 +12,9 @@ use super::routes::{Part, Route, Routes};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
-use crate::keys::BatchKeys;
+use crate::keys::{BatchKeys, Keyring, RecordKey};
 use crate::sanitize::Sanitizer;
 use crate::transcode::TranscodeScratch;
-
-/// The key domain of quarantined copies.
-pub const QUARANTINE_DOMAIN: &str = "piiwall.quarantine";
 
 pub enum Outcome {
     /// The sanitized record (a `None` value is a tombstone, passed on as one), and its writer schema id.
@@ -250,8 +247,26 @@ impl Processor {
         }
     }
 
+    /// The quarantined copy: nothing of a subject may outlive its forget, so the copy is encrypted under the key of
+    /// the record's data subject when the record names one that can be read, and holds no content at all when that
+    /// subject is forgotten; otherwise under the day's quarantine key, destroyed after
+    /// `kafka.quarantine_retention_days`.
     fn quarantine(&self, message: &OwnedMessage, reason: String, schema_id: Option<u32>) -> Result<Outcome, Error> {
-        let dek = self.sanitizer.keyring().domain_key(QUARANTINE_DOMAIN)?;
+        let keyring = self.sanitizer.keyring();
+        let dek = match self.subject_of(message) {
+            Some(subject) => match keyring.subject_key(&subject)? {
+                RecordKey::Active(dek) => dek,
+                RecordKey::Forgotten => {
+                    return Ok(Outcome::Quarantine {
+                        key: None,
+                        value: Vec::new(),
+                        reason: format!("{reason} (content dropped: the record's data subject is forgotten)"),
+                        schema_id,
+                    });
+                }
+            },
+            None => keyring.domain_key(&Keyring::quarantine_domain(crate::keys::today()))?,
+        };
         let seal = |bytes: &[u8], context: &str| {
             let mut plaintext = Vec::with_capacity(bytes.len() + 1);
             plaintext.push(plain::BYTES);
@@ -264,6 +279,16 @@ impl Processor {
             reason,
             schema_id,
         })
+    }
+
+    /// The data subject of a record that could not be sanitized, when its schema is known and its bytes hold the
+    /// subject field (a record malformed after that field still names its subject).
+    fn subject_of(&self, message: &OwnedMessage) -> Option<String> {
+        let (id, payload) = framing::parse(message.payload()?).ok()?;
+        let Route::Ready(route) = self.routes.get(message.topic(), id) else {
+            return None;
+        };
+        route.transcoder.subject(payload).ok()?.map(|s| s.into_owned())
     }
 }
 
@@ -391,5 +416,86 @@ mod tests {
             Err(Error::Reveal(RevealError::SubjectForgotten))
         ));
         assert_eq!(output_key(&processor, &message), None);
+    }
+
+    fn quarantined(processor: &Processor, message: &OwnedMessage) -> (Option<Vec<u8>>, Vec<u8>, String) {
+        match processor
+            .process(message, None, &mut TranscodeScratch::default())
+            .unwrap()
+        {
+            Outcome::Quarantine { key, value, reason, .. } => (key, value, reason),
+            Outcome::Output { .. } => panic!("expected a quarantined copy"),
+        }
+    }
+
+    fn open(processor: &Processor, copy: &[u8]) -> Result<serde_json::Value, Error> {
+        processor
+            .sanitizer
+            .reveal("quarantine.value", std::str::from_utf8(copy).unwrap())
+    }
+
+    /// Nothing of a subject outlives its forget in quarantine: a copy of a record that names its subject is under
+    /// the subject's key, and one written after the forget holds nothing.
+    #[test]
+    fn quarantined_copies_of_a_subjects_records_are_forgotten_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = processor(dir.path(), "hash");
+        let whole = message(&processor, b"cus_9".to_vec());
+        let mut truncated = whole.payload().unwrap().to_vec();
+        truncated.truncate(truncated.len() - 3);
+        let broken = OwnedMessage::new(
+            Some(truncated),
+            Some(b"cus_9".to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            1,
+            None,
+        );
+        let (key, value, _) = quarantined(&processor, &broken);
+        assert!(key.is_some());
+        assert!(open(&processor, &value).is_ok(), "the copy can be replayed");
+        processor.sanitizer.keyring().forget_subject("cus_9").unwrap();
+        assert!(matches!(
+            open(&processor, &value),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
+        let (key, value, reason) = quarantined(&processor, &broken);
+        assert_eq!(
+            (key, value.len()),
+            (None, 0),
+            "no content of a forgotten subject is kept"
+        );
+        assert!(reason.contains("forgotten"), "{reason}");
+    }
+
+    /// A copy whose subject cannot be read is under the day's quarantine key, destroyed after the retention.
+    #[test]
+    fn other_quarantined_copies_expire_with_their_days_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = processor(dir.path(), "hash");
+        let unframed = OwnedMessage::new(
+            Some(b"not avro".to_vec()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            2,
+            None,
+        );
+        let (_, value, _) = quarantined(&processor, &unframed);
+        assert!(open(&processor, &value).is_ok());
+        let keyring = processor.sanitizer.keyring();
+        let today = crate::keys::today();
+        assert_eq!(
+            keyring.expire_quarantine_keys(7, today + 7).unwrap(),
+            0,
+            "kept for the retention"
+        );
+        assert_eq!(keyring.expire_quarantine_keys(7, today + 8).unwrap(), 1);
+        assert!(matches!(
+            open(&processor, &value),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
     }
 }
