@@ -174,7 +174,7 @@ fn malformed_records_are_errors_never_panics() {
                 r.pop();
                 [r, zigzag(1 << 30), vec![0]].concat()
             },
-            "block count",
+            "zero size",
         ),
     ];
     for (what, bytes, expected) in cases {
@@ -206,4 +206,31 @@ fn garbage_never_panics() {
         let _ = transcoder.transcode(&schema, &bytes, &keys(), &mut scratch, &mut out);
         assert!(out.len() <= 64 * 200, "output stays proportional to the input");
     }
+}
+
+/// Items of zero size take no bytes, so block headers alone could ask for ~10^10 iterations per megabyte: a record
+/// may hold at most 65536 of them in all, however many blocks declare them.
+#[test]
+fn items_of_zero_size_are_bounded_per_record() {
+    let schema = common::compiled(
+        &json!({"type": "record", "name": "Z", "fields": [
+            {"name": "email", "type": "string", "pii": "tokenize"},
+            {"name": "empties", "type": {"type": "array", "items": "null"}}
+        ]})
+        .to_string(),
+    );
+    let with_blocks = |blocks: usize, per_block: i64| {
+        let mut bytes = string("a@x");
+        for _ in 0..blocks {
+            bytes.extend(zigzag(per_block));
+        }
+        bytes.push(0);
+        bytes
+    };
+    assert!(transcode(&schema, &with_blocks(1, 65_536)).is_ok());
+    assert!(transcode(&schema, &with_blocks(4, 16_384)).is_ok());
+    let err = transcode(&schema, &with_blocks(2, 60_000)).unwrap_err();
+    assert!(err.contains("zero size"), "{err}");
+    // A megabyte of headers: refused after the first two blocks, not after 10^10 iterations.
+    assert!(transcode(&schema, &with_blocks(300_000, 60_000)).is_err());
 }

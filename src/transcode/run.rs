@@ -13,10 +13,6 @@ use crate::error::ValueError;
 use crate::policy::{Action, Rule};
 use crate::sanitize::{RecordKeys, mask_split};
 
-/// Items a block of zero-size values (nulls, empty records) may declare: they take no bytes, so the input
-/// length cannot bound their count.
-const MAX_EMPTY_ITEMS: usize = 1 << 16;
-
 /// Buffers one transcoding thread reuses from record to record.
 #[derive(Default)]
 pub struct TranscodeScratch {
@@ -96,7 +92,7 @@ impl<'a> Run<'a> {
             if count == 0 {
                 return Ok(());
             }
-            check_count(count, 1, &self.input)?;
+            check_count(count, 1, &mut self.input)?;
             if size.is_some() {
                 self.out.extend_from_slice(&self.input.bytes[self.copy_from..header]);
                 write_long(self.out, count as i64);
@@ -148,7 +144,7 @@ impl<'a> Run<'a> {
                     if count == 0 {
                         return Ok(());
                     }
-                    check_count(count, 1, &self.input)?;
+                    check_count(count, 1, &mut self.input)?;
                     let start = self.input.pos;
                     for _ in 0..count {
                         if is_map {
@@ -310,10 +306,15 @@ fn parse_uuid(text: &str) -> Result<apache_avro::Uuid, ValueError> {
     apache_avro::Uuid::parse_str(text).map_err(|_| malformed("not a valid uuid"))
 }
 
-/// A block may not declare more items than its remaining bytes could hold.
-fn check_count(count: usize, min_size: usize, input: &Input<'_>) -> Result<(), ValueError> {
-    let limit = input.remaining().checked_div(min_size).unwrap_or(MAX_EMPTY_ITEMS);
-    if count > limit {
+/// A block may not declare more items than its remaining bytes could hold; items of zero size draw on the record's
+/// budget of them ([`Input::empty_items_left`]).
+fn check_count(count: usize, min_size: usize, input: &mut Input<'_>) -> Result<(), ValueError> {
+    if min_size == 0 {
+        input.empty_items_left = input
+            .empty_items_left
+            .checked_sub(count)
+            .ok_or_else(|| malformed("more items of zero size than a record may hold (65536)"))?;
+    } else if count > input.remaining() / min_size {
         return Err(malformed("block count larger than the record could hold"));
     }
     Ok(())

@@ -9,7 +9,13 @@ const MAX_VARINT_BYTES: usize = 10;
 pub(crate) struct Input<'a> {
     pub(crate) bytes: &'a [u8],
     pub(crate) pos: usize,
+    /// Items of zero size (nulls, empty records) the rest of the record may still declare: they take no bytes, so
+    /// the input's length cannot bound them, and this budget does, for the whole record.
+    pub(crate) empty_items_left: usize,
 }
+
+/// Items of zero size one record may hold in all: bounds the work a few bytes of block headers can ask for.
+pub(crate) const MAX_EMPTY_ITEMS: usize = 1 << 16;
 
 pub(crate) fn malformed(problem: &str) -> ValueError {
     ValueError::new("", format!("malformed Avro: {problem}"))
@@ -17,7 +23,11 @@ pub(crate) fn malformed(problem: &str) -> ValueError {
 
 impl<'a> Input<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, pos: 0 }
+        Self {
+            bytes,
+            pos: 0,
+            empty_items_left: MAX_EMPTY_ITEMS,
+        }
     }
 
     pub(crate) fn remaining(&self) -> usize {
