@@ -101,6 +101,8 @@ struct RawSchemas {
     local: Option<Vec<RawBinding>>,
     registry: Option<String>,
     key: Option<String>,
+    not_found_grace_secs: Option<u64>,
+    retry_broken_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +153,10 @@ pub const DEFAULT_GROUP_ID: &str = "piiwall";
 /// Output topic = input topic + this suffix.
 pub const DEFAULT_OUTPUT_SUFFIX: &str = ".sanitized";
 pub const DEFAULT_QUARANTINE_TOPIC: &str = "piiwall.quarantine";
+/// Seconds a schema id the registry does not know is asked again before its records go to quarantine.
+pub const DEFAULT_NOT_FOUND_GRACE_SECS: u64 = 30;
+/// Seconds an unusable registry schema stays so before it is fetched again.
+pub const DEFAULT_RETRY_BROKEN_SECS: u64 = 60;
 /// Days the key of a quarantined copy without a known data subject is kept (then destroyed, and the copy with it).
 pub const DEFAULT_QUARANTINE_RETENTION_DAYS: u64 = 7;
 /// Records sanitized and produced together before their offsets are stored.
@@ -190,6 +196,12 @@ pub struct Config {
     pub registry: Option<String>,
     /// How keys of registry-resolved topics are protected.
     pub registry_key: KeyAction,
+    /// How long a schema id the registry answers "not found" for is asked again before its records are quarantined
+    /// (a follower may not have seen a schema just registered on the leader).
+    pub registry_not_found_grace: std::time::Duration,
+    /// How long a schema that could not be used (unknown id, refused, not compilable) stays so before it is fetched
+    /// again.
+    pub registry_retry_broken: std::time::Duration,
     pub pipeline: PipelineConfig,
     pub audit: AuditConfig,
     /// The address of the operations endpoints and the API; `None` when `http.listen = "off"`.
@@ -464,6 +476,14 @@ impl Config {
             "schemas.registry",
             self.registry.as_deref().map_or("(none)".into(), mask_url_password),
         );
+        line(
+            "schemas.not_found_grace_secs",
+            self.registry_not_found_grace.as_secs().to_string(),
+        );
+        line(
+            "schemas.retry_broken_secs",
+            self.registry_retry_broken.as_secs().to_string(),
+        );
         for binding in &self.bindings {
             line(
                 &format!("schemas.local.{}", binding.topic),
@@ -672,6 +692,14 @@ impl RawConfig {
                 None => None,
             },
             registry_key: parse_key_action(self.schemas.key.as_deref(), "schemas.key")?,
+            registry_not_found_grace: std::time::Duration::from_secs(
+                self.schemas.not_found_grace_secs.unwrap_or(DEFAULT_NOT_FOUND_GRACE_SECS),
+            ),
+            registry_retry_broken: std::time::Duration::from_secs(match self.schemas.retry_broken_secs {
+                None => DEFAULT_RETRY_BROKEN_SECS,
+                Some(0) => return Err(ConfigError("schemas.retry_broken_secs must be at least 1".into())),
+                Some(secs) => secs,
+            }),
             bindings: self
                 .schemas
                 .local

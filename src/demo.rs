@@ -69,9 +69,7 @@ fn io(e: std::io::Error) -> Error {
 /// The compose stack's sample producer: registers each example schema under `<topic>-value` (topics `customers`,
 /// `payments`, `clicks`) and sends its sample events framed with the registered id. Returns how many were sent.
 pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Error> {
-    use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
-    use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
-    let settings = SrSettings::new(registry.to_owned());
+    let registry = stream::registry::RegistryClient::new(registry).map_err(Error::Unavailable)?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -81,11 +79,10 @@ pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Err
     for example in &EXAMPLES {
         let topic = example.topic.trim_start_matches("demo.");
         let schema = compile(example.schema, &crate::policy::PolicySettings::default())?;
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, example.schema.to_owned());
-        let id = post_schema(&settings, format!("{topic}-value"), supplied)
+        let id = registry
+            .register(&format!("{topic}-value"), example.schema)
             .await
-            .map_err(|e| Error::Unavailable(format!("registering the schema of {topic}: {}", e.error)))?
-            .id;
+            .map_err(|e| Error::Unavailable(format!("registering the schema of {topic}: {e}")))?;
         for line in example.samples.lines().filter(|l| !l.trim().is_empty()) {
             let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
             let framed = stream::encode_framed(&schema, id, &JsonCodec::new(&schema.writer).to_value(&json)?)?;

@@ -5,81 +5,18 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kafka::{broker, consume, create_topic, customer, framed, header, produce, unique};
+use common::registry::{Registry, register};
+use common::services::free_port;
 use piiwall::config::Config;
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::stream::{self, Shutdown};
 use rdkafka::Message;
 use rdkafka::message::OwnedHeaders;
-use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
-use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id};
 use serde_json::Value as Json;
-
-/// A registry of our own, on a free port, so a test can stop and restart it.
-struct Registry {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Registry {
-    fn start(port: u16) -> Self {
-        let child = Command::new("rivven-schema")
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("rivven-schema is on PATH: run `bash scripts/test` (scripts/test-services installs it)");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "rivven-schema did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn register(url: &str, subject: &str, schema: &str) -> u32 {
-    let settings = SrSettings::new(url.to_owned());
-    post_schema(
-        &settings,
-        subject.to_owned(),
-        SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
-    )
-    .await
-    .unwrap()
-    .id
-}
 
 fn config(dir: &Path, input: &str, registry: &str) -> Config {
     config_with_keys(dir, input, registry, "hash")

@@ -18,6 +18,7 @@ mod control;
 mod framing;
 mod lane;
 mod process;
+pub mod registry;
 mod replay;
 mod routes;
 mod transaction;
@@ -40,7 +41,7 @@ pub use control::{Control, ControlOp, forgotten_scopes};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use replay::{ReplaySummary, replay};
-pub use routes::Routes;
+pub use routes::{Part, Route, Routes};
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::{Config, Delivery};

@@ -2,15 +2,16 @@
 //!
 //! Local bindings (`[[schemas.local]]`) are compiled at start-up. With a Schema Registry (`schemas.registry`),
 //! other topics' schemas are fetched by id the first time a lane meets them: the writer schema is compiled, its
-//! sanitized schema registered under `<output topic>-value` (`-key` for Avro keys), and the pair cached. A registry that does not answer
-//! is not the record's fault: [`Routes::resolve`] says so and the lane waits; a registry that answers "unknown"
-//! makes the records of that id poison (quarantine).
+//! sanitized schema registered under `<output topic>-value` (`-key` for Avro keys), and the pair cached. A registry that
+//! does not answer usefully (see [`super::registry`]) is not the record's fault: [`Routes::resolve`] says so and the
+//! lane waits. A schema id the registry does not know is asked again for `schemas.not_found_grace_secs` before its
+//! records go to quarantine; a schema that cannot be used is fetched again after `schemas.retry_broken_secs`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
-use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use super::registry::{RegistryClient, RegistryError};
 
 use crate::config::{Config, KeyAction};
 use crate::error::{Error, ValueError};
@@ -57,11 +58,16 @@ pub struct Routes {
 }
 
 struct Registry {
-    settings: SrSettings,
+    client: RegistryClient,
     policy: PolicySettings,
     output_suffix: String,
     key: KeyAction,
-    resolved: Mutex<HashMap<(String, Part, u32), Route>>,
+    /// Routes and when they were decided: a broken one is fetched again after `retry_broken`.
+    resolved: Mutex<HashMap<(String, Part, u32), (Route, Instant)>>,
+    /// When the registry first answered "not found" for a schema id, while its grace runs.
+    not_found_since: Mutex<HashMap<u32, Instant>>,
+    not_found_grace: Duration,
+    retry_broken: Duration,
 }
 
 impl Routes {
@@ -93,14 +99,15 @@ impl Routes {
         let registry = match &config.registry {
             None => None,
             Some(url) => Some(Registry {
-                settings: SrSettings::new_builder(url.clone())
-                    .set_timeout(std::time::Duration::from_secs(10))
-                    .build()
-                    .map_err(|e| Error::Config(crate::error::ConfigError(format!("schemas.registry: {}", e.error))))?,
+                client: RegistryClient::new(url)
+                    .map_err(|e| Error::Config(crate::error::ConfigError(format!("schemas.registry: {e}"))))?,
                 policy: config.policy.clone(),
                 output_suffix: config.kafka.output_suffix.clone(),
                 key: config.registry_key,
                 resolved: Mutex::new(HashMap::new()),
+                not_found_since: Mutex::new(HashMap::new()),
+                not_found_grace: config.registry_not_found_grace,
+                retry_broken: config.registry_retry_broken,
             }),
         };
         Ok(Self {
@@ -132,7 +139,7 @@ impl Routes {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&(topic.to_owned(), part, schema_id))
-                .cloned()
+                .map(|(route, _)| route.clone())
                 .unwrap_or_else(|| Route::Broken(format!("schema id {schema_id} was not resolved"))),
             None => Route::Broken("no schema binding for this topic".to_owned()),
         }
@@ -176,12 +183,10 @@ impl Routes {
                 continue;
             }
             let key = (topic.clone(), *part, *id);
-            if registry
-                .resolved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&key)
-            {
+            let decided = registry.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(&key).map(
+                |(route, at)| matches!(route, Route::Ready(_)) || at.elapsed() < registry.retry_broken,
+            );
+            if decided == Some(true) {
                 continue;
             }
             let route = registry.fetch(topic, *part, *id).await?;
@@ -192,28 +197,39 @@ impl Routes {
                 .resolved
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(key, route);
+                .insert(key, (route, Instant::now()));
         }
         Ok(())
     }
 }
 
 impl Registry {
+    /// The route of a schema id: `Err` (retriable) when the registry gave no usable answer, or says "not found"
+    /// while the id's grace runs.
     async fn fetch(&self, topic: &str, part: Part, id: u32) -> Result<Route, Error> {
-        let unavailable = |what: &str, e: &schema_registry_converter::error::SRCError| {
-            Error::Unavailable(format!("schema registry: {what}: {}", e.error))
-        };
-        let writer = match get_schema_by_id(id, &self.settings).await {
-            Ok(writer) => writer,
-            Err(e) if e.retriable => return Err(unavailable("fetching a schema", &e)),
-            Err(e) => {
-                return Ok(Route::Broken(format!(
-                    "the schema registry has no schema id {id} ({})",
-                    e.error
-                )));
+        let writer = match self.client.schema(id).await {
+            Ok(writer) => {
+                self.not_found_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                writer
             }
+            Err(RegistryError::Unavailable(why)) => return Err(Error::Unavailable(why)),
+            Err(RegistryError::NotFound(why)) => {
+                let first = *self
+                    .not_found_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(id)
+                    .or_insert_with(Instant::now);
+                if first.elapsed() < self.not_found_grace {
+                    return Err(Error::Unavailable(format!(
+                        "{why}: asked again until schemas.not_found_grace_secs pass"
+                    )));
+                }
+                return Ok(Route::Broken(format!("the schema registry has no schema id {id}")));
+            }
+            Err(RegistryError::Refused(why)) => return Ok(Route::Broken(why)),
         };
-        let mut route = match ready(&writer.schema, &self.policy, id, 0) {
+        let mut route = match ready(&writer, &self.policy, id, 0) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
@@ -221,18 +237,18 @@ impl Registry {
             return Ok(route);
         };
         let subject = format!("{topic}{}{}", self.output_suffix, part.subject_suffix());
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, ready_route.schema.sanitized_json.clone());
-        let registered = match post_schema(&self.settings, subject, supplied).await {
+        let registered = match self.client.register(&subject, &ready_route.schema.sanitized_json).await {
             Ok(registered) => registered,
-            Err(e) if e.retriable => return Err(unavailable("registering a sanitized schema", &e)),
-            Err(e) => {
+            Err(RegistryError::Unavailable(why) | RegistryError::NotFound(why)) => {
+                return Err(Error::Unavailable(why));
+            }
+            Err(RegistryError::Refused(why)) => {
                 return Ok(Route::Broken(format!(
-                    "the registry refused the sanitized schema of id {id} ({})",
-                    e.error
+                    "the registry refused the sanitized schema of id {id} ({why})"
                 )));
             }
         };
-        Arc::get_mut(ready_route).expect("not shared yet").sanitized_id = registered.id;
+        Arc::get_mut(ready_route).expect("not shared yet").sanitized_id = registered;
         Ok(route)
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod registry;
 pub mod services;
 
 use std::path::Path;

@@ -1,0 +1,128 @@
+//! A client of a Confluent-compatible Schema Registry: a writer schema by id, and the registration of a sanitized
+//! schema. Small and explicit because what matters is how each answer is classified, by its HTTP status, never by
+//! its text:
+//! - **unavailable** (retry with backoff; nothing is decided): no answer, a timeout, 5xx (registries answer 500
+//!   during leader election), 408, 429, 401 and 403 (credentials being rotated are not the record's fault), and a
+//!   2xx whose body is truncated or not the expected JSON;
+//! - **not found** (404): the caller retries it for a bounded time, since a follower may not yet have seen a schema
+//!   registered a moment ago on the leader;
+//! - **refused** (any other 4xx, e.g. 409 incompatible, 422 invalid): final for that schema.
+//!
+//! Credentials in the URL (`https://user:password@host`) are sent as HTTP basic authentication; errors never
+//! repeat the URL.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How long one request may take before it counts as unavailable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// What a registry call can come to besides success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// Retry later: the registry did not give a usable answer.
+    Unavailable(String),
+    /// The registry says it has no such schema.
+    NotFound(String),
+    /// The registry refused the request for good.
+    Refused(String),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Unavailable(why) | RegistryError::NotFound(why) | RegistryError::Refused(why) => {
+                f.write_str(why)
+            }
+        }
+    }
+}
+
+pub struct RegistryClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct SchemaAnswer {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdAnswer {
+    id: u32,
+}
+
+impl RegistryClient {
+    pub fn new(url: &str) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| format!("cannot set up the registry client: {e}"))?;
+        Ok(Self {
+            base: url.trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+
+    /// The Avro schema text registered under `id`.
+    pub async fn schema(&self, id: u32) -> Result<String, RegistryError> {
+        let what = format!("fetching schema id {id}");
+        let response = self.http.get(format!("{}/schemas/ids/{id}", self.base)).send().await;
+        let answer: SchemaAnswer = read(response, &what).await?;
+        match answer.schema_type.as_deref() {
+            None | Some("AVRO") => Ok(answer.schema),
+            Some(other) => Err(RegistryError::Refused(format!(
+                "schema id {id} is a {other} schema: piiwall reads Avro"
+            ))),
+        }
+    }
+
+    /// Registers an Avro schema under `subject` (or finds it registered); returns its id.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
+        let what = format!("registering a schema under {subject}");
+        let body = serde_json::json!({ "schema": schema }).to_string();
+        let response = self
+            .http
+            .post(format!("{}/subjects/{subject}/versions", self.base))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await;
+        let answer: IdAnswer = read(response, &what).await?;
+        Ok(answer.id)
+    }
+}
+
+/// Classifies an answer by its status; reads a 2xx body as `T`.
+async fn read<T: serde::de::DeserializeOwned>(
+    response: Result<reqwest::Response, reqwest::Error>,
+    what: &str,
+) -> Result<T, RegistryError> {
+    // reqwest's error text names the URL, which may hold credentials: only its kind is kept.
+    let response = response.map_err(|e| {
+        let kind = if e.is_timeout() { "timed out" } else { "no answer" };
+        RegistryError::Unavailable(format!("schema registry: {what}: {kind}"))
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        let body = response.bytes().await.map_err(|_| {
+            RegistryError::Unavailable(format!("schema registry: {what}: the answer was cut off"))
+        })?;
+        return serde_json::from_slice(&body).map_err(|_| {
+            RegistryError::Unavailable(format!("schema registry: {what}: the answer is not the expected JSON"))
+        });
+    }
+    let message = format!("schema registry: {what}: HTTP {}", status.as_u16());
+    Err(match status.as_u16() {
+        404 => RegistryError::NotFound(message),
+        408 | 429 | 401 | 403 => RegistryError::Unavailable(message),
+        code if code >= 500 => RegistryError::Unavailable(message),
+        _ => RegistryError::Refused(message),
+    })
+}
