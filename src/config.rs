@@ -693,7 +693,9 @@ impl RawConfig {
             },
             registry_key: parse_key_action(self.schemas.key.as_deref(), "schemas.key")?,
             registry_not_found_grace: std::time::Duration::from_secs(
-                self.schemas.not_found_grace_secs.unwrap_or(DEFAULT_NOT_FOUND_GRACE_SECS),
+                self.schemas
+                    .not_found_grace_secs
+                    .unwrap_or(DEFAULT_NOT_FOUND_GRACE_SECS),
             ),
             registry_retry_broken: std::time::Duration::from_secs(match self.schemas.retry_broken_secs {
                 None => DEFAULT_RETRY_BROKEN_SECS,

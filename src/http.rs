@@ -31,15 +31,34 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// What `/readyz` reports.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The pipeline subscribed and is consuming (false while starting and draining).
+    pub consuming: Arc<AtomicBool>,
+    /// The audit writer cannot write: the pipeline waits (fail closed).
+    pub audit_failing: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Ready as `consuming` says, with an audit writer that is not failing.
+    pub fn new(consuming: Arc<AtomicBool>) -> Self {
+        Self {
+            consuming,
+            audit_failing: Arc::default(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Ops {
-    ready: Arc<AtomicBool>,
+    ready: Readiness,
 }
 
 /// Serves the endpoints on `listen` until `stop` turns true. Returns the bound address (port 0 picks one).
 pub async fn serve(
     listen: SocketAddr,
-    ready: Arc<AtomicBool>,
+    ready: Readiness,
     mut stop: watch::Receiver<bool>,
     api: Option<Arc<crate::api::Api>>,
     tls: Option<&crate::config::HttpTls>,
@@ -82,7 +101,12 @@ pub async fn serve(
 }
 
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
-    if ops.ready.load(Ordering::Relaxed) {
+    if ops.ready.audit_failing.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: audit events cannot be written; the pipeline waits\n",
+        )
+    } else if ops.ready.consuming.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use piiwall::config::HttpTls;
+use piiwall::http::Readiness;
 use tokio::sync::watch;
 
 /// A self-signed certificate for localhost and 127.0.0.1, made with the openssl command.
@@ -43,9 +44,15 @@ async fn the_listener_speaks_tls_with_the_configured_certificate() {
     let tls = self_signed(dir.path(), "server");
     let (stop, stopped) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
-    let bound = piiwall::http::serve("127.0.0.1:0".parse().unwrap(), ready, stopped, None, Some(&tls))
-        .await
-        .unwrap();
+    let bound = piiwall::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Readiness::new(ready),
+        stopped,
+        None,
+        Some(&tls),
+    )
+    .await
+    .unwrap();
 
     let trusted = reqwest::Certificate::from_pem(&std::fs::read(&tls.cert).unwrap()).unwrap();
     let client = reqwest::Client::builder()
@@ -86,9 +93,15 @@ async fn clients_that_never_send_a_client_hello_do_not_stall_the_others() {
     let tls = self_signed(dir.path(), "server");
     let (stop, stopped) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
-    let bound = piiwall::http::serve("127.0.0.1:0".parse().unwrap(), ready, stopped, None, Some(&tls))
-        .await
-        .unwrap();
+    let bound = piiwall::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Readiness::new(ready),
+        stopped,
+        None,
+        Some(&tls),
+    )
+    .await
+    .unwrap();
 
     let mut silent = Vec::new();
     for _ in 0..3 {
@@ -131,7 +144,7 @@ async fn a_key_that_does_not_fit_the_certificate_is_refused_naming_the_settings(
     let (_stop, stopped) = watch::channel(false);
     let error = piiwall::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        Arc::new(AtomicBool::new(true)),
+        Readiness::new(Arc::new(AtomicBool::new(true))),
         stopped,
         None,
         Some(&mismatched),

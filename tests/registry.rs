@@ -203,7 +203,8 @@ async fn avro_keys_are_sanitized_by_their_key_schema_registered_under_key() {
     let id = register(&registry.url(), &format!("{input}-value"), &text).await;
     let key_id = register(&registry.url(), &format!("{input}-key"), KEY_SCHEMA).await;
 
-    // Customers 0..N, keyed by customer id; each key appears twice.
+    // Customers 0..N/2, twice each, keyed by their customer id. (The key schema names no subject of its own, so keys
+    // are protected with the keys of their value's subject: forgetting the customer covers them too.)
     const N: usize = 12;
     let key_of = |i: usize| {
         framed(
@@ -217,7 +218,7 @@ async fn avro_keys_are_sanitized_by_their_key_schema_registered_under_key() {
             (
                 0,
                 Some(key_of(i)),
-                framed(&schema, id, &customer(i)),
+                framed(&schema, id, &customer(i % (N / 2))),
                 OwnedHeaders::new(),
             )
         })

@@ -141,7 +141,10 @@ async fn resolve(routes: &Routes, topic: &str, id: u32) -> (Route, usize) {
             Ok(()) => return (routes.get(topic, id), waits),
             Err(e) => {
                 assert_eq!(e.kind(), ErrorKind::Retriable, "{e}");
-                assert!(!e.to_string().contains("127.0.0.1:"), "errors do not repeat the URL: {e}");
+                assert!(
+                    !e.to_string().contains("127.0.0.1:"),
+                    "errors do not repeat the URL: {e}"
+                );
                 waits += 1;
                 assert!(waits < 50, "never decided");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -155,7 +158,12 @@ async fn transient_answers_make_piiwall_wait_never_give_up() {
     let registry = Registry::start(free_port());
     let upstream: u16 = registry.url().rsplit(':').next().unwrap().parse().unwrap();
     let proxy = Proxy::start(upstream);
-    let id = register(&registry.url(), "faults-value", &common::example("customer_profile.avsc")).await;
+    let id = register(
+        &registry.url(),
+        "faults-value",
+        &common::example("customer_profile.avsc"),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let routes = Routes::compile(&config(dir.path(), &proxy.url(), "")).unwrap();
 
@@ -171,7 +179,10 @@ async fn transient_answers_make_piiwall_wait_never_give_up() {
     ];
     proxy.inject(&faults);
     let (route, waits) = resolve(&routes, "faults", id).await;
-    assert!(matches!(route, Route::Ready(_)), "a transient answer decided the schema is unusable");
+    assert!(
+        matches!(route, Route::Ready(_)),
+        "a transient answer decided the schema is unusable"
+    );
     assert_eq!(waits, faults.len(), "each transient answer is one wait");
 
     // Registering the sanitized schema rides through the same answers.

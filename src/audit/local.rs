@@ -59,7 +59,13 @@ pub fn write_local(config: &Config, keyring: &Arc<Keyring>, events: Vec<AuditEve
         .map_err(|e| fail(&e))?;
     let instance = format!("{}/cli", config.audit.instance);
     runtime.block_on(async {
-        let (auditor, writer) = Auditor::start(producer, topic.clone(), instance, keyring.clone());
+        let (auditor, writer) = Auditor::start(
+            producer,
+            topic.clone(),
+            instance,
+            keyring.clone(),
+            super::OnFailure::Stop,
+        );
         for event in events {
             auditor.emit(event).await;
         }

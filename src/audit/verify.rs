@@ -49,7 +49,7 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
             let at = format!("partition {}, offset {}", message.partition(), message.offset());
             match check(message.payload().unwrap_or_default(), &reader, keyring, &mut chains) {
                 Ok(Link::NewRun) => runs += 1,
-                Ok(Link::Next) => {}
+                Ok(Link::Next | Link::Duplicate) => {}
                 Err(problem) => first_break = Some(format!("{at}: {problem}")),
             }
         }
@@ -74,6 +74,9 @@ fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
 enum Link {
     /// It begins a run: sequence 0, no predecessor.
     NewRun,
+    /// The same event as the one before, byte for byte: written twice by a retry whose first attempt did land
+    /// (audit is at-least-once). Nothing is missing or changed.
+    Duplicate,
     /// It follows the event before it.
     Next,
 }
@@ -107,6 +110,9 @@ fn check(
         return Err(format!(
             "instance {instance}, seq {seq}: MAC does not verify (the event was altered)"
         ));
+    }
+    if chains.get(instance).is_some_and(|p| p.seq == *seq && p.mac == *mac) {
+        return Ok(Link::Duplicate);
     }
     let link = if *seq == 0 && prev_mac.is_empty() {
         Link::NewRun

@@ -96,6 +96,7 @@ pub async fn run(
         for key in retired {
             announce_retired(&ctx, key).await;
         }
+        let mut events = Vec::new();
         if keys_created > 0 {
             let mut event = AuditEvent::new(AuditKind::KeyCreated);
             event.topic = Some(topic.clone());
@@ -105,14 +106,17 @@ pub async fn run(
                 action: "key created".into(),
                 count: keys_created as i64,
             }];
-            ctx.auditor.emit(event).await;
+            events.push(event);
         }
 
         let first_offset = batch.first().expect("a batch has at least one record").offset();
         let last_offset = batch.last().expect("a batch has at least one record").offset();
         let written = match &ctx.transactions {
             None => {
-                let written = write(&ctx.producer, &ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
+                let mut written =
+                    write(&ctx.producer, &ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
+                events.append(&mut written.audit);
+                audit_batch(&ctx, events).await?;
                 if let Err(e) = ctx.consumer.store_offset(&topic, partition, last_offset) {
                     // The partition was revoked meanwhile: its new owner processes these records again.
                     tracing::info!(%topic, partition, error = %e, "offset not stored: partition no longer assigned");
@@ -132,7 +136,13 @@ pub async fn run(
                 )
                 .await
                 {
-                    Ok(written) => turn.commit(&topic, partition, last_offset + 1).await.map(|()| written),
+                    Ok(mut written) => {
+                        events.append(&mut written.audit);
+                        match audit_batch(&ctx, events).await {
+                            Ok(()) => turn.commit(&topic, partition, last_offset + 1).await.map(|()| written),
+                            Err(e) => Err(turn.abort(&e.to_string(), false).await),
+                        }
+                    }
                     Err(e) => Err(turn.abort(&e.to_string(), false).await),
                 };
                 match committed {
@@ -145,9 +155,6 @@ pub async fn run(
                 }
             }
         };
-        for event in written.audit {
-            ctx.auditor.emit(event).await;
-        }
         let mut totals = ctx.window.lock().unwrap_or_else(|p| p.into_inner());
         for (id, count) in written.per_schema {
             *totals.entry((topic.clone(), id)).or_default() += count;
@@ -163,6 +170,15 @@ pub async fn run(
     }
     tracing::debug!(%topic, partition, "lane drained");
     Ok(LaneEnd::Drained)
+}
+
+/// Writes a batch's audit events (its quarantined records, the keys it created) and waits for their
+/// acknowledgement, and waits while the audit writer fails even when the batch has none: no input offset is stored
+/// (or committed in a transaction) before its audit trail is written. Audit is fail-closed.
+async fn audit_batch(ctx: &LaneContext, events: Vec<AuditEvent>) -> Result<(), Error> {
+    ctx.auditor.emit_acked(events).await.written().await?;
+    ctx.auditor.wait_writing().await;
+    Ok(())
 }
 
 /// What a batch wrote, for the audit events, the processing summary and the metrics.

@@ -250,6 +250,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         config.audit.topic.clone(),
         config.audit.instance.clone(),
         keyring.clone(),
+        crate::audit::OnFailure::Retry,
     );
     let control = Control::new(producer.clone(), config.keys.control_topic.clone());
     let control_listener =
@@ -264,7 +265,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 control: control.clone(),
             })
         });
-        crate::http::serve(listen, ready.clone(), shutdown.listen(), api, config.http_tls.as_ref()).await?;
+        let readiness = crate::http::Readiness {
+            consuming: ready.clone(),
+            audit_failing: auditor.failing_flag(),
+        };
+        crate::http::serve(listen, readiness, shutdown.listen(), api, config.http_tls.as_ref()).await?;
     }
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config.digest());

@@ -111,9 +111,10 @@ async fn read<T: serde::de::DeserializeOwned>(
     })?;
     let status = response.status();
     if status.is_success() {
-        let body = response.bytes().await.map_err(|_| {
-            RegistryError::Unavailable(format!("schema registry: {what}: the answer was cut off"))
-        })?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|_| RegistryError::Unavailable(format!("schema registry: {what}: the answer was cut off")))?;
         return serde_json::from_slice(&body).map_err(|_| {
             RegistryError::Unavailable(format!("schema registry: {what}: the answer is not the expected JSON"))
         });

@@ -183,9 +183,12 @@ impl Routes {
                 continue;
             }
             let key = (topic.clone(), *part, *id);
-            let decided = registry.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(&key).map(
-                |(route, at)| matches!(route, Route::Ready(_)) || at.elapsed() < registry.retry_broken,
-            );
+            let decided = registry
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .map(|(route, at)| matches!(route, Route::Ready(_)) || at.elapsed() < registry.retry_broken);
             if decided == Some(true) {
                 continue;
             }
@@ -209,7 +212,10 @@ impl Registry {
     async fn fetch(&self, topic: &str, part: Part, id: u32) -> Result<Route, Error> {
         let writer = match self.client.schema(id).await {
             Ok(writer) => {
-                self.not_found_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                self.not_found_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 writer
             }
             Err(RegistryError::Unavailable(why)) => return Err(Error::Unavailable(why)),

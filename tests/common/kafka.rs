@@ -26,8 +26,15 @@ pub fn unique(name: &str) -> String {
 }
 
 pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", broker()).create().unwrap();
+    create_topic_on(&broker(), topic, partitions).await
+}
+
+/// As [`create_topic`], on the brokers at `bootstrap`.
+pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],

@@ -60,4 +60,3 @@ pub async fn register(url: &str, subject: &str, schema: &str) -> u32 {
     .unwrap()
     .id
 }
-
