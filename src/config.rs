@@ -333,18 +333,39 @@ impl std::fmt::Debug for StoreLocation {
     }
 }
 
-/// `scheme://user:secret@host/...` as `scheme://user:***@host/...`.
+/// `scheme://user:secret@host/...` as `scheme://user:***@host/...`, and every `password=secret` (a URL's query, or
+/// a libpq `key=value` connection string) as `password=***`.
 pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+    let userinfo_masked = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => url.to_owned(),
+            },
+            None => url.to_owned(),
+        },
         None => url.to_owned(),
+    };
+    mask_password_pairs(&userinfo_masked)
+}
+
+/// Replaces the value of every `password=` (any case) up to the next `&`, space or end.
+fn mask_password_pairs(text: &str) -> String {
+    const KEY: &str = "password=";
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    while let Some(found) = lower[rest..].find(KEY) {
+        let value_start = rest + found + KEY.len();
+        let value_end = lower[value_start..]
+            .find(['&', ' ', '\t'])
+            .map_or(text.len(), |end| value_start + end);
+        out.push_str(&text[rest..value_start]);
+        out.push_str("***");
+        rest = value_end;
     }
+    out.push_str(&text[rest..]);
+    out
 }
 
 impl Config {
@@ -1042,6 +1063,23 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             "test.toml",
         )
+    }
+
+    #[test]
+    fn passwords_are_masked_in_every_form() {
+        assert_eq!(mask_url_password("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            mask_url_password("postgres://u@h/db?sslmode=require&password=pw&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            mask_url_password("host=h user=u PASSWORD=pw dbname=d"),
+            "host=h user=u PASSWORD=*** dbname=d"
+        );
+        let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

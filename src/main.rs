@@ -470,6 +470,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let subject = subject.map(from_arg_or_stdin).transpose()?;
             let domain = domain.unwrap_or_else(|| config.keys.default_domain.clone());
+            if subject.is_none() && !piiwall::policy::is_valid_domain(&domain) {
+                bail!("--domain must be {}", piiwall::policy::DOMAIN_RULE);
+            }
             let version = match remote.client()? {
                 Some((client, purpose)) => {
                     let body = match &subject {
@@ -560,12 +563,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(piiwall::stream::replay(config))?;
             println!(
-                "replayed {} record(s); {} still failing",
+                "replayed {} record(s); {} still failing; {} gone for good",
                 summary.replayed,
-                summary.still_failing.len()
+                summary.still_failing.len(),
+                summary.dropped.len()
             );
             for reason in &summary.still_failing {
                 println!("  {reason}");
+            }
+            for reason in &summary.dropped {
+                println!("  gone: {reason}");
             }
             Ok(if summary.still_failing.is_empty() {
                 ExitCode::SUCCESS

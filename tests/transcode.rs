@@ -227,6 +227,18 @@ fn items_of_zero_size_are_bounded_per_record() {
         bytes.push(0);
         bytes
     };
+    // The same for protected items that take no bytes: each would cost a token.
+    let protected = common::compiled(
+        &json!({"type": "record", "name": "Z", "fields": [
+            {"name": "email", "type": "string", "pii": "tokenize"},
+            {"name": "empties", "type": {"type": "array", "items": {"type": "fixed", "name": "F0", "size": 0}},
+             "pii": "tokenize"}
+        ]})
+        .to_string(),
+    );
+    assert!(transcode(&protected, &with_blocks(1, 100)).is_ok());
+    let err = transcode(&protected, &with_blocks(2, 60_000)).unwrap_err();
+    assert!(err.contains("zero size"), "{err}");
     assert!(transcode(&schema, &with_blocks(1, 65_536)).is_ok());
     assert!(transcode(&schema, &with_blocks(4, 16_384)).is_ok());
     let err = transcode(&schema, &with_blocks(2, 60_000)).unwrap_err();

@@ -119,9 +119,8 @@ pub struct Keyring {
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
     ttl: Duration,
     stats: CacheStats,
-    /// Bumped by every invalidation (forget, rotation), before it removes entries: a cache fill compares it with
-    /// the value it read before its store read, so it never re-caches what a racing forget destroyed.
-    invalidations: AtomicU64,
+    /// Cache fills share it; invalidations take it alone (see [`fill`](Self::fill)).
+    fills: RwLock<()>,
 }
 
 /// The right-of-access answer about a subject.
@@ -176,7 +175,7 @@ impl Keyring {
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
             stats: CacheStats::default(),
-            invalidations: AtomicU64::new(0),
+            fills: RwLock::new(()),
         })
     }
 
@@ -261,9 +260,8 @@ impl Keyring {
                 wrapped,
             });
         }
-        let generation = self.invalidations.load(Ordering::SeqCst);
+        let _fill = self.fill();
         let rows = self.store.ensure_current(&candidates)?;
-        let mut cached = Vec::with_capacity(candidates.len());
         for ((subject, _), (candidate, row)) in missing.into_iter().zip(candidates.into_iter().zip(rows)) {
             let entry = match row {
                 Some(row) => {
@@ -272,13 +270,9 @@ impl Keyring {
                 }
                 None => RecordKey::Forgotten,
             };
-            self.by_scope.insert(candidate.scope.clone(), entry.clone());
-            cached.push(candidate.scope);
+            self.by_scope.insert(candidate.scope, entry.clone());
             batch.keys.insert(subject, entry);
         }
-        self.unless_invalidated_since(generation, || {
-            cached.iter().for_each(|scope| self.by_scope.invalidate(scope))
-        });
         Ok(batch)
     }
 
@@ -291,8 +285,8 @@ impl Keyring {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(dek.clone());
         }
-        let generation = self.invalidations.load(Ordering::SeqCst);
-        let dek = match self.current(&Self::domain_scope(domain))? {
+        let _fill = self.fill();
+        let dek = match self.current_filling(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => dek,
             RecordKey::Forgotten => return Err(KeyError::Store(format!("the key of domain {domain} was destroyed"))),
         };
@@ -300,9 +294,6 @@ impl Keyring {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(domain.to_owned(), (dek.clone(), now));
-        self.unless_invalidated_since(generation, || {
-            self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
-        });
         Ok(dek)
     }
 
@@ -318,7 +309,7 @@ impl Keyring {
             return Ok(hit.dek);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let generation = self.invalidations.load(Ordering::SeqCst);
+        let _fill = self.fill();
         match self.store.by_id(&key_id)? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
@@ -329,7 +320,6 @@ impl Keyring {
                         dek: dek.clone(),
                     },
                 );
-                self.unless_invalidated_since(generation, || self.by_id.invalidate(&key_id));
                 Ok(dek)
             }
             KeyLookup::Shredded => Err(RevealError::SubjectForgotten.into()),
@@ -452,7 +442,9 @@ impl Keyring {
 
     /// Drops whatever this process caches of a scope's keys: another instance forgot or rotated it.
     pub fn invalidate_scope(&self, scope: &str) {
-        self.invalidations.fetch_add(1, Ordering::SeqCst);
+        // Waits for the cache fills under way: each either read the store before the forget (its entry is in the
+        // cache now, and removed below) or will read it after (and find the forget).
+        let _no_fill = self.fills.write().unwrap_or_else(|p| p.into_inner());
         self.by_scope.invalidate(scope);
         if let Some(domain) = scope.strip_prefix("d:") {
             self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
@@ -468,8 +460,17 @@ impl Keyring {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
+        let _fill = self.fill();
+        self.current_filling(scope)
+    }
+
+    /// [`current`](Self::current) for a caller that holds [`fill`](Self::fill).
+    fn current_filling(&self, scope: &str) -> Result<RecordKey, KeyError> {
+        if let Some(hit) = self.by_scope.get(scope) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(hit);
+        }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let generation = self.invalidations.load(Ordering::SeqCst);
         let entry = match self.store.current(scope)? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
             None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
@@ -480,18 +481,15 @@ impl Keyring {
             },
         };
         self.by_scope.insert(scope.to_owned(), entry.clone());
-        self.unless_invalidated_since(generation, || self.by_scope.invalidate(scope));
         Ok(entry)
     }
 
-    /// Undoes a cache insert when an invalidation ran since `generation` was read (before the store read that the
-    /// inserted entry came from): a forget or rotation that raced the read wins, instead of being overwritten by
-    /// what the read found. An invalidation bumps the counter before it removes entries, so either it removes the
-    /// entry itself, or this check sees the bump.
-    fn unless_invalidated_since(&self, generation: u64, undo: impl FnOnce()) {
-        if self.invalidations.load(Ordering::SeqCst) != generation {
-            undo();
-        }
+    /// Held by a cache fill from its store read until its cache insert; an invalidation waits for the fills under
+    /// way. So a forget that races a fill wins: the fill either read the store after the forget committed, or its
+    /// entry is in the cache before the invalidation removes it — never inserted after. Not re-entrant: a holder
+    /// calls `current_filling`, never `current`.
+    fn fill(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.fills.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates and stores a key version unless one exists; returns the stored row (ours or a concurrent winner's)
@@ -909,19 +907,42 @@ mod tests {
         assert!(store.inner.insert_if_absent(&key).unwrap().is_none());
     }
 
+    /// Arms `after` with a forget of `subject` on another thread (another caller, as in production), and gives it
+    /// time to do all it can before the filling caller goes on. Returns the forgetting thread, to join.
+    fn forget_during(
+        store: &Racing,
+        ring: &Arc<Keyring>,
+        after: After,
+        subject: &'static str,
+    ) -> Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>> {
+        let thread = Arc::new(std::sync::Mutex::new(None));
+        let (slot, forgetter) = (thread.clone(), ring.clone());
+        store.arm(after, move || {
+            let handle = std::thread::spawn(move || {
+                forgetter.forget_subject(subject).unwrap();
+            });
+            *slot.lock().unwrap() = Some(handle);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        thread
+    }
+
+    fn join(thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>) {
+        let handle = thread.lock().unwrap().take().expect("the hook ran");
+        handle.join().unwrap();
+    }
+
     #[test]
     fn a_forget_racing_a_cache_fill_wins() {
         let dir = tempfile::tempdir().unwrap();
         let store = Racing::open(dir.path());
         let key_id = active(racing_keyring(&store).subject_key("alice").unwrap()).key_id;
 
-        // A reveal's key read, then the forget and its invalidation, then the reveal caches what it read.
+        // A reveal reads the key; a forget commits and invalidates meanwhile; the reveal then caches what it read.
         let ring = racing_keyring(&store);
-        let forgetter = ring.clone();
-        store.arm(After::ById, move || {
-            forgetter.forget_subject("alice").unwrap();
-        });
+        let forget = forget_during(&store, &ring, After::ById, "alice");
         assert!(ring.key_by_id(key_id).is_ok(), "the read came before the forget");
+        join(forget);
         assert!(
             matches!(
                 ring.key_by_id(key_id),
@@ -934,14 +955,12 @@ mod tests {
         for (subject, point) in [("bob", After::Current), ("carol", After::EnsureCurrent)] {
             active(racing_keyring(&store).subject_key(subject).unwrap());
             let ring = racing_keyring(&store);
-            let forgetter = ring.clone();
-            store.arm(point, move || {
-                forgetter.forget_subject(subject).unwrap();
-            });
+            let forget = forget_during(&store, &ring, point, subject);
             match point {
                 After::Current => drop(ring.subject_key(subject).unwrap()),
                 _ => drop(ring.prefetch_subjects([subject]).unwrap()),
             }
+            join(forget);
             assert!(
                 matches!(ring.subject_key(subject).unwrap(), RecordKey::Forgotten),
                 "{subject}: the forgotten key must not stay cached"

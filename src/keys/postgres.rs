@@ -93,11 +93,17 @@ impl PostgresStore {
             *slot = Some(connect(&self.url)?);
         }
         let client = slot.as_mut().expect("connected above");
-        let result = client.transaction().and_then(|mut tx| {
-            let value = f(&mut tx)?;
-            tx.commit()?;
-            Ok(value)
-        });
+        // READ COMMITTED, whatever the database's default: a statement after a scope's advisory lock must see a forget
+        // that committed while the lock was awaited (under REPEATABLE READ the snapshot would predate it).
+        let result = client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .and_then(|mut tx| {
+                let value = f(&mut tx)?;
+                tx.commit()?;
+                Ok(value)
+            });
         let closed = client.is_closed();
         result.map_err(|e| {
             if closed {

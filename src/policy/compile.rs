@@ -1078,7 +1078,7 @@ fn namespace_of(name: &str, enclosing: &str) -> String {
 }
 
 /// What a valid domain name is, for error messages.
-pub(crate) const DOMAIN_RULE: &str =
+pub const DOMAIN_RULE: &str =
     "1-64 characters of a-z, 0-9, '.', '_' or '-', not starting with \"piiwall\" (piiwall's own domains)";
 
 /// Whether a name may be a key domain: see [`DOMAIN_RULE`].

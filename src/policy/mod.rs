@@ -10,8 +10,14 @@ mod tags;
 
 use apache_avro::types::Value;
 
+pub use compile::DOMAIN_RULE;
 pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
-pub(crate) use compile::{DOMAIN_RULE, SUBJECT_TYPES, valid_domain};
+pub(crate) use compile::{SUBJECT_TYPES, valid_domain};
+
+/// Whether a name may be a key domain (see [`DOMAIN_RULE`]).
+pub fn is_valid_domain(domain: &str) -> bool {
+    valid_domain(domain)
+}
 pub use tags::TagPattern;
 
 /// The protection applied to one field (DESIGN §2).
@@ -95,7 +101,10 @@ pub(crate) mod contexts {
     pub(crate) const AUDIT_CHAIN: &str = "audit.chain";
     /// Hashed record keys.
     pub(crate) const KAFKA_KEY: &str = "kafka.key";
-    pub(crate) const ALL: [&str; 3] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY];
+    /// Quarantined copies of a record's value and key (under the subject's key when it is known).
+    pub(crate) const QUARANTINE_VALUE: &str = "quarantine.value";
+    pub(crate) const QUARANTINE_KEY: &str = "quarantine.key";
+    pub(crate) const ALL: [&str; 5] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY, QUARANTINE_VALUE, QUARANTINE_KEY];
 }
 
 /// Key domains piiwall keeps for itself (`piiwall.audit`, `piiwall.quarantine`, ...): no schema, config or request

@@ -49,6 +49,8 @@ pub struct LaneContext {
     /// Where the rotations of keys that reached `max_encryptions` are announced.
     pub control: Control,
     pub max_encryptions: u64,
+    /// The largest record the brokers take (librdkafka's `message.max.bytes`): larger outputs go to quarantine.
+    pub max_record_bytes: usize,
     /// Records sanitized per (input topic, writer schema id) since the last processing summary.
     pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
 }
@@ -93,6 +95,7 @@ pub async fn run(
             retired,
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
+        let outcomes = fit_outcomes(&ctx, &batch, outcomes)?;
         for key in retired {
             announce_retired(&ctx, key).await;
         }
@@ -113,8 +116,7 @@ pub async fn run(
         let last_offset = batch.last().expect("a batch has at least one record").offset();
         let written = match &ctx.transactions {
             None => {
-                let mut written =
-                    write(&ctx.producer, &ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
+                let mut written = write_until_done(&ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
                 events.append(&mut written.audit);
                 audit_batch(&ctx, events).await?;
                 if let Err(e) = ctx.consumer.store_offset(&topic, partition, last_offset) {
@@ -171,6 +173,76 @@ pub async fn run(
     tracing::debug!(%topic, partition, "lane drained");
     Ok(LaneEnd::Drained)
 }
+
+/// Writes a batch (at-least-once) until every record is acknowledged: a broker that is down longer than
+/// `message.timeout.ms`, a topic the producer may not write (authorization), a quarantine topic that refuses writes —
+/// none is the records' fault, so the whole batch is written again with backoff, the records still in hand, and the
+/// lane waits meanwhile (`piiwall_lane_retries_total`). Only a fatal producer error ends the lane. Writing the whole
+/// batch again keeps its order; the duplicates it may leave carry their source coordinates.
+async fn write_until_done(
+    ctx: &LaneContext,
+    topic: &str,
+    partition: i32,
+    output_topic: &str,
+    batch: &[OwnedMessage],
+    outcomes: &[Outcome],
+) -> Result<Written, Error> {
+    let mut wait = RETRY_START;
+    loop {
+        match write(&ctx.producer, ctx, topic, partition, output_topic, batch, outcomes).await {
+            Err(e) if e.kind() == ErrorKind::Retriable => {
+                metrics::counter!("piiwall_lane_retries_total", "topic" => topic.to_owned()).increment(1);
+                tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "batch not written: writing it again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+            written => return written,
+        }
+    }
+}
+
+/// Outputs too large for the brokers (`message.max.bytes`; tokens are ~4/3 of their input) can never be written:
+/// each becomes a quarantine copy of its record instead, or, when even that copy is too large, a reference — its
+/// coordinates and the reason, with no content (replay it from the input topic while that retains it).
+fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome>) -> Result<Vec<Outcome>, Error> {
+    let fits = |key: Option<&[u8]>, value: Option<&[u8]>| {
+        key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + RECORD_OVERHEAD <= ctx.max_record_bytes
+    };
+    batch
+        .iter()
+        .zip(outcomes)
+        .map(|(message, outcome)| match outcome {
+            Outcome::Output { key, value, schema_id } if !fits(key.as_deref(), value.as_deref()) => {
+                let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
+                let reason = format!(
+                    "the sanitized record takes {size} bytes, more than the brokers accept (message.max.bytes {})",
+                    ctx.max_record_bytes
+                );
+                match ctx.processor.quarantine(message, reason.clone(), schema_id)? {
+                    Outcome::Quarantine { key, value, .. } if fits(key.as_deref(), Some(&value)) => {
+                        Ok(Outcome::Quarantine {
+                            key,
+                            value,
+                            reason,
+                            schema_id,
+                        })
+                    }
+                    _ => Ok(Outcome::Quarantine {
+                        key: None,
+                        value: Vec::new(),
+                        reason: format!("{reason}; its copy is too large to keep: replay it from the input topic"),
+                        schema_id,
+                    }),
+                }
+            }
+            outcome => Ok(outcome),
+        })
+        .collect()
+}
+
+/// Room left in a record for its headers and Kafka's framing.
+const RECORD_OVERHEAD: usize = 1024;
 
 /// Writes a batch's audit events (its quarantined records, the keys it created) and waits for their
 /// acknowledgement, and waits while the audit writer fails even when the batch has none: no input offset is stored
@@ -258,7 +330,7 @@ async fn write(
     for delivery in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(Error::Kafka(format!("an output record was not delivered: {e}"))),
+            Ok(Err((e, _))) => return Err(delivery_error(&e)),
             Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
         }
     }
@@ -411,6 +483,19 @@ pub fn header_text(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// A record the brokers did not take: fatal only when the producer itself can go on no more (an idempotence or
+/// transaction error librdkafka calls fatal); anything else — timeouts, brokers down, authorization, a full disk —
+/// is retried, the records still in hand.
+pub(super) fn delivery_error(e: &KafkaError) -> Error {
+    let fatal = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+    let message = format!("a record was not delivered: {e}");
+    if fatal {
+        Error::Kafka(message)
+    } else {
+        Error::Unavailable(message)
+    }
+}
+
 /// Enqueues a record, waiting while the producer's queue is full.
 pub(super) async fn send<'a>(
     producer: &FutureProducer,
@@ -423,7 +508,7 @@ pub(super) async fn send<'a>(
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => return Err(Error::Kafka(format!("cannot enqueue an output record: {e}"))),
+            Err((e, _)) => return Err(delivery_error(&e)),
         }
     }
 }

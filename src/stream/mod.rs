@@ -54,6 +54,8 @@ use process::Processor;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often ended lanes are looked for (a lane that aborted a transaction waits for its partition to be rewound).
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// librdkafka's default `message.max.bytes`: the largest record piiwall writes unless the properties say otherwise.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// How often counters kept outside the hot path (key cache) are published.
 const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -300,6 +302,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         auditor: auditor.clone(),
         control: control.clone(),
         max_encryptions: config.keys.max_encryptions,
+        max_record_bytes: config
+            .kafka
+            .properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES),
         window: std::sync::Mutex::new(HashMap::new()),
     });
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);

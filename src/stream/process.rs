@@ -117,7 +117,16 @@ impl Processor {
                 .routes
                 .key_action(message.topic())
                 .ok_or_else(|| poison("no schema binding for this topic".into(), None))?;
-            let key = self.key(message.topic(), action, None, None, message.key(), keys, scratch)?;
+            let domain = self.routes.value_domain(message.topic());
+            let key = self.key(
+                message.topic(),
+                action,
+                domain.as_deref(),
+                KeyOwner::Tombstone,
+                message.key(),
+                keys,
+                scratch,
+            )?;
             return Ok(Outcome::Output {
                 key,
                 value: None,
@@ -138,16 +147,17 @@ impl Processor {
             Some(subject) => self.sanitizer.is_forgotten(subject, keys).map_err(Failure::Other)?,
             None => false,
         };
-        let key = if forgotten && action != KeyAction::Keep {
-            // A forgotten subject's records keep no pseudonym of their key: a domain-keyed hash, or a key schema
-            // without a subject of its own, would link them under a key that survives the forget.
-            None
+        let key = if forgotten && action == KeyAction::Hash {
+            // A forgotten subject's records keep no pseudonym of their key (a domain-keyed hash would link them
+            // under a key that survives the forget), but keep a key: compacted topics refuse records without one.
+            message.key().map(|_| FORGOTTEN_KEY.to_vec())
         } else {
+            // Avro keys: protected with the subject's keys, so a forgotten subject's key fields are redacted.
             self.key(
                 message.topic(),
                 action,
                 route.schema.plan.domain.as_deref(),
-                subject.as_deref(),
+                KeyOwner::Value(subject.as_deref()),
                 message.key(),
                 keys,
                 scratch,
@@ -169,15 +179,15 @@ impl Processor {
         }
     }
 
-    /// The protected record key. `subject` is the value's data subject: an Avro key schema that names no subject
-    /// of its own is protected with that subject's keys.
+    /// The protected record key. An Avro key schema that names no subject of its own is protected with the keys of
+    /// its value's subject.
     #[allow(clippy::too_many_arguments)]
     fn key(
         &self,
         topic: &str,
         action: KeyAction,
         domain: Option<&str>,
-        subject: Option<&str>,
+        owner: KeyOwner<'_>,
         key: Option<&[u8]>,
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
@@ -186,7 +196,7 @@ impl Processor {
         Ok(match action {
             KeyAction::Keep => Some(key.to_vec()),
             KeyAction::Redact => None,
-            KeyAction::Avro => Some(self.avro_key(topic, key, subject, keys, scratch)?),
+            KeyAction::Avro => Some(self.avro_key(topic, key, owner, keys, scratch)?),
             KeyAction::Hash => {
                 let domain = domain.unwrap_or(&self.default_domain);
                 let dek = match keys.and_then(|k| k.domain(domain)) {
@@ -212,7 +222,7 @@ impl Processor {
         &self,
         topic: &str,
         key: &[u8],
-        value_subject: Option<&str>,
+        owner: KeyOwner<'_>,
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
     ) -> Result<Vec<u8>, Failure> {
@@ -229,7 +239,21 @@ impl Processor {
             .transcoder
             .subject(payload)
             .map_err(|e| poison(e.to_string(), Some(schema_id)))?;
-        let subject = own_subject.as_deref().or(value_subject);
+        let subject = match (own_subject.as_deref(), owner) {
+            (Some(own), _) => Some(own),
+            (None, KeyOwner::Value(subject)) => subject,
+            // A deletion carries no value to name its subject: protecting its key with the domain's keys would give
+            // a pseudonym no forget destroys (and one that matches nothing the records carried).
+            (None, KeyOwner::Tombstone) if route.schema.plan.needs_keys() => {
+                return Err(poison(
+                    "a tombstone whose key schema names no data subject: give the key schema a pii.subject so \
+                     deletions are protected like their records"
+                        .into(),
+                    Some(schema_id),
+                ));
+            }
+            (None, KeyOwner::Tombstone) => None,
+        };
         let mut out = Vec::with_capacity(key.len() * 2 + 64);
         framing::write_header(route.sanitized_id, &mut out);
         match self.sanitizer.sanitize_binary_as(
@@ -251,7 +275,12 @@ impl Processor {
     /// the record's data subject when the record names one that can be read, and holds no content at all when that
     /// subject is forgotten; otherwise under the day's quarantine key, destroyed after
     /// `kafka.quarantine_retention_days`.
-    fn quarantine(&self, message: &OwnedMessage, reason: String, schema_id: Option<u32>) -> Result<Outcome, Error> {
+    pub(super) fn quarantine(
+        &self,
+        message: &OwnedMessage,
+        reason: String,
+        schema_id: Option<u32>,
+    ) -> Result<Outcome, Error> {
         let keyring = self.sanitizer.keyring();
         let dek = match self.subject_of(message) {
             Some(subject) => match keyring.subject_key(&subject)? {
@@ -274,8 +303,11 @@ impl Processor {
             dek.encrypt(context, &plaintext).into_bytes()
         };
         Ok(Outcome::Quarantine {
-            key: message.key().map(|k| seal(k, "quarantine.key")),
-            value: seal(message.payload().unwrap_or_default(), "quarantine.value"),
+            key: message.key().map(|k| seal(k, crate::policy::contexts::QUARANTINE_KEY)),
+            value: seal(
+                message.payload().unwrap_or_default(),
+                crate::policy::contexts::QUARANTINE_VALUE,
+            ),
             reason,
             schema_id,
         })
@@ -290,6 +322,19 @@ impl Processor {
         };
         route.transcoder.subject(payload).ok()?.map(|s| s.into_owned())
     }
+}
+
+/// The key of a forgotten subject's record under `key = "hash"`: the same for every such record, a pseudonym of
+/// nothing.
+pub const FORGOTTEN_KEY: &[u8] = b"piiwall:forgotten";
+
+/// Whose record a key belongs to.
+#[derive(Clone, Copy)]
+enum KeyOwner<'a> {
+    /// A record with a value: its data subject, if it names one.
+    Value(Option<&'a str>),
+    /// A deletion: no value, so no subject but the key's own.
+    Tombstone,
 }
 
 /// Why a record was not sanitized.
@@ -381,7 +426,7 @@ mod tests {
         let message = message(&processor, b"cus_9".to_vec());
         assert!(output_key(&processor, &message).unwrap().starts_with(b"pwh1."));
         processor.sanitizer.keyring().forget_subject("cus_9").unwrap();
-        assert_eq!(output_key(&processor, &message), None);
+        assert_eq!(output_key(&processor, &message).as_deref(), Some(FORGOTTEN_KEY));
     }
 
     /// An Avro key whose schema names no subject is protected with the value's subject's key: forgetting the
@@ -415,7 +460,31 @@ mod tests {
             processor.sanitizer.reveal("customer_id", &token),
             Err(Error::Reveal(RevealError::SubjectForgotten))
         ));
-        assert_eq!(output_key(&processor, &message), None);
+        let after = output_key(&processor, &message).unwrap();
+        let (_, payload) = framing::parse(&after).unwrap();
+        let decoded = apache_avro::reader::datum::GenericDatumReader::builder(&route.schema.sanitized)
+            .build()
+            .unwrap()
+            .read_value(&mut &payload[..])
+            .unwrap();
+        assert_eq!(
+            JsonCodec::new(&route.schema.sanitized).to_json(&decoded)["customer_id"],
+            json!(""),
+            "a forgotten subject's key fields are redacted"
+        );
+
+        // A deletion names no subject: a key schema without one cannot protect it, so it is quarantined.
+        let tombstone = OwnedMessage::new(
+            None,
+            message.key().map(<[u8]>::to_vec),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            5,
+            None,
+        );
+        let (_, _, reason) = quarantined(&processor, &tombstone);
+        assert!(reason.contains("tombstone"), "{reason}");
     }
 
     fn quarantined(processor: &Processor, message: &OwnedMessage) -> (Option<Vec<u8>>, Vec<u8>, String) {

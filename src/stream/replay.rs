@@ -18,7 +18,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::lane::{self, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
 use super::process::{Outcome, Processor};
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, RevealError};
 use crate::transcode::TranscodeScratch;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +31,19 @@ pub struct ReplaySummary {
     pub replayed: u64,
     /// Records that still cannot be sanitized, with the reason of each (no value in it).
     pub still_failing: Vec<String>,
+    /// Copies that can never be replayed, passed over for good: their data subject was forgotten, or their daily
+    /// quarantine key expired, or they were kept as a reference only (coordinates and reason, no content).
+    pub dropped: Vec<String>,
+}
+
+/// What a quarantined copy comes to on replay.
+enum Replayed {
+    /// Decrypted and processed again.
+    Processed(Outcome, OwnedMessage),
+    /// Cannot be processed yet (the reason).
+    Failing(String),
+    /// Can never be: its content is gone (the reason).
+    Gone(String),
 }
 
 pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
@@ -82,7 +95,7 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     })?;
     for message in copies {
         match original(&message, &parts, &processor, &mut scratch).await? {
-            Ok((Outcome::Output { key, value, .. }, source)) => {
+            Replayed::Processed(Outcome::Output { key, value, .. }, source) => {
                 let output = format!("{}{}", source.topic(), config.kafka.output_suffix);
                 let mut record = FutureRecord::to(&output)
                     .partition(source.partition())
@@ -95,7 +108,8 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
                     .map_err(|(e, _)| Error::Kafka(format!("a replayed record was not delivered: {e}")))?;
                 summary.replayed += 1;
             }
-            Ok((Outcome::Quarantine { reason, .. }, _)) | Err(reason) => {
+            Replayed::Gone(reason) => summary.dropped.push(format!("offset {}: {reason}", message.offset())),
+            Replayed::Processed(Outcome::Quarantine { reason, .. }, _) | Replayed::Failing(reason) => {
                 failed.insert(message.partition(), true);
                 summary
                     .still_failing
@@ -120,28 +134,45 @@ async fn original(
     parts: &super::Parts,
     processor: &Processor,
     scratch: &mut TranscodeScratch,
-) -> Result<Result<(Outcome, OwnedMessage), String>, Error> {
+) -> Result<Replayed, Error> {
     let header = |name: &str| lane::header_text(copy, name);
     let (Some(topic), Some(partition), Some(offset)) = (
         header(SOURCE_TOPIC),
         header(SOURCE_PARTITION).and_then(|p| p.parse().ok()),
         header(SOURCE_OFFSET).and_then(|o| o.parse().ok()),
     ) else {
-        return Ok(Err("no source coordinates in its headers".into()));
+        return Ok(Replayed::Failing("no source coordinates in its headers".into()));
     };
+    if copy.payload().is_none_or(<[u8]>::is_empty) {
+        return Ok(Replayed::Gone("a reference only: the copy holds no content".into()));
+    }
     let keyring = parts.sanitizer.keyring();
-    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, String> {
-        let token = std::str::from_utf8(bytes).map_err(|_| "not a quarantine copy".to_owned())?;
-        let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| e.to_string())?;
+    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
+        let token = std::str::from_utf8(bytes).map_err(|_| Replayed::Failing("not a quarantine copy".to_owned()))?;
+        let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| match e {
+            // A forgotten subject's key, or an expired daily quarantine key: destroyed for good.
+            Error::Reveal(RevealError::SubjectForgotten) => {
+                Replayed::Gone("its key was destroyed (subject forgotten, or quarantine retention passed)".into())
+            }
+            e => Replayed::Failing(e.to_string()),
+        })?;
         Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
     };
-    let value = match copy.payload().map(|p| open(p, "quarantine.value")).transpose() {
+    let value = match copy
+        .payload()
+        .map(|p| open(p, crate::policy::contexts::QUARANTINE_VALUE))
+        .transpose()
+    {
         Ok(value) => value,
-        Err(reason) => return Ok(Err(reason)),
+        Err(replayed) => return Ok(replayed),
     };
-    let key = match copy.key().map(|k| open(k, "quarantine.key")).transpose() {
+    let key = match copy
+        .key()
+        .map(|k| open(k, crate::policy::contexts::QUARANTINE_KEY))
+        .transpose()
+    {
         Ok(key) => key,
-        Err(reason) => return Ok(Err(reason)),
+        Err(replayed) => return Ok(replayed),
     };
     let source = OwnedMessage::new(value, key, topic, Timestamp::NotAvailable, partition, offset, None);
     parts
@@ -150,5 +181,5 @@ async fn original(
         .await?;
     // Key-store work blocks (PostgreSQL's client may not run on a runtime thread).
     let outcome = tokio::task::block_in_place(|| processor.process(&source, None, scratch))?;
-    Ok(Ok((outcome, source)))
+    Ok(Replayed::Processed(outcome, source))
 }

@@ -145,6 +145,15 @@ impl Routes {
         }
     }
 
+    /// The key domain of a locally bound topic's values (its schema's `pii.domain`); `None` for the default domain
+    /// or a registry topic.
+    pub fn value_domain(&self, topic: &str) -> Option<String> {
+        match self.local.get(&(topic.to_owned(), Part::Value)) {
+            Some(Route::Ready(route)) => route.schema.plan.domain.clone(),
+            _ => None,
+        }
+    }
+
     /// How a topic's keys are protected; `None` for a topic nothing binds.
     pub fn key_action(&self, topic: &str) -> Option<KeyAction> {
         match self.local_keys.get(topic) {

@@ -65,6 +65,41 @@ pub(crate) enum Scalar {
     Enum(Arc<[String]>),
 }
 
+impl Scalar {
+    /// The fewest bytes one value takes (a `fixed` of size 0 takes none).
+    pub(crate) fn min_size(&self) -> usize {
+        match self {
+            Scalar::Fixed { size, .. } | Scalar::Decimal { fixed: Some(size) } => *size,
+            Scalar::Float => 4,
+            Scalar::Double => 8,
+            _ => 1,
+        }
+    }
+}
+
+impl ShapeStep {
+    /// The fewest bytes one value of this shape takes.
+    pub(crate) fn min_size(&self) -> usize {
+        match self {
+            ShapeStep::Scalar(scalar) => scalar.min_size(),
+            ShapeStep::Union(_) | ShapeStep::Array(_) | ShapeStep::Map(_) => 1,
+        }
+    }
+}
+
+impl Step {
+    /// The fewest bytes one value of this step takes: bounds block counts (zero-size items draw on the record's
+    /// budget instead).
+    pub(crate) fn min_size(&self) -> usize {
+        match self {
+            Step::Skip(skip) => skip.min_size(),
+            Step::Record(steps) => steps.iter().map(Step::min_size).sum(),
+            Step::Array(_) | Step::Map(_) | Step::Union(_) => 1,
+            Step::Protect(protect) => protect.skip.min_size(),
+        }
+    }
+}
+
 /// A step of the program.
 #[derive(Debug, Clone)]
 pub(crate) enum Step {

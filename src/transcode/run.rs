@@ -69,8 +69,8 @@ impl<'a> Run<'a> {
         match step {
             Step::Skip(skip) => skip_value(&mut self.input, skip),
             Step::Record(steps) => steps.iter().try_for_each(|s| self.exec(s)),
-            Step::Array(item) => self.blocks(|run| run.exec(item)),
-            Step::Map(value) => self.blocks(|run| {
+            Step::Array(item) => self.blocks(item.min_size(), |run| run.exec(item)),
+            Step::Map(value) => self.blocks(value.min_size() + 1, |run| {
                 run.input.read_str()?;
                 run.exec(value)
             }),
@@ -85,14 +85,18 @@ impl<'a> Run<'a> {
 
     /// Walks the blocks of an array or map whose items change; a block that declares its byte size gets a new
     /// header without it, since the size no longer holds.
-    fn blocks(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), ValueError>) -> Result<(), ValueError> {
+    fn blocks(
+        &mut self,
+        min_size: usize,
+        mut item: impl FnMut(&mut Self) -> Result<(), ValueError>,
+    ) -> Result<(), ValueError> {
         loop {
             let header = self.input.pos;
             let (count, size) = self.input.read_block()?;
             if count == 0 {
                 return Ok(());
             }
-            check_count(count, 1, &mut self.input)?;
+            check_count(count, min_size, &mut self.input)?;
             if size.is_some() {
                 self.out.extend_from_slice(&self.input.bytes[self.copy_from..header]);
                 write_long(self.out, count as i64);
@@ -144,7 +148,7 @@ impl<'a> Run<'a> {
                     if count == 0 {
                         return Ok(());
                     }
-                    check_count(count, 1, &mut self.input)?;
+                    check_count(count, inner.min_size() + usize::from(is_map), &mut self.input)?;
                     let start = self.input.pos;
                     for _ in 0..count {
                         if is_map {
