@@ -3,13 +3,20 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::kafka::{consume_from, create_topic_on, reader_on, unique};
+use common::kafka::{
+    audit_events, consume, consume_from, create_topic, create_topic_on, customer, framed, header, produce, reader_on,
+    unique,
+};
 use common::services::free_port;
 use piiwall::audit::{AuditEvent, AuditKind, Auditor, OnFailure};
+use piiwall::config::Config;
+use piiwall::stream::{self, SOURCE_OFFSET, Shutdown};
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message};
 
@@ -82,4 +89,200 @@ async fn audit_rides_through_a_broker_that_is_down_for_a_while() {
         report.first_break, None,
         "the chain verifies, retried duplicates included"
     );
+}
+
+/// A pipeline config on `brokers` for `input`, bound to the customer schema (id 1), its key store in `dir`.
+fn pipeline_config(dir: &std::path::Path, brokers: &str, input: &str, schema: &str, extra_kafka: &str) -> Config {
+    std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    let text = format!(
+        r#"
+[keys]
+store = "sqlite:{dir}/keys.db"
+kek = "file:{dir}/kek.key"
+control_topic = "{input}.control"
+
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+inputs = ["{input}"]
+quarantine_topic = "{input}.quarantine"
+{extra_kafka}
+
+[[schemas.local]]
+topic = "{input}"
+schema = "{schema}"
+id = 1
+
+[pipeline]
+batch_size = 20
+commit_interval_ms = 100
+
+[audit]
+topic = "{input}.audit"
+
+[http]
+listen = "off"
+"#,
+        dir = dir.display(),
+        group = unique("piiwall"),
+    );
+    Config::parse(&text, std::iter::empty(), "fault test config").unwrap()
+}
+
+/// Distinct source offsets among `messages`.
+fn sources(messages: &[OwnedMessage]) -> BTreeSet<i64> {
+    messages
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(header(m, SOURCE_OFFSET).expect("source offset"))
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A record whose sanitized form is larger than the brokers take (tokens are ~4/3 of their input) goes to
+/// quarantine, as a reference when even its encrypted copy is too large; the records around it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_the_brokers_is_quarantined_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("faults-large");
+    create_topic(&input, 1).await;
+    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "lines", "type": {"type": "array", "items": "string"}, "pii": "tokenize"}
+    ]})
+    .to_string();
+    let schema_file = dir.path().join("doc.avsc");
+    std::fs::write(&schema_file, &schema_text).unwrap();
+    let schema = common::compiled(&schema_text);
+    let doc = |id: &str, lines: usize| {
+        let lines: Vec<String> = (0..lines).map(|i| format!("{i:0>100}")).collect();
+        framed(&schema, 1, &serde_json::json!({"id": id, "lines": lines}))
+    };
+    let records = vec![doc("small-1", 3), doc("huge", 8_000), doc("small-2", 3)];
+    assert!(records[1].len() < 900_000, "the input itself fits");
+    produce(
+        &input,
+        records.into_iter().map(|v| (0, None, v, OwnedHeaders::new())).collect(),
+    )
+    .await;
+
+    let config = pipeline_config(
+        dir.path(),
+        &common::kafka::broker(),
+        &input,
+        schema_file.to_str().unwrap(),
+        "",
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let (output, quarantine, audit) = (
+        format!("{input}.sanitized"),
+        format!("{input}.quarantine"),
+        format!("{input}.audit"),
+    );
+    let (out, quarantined) = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, 2, Duration::from_secs(60)),
+            consume(&quarantine, 1, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sources(&out),
+        BTreeSet::from([0, 2]),
+        "the records around it are written"
+    );
+    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
+    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    assert!(reason.contains("more than the brokers accept"), "{reason}");
+    assert!(
+        reason.contains("replay it from the input topic"),
+        "a reference: {reason}"
+    );
+    assert!(quarantined[0].payload().is_none_or(<[u8]>::is_empty), "no content kept");
+    shutdown.trigger();
+    task.await.unwrap().expect("the pipeline never stopped on it");
+    let events = tokio::task::spawn_blocking(move || consume(&audit, 3, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let quarantine_events: Vec<_> = audit_events(&events)
+        .into_iter()
+        .filter(|e| e["kind"] == "QUARANTINE")
+        .collect();
+    assert_eq!(quarantine_events.len(), 1, "the quarantined record has its audit event");
+    assert_eq!(quarantine_events[0]["offset"], 1);
+}
+
+/// The broker goes away for longer than `message.timeout.ms` while records are in hand: the lane writes its batch
+/// again until the broker is back, instead of ending the process; every record arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_longer_than_the_message_timeout_loses_nothing_and_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::persistent(free_port(), dir.path().to_owned());
+    broker.start();
+    let input = unique("faults-outage");
+    create_topic_on(&broker.bootstrap(), &input, 1).await;
+    let schema = common::compiled(&common::example("customer_profile.avsc"));
+    const N: usize = 3_000;
+    let records = (0..N)
+        .map(|i| (0, None, framed(&schema, 1, &customer(i)), OwnedHeaders::new()))
+        .collect();
+    common::kafka::produce_on(&broker.bootstrap(), &input, records).await;
+
+    let schema_path = format!("{}/schemas/customer_profile.avsc", env!("CARGO_MANIFEST_DIR"));
+    let config = pipeline_config(
+        dir.path(),
+        &broker.bootstrap(),
+        &input,
+        &schema_path,
+        "[kafka.properties]\n\"message.timeout.ms\" = \"1500\"\n\"reconnect.backoff.max.ms\" = \"500\"\n",
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    // Once output flows, the broker goes away mid-stream, for longer than message.timeout.ms.
+    let output = format!("{input}.sanitized");
+    let first = {
+        let (bootstrap, output) = (broker.bootstrap(), output.clone());
+        tokio::task::spawn_blocking(move || {
+            consume_from(
+                reader_on(&bootstrap, &output, "read_uncommitted"),
+                1,
+                Duration::from_secs(60),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(first.len(), 1, "output flows");
+    eprintln!("outage: output flows; stopping the broker");
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !task.is_finished(),
+        "the pipeline waits for the broker; it does not stop"
+    );
+    broker.start();
+    eprintln!("outage: broker back");
+    let bootstrap = broker.bootstrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let consumer = reader_on(&bootstrap, &output, "read_uncommitted");
+        let start = Instant::now();
+        let mut seen = BTreeSet::new();
+        while seen.len() < N && start.elapsed() < Duration::from_secs(120) {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                seen.extend(sources(&[message.detach()]));
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.len(), N, "every record arrives at least once");
+    eprintln!("outage: all records seen; stopping the pipeline");
+    shutdown.trigger();
+    task.await.unwrap().expect("the pipeline ends cleanly");
 }

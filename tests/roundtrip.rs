@@ -1,38 +1,88 @@
 //! Property tests over generated schemas and records, for both paths (the `Value` reference and the binary
-//! transcoder): at every nesting depth, reversible actions reveal the original value, deterministic ones repeat,
-//! encrypt never does, every output validates against the sanitized schema, and no protected string survives
-//! anywhere in the output. The transcoder's output equals the reference's byte for byte except for encrypt's
-//! random nonces; every truncation of a record is rejected, and corrupted bytes never panic nor yield output that
-//! does not decode.
+//! transcoder that `run` and `piiwall sanitize` take), over every type piiwall protects: the primitives, enum,
+//! fixed, decimal on bytes and on a fixed, uuid on string, bytes and a fixed, the date, time and timestamp types,
+//! duration, unions of several branches, arrays, maps (their keys protected too) and records. At every nesting
+//! depth, reversible actions reveal the original value with its type (as plain JSON), deterministic ones repeat,
+//! encrypt never does, every output validates against the sanitized schema, and no protected string or uuid
+//! survives anywhere in the output. The transcoder's output equals the reference's byte for byte except for
+//! encrypt's random nonces; every truncation of a record is rejected, and corrupted bytes never panic nor yield
+//! output that does not decode. What piiwall gets wrong today is named in `known_bug` and its neighbours, and left
+//! out of the checks until fixed.
 
 mod common;
 
 use std::sync::LazyLock;
 
 use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::types::Value;
+use apache_avro::{Schema, Uuid};
 use piiwall::codec::avro::ValueCodec;
 use piiwall::codec::json::JsonCodec;
 use piiwall::crypto::{Dek, KeyId};
-use piiwall::policy::CompiledSchema;
-use piiwall::sanitize::{RecordKeys, Sanitizer, apply};
+use piiwall::policy::{CompiledSchema, DEFAULT_MASK_KEEP_LAST};
+use piiwall::sanitize::{RecordKeys, Sanitizer, apply, mask};
 use piiwall::transcode::{TranscodeScratch, Transcoder};
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 use std::sync::Arc;
 
+/// A generated Avro type. Named types (enum, fixed and the logical types on a fixed) take a unique name when
+/// written out by `type_json`.
 #[derive(Clone, Debug, PartialEq)]
 enum Ty {
     Str,
     Long,
     Int,
+    Float,
     Double,
     Bytes,
     Bool,
+    /// An enum of the symbols `S0`..`S{n-1}`.
+    Enum(usize),
+    Fixed(usize),
+    /// A decimal on bytes (`fixed: None`) or on a fixed of that size.
+    Decimal {
+        fixed: Option<usize>,
+        precision: u32,
+        scale: u32,
+    },
+    Uuid(UuidOn),
+    /// A logical type on int (date, time-millis) or long (the others in `TIMES`), by its name.
+    Time(&'static str),
+    /// A fixed of 12 bytes: months, days and milliseconds.
+    Duration,
+    /// Only as a branch of a `Union`.
+    Null,
     Nullable(Box<Ty>),
+    /// A union of scalars, null among them or not, in an order where plain JSON reads each value back into the
+    /// branch it was generated for (see `union`).
+    Union(Vec<Ty>),
     Array(Box<Ty>),
     Map(Box<Ty>),
     Record(Vec<Field>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum UuidOn {
+    String,
+    Bytes,
+    Fixed,
+}
+
+const TIMES: [&str; 9] = [
+    "date",
+    "time-millis",
+    "time-micros",
+    "timestamp-millis",
+    "timestamp-micros",
+    "timestamp-nanos",
+    "local-timestamp-millis",
+    "local-timestamp-micros",
+    "local-timestamp-nanos",
+];
+
+fn time_on_int(name: &str) -> bool {
+    matches!(name, "date" | "time-millis")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,56 +100,144 @@ struct Field {
     action: Option<Act>,
 }
 
-fn scalar() -> impl Strategy<Value = Ty> {
+fn scalar() -> BoxedStrategy<Ty> {
     prop_oneof![
-        Just(Ty::Str),
-        Just(Ty::Long),
-        Just(Ty::Int),
-        Just(Ty::Double),
-        Just(Ty::Bytes),
-        Just(Ty::Bool)
+        prop_oneof![
+            Just(Ty::Str),
+            Just(Ty::Long),
+            Just(Ty::Int),
+            Just(Ty::Float),
+            Just(Ty::Double),
+            Just(Ty::Bytes),
+            Just(Ty::Bool),
+        ],
+        prop_oneof![
+            (1..5usize).prop_map(Ty::Enum),
+            prop_oneof![0..7usize, Just(16)].prop_map(Ty::Fixed),
+            decimal(),
+            prop_oneof![Just(UuidOn::String), Just(UuidOn::Bytes), Just(UuidOn::Fixed)].prop_map(Ty::Uuid),
+            prop::sample::select(TIMES.as_slice()).prop_map(Ty::Time),
+            Just(Ty::Duration),
+        ],
     ]
+    .boxed()
 }
 
-/// A protected field: a scalar, possibly nullable, possibly in an array or map.
+/// A decimal on bytes or on a fixed of 1 to 16 bytes, with a precision that fits and a scale up to it.
+fn decimal() -> impl Strategy<Value = Ty> {
+    prop::option::of(1..=16usize)
+        .prop_flat_map(|fixed| (Just(fixed), 1..=fixed.map_or(38, max_precision)))
+        .prop_flat_map(|(fixed, precision)| (Just(fixed), Just(precision), 0..=precision.min(6)))
+        .prop_map(|(fixed, precision, scale)| Ty::Decimal {
+            fixed,
+            precision,
+            scale,
+        })
+}
+
+/// The digits any signed integer of `size` bytes holds (Avro's limit on a decimal's precision on a fixed).
+fn max_precision(size: usize) -> u32 {
+    ((8 * size - 1) as f64 * 2f64.log10()).floor() as u32
+}
+
+/// A union of two or more branches. Their order makes plain JSON (the first branch that accepts a value wins) read
+/// each value into the branch it came from: a generated string is no enum symbol, and an integer reaches long before
+/// double (a generated double is never an integer in JSON).
+fn union() -> impl Strategy<Value = Ty> {
+    let branches = vec![Ty::Enum(3), Ty::Str, Ty::Long, Ty::Double, Ty::Bool];
+    (prop::sample::subsequence(branches, 1..=4), prop::option::of(0..5usize)).prop_filter_map(
+        "a union of one branch",
+        |(mut branches, null)| {
+            if let Some(at) = null {
+                branches.insert(at.min(branches.len()), Ty::Null);
+            }
+            (branches.len() >= 2).then_some(Ty::Union(branches))
+        },
+    )
+}
+
+/// Whether the compiler lets mask apply: to strings and uuids, in nullables, unions, arrays and maps.
+fn maskable(ty: &Ty) -> bool {
+    match ty {
+        Ty::Str | Ty::Uuid(_) => true,
+        Ty::Nullable(t) | Ty::Array(t) | Ty::Map(t) => maskable(t),
+        Ty::Union(branches) => branches.iter().all(|b| *b == Ty::Null || maskable(b)),
+        _ => false,
+    }
+}
+
+/// A protected field: a scalar or a union, possibly nullable, possibly in an array or map.
 fn protected_field() -> impl Strategy<Value = Field> {
-    (scalar(), 0..4u8)
+    (prop_oneof![4 => scalar(), 1 => union()], 0..4u8)
         .prop_map(|(s, wrap)| match wrap {
+            // A union cannot hold a union.
+            1 if matches!(s, Ty::Union(_)) => s,
             0 => s,
             1 => Ty::Nullable(Box::new(s)),
             2 => Ty::Array(Box::new(s)),
             _ => Ty::Map(Box::new(s)),
         })
         .prop_flat_map(|ty| {
-            let is_string = matches!(base(&ty), Ty::Str);
-            let actions = if is_string {
-                prop_oneof![
-                    Just(None),
-                    Just(Some(Act::Tokenize)),
-                    Just(Some(Act::Encrypt)),
-                    Just(Some(Act::Hash)),
-                    Just(Some(Act::Mask)),
-                    Just(Some(Act::Redact))
-                ]
-                .boxed()
-            } else {
-                prop_oneof![
-                    Just(None),
-                    Just(Some(Act::Tokenize)),
-                    Just(Some(Act::Encrypt)),
-                    Just(Some(Act::Hash)),
-                    Just(Some(Act::Redact))
-                ]
-                .boxed()
-            };
-            (Just(ty), actions).prop_map(|(ty, action)| Field { ty, action })
+            let mut actions = vec![
+                None,
+                Some(Act::Tokenize),
+                Some(Act::Encrypt),
+                Some(Act::Hash),
+                Some(Act::Redact),
+            ];
+            if maskable(&ty) {
+                actions.push(Some(Act::Mask));
+            }
+            actions.retain(|a| a.is_none_or(|a| known_bug(&ty, a) != Some(KnownBug::Transcoder)));
+            (Just(ty), prop::sample::select(actions)).prop_map(|(ty, action)| Field { ty, action })
         })
 }
 
-fn base(ty: &Ty) -> &Ty {
+/// Which path gets a combination wrong today (see `known_bug`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum KnownBug {
+    /// Both, or the transcoder: the combination is not generated.
+    Transcoder,
+    /// Only the reference path (`Sanitizer::sanitize`, `apply` over a `Value`): generated, and the transcoder's
+    /// output still checked, but not the reference's.
+    Reference,
+}
+
+/// What piiwall accepts but gets wrong today, by the type of a protected field and its action: left out of the
+/// checks, so the rest runs, until fixed.
+fn known_bug(ty: &Ty, action: Act) -> Option<KnownBug> {
+    match action {
+        Act::Redact => known_redaction_bug(ty),
+        _ => None,
+    }
+}
+
+/// What redaction (by `redact`, or of every protected field when the subject is forgotten) gets wrong today.
+fn known_redaction_bug(ty: &Ty) -> Option<KnownBug> {
     match ty {
-        Ty::Nullable(t) | Ty::Array(t) | Ty::Map(t) => base(t),
-        t => t,
+        // The redacted value is a plain `Value::Long`, which apache-avro does not validate (nor encode) as a
+        // nanosecond timestamp.
+        Ty::Time("timestamp-nanos" | "local-timestamp-nanos") => Some(KnownBug::Reference),
+        // The redacted value is a plain `Value::Fixed` where the schema has a decimal or a uuid: the same bytes,
+        // but plain JSON writes NUL characters for it, not "0.00" or the nil uuid.
+        Ty::Decimal { fixed: Some(_), .. } | Ty::Uuid(UuidOn::Fixed) => Some(KnownBug::Reference),
+        _ => None,
+    }
+}
+
+/// Whether a protected field, at any depth, satisfies `pred`.
+fn any_protected(fields: &[Field], pred: &dyn Fn(&Ty, Act) -> bool) -> bool {
+    fields.iter().any(|f| match f.action {
+        Some(action) => pred(&f.ty, action),
+        None => protected_within(&f.ty, pred),
+    })
+}
+
+fn protected_within(ty: &Ty, pred: &dyn Fn(&Ty, Act) -> bool) -> bool {
+    match ty {
+        Ty::Record(fields) => any_protected(fields, pred),
+        Ty::Nullable(t) | Ty::Array(t) | Ty::Map(t) => protected_within(t, pred),
+        _ => false,
     }
 }
 
@@ -125,15 +263,56 @@ fn fields(depth: u32) -> BoxedStrategy<Vec<Field>> {
     prop::collection::vec(field, 1..5).boxed()
 }
 
+fn fresh_name(prefix: &str, names: &mut usize) -> String {
+    *names += 1;
+    format!("{prefix}{names}")
+}
+
 fn type_json(ty: &Ty, names: &mut usize) -> Json {
     match ty {
         Ty::Str => json!("string"),
         Ty::Long => json!("long"),
         Ty::Int => json!("int"),
+        Ty::Float => json!("float"),
         Ty::Double => json!("double"),
         Ty::Bytes => json!("bytes"),
         Ty::Bool => json!("boolean"),
+        Ty::Null => json!("null"),
+        Ty::Enum(n) => {
+            let symbols: Vec<String> = (0..*n).map(|i| format!("S{i}")).collect();
+            json!({"type": "enum", "name": fresh_name("E", names), "symbols": symbols})
+        }
+        Ty::Fixed(size) => json!({"type": "fixed", "name": fresh_name("F", names), "size": size}),
+        Ty::Decimal {
+            fixed,
+            precision,
+            scale,
+        } => {
+            let mut t = match fixed {
+                None => json!({"type": "bytes"}),
+                Some(size) => json!({"type": "fixed", "name": fresh_name("D", names), "size": size}),
+            };
+            t["logicalType"] = json!("decimal");
+            t["precision"] = json!(precision);
+            // A scale of 0 is left to its default.
+            if *scale > 0 {
+                t["scale"] = json!(scale);
+            }
+            t
+        }
+        Ty::Uuid(UuidOn::String) => json!({"type": "string", "logicalType": "uuid"}),
+        Ty::Uuid(UuidOn::Bytes) => json!({"type": "bytes", "logicalType": "uuid"}),
+        Ty::Uuid(UuidOn::Fixed) => {
+            json!({"type": "fixed", "name": fresh_name("U", names), "size": 16, "logicalType": "uuid"})
+        }
+        Ty::Time(name) => {
+            json!({"type": if time_on_int(name) { "int" } else { "long" }, "logicalType": name})
+        }
+        Ty::Duration => {
+            json!({"type": "fixed", "name": fresh_name("T", names), "size": 12, "logicalType": "duration"})
+        }
         Ty::Nullable(t) => json!(["null", type_json(t, names)]),
+        Ty::Union(branches) => Json::Array(branches.iter().map(|b| type_json(b, names)).collect()),
         Ty::Array(t) => json!({"type": "array", "items": type_json(t, names)}),
         Ty::Map(t) => json!({"type": "map", "values": type_json(t, names)}),
         Ty::Record(fields) => record_json(fields, names, None),
@@ -141,8 +320,7 @@ fn type_json(ty: &Ty, names: &mut usize) -> Json {
 }
 
 fn record_json(fields: &[Field], names: &mut usize, subject: Option<bool>) -> Json {
-    *names += 1;
-    let name = format!("R{names}");
+    let name = fresh_name("R", names);
     let mut out: Vec<Json> = Vec::new();
     if let Some(nullable) = subject {
         let ty = if nullable {
@@ -169,17 +347,67 @@ fn record_json(fields: &[Field], names: &mut usize, subject: Option<bool>) -> Js
     json!({"type": "record", "name": name, "fields": out})
 }
 
+/// Bytes as plain JSON: one character U+0000..U+00FF per byte.
+fn byte_chars(bytes: &[u8]) -> Json {
+    Json::String(bytes.iter().map(|&b| char::from(b)).collect())
+}
+
+/// A decimal as plain JSON writes it: its unscaled value with `scale` digits after the point.
+fn decimal_text(unscaled: i128, scale: u32) -> String {
+    let scale = scale as usize;
+    let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale + 1);
+    let (int, frac) = digits.split_at(digits.len() - scale);
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+fn finite_f32() -> impl Strategy<Value = f32> {
+    use prop::num::f32::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
+    POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO
+}
+
+fn finite_f64() -> impl Strategy<Value = f64> {
+    use prop::num::f64::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
+    POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO
+}
+
 fn value(ty: &Ty) -> BoxedStrategy<Json> {
     match ty {
         Ty::Str => "~[a-z0-9]{4,10}~".prop_map(Json::from).boxed(),
         Ty::Long => any::<i64>().prop_map(Json::from).boxed(),
         Ty::Int => any::<i32>().prop_map(Json::from).boxed(),
-        Ty::Double => (-1e12f64..1e12).prop_map(Json::from).boxed(),
+        // A float is read from JSON as f64 and narrowed: generated as an f32, it comes back exactly.
+        Ty::Float => finite_f32().prop_map(|f| Json::from(f64::from(f))).boxed(),
+        Ty::Double => finite_f64().prop_map(Json::from).boxed(),
         Ty::Bytes => prop::collection::vec(any::<u8>(), 0..12)
-            .prop_map(|b| Json::String(b.iter().map(|&c| char::from(c)).collect()))
+            .prop_map(|b| byte_chars(&b))
             .boxed(),
         Ty::Bool => any::<bool>().prop_map(Json::from).boxed(),
+        Ty::Null => Just(Json::Null).boxed(),
+        Ty::Enum(n) => (0..*n).prop_map(|i| json!(format!("S{i}"))).boxed(),
+        Ty::Fixed(size) => prop::collection::vec(any::<u8>(), *size)
+            .prop_map(|b| byte_chars(&b))
+            .boxed(),
+        Ty::Duration => prop::collection::vec(any::<u8>(), 12)
+            .prop_map(|b| byte_chars(&b))
+            .boxed(),
+        Ty::Decimal { precision, scale, .. } => {
+            let (max, scale) = (10i128.pow(*precision) - 1, *scale);
+            prop_oneof![-100i128..=100, -max..=max]
+                .prop_map(move |n| Json::String(decimal_text(n.clamp(-max, max), scale)))
+                .boxed()
+        }
+        Ty::Uuid(_) => any::<u128>()
+            .prop_map(|n| Json::String(Uuid::from_u128(n).to_string()))
+            .boxed(),
+        Ty::Time(name) if time_on_int(name) => any::<i32>().prop_map(Json::from).boxed(),
+        Ty::Time(_) => any::<i64>().prop_map(Json::from).boxed(),
         Ty::Nullable(t) => prop::option::of(value(t)).prop_map(|v| v.unwrap_or(Json::Null)).boxed(),
+        Ty::Union(branches) => proptest::strategy::Union::new(branches.iter().map(value)).boxed(),
         Ty::Array(t) => prop::collection::vec(value(t), 0..3).prop_map(Json::Array).boxed(),
         // Keys are marked like protected strings, and long enough that two maps do not share one by chance.
         Ty::Map(t) => prop::collection::btree_map("~[a-z]{6,8}~", value(t), 0..3)
@@ -198,7 +426,8 @@ fn record_value(fields: &[Field]) -> BoxedStrategy<Json> {
 
 /// A generated case: fields, whether the root has a subject (and whether it is nullable), and a record.
 fn case() -> impl Strategy<Value = (Vec<Field>, Option<bool>, Json)> {
-    (fields(3), prop::option::of(any::<bool>())).prop_flat_map(|(fields, subject)| {
+    let fields = fields(3);
+    (fields, prop::option::of(any::<bool>())).prop_flat_map(|(fields, subject)| {
         let record = record_value(&fields);
         let sid = match subject {
             Some(true) => prop::option::of("sub-[a-z]{3}")
@@ -218,17 +447,46 @@ fn case() -> impl Strategy<Value = (Vec<Field>, Option<bool>, Json)> {
 static DIR: LazyLock<tempfile::TempDir> = LazyLock::new(|| tempfile::tempdir().unwrap());
 static SANITIZER: LazyLock<Sanitizer> = LazyLock::new(|| common::sanitizer_at(DIR.path()));
 
-fn encode_writer(schema: &CompiledSchema, record: &Json) -> Vec<u8> {
-    let value = JsonCodec::new(&schema.writer)
+/// A generated schema: compiled, and in the form its plain-JSON records are read with. That form differs only
+/// for durations: the JSON codec takes none as input (`JsonCodec::read` refuses them), so records are read with
+/// each duration as the plain 12-byte fixed it is on the wire, and the reference path decodes their bytes with the
+/// writer schema.
+struct Generated {
+    compiled: CompiledSchema,
+    json_input: Schema,
+}
+
+fn generate(fields: &[Field], subject: Option<bool>) -> Option<Generated> {
+    let mut names = 0;
+    let mut schema_json = record_json(fields, &mut names, subject);
+    if subject.is_none() && !schema_json.to_string().contains("\"pii\"") {
+        return None;
+    }
+    let compiled = common::compiled(&schema_json.to_string());
+    without_durations(&mut schema_json);
+    let json_input = Schema::parse(&schema_json).expect("the JSON input schema parses");
+    Some(Generated { compiled, json_input })
+}
+
+fn without_durations(json: &mut Json) {
+    match json {
+        Json::Object(object) => {
+            if object.get("logicalType") == Some(&json!("duration")) {
+                object.shift_remove("logicalType");
+            }
+            object.values_mut().for_each(without_durations);
+        }
+        Json::Array(items) => items.iter_mut().for_each(without_durations),
+        _ => {}
+    }
+}
+
+/// A plain-JSON record as Avro binary of the writer schema.
+fn encode_writer(schema: &Generated, record: &Json) -> Vec<u8> {
+    let value = JsonCodec::new(&schema.json_input)
         .to_value(record)
         .expect("generated record fits its schema");
-    let mut bytes = Vec::new();
-    GenericDatumWriter::builder(&schema.writer)
-        .build()
-        .unwrap()
-        .write_value_ref(&mut bytes, &value)
-        .unwrap();
-    bytes
+    common::encode(&schema.json_input, &value)
 }
 
 fn decode_sanitized(schema: &CompiledSchema, bytes: &[u8]) -> Json {
@@ -239,19 +497,20 @@ fn decode_sanitized(schema: &CompiledSchema, bytes: &[u8]) -> Json {
     JsonCodec::new(&schema.sanitized).to_json(&value)
 }
 
-/// The binary path: Avro bytes through the transcoder, decoded back to JSON for checking.
-fn sanitize_binary(schema: &CompiledSchema, transcoder: &Transcoder, record: &Json) -> Json {
+/// The binary path (what `run` and `piiwall sanitize` take): Avro bytes through the transcoder, decoded back to
+/// JSON for checking.
+fn sanitize_binary(schema: &Generated, transcoder: &Transcoder, record: &Json) -> Json {
     let mut out = Vec::new();
     SANITIZER
         .sanitize_binary(
-            schema,
+            &schema.compiled,
             transcoder,
             &encode_writer(schema, record),
             &mut TranscodeScratch::default(),
             &mut out,
         )
         .expect("transcode");
-    decode_sanitized(schema, &out)
+    decode_sanitized(&schema.compiled, &out)
 }
 
 /// Replaces each ciphertext by its prefix and key id, the part that does not depend on the random nonce.
@@ -264,13 +523,19 @@ fn without_nonces(json: &Json) -> Json {
     }
 }
 
-fn has_map(ty: &Ty) -> bool {
-    match ty {
-        Ty::Map(_) => true,
-        Ty::Nullable(t) | Ty::Array(t) => has_map(t),
-        Ty::Record(fields) => fields.iter().any(|f| has_map(&f.ty)),
-        _ => false,
-    }
+/// Whether a type or one inside it satisfies `pred`.
+fn contains(ty: &Ty, pred: &dyn Fn(&Ty) -> bool) -> bool {
+    pred(ty)
+        || match ty {
+            Ty::Nullable(t) | Ty::Array(t) | Ty::Map(t) => contains(t, pred),
+            Ty::Union(branches) => branches.iter().any(|b| contains(b, pred)),
+            Ty::Record(fields) => fields.iter().any(|f| contains(&f.ty, pred)),
+            _ => false,
+        }
+}
+
+fn any_field(fields: &[Field], pred: &dyn Fn(&Ty) -> bool) -> bool {
+    fields.iter().any(|f| contains(&f.ty, pred))
 }
 
 fn fixed_keys(forgotten: bool) -> RecordKeys {
@@ -282,16 +547,58 @@ fn fixed_keys(forgotten: bool) -> RecordKeys {
     }
 }
 
-fn sanitize(schema: &CompiledSchema, record: &Json) -> Json {
-    let mut value = JsonCodec::new(&schema.writer)
-        .to_value(record)
-        .expect("generated record fits its schema");
-    SANITIZER.sanitize(schema, &mut value).expect("sanitize");
+/// The reference path's input: the record decoded from its bytes. Where the JSON codec takes every type the record
+/// holds, reading its plain JSON must give the same value.
+fn writer_value(schema: &Generated, fields: &[Field], record: &Json) -> Value {
+    let decoded = ValueCodec::for_writer(&schema.compiled)
+        .decode(&encode_writer(schema, record))
+        .expect("the record decodes");
+    if !any_field(fields, &|t| *t == Ty::Duration) {
+        let read = JsonCodec::new(&schema.compiled.writer)
+            .to_value(record)
+            .expect("generated record fits its schema");
+        assert_eq!(read, decoded, "plain JSON reads as Avro binary decodes");
+    }
+    decoded
+}
+
+/// The reference path: a `Value` sanitized in place.
+fn sanitize(schema: &Generated, fields: &[Field], record: &Json) -> Json {
+    let mut value = writer_value(schema, fields, record);
+    SANITIZER.sanitize(&schema.compiled, &mut value).expect("sanitize");
     assert!(
-        value.validate(&schema.sanitized),
+        value.validate(&schema.compiled.sanitized),
         "output does not validate against the sanitized schema"
     );
-    JsonCodec::new(&schema.sanitized).to_json(&value)
+    JsonCodec::new(&schema.compiled.sanitized).to_json(&value)
+}
+
+/// What redact leaves, as plain JSON: null where the type allows it, else the type's empty value.
+fn redacted(ty: &Ty) -> Json {
+    match ty {
+        Ty::Null | Ty::Nullable(_) => Json::Null,
+        Ty::Union(branches) if branches.contains(&Ty::Null) => Json::Null,
+        Ty::Union(branches) => redacted(&branches[0]),
+        Ty::Array(_) => json!([]),
+        Ty::Map(_) => json!({}),
+        Ty::Str | Ty::Bytes => json!(""),
+        Ty::Long | Ty::Int | Ty::Time(_) => json!(0),
+        Ty::Float | Ty::Double => json!(0.0),
+        Ty::Bool => json!(false),
+        Ty::Enum(_) => json!("S0"),
+        Ty::Fixed(size) => byte_chars(&vec![0; *size]),
+        Ty::Duration => byte_chars(&[0; 12]),
+        Ty::Decimal { scale, .. } => Json::String(decimal_text(0, *scale)),
+        Ty::Uuid(_) => Json::String(Uuid::nil().to_string()),
+        Ty::Record(_) => unreachable!("redact is generated on scalars, unions and collections of them"),
+    }
+}
+
+/// Generated values that no output holds by chance: marked strings (map keys among them; a bytes value may start
+/// with `~` too, so both ends count) and uuids, but the nil uuid that redaction writes.
+fn distinctive(s: &str) -> bool {
+    (s.len() >= 6 && s.starts_with('~') && s.ends_with('~'))
+        || (s.len() == 36 && Uuid::parse_str(s).is_ok_and(|u| !u.is_nil()))
 }
 
 struct Checker {
@@ -335,24 +642,13 @@ impl Checker {
 
     fn protected(&mut self, ty: &Ty, action: Act, path: &str, o: &Json, s: &Json, a: &Json) {
         if action == Act::Redact {
-            let expected = match ty {
-                Ty::Nullable(_) => Json::Null,
-                Ty::Array(_) => json!([]),
-                Ty::Map(_) => json!({}),
-                Ty::Str | Ty::Bytes => json!(""),
-                Ty::Long | Ty::Int => json!(0),
-                Ty::Double => json!(0.0),
-                Ty::Bool => json!(false),
-                Ty::Record(_) => unreachable!(),
-            };
-            assert_eq!(s, &expected, "redacted {path}");
+            assert_eq!(s, &redacted(ty), "redacted {path}");
             self.note(o);
             return;
         }
         match ty {
-            Ty::Nullable(t) if o.is_null() => {
+            Ty::Nullable(_) | Ty::Union(_) if o.is_null() => {
                 assert!(s.is_null(), "null stays null at {path}");
-                let _ = t;
             }
             Ty::Nullable(t) => self.protected(t, action, path, o, s, a),
             Ty::Array(t) => {
@@ -390,10 +686,14 @@ impl Checker {
                     self.protected(t, action, path, &o[k], &s_map[&protected_key], &a_map[&protected_key]);
                 }
             }
+            // A scalar, or the value of a union's scalar branch.
             _ => self.leaf(action, path, o, s, a),
         }
     }
 
+    /// Checks one protected scalar; `reveal` must give back the original as plain JSON, type and all (a long stays
+    /// a number, a decimal keeps its scale, a uuid is its text, an enum its symbol, bytes and fixed their
+    /// characters U+0000..U+00FF).
     fn leaf(&mut self, action: Act, path: &str, o: &Json, s: &Json, a: &Json) {
         let token = s
             .as_str()
@@ -422,9 +722,9 @@ impl Checker {
                 assert_eq!(s, a, "hash is deterministic at {path}");
             }
             Act::Mask => {
+                // Strings and uuids (as their text).
                 let original = o.as_str().unwrap();
-                assert_eq!(token.chars().count(), original.chars().count());
-                assert!(token.starts_with('*'));
+                assert_eq!(token, mask(original, DEFAULT_MASK_KEEP_LAST), "masked {path}");
             }
             Act::Redact => unreachable!(),
         }
@@ -433,7 +733,7 @@ impl Checker {
 
     fn note(&mut self, o: &Json) {
         match o {
-            Json::String(s) if s.starts_with('~') => self.protected_strings.push(s.clone()),
+            Json::String(s) if distinctive(s) => self.protected_strings.push(s.clone()),
             Json::Array(items) => items.iter().for_each(|i| self.note(i)),
             Json::Object(map) => map.values().for_each(|v| self.note(v)),
             _ => {}
@@ -444,15 +744,18 @@ impl Checker {
 proptest! {
     #[test]
     fn sanitize_reveal_round_trip((fields, subject, record) in case()) {
-        let mut names = 0;
-        let schema_json = record_json(&fields, &mut names, subject);
-        prop_assume!(subject.is_some() || schema_json.to_string().contains("\"pii\""));
-        let schema = common::compiled(&schema_json.to_string());
-        let transcoder = Transcoder::new(&schema).expect("every compiled schema transcodes");
-        let reference = (sanitize(&schema, &record), sanitize(&schema, &record));
+        let generated = generate(&fields, subject);
+        prop_assume!(generated.is_some());
+        let schema = generated.unwrap();
+        let transcoder = Transcoder::new(&schema.compiled).expect("every compiled schema transcodes");
         let binary = (sanitize_binary(&schema, &transcoder, &record), sanitize_binary(&schema, &transcoder, &record));
-        prop_assert_eq!(without_nonces(&reference.0), without_nonces(&binary.0), "the paths agree");
-        for (out, again) in [&reference, &binary] {
+        let mut outputs = vec![binary.clone()];
+        if !any_protected(&fields, &|ty, action| known_bug(ty, action) == Some(KnownBug::Reference)) {
+            let reference = (sanitize(&schema, &fields, &record), sanitize(&schema, &fields, &record));
+            prop_assert_eq!(without_nonces(&reference.0), without_nonces(&binary.0), "the paths agree");
+            outputs.push(reference);
+        }
+        for (out, again) in &outputs {
             let mut checker = Checker { protected_strings: Vec::new() };
             checker.record(&fields, "", &record, out, again);
             if let Some(sid) = record.get("sid").and_then(Json::as_str) {
@@ -467,43 +770,53 @@ proptest! {
 
     #[test]
     fn transcoder_matches_the_reference_byte_for_byte((fields, subject, record) in case(), forgotten in any::<bool>()) {
-        let mut names = 0;
-        let schema_json = record_json(&fields, &mut names, subject);
-        prop_assume!(subject.is_some() || schema_json.to_string().contains("\"pii\""));
-        let schema = common::compiled(&schema_json.to_string());
+        let generated = generate(&fields, subject);
+        prop_assume!(generated.is_some());
+        let generated = generated.unwrap();
+        let schema = &generated.compiled;
         let has_encrypt = schema.plan.rules.iter().any(|r| r.action == piiwall::policy::Action::Encrypt);
+        let bug = |which| {
+            any_protected(&fields, &|ty, action| {
+                which == if forgotten { known_redaction_bug(ty) } else { known_bug(ty, action) }
+            })
+        };
+        prop_assume!(!bug(Some(KnownBug::Transcoder)));
         let keys = fixed_keys(forgotten);
-        let bytes = encode_writer(&schema, &record);
+        let bytes = encode_writer(&generated, &record);
 
-        let codec = ValueCodec::new(&schema);
-        let mut value = codec.decode(&bytes).unwrap();
-        apply(&schema.plan, &mut value, &keys).unwrap();
-        let mut reference = Vec::new();
-        codec.encode(&value, &mut reference).unwrap();
-
-        let transcoder = Transcoder::new(&schema).unwrap();
+        let transcoder = Transcoder::new(schema).unwrap();
         let mut scratch = TranscodeScratch::default();
         let mut transcoded = Vec::new();
-        transcoder.transcode(&schema, &bytes, &keys, &mut scratch, &mut transcoded).unwrap();
-        // The reference re-encodes maps in HashMap order, the transcoder keeps the producer's: bytes are comparable
-        // only without maps; decoded values always.
-        if (forgotten || !has_encrypt) && !fields.iter().any(|f| has_map(&f.ty)) {
-            prop_assert_eq!(&reference, &transcoded);
+        transcoder.transcode(schema, &bytes, &keys, &mut scratch, &mut transcoded).unwrap();
+        let decoded = without_nonces(&decode_sanitized(schema, &transcoded));
+
+        if !bug(Some(KnownBug::Reference)) {
+            let codec = ValueCodec::new(schema);
+            let mut value = codec.decode(&bytes).unwrap();
+            apply(&schema.plan, &mut value, &keys).unwrap();
+            let mut reference = Vec::new();
+            codec.encode(&value, &mut reference).unwrap();
+            // The reference re-encodes maps in HashMap order, the transcoder keeps the producer's: bytes are
+            // comparable only without maps; decoded values always.
+            if (forgotten || !has_encrypt) && !any_field(&fields, &|t| matches!(t, Ty::Map(_))) {
+                prop_assert_eq!(&reference, &transcoded);
+            }
+            prop_assert_eq!(without_nonces(&decode_sanitized(schema, &reference)), decoded);
         }
-        prop_assert_eq!(without_nonces(&decode_sanitized(&schema, &reference)), without_nonces(&decode_sanitized(&schema, &transcoded)));
 
         // Every strict prefix of a record is malformed, and is rejected without touching the output.
         for cut in 0..bytes.len() {
             let mut out = vec![7u8];
-            prop_assert!(transcoder.transcode(&schema, &bytes[..cut], &keys, &mut scratch, &mut out).is_err(), "prefix of {} bytes accepted", cut);
+            prop_assert!(transcoder.transcode(schema, &bytes[..cut], &keys, &mut scratch, &mut out).is_err(), "prefix of {} bytes accepted", cut);
             prop_assert_eq!(&out, &vec![7u8]);
         }
         // Corrupted bytes: an error, or output that still decodes with the sanitized schema; never a panic.
+        let check_decodes = true;
         for (i, flip) in (0..bytes.len()).zip([0x01u8, 0x80, 0xff, 0x7f].iter().cycle()) {
             let mut corrupted = bytes.clone();
             corrupted[i] ^= flip;
             let mut out = Vec::new();
-            if transcoder.transcode(&schema, &corrupted, &keys, &mut scratch, &mut out).is_ok() {
+            if transcoder.transcode(schema, &corrupted, &keys, &mut scratch, &mut out).is_ok() && check_decodes {
                 let reader = GenericDatumReader::builder(&schema.sanitized).build().unwrap();
                 let mut rest = &out[..];
                 prop_assert!(reader.read_value(&mut rest).is_ok() && rest.is_empty(), "corrupted input gave undecodable output");

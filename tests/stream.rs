@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::kafka::{Outgoing, broker, consume, create_topic, customer, framed, header, pii_of, produce, unique};
+use common::kafka::{
+    Outgoing, audit_events, broker, consume, create_topic, customer, framed, header, pii_of, produce, unique,
+};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -506,18 +508,6 @@ async fn sigkill_loses_nothing_and_duplicates_carry_their_source_coordinates() {
     }
     let subjects: std::collections::HashSet<&str> = by_source.values().map(|s| s[0]).collect();
     assert_eq!(subjects.len(), N, "distinct coordinates are distinct records");
-}
-
-/// Audit events as JSON.
-fn audit_events(messages: &[OwnedMessage]) -> Vec<Json> {
-    let reader = GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
-        .build()
-        .unwrap();
-    let json = JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA);
-    messages
-        .iter()
-        .map(|m| json.to_json(&reader.read_value(&mut m.payload().unwrap()).unwrap()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,7 +39,7 @@ pub struct ReplaySummary {
 /// What a quarantined copy comes to on replay.
 enum Replayed {
     /// Decrypted and processed again.
-    Processed(Outcome, OwnedMessage),
+    Processed(Box<(Outcome, OwnedMessage)>),
     /// Cannot be processed yet (the reason).
     Failing(String),
     /// Can never be: its content is gone (the reason).
@@ -94,27 +94,35 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
         Ok(())
     })?;
     for message in copies {
-        match original(&message, &parts, &processor, &mut scratch).await? {
-            Replayed::Processed(Outcome::Output { key, value, .. }, source) => {
-                let output = format!("{}{}", source.topic(), config.kafka.output_suffix);
-                let mut record = FutureRecord::to(&output)
-                    .partition(source.partition())
-                    .headers(lane::headers(&source, &[]));
-                record = lane::with_payload(record, key.as_deref(), value.as_deref());
-                let delivery = lane::send(&parts.producer, record).await?;
-                delivery
-                    .await
-                    .map_err(|_| Error::Kafka("the producer went away".into()))?
-                    .map_err(|(e, _)| Error::Kafka(format!("a replayed record was not delivered: {e}")))?;
-                summary.replayed += 1;
+        let failure = match original(&message, &parts, &processor, &mut scratch).await? {
+            Replayed::Processed(processed) => match *processed {
+                (Outcome::Output { key, value, .. }, source) => {
+                    let output = format!("{}{}", source.topic(), config.kafka.output_suffix);
+                    let mut record = FutureRecord::to(&output)
+                        .partition(source.partition())
+                        .headers(lane::headers(&source, &[]));
+                    record = lane::with_payload(record, key.as_deref(), value.as_deref());
+                    let delivery = lane::send(&parts.producer, record).await?;
+                    delivery
+                        .await
+                        .map_err(|_| Error::Kafka("the producer went away".into()))?
+                        .map_err(|(e, _)| Error::Kafka(format!("a replayed record was not delivered: {e}")))?;
+                    summary.replayed += 1;
+                    None
+                }
+                (Outcome::Quarantine { reason, .. }, _) => Some(reason),
+            },
+            Replayed::Gone(reason) => {
+                summary.dropped.push(format!("offset {}: {reason}", message.offset()));
+                None
             }
-            Replayed::Gone(reason) => summary.dropped.push(format!("offset {}: {reason}", message.offset())),
-            Replayed::Processed(Outcome::Quarantine { reason, .. }, _) | Replayed::Failing(reason) => {
-                failed.insert(message.partition(), true);
-                summary
-                    .still_failing
-                    .push(format!("offset {}: {reason}", message.offset()));
-            }
+            Replayed::Failing(reason) => Some(reason),
+        };
+        if let Some(reason) = failure {
+            failed.insert(message.partition(), true);
+            summary
+                .still_failing
+                .push(format!("offset {}: {reason}", message.offset()));
         }
         if !failed.get(&message.partition()).copied().unwrap_or(false) {
             commit
@@ -181,5 +189,5 @@ async fn original(
         .await?;
     // Key-store work blocks (PostgreSQL's client may not run on a runtime thread).
     let outcome = tokio::task::block_in_place(|| processor.process(&source, None, scratch))?;
-    Ok(Replayed::Processed(outcome, source))
+    Ok(Replayed::Processed(Box::new((outcome, source))))
 }

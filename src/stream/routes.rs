@@ -57,13 +57,16 @@ pub struct Routes {
     registry: Option<Registry>,
 }
 
+/// A route's topic, part and schema id.
+type RouteKey = (String, Part, u32);
+
 struct Registry {
     client: RegistryClient,
     policy: PolicySettings,
     output_suffix: String,
     key: KeyAction,
     /// Routes and when they were decided: a broken one is fetched again after `retry_broken`.
-    resolved: Mutex<HashMap<(String, Part, u32), (Route, Instant)>>,
+    resolved: Mutex<HashMap<RouteKey, (Route, Instant)>>,
     /// When the registry first answered "not found" for a schema id, while its grace runs.
     not_found_since: Mutex<HashMap<u32, Instant>>,
     not_found_grace: Duration,

@@ -26,6 +26,8 @@ pub(crate) enum Skip {
     Bytes,
     String,
     UuidString,
+    /// Bytes that must be 16 long.
+    UuidBytes,
     Fixed(usize),
     Enum(usize),
     Array(Box<Skip>),
@@ -191,7 +193,7 @@ impl<'s> Builder<'s> {
                     self.shape(schema, &p.shape)?
                 },
                 skip: self.skip(schema)?,
-                redacted: encode_simple(&p.redacted)?,
+                redacted: self.encode_simple(&p.redacted, schema)?,
                 scale: p.scale,
             })),
             (Node::Record(nodes), Schema::Record(record)) => {
@@ -320,7 +322,8 @@ impl<'s> Builder<'s> {
             | Schema::LocalTimestampNanos => Skip::Long,
             Schema::Float => Skip::Float,
             Schema::Double => Skip::Double,
-            Schema::Bytes | Schema::BigDecimal | Schema::Uuid(UuidSchema::Bytes) => Skip::Bytes,
+            Schema::Bytes | Schema::BigDecimal => Skip::Bytes,
+            Schema::Uuid(UuidSchema::Bytes) => Skip::UuidBytes,
             Schema::String => Skip::String,
             Schema::Uuid(UuidSchema::String) => Skip::UuidString,
             Schema::Uuid(UuidSchema::Fixed(_)) => Skip::Fixed(16),
@@ -391,56 +394,92 @@ impl<'s> Builder<'s> {
     }
 }
 
-/// Encodes the simple values redaction produces (null, empty and zero values, unions, records of them).
-fn encode_simple(value: &Value) -> Result<Vec<u8>, PolicyError> {
-    let mut out = Vec::new();
-    encode_into(value, &mut out)?;
-    Ok(out)
-}
-
-fn encode_into(value: &Value, out: &mut Vec<u8>) -> Result<(), PolicyError> {
-    use super::wire::write_long;
-    match value {
-        Value::Null => {}
-        Value::Boolean(b) => out.push(u8::from(*b)),
-        Value::Int(n) | Value::Date(n) | Value::TimeMillis(n) => write_long(out, i64::from(*n)),
-        Value::Long(n) | Value::TimeMicros(n) | Value::TimestampMillis(n) | Value::TimestampMicros(n) => {
-            write_long(out, *n)
-        }
-        Value::Float(n) => out.extend_from_slice(&n.to_le_bytes()),
-        Value::Double(n) => out.extend_from_slice(&n.to_le_bytes()),
-        Value::String(s) => {
-            write_long(out, s.len() as i64);
-            out.extend_from_slice(s.as_bytes());
-        }
-        Value::Bytes(b) => {
-            write_long(out, b.len() as i64);
-            out.extend_from_slice(b);
-        }
-        Value::Fixed(_, b) => out.extend_from_slice(b),
-        Value::Uuid(u) => {
-            let text = u.to_string();
-            write_long(out, text.len() as i64);
-            out.extend_from_slice(text.as_bytes());
-        }
-        Value::Decimal(d) => {
-            let bytes = Vec::<u8>::try_from(d).map_err(|_| unsupported("this redacted decimal"))?;
-            write_long(out, bytes.len() as i64);
-            out.extend_from_slice(&bytes);
-        }
-        Value::Enum(i, _) => write_long(out, i64::from(*i)),
-        Value::Union(i, inner) => {
-            write_long(out, i64::from(*i));
-            encode_into(inner, out)?;
-        }
-        Value::Array(items) if items.is_empty() => out.push(0),
-        Value::Map(entries) if entries.is_empty() => out.push(0),
-        Value::Record(fields) => {
-            for (_, field) in fields {
-                encode_into(field, out)?;
-            }
-        }
-        _ => return Err(unsupported("this redacted value")),
+impl<'s> Builder<'s> {
+    /// Encodes the simple values redaction produces (null, empty and zero values, unions, records of them) with the
+    /// schema they are written with.
+    fn encode_simple(&self, value: &Value, schema: &'s Schema) -> Result<Vec<u8>, PolicyError> {
+        let mut out = Vec::new();
+        self.encode_into(value, schema, &mut out)?;
+        Ok(out)
     }
-    Ok(())
+
+    fn encode_into(&self, value: &Value, schema: &'s Schema, out: &mut Vec<u8>) -> Result<(), PolicyError> {
+        use super::wire::write_long;
+        let schema = self.resolve(schema);
+        match (value, schema) {
+            (Value::Null, _) => {}
+            (Value::Boolean(b), _) => out.push(u8::from(*b)),
+            (Value::Int(n) | Value::Date(n) | Value::TimeMillis(n), _) => write_long(out, i64::from(*n)),
+            (
+                Value::Long(n)
+                | Value::TimeMicros(n)
+                | Value::TimestampMillis(n)
+                | Value::TimestampMicros(n)
+                | Value::TimestampNanos(n)
+                | Value::LocalTimestampMillis(n)
+                | Value::LocalTimestampMicros(n)
+                | Value::LocalTimestampNanos(n),
+                _,
+            ) => write_long(out, *n),
+            (Value::Float(n), _) => out.extend_from_slice(&n.to_le_bytes()),
+            (Value::Double(n), _) => out.extend_from_slice(&n.to_le_bytes()),
+            (Value::String(s), _) => {
+                write_long(out, s.len() as i64);
+                out.extend_from_slice(s.as_bytes());
+            }
+            (Value::Bytes(b), _) => {
+                write_long(out, b.len() as i64);
+                out.extend_from_slice(b);
+            }
+            (Value::Fixed(_, b), _) => out.extend_from_slice(b),
+            // A uuid is written as its schema says: text, 16 bytes with a length, or a 16-byte fixed.
+            (Value::Uuid(u), Schema::Uuid(UuidSchema::Bytes)) => {
+                write_long(out, 16);
+                out.extend_from_slice(u.as_bytes());
+            }
+            (Value::Uuid(u), Schema::Uuid(UuidSchema::Fixed(_)) | Schema::Fixed(_)) => {
+                out.extend_from_slice(u.as_bytes())
+            }
+            (Value::Uuid(u), _) => {
+                let text = u.to_string();
+                write_long(out, text.len() as i64);
+                out.extend_from_slice(text.as_bytes());
+            }
+            (Value::Decimal(d), _) => {
+                let bytes = Vec::<u8>::try_from(d).map_err(|_| unsupported("this redacted decimal"))?;
+                match schema {
+                    Schema::Decimal(decimal) if matches!(decimal.inner, InnerDecimalSchema::Fixed(_)) => {
+                        let InnerDecimalSchema::Fixed(fixed) = &decimal.inner else {
+                            unreachable!()
+                        };
+                        let mut padded = vec![0u8; fixed.size.saturating_sub(bytes.len())];
+                        padded.extend_from_slice(&bytes);
+                        out.extend_from_slice(&padded);
+                    }
+                    _ => {
+                        write_long(out, bytes.len() as i64);
+                        out.extend_from_slice(&bytes);
+                    }
+                }
+            }
+            (Value::Enum(i, _), _) => write_long(out, i64::from(*i)),
+            (Value::Union(i, inner), Schema::Union(union)) => {
+                write_long(out, i64::from(*i));
+                let variant = union
+                    .variants()
+                    .get(*i as usize)
+                    .ok_or_else(|| unsupported("a redacted union branch out of range"))?;
+                self.encode_into(inner, variant, out)?;
+            }
+            (Value::Array(items), _) if items.is_empty() => out.push(0),
+            (Value::Map(entries), _) if entries.is_empty() => out.push(0),
+            (Value::Record(fields), Schema::Record(record)) => {
+                for ((_, field), schema) in fields.iter().zip(&record.fields) {
+                    self.encode_into(field, &schema.schema, out)?;
+                }
+            }
+            _ => return Err(unsupported("this redacted value")),
+        }
+        Ok(())
+    }
 }

@@ -193,6 +193,19 @@ impl<'a> Run<'a> {
             let text: Cow<'_, str> = match scalar {
                 Scalar::String => Cow::Borrowed(self.input.read_str()?),
                 Scalar::UuidString => Cow::Owned(parse_uuid(self.input.read_str()?)?.to_string()),
+                Scalar::UuidBytes => Cow::Owned(
+                    apache_avro::Uuid::from_slice(self.input.read_bytes()?)
+                        .map_err(|_| malformed("a uuid takes 16 bytes"))?
+                        .to_string(),
+                ),
+                Scalar::Fixed {
+                    size: 16,
+                    tag: plain::UUID,
+                } => Cow::Owned(
+                    apache_avro::Uuid::from_slice(self.input.take(16)?)
+                        .expect("16 bytes")
+                        .to_string(),
+                ),
                 _ => return Err(ValueError::new(&rule.path, "mask expects a string value")),
             };
             let (hidden, tail) = mask_split(&text, keep_last);
@@ -361,6 +374,11 @@ pub(crate) fn skip_value(input: &mut Input<'_>, skip: &Skip) -> Result<(), Value
         }
         Skip::UuidString => {
             parse_uuid(input.read_str()?)?;
+        }
+        Skip::UuidBytes => {
+            if input.read_bytes()?.len() != 16 {
+                return Err(malformed("a uuid takes 16 bytes"));
+            }
         }
         Skip::Fixed(size) => {
             input.take(*size)?;

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub struct Broker {
     pub port: u16,
     storage: String,
+    /// Where it runs: Tansu reads a `sqlite://` path relative to its working directory.
+    dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -17,15 +19,17 @@ impl Broker {
         Self {
             port,
             storage: "memory://tansu/".into(),
+            dir: None,
             child: None,
         }
     }
 
-    /// As [`on`](Self::on), keeping its data in a SQLite file, so a restart keeps the topics and records.
-    pub fn persistent(port: u16, file: PathBuf) -> Self {
+    /// As [`on`](Self::on), keeping its data in a SQLite file in `dir`, so a restart keeps the topics and records.
+    pub fn persistent(port: u16, dir: PathBuf) -> Self {
         Self {
             port,
-            storage: format!("sqlite://{}", file.display()),
+            storage: "sqlite://broker.db".into(),
+            dir: Some(dir),
             child: None,
         }
     }
@@ -38,7 +42,11 @@ impl Broker {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new("tansu")
+        let mut command = Command::new("tansu");
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage])
             .stdout(Stdio::null())

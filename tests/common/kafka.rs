@@ -161,3 +161,12 @@ pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
     use rdkafka::message::Headers;
     message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
+
+/// Audit events as JSON.
+pub fn audit_events(messages: &[OwnedMessage]) -> Vec<Json> {
+    let json = JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA);
+    messages
+        .iter()
+        .map(|m| json.to_json(&super::decode(&piiwall::audit::AUDIT_SCHEMA, m.payload().unwrap())))
+        .collect()
+}
