@@ -367,8 +367,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                     let task = tokio::spawn(lane::run(lane_key.0.clone(), lane_key.1, receiver, ctx.clone()));
                     (sender, task)
                 });
-                // Waits while the lane is full: backpressure reaches the consumer.
-                if sender.send(message).await.is_err() {
+                // Waits while the lane is full: backpressure reaches the consumer. A shutdown ends the wait (the
+                // record in hand was not stored, so it is read again after the restart).
+                let sent = tokio::select! {
+                    sent = sender.send(message) => sent,
+                    _ = stop.changed() => break,
+                };
+                if sent.is_err() {
                     let (_, task) = lanes.remove(&lane_key).expect("present");
                     match end_lane(&consumer, &lane_key, task).await {
                         Err(e) => {
@@ -411,7 +416,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Err(_) => tracing::error!("drain timed out: records in flight will be processed again after restart"),
     }
     if at_least_once {
-        commit_stored(&consumer, CommitMode::Sync);
+        // Bounded: with the brokers gone a synchronous commit waits for them; what it does not commit is read again
+        // after the restart.
+        let committing = consumer.clone();
+        let commit = tokio::task::spawn_blocking(move || commit_stored(&committing, CommitMode::Sync));
+        if tokio::time::timeout(config.pipeline.drain_timeout, commit)
+            .await
+            .is_err()
+        {
+            tracing::warn!("final commit not acknowledged within the drain timeout: those records are read again");
+        }
     }
     summarize(&ctx, window_start).await;
     let mut stop_event = AuditEvent::new(AuditKind::Stop);
