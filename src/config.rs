@@ -89,6 +89,8 @@ struct RawKafka {
     output_suffix: Option<String>,
     quarantine_topic: Option<String>,
     quarantine_retention_days: Option<u64>,
+    topic_replication: Option<i64>,
+    min_insync_replicas: Option<u32>,
     delivery: Option<String>,
     transactional_id: Option<String>,
     headers_allow: Option<Vec<String>>,
@@ -245,6 +247,11 @@ pub struct KafkaConfig {
     /// How long the keys of quarantined copies whose data subject is unknown are kept: a copy's key is destroyed
     /// `quarantine_retention_days` to `quarantine_retention_days + 1` days after it was written.
     pub quarantine_retention_days: u64,
+    /// Replication factor of the topics piiwall creates (outputs, quarantine, audit, control): -1 takes the
+    /// brokers' `default.replication.factor`.
+    pub topic_replication: i32,
+    /// `min.insync.replicas` of the topics piiwall creates; `None` keeps the brokers' default.
+    pub min_insync_replicas: Option<u32>,
     pub delivery: Delivery,
     /// Header names copied to the output; all others are dropped (they may carry PII).
     pub headers_allow: Vec<String>,
@@ -472,6 +479,13 @@ impl Config {
         line("kafka.inputs", format!("{:?}", self.kafka.inputs));
         line("kafka.output_suffix", self.kafka.output_suffix.clone());
         line("kafka.quarantine_topic", self.kafka.quarantine_topic.clone());
+        line("kafka.topic_replication", self.kafka.topic_replication.to_string());
+        line(
+            "kafka.min_insync_replicas",
+            self.kafka
+                .min_insync_replicas
+                .map_or("(brokers' default)".into(), |n| n.to_string()),
+        );
         line(
             "kafka.quarantine_retention_days",
             self.kafka.quarantine_retention_days.to_string(),
@@ -826,6 +840,19 @@ impl RawKafka {
             group_id,
             inputs,
             output_suffix,
+            topic_replication: match self.topic_replication {
+                None => -1,
+                Some(n @ (-1 | 1..=32)) => n as i32,
+                Some(_) => {
+                    return Err(ConfigError(
+                        "kafka.topic_replication must be -1 (the brokers' default) or 1..32".into(),
+                    ));
+                }
+            },
+            min_insync_replicas: match self.min_insync_replicas {
+                Some(0) => return Err(ConfigError("kafka.min_insync_replicas must be at least 1".into())),
+                other => other,
+            },
             quarantine_retention_days: match self.quarantine_retention_days {
                 None => DEFAULT_QUARANTINE_RETENTION_DAYS,
                 Some(days @ 1..=3650) => days,
@@ -1162,6 +1189,8 @@ mod tests {
                 "[kafka]\nquarantine_retention_days = 0\n",
                 "kafka.quarantine_retention_days",
             ),
+            ("[kafka]\ntopic_replication = 0\n", "kafka.topic_replication"),
+            ("[kafka]\nmin_insync_replicas = 0\n", "kafka.min_insync_replicas"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),

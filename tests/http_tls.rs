@@ -38,21 +38,26 @@ fn self_signed(dir: &Path, name: &str) -> HttpTls {
     HttpTls { cert, key }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_listener_speaks_tls_with_the_configured_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = self_signed(dir.path(), "server");
+/// A ready listener with TLS under a fresh self-signed certificate: its stop switch, its address, the certificate.
+async fn tls_listener(dir: &Path) -> (watch::Sender<bool>, std::net::SocketAddr, HttpTls) {
+    let tls = self_signed(dir, "server");
     let (stop, stopped) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
     let bound = piiwall::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        Readiness::new(ready),
+        Readiness::new(Arc::new(AtomicBool::new(true))),
         stopped,
         None,
         Some(&tls),
     )
     .await
     .unwrap();
+    (stop, bound, tls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_speaks_tls_with_the_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, bound, tls) = tls_listener(dir.path()).await;
 
     let trusted = reqwest::Certificate::from_pem(&std::fs::read(&tls.cert).unwrap()).unwrap();
     let client = reqwest::Client::builder()
@@ -90,18 +95,7 @@ async fn the_listener_speaks_tls_with_the_configured_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_send_a_client_hello_do_not_stall_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = self_signed(dir.path(), "server");
-    let (stop, stopped) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
-    let bound = piiwall::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        Readiness::new(ready),
-        stopped,
-        None,
-        Some(&tls),
-    )
-    .await
-    .unwrap();
+    let (stop, bound, tls) = tls_listener(dir.path()).await;
 
     let mut silent = Vec::new();
     for _ in 0..3 {

@@ -4,7 +4,7 @@
 //! A record's key is the affected key scope (a domain name, or a subject's keyed hash: never a subject id); its
 //! value names the operation. Every instance reads the topic from its end while it runs, polling every
 //! [`POLL`], and drops the scope from its caches. The bound on "every instance stops using a forgotten key" is
-//! therefore the producer's acknowledgement plus one poll and fetch round (measured in `tests/shared_keys.rs`);
+//! therefore the producer's acknowledgement plus one poll and fetch round (measured in `tests/subject_api.rs`);
 //! the cache TTL (`keys.cache_ttl_secs`) bounds it too should the control topic be unreachable. A restarted
 //! instance starts with empty caches and reads the store, which already records the forget, so it needs no history.
 //!

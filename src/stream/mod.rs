@@ -413,7 +413,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             failure.get_or_insert(e);
         }
         Ok(None) => {}
-        Err(_) => tracing::error!("drain timed out: records in flight will be processed again after restart"),
+        Err(_) => {
+            // Not a clean stop: an orchestrator must not take it for one.
+            tracing::error!("drain timed out: records in flight will be processed again after restart");
+            failure.get_or_insert(Error::Unavailable(
+                "the drain timed out (pipeline.drain_timeout_secs): records in flight are processed again after \
+                 the restart"
+                    .into(),
+            ));
+        }
     }
     if at_least_once {
         // Bounded: with the brokers gone a synchronous commit waits for them; what it does not commit is read again
@@ -472,7 +480,19 @@ async fn end_lane(
     if let LaneEnd::Rewind(offset) = end {
         match consumer.seek(topic, *partition, rdkafka::Offset::Offset(offset), METADATA_TIMEOUT) {
             Ok(()) => tracing::info!(%topic, partition, offset, "partition rewound to an aborted batch"),
-            Err(e) => tracing::info!(%topic, partition, error = %e, "aborted batch left to the partition's new owner"),
+            Err(e) => {
+                let still_ours = consumer
+                    .assignment()
+                    .map(|a| a.find_partition(topic, *partition).is_some())
+                    .unwrap_or(true);
+                if still_ours {
+                    // Going on would skip the aborted batch: stop, and the restart reads from the committed offset.
+                    return Err(Error::Kafka(format!(
+                        "cannot rewind {topic}/{partition} to an aborted batch: {e}"
+                    )));
+                }
+                tracing::info!(%topic, partition, error = %e, "aborted batch left to the partition's new owner");
+            }
         }
     }
     Ok(end)
@@ -511,6 +531,42 @@ fn publish_key_cache(ctx: &LaneContext) {
     let stats = ctx.processor.sanitizer.keyring().cache_stats();
     metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(stats.hits.load(Ordering::Relaxed));
     metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(stats.misses.load(Ordering::Relaxed));
+}
+
+/// Warns about each of piiwall's topics with fewer than 3 replicas on a cluster of 3 brokers or more: with
+/// `acks=all`, a topic of one replica loses acknowledged records (and the forget ledger) with its broker.
+fn warn_under_replicated(consumer: &PipelineConsumer, topics: &[(String, i32)]) {
+    let Ok(metadata) = consumer.fetch_metadata(None, METADATA_TIMEOUT) else {
+        return;
+    };
+    let replicas: Vec<(String, usize)> = topics
+        .iter()
+        .filter_map(|(name, _)| {
+            let topic = metadata.topics().iter().find(|t| t.name() == name)?;
+            let fewest = topic.partitions().iter().map(|p| p.replicas().len()).min()?;
+            Some((name.clone(), fewest))
+        })
+        .collect();
+    for warning in under_replicated(metadata.brokers().len(), &replicas) {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// The topics (name, fewest replicas of a partition) that have fewer than 3 replicas where `brokers` could hold 3.
+fn under_replicated(brokers: usize, topics: &[(String, usize)]) -> Vec<String> {
+    if brokers < 3 {
+        return Vec::new();
+    }
+    topics
+        .iter()
+        .filter(|(_, replicas)| *replicas < 3)
+        .map(|(name, replicas)| {
+            format!(
+                "topic {name} has {replicas} replica(s) on a cluster of {brokers} brokers: a broker's loss can lose \
+                 acknowledged records (set kafka.topic_replication, or the brokers' default.replication.factor)"
+            )
+        })
+        .collect()
 }
 
 /// How often the daily quarantine keys past their retention are looked for (and at start-up).
@@ -558,13 +614,21 @@ async fn ensure_topics(
     wanted.push((config.kafka.quarantine_topic.clone(), 1));
     wanted.push((config.audit.topic.clone(), 1));
     wanted.push((config.keys.control_topic.clone(), 1));
+    let min_insync = config.kafka.min_insync_replicas.map(|n| n.to_string());
     let mut missing = Vec::new();
     for (topic, partitions) in &wanted {
         let metadata = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
             .map_err(|e| Error::Kafka(format!("cannot read the metadata of topic {topic}: {e}")))?;
         if metadata.topics().first().is_none_or(|t| t.partitions().is_empty()) {
-            let mut new = NewTopic::new(topic, *partitions, TopicReplication::Fixed(1));
+            let mut new = NewTopic::new(
+                topic,
+                *partitions,
+                TopicReplication::Fixed(config.kafka.topic_replication),
+            );
+            if let Some(min) = &min_insync {
+                new = new.set("min.insync.replicas", min);
+            }
             if *topic == config.keys.control_topic {
                 // The forget ledger is append-only: compaction would let a later message for a scope (a rotation,
                 // or anyone's tombstone) erase its forget.
@@ -577,6 +641,7 @@ async fn ensure_topics(
         }
     }
     if missing.is_empty() {
+        warn_under_replicated(consumer, &wanted);
         return Ok(());
     }
     let results = admin
@@ -592,5 +657,24 @@ async fn ensure_topics(
             Err((topic, code)) => return Err(Error::Kafka(format!("cannot create topic {topic}: {code}"))),
         }
     }
+    warn_under_replicated(consumer, &wanted);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_with_fewer_than_three_replicas_are_named_on_clusters_of_three() {
+        let topics = [("out".to_owned(), 1), ("audit".to_owned(), 3)];
+        assert!(under_replicated(1, &topics).is_empty(), "one broker holds one replica");
+        let warnings = under_replicated(3, &topics);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("topic out has 1 replica(s) on a cluster of 3 brokers"),
+            "{}",
+            warnings[0]
+        );
+    }
 }

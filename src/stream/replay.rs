@@ -56,6 +56,8 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
         .set("group.id", format!("{}.replay", config.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // Quarantine copies of aborted transactions are not records to replay.
+        .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .create()
         .map_err(kafka)?;
