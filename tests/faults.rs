@@ -324,3 +324,69 @@ async fn a_broker_down_longer_than_the_message_timeout_loses_nothing() {
     outage.shutdown.trigger();
     outage.task.await.unwrap().expect("the pipeline ends cleanly");
 }
+
+/// The PostgreSQL key store after its connection is terminated (a server restart, `pg_terminate_backend`) and while
+/// the database is read-only (a standby after failover): every failure is retriable, never fatal, and the store
+/// works again once the server does, on a fresh connection.
+#[test]
+fn the_postgres_key_store_rides_through_terminated_connections_and_a_read_only_database() {
+    use piiwall::crypto::KeyId;
+    use piiwall::error::{ErrorKind, KeyError};
+    use piiwall::keys::{KeyStore, PostgresStore, StoredKey};
+    let url = common::services::fresh_database();
+    let database = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let admin_url = std::env::var("PIIWALL_TEST_PG").unwrap();
+    let mut admin = postgres::Client::connect(&admin_url, postgres::NoTls).unwrap();
+    let mut terminate = || {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .unwrap();
+    };
+    let store = PostgresStore::open(&url).unwrap();
+    let key = |version| StoredKey {
+        key_id: KeyId::random(),
+        scope: "s:faults".into(),
+        version,
+        wrapped: vec![7; 60],
+    };
+    let retriable = |e: &KeyError| assert_eq!(e.kind(), ErrorKind::Retriable, "{e}");
+    // Two tries at most: the first may meet the terminated connection, the next connects afresh.
+    let twice = |f: &dyn Fn() -> Result<(), KeyError>| {
+        if let Err(e) = f() {
+            retriable(&e);
+            f().unwrap();
+        }
+    };
+    store.insert_if_absent(&key(1)).unwrap().unwrap();
+
+    terminate();
+    twice(&|| store.current("s:faults").map(|k| assert!(k.is_some())));
+
+    let mut admin = postgres::Client::connect(&admin_url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} SET default_transaction_read_only = on"
+        ))
+        .unwrap();
+    let mut terminate_again = || {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .unwrap();
+    };
+    terminate_again();
+    for _ in 0..3 {
+        retriable(&store.insert_if_absent(&key(2)).map(drop).unwrap_err());
+    }
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} RESET default_transaction_read_only"
+        ))
+        .unwrap();
+    twice(&|| store.insert_if_absent(&key(2)).map(|k| assert!(k.is_some())));
+}

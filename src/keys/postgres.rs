@@ -13,6 +13,7 @@
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use postgres::error::SqlState;
 use postgres::{Client, Transaction};
 
 use super::store::{KeyLookup, KeyStore, StoredKey};
@@ -106,7 +107,7 @@ impl PostgresStore {
             });
         let closed = client.is_closed();
         result.map_err(|e| {
-            if closed {
+            if closed || reconnect_after(&e) {
                 *slot = None;
             }
             store_error(&e, what)
@@ -114,20 +115,65 @@ impl PostgresStore {
     }
 }
 
+/// How long connecting may take, and one statement may run, before the call counts as unavailable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+
 fn connect(url: &str) -> Result<Client, KeyError> {
     let tls = native_tls::TlsConnector::new()
         .map_err(|e| KeyError::StoreUnavailable(format!("cannot set up TLS for the key store: {e}")))?;
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| KeyError::Store(format!("keys.store is not a PostgreSQL URL: {e}")))?;
+    // A host that does not answer must not block every lane without an error: bounded connect, TCP keepalives
+    // (a dead peer is noticed), and a bound on each statement unless the URL sets its own.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(30));
     // The error names the cause (refused, authentication, unknown database), never the URL with its password.
-    Client::connect(url, postgres_native_tls::MakeTlsConnector::new(tls))
-        .map_err(|e| KeyError::StoreUnavailable(format!("cannot connect to the PostgreSQL key store: {e}")))
+    let mut client = config
+        .connect(postgres_native_tls::MakeTlsConnector::new(tls))
+        .map_err(|e| KeyError::StoreUnavailable(format!("cannot connect to the PostgreSQL key store: {e}")))?;
+    client
+        .batch_execute(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}"))
+        .map_err(|e| KeyError::StoreUnavailable(format!("cannot set up the key store session: {e}")))?;
+    Ok(client)
 }
 
+/// Retry or fatal, by SQLSTATE (never by message): a server restarting or failing over, a read-only standby, a
+/// serialization failure, a deadlock, a statement timeout, resources short — all pass, the same call may succeed
+/// later; anything else (a missing table, a constraint broken, a permission) is fatal.
 fn store_error(e: &postgres::Error, what: &str) -> KeyError {
-    if e.is_closed() || e.as_db_error().is_none() {
-        KeyError::StoreUnavailable(format!("{what}: {e}"))
-    } else {
-        KeyError::Store(format!("{what}: {e}"))
+    match e.code() {
+        _ if e.is_closed() => KeyError::StoreUnavailable(format!("{what}: {e}")),
+        None => KeyError::StoreUnavailable(format!("{what}: {e}")),
+        Some(code) if is_transient(code) => KeyError::StoreUnavailable(format!("{what}: {e}")),
+        Some(_) => KeyError::Store(format!("{what}: {e}")),
     }
+}
+
+fn is_transient(code: &SqlState) -> bool {
+    let class = &code.code()[..2];
+    matches!(class, "08" | "53" | "57" | "58") // connection, resources, operator intervention, system errors
+        || [
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+        ]
+        .contains(code)
+}
+
+/// Whether the connection is worth dropping after `e`: the server closed it, or it may be the old primary (a
+/// read-only answer after a failover), so the next call connects afresh.
+fn reconnect_after(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
+            code == &SqlState::READ_ONLY_SQL_TRANSACTION || ["08", "57"].contains(&&code.code()[..2])
+        })
 }
 
 fn now() -> i64 {
