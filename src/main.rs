@@ -470,7 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let subject = subject.map(from_arg_or_stdin).transpose()?;
             let domain = domain.unwrap_or_else(|| config.keys.default_domain.clone());
-            if subject.is_none() && !piiwall::policy::is_valid_domain(&domain) {
+            if subject.is_none() && !piiwall::policy::valid_domain(&domain) {
                 bail!("--domain must be {}", piiwall::policy::DOMAIN_RULE);
             }
             let version = match remote.client()? {

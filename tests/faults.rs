@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::kafka::{
-    audit_events, consume, consume_from, create_topic, create_topic_on, customer, framed, header, produce, reader_on,
-    unique,
+    audit_events_of, consume, consume_from, create_topic, create_topic_on, customer, framed, header, produce,
+    reader_on, unique,
 };
 use common::services::free_port;
 use piiwall::audit::{AuditEvent, AuditKind, Auditor, OnFailure};
@@ -210,10 +210,7 @@ async fn an_output_too_large_for_the_brokers_is_quarantined_and_the_stream_goes_
     let events = tokio::task::spawn_blocking(move || consume(&audit, 3, Duration::from_secs(20)))
         .await
         .unwrap();
-    let quarantine_events: Vec<_> = audit_events(&events)
-        .into_iter()
-        .filter(|e| e["kind"] == "QUARANTINE")
-        .collect();
+    let quarantine_events = audit_events_of(&events, "QUARANTINE");
     assert_eq!(quarantine_events.len(), 1, "the quarantined record has its audit event");
     assert_eq!(quarantine_events[0]["offset"], 1);
 }

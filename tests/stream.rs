@@ -6,7 +6,8 @@
 mod common;
 
 use common::kafka::{
-    Outgoing, audit_events, broker, consume, create_topic, customer, framed, header, pii_of, produce, unique,
+    Outgoing, audit_events, audit_events_of, broker, consume, create_topic, customer, framed, header, pii_of, produce,
+    unique,
 };
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use piiwall::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPI
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use serde_json::{Value as Json, json};
+use serde_json::json;
 
 const PARTITIONS: i32 = 3;
 const SCHEMA_ID: u32 = 7;
@@ -826,10 +827,7 @@ async fn a_key_that_reaches_its_encryption_limit_is_rotated_announced_and_audite
     let events = tokio::task::spawn_blocking(move || consume(&audit_topic, report.events, Duration::from_secs(30)))
         .await
         .unwrap();
-    let rotated: Vec<Json> = audit_events(&events)
-        .into_iter()
-        .filter(|e| e["kind"] == "KEY_ROTATED")
-        .collect();
+    let rotated = audit_events_of(&events, "KEY_ROTATED");
     assert_eq!(rotated.len(), 1, "{rotated:?}");
     assert_eq!(rotated[0]["principal"], "piiwall");
     assert_eq!(

@@ -1082,7 +1082,7 @@ pub const DOMAIN_RULE: &str =
     "1-64 characters of a-z, 0-9, '.', '_' or '-', not starting with \"piiwall\" (piiwall's own domains)";
 
 /// Whether a name may be a key domain: see [`DOMAIN_RULE`].
-pub(crate) fn valid_domain(domain: &str) -> bool {
+pub fn valid_domain(domain: &str) -> bool {
     !domain.starts_with(super::RESERVED_DOMAIN_PREFIX)
         && (1..=64).contains(&domain.len())
         && domain

@@ -10,14 +10,8 @@ mod tags;
 
 use apache_avro::types::Value;
 
-pub use compile::DOMAIN_RULE;
-pub use compile::{CompiledSchema, PolicySettings, SANITIZED_MARK, Untagged, compile};
-pub(crate) use compile::{SUBJECT_TYPES, valid_domain};
-
-/// Whether a name may be a key domain (see [`DOMAIN_RULE`]).
-pub fn is_valid_domain(domain: &str) -> bool {
-    valid_domain(domain)
-}
+pub(crate) use compile::SUBJECT_TYPES;
+pub use compile::{CompiledSchema, DOMAIN_RULE, PolicySettings, SANITIZED_MARK, Untagged, compile, valid_domain};
 pub use tags::TagPattern;
 
 /// The protection applied to one field (DESIGN §2).

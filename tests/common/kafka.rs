@@ -162,6 +162,14 @@ pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
     message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
+/// The audit events of one kind (`QUARANTINE`, `KEY_ROTATED`, ...) among `messages`, as JSON.
+pub fn audit_events_of(messages: &[OwnedMessage], kind: &str) -> Vec<Json> {
+    audit_events(messages)
+        .into_iter()
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
 /// Audit events as JSON.
 pub fn audit_events(messages: &[OwnedMessage]) -> Vec<Json> {
     let json = JsonCodec::new(&piiwall::audit::AUDIT_SCHEMA);
