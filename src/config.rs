@@ -393,7 +393,9 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         origin: &str,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("{origin}: {}", syntax_error(text, &e))))?;
         let overridden = apply_env(&mut table, env)?;
         let raw: RawConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
             let note = if overridden {
@@ -582,6 +584,18 @@ impl Config {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// A TOML syntax error as its position and message. toml's own rendering quotes the offending line, which may be
+/// a password's.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_owned();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", error.message().trim_end())
 }
 
 /// Applies `PIIWALL_SECTION__KEY=value` variables; returns whether any applied. Variables without `__`
@@ -1107,6 +1121,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_position_not_the_line() {
+        for text in [
+            "[kafka.properties]\n\"sasl.password\" = \"hunter2\n",
+            "[kafka.properties]\n\"sasl.password\" = \"hunter2\" extra\n",
+            "[kafka]\nbrokers = \"a\"\n[kafka.properties]\n\"sasl.password\" = hunter2\n",
+        ] {
+            let err = parse(text, &[]).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line "), "names the line: {err}");
+        }
     }
 
     #[test]

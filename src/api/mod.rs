@@ -202,6 +202,23 @@ impl ApiRequest for RotateRequest {
     }
 }
 
+/// Parses a request body as the handler of `operation` does, and returns the purpose and field paths its audit
+/// event records; a refused body gives the message the caller would get (a position, never the body's text). For
+/// tools that check requests ahead of a call, and for the fuzz target of the parser.
+pub fn parse_request(operation: Operation, body: &[u8]) -> Result<(String, Vec<String>), String> {
+    fn summary<R: ApiRequest>(body: &[u8]) -> Result<(String, Vec<String>), String> {
+        let request: R = parse(body).map_err(|failure| failure.message)?;
+        let described = request.describe();
+        Ok((described.purpose.to_owned(), described.fields))
+    }
+    match operation {
+        Operation::Reveal => summary::<RevealRequest>(body),
+        Operation::Tokenize => summary::<TokenizeRequest>(body),
+        Operation::Forget | Operation::Status => summary::<SubjectRequest>(body),
+        Operation::Rotate => summary::<RotateRequest>(body),
+    }
+}
+
 /// The audit event of a call of `operation`, filled in as the call proceeds.
 fn audit_event(operation: Operation) -> AuditEvent {
     AuditEvent::new(match operation {
