@@ -698,7 +698,7 @@ impl RawConfig {
             }
         }
         let audit = self.audit.validate()?;
-        let kafka = self.kafka.validate(&audit.instance)?;
+        let kafka = self.kafka.validate()?;
         let pipeline = self.pipeline.validate()?;
         let session_ms = match kafka.properties.get("session.timeout.ms") {
             None => DEFAULT_SESSION_TIMEOUT_MS,
@@ -783,7 +783,7 @@ impl RawConfig {
 }
 
 impl RawKafka {
-    fn validate(self, instance: &str) -> Result<KafkaConfig, ConfigError> {
+    fn validate(self) -> Result<KafkaConfig, ConfigError> {
         let group_id = self.group_id.unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
         let delivery = match (
             self.delivery.as_deref().unwrap_or("at-least-once"),
@@ -799,7 +799,12 @@ impl RawKafka {
                 return Err(ConfigError("kafka.transactional_id must not be empty".into()));
             }
             ("exactly-once", id) => Delivery::ExactlyOnce {
-                transactional_id: id.unwrap_or_else(|| format!("{group_id}-{instance}")),
+                // Stable across restarts (no pid): the restarted instance fences its predecessor's open
+                // transaction at once. Two instances on one host set their own.
+                transactional_id: id.unwrap_or_else(|| {
+                    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+                    format!("{group_id}-{host}")
+                }),
             },
             (other, _) => {
                 return Err(ConfigError(format!(
@@ -1121,6 +1126,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_default_transactional_id_survives_a_restart() {
+        let config = parse("[kafka]\ndelivery = \"exactly-once\"\ngroup_id = \"g\"\n", &[]).unwrap();
+        let Delivery::ExactlyOnce { transactional_id } = &config.kafka.delivery else {
+            panic!("exactly-once");
+        };
+        assert!(transactional_id.starts_with("g-"), "{transactional_id}");
+        assert!(
+            !transactional_id.contains(&std::process::id().to_string()),
+            "not the pid: a restarted instance must fence its predecessor ({transactional_id})"
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Readiness {
     pub consuming: Arc<AtomicBool>,
     /// The audit writer cannot write: the pipeline waits (fail closed).
     pub audit_failing: Arc<AtomicBool>,
+    /// Start-up waits for the Kafka brokers to answer.
+    pub waiting_for_brokers: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -46,6 +48,7 @@ impl Readiness {
         Self {
             consuming,
             audit_failing: Arc::default(),
+            waiting_for_brokers: Arc::default(),
         }
     }
 }
@@ -105,6 +108,11 @@ async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: audit events cannot be written; the pipeline waits\n",
+        )
+    } else if ops.ready.waiting_for_brokers.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the Kafka brokers to answer\n",
         )
     } else if ops.ready.consuming.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")

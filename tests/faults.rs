@@ -387,3 +387,149 @@ fn the_postgres_key_store_rides_through_terminated_connections_and_a_read_only_d
         .unwrap();
     twice(&|| store.insert_if_absent(&key(2)).map(|k| assert!(k.is_some())));
 }
+
+/// A lane that cannot go on (its topic's schema is in a registry that never answers) pauses only its own partition:
+/// the other topic's records flow meanwhile, and a shutdown ends the wait within the drain timeout (the blocked
+/// records were never stored, so they are read again after the restart; the drain reports that it timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_lane_pauses_only_its_partition_and_a_shutdown_ends_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (flowing, blocked) = (unique("faults-flowing"), unique("faults-blocked"));
+    create_topic(&flowing, 1).await;
+    create_topic(&blocked, 1).await;
+    // A registry that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let registry = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || silent.incoming().take(64).flatten().collect::<Vec<_>>());
+    let schema = common::compiled(&common::example("customer_profile.avsc"));
+    let records = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| (0, None, framed(&schema, 1, &customer(i)), OwnedHeaders::new()))
+            .collect()
+    };
+    produce(&blocked, records(200)).await;
+
+    std::fs::write(
+        dir.path().join("kek.key"),
+        "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n",
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+[keys]
+store = "sqlite:{dir}/keys.db"
+kek = "file:{dir}/kek.key"
+control_topic = "{flowing}.control"
+
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+inputs = ["{flowing}", "{blocked}"]
+quarantine_topic = "{flowing}.quarantine"
+
+[schemas]
+registry = "{registry}"
+
+[[schemas.local]]
+topic = "{flowing}"
+schema = "{schema}"
+id = 1
+
+[pipeline]
+batch_size = 5
+lane_capacity = 1
+commit_interval_ms = 100
+drain_timeout_secs = 3
+
+[audit]
+topic = "{flowing}.audit"
+
+[http]
+listen = "off"
+"#,
+        dir = dir.path().display(),
+        brokers = common::kafka::broker(),
+        group = unique("piiwall"),
+        schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/customer_profile.avsc")
+            .display(),
+    );
+    let config = Config::parse(&text, std::iter::empty(), "blocked lane test config").unwrap();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    // Let the blocked topic's lane fill up before the other topic has anything to read.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    produce(&flowing, records(30)).await;
+    let output = format!("{flowing}.sanitized");
+    let out = tokio::task::spawn_blocking(move || consume(&output, 30, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        sources(&out),
+        (0..30).collect::<BTreeSet<i64>>(),
+        "the other topic's records flow while one lane waits"
+    );
+    assert!(!task.is_finished(), "the waiting lane stops nothing");
+
+    let stopping = Instant::now();
+    shutdown.trigger();
+    let result = tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("a shutdown ends the wait")
+        .unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped within the drain timeout: {:?}",
+        stopping.elapsed()
+    );
+    let error = result
+        .expect_err("a drain that timed out is not a clean stop")
+        .to_string();
+    assert!(error.contains("drain timed out"), "{error}");
+    drop(held);
+}
+
+/// Brokers that are not up yet when piiwall starts (a cluster starting with it): start-up waits for them with
+/// backoff instead of failing after the metadata timeout, then runs as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_waits_for_brokers_that_are_not_up_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::persistent(free_port(), dir.path().to_owned());
+    broker.start();
+    let input = unique("faults-late");
+    create_topic_on(&broker.bootstrap(), &input, 1).await;
+    let schema = common::compiled(&common::example("customer_profile.avsc"));
+    let records = (0..20)
+        .map(|i| (0, None, framed(&schema, 1, &customer(i)), OwnedHeaders::new()))
+        .collect();
+    common::kafka::produce_on(&broker.bootstrap(), &input, records).await;
+    broker.stop();
+
+    let schema_path = format!("{}/schemas/customer_profile.avsc", env!("CARGO_MANIFEST_DIR"));
+    let config = pipeline_config(
+        dir.path(),
+        &broker.bootstrap(),
+        &input,
+        &schema_path,
+        "[kafka.properties]\n\"reconnect.backoff.max.ms\" = \"500\"\n",
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    // Longer than one metadata request's timeout (10 s), after which start-up used to fail.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    assert!(!task.is_finished(), "start-up waits for the brokers");
+    broker.start();
+    let (bootstrap, output) = (broker.bootstrap(), format!("{input}.sanitized"));
+    let out = tokio::task::spawn_blocking(move || {
+        consume_from(
+            reader_on(&bootstrap, &output, "read_uncommitted"),
+            20,
+            Duration::from_secs(90),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(sources(&out), (0..20).collect::<BTreeSet<i64>>(), "then it runs");
+    shutdown.trigger();
+    task.await.unwrap().expect("a clean stop");
+}

@@ -1,10 +1,34 @@
-//! The consumer's librdkafka context: turns the periodic statistics into per-partition lag gauges.
+//! The consumer's librdkafka context: turns the periodic statistics into per-partition lag gauges, and notes
+//! rebalances for the consumer loop (which closes the lanes of revoked partitions and, under exactly-once, tags
+//! each record with the group generation it was read in).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 
-pub struct PipelineContext;
+use super::lanes::PartitionKey;
+
+#[derive(Default)]
+pub struct PipelineContext {
+    /// Rebalances seen so far: a change tells the consumer loop that the group generation changed.
+    rebalances: AtomicU64,
+    /// Partitions revoked since the consumer loop last asked.
+    revoked: Mutex<Vec<PartitionKey>>,
+}
+
+impl PipelineContext {
+    pub fn rebalances(&self) -> u64 {
+        self.rebalances.load(Ordering::Acquire)
+    }
+
+    /// The partitions revoked since the last call.
+    pub fn take_revoked(&self) -> Vec<PartitionKey> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
 
 impl ClientContext for PipelineContext {
     fn stats(&self, statistics: Statistics) {
@@ -20,4 +44,25 @@ impl ClientContext for PipelineContext {
     }
 }
 
-impl ConsumerContext for PipelineContext {}
+impl ConsumerContext for PipelineContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let revoked: Vec<PartitionKey> = list
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = revoked.len(), "partitions revoked");
+                metrics::counter!("piiwall_rebalances_total", "kind" => "revoke").increment(1);
+                self.revoked.lock().unwrap_or_else(|p| p.into_inner()).extend(revoked);
+            }
+            Rebalance::Assign(list) => {
+                tracing::info!(partitions = list.count(), "partitions assigned");
+                metrics::counter!("piiwall_rebalances_total", "kind" => "assign").increment(1);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        self.rebalances.fetch_add(1, Ordering::AcqRel);
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -64,6 +64,15 @@ pub enum LaneEnd {
     Rewind(i64),
 }
 
+/// A record as the consumer loop hands it to a lane.
+pub struct Read {
+    pub message: OwnedMessage,
+    /// Exactly-once: the consumer group's metadata (generation) when the record was read. A batch's offsets are
+    /// committed with its first record's, so a batch read before a rebalance is fenced by the group coordinator
+    /// instead of committing over the partition's new owner.
+    pub group: Option<Arc<ConsumerGroupMetadata>>,
+}
+
 /// Pause before a lane gives up an aborted batch, so a failing broker is not hammered.
 const REWIND_PAUSE: Duration = Duration::from_secs(1);
 
@@ -71,7 +80,7 @@ const REWIND_PAUSE: Duration = Duration::from_secs(1);
 pub async fn run(
     topic: String,
     partition: i32,
-    mut input: mpsc::Receiver<OwnedMessage>,
+    mut input: mpsc::Receiver<Read>,
     ctx: Arc<LaneContext>,
 ) -> Result<LaneEnd, Error> {
     let output_topic = format!("{topic}{}", ctx.output_suffix);
@@ -80,10 +89,11 @@ pub async fn run(
     while let Some(first) = input.recv().await {
         let started = std::time::Instant::now();
         let mut batch = Vec::with_capacity(ctx.batch_size);
-        batch.push(first);
+        let group = first.group;
+        batch.push(first.message);
         while batch.len() < ctx.batch_size {
             match input.try_recv() {
-                Ok(message) => batch.push(message),
+                Ok(read) => batch.push(read.message),
                 Err(_) => break,
             }
         }
@@ -126,6 +136,7 @@ pub async fn run(
                 written
             }
             Some(transactions) => {
+                let group = group.ok_or_else(|| Error::Kafka("a record read without its group metadata".into()))?;
                 let turn = transactions.begin().await?;
                 let committed = match write(
                     turn.producer(),
@@ -141,7 +152,10 @@ pub async fn run(
                     Ok(mut written) => {
                         events.append(&mut written.audit);
                         match audit_batch(&ctx, events).await {
-                            Ok(()) => turn.commit(&topic, partition, last_offset + 1).await.map(|()| written),
+                            Ok(()) => turn
+                                .commit(&topic, partition, last_offset + 1, &group)
+                                .await
+                                .map(|()| written),
                             Err(e) => Err(turn.abort(&e.to_string(), false).await),
                         }
                     }

@@ -17,6 +17,7 @@ mod context;
 mod control;
 mod framing;
 mod lane;
+mod lanes;
 mod process;
 pub mod registry;
 mod replay;
@@ -32,9 +33,9 @@ use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::producer::FutureProducer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use control::{Control, ControlOp, forgotten_scopes};
@@ -49,6 +50,7 @@ use crate::error::Error;
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
 use lane::{LaneContext, LaneEnd};
+use lanes::{Lanes, Offered, PartitionKey};
 use process::Processor;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,11 +64,8 @@ const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// The pipeline's consumer: librdkafka's statistics feed the lane-lag gauges.
 pub(crate) type PipelineConsumer = StreamConsumer<context::PipelineContext>;
 
-/// A running lane: its input channel and its task.
-type Lane = (
-    mpsc::Sender<rdkafka::message::OwnedMessage>,
-    JoinHandle<Result<LaneEnd, Error>>,
-);
+/// How often records held for a full lane are offered again.
+const RELEASE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Tells a running pipeline to stop: it stops consuming, drains what it holds, commits, and returns.
 #[derive(Clone)]
@@ -221,9 +220,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     } = Parts::build(&config).await?;
     let keyring = sanitizer.keyring().clone();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut consumer_config = client.clone();
+    if consumer_config.get("partition.assignment.strategy").is_none() {
+        // Incremental rebalances: a joining or leaving instance moves only the partitions that change owner, and
+        // the others' lanes go on.
+        consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     let consumer: Arc<PipelineConsumer> = Arc::new(
-        client
-            .clone()
+        consumer_config
             .set("group.id", &config.kafka.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -231,22 +236,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             // Inputs written in transactions are read once committed (the default, stated).
             .set("isolation.level", "read_committed")
             .set("statistics.interval.ms", "5000")
-            .create_with_context(context::PipelineContext)
+            .create_with_context(context::PipelineContext::default())
             .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
     );
     let admin: AdminClient<DefaultClientContext> = client
         .create()
         .map_err(|e| Error::Kafka(format!("cannot create the admin client: {e}")))?;
-    ensure_topics(&admin, &consumer, &config).await?;
-    let transactions = match &config.kafka.delivery {
-        Delivery::AtLeastOnce => None,
-        Delivery::ExactlyOnce { transactional_id } => Some(
-            transaction::Transactions::start(&client, transactional_id, consumer.clone(), &config.kafka.inputs[0])
-                .await?,
-        ),
-    };
-    let at_least_once = transactions.is_none();
-
     let (auditor, audit_writer) = Auditor::start(
         producer.clone(),
         config.audit.topic.clone(),
@@ -255,8 +250,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         crate::audit::OnFailure::Retry,
     );
     let control = Control::new(producer.clone(), config.keys.control_topic.clone());
-    let control_listener =
-        control::listen(&client, &config.keys.control_topic, keyring.clone(), shutdown.listen()).await?;
     if let Some(listen) = config.http_listen {
         let api = (!config.api.access.principals.is_empty()).then(|| {
             Arc::new(crate::api::Api {
@@ -270,9 +263,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         let readiness = crate::http::Readiness {
             consuming: ready.clone(),
             audit_failing: auditor.failing_flag(),
+            waiting_for_brokers: waiting_for_brokers.clone(),
         };
         crate::http::serve(listen, readiness, shutdown.listen(), api, config.http_tls.as_ref()).await?;
     }
+    // Brokers that do not answer yet (a cluster starting with piiwall, a network not up) are waited for.
+    if !wait_for_brokers(&consumer, &waiting_for_brokers, shutdown.listen()).await {
+        tracing::info!("stopped while waiting for the brokers");
+        return Ok(Summary {
+            sanitized: 0,
+            quarantined: 0,
+        });
+    }
+    ensure_topics(&admin, &consumer, &config).await?;
+    let transactions = match &config.kafka.delivery {
+        Delivery::AtLeastOnce => None,
+        Delivery::ExactlyOnce { transactional_id } => Some(
+            transaction::Transactions::start(&client, transactional_id, consumer.clone(), &config.kafka.inputs[0])
+                .await?,
+        ),
+    };
+    let at_least_once = transactions.is_none();
+    let control_listener =
+        control::listen(&client, &config.keys.control_topic, keyring.clone(), shutdown.listen()).await?;
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config.digest());
     auditor.emit(start).await;
@@ -315,7 +328,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let mut window = tokio::time::interval(config.audit.window);
     window.tick().await;
     let mut window_start = crate::audit::now_ms();
-    let mut lanes: HashMap<(String, i32), Lane> = HashMap::new();
+    let mut lanes = Lanes::new(consumer.clone(), config.pipeline.lane_capacity);
+    let mut generation: Option<(u64, Arc<ConsumerGroupMetadata>)> = None;
+    let mut release = tokio::time::interval(RELEASE_INTERVAL);
     let mut stop = shutdown.listen();
     let mut commit = tokio::time::interval(config.pipeline.commit_interval);
     let mut expire = tokio::time::interval(QUARANTINE_EXPIRY_INTERVAL);
@@ -328,13 +343,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             _ = window.tick() => window_start = summarize(&ctx, window_start).await,
             _ = metrics_tick.tick() => publish_key_cache(&ctx),
             _ = expire.tick() => expire_quarantine_keys(&ctx, config.kafka.quarantine_retention_days).await,
-            _ = reap.tick() => {
-                let ended: Vec<(String, i32)> =
-                    lanes.iter().filter(|(_, (_, task))| task.is_finished()).map(|(key, _)| key.clone()).collect();
-                for lane_key in ended {
-                    let (_, task) = lanes.remove(&lane_key).expect("present");
-                    if let Err(e) = end_lane(&consumer, &lane_key, task).await {
+            _ = release.tick(), if lanes.any_held() => {
+                for lane_key in lanes.release_held() {
+                    if let Err(e) = close_lane(&consumer, &mut lanes, &lane_key).await {
                         failure = Some(e);
+                        break;
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
+            _ = reap.tick() => {
+                retire_revoked(&consumer, &mut lanes);
+                for result in lanes.reap_retired().await {
+                    // A rewind is not needed: the partition is read again from its committed offset wherever it
+                    // is assigned now.
+                    if let Err(e) = result {
+                        failure = Some(e);
+                    }
+                }
+                for lane_key in lanes.finished() {
+                    if let Err(e) = end_lane(&consumer, &lane_key, lanes.close(&lane_key).expect("present")).await {
+                        failure = Some(e);
+                        break;
                     }
                 }
                 if failure.is_some() {
@@ -349,10 +381,20 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                         continue;
                     }
                 };
+                retire_revoked(&consumer, &mut lanes);
+                let group = match &ctx.transactions {
+                    None => None,
+                    Some(_) => match read_generation(&consumer, &mut generation) {
+                        Some(group) => Some(group),
+                        None => {
+                            tracing::warn!("no consumer group metadata: the record is read again");
+                            continue;
+                        }
+                    },
+                };
                 let lane_key = (message.topic().to_owned(), message.partition());
-                if lanes.get(&lane_key).is_some_and(|(_, task)| task.is_finished()) {
-                    let (_, task) = lanes.remove(&lane_key).expect("present");
-                    match end_lane(&consumer, &lane_key, task).await {
+                if lanes.is_finished(&lane_key) {
+                    match end_lane(&consumer, &lane_key, lanes.close(&lane_key).expect("present")).await {
                         Err(e) => {
                             failure = Some(e);
                             break;
@@ -362,29 +404,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                         Ok(LaneEnd::Drained) => {}
                     }
                 }
-                let (sender, _) = lanes.entry(lane_key.clone()).or_insert_with(|| {
-                    let (sender, receiver) = mpsc::channel(config.pipeline.lane_capacity);
-                    let task = tokio::spawn(lane::run(lane_key.0.clone(), lane_key.1, receiver, ctx.clone()));
-                    (sender, task)
-                });
-                // Waits while the lane is full: backpressure reaches the consumer. A shutdown ends the wait (the
-                // record in hand was not stored, so it is read again after the restart).
-                let sent = tokio::select! {
-                    sent = sender.send(message) => sent,
-                    _ = stop.changed() => break,
-                };
-                if sent.is_err() {
-                    let (_, task) = lanes.remove(&lane_key).expect("present");
-                    match end_lane(&consumer, &lane_key, task).await {
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                        Ok(LaneEnd::Rewind(_)) => {}
-                        Ok(LaneEnd::Drained) => {
-                            failure = Some(Error::Kafka("a lane stopped while its partition was read".into()));
-                            break;
-                        }
+                // Never waits: a full lane holds the record and pauses only its own partition (see `lanes`).
+                if let Offered::Closed = lanes.offer(lane_key.clone(), lane::Read { message, group }, &ctx) {
+                    if let Err(e) = close_lane(&consumer, &mut lanes, &lane_key).await {
+                        failure = Some(e);
+                        break;
                     }
                 }
             }
@@ -394,10 +418,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     // Drain: close every lane, let each finish what it holds, then commit what they stored.
     ready.store(false, Ordering::Relaxed);
     tracing::info!(lanes = lanes.len(), "draining");
+    let tasks = lanes.drain();
     let drain = async {
         let mut first_error = None;
-        for (_, (sender, task)) in lanes.drain() {
-            drop(sender);
+        for task in tasks {
             // A lane that rewinds now leaves its batch uncommitted: it is read again after the restart.
             if let Err(e) = task
                 .await
@@ -467,11 +491,80 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     }
 }
 
+/// Closes the lanes of the partitions revoked since the last look.
+fn retire_revoked(consumer: &PipelineConsumer, lanes: &mut Lanes) {
+    for lane_key in consumer.context().take_revoked() {
+        lanes.revoke(&lane_key);
+    }
+}
+
+/// The group metadata records read now belong to, refreshed after each rebalance.
+fn read_generation(
+    consumer: &PipelineConsumer,
+    cached: &mut Option<(u64, Arc<ConsumerGroupMetadata>)>,
+) -> Option<Arc<ConsumerGroupMetadata>> {
+    let rebalances = consumer.context().rebalances();
+    match cached {
+        Some((seen, group)) if *seen == rebalances => Some(group.clone()),
+        _ => {
+            let group = Arc::new(consumer.group_metadata()?);
+            *cached = Some((rebalances, group.clone()));
+            Some(group)
+        }
+    }
+}
+
+/// Waits until the brokers answer a metadata request, asking again with backoff (1 s doubling to 30 s) and saying
+/// so on `/readyz` and in `piiwall_waiting_for_brokers`. False when a shutdown came first.
+async fn wait_for_brokers(
+    consumer: &Arc<PipelineConsumer>,
+    waiting: &Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let asking = consumer.clone();
+        let answer = tokio::task::spawn_blocking(move || asking.fetch_metadata(None, METADATA_TIMEOUT).map(|_| ()));
+        let error = tokio::select! {
+            answer = answer => match answer {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the metadata request panicked".to_owned(),
+            },
+            _ = stop.changed() => return false,
+        };
+        if !waiting.swap(true, Ordering::Relaxed) {
+            metrics::gauge!("piiwall_waiting_for_brokers").set(1.0);
+        }
+        tracing::warn!(error = %error, retry_in_secs = backoff.as_secs(), "the Kafka brokers do not answer; waiting");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return false,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    if waiting.swap(false, Ordering::Relaxed) {
+        metrics::gauge!("piiwall_waiting_for_brokers").set(0.0);
+        tracing::info!("the Kafka brokers answer");
+    }
+    true
+}
+
+/// Ends a lane that stopped while its partition was still read: a rewind is expected (its transaction aborted),
+/// anything else stops the pipeline.
+async fn close_lane(consumer: &PipelineConsumer, lanes: &mut Lanes, lane_key: &PartitionKey) -> Result<(), Error> {
+    let task = lanes.close(lane_key).expect("present");
+    match end_lane(consumer, lane_key, task).await? {
+        LaneEnd::Rewind(_) => Ok(()),
+        LaneEnd::Drained => Err(Error::Kafka("a lane stopped while its partition was read".into())),
+    }
+}
+
 /// Awaits a lane that ended. A lane whose transaction was aborted asks for its partition to be read again from its
 /// batch's first offset; a partition no longer assigned here is read by its new owner from the committed offset.
 async fn end_lane(
     consumer: &PipelineConsumer,
-    (topic, partition): &(String, i32),
+    (topic, partition): &PartitionKey,
     task: JoinHandle<Result<LaneEnd, Error>>,
 ) -> Result<LaneEnd, Error> {
     let end = task

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -32,7 +32,6 @@ const COMMIT_ATTEMPTS: u32 = 3;
 /// The instance's transactional producer, shared by every lane.
 pub struct Transactions {
     producer: FutureProducer,
-    consumer: Arc<PipelineConsumer>,
     /// One transaction at a time: a lane holds its turn from its first record to its commit.
     turn: Mutex<()>,
 }
@@ -84,7 +83,6 @@ impl Transactions {
         tracing::info!("exactly-once: transactions available");
         Ok(Self {
             producer,
-            consumer,
             turn: Mutex::new(()),
         })
     }
@@ -113,29 +111,54 @@ impl Turn<'_> {
         &self.owner.producer
     }
 
-    /// Adds the input position `next_offset` of `topic`/`partition` to the transaction and commits it.
-    pub async fn commit(self, topic: &str, partition: i32, next_offset: i64) -> Result<(), Outcome> {
+    /// Adds the input position `next_offset` of `topic`/`partition` to the transaction, with the group metadata
+    /// of the batch's first read, and commits it. A commit that fails with an error that requires an abort is
+    /// aborted (the batch is read again); one that fails retriably is retried (aborting during a commit is not
+    /// allowed), and if it still fails its outcome is unknown: the producer cannot go on, and the restart's
+    /// `init_transactions` settles it.
+    pub async fn commit(
+        self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        group: &Arc<ConsumerGroupMetadata>,
+    ) -> Result<(), Outcome> {
         let producer = self.owner.producer.clone();
-        let consumer = self.owner.consumer.clone();
-        let topic = topic.to_owned();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+        let (topic, group) = (topic.to_owned(), group.clone());
+        let offsets_sent = tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
             let mut offsets = TopicPartitionList::new();
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next_offset))?;
-            let group = group_of(&consumer)?;
-            producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)?;
+            producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled));
+        if let Err(e) = offsets_sent {
+            // Fenced by the generation (the partition moved), or the transaction failed: nothing is visible.
+            return Err(self.abort(&e.to_string(), is_fatal(&e)).await);
+        }
+        let producer = self.owner.producer.clone();
+        let committed = tokio::task::spawn_blocking(move || {
             let mut attempt = 1;
             loop {
                 match producer.commit_transaction(CALL_TIMEOUT) {
-                    Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => attempt += 1,
+                    Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                    }
                     other => return other,
                 }
             }
         })
         .await
-        .unwrap_or_else(|_| Err(KafkaError::Canceled));
-        match result {
+        .unwrap_or(Err(KafkaError::Canceled));
+        match committed {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.abort(&e.to_string(), is_fatal(&e)).await),
+            Err(KafkaError::Transaction(e)) if e.txn_requires_abort() && !e.is_fatal() => {
+                Err(self.abort(&e.to_string(), false).await)
+            }
+            Err(e) => Err(Outcome::Fatal(Error::Kafka(format!(
+                "a transaction commit failed and its outcome is unknown ({e}): stopping; the restart settles it"
+            )))),
         }
     }
 

@@ -1,0 +1,131 @@
+//! What the fuzz targets share: the schema corpus, fixed keys, and the check that an error never echoes input.
+//!
+//! Every seed corpus (written by `cargo test` in this directory, see tests/seeds.rs) puts [`CANARY`] inside the
+//! values a target reads; libFuzzer mutates around it, and a target fails when the canary shows up in an error
+//! message, which is how an echoed value would show.
+
+use std::sync::{Arc, OnceLock};
+
+use piiwall::crypto::{Dek, KeyId};
+use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::sanitize::RecordKeys;
+use piiwall::transcode::Transcoder;
+
+/// Marks input values; never part of a schema, a config key or a message piiwall writes.
+pub const CANARY: &str = "Zq9Xv";
+
+/// The schemas a record is read with: the repository's examples and one with every Avro type.
+pub const SCHEMAS: [&str; 5] = [
+    include_str!("../../schemas/customer_profile.avsc"),
+    include_str!("../../schemas/payment.avsc"),
+    include_str!("../../schemas/clickstream.avsc"),
+    include_str!("../../schemas/event.avsc"),
+    include_str!("../schemas/all_types.avsc"),
+];
+
+/// A compiled schema of the corpus with its transcoder.
+pub struct Compiled {
+    pub schema: CompiledSchema,
+    pub transcoder: Transcoder,
+}
+
+/// The corpus, compiled once per process.
+pub fn schemas() -> &'static [Compiled] {
+    static COMPILED: OnceLock<Vec<Compiled>> = OnceLock::new();
+    COMPILED.get_or_init(|| {
+        SCHEMAS
+            .iter()
+            .map(|text| {
+                let schema = compile(text, &PolicySettings::default()).expect("corpus schema compiles");
+                let transcoder = Transcoder::new(&schema).expect("corpus schema has a transcoder");
+                Compiled { schema, transcoder }
+            })
+            .collect()
+    })
+}
+
+/// The schema a fuzz input's selector byte picks.
+pub fn pick(selector: u8) -> &'static Compiled {
+    let all = schemas();
+    &all[usize::from(selector) % all.len()]
+}
+
+/// Fixed keys (the transcoder does no I/O; the keyring is tested elsewhere), or those of a forgotten subject.
+pub fn keys(forgotten: bool) -> RecordKeys {
+    let dek = Arc::new(Dek::new(KeyId([7; 12]), 1, &[7; 32]));
+    RecordKeys {
+        record: (!forgotten).then(|| dek.clone()),
+        domain: Some(dek),
+        forgotten,
+    }
+}
+
+/// Fails when `message` repeats the canary: an error that echoes input.
+pub fn assert_no_echo(what: &str, message: &str) {
+    assert!(
+        !message.contains(CANARY),
+        "{what} echoes its input in an error message: {message:?}"
+    );
+}
+
+/// A sanitizer over a real keyring (SQLite in a scratch directory, one per process), for reveal.
+pub fn sanitizer() -> &'static piiwall::sanitize::Sanitizer {
+    use piiwall::crypto::LocalKek;
+    use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
+    static SANITIZER: OnceLock<piiwall::sanitize::Sanitizer> = OnceLock::new();
+    SANITIZER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("piiwall-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("key store"));
+        let kek = Arc::new(LocalKek::from_bytes(&[7; 32]).expect("KEK"));
+        let keyring = Keyring::open(store, kek, KeyCacheSettings::default()).expect("keyring");
+        piiwall::sanitize::Sanitizer::new(Arc::new(keyring), "default")
+    })
+}
+
+/// The secrets of a parsed config file that carry the canary: passwords in the key store's and the registry's
+/// URLs (`scheme://user:PASSWORD@host`, `password=PASSWORD`), and librdkafka properties named for a password,
+/// secret, token or credential.
+pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                config_secrets(value, &path, out);
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|item| config_secrets(item, path, out)),
+        toml::Value::String(text) => {
+            let lower = path.to_ascii_lowercase();
+            let mut found = Vec::new();
+            if lower.starts_with("kafka.properties.")
+                && ["password", "secret", "token", "credential"]
+                    .iter()
+                    .any(|w| lower.contains(w))
+            {
+                found.push(text.clone());
+            }
+            if lower == "keys.store" || lower == "schemas.registry" {
+                if let Some((_, rest)) = text.split_once("://") {
+                    if let Some((credentials, _)) = rest.rsplit_once('@') {
+                        if let Some((_, password)) = credentials.split_once(':') {
+                            found.push(password.to_owned());
+                        }
+                    }
+                }
+                let lowered = text.to_ascii_lowercase();
+                for (at, _) in lowered.match_indices("password=") {
+                    let value = &text[at + "password=".len()..];
+                    let end = value.find(['&', ' ', '\t']).unwrap_or(value.len());
+                    found.push(value[..end].to_owned());
+                }
+            }
+            out.extend(found.into_iter().filter(|secret| secret.contains(CANARY)));
+        }
+        _ => {}
+    }
+}
