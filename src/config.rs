@@ -356,20 +356,44 @@ pub fn mask_url_password(url: &str) -> String {
     mask_password_pairs(&userinfo_masked)
 }
 
-/// Replaces the value of every `password=` (any case) up to the next `&`, space or end.
+/// Replaces the value of every `password=` (any case; libpq also allows spaces around `=` and a single-quoted
+/// value with backslash escapes) up to the next `&` or whitespace, or to its closing quote.
 fn mask_password_pairs(text: &str) -> String {
-    const KEY: &str = "password=";
+    const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut rest = 0;
-    while let Some(found) = lower[rest..].find(KEY) {
-        let value_start = rest + found + KEY.len();
-        let value_end = lower[value_start..]
-            .find(['&', ' ', '\t'])
-            .map_or(text.len(), |end| value_start + end);
+    let mut search = 0;
+    while let Some(found) = lower[search..].find(KEY) {
+        let mut at = search + found + KEY.len();
+        search = at;
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if bytes.get(at) != Some(&b'=') {
+            continue;
+        }
+        at += 1;
+        while at < bytes.len() && (bytes[at] == b' ' || bytes[at] == b'\t') {
+            at += 1;
+        }
+        let value_start = at;
+        let value_end = if bytes.get(at) == Some(&b'\'') {
+            at += 1;
+            while at < bytes.len() && bytes[at] != b'\'' {
+                at += if bytes[at] == b'\\' { 2 } else { 1 };
+            }
+            (at + 1).min(bytes.len())
+        } else {
+            lower[at..]
+                .find(|c: char| c == '&' || c.is_ascii_whitespace())
+                .map_or(text.len(), |end| at + end)
+        };
         out.push_str(&text[rest..value_start]);
         out.push_str("***");
         rest = value_end;
+        search = value_end;
     }
     out.push_str(&text[rest..]);
     out
@@ -586,6 +610,20 @@ impl Config {
     }
 }
 
+/// This machine's host name: `HOSTNAME`, else the kernel's (`/proc/sys/kernel/hostname`, `/etc/hostname`).
+fn host_name() -> Option<String> {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_files = || {
+        ["/proc/sys/kernel/hostname", "/etc/hostname"]
+            .iter()
+            .find_map(|path| std::fs::read_to_string(path).ok())
+    };
+    from_env
+        .or_else(from_files)
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+}
+
 /// A TOML syntax error as its position and message. toml's own rendering quotes the offending line, which may be
 /// a password's.
 fn syntax_error(text: &str, error: &toml::de::Error) -> String {
@@ -697,8 +735,9 @@ impl RawConfig {
                 policy.tag_actions.insert(tag, parsed);
             }
         }
+        let explicit_instance = self.audit.instance.clone();
         let audit = self.audit.validate()?;
-        let kafka = self.kafka.validate()?;
+        let kafka = self.kafka.validate(explicit_instance.as_deref())?;
         let pipeline = self.pipeline.validate()?;
         let session_ms = match kafka.properties.get("session.timeout.ms") {
             None => DEFAULT_SESSION_TIMEOUT_MS,
@@ -783,7 +822,7 @@ impl RawConfig {
 }
 
 impl RawKafka {
-    fn validate(self) -> Result<KafkaConfig, ConfigError> {
+    fn validate(self, instance: Option<&str>) -> Result<KafkaConfig, ConfigError> {
         let group_id = self.group_id.unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
         let delivery = match (
             self.delivery.as_deref().unwrap_or("at-least-once"),
@@ -800,11 +839,20 @@ impl RawKafka {
             }
             ("exactly-once", id) => Delivery::ExactlyOnce {
                 // Stable across restarts (no pid): the restarted instance fences its predecessor's open
-                // transaction at once. Two instances on one host set their own.
-                transactional_id: id.unwrap_or_else(|| {
-                    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
-                    format!("{group_id}-{host}")
-                }),
+                // transaction at once. Unique per instance: the configured audit.instance, else the host name.
+                transactional_id: match id {
+                    Some(id) => id,
+                    None => match instance.map(str::to_owned).or_else(host_name) {
+                        Some(name) => format!("{group_id}-{name}"),
+                        None => {
+                            return Err(ConfigError(
+                                "kafka.transactional_id: no default (neither audit.instance nor the host name is \
+                                 known); set it, stable across restarts and unique per instance"
+                                    .into(),
+                            ));
+                        }
+                    },
+                },
             },
             (other, _) => {
                 return Err(ConfigError(format!(
@@ -1025,7 +1073,7 @@ impl RawAudit {
             return Err(ConfigError("audit.window_secs must be at least 1".into()));
         }
         let instance = self.instance.unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+            let host = host_name().unwrap_or_else(|| "host".into());
             format!("piiwall-{host}-{}", std::process::id())
         });
         Ok(AuditConfig {
@@ -1122,6 +1170,15 @@ mod tests {
             mask_url_password("host=h user=u PASSWORD=pw dbname=d"),
             "host=h user=u PASSWORD=*** dbname=d"
         );
+        assert_eq!(
+            mask_url_password("host=h password = pw dbname=d"),
+            "host=h password = *** dbname=d"
+        );
+        assert_eq!(
+            mask_url_password("host=h password='a b\\' c' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+        assert_eq!(mask_url_password("password_file=x"), "password_file=x");
         let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
             .unwrap_err()
             .to_string();

@@ -1,6 +1,6 @@
 //! What the fuzz targets share: the schema corpus, fixed keys, and the check that an error never echoes input.
 //!
-//! Every seed corpus (written by `cargo test` in this directory, see tests/seeds.rs) puts [`CANARY`] inside the
+//! Every seed corpus (written by `cargo run --example seeds` in this directory) puts [`CANARY`] inside the
 //! values a target reads; libFuzzer mutates around it, and a target fails when the canary shows up in an error
 //! message, which is how an echoed value would show.
 
@@ -128,4 +128,16 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
         }
         _ => {}
     }
+}
+
+/// Whether a `describe()` line (or an error) is about a key that holds a secret: the key store's and the
+/// registry's URLs, and librdkafka properties named for a password, secret, token or credential.
+pub fn is_secret_line(line: &str) -> bool {
+    let key = line.split([' ', ':', '=']).next().unwrap_or("").to_ascii_lowercase();
+    key == "keys.store"
+        || key == "schemas.registry"
+        || (key.starts_with("kafka.properties.")
+            && ["password", "secret", "token", "credential"]
+                .iter()
+                .any(|w| key.contains(w)))
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 
 use super::lanes::PartitionKey;
@@ -45,7 +45,7 @@ impl ClientContext for PipelineContext {
 }
 
 impl ConsumerContext for PipelineContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
                 let revoked: Vec<PartitionKey> = list
@@ -58,6 +58,11 @@ impl ConsumerContext for PipelineContext {
                 self.revoked.lock().unwrap_or_else(|p| p.into_inner()).extend(revoked);
             }
             Rebalance::Assign(list) => {
+                // A partition paused here before it was revoked keeps librdkafka's application pause: every
+                // partition assigned starts fetching.
+                if let Err(e) = consumer.resume(list) {
+                    tracing::warn!(error = %e, "cannot resume assigned partitions");
+                }
                 tracing::info!(partitions = list.count(), "partitions assigned");
                 metrics::counter!("piiwall_rebalances_total", "kind" => "assign").increment(1);
             }

@@ -153,6 +153,9 @@ impl Lanes {
     pub(super) fn revoke(&mut self, key: &PartitionKey) {
         if let Some(lane) = self.lanes.remove(key) {
             if !lane.held.is_empty() {
+                // librdkafka keeps an application's pause across unassign and assign: resume, or a partition that
+                // comes back here would never be fetched again.
+                pause(&self.consumer, key, false);
                 metrics::gauge!("piiwall_partitions_paused").decrement(1.0);
             }
             self.retiring.push(lane.task);

@@ -80,8 +80,14 @@ impl Shutdown {
         self.0.send_replace(true);
     }
 
+    /// A receiver whose `changed()` fires at once when the shutdown was already triggered: a signal that arrives
+    /// during start-up is not lost.
     fn listen(&self) -> watch::Receiver<bool> {
-        self.0.subscribe()
+        let mut receiver = self.0.subscribe();
+        if *receiver.borrow() {
+            receiver.mark_changed();
+        }
+        receiver
     }
 }
 
@@ -222,7 +228,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut consumer_config = client.clone();
-    if consumer_config.get("partition.assignment.strategy").is_none() {
+    // The next-generation group protocol (KIP-848, `group.protocol = "consumer"`) assigns on the brokers and
+    // refuses an assignor setting.
+    let broker_assigns = consumer_config.get("group.protocol") == Some("consumer");
+    if consumer_config.get("partition.assignment.strategy").is_none() && !broker_assigns {
         // Incremental rebalances: a joining or leaving instance moves only the partitions that change owner, and
         // the others' lanes go on.
         consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
@@ -331,6 +340,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let mut lanes = Lanes::new(consumer.clone(), config.pipeline.lane_capacity);
     let mut generation: Option<(u64, Arc<ConsumerGroupMetadata>)> = None;
     let mut release = tokio::time::interval(RELEASE_INTERVAL);
+    // Ticks missed while nothing was held are not made up in a burst.
+    release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = shutdown.listen();
     let mut commit = tokio::time::interval(config.pipeline.commit_interval);
     let mut expire = tokio::time::interval(QUARANTINE_EXPIRY_INTERVAL);
@@ -364,7 +375,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                     }
                 }
                 for lane_key in lanes.finished() {
-                    if let Err(e) = end_lane(&consumer, &lane_key, lanes.close(&lane_key).expect("present")).await {
+                    if let Err(e) = close_lane(&consumer, &mut lanes, &lane_key).await {
                         failure = Some(e);
                         break;
                     }
@@ -387,8 +398,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                     Some(_) => match read_generation(&consumer, &mut generation) {
                         Some(group) => Some(group),
                         None => {
-                            tracing::warn!("no consumer group metadata: the record is read again");
-                            continue;
+                            // Going on would commit past this record: stop, and the restart reads it again.
+                            failure = Some(Error::Kafka(
+                                "exactly-once: the consumer has no group metadata to commit with".into(),
+                            ));
+                            break;
                         }
                     },
                 };
@@ -401,7 +415,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                         }
                         // This record is read again from the rewound position.
                         Ok(LaneEnd::Rewind(_)) => continue,
-                        Ok(LaneEnd::Drained) => {}
+                        Ok(LaneEnd::Drained) => {
+                            failure = Some(Error::Kafka("a lane stopped while its partition was read".into()));
+                            break;
+                        }
                     }
                 }
                 // Never waits: a full lane holds the record and pauses only its own partition (see `lanes`).

@@ -128,7 +128,17 @@ impl Turn<'_> {
         let offsets_sent = tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
             let mut offsets = TopicPartitionList::new();
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next_offset))?;
-            producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+            let mut attempt = 1;
+            loop {
+                match producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT) {
+                    // A timed-out call must be retried: librdkafka refuses any other transactional call meanwhile.
+                    Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                    }
+                    other => return other,
+                }
+            }
         })
         .await
         .unwrap_or(Err(KafkaError::Canceled));
