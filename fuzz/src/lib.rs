@@ -83,10 +83,17 @@ pub fn sanitizer() -> &'static piiwall::sanitize::Sanitizer {
     })
 }
 
+/// A secret of a config file: the key that holds it and the secret text.
+pub struct Secret {
+    pub key: String,
+    pub text: String,
+}
+
 /// The secrets of a parsed config file that carry the canary: passwords in the key store's and the registry's
 /// URLs (`scheme://user:PASSWORD@host`, `password=PASSWORD`), and librdkafka properties named for a password,
-/// secret, token or credential.
-pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
+/// secret, token or credential. A password whose text also stands elsewhere in its value (a user name that is the
+/// same text) is left out: showing that other part is right.
+pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
     match value {
         toml::Value::Table(table) => {
             for (key, value) in table {
@@ -102,11 +109,7 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
         toml::Value::String(text) => {
             let lower = path.to_ascii_lowercase();
             let mut found = Vec::new();
-            if lower.starts_with("kafka.properties.")
-                && ["password", "secret", "token", "credential"]
-                    .iter()
-                    .any(|w| lower.contains(w))
-            {
+            if is_secret_line(&lower) && lower.starts_with("kafka.properties.") {
                 found.push(text.clone());
             }
             if lower == "keys.store" || lower == "schemas.registry" {
@@ -124,7 +127,17 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
                     found.push(value[..end].to_owned());
                 }
             }
-            out.extend(found.into_iter().filter(|secret| secret.contains(CANARY)));
+            out.extend(
+                found
+                    .into_iter()
+                    .filter(|secret| {
+                        secret.contains(CANARY) && !text.replacen(secret.as_str(), "", 1).contains(secret.as_str())
+                    })
+                    .map(|secret| Secret {
+                        key: lower.clone(),
+                        text: secret,
+                    }),
+            );
         }
         _ => {}
     }
@@ -133,11 +146,16 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<String>) {
 /// Whether a `describe()` line (or an error) is about a key that holds a secret: the key store's and the
 /// registry's URLs, and librdkafka properties named for a password, secret, token or credential.
 pub fn is_secret_line(line: &str) -> bool {
-    let key = line.split([' ', ':', '=']).next().unwrap_or("").to_ascii_lowercase();
+    let key = line_key(line);
     key == "keys.store"
         || key == "schemas.registry"
         || (key.starts_with("kafka.properties.")
             && ["password", "secret", "token", "credential"]
                 .iter()
                 .any(|w| key.contains(w)))
+}
+
+/// The config key a `describe()` line (or an error) is about: its text up to the first space, `:` or `=`.
+pub fn line_key(line: &str) -> String {
+    line.split([' ', ':', '=']).next().unwrap_or("").to_ascii_lowercase()
 }
