@@ -752,6 +752,7 @@ async fn ensure_topics(
     }
     if missing.is_empty() {
         warn_under_replicated(consumer, &wanted);
+        warn_compacted_ledger(admin, &config.keys.control_topic).await;
         return Ok(());
     }
     let results = admin
@@ -769,6 +770,34 @@ async fn ensure_topics(
     }
     warn_under_replicated(consumer, &wanted);
     Ok(())
+}
+
+/// Warns when the control topic (the forget ledger) is compacted: a later message for a scope could compact a
+/// forget away, and `keys reapply-forgets` after a backup restore would miss it. Created by an earlier version, or
+/// by hand; piiwall creates it append-only. Brokers that cannot describe configs are not asked again.
+async fn warn_compacted_ledger(admin: &AdminClient<DefaultClientContext>, topic: &str) {
+    use rdkafka::admin::ResourceSpecifier;
+    let specifier = ResourceSpecifier::Topic(topic);
+    let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+    let policy = match admin.describe_configs([&specifier], &options).await {
+        Ok(results) => results
+            .into_iter()
+            .find_map(|r| r.ok())
+            .and_then(|resource| resource.get("cleanup.policy").and_then(|entry| entry.value.clone())),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot describe the control topic's configuration");
+            None
+        }
+    };
+    if let Some(policy) = policy.filter(|p| p.contains("compact")) {
+        metrics::gauge!("piiwall_control_topic_compacted").set(1.0);
+        tracing::warn!(
+            %topic,
+            %policy,
+            "the control topic (keys.control_topic) is compacted: a later message could erase a forget from the \
+             ledger; set its cleanup.policy to delete and retention.ms to -1"
+        );
+    }
 }
 
 #[cfg(test)]
