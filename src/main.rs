@@ -706,7 +706,7 @@ fn kafka_client(config: &Config) -> rdkafka::ClientConfig {
 /// Runs the pipeline on a tokio runtime. The first SIGTERM or SIGINT drains and commits; a second exits at once.
 fn run_stream(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = piiwall::stream::Shutdown::new();
         let trigger = shutdown.clone();
         tokio::spawn(async move {
@@ -727,7 +727,10 @@ fn run_stream(config: Config) -> anyhow::Result<ExitCode> {
             summary.sanitized, summary.quarantined
         );
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // `run` has stopped: a task or blocking call still waiting on brokers that are gone must not keep the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 fn load_schema(path: &Path, config: &Config) -> anyhow::Result<CompiledSchema> {

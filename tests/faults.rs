@@ -325,6 +325,47 @@ async fn a_broker_down_longer_than_the_message_timeout_loses_nothing() {
 /// The PostgreSQL key store after its connection is terminated (a server restart, `pg_terminate_backend`) and while
 /// the database is read-only (a standby after failover): every failure is retriable, never fatal, and the store
 /// works again once the server does, on a fresh connection.
+/// Calls on the PostgreSQL key store do not queue behind one connection: while one waits on a scope's lock (held
+/// here by another session, as another instance deciding about that subject would), a call about another scope
+/// is answered at once.
+#[test]
+fn a_postgres_call_that_waits_holds_up_only_itself() {
+    use piiwall::crypto::KeyId;
+    use piiwall::keys::{KeyStore, PostgresStore, StoredKey};
+    let url = common::services::fresh_database();
+    let store = std::sync::Arc::new(PostgresStore::open(&url).unwrap());
+    let key = |scope: &str| StoredKey {
+        key_id: KeyId::random(),
+        scope: scope.into(),
+        version: 1,
+        wrapped: vec![7; 60],
+    };
+    store.insert_if_absent(&key("s:other")).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('s:busy', 0))", &[])
+        .unwrap();
+    let waiting = {
+        let store = store.clone();
+        std::thread::spawn(move || store.insert_if_absent(&key("s:busy")))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!waiting.is_finished(), "the first call waits on the scope's lock");
+    let asked = Instant::now();
+    assert!(store.current("s:other").unwrap().is_some());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "another scope's call is not held up: {:?}",
+        asked.elapsed()
+    );
+    tx.rollback().unwrap();
+    waiting
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the waiting call completes once the lock is released");
+}
+
 #[test]
 fn the_postgres_key_store_rides_through_terminated_connections_and_a_read_only_database() {
     use piiwall::crypto::KeyId;
@@ -532,4 +573,85 @@ async fn start_up_waits_for_brokers_that_are_not_up_yet() {
     assert_eq!(sources(&out), (0..20).collect::<BTreeSet<i64>>(), "then it runs");
     shutdown.trigger();
     task.await.unwrap().expect("a clean stop");
+}
+
+/// A rebalance under load (at-least-once, on Tansu): while records flow, a second and a third instance join the
+/// group and the first leaves. Every input record reaches the output at least once, and copies under one source
+/// coordinate are one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_under_load_loses_nothing() {
+    const N: usize = 6000;
+    const PARTITIONS: i32 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("faults-rebalance");
+    create_topic(&input, PARTITIONS).await;
+    let schema = common::compiled(&common::example("customer_profile.avsc"));
+    let records = (0..N)
+        .map(|i| {
+            let partition = (i % PARTITIONS as usize) as i32;
+            let key = format!("customer-{i}").into_bytes();
+            (
+                partition,
+                Some(key),
+                framed(&schema, 1, &customer(i)),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    produce(&input, records).await;
+    let schema_path = format!("{}/schemas/customer_profile.avsc", env!("CARGO_MANIFEST_DIR"));
+    let config = pipeline_config(dir.path(), &common::kafka::broker(), &input, &schema_path, "");
+    let start = |config: &Config| {
+        let shutdown = Shutdown::new();
+        (shutdown.clone(), tokio::spawn(stream::run(config.clone(), shutdown)))
+    };
+    let output = format!("{input}.sanitized");
+    let reading = tokio::task::spawn_blocking({
+        let output = output.clone();
+        move || consume(&output, N, Duration::from_secs(150))
+    });
+    let first = start(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = start(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let third = start(&config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    first.0.trigger();
+    first.1.await.unwrap().expect("the leaving instance stops cleanly");
+
+    let out = reading.await.unwrap();
+    let mut by_source: std::collections::HashMap<(i32, i64), BTreeSet<Vec<u8>>> = std::collections::HashMap::new();
+    for message in &out {
+        let partition: i32 = std::str::from_utf8(header(message, stream::SOURCE_PARTITION).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let offset: i64 = std::str::from_utf8(header(message, SOURCE_OFFSET).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        // The deterministic part of the record: its key (hashed; one per input record).
+        by_source
+            .entry((partition, offset))
+            .or_default()
+            .insert(message.key().unwrap_or_default().to_vec());
+    }
+    let per_partition = (N / PARTITIONS as usize) as i64;
+    let expected: BTreeSet<(i32, i64)> = (0..PARTITIONS)
+        .flat_map(|p| (0..per_partition).map(move |o| (p, o)))
+        .collect();
+    let missing: Vec<_> = expected.iter().filter(|s| !by_source.contains_key(s)).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "nothing lost; first missing: {missing:?} ({} records read)",
+        out.len()
+    );
+    assert!(
+        by_source.values().all(|copies| copies.len() == 1),
+        "copies under one coordinate are one record"
+    );
+    for (shutdown, task) in [second, third] {
+        shutdown.trigger();
+        task.await.unwrap().expect("a clean stop");
+    }
 }

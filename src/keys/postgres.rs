@@ -10,7 +10,6 @@
 //! TLS follows the URL's `sslmode` (native-tls); a connection that broke is reopened on the next call, and until
 //! then calls fail as *unavailable* (the pipeline waits and retries).
 
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postgres::error::SqlState;
@@ -50,18 +49,66 @@ const INSERT: &str =
     "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (scope, version) DO NOTHING";
 
+/// How many connections one instance keeps to the key store: lanes that need keys at once do not queue behind
+/// one connection, and a statement that waits (on a scope's lock, on a slow server) holds up only its own caller.
+const POOL_SIZE: u32 = 4;
+
 pub struct PostgresStore {
+    pool: r2d2::Pool<Connector>,
+}
+
+/// Opens key-store connections for the pool (r2d2: the well-kept generic pool of the `postgres` crate's author).
+struct Connector {
     url: String,
-    client: Mutex<Option<Client>>,
+}
+
+/// A pooled connection, and whether it must not be reused: a connection that may point at a former primary (a
+/// read-only database after failover) is dropped even though it still answers.
+struct Pooled {
+    client: Client,
+    discard: bool,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = Pooled;
+    type Error = KeyError;
+
+    fn connect(&self) -> Result<Pooled, KeyError> {
+        Ok(Pooled {
+            client: connect(&self.url)?,
+            discard: false,
+        })
+    }
+
+    /// Checked when a connection is taken from the pool: one that the server closed meanwhile (a restart,
+    /// `pg_terminate_backend`) is replaced before use.
+    fn is_valid(&self, conn: &mut Pooled) -> Result<(), KeyError> {
+        conn.client
+            .simple_query("")
+            .map(drop)
+            .map_err(|e| KeyError::StoreUnavailable(format!("a pooled key-store connection is gone: {e}")))
+    }
+
+    fn has_broken(&self, conn: &mut Pooled) -> bool {
+        conn.discard || conn.client.is_closed()
+    }
 }
 
 impl PostgresStore {
     /// Connects and migrates. `url` is a libpq-style URL (`postgres://user:password@host:port/db?sslmode=...`).
     pub fn open(url: &str) -> Result<Self, KeyError> {
-        let store = Self {
-            url: url.to_owned(),
-            client: Mutex::new(None),
-        };
+        // Checked here, so a pool that cannot connect later is the server's doing, not the URL's.
+        url.parse::<postgres::Config>()
+            .map_err(|e| KeyError::Store(format!("keys.store is not a PostgreSQL URL: {e}")))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(0))
+            .test_on_check_out(true)
+            .connection_timeout(CONNECT_TIMEOUT)
+            // The pool's own log would carry the error text of failed connects; `with` reports them instead.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(Connector { url: url.to_owned() });
+        let store = Self { pool };
         store.with("migrating the key store", |tx| {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             tx.batch_execute("CREATE TABLE IF NOT EXISTS piiwall_schema_version (version INTEGER NOT NULL)")?;
@@ -89,14 +136,13 @@ impl PostgresStore {
         what: &str,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
     ) -> Result<T, KeyError> {
-        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_none_or(Client::is_closed) {
-            *slot = Some(connect(&self.url)?);
-        }
-        let client = slot.as_mut().expect("connected above");
+        let mut conn = self.pool.get().map_err(|e| {
+            KeyError::StoreUnavailable(format!("no key-store connection within {CONNECT_TIMEOUT:?}: {e}"))
+        })?;
         // READ COMMITTED, whatever the database's default: a statement after a scope's advisory lock must see a forget
         // that committed while the lock was awaited (under REPEATABLE READ the snapshot would predate it).
-        let result = client
+        let result = conn
+            .client
             .build_transaction()
             .isolation_level(postgres::IsolationLevel::ReadCommitted)
             .start()
@@ -105,10 +151,9 @@ impl PostgresStore {
                 tx.commit()?;
                 Ok(value)
             });
-        let closed = client.is_closed();
         result.map_err(|e| {
-            if closed || reconnect_after(&e) {
-                *slot = None;
+            if reconnect_after(&e) {
+                conn.discard = true;
             }
             store_error(&e, what)
         })

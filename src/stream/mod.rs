@@ -422,11 +422,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                     }
                 }
                 // Never waits: a full lane holds the record and pauses only its own partition (see `lanes`).
-                if let Offered::Closed = lanes.offer(lane_key.clone(), lane::Read { message, group }, &ctx) {
-                    if let Err(e) = close_lane(&consumer, &mut lanes, &lane_key).await {
-                        failure = Some(e);
-                        break;
-                    }
+                if let Offered::Closed = lanes.offer(lane_key.clone(), lane::Read { message, group }, &ctx)
+                    && let Err(e) = close_lane(&consumer, &mut lanes, &lane_key).await
+                {
+                    failure = Some(e);
+                    break;
                 }
             }
         }
@@ -436,6 +436,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     ready.store(false, Ordering::Relaxed);
     tracing::info!(lanes = lanes.len(), "draining");
     let tasks = lanes.drain();
+    let aborts: Vec<tokio::task::AbortHandle> = tasks.iter().map(JoinHandle::abort_handle).collect();
     let drain = async {
         let mut first_error = None;
         for task in tasks {
@@ -457,6 +458,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Err(_) => {
             // Not a clean stop: an orchestrator must not take it for one.
             tracing::error!("drain timed out: records in flight will be processed again after restart");
+            // Their records were not stored; stopping them lets the consumer be closed below.
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
             failure.get_or_insert(Error::Unavailable(
                 "the drain timed out (pipeline.drain_timeout_secs): records in flight are processed again after \
                  the restart"
@@ -468,11 +471,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         // Bounded: with the brokers gone a synchronous commit waits for them; what it does not commit is read again
         // after the restart.
         let committing = consumer.clone();
-        let commit = tokio::task::spawn_blocking(move || commit_stored(&committing, CommitMode::Sync));
-        if tokio::time::timeout(config.pipeline.drain_timeout, commit)
-            .await
-            .is_err()
-        {
+        let committed = bounded_blocking(config.pipeline.drain_timeout, move || {
+            commit_stored(&committing, CommitMode::Sync)
+        })
+        .await;
+        if !committed {
             tracing::warn!("final commit not acknowledged within the drain timeout: those records are read again");
         }
     }
@@ -493,6 +496,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     drop(ctx);
     drop(auditor);
     let _ = control_listener.await;
+    // Leaving the group: librdkafka's close waits for the group coordinator, which may be gone.
+    drop(lanes);
+    if !bounded_blocking(config.pipeline.drain_timeout, move || drop(consumer)).await {
+        tracing::warn!(
+            "leaving the consumer group did not finish within the drain timeout: the group drops this member after \
+             its session timeout"
+        );
+    }
     match tokio::time::timeout(config.pipeline.drain_timeout, audit_writer).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => {
@@ -506,6 +517,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// Runs a blocking librdkafka call that may wait on brokers that are gone (a synchronous commit, closing the
+/// consumer) on a thread of its own, and waits for it at most `bound`; past that it is abandoned, so neither the
+/// pipeline's stop nor the runtime's shutdown waits on it (the thread ends when librdkafka gives up, or with the
+/// process). True when it finished in time.
+async fn bounded_blocking(bound: Duration, call: impl FnOnce() + Send + 'static) -> bool {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        call();
+        let _ = done.send(());
+    });
+    tokio::time::timeout(bound, finished).await.is_ok()
 }
 
 /// Closes the lanes of the partitions revoked since the last look.
@@ -750,9 +774,11 @@ async fn ensure_topics(
             missing.push(new);
         }
     }
+    if !missing.iter().any(|topic| topic.name == config.keys.control_topic) {
+        warn_compacted_ledger(admin, &config.keys.control_topic).await;
+    }
     if missing.is_empty() {
         warn_under_replicated(consumer, &wanted);
-        warn_compacted_ledger(admin, &config.keys.control_topic).await;
         return Ok(());
     }
     let results = admin
