@@ -325,6 +325,22 @@ async fn a_broker_down_longer_than_the_message_timeout_loses_nothing() {
 /// The PostgreSQL key store after its connection is terminated (a server restart, `pg_terminate_backend`) and while
 /// the database is read-only (a standby after failover): every failure is retriable, never fatal, and the store
 /// works again once the server does, on a fresh connection.
+/// The key store can be dropped where `run` drops it, on a thread that drives tokio tasks: closing a sync
+/// PostgreSQL client there used to panic ("Cannot start a runtime from within a runtime").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_key_store_can_be_dropped_on_a_runtime_thread() {
+    use piiwall::keys::{KeyStore, PostgresStore};
+    let store = tokio::task::spawn_blocking(move || {
+        let url = common::services::fresh_database();
+        let store = PostgresStore::open(&url).unwrap();
+        assert!(!store.is_forgotten("s:any").unwrap());
+        store
+    })
+    .await
+    .unwrap();
+    drop(store);
+}
+
 /// Calls on the PostgreSQL key store do not queue behind one connection: while one waits on a scope's lock (held
 /// here by another session, as another instance deciding about that subject would), a call about another scope
 /// is answered at once.

@@ -65,8 +65,27 @@ struct Connector {
 /// A pooled connection, and whether it must not be reused: a connection that may point at a former primary (a
 /// read-only database after failover) is dropped even though it still answers.
 struct Pooled {
-    client: Client,
+    /// Always `Some` until dropped.
+    client: Option<Client>,
     discard: bool,
+}
+
+impl Pooled {
+    fn client(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("a pooled connection has its client until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    /// Closing a sync `postgres` client runs a runtime of its own, which panics on a thread that drives tokio tasks
+    /// (where the last keyring reference is often dropped): close it on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            std::thread::spawn(move || drop(client));
+        }
+    }
 }
 
 impl r2d2::ManageConnection for Connector {
@@ -75,7 +94,7 @@ impl r2d2::ManageConnection for Connector {
 
     fn connect(&self) -> Result<Pooled, KeyError> {
         Ok(Pooled {
-            client: connect(&self.url)?,
+            client: Some(connect(&self.url)?),
             discard: false,
         })
     }
@@ -83,14 +102,14 @@ impl r2d2::ManageConnection for Connector {
     /// Checked when a connection is taken from the pool: one that the server closed meanwhile (a restart,
     /// `pg_terminate_backend`) is replaced before use.
     fn is_valid(&self, conn: &mut Pooled) -> Result<(), KeyError> {
-        conn.client
+        conn.client()
             .simple_query("")
             .map(drop)
             .map_err(|e| KeyError::StoreUnavailable(format!("a pooled key-store connection is gone: {e}")))
     }
 
     fn has_broken(&self, conn: &mut Pooled) -> bool {
-        conn.discard || conn.client.is_closed()
+        conn.discard || conn.client().is_closed()
     }
 }
 
@@ -98,13 +117,19 @@ impl PostgresStore {
     /// Connects and migrates. `url` is a libpq-style URL (`postgres://user:password@host:port/db?sslmode=...`).
     pub fn open(url: &str) -> Result<Self, KeyError> {
         // Checked here, so a pool that cannot connect later is the server's doing, not the URL's.
-        url.parse::<postgres::Config>()
+        let config = url
+            .parse::<postgres::Config>()
             .map_err(|e| KeyError::Store(format!("keys.store is not a PostgreSQL URL: {e}")))?;
+        // Waiting for a connection covers connecting to each host of the URL in turn, with a margin.
+        let per_host = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT);
+        let hosts = config.get_hosts().len().max(1) as u32;
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
-            .min_idle(Some(0))
+            // Kept full: a connection discarded after a failover is replaced at once, and a caller waiting for
+            // one is woken by its replacement.
+            .min_idle(None)
             .test_on_check_out(true)
-            .connection_timeout(CONNECT_TIMEOUT)
+            .connection_timeout(per_host * hosts + std::time::Duration::from_secs(5))
             // The pool's own log would carry the error text of failed connects; `with` reports them instead.
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Connector { url: url.to_owned() });
@@ -142,7 +167,7 @@ impl PostgresStore {
         // READ COMMITTED, whatever the database's default: a statement after a scope's advisory lock must see a forget
         // that committed while the lock was awaited (under REPEATABLE READ the snapshot would predate it).
         let result = conn
-            .client
+            .client()
             .build_transaction()
             .isolation_level(postgres::IsolationLevel::ReadCommitted)
             .start()

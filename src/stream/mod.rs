@@ -460,6 +460,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             tracing::error!("drain timed out: records in flight will be processed again after restart");
             // Their records were not stored; stopping them lets the consumer be closed below.
             aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            if let Some(transactions) = &ctx.transactions {
+                // A stopped lane may have left its transaction open: readers of the outputs would wait for it.
+                let producer = transactions.producer().clone();
+                let bound = config.pipeline.drain_timeout;
+                bounded_blocking(bound, move || {
+                    if let Err(e) = rdkafka::producer::Producer::abort_transaction(&producer, bound) {
+                        tracing::debug!(error = %e, "no open transaction aborted at stop");
+                    }
+                })
+                .await;
+            }
             failure.get_or_insert(Error::Unavailable(
                 "the drain timed out (pipeline.drain_timeout_secs): records in flight are processed again after \
                  the restart"
@@ -495,9 +506,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     // The audit writer ends once every sender is gone, after writing what it holds.
     drop(ctx);
     drop(auditor);
-    let _ = control_listener.await;
+    if tokio::time::timeout(config.pipeline.drain_timeout, control_listener)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the control topic's reader did not stop within the drain timeout");
+    }
     // Leaving the group: librdkafka's close waits for the group coordinator, which may be gone.
     drop(lanes);
+    if Arc::strong_count(&consumer) > 1 {
+        tracing::warn!(
+            "a lane that did not stop still holds the consumer: the group drops this member after its session timeout"
+        );
+    }
     if !bounded_blocking(config.pipeline.drain_timeout, move || drop(consumer)).await {
         tracing::warn!(
             "leaving the consumer group did not finish within the drain timeout: the group drops this member after \

@@ -87,6 +87,11 @@ impl Transactions {
         })
     }
 
+    /// The transactional producer, for aborting what stopped lanes left open at shutdown.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
     /// Waits for this lane's turn and begins a transaction.
     pub async fn begin(&self) -> Result<Turn<'_>, Error> {
         let guard = self.turn.lock().await;
