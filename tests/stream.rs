@@ -864,7 +864,7 @@ async fn sigkill_ten_times_in_a_row_loses_nothing() {
     for kill in 0..KILLS {
         let child = spawn_piiwall(dir.path(), &input, &group);
         // Between just after start-up and well into the stream.
-        let after = Duration::from_millis(rng.gen_range(300..4000));
+        let after = Duration::from_millis(rng.gen_range(300..2500));
         tokio::time::sleep(after).await;
         signal(&child, "KILL");
         let status = tokio::task::spawn_blocking(move || {
