@@ -188,6 +188,7 @@ pub async fn listen(
     .await
     .map_err(|_| Error::Kafka("the control topic consumer panicked".into()))??;
     let task = tokio::task::spawn_blocking(move || {
+        let mut unsigned_log = Throttle::new(UNSIGNED_LOG_PERIOD);
         while !*stop.borrow_and_update() {
             match consumer.poll(POLL) {
                 None => {}
@@ -202,7 +203,10 @@ pub async fn listen(
                     let op = op.unwrap_or("unsigned");
                     metrics::counter!("piiwall_control_messages_total", "op" => op).increment(1);
                     if op == "unsigned" {
-                        tracing::warn!("control message without a valid signature ignored");
+                        // Anyone who may write the topic could flood it: one line a minute, with the count.
+                        if let Some(ignored) = unsigned_log.event(std::time::Instant::now()) {
+                            tracing::warn!(ignored, "control messages without a valid signature ignored");
+                        }
                     } else {
                         tracing::debug!(op, "key cache entry dropped on announcement");
                     }
@@ -211,6 +215,36 @@ pub async fn listen(
         }
     });
     Ok(task)
+}
+
+/// How often ignored (unsigned or forged) control messages are logged at most.
+const UNSIGNED_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// Lets one log line through per period, counting the events in between.
+struct Throttle {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    pending: u64,
+}
+
+impl Throttle {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            pending: 0,
+        }
+    }
+
+    /// Records an event at `now`; returns how many events to report (this one included) when a line is due.
+    fn event(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.pending += 1;
+        if self.last.is_some_and(|last| now.duration_since(last) < self.period) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.pending))
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +263,21 @@ mod tests {
             KeyCacheSettings::default(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn ignored_messages_are_logged_once_a_period_with_their_count() {
+        let start = std::time::Instant::now();
+        let mut throttle = Throttle::new(Duration::from_secs(60));
+        assert_eq!(throttle.event(start), Some(1), "the first is logged");
+        for i in 1..=1000 {
+            assert_eq!(throttle.event(start + Duration::from_millis(i)), None, "a flood is not");
+        }
+        assert_eq!(
+            throttle.event(start + Duration::from_secs(61)),
+            Some(1001),
+            "the next line counts them all"
+        );
     }
 
     #[test]
