@@ -133,6 +133,18 @@ fn schema_level_problems_are_explained() {
             json!({"type": "record", "name": "R", "fields": [{"name": "n", "type": {"type": "record", "name": "N", "pii.subject": "x", "fields": []}}]}).to_string(),
             "only the root",
         ),
+        // Found by the schema fuzzer: Avro parses a decimal whose precision is text by dropping the logical type,
+        // and Avro's canonical form then panics on it. Sizes, precisions and scales are whole numbers.
+        (
+            record(
+                json!([{"name": "fee", "type": {"type": "fixed", "name": "Fee", "size": 8, "logicalType": "decimal", "precision": "Dur"}, "pii": "encrypt"}]),
+            ),
+            "`precision` must be a whole number",
+        ),
+        (
+            record(json!([{"name": "n", "type": "string", "pii": "hash", "size": true}])),
+            "`size` must be a whole number",
+        ),
     ];
     for (schema, problem) in cases {
         let (_, got) = error_of(&schema);

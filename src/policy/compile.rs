@@ -53,11 +53,45 @@ pub struct CompiledSchema {
 /// Root attribute marking a schema that piiwall derived; such a schema is never sanitized again.
 pub const SANITIZED_MARK: &str = "pii.sanitized";
 
+/// `size`, `precision` and `scale` are JSON integers in the Avro specification. Avro's parser accepts some other
+/// values (a decimal whose precision is text loses its logical type) which its canonical form, computed by
+/// registries and consumers, then cannot handle: refuse them here, with the field that carries them.
+fn check_whole_numbers(json: &Json, path: &str) -> Result<(), PolicyError> {
+    match json {
+        Json::Object(object) => {
+            for key in ["size", "precision", "scale"] {
+                if object.get(key).is_some_and(|v| v.as_u64().is_none()) {
+                    return Err(PolicyError::new(path, format!("`{key}` must be a whole number")));
+                }
+            }
+            for (key, value) in object {
+                if key == "fields" {
+                    for field in value.as_array().into_iter().flatten() {
+                        let name = field.get("name").and_then(Json::as_str).unwrap_or("?");
+                        let inner = if path.is_empty() {
+                            name.to_owned()
+                        } else {
+                            format!("{path}.{name}")
+                        };
+                        check_whole_numbers(field, &inner)?;
+                    }
+                } else {
+                    check_whole_numbers(value, path)?;
+                }
+            }
+            Ok(())
+        }
+        Json::Array(items) => items.iter().try_for_each(|item| check_whole_numbers(item, path)),
+        _ => Ok(()),
+    }
+}
+
 /// Compiles a writer schema (JSON text) into its plan and sanitized schema.
 pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
     let json: Json = serde_json::from_str(schema_json)
         .map_err(|e| PolicyError::new("", format!("schema is not valid JSON: {e}")))?;
     let writer = Schema::parse(&json).map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
+    check_whole_numbers(&json, "")?;
     let root = json
         .as_object()
         .filter(|o| o.get("type").and_then(Json::as_str) == Some("record"))
