@@ -6,8 +6,7 @@
 //! encrypt never does, every output validates against the sanitized schema, and no protected string or uuid
 //! survives anywhere in the output. The transcoder's output equals the reference's byte for byte except for
 //! encrypt's random nonces; every truncation of a record is rejected, and corrupted bytes never panic nor yield
-//! output that does not decode. What piiwall gets wrong today is named in `known_bug` and its neighbours, and left
-//! out of the checks until fixed.
+//! output that does not decode. Every combination is checked on both paths: nothing is left out as a known bug.
 
 mod common;
 
@@ -188,57 +187,8 @@ fn protected_field() -> impl Strategy<Value = Field> {
             if maskable(&ty) {
                 actions.push(Some(Act::Mask));
             }
-            actions.retain(|a| a.is_none_or(|a| known_bug(&ty, a) != Some(KnownBug::Transcoder)));
             (Just(ty), prop::sample::select(actions)).prop_map(|(ty, action)| Field { ty, action })
         })
-}
-
-/// Which path gets a combination wrong today (see `known_bug`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum KnownBug {
-    /// Both, or the transcoder: the combination is not generated.
-    Transcoder,
-    /// Only the reference path (`Sanitizer::sanitize`, `apply` over a `Value`): generated, and the transcoder's
-    /// output still checked, but not the reference's.
-    Reference,
-}
-
-/// What piiwall accepts but gets wrong today, by the type of a protected field and its action: left out of the
-/// checks, so the rest runs, until fixed.
-fn known_bug(ty: &Ty, action: Act) -> Option<KnownBug> {
-    match action {
-        Act::Redact => known_redaction_bug(ty),
-        _ => None,
-    }
-}
-
-/// What redaction (by `redact`, or of every protected field when the subject is forgotten) gets wrong today.
-fn known_redaction_bug(ty: &Ty) -> Option<KnownBug> {
-    match ty {
-        // The redacted value is a plain `Value::Long`, which apache-avro does not validate (nor encode) as a
-        // nanosecond timestamp.
-        Ty::Time("timestamp-nanos" | "local-timestamp-nanos") => Some(KnownBug::Reference),
-        // The redacted value is a plain `Value::Fixed` where the schema has a decimal or a uuid: the same bytes,
-        // but plain JSON writes NUL characters for it, not "0.00" or the nil uuid.
-        Ty::Decimal { fixed: Some(_), .. } | Ty::Uuid(UuidOn::Fixed) => Some(KnownBug::Reference),
-        _ => None,
-    }
-}
-
-/// Whether a protected field, at any depth, satisfies `pred`.
-fn any_protected(fields: &[Field], pred: &dyn Fn(&Ty, Act) -> bool) -> bool {
-    fields.iter().any(|f| match f.action {
-        Some(action) => pred(&f.ty, action),
-        None => protected_within(&f.ty, pred),
-    })
-}
-
-fn protected_within(ty: &Ty, pred: &dyn Fn(&Ty, Act) -> bool) -> bool {
-    match ty {
-        Ty::Record(fields) => any_protected(fields, pred),
-        Ty::Nullable(t) | Ty::Array(t) | Ty::Map(t) => protected_within(t, pred),
-        _ => false,
-    }
 }
 
 fn fields(depth: u32) -> BoxedStrategy<Vec<Field>> {
@@ -749,13 +699,9 @@ proptest! {
         let schema = generated.unwrap();
         let transcoder = Transcoder::new(&schema.compiled).expect("every compiled schema transcodes");
         let binary = (sanitize_binary(&schema, &transcoder, &record), sanitize_binary(&schema, &transcoder, &record));
-        let mut outputs = vec![binary.clone()];
-        if !any_protected(&fields, &|ty, action| known_bug(ty, action) == Some(KnownBug::Reference)) {
-            let reference = (sanitize(&schema, &fields, &record), sanitize(&schema, &fields, &record));
-            prop_assert_eq!(without_nonces(&reference.0), without_nonces(&binary.0), "the paths agree");
-            outputs.push(reference);
-        }
-        for (out, again) in &outputs {
+        let reference = (sanitize(&schema, &fields, &record), sanitize(&schema, &fields, &record));
+        prop_assert_eq!(without_nonces(&reference.0), without_nonces(&binary.0), "the paths agree");
+        for (out, again) in [&binary, &reference] {
             let mut checker = Checker { protected_strings: Vec::new() };
             checker.record(&fields, "", &record, out, again);
             if let Some(sid) = record.get("sid").and_then(Json::as_str) {
@@ -775,12 +721,6 @@ proptest! {
         let generated = generated.unwrap();
         let schema = &generated.compiled;
         let has_encrypt = schema.plan.rules.iter().any(|r| r.action == piiwall::policy::Action::Encrypt);
-        let bug = |which| {
-            any_protected(&fields, &|ty, action| {
-                which == if forgotten { known_redaction_bug(ty) } else { known_bug(ty, action) }
-            })
-        };
-        prop_assume!(!bug(Some(KnownBug::Transcoder)));
         let keys = fixed_keys(forgotten);
         let bytes = encode_writer(&generated, &record);
 
@@ -790,19 +730,17 @@ proptest! {
         transcoder.transcode(schema, &bytes, &keys, &mut scratch, &mut transcoded).unwrap();
         let decoded = without_nonces(&decode_sanitized(schema, &transcoded));
 
-        if !bug(Some(KnownBug::Reference)) {
-            let codec = ValueCodec::new(schema);
-            let mut value = codec.decode(&bytes).unwrap();
-            apply(&schema.plan, &mut value, &keys).unwrap();
-            let mut reference = Vec::new();
-            codec.encode(&value, &mut reference).unwrap();
-            // The reference re-encodes maps in HashMap order, the transcoder keeps the producer's: bytes are
-            // comparable only without maps; decoded values always.
-            if (forgotten || !has_encrypt) && !any_field(&fields, &|t| matches!(t, Ty::Map(_))) {
-                prop_assert_eq!(&reference, &transcoded);
-            }
-            prop_assert_eq!(without_nonces(&decode_sanitized(schema, &reference)), decoded);
+        let codec = ValueCodec::new(schema);
+        let mut value = codec.decode(&bytes).unwrap();
+        apply(&schema.plan, &mut value, &keys).unwrap();
+        let mut reference = Vec::new();
+        codec.encode(&value, &mut reference).unwrap();
+        // The reference re-encodes maps in HashMap order, the transcoder keeps the producer's: bytes are
+        // comparable only without maps; decoded values always.
+        if (forgotten || !has_encrypt) && !any_field(&fields, &|t| matches!(t, Ty::Map(_))) {
+            prop_assert_eq!(&reference, &transcoded);
         }
+        prop_assert_eq!(without_nonces(&decode_sanitized(schema, &reference)), decoded);
 
         // Every strict prefix of a record is malformed, and is rejected without touching the output.
         for cut in 0..bytes.len() {
@@ -811,12 +749,11 @@ proptest! {
             prop_assert_eq!(&out, &vec![7u8]);
         }
         // Corrupted bytes: an error, or output that still decodes with the sanitized schema; never a panic.
-        let check_decodes = true;
         for (i, flip) in (0..bytes.len()).zip([0x01u8, 0x80, 0xff, 0x7f].iter().cycle()) {
             let mut corrupted = bytes.clone();
             corrupted[i] ^= flip;
             let mut out = Vec::new();
-            if transcoder.transcode(schema, &corrupted, &keys, &mut scratch, &mut out).is_ok() && check_decodes {
+            if transcoder.transcode(schema, &corrupted, &keys, &mut scratch, &mut out).is_ok() {
                 let reader = GenericDatumReader::builder(&schema.sanitized).build().unwrap();
                 let mut rest = &out[..];
                 prop_assert!(reader.read_value(&mut rest).is_ok() && rest.is_empty(), "corrupted input gave undecodable output");

@@ -905,22 +905,30 @@ fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Defini
             _ => None,
         }
     };
-    // Whatever its logical type, a fixed is `size` bytes.
+    // A fixed is `size` bytes whatever its logical type, but the value carries the logical type, so that JSON
+    // renders a decimal as 0 and a uuid as the nil uuid (not as NUL characters).
     if let Some(def) = definition(ty).filter(|d| d.get("type").and_then(Json::as_str) == Some("fixed")) {
         let size = def.get("size").and_then(Json::as_u64).unwrap_or(0) as usize;
-        return Value::Fixed(size, vec![0; size]);
+        return match scalar.name {
+            "decimal" => Value::Decimal(apache_avro::Decimal::from(vec![0u8; size])),
+            "uuid" => Value::Uuid(apache_avro::Uuid::nil()),
+            _ => Value::Fixed(size, vec![0; size]),
+        };
     }
+    // Logical types get their own value: apache-avro validates some of them (the nanosecond timestamps) only so.
     match scalar.name {
         "boolean" => Value::Boolean(false),
-        "int" | "date" | "time-millis" => Value::Int(0),
-        "long"
-        | "time-micros"
-        | "timestamp-millis"
-        | "timestamp-micros"
-        | "timestamp-nanos"
-        | "local-timestamp-millis"
-        | "local-timestamp-micros"
-        | "local-timestamp-nanos" => Value::Long(0),
+        "int" => Value::Int(0),
+        "date" => Value::Date(0),
+        "time-millis" => Value::TimeMillis(0),
+        "long" => Value::Long(0),
+        "time-micros" => Value::TimeMicros(0),
+        "timestamp-millis" => Value::TimestampMillis(0),
+        "timestamp-micros" => Value::TimestampMicros(0),
+        "timestamp-nanos" => Value::TimestampNanos(0),
+        "local-timestamp-millis" => Value::LocalTimestampMillis(0),
+        "local-timestamp-micros" => Value::LocalTimestampMicros(0),
+        "local-timestamp-nanos" => Value::LocalTimestampNanos(0),
         "float" => Value::Float(0.0),
         "double" => Value::Double(0.0),
         "decimal" => Value::Decimal(apache_avro::Decimal::from([0u8])),
