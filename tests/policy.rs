@@ -145,6 +145,15 @@ fn schema_level_problems_are_explained() {
             record(json!([{"name": "n", "type": "string", "pii": "hash", "size": true}])),
             "`size` must be a whole number",
         ),
+        // Also from the fuzzer: any attribute on a field is kept, and the canonical form walks into these.
+        (
+            record(json!([{"name": "n", "type": "string", "pii": "hash", "symbols": null}])),
+            "`symbols` must be a string, an object or an array",
+        ),
+        (
+            record(json!([{"name": "n", "type": "string", "pii": "hash", "items": ["string", 1]}])),
+            "a list in a schema holds",
+        ),
     ];
     for (schema, problem) in cases {
         let (_, got) = error_of(&schema);

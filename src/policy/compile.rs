@@ -53,18 +53,29 @@ pub struct CompiledSchema {
 /// Root attribute marking a schema that piiwall derived; such a schema is never sanitized again.
 pub const SANITIZED_MARK: &str = "pii.sanitized";
 
-/// `size`, `precision` and `scale` are JSON integers in the Avro specification. Avro's parser accepts some other
-/// values (a decimal whose precision is text loses its logical type) which its canonical form, computed by
-/// registries and consumers, then cannot handle: refuse them here, with the field that carries them.
-fn check_whole_numbers(json: &Json, path: &str) -> Result<(), PolicyError> {
+/// The attributes that name or hold schemas, which Avro's canonical form (computed by registries and consumers to
+/// compare schemas) walks into. Avro's parser takes some shapes of them that the specification does not (a decimal
+/// whose precision is text loses its logical type; any attribute on a field is kept as metadata), on which the
+/// canonical form then panics: refuse them here, naming the field that carries them.
+const SCHEMA_ATTRIBUTES: [&str; 7] = ["name", "type", "fields", "symbols", "items", "values", "order"];
+const NUMBER_ATTRIBUTES: [&str; 3] = ["size", "precision", "scale"];
+
+fn check_attribute_shapes(json: &Json, path: &str) -> Result<(), PolicyError> {
     match json {
         Json::Object(object) => {
-            for key in ["size", "precision", "scale"] {
-                if object.get(key).is_some_and(|v| v.as_u64().is_none()) {
+            for (key, value) in object {
+                if NUMBER_ATTRIBUTES.contains(&key.as_str()) && value.as_u64().is_none() {
                     return Err(PolicyError::new(path, format!("`{key}` must be a whole number")));
                 }
-            }
-            for (key, value) in object {
+                if !SCHEMA_ATTRIBUTES.contains(&key.as_str()) {
+                    continue;
+                }
+                if !matches!(value, Json::String(_) | Json::Object(_) | Json::Array(_)) {
+                    return Err(PolicyError::new(
+                        path,
+                        format!("`{key}` must be a string, an object or an array"),
+                    ));
+                }
                 if key == "fields" {
                     for field in value.as_array().into_iter().flatten() {
                         let name = field.get("name").and_then(Json::as_str).unwrap_or("?");
@@ -73,15 +84,21 @@ fn check_whole_numbers(json: &Json, path: &str) -> Result<(), PolicyError> {
                         } else {
                             format!("{path}.{name}")
                         };
-                        check_whole_numbers(field, &inner)?;
+                        check_attribute_shapes(field, &inner)?;
                     }
                 } else {
-                    check_whole_numbers(value, path)?;
+                    check_attribute_shapes(value, path)?;
                 }
             }
             Ok(())
         }
-        Json::Array(items) => items.iter().try_for_each(|item| check_whole_numbers(item, path)),
+        Json::Array(items) => items.iter().try_for_each(|item| match item {
+            Json::String(_) | Json::Object(_) | Json::Array(_) => check_attribute_shapes(item, path),
+            _ => Err(PolicyError::new(
+                path,
+                "a list in a schema holds strings, objects or lists",
+            )),
+        }),
         _ => Ok(()),
     }
 }
@@ -91,7 +108,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
     let json: Json = serde_json::from_str(schema_json)
         .map_err(|e| PolicyError::new("", format!("schema is not valid JSON: {e}")))?;
     let writer = Schema::parse(&json).map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
-    check_whole_numbers(&json, "")?;
+    check_attribute_shapes(&json, "")?;
     let root = json
         .as_object()
         .filter(|o| o.get("type").and_then(Json::as_str) == Some("record"))
