@@ -107,6 +107,17 @@ fn invalid_annotations_name_the_field() {
             "next",
             "recursive",
         ),
+        // A subject in one branch of a union of several records: the steps that find it would read the field at the
+        // same position of another branch (a note, say) as the subject id.
+        (
+            record(json!([{"name": "payload", "type": [
+                "null",
+                {"type": "record", "name": "Signup", "fields": [{"name": "user", "type": "string", "pii": "subject"}]},
+                {"type": "record", "name": "Note", "fields": [{"name": "text", "type": "string", "pii": "encrypt"}]}
+            ]}])),
+            "payload.user",
+            "union of several",
+        ),
     ];
     for (schema, path, problem) in cases {
         let (got_path, got_problem) = error_of(&schema);

@@ -176,6 +176,9 @@ struct Walker<'j, 's> {
     annotated: bool,
     /// Field indices from the root to the field being walked.
     steps: Vec<usize>,
+    /// How many unions of several non-null branches enclose the field being walked (the subject's steps, which
+    /// do not name a branch, must find it whichever branch a record takes).
+    choices: usize,
     /// The scale of the last decimal type classified (a token of a decimal carries its scale).
     decimal_scale: Option<u32>,
     /// Whether the protected value being compiled holds a map (its keys need protecting too).
@@ -234,6 +237,7 @@ impl<'j, 's> Walker<'j, 's> {
             schema_tags,
             domain,
             steps: Vec::new(),
+            choices: 0,
             decimal_scale: None,
             holds_map: false,
         })
@@ -518,6 +522,13 @@ impl<'j, 's> Walker<'j, 's> {
                 "the subject field must not be inside an array or map",
             ));
         }
+        if self.choices > 0 {
+            return Err(PolicyError::new(
+                path,
+                "the subject field must not be inside a union of several records (a record taking another branch \
+                 would have no subject, or another field read as one): put the subject where every record has it",
+            ));
+        }
         let scalar = match ty {
             Json::Array(branches) => {
                 let non_null: Vec<&Json> = branches.iter().filter(|b| b.as_str() != Some("null")).collect();
@@ -663,13 +674,17 @@ impl<'j, 's> Walker<'j, 's> {
         }
         match ty {
             Json::Array(branches) => {
+                let choice = branches.iter().filter(|b| b.as_str() != Some("null")).count() > 1;
+                self.choices += usize::from(choice);
                 let mut nodes = Vec::with_capacity(branches.len());
                 let mut out = Vec::with_capacity(branches.len());
                 for branch in branches {
-                    let (node, sanitized) = self.walk_type(branch, namespace, path, emit, in_collection)?;
+                    let walked = self.walk_type(branch, namespace, path, emit, in_collection);
+                    let (node, sanitized) = walked.inspect_err(|_| self.choices -= usize::from(choice))?;
                     nodes.push(node);
                     out.push(sanitized);
                 }
+                self.choices -= usize::from(choice);
                 let node = nodes.iter().any(Option::is_some).then_some(Node::Union(nodes));
                 Ok((node, Json::Array(out)))
             }
