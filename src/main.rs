@@ -448,16 +448,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let mut event = local_event(AuditKind::Forget, remote.purpose.as_deref());
                     event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
                     let destroyed = keyring.forget_subject(&subject)?;
-                    announce_locally(&config, &keyring, ControlOp::Forget, &keyring.subject_scope(&subject));
+                    for scope in keyring.subject_scopes(&subject) {
+                        announce_locally(&config, &keyring, ControlOp::Forget, &scope);
+                    }
                     event.outcome = Some(AuditOutcome::Allowed);
                     let shredded = AuditEvent::key_shredded(destroyed as i64);
-                    println!(
-                        "forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted"
-                    );
+                    print_forgotten(destroyed);
                     return audited_after(audit_locally(&config, &keyring, vec![event, shredded]));
                 }
             };
-            println!("forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted");
+            print_forgotten(destroyed);
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {
@@ -673,6 +673,16 @@ fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
 /// After a local forget or rotate, when the config names brokers: tells the running instances through the control
 /// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
 /// within keys.cache_ttl_secs.
+fn print_forgotten(destroyed: usize) {
+    println!("forgotten: {destroyed} key version(s) destroyed; later records of this subject are redacted");
+    if destroyed == 0 {
+        eprintln!(
+            "piiwall: note: no key existed under this id. Ids are matched exactly (case, spaces and leading zeros \
+             count; uuids in any form): if records carry the id in another form, forget that form too"
+        );
+    }
+}
+
 fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &str) {
     if !config.kafka.brokers_configured {
         return;

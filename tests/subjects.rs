@@ -246,11 +246,28 @@ fn every_accepted_subject_type_is_located_and_forgotten() {
             json!("ada@example.com"),
             "{name}"
         );
-        assert_eq!(
-            sanitizer.keyring().forget_subject(id).unwrap(),
-            1,
-            "{name}: the subject had its own key"
-        );
+        // Ids are matched exactly (case, spaces and leading zeros count), except uuids: records carry a uuid subject
+        // in its canonical form whatever form the producer wrote, so a forget of a uuid in any form reaches it.
+        if id == uuid {
+            let shouted = id.to_uppercase();
+            assert_eq!(
+                sanitizer.keyring().subject_status(&shouted).unwrap().key_versions,
+                1,
+                "{name}"
+            );
+            assert_eq!(sanitizer.keyring().forget_subject(&shouted).unwrap(), 1, "{name}");
+        } else {
+            for other in [id.to_uppercase(), format!("{id} "), format!("0{id}")] {
+                if other != id {
+                    assert_eq!(sanitizer.keyring().forget_subject(&other).unwrap(), 0, "{name}");
+                }
+            }
+            assert_eq!(
+                sanitizer.keyring().forget_subject(id).unwrap(),
+                1,
+                "{name}: the subject had its own key"
+            );
+        }
         assert!(
             matches!(
                 sanitizer.reveal("email", token),

@@ -398,7 +398,9 @@ async fn forget(
     handle::<SubjectRequest>(api, Operation::Forget, headers, body, |api, r| {
         let keyring = api.sanitizer.keyring();
         let destroyed = keyring.forget_subject(&r.subject)?;
-        announce(api, ControlOp::Forget, &keyring.subject_scope(&r.subject))?;
+        for scope in keyring.subject_scopes(&r.subject) {
+            announce(api, ControlOp::Forget, &scope)?;
+        }
         Ok(json!({ "forgotten": true, "key_versions_destroyed": destroyed }))
     })
     .await

@@ -395,10 +395,29 @@ impl Keyring {
         Ok(rotated)
     }
 
-    /// Destroys every key version of a subject and remembers it as forgotten. Returns how many versions were
-    /// destroyed (0 when it had none, or was already forgotten).
+    /// The key scopes that an id given by a person (to forget, rotate or look up a subject) names: the id as
+    /// given and, when it is a uuid written in another form (upper case, braces, no hyphens), its canonical form,
+    /// which is how records carry a uuid subject whatever form the producer wrote. Other ids are matched exactly:
+    /// case, spaces and leading zeros count, since two such ids may well be two people.
+    pub fn subject_scopes(&self, subject: &str) -> Vec<String> {
+        let mut scopes = vec![self.subject_scope(subject)];
+        if let Ok(uuid) = apache_avro::Uuid::try_parse(subject) {
+            let canonical = uuid.to_string();
+            if canonical != subject {
+                scopes.push(self.subject_scope(&canonical));
+            }
+        }
+        scopes
+    }
+
+    /// Destroys every key version of a subject (in each of its [scopes](Self::subject_scopes)) and remembers it as
+    /// forgotten. Returns how many versions were destroyed (0 when it had none, or was already forgotten).
     pub fn forget_subject(&self, subject: &str) -> Result<usize, KeyError> {
-        self.forget_scope(&self.subject_scope(subject))
+        let mut destroyed = 0;
+        for scope in self.subject_scopes(subject) {
+            destroyed += self.forget_scope(&scope)?;
+        }
+        Ok(destroyed)
     }
 
     /// As [`forget_subject`](Self::forget_subject), by the subject's key scope (as the control topic names it).
@@ -430,9 +449,14 @@ impl Keyring {
 
     /// What the key store knows of a subject, for the right of access: no PII, only counts.
     pub fn subject_status(&self, subject: &str) -> Result<SubjectStatus, KeyError> {
-        let scope = self.subject_scope(subject);
-        let forgotten = self.store.is_forgotten(&scope)?;
-        let key_versions = if forgotten { 0 } else { self.store.versions(&scope)? };
+        let (mut forgotten, mut key_versions) = (false, 0);
+        for scope in self.subject_scopes(subject) {
+            if self.store.is_forgotten(&scope)? {
+                forgotten = true;
+            } else {
+                key_versions += self.store.versions(&scope)?;
+            }
+        }
         Ok(SubjectStatus {
             known: forgotten || key_versions > 0,
             forgotten,
