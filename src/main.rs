@@ -143,6 +143,10 @@ enum KeysCommand {
     /// Forget again every subject the control topic records as forgotten: after restoring the key store from a
     /// backup taken before some forgets, run this before anything else uses the store.
     ReapplyForgets,
+    /// Announce on the control topic, signed, every forget the key store records and the topic lacks (forgets made
+    /// before messages were signed, or while the brokers could not be reached), so that a later restore and
+    /// `reapply-forgets` cannot undo them.
+    PublishForgets,
 }
 
 #[derive(Subcommand)]
@@ -538,6 +542,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             );
             audited_after(audit_locally(&config, &keyring, vec![event]))
+        }
+        Command::Keys {
+            command: KeysCommand::PublishForgets,
+        } => {
+            if !config.kafka.brokers_configured {
+                bail!("keys publish-forgets writes keys.control_topic: the config names no kafka.brokers");
+            }
+            let keyring = keyring(&config)?;
+            let client = kafka_client(&config);
+            let ledger = piiwall::stream::forgotten_scopes(&client, &config.keys.control_topic, &keyring)?;
+            let on_ledger: std::collections::HashSet<&String> = ledger.scopes.iter().collect();
+            let missing: Vec<String> = keyring
+                .forgotten_subject_scopes()?
+                .into_iter()
+                .filter(|scope| !on_ledger.contains(scope))
+                .collect();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let producer: rdkafka::producer::FutureProducer = client.create()?;
+            let control = Control::new(producer, config.keys.control_topic.clone());
+            for scope in &missing {
+                runtime.block_on(control.announce(&keyring, ControlOp::Forget, scope))?;
+            }
+            println!(
+                "{} forget(s) published on {} ({} already on it)",
+                missing.len(),
+                config.keys.control_topic,
+                ledger.scopes.len()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config { .. } => unreachable!("handled before the config is loaded"),
         Command::Samples { brokers, registry } => {

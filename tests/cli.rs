@@ -579,4 +579,36 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
     let again = run(&["keys", "reapply-forgets"], None);
     says(&again.stdout, "0 key version(s) destroyed again");
     assert!(!text(&again.stdout).contains("cus_0001"));
+
+    // A forget the ledger does not have signed (made before messages were signed, whose announcement is now
+    // ignored, or made while the brokers were unreachable) would be undone by the next restore: `publish-forgets`
+    // signs onto the ledger every forget the store records and the ledger lacks.
+    copy_store(&store, &backup);
+    let kek = std::fs::read_to_string(store.join("kek.key")).unwrap();
+    assert_eq!(
+        common::keyring_at_with(&store, &kek)
+            .forget_subject("cus_0002")
+            .unwrap(),
+        1,
+        "forgotten without an announcement"
+    );
+    let publish = run(&["keys", "publish-forgets"], None);
+    assert!(publish.status.success(), "{}", text(&publish.stderr));
+    says(&publish.stdout, "1 forget(s) published");
+    says(&publish.stdout, "1 already on");
+    let republish = run(&["keys", "publish-forgets"], None);
+    says(&republish.stdout, "0 forget(s) published");
+    for path in store_files(&store) {
+        std::fs::remove_file(path).unwrap();
+    }
+    copy_store(&backup, &store);
+    let restored = run(&["reveal", "--field", "email", &other_email], None);
+    assert!(restored.status.success(), "the restore undid the second forget");
+    let reapplied = run(&["keys", "reapply-forgets"], None);
+    says(&reapplied.stdout, "2 forgotten subject(s)");
+    says(&reapplied.stdout, "1 key version(s) destroyed again");
+    says(
+        &run(&["reveal", "--field", "email", &other_email], None).stderr,
+        "subject forgotten",
+    );
 }

@@ -733,6 +733,10 @@ fn parallel_first_uses_of_one_subject_on_two_instances_create_one_key() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 5, "exactly one key row per subject");
+    // What `keys publish-forgets` reads: the forgotten subjects' scopes, never a domain's.
+    a.forget_subject("new-subject-3").unwrap();
+    a.forget_scope(&Keyring::domain_scope("default")).unwrap();
+    assert_eq!(a.forgotten_subject_scopes().unwrap(), [b.subject_scope("new-subject-3")]);
 }
 
 #[test]

@@ -447,6 +447,11 @@ impl Keyring {
         Ok(destroyed)
     }
 
+    /// The key scopes of every subject the store records as forgotten (keyed hashes, never ids).
+    pub fn forgotten_subject_scopes(&self) -> Result<Vec<String>, KeyError> {
+        self.store.forgotten_scopes("s:")
+    }
+
     /// What the key store knows of a subject, for the right of access: no PII, only counts.
     pub fn subject_status(&self, subject: &str) -> Result<SubjectStatus, KeyError> {
         let (mut forgotten, mut key_versions) = (false, 0);
@@ -875,6 +880,9 @@ mod tests {
         }
         fn versions(&self, scope: &str) -> Result<u32, KeyError> {
             self.inner.versions(scope)
+        }
+        fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+            self.inner.forgotten_scopes(prefix)
         }
         fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
             self.inner.scopes_with_prefix(prefix)

@@ -381,6 +381,16 @@ impl KeyStore for PostgresStore {
         .map(|row| row.is_some())
     }
 
+    fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+        self.with("listing the forgotten subjects", |tx| {
+            tx.query(
+                "SELECT scope FROM piiwall_forgotten_scopes WHERE left(scope, $2) = $1 ORDER BY scope",
+                &[&prefix, &(prefix.chars().count() as i32)],
+            )
+        })
+        .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+    }
+
     fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
         self.with("listing key scopes", |tx| {
             tx.query(

@@ -233,6 +233,18 @@ impl KeyStore for SqliteStore {
         .map(|found| found.is_some())
     }
 
+    fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
+        self.with(
+            |c| {
+                let mut statement =
+                    c.prepare("SELECT scope FROM forgotten_scopes WHERE substr(scope, 1, ?2) = ?1 ORDER BY scope")?;
+                let rows = statement.query_map(params![prefix, prefix.len() as i64], |row| row.get(0))?;
+                rows.collect()
+            },
+            "listing the forgotten subjects",
+        )
+    }
+
     fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
         self.with(
             |c| {

@@ -36,6 +36,8 @@ pub trait KeyStore: Send + Sync {
     /// Returns how many key versions were destroyed. Idempotent.
     fn forget(&self, scope: &str) -> Result<usize, KeyError>;
     fn is_forgotten(&self, scope: &str) -> Result<bool, KeyError>;
+    /// The scopes recorded as forgotten that start with `prefix`.
+    fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError>;
     /// The scopes that hold keys and start with `prefix` (a domain family such as the quarantine's daily keys).
     fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError>;
     /// How many key versions a scope holds (0 when it has none or was forgotten).
