@@ -736,7 +736,16 @@ fn parallel_first_uses_of_one_subject_on_two_instances_create_one_key() {
     // What `keys publish-forgets` reads: the forgotten subjects' scopes, never a domain's.
     a.forget_subject("new-subject-3").unwrap();
     a.forget_scope(&Keyring::domain_scope("default")).unwrap();
-    assert_eq!(a.forgotten_subject_scopes().unwrap(), [b.subject_scope("new-subject-3")]);
+    assert_eq!(
+        a.forgotten_subject_scopes().unwrap(),
+        [b.subject_scope("new-subject-3")]
+    );
+    // Quarantine keys expire by the database server's clock, one clock for every instance.
+    let server_day: f64 = client
+        .query_one("SELECT extract(epoch FROM now())::float8 / 86400", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(a.store_today().unwrap(), server_day.floor() as u64);
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 const SUBJECT_INDEX: &str = "subject-index";
 /// The daily quarantine domains: `piiwall.quarantine.<day>`.
 const QUARANTINE_DOMAIN_PREFIX: &str = "piiwall.quarantine.";
+/// The one quarantine key of earlier versions, and the store's record of the day this version first saw it.
+const LEGACY_QUARANTINE_DOMAIN: &str = "piiwall.quarantine";
+const LEGACY_QUARANTINE_SEEN: &str = "legacy-quarantine-key-first-seen-day";
 
 /// Days since 1970-01-01 (UTC) now.
 pub fn today() -> u64 {
@@ -444,7 +447,32 @@ impl Keyring {
                 destroyed += self.forget_scope(&scope)?;
             }
         }
-        Ok(destroyed)
+        Ok(destroyed + self.expire_legacy_quarantine_key(retention_days, today)?)
+    }
+
+    /// The single quarantine key of earlier versions names no day: no copy is written under it any more, so it is
+    /// destroyed `retention_days` after the first day this version saw it (recorded in the store, so every
+    /// instance and restart agrees).
+    fn expire_legacy_quarantine_key(&self, retention_days: u64, today: u64) -> Result<usize, KeyError> {
+        let scope = Self::domain_scope(LEGACY_QUARANTINE_DOMAIN);
+        if self.store.versions(&scope)? == 0 {
+            return Ok(0);
+        }
+        let seen = self
+            .store
+            .meta_insert_if_absent(LEGACY_QUARANTINE_SEEN, &today.to_be_bytes())?;
+        let seen = <[u8; 8]>::try_from(seen.as_slice()).map_or(today, u64::from_be_bytes);
+        if today > seen.saturating_add(retention_days) {
+            self.forget_scope(&scope)
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// Today (days since 1970-01-01, UTC) by the key store's clock: one clock for every instance sharing the store,
+    /// so that a host whose clock runs ahead does not destroy a quarantine key the others still write under.
+    pub fn store_today(&self) -> Result<u64, KeyError> {
+        Ok(self.store.clock_secs()? / 86_400)
     }
 
     /// The key scopes of every subject the store records as forgotten (keyed hashes, never ids).
@@ -1022,5 +1050,26 @@ mod tests {
         assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 2);
         assert!(ring.key_by_id(other).is_ok(), "other domains are not touched");
         assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 0, "idempotent");
+    }
+
+    /// Earlier versions wrote every quarantined copy under one `piiwall.quarantine` key, which no day names: it
+    /// expires a retention after this version first sees it (the last copy under it is older than that).
+    #[test]
+    fn the_single_quarantine_key_of_earlier_versions_expires_a_retention_after_it_is_first_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let legacy = ring.domain_key("piiwall.quarantine").unwrap().key_id;
+        assert_eq!(ring.expire_quarantine_keys(7, 200).unwrap(), 0, "first seen on day 200");
+        assert_eq!(ring.expire_quarantine_keys(7, 207).unwrap(), 0);
+        let reopened = keyring(dir.path(), 1).unwrap();
+        assert_eq!(
+            reopened.expire_quarantine_keys(7, 208).unwrap(),
+            1,
+            "the first sighting is kept in the store"
+        );
+        assert!(matches!(
+            reopened.key_by_id(legacy),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
     }
 }

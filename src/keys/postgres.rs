@@ -381,6 +381,14 @@ impl KeyStore for PostgresStore {
         .map(|row| row.is_some())
     }
 
+    fn clock_secs(&self) -> Result<u64, KeyError> {
+        let secs: i64 = self.with("reading the database server's clock", |tx| {
+            tx.query_one("SELECT floor(extract(epoch FROM now()))::bigint", &[])
+                .map(|row| row.get(0))
+        })?;
+        Ok(secs.max(0) as u64)
+    }
+
     fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
         self.with("listing the forgotten subjects", |tx| {
             tx.query(

@@ -47,4 +47,10 @@ pub trait KeyStore: Send + Sync {
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Seconds since 1970-01-01 UTC by the store's clock: the server's, for a store several hosts share.
+    fn clock_secs(&self) -> Result<u64, KeyError> {
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()))
+    }
 }

@@ -730,8 +730,20 @@ const QUARANTINE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 /// Destroys the daily quarantine keys past `kafka.quarantine_retention_days`. A failure is retried at the next tick.
 async fn expire_quarantine_keys(ctx: &Arc<LaneContext>, retention_days: u64) {
     let keyring = ctx.processor.sanitizer.keyring().clone();
-    let expired =
-        tokio::task::spawn_blocking(move || keyring.expire_quarantine_keys(retention_days, crate::keys::today())).await;
+    let expired = tokio::task::spawn_blocking(move || {
+        let today = keyring.store_today()?;
+        let here = crate::keys::today();
+        if today.abs_diff(here) > 1 {
+            tracing::warn!(
+                store_day = today,
+                host_day = here,
+                "this host's clock and the key store's disagree by more than a day: quarantine keys expire by the \
+                 store's clock; set the host's clock right"
+            );
+        }
+        keyring.expire_quarantine_keys(retention_days, today)
+    })
+    .await;
     match expired {
         Ok(Ok(0)) => {}
         Ok(Ok(destroyed)) => tracing::info!(destroyed, "quarantine keys past their retention destroyed"),
