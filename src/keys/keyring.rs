@@ -1,7 +1,7 @@
 //! The keyring: data keys by scope and by id, from the key store through a bounded in-memory cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,11 +31,16 @@ const QUARANTINE_DOMAIN_PREFIX: &str = "piiwall.quarantine.";
 const LEGACY_QUARANTINE_DOMAIN: &str = "piiwall.quarantine";
 const LEGACY_QUARANTINE_SEEN: &str = "legacy-quarantine-key-first-seen-day";
 
-/// Days since 1970-01-01 (UTC) now.
+/// Days since 1970-01-01 (UTC) now, by this host's clock.
 pub fn today() -> u64 {
+    host_secs() as u64 / 86_400
+}
+
+/// Seconds since 1970-01-01 (UTC) now, by this host's clock.
+fn host_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +129,9 @@ pub struct Keyring {
     stats: CacheStats,
     /// Cache fills share it; invalidations take it alone (see [`fill`](Self::fill)).
     fills: RwLock<()>,
+    /// The key store's clock minus this host's, in seconds, as last read by [`store_today`](Self::store_today);
+    /// `i64::MIN` until then. The day of a quarantined copy's key is the store's day, never the host's alone.
+    store_clock_offset: AtomicI64,
 }
 
 /// The right-of-access answer about a subject.
@@ -179,6 +187,7 @@ impl Keyring {
             ttl: cache.ttl,
             stats: CacheStats::default(),
             fills: RwLock::new(()),
+            store_clock_offset: AtomicI64::new(i64::MIN),
         })
     }
 
@@ -472,7 +481,23 @@ impl Keyring {
     /// Today (days since 1970-01-01, UTC) by the key store's clock: one clock for every instance sharing the store,
     /// so that a host whose clock runs ahead does not destroy a quarantine key the others still write under.
     pub fn store_today(&self) -> Result<u64, KeyError> {
-        Ok(self.store.clock_secs()? / 86_400)
+        let store = self.store.clock_secs()?;
+        let offset = i64::try_from(store).unwrap_or(i64::MAX).saturating_sub(host_secs());
+        self.store_clock_offset.store(offset, Ordering::Relaxed);
+        Ok(store / 86_400)
+    }
+
+    /// The key of today's quarantined copies whose data subject is unknown. Today is the key store's day (the host's
+    /// clock corrected by the offset to the store's, re-read with every expiry), so a host whose clock runs behind
+    /// never writes under a day's key that the expiry, run by the store's clock, has already destroyed.
+    pub fn quarantine_key(&self) -> Result<Arc<Dek>, KeyError> {
+        let mut offset = self.store_clock_offset.load(Ordering::Relaxed);
+        if offset == i64::MIN {
+            self.store_today()?;
+            offset = self.store_clock_offset.load(Ordering::Relaxed);
+        }
+        let day = host_secs().saturating_add(offset).max(0) as u64 / 86_400;
+        self.domain_key(&Self::quarantine_domain(day))
     }
 
     /// The key scopes of every subject the store records as forgotten (keyed hashes, never ids).
@@ -848,6 +873,8 @@ mod tests {
     struct Racing {
         inner: SqliteStore,
         hook: std::sync::Mutex<Option<(After, Hook)>>,
+        /// How far the store's clock runs ahead of this host's (negative: behind), in seconds.
+        clock_ahead: AtomicI64,
     }
 
     impl Racing {
@@ -855,6 +882,7 @@ mod tests {
             Arc::new(Self {
                 inner: SqliteStore::open(&dir.join("keys.db")).unwrap(),
                 hook: std::sync::Mutex::new(None),
+                clock_ahead: AtomicI64::new(0),
             })
         }
 
@@ -920,6 +948,9 @@ mod tests {
         }
         fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
             self.inner.meta_insert_if_absent(name, wrapped)
+        }
+        fn clock_secs(&self) -> Result<u64, KeyError> {
+            Ok((host_secs() + self.clock_ahead.load(Ordering::Relaxed)) as u64)
         }
     }
 
@@ -1069,6 +1100,38 @@ mod tests {
         );
         assert!(matches!(
             reopened.key_by_id(legacy),
+            Err(Error::Reveal(RevealError::SubjectForgotten))
+        ));
+    }
+
+    /// Quarantine keys are written and expired by one clock, the key store's: a host whose clock runs a month
+    /// behind the store's writes under the store's day, so the hourly expiry (by the store's clock) destroys no key
+    /// that copies are still being written under, and every copy is kept for the whole retention.
+    #[test]
+    fn a_host_clock_behind_the_stores_writes_quarantine_copies_under_the_stores_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing::open(dir.path());
+        store.clock_ahead.store(30 * 86_400, Ordering::Relaxed);
+        let ring = racing_keyring(&store);
+        let written = ring.quarantine_key().unwrap().key_id;
+        let store_day = ring.store_today().unwrap();
+        assert_eq!(
+            ring.expire_quarantine_keys(7, store_day).unwrap(),
+            0,
+            "today's key is not expired on its own day"
+        );
+        assert!(
+            ring.key_by_id(written).is_ok(),
+            "the copy written today can be replayed"
+        );
+        assert_eq!(
+            ring.quarantine_key().unwrap().key_id,
+            written,
+            "later copies share the day's key"
+        );
+        assert_eq!(ring.expire_quarantine_keys(7, store_day + 8).unwrap(), 1);
+        assert!(matches!(
+            ring.key_by_id(written),
             Err(Error::Reveal(RevealError::SubjectForgotten))
         ));
     }
