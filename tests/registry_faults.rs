@@ -5,17 +5,20 @@
 
 mod common;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::kafka::{audit_events_of, consume, create_topic, customer_records, header, produce, reader, unique};
 use common::registry::{Registry, register};
 use common::services::free_port;
 use piiwall::config::Config;
 use piiwall::error::ErrorKind;
-use piiwall::stream::{Part, Route, Routes};
+use piiwall::stream::{self, Part, Route, Routes, SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::Consumer;
 
 /// What the proxy does with one request.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +27,8 @@ enum Fault {
     Status(u16),
     /// The registry's answer, cut off in the middle of its body.
     Truncated,
+    /// No answer for longer than piiwall waits for one (its request timeout is 10 s), then the connection ends.
+    Stall,
 }
 
 /// The proxy: faults are served in order, one per request; with none left, requests go to the registry.
@@ -44,7 +49,8 @@ impl Proxy {
             for client in listener.incoming().flatten() {
                 *count.lock().unwrap() += 1;
                 let fault = queue.lock().unwrap().pop_front();
-                let _ = serve(client, upstream, fault);
+                // A connection each: a stalled answer holds up no other request.
+                std::thread::spawn(move || serve(client, upstream, fault));
             }
         });
         Self { port, faults, requests }
@@ -60,6 +66,10 @@ impl Proxy {
 
     fn requests(&self) -> usize {
         *self.requests.lock().unwrap()
+    }
+
+    fn faults_left(&self) -> usize {
+        self.faults.lock().unwrap().len()
     }
 }
 
@@ -96,6 +106,7 @@ fn close_after(message: &[u8]) -> Vec<u8> {
 fn serve(mut client: TcpStream, upstream: u16, fault: Option<Fault>) -> std::io::Result<()> {
     let request = read_request(&mut client)?;
     match fault {
+        Some(Fault::Stall) => std::thread::sleep(Duration::from_secs(12)),
         Some(Fault::Status(status)) => {
             let body = format!(r#"{{"error_code":{status}01,"message":"injected"}}"#);
             write!(
@@ -125,9 +136,10 @@ fn serve(mut client: TcpStream, upstream: u16, fault: Option<Fault>) -> std::io:
 fn config(dir: &std::path::Path, registry: &str, extra: &str) -> Config {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
     let text = format!(
-        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[schemas]\nregistry = \"{registry}\"\n\
-         {extra}",
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\ncontrol_topic = \"{control}\"\n\
+         [schemas]\nregistry = \"{registry}\"\n{extra}",
         dir = dir.display(),
+        control = unique("regfault-control"),
     );
     Config::parse(&text, std::iter::empty(), "registry fault test config").unwrap()
 }
@@ -218,4 +230,114 @@ async fn an_unknown_id_is_quarantined_after_its_grace_and_a_broken_route_is_aske
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let _ = resolve(&routes, "unknown", 4242).await;
     assert!(proxy.requests() > before, "a broken route expires");
+}
+
+/// The (partition, offset) source coordinates that reached `topic`, read until `wanted` distinct ones arrived or
+/// the deadline passed (duplicates, which at-least-once allows, count once).
+fn coordinates(topic: &str, wanted: usize, deadline: Duration) -> BTreeSet<(i32, i64)> {
+    let consumer = reader(topic);
+    let start = std::time::Instant::now();
+    let mut seen = BTreeSet::new();
+    while seen.len() < wanted && start.elapsed() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.detach();
+            let number = |name| {
+                std::str::from_utf8(header(&message, name).expect("source coordinates"))
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap()
+            };
+            seen.insert((number(SOURCE_PARTITION) as i32, number(SOURCE_OFFSET)));
+        }
+    }
+    consumer.unsubscribe();
+    seen
+}
+
+/// Every (partition, offset) of `n` records spread over 3 partitions as `customer_records` spreads them.
+fn every_coordinate(n: usize) -> BTreeSet<(i32, i64)> {
+    (0..n).map(|i| ((i % 3) as i32, (i / 3) as i64)).collect()
+}
+
+/// The fault suite's registry scenario, through a running pipeline: a second topic starts flowing while the
+/// registry answers 500, 429, 504, a truncated body, a late 404, 503, 401 and a timeout in turn. The topic's lanes
+/// wait (the first topic's records went on meanwhile); then every record of both topics is in the output, nothing
+/// is in quarantine, and the audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_misbehaving_mid_stream_loses_nothing_and_quarantines_nothing() {
+    let registry = Registry::start(free_port());
+    let upstream: u16 = registry.url().rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = Proxy::start(upstream);
+    let (first, second) = (unique("regfault-a"), unique("regfault-b"));
+    let schema_text = common::example("customer_profile.avsc");
+    let id = register(&registry.url(), &format!("{first}-value"), &schema_text).await;
+    let schema = common::compiled(&schema_text);
+    const N: usize = 300;
+    for topic in [&first, &second] {
+        create_topic(topic, 3).await;
+    }
+    produce(&first, customer_records(&schema, id, N)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let audit = format!("{first}.audit");
+    let config = config(
+        dir.path(),
+        &proxy.url(),
+        &format!(
+            "not_found_grace_secs = 60\n\
+             [kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ninputs = [\"{first}\", \"{second}\"]\n\
+             quarantine_topic = \"{first}.quarantine\"\n\
+             [pipeline]\nbatch_size = 50\ncommit_interval_ms = 100\ndrain_timeout_secs = 5\n\
+             [audit]\ntopic = \"{audit}\"\n[http]\nlisten = \"off\"\n",
+            brokers = common::kafka::broker(),
+            group = unique("piiwall"),
+        ),
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let output = format!("{first}.sanitized");
+    let seen = tokio::task::spawn_blocking(move || coordinates(&output, N, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(seen, every_coordinate(N), "the first topic flows");
+
+    let faults = [
+        Fault::Status(500),
+        Fault::Status(429),
+        Fault::Status(504),
+        Fault::Truncated,
+        Fault::Status(404),
+        Fault::Status(503),
+        Fault::Status(401),
+        Fault::Stall,
+    ];
+    proxy.inject(&faults);
+    produce(&second, customer_records(&schema, id, N)).await;
+    let output = format!("{second}.sanitized");
+    let seen = tokio::task::spawn_blocking(move || coordinates(&output, N, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    assert_eq!(proxy.faults_left(), 0, "the registry was asked through every fault");
+    assert_eq!(seen, every_coordinate(N), "every record of the second topic arrives");
+
+    shutdown.trigger();
+    let summary = task.await.unwrap().expect("the pipeline rode through");
+    assert_eq!(summary.quarantined, 0, "no transient answer quarantined a record");
+    assert!(summary.sanitized >= 2 * N as u64);
+    let events = tokio::task::spawn_blocking({
+        let audit = audit.clone();
+        move || consume(&audit, 2, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert!(audit_events_of(&events, "QUARANTINE").is_empty());
+    let keyring = common::keyring_at(dir.path());
+    let report = tokio::task::spawn_blocking(move || {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", common::kafka::broker());
+        piiwall::audit::verify(&client, &audit, &keyring).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.first_break, None, "the audit chain verifies");
 }

@@ -12,7 +12,7 @@ use super::routes::{Part, Route, Routes};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
-use crate::keys::{BatchKeys, Keyring, RecordKey};
+use crate::keys::{BatchKeys, RecordKey};
 use crate::sanitize::Sanitizer;
 use crate::transcode::TranscodeScratch;
 
