@@ -33,6 +33,7 @@ pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod demo;
+pub mod detect;
 pub mod error;
 pub mod http;
 pub mod keys;
