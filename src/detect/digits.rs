@@ -66,14 +66,14 @@ pub(super) fn run_at(bytes: &[u8], i: usize, mut found: impl FnMut(usize, usize,
     let run = Run {
         bytes,
         prefix: if i == groups[0].start { 0 } else { prefix },
-        prefix_at: i,
         groups: &groups[..count],
     };
     let mut a = 0;
     while a < count {
         a = match run.longest_from(a) {
-            Some((b, kind)) => {
-                found(run.span_start(a), groups[b].end, kind);
+            Some((b, kind, with_prefix)) => {
+                let start = if with_prefix { i } else { groups[a].start };
+                found(start, groups[b].end, kind);
                 b + 1
             }
             None => a + 1,
@@ -109,21 +109,13 @@ struct Run<'a> {
     bytes: &'a [u8],
     /// `+` or `(` before the first group, or 0.
     prefix: u8,
-    prefix_at: usize,
     groups: &'a [Group],
 }
 
 impl Run<'_> {
-    fn span_start(&self, a: usize) -> usize {
-        if a == 0 && self.prefix != 0 {
-            self.prefix_at
-        } else {
-            self.groups[a].start
-        }
-    }
-
-    /// The longest number starting at group `a`: its last group and kind.
-    fn longest_from(&self, a: usize) -> Option<(usize, Kind)> {
+    /// The longest number starting at group `a`: its last group, its kind, and whether the run's prefix (`+`, or
+    /// the `(` of an area code) is part of it.
+    fn longest_from(&self, a: usize) -> Option<(usize, Kind, bool)> {
         if a > 0 && self.groups[a].sep != SPACE {
             return None;
         }
@@ -133,11 +125,11 @@ impl Run<'_> {
             if !ends_well {
                 return None;
             }
-            self.kind_of(a, b).map(|kind| (b, kind))
+            self.kind_of(a, b).map(|(kind, with_prefix)| (b, kind, with_prefix))
         })
     }
 
-    fn kind_of(&self, a: usize, b: usize) -> Option<Kind> {
+    fn kind_of(&self, a: usize, b: usize) -> Option<(Kind, bool)> {
         let window = &self.groups[a..=b];
         let prefix = if a == 0 { self.prefix } else { 0 };
         let seps = || window[1..].iter().map(|g| g.sep);
@@ -149,38 +141,41 @@ impl Run<'_> {
         let count: usize = window.iter().map(Group::len).sum();
         let first = self.bytes[window[0].start];
         let lens = || window.iter().map(Group::len);
+        // An opening parenthesis closed after the first group is a phone's area code; otherwise it is punctuation
+        // around the number, not part of it.
+        let area_code = prefix == b'(' && window.len() > 1 && window[1].sep & CLOSE != 0;
+        if prefix == b'+' {
+            return ((8..=15).contains(&count) && first != b'0').then_some((Kind::Phone, true));
+        }
 
-        if prefix == 0 && a == 0 && b + 1 == self.groups.len() && window.len() == 4 && same_sep(&[DOT]) {
+        if !area_code && a == 0 && b + 1 == self.groups.len() && window.len() == 4 && same_sep(&[DOT]) {
             return window
                 .iter()
                 .all(|g| octet(&self.bytes[g.start..g.end]))
-                .then_some(Kind::Ip);
+                .then_some((Kind::Ip, false));
         }
-        if prefix == 0 && lens().eq([3, 2, 4]) && same_sep(&[DASH, SPACE]) && ssn(self.bytes, window) {
-            return Some(Kind::Ssn);
+        if !area_code && lens().eq([3, 2, 4]) && same_sep(&[DASH, SPACE]) && ssn(self.bytes, window) {
+            return Some((Kind::Ssn, false));
         }
-        if prefix == 0 && (13..=19).contains(&count) && same_sep(&[SPACE, DASH]) && card(digits(), count) {
-            return Some(Kind::Card);
+        if !area_code && (13..=19).contains(&count) && same_sep(&[SPACE, DASH]) && card(digits(), count) {
+            return Some((Kind::Card, false));
         }
-        if prefix == b'+' {
-            return ((8..=15).contains(&count) && first != b'0').then_some(Kind::Phone);
-        }
-        let area_code = |g: &Group| (b'2'..=b'9').contains(&self.bytes[g.start]);
+        let exchange = |g: &Group| (b'2'..=b'9').contains(&self.bytes[g.start]);
         let nanp = lens().eq([3, 3, 4])
-            && area_code(&window[0])
-            && area_code(&window[1])
-            && if prefix == b'(' {
-                window[1].sep & CLOSE != 0 && window[1].sep & OPEN == 0 && window[2].sep & (CLOSE | OPEN) == 0
+            && exchange(&window[0])
+            && exchange(&window[1])
+            && if area_code {
+                window[1].sep & OPEN == 0 && window[2].sep & (CLOSE | OPEN) == 0
             } else {
                 same_sep(&[DASH, DOT, SPACE])
             };
-        let national = prefix == 0
+        let national = !area_code
             && first == b'0'
             && (10..=11).contains(&count)
             && (2..=3).contains(&window.len())
             && lens().all(|l| l >= 3)
             && same_sep(&[SPACE, DASH]);
-        (nanp || national).then_some(Kind::Phone)
+        (nanp || national).then_some((Kind::Phone, area_code))
     }
 }
 
