@@ -146,6 +146,50 @@ struct RawKeys {
 struct RawPolicy {
     untagged: Option<String>,
     tags: Option<BTreeMap<String, String>>,
+    detect: Option<RawDetect>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDetect {
+    mode: Option<String>,
+    detectors: Option<BTreeMap<String, String>>,
+    fields: Option<BTreeMap<String, String>>,
+}
+
+impl RawDetect {
+    fn validate(self) -> Result<crate::detect::DetectPolicy, ConfigError> {
+        use crate::detect::{DetectMode, DetectPolicy, Kind};
+        let mode = |key: &str, value: &str| {
+            DetectMode::from_name(value).ok_or_else(|| {
+                ConfigError(format!(
+                    "{key}: \"{value}\" is not a detection mode ({})",
+                    DetectMode::NAMES
+                ))
+            })
+        };
+        let mut policy = DetectPolicy::default();
+        if let Some(value) = &self.mode {
+            policy.mode = mode("policy.detect.mode", value)?;
+        }
+        for (name, value) in self.detectors.unwrap_or_default() {
+            let kind = Kind::from_name(&name).ok_or_else(|| {
+                let names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+                ConfigError(format!(
+                    "policy.detect.detectors.{name} is not a detector ({})",
+                    names.join(", ")
+                ))
+            })?;
+            policy
+                .detectors
+                .insert(kind, mode(&format!("policy.detect.detectors.{name}"), &value)?);
+        }
+        for (path, value) in self.fields.unwrap_or_default() {
+            let parsed = mode(&format!("policy.detect.fields.\"{path}\""), &value)?;
+            policy.fields.insert(path, parsed);
+        }
+        Ok(policy)
+    }
 }
 
 /// Brokers, unless `kafka.brokers` says otherwise.
@@ -500,6 +544,17 @@ impl Config {
         for (tag, action) in &self.policy.tag_actions {
             line(&format!("policy.tags.{tag}"), action.name().to_owned());
         }
+        let detect = &self.policy.detect;
+        line("policy.detect.mode", detect.mode.name().to_owned());
+        for (kind, mode) in &detect.detectors {
+            line(
+                &format!("policy.detect.detectors.{}", kind.name()),
+                mode.name().to_owned(),
+            );
+        }
+        for (path, mode) in &detect.fields {
+            line(&format!("policy.detect.fields.\"{path}\""), mode.name().to_owned());
+        }
         line("kafka.brokers", self.kafka.brokers.clone());
         line("kafka.group_id", self.kafka.group_id.clone());
         line("kafka.inputs", format!("{:?}", self.kafka.inputs));
@@ -720,6 +775,7 @@ impl RawConfig {
         };
         let mut policy = PolicySettings {
             untagged,
+            detect: self.policy.detect.unwrap_or_default().validate()?,
             ..PolicySettings::default()
         };
         if let Some(tags) = self.policy.tags {
@@ -1246,6 +1302,11 @@ mod tests {
         );
         assert_eq!(config.keys.default_domain, "default");
         assert_eq!(config.policy.untagged, Untagged::Block);
+        assert_eq!(
+            config.policy.detect,
+            crate::detect::DetectPolicy::default(),
+            "detections are reported"
+        );
         assert_eq!(config.policy.tag_actions.get("PII"), Some(&Action::Encrypt));
     }
 
@@ -1273,9 +1334,34 @@ mod tests {
     }
 
     #[test]
+    fn detection_is_set_per_detector_and_per_field() {
+        use crate::detect::{DetectMode, Kind};
+        let config = parse(
+            "[policy.detect]\nmode = \"redact\"\n[policy.detect.detectors]\nip = \"off\"\n\
+             [policy.detect.fields]\n\"order.reference\" = \"off\"\n",
+            &[],
+        )
+        .unwrap();
+        let detect = &config.policy.detect;
+        assert_eq!(detect.mode, DetectMode::Redact);
+        assert_eq!(detect.detectors.get(&Kind::Ip), Some(&DetectMode::Off));
+        assert_eq!(detect.fields.get("order.reference"), Some(&DetectMode::Off));
+    }
+
+    #[test]
     fn bad_configs_name_the_key() {
         let cases = [
             ("[keys]\nstroe = \"x\"\n", "stroe"),
+            ("[policy.detect]\nmode = \"loud\"\n", "policy.detect.mode"),
+            ("[policy.detect]\nmod = \"off\"\n", "mod"),
+            (
+                "[policy.detect.detectors]\nfax = \"off\"\n",
+                "policy.detect.detectors.fax",
+            ),
+            (
+                "[policy.detect.fields]\nnotes = \"maybe\"\n",
+                "policy.detect.fields.\"notes\"",
+            ),
             ("[kafak]\n", "kafak"),
             ("[keys]\nstore = \"mysql://x\"\n", "keys.store"),
             ("[keys]\nkek = \"vault:x\"\n", "keys.kek"),

@@ -11,7 +11,10 @@
 mod digits;
 mod email;
 mod iban;
+mod policy;
 mod secret;
+
+pub use policy::{DetectMode, DetectPolicy, FieldDetectors};
 
 /// What a detector finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,7 +85,7 @@ pub struct Found {
 
 /// A set of detectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Detectors(u8);
+pub struct Detectors(pub(crate) u8);
 
 impl Detectors {
     pub const NONE: Detectors = Detectors(0);

@@ -29,6 +29,8 @@ pub struct PolicySettings {
     pub untagged: Untagged,
     /// Confluent-style tag name -> action.
     pub tag_actions: BTreeMap<String, Action>,
+    /// What is looked for in the text of fields no annotation protects.
+    pub detect: crate::detect::DetectPolicy,
 }
 
 impl Default for PolicySettings {
@@ -36,6 +38,7 @@ impl Default for PolicySettings {
         Self {
             untagged: Untagged::Block,
             tag_actions: BTreeMap::from([("PII".to_owned(), Action::Encrypt)]),
+            detect: crate::detect::DetectPolicy::default(),
         }
     }
 }
@@ -149,6 +152,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
             rules: walker.rules,
             subject: walker.subject,
             domain,
+            detect: settings.detect.clone(),
         },
     })
 }

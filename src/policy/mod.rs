@@ -133,6 +133,8 @@ pub struct Plan {
     pub(crate) subject: Option<SubjectRef>,
     /// The key domain named by the schema's `pii.domain`; `None` uses the configured default.
     pub domain: Option<String>,
+    /// What is looked for in the text of fields no annotation protects (`policy.detect`).
+    pub detect: crate::detect::DetectPolicy,
 }
 
 impl Plan {

@@ -53,7 +53,13 @@ pub struct LaneContext {
     pub max_record_bytes: usize,
     /// Records sanitized per (input topic, writer schema id) since the last processing summary.
     pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
+    /// Detections in unannotated fields per input topic since the last processing summary: per (field path,
+    /// detector, what was done), how many.
+    pub detected: std::sync::Mutex<std::collections::HashMap<String, DetectionCounts>>,
 }
+
+/// Detections per (field path, detector, what was done).
+pub type DetectionCounts = std::collections::BTreeMap<(Arc<str>, crate::detect::Kind, crate::detect::DetectMode), u64>;
 
 /// How a lane ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -176,6 +182,7 @@ pub async fn run(
             *totals.entry((topic.clone(), id)).or_default() += count;
         }
         drop(totals);
+        count_detections(&ctx, &topic, scratch.take_detections());
         ctx.sanitized.fetch_add(written.sanitized, Ordering::Relaxed);
         ctx.quarantined.fetch_add(written.quarantined, Ordering::Relaxed);
         metrics::histogram!("piiwall_batch_seconds", "topic" => topic.clone()).record(started.elapsed().as_secs_f64());
@@ -186,6 +193,23 @@ pub async fn run(
     }
     tracing::debug!(%topic, partition, "lane drained");
     Ok(LaneEnd::Drained)
+}
+
+/// Adds a written batch's detections to the metrics and to the next processing summary (never a value).
+fn count_detections(ctx: &LaneContext, topic: &str, detections: Vec<crate::transcode::Detection>) {
+    if detections.is_empty() {
+        return;
+    }
+    let mut counts = ctx.detected.lock().unwrap_or_else(|p| p.into_inner());
+    let counts = counts.entry(topic.to_owned()).or_default();
+    for detection in detections {
+        metrics::counter!("piiwall_detections_total", "topic" => topic.to_owned(), "field" => detection.path.to_string(),
+            "detector" => detection.kind.name(), "action" => detection.mode.name())
+        .increment(1);
+        *counts
+            .entry((detection.path, detection.kind, detection.mode))
+            .or_default() += 1;
+    }
 }
 
 /// Writes a batch (at-least-once) until every record is acknowledged: a broker that is down longer than
@@ -403,6 +427,8 @@ async fn sanitize_batch(
                 let lane = ctx.clone();
                 let (batch, mut scratch) = held;
                 let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
+                    // Detections count once per written batch, however often it is sanitized.
+                    scratch.clear_detections();
                     let result = lane.processor.prefetch_keys(&batch).and_then(|keys| {
                         let outcomes = batch
                             .iter()

@@ -331,6 +331,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES),
         window: std::sync::Mutex::new(HashMap::new()),
+        detected: std::sync::Mutex::new(HashMap::new()),
     });
     let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
     let mut reap = tokio::time::interval(REAP_INTERVAL);
@@ -657,6 +658,7 @@ async fn end_lane(
 async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
     let now = crate::audit::now_ms();
     let counts: Vec<((String, u32), u64)> = ctx.window.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    let mut detected = std::mem::take(&mut *ctx.detected.lock().unwrap_or_else(|p| p.into_inner()));
     for ((topic, schema_id), records) in counts.into_iter().filter(|(_, n)| *n > 0) {
         let mut event = AuditEvent::new(AuditKind::ProcessingSummary);
         event.schema_id = Some(schema_id as i32);
@@ -673,6 +675,14 @@ async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
                     count: records as i64,
                 })
                 .collect();
+        }
+        // Detections in unannotated fields ride on the topic's first summary of the window.
+        for ((path, kind, mode), count) in detected.remove(&topic).unwrap_or_default() {
+            event.counts.push(FieldCount {
+                field_path: path.to_string(),
+                action: format!("detected {} ({})", kind.name(), mode.name()),
+                count: count as i64,
+            });
         }
         event.topic = Some(topic);
         event.window = Some((window_start, now));

@@ -16,7 +16,7 @@ mod wire;
 
 use std::borrow::Cow;
 
-pub use run::TranscodeScratch;
+pub use run::{Detection, TranscodeScratch};
 
 use crate::error::{PolicyError, ValueError};
 use crate::policy::CompiledSchema;
@@ -32,7 +32,7 @@ pub struct Transcoder {
 
 impl Transcoder {
     pub fn new(schema: &CompiledSchema) -> Result<Self, PolicyError> {
-        let builder = Builder::new(&schema.writer);
+        let builder = Builder::new(&schema.writer, &schema.plan.detect);
         let root = builder.root(&schema.writer, &schema.plan)?;
         let subject = match &schema.plan.subject {
             Some(subject) => Some(builder.locate(&schema.writer, &subject.steps)?),

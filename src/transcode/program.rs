@@ -9,6 +9,7 @@ use apache_avro::types::Value;
 
 use crate::codec::schema_names;
 use crate::crypto::plain;
+use crate::detect::{DetectPolicy, FieldDetectors};
 use crate::error::PolicyError;
 use crate::policy::{Branch, Node, Plan, Shape};
 
@@ -96,9 +97,19 @@ impl Step {
         match self {
             Step::Skip(skip) => skip.min_size(),
             Step::Record(steps) => steps.iter().map(Step::min_size).sum(),
-            Step::Array(_) | Step::Map(_) | Step::Union(_) => 1,
+            Step::Array(_) | Step::Map(..) | Step::Union(_) | Step::Inspect(_) => 1,
             Step::Protect(protect) => protect.skip.min_size(),
         }
+    }
+}
+
+/// Whether a step looks at any text.
+fn inspects(step: &Step) -> bool {
+    match step {
+        Step::Inspect(_) | Step::Map(_, Some(_)) => true,
+        Step::Skip(_) | Step::Protect(_) => false,
+        Step::Record(steps) | Step::Union(steps) => steps.iter().any(inspects),
+        Step::Array(item) | Step::Map(item, None) => inspects(item),
     }
 }
 
@@ -108,9 +119,19 @@ pub(crate) enum Step {
     Skip(Skip),
     Record(Vec<Step>),
     Array(Box<Step>),
-    Map(Box<Step>),
+    /// The values' step, and the keys' inspection when detection looks at them.
+    Map(Box<Step>, Option<Box<Inspect>>),
     Union(Vec<Step>),
     Protect(Box<ProtectStep>),
+    /// A string no annotation protects, which the detectors look at.
+    Inspect(Box<Inspect>),
+}
+
+/// The detectors of one unprotected string field.
+#[derive(Debug, Clone)]
+pub(crate) struct Inspect {
+    pub(crate) path: Arc<str>,
+    pub(crate) detectors: FieldDetectors,
 }
 
 #[derive(Debug, Clone)]
@@ -147,16 +168,22 @@ pub(crate) enum Locate {
 
 pub(crate) struct Builder<'s> {
     names: HashMap<&'s Name, &'s Schema>,
+    /// `None` when detection is off everywhere: unprotected values are then passed over whole.
+    detect: Option<&'s DetectPolicy>,
 }
+
+/// How deep detection follows nested types (a recursive schema stops being looked into there).
+const MAX_INSPECT_DEPTH: usize = 32;
 
 fn unsupported(what: &str) -> PolicyError {
     PolicyError::new("", format!("the binary transcoder does not support {what}"))
 }
 
 impl<'s> Builder<'s> {
-    pub(crate) fn new(schema: &'s Schema) -> Self {
+    pub(crate) fn new(schema: &'s Schema, detect: &'s DetectPolicy) -> Self {
         Self {
             names: schema_names(schema),
+            detect: (!detect.is_off()).then_some(detect),
         }
     }
 
@@ -174,15 +201,15 @@ impl<'s> Builder<'s> {
         let mut steps = Vec::with_capacity(record.fields.len());
         for (index, field) in record.fields.iter().enumerate() {
             let node = plan.root.iter().find(|(i, _)| *i == index).map(|(_, n)| n);
-            steps.push(self.step(&field.schema, node, plan)?);
+            steps.push(self.step(&field.schema, node, plan, &field.name)?);
         }
         Ok(Step::Record(steps))
     }
 
-    fn step(&self, schema: &'s Schema, node: Option<&Node>, plan: &Plan) -> Result<Step, PolicyError> {
+    fn step(&self, schema: &'s Schema, node: Option<&Node>, plan: &Plan, path: &str) -> Result<Step, PolicyError> {
         let schema = self.resolve(schema);
         let Some(node) = node else {
-            return Ok(Step::Skip(self.skip(schema)?));
+            return self.unprotected(schema, path, 0);
         };
         Ok(match (node, schema) {
             (Node::Protect(p), schema) => Step::Protect(Box::new(ProtectStep {
@@ -200,23 +227,74 @@ impl<'s> Builder<'s> {
                 let mut steps = Vec::with_capacity(record.fields.len());
                 for (index, field) in record.fields.iter().enumerate() {
                     let node = nodes.iter().find(|(i, _)| *i == index).map(|(_, n)| n);
-                    steps.push(self.step(&field.schema, node, plan)?);
+                    steps.push(self.step(&field.schema, node, plan, &format!("{path}.{}", field.name))?);
                 }
                 Step::Record(steps)
             }
             (Node::Array(node), Schema::Array(array)) => {
-                Step::Array(Box::new(self.step(&array.items, Some(node), plan)?))
+                Step::Array(Box::new(self.step(&array.items, Some(node), plan, path)?))
             }
-            (Node::Map(node), Schema::Map(map)) => Step::Map(Box::new(self.step(&map.types, Some(node), plan)?)),
+            (Node::Map(node), Schema::Map(map)) => Step::Map(
+                Box::new(self.step(&map.types, Some(node), plan, path)?),
+                self.inspect(path).map(Box::new),
+            ),
             (Node::Union(branches), Schema::Union(union)) => Step::Union(
                 union
                     .variants()
                     .iter()
                     .zip(branches)
-                    .map(|(variant, node)| self.step(variant, node.as_ref(), plan))
+                    .map(|(variant, node)| self.step(variant, node.as_ref(), plan, path))
                     .collect::<Result<_, _>>()?,
             ),
             _ => return Err(unsupported("a plan that does not match its schema")),
+        })
+    }
+
+    /// The detectors of the unprotected text at `path`, unless none applies there.
+    fn inspect(&self, path: &str) -> Option<Inspect> {
+        let detectors = self.detect?.for_field(path);
+        (!detectors.all().is_empty()).then(|| Inspect {
+            path: path.into(),
+            detectors,
+        })
+    }
+
+    /// A value no annotation protects: passed over whole, unless detection looks at the text inside it.
+    fn unprotected(&self, schema: &'s Schema, path: &str, depth: usize) -> Result<Step, PolicyError> {
+        let schema = self.resolve(schema);
+        let whole = || Ok(Step::Skip(self.skip(schema)?));
+        if self.detect.is_none() || depth > MAX_INSPECT_DEPTH {
+            return whole();
+        }
+        let inner = |schema, path: &str| self.unprotected(schema, path, depth + 1);
+        let step = match schema {
+            Schema::String => match self.inspect(path) {
+                Some(inspect) => Step::Inspect(Box::new(inspect)),
+                None => return whole(),
+            },
+            Schema::Record(record) => Step::Record(
+                record
+                    .fields
+                    .iter()
+                    .map(|f| inner(&f.schema, &format!("{path}.{}", f.name)))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Schema::Array(array) => Step::Array(Box::new(inner(&array.items, path)?)),
+            Schema::Map(map) => Step::Map(Box::new(inner(&map.types, path)?), self.inspect(path).map(Box::new)),
+            Schema::Union(union) => Step::Union(
+                union
+                    .variants()
+                    .iter()
+                    .map(|v| inner(v, path))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return whole(),
+        };
+        // Nothing inside is looked at: pass over it whole, as without detection.
+        Ok(if inspects(&step) {
+            step
+        } else {
+            Step::Skip(self.skip(schema)?)
         })
     }
 

@@ -6,18 +6,43 @@
 
 use std::borrow::Cow;
 
-use super::program::{Locate, ProtectStep, Scalar, ShapeStep, Skip, Step};
+use super::program::{Inspect, Locate, ProtectStep, Scalar, ShapeStep, Skip, Step};
 use super::wire::{Input, malformed, write_long};
 use crate::crypto::{HASH_LEN, Scratch, ciphertext_len, plain, token_len};
+use crate::detect::{DetectMode, Found, Kind, redact_into};
 use crate::error::ValueError;
 use crate::policy::{Action, Rule};
 use crate::sanitize::{RecordKeys, mask_split};
 
-/// Buffers one transcoding thread reuses from record to record.
+/// Buffers one transcoding thread reuses from record to record, and the detections made since it was last
+/// drained.
 #[derive(Default)]
 pub struct TranscodeScratch {
     plain: Vec<u8>,
     crypto: Scratch,
+    found: Vec<Found>,
+    redacted: String,
+    detections: Vec<Detection>,
+}
+
+/// PII found in a field no annotation protects: where, what, and what was done (never the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    pub path: std::sync::Arc<str>,
+    pub kind: Kind,
+    pub mode: DetectMode,
+}
+
+impl TranscodeScratch {
+    /// The detections made since the last call, in the order they were made.
+    pub fn take_detections(&mut self) -> Vec<Detection> {
+        std::mem::take(&mut self.detections)
+    }
+
+    /// Forgets the detections made since the last drain (a batch sanitized again counts once).
+    pub fn clear_detections(&mut self) {
+        self.detections.clear();
+    }
 }
 
 pub(crate) struct Run<'a> {
@@ -70,8 +95,12 @@ impl<'a> Run<'a> {
             Step::Skip(skip) => skip_value(&mut self.input, skip),
             Step::Record(steps) => steps.iter().try_for_each(|s| self.exec(s)),
             Step::Array(item) => self.blocks(item.min_size(), |run| run.exec(item)),
-            Step::Map(value) => self.blocks(value.min_size() + 1, |run| {
-                run.input.read_str()?;
+            Step::Map(value, keys) => self.blocks(value.min_size() + 1, |run| {
+                let start = run.input.pos;
+                let key = run.input.read_str()?;
+                if let Some(inspect) = keys {
+                    run.inspect(start, key, inspect)?;
+                }
                 run.exec(value)
             }),
             Step::Union(branches) => {
@@ -80,7 +109,57 @@ impl<'a> Run<'a> {
                 self.exec(branch.ok_or_else(|| malformed("union branch index out of range"))?)
             }
             Step::Protect(protect) => self.protect(protect),
+            Step::Inspect(inspect) => {
+                let start = self.input.pos;
+                let text = self.input.read_str()?;
+                self.inspect(start, text, inspect)
+            }
         }
+    }
+
+    /// Runs a field's detectors over `text` (read from `start`): records each detection, quarantines the record when
+    /// one says so, and rewrites the text with the spans to redact replaced by their labels.
+    fn inspect(&mut self, start: usize, text: &'a str, inspect: &Inspect) -> Result<(), ValueError> {
+        let detectors = &inspect.detectors;
+        let found = &mut self.scratch.found;
+        detectors.all().find(text, found);
+        if found.is_empty() {
+            return Ok(());
+        }
+        let mut redact = false;
+        for f in found.iter() {
+            let mode = detectors.mode_of(f.kind);
+            redact |= mode == DetectMode::Redact;
+            self.scratch.detections.push(Detection {
+                path: inspect.path.clone(),
+                kind: f.kind,
+                mode,
+            });
+        }
+        if let Some(f) = found
+            .iter()
+            .find(|f| detectors.mode_of(f.kind) == DetectMode::Quarantine)
+        {
+            return Err(ValueError::new(
+                &inspect.path,
+                format!(
+                    "holds what the {} detector recognises, in a field no annotation protects (policy.detect = \
+                     quarantine): annotate the field, or redact it",
+                    f.kind.name()
+                ),
+            ));
+        }
+        if redact {
+            found.retain(|f| detectors.mode_of(f.kind) == DetectMode::Redact);
+            self.out.extend_from_slice(&self.input.bytes[self.copy_from..start]);
+            let redacted = &mut self.scratch.redacted;
+            redacted.clear();
+            redact_into(text, found, redacted);
+            write_long(self.out, redacted.len() as i64);
+            self.out.extend_from_slice(redacted.as_bytes());
+            self.copy_from = self.input.pos;
+        }
+        Ok(())
     }
 
     /// Walks the blocks of an array or map whose items change; a block that declares its byte size gets a new

@@ -1,0 +1,168 @@
+//! Detection in fields no annotation protects, through the transcoder (what `run` and `sanitize` use): reported,
+//! redacted span by span, or quarantined, at any depth (nested records, arrays, map keys and values, unions),
+//! with per-field and per-detector overrides; and never the value in what is reported.
+
+mod common;
+
+use std::sync::Arc;
+
+use piiwall::codec::json::JsonCodec;
+use piiwall::crypto::{Dek, KeyId};
+use piiwall::detect::{DetectMode, DetectPolicy, Kind};
+use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::sanitize::RecordKeys;
+use piiwall::transcode::{Detection, TranscodeScratch, Transcoder};
+use serde_json::{Value as Json, json};
+
+fn schema(detect: DetectPolicy) -> CompiledSchema {
+    let text = json!({"type": "record", "name": "Ticket", "fields": [
+        {"name": "email", "type": "string", "pii": "tokenize"},
+        {"name": "notes", "type": "string"},
+        {"name": "lines", "type": {"type": "array", "items": "string"}},
+        {"name": "labels", "type": {"type": "map", "values": "string"}},
+        {"name": "reply", "type": ["null", "string"]},
+        {"name": "order", "type": {"type": "record", "name": "Order", "fields": [
+            {"name": "reference", "type": "string"},
+            {"name": "count", "type": "int"}
+        ]}}
+    ]})
+    .to_string();
+    let settings = PolicySettings {
+        detect,
+        ..PolicySettings::default()
+    };
+    compile(&text, &settings).expect("schema compiles")
+}
+
+fn policy(mode: DetectMode) -> DetectPolicy {
+    DetectPolicy {
+        mode,
+        ..DetectPolicy::default()
+    }
+}
+
+fn ticket() -> Json {
+    json!({
+        "email": "ann@example.com",
+        "notes": "Customer wrote from bob.lee@example.org, call +44 7700 900123.",
+        "lines": ["no PII here", "card 4111 1111 1111 1111 was declined"],
+        "labels": {"carol@example.net": "vip", "plain": "SSN 123-45-6789"},
+        "reply": "see 192.168.1.20",
+        "order": {"reference": "4111111111111111", "count": 2}
+    })
+}
+
+fn keys() -> RecordKeys {
+    let dek = Arc::new(Dek::new(KeyId([5; 12]), 1, &[5; 32]));
+    RecordKeys {
+        record: Some(dek.clone()),
+        domain: Some(dek),
+        forgotten: false,
+    }
+}
+
+/// Transcodes the ticket: its output as JSON (decoded with the sanitized schema) or the error, and the detections.
+fn run(schema: &CompiledSchema) -> (Result<Json, String>, Vec<Detection>) {
+    let input = common::encode(
+        &schema.writer,
+        &JsonCodec::new(&schema.writer).to_value(&ticket()).unwrap(),
+    );
+    let transcoder = Transcoder::new(schema).unwrap();
+    let mut scratch = TranscodeScratch::default();
+    let mut out = Vec::new();
+    let result = transcoder
+        .transcode(schema, &input, &keys(), &mut scratch, &mut out)
+        .map(|()| JsonCodec::new(&schema.sanitized).to_json(&common::decode(&schema.sanitized, &out)))
+        .map_err(|e| e.to_string());
+    (result, scratch.take_detections())
+}
+
+/// Where and what, in order (a map's entries are in no set order, so sorted).
+fn found(detections: &[Detection]) -> Vec<(String, Kind)> {
+    let mut found: Vec<_> = detections.iter().map(|d| (d.path.to_string(), d.kind)).collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn report_counts_every_detection_at_any_depth_and_changes_nothing() {
+    let (out, detections) = run(&schema(policy(DetectMode::Report)));
+    let out = out.unwrap();
+    assert_eq!(out["notes"], ticket()["notes"], "reported, not changed");
+    assert_eq!(out["labels"], ticket()["labels"]);
+    assert_eq!(
+        found(&detections),
+        vec![
+            ("labels".to_owned(), Kind::Email),
+            ("labels".to_owned(), Kind::Ssn),
+            ("lines".to_owned(), Kind::Card),
+            ("notes".to_owned(), Kind::Email),
+            ("notes".to_owned(), Kind::Phone),
+            ("order.reference".to_owned(), Kind::Card),
+            ("reply".to_owned(), Kind::Ip),
+        ]
+    );
+    assert!(detections.iter().all(|d| d.mode == DetectMode::Report));
+    let (off, none) = run(&schema(policy(DetectMode::Off)));
+    assert_eq!(off.unwrap(), out, "report writes what no detection writes");
+    assert!(none.is_empty());
+}
+
+#[test]
+fn redact_replaces_each_span_and_keeps_the_rest() {
+    let (out, detections) = run(&schema(policy(DetectMode::Redact)));
+    let out = out.unwrap();
+    assert_eq!(out["notes"], "Customer wrote from [email], call [phone].");
+    assert_eq!(out["lines"], json!(["no PII here", "card [card] was declined"]));
+    assert_eq!(
+        out["labels"],
+        json!({"[email]": "vip", "plain": "SSN [ssn]"}),
+        "map keys too"
+    );
+    assert_eq!(out["reply"], json!("see [ip]"));
+    assert_eq!(out["order"]["reference"], "[card]");
+    assert_eq!(out["order"]["count"], 2);
+    assert!(
+        out["email"].as_str().unwrap().starts_with("pwt1."),
+        "annotations still apply"
+    );
+    assert_eq!(detections.len(), 7);
+    assert!(detections.iter().all(|d| d.mode == DetectMode::Redact));
+}
+
+#[test]
+fn quarantine_names_the_field_and_the_detector_never_the_value() {
+    let (out, detections) = run(&schema(policy(DetectMode::Quarantine)));
+    let error = out.unwrap_err();
+    assert!(error.contains("notes"), "{error}");
+    assert!(error.contains("email detector"), "{error}");
+    assert!(!error.contains("bob.lee"), "{error}");
+    assert_eq!(
+        found(&detections),
+        vec![("notes".to_owned(), Kind::Email), ("notes".to_owned(), Kind::Phone)],
+        "the first field with a detection sends the record to quarantine"
+    );
+}
+
+#[test]
+fn a_field_known_to_be_safe_and_a_detector_can_be_silenced() {
+    let mut detect = policy(DetectMode::Redact);
+    detect.fields.insert("order.reference".into(), DetectMode::Off);
+    detect.detectors.insert(Kind::Ip, DetectMode::Off);
+    detect.detectors.insert(Kind::Ssn, DetectMode::Report);
+    let (out, detections) = run(&schema(detect));
+    let out = out.unwrap();
+    assert_eq!(
+        out["order"]["reference"], "4111111111111111",
+        "an order id Luhn-valid by design"
+    );
+    assert_eq!(out["reply"], json!("see 192.168.1.20"));
+    assert_eq!(out["labels"]["plain"], "SSN 123-45-6789", "reported only");
+    assert_eq!(out["notes"], "Customer wrote from [email], call [phone].");
+    assert!(
+        detections
+            .iter()
+            .any(|d| d.kind == Kind::Ssn && d.mode == DetectMode::Report)
+    );
+    assert!(!detections.iter().any(|d| d.kind == Kind::Ip));
+}
