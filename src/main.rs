@@ -559,6 +559,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .filter(|scope| !on_ledger.contains(scope))
                 .collect();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(piiwall::stream::ensure_ledger(&client, &config))?;
             let producer: rdkafka::producer::FutureProducer = client.create()?;
             let control = Control::new(producer, config.keys.control_topic.clone());
             for scope in &missing {
@@ -722,7 +723,9 @@ fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &s
     }
     let announced = (|| -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let producer: rdkafka::producer::FutureProducer = kafka_client(config).create()?;
+        let client = kafka_client(config);
+        runtime.block_on(piiwall::stream::ensure_ledger(&client, config))?;
+        let producer: rdkafka::producer::FutureProducer = client.create()?;
         runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(keyring, op, scope))?;
         Ok(())
     })();

@@ -1,11 +1,10 @@
-//! The forget ledger's topic as start-up finds it: a compacted control topic (made by an earlier version, or by
-//! hand) is named in a warning, since a later message for a scope could compact a forget away.
+//! The forget ledger's topic: one that is compacted or whose records expire (made by an earlier version, by hand,
+//! or by a broker's auto-creation) is refused at start-up, since a forget could leave it; the command line makes it
+//! append-only before its first announcement.
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kafka::{broker, create_topic, unique};
 use piiwall::config::Config;
@@ -14,29 +13,8 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
-/// Log output, collected for the test to read.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compacted_control_topic_is_named_at_start_up() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("piiwall=info")
-        .with_writer(move || writer.clone())
-        .init();
+async fn a_compacted_control_topic_is_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let input = unique("ledger");
     create_topic(&input, 1).await;
@@ -61,22 +39,51 @@ async fn a_compacted_control_topic_is_named_at_start_up() {
         group = unique("piiwall"),
     );
     let config = Config::parse(&text, std::iter::empty(), "ledger test config").unwrap();
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
-    let warning = "the control topic (keys.control_topic) is compacted";
-    let started = Instant::now();
-    let log = loop {
-        let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
-        if log.contains(warning) || log.contains("piiwall running") || started.elapsed() > Duration::from_secs(30) {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
-    assert!(
-        log.contains(warning),
-        "start-up names the compacted ledger; log:\n{log}"
+    let refused = tokio::time::timeout(Duration::from_secs(60), stream::run(config, Shutdown::new()))
+        .await
+        .expect("start-up decides")
+        .expect_err("a compacted ledger is refused");
+    let message = refused.to_string();
+    assert!(message.contains(&control), "{message}");
+    assert!(message.contains("cleanup.policy is compact"), "{message}");
+    assert!(message.contains("retention.ms is"), "{message}");
+    assert!(message.contains("retention.ms=-1"), "says what to set: {message}");
+}
+
+/// The command line may announce a forget before any `run` made the control topic: it makes it append-only first,
+/// where a broker's auto-creation would give it a retention of days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_announced_first_makes_the_ledger_append_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = unique("ledger-first.control");
+    let text = format!(
+        "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\ncontrol_topic = \"{control}\"\n\
+         [kafka]\nbrokers = \"{brokers}\"\n",
+        dir = dir.path().display(),
+        brokers = broker(),
     );
-    assert!(log.contains(&control), "and the topic");
+    let config = Config::parse(&text, std::iter::empty(), "ledger test config").unwrap();
+    let client = {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", broker());
+        client
+    };
+    stream::ensure_ledger(&client, &config).await.unwrap();
+    stream::ensure_ledger(&client, &config)
+        .await
+        .expect("an append-only ledger is accepted");
+    let admin: AdminClient<DefaultClientContext> = client.create().unwrap();
+    let described = admin
+        .describe_configs(
+            [&rdkafka::admin::ResourceSpecifier::Topic(&control)],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let value = |name: &str| described.get(name).and_then(|e| e.value.clone());
+    assert_eq!(value("cleanup.policy").as_deref(), Some("delete"));
+    assert_eq!(value("retention.ms").as_deref(), Some("-1"));
+    assert_eq!(value("retention.bytes").as_deref(), Some("-1"));
 }

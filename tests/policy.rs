@@ -273,6 +273,7 @@ fn tags_map_to_actions_by_config() {
             ("CONTACT".into(), Action::Hash),
             ("NETWORK".into(), Action::Hash),
         ]),
+        ..PolicySettings::default()
     };
     let rules: Vec<(String, Action)> = compile(&schema, &settings)
         .unwrap()

@@ -807,18 +807,13 @@ async fn ensure_topics(
                 new = new.set("min.insync.replicas", min);
             }
             if *topic == config.keys.control_topic {
-                // The forget ledger is append-only: compaction would let a later message for a scope (a rotation,
-                // or anyone's tombstone) erase its forget.
-                new = new
-                    .set("cleanup.policy", "delete")
-                    .set("retention.ms", "-1")
-                    .set("retention.bytes", "-1");
+                new = append_only(new);
             }
             missing.push(new);
         }
     }
     if !missing.iter().any(|topic| topic.name == config.keys.control_topic) {
-        warn_compacted_ledger(admin, &config.keys.control_topic).await;
+        check_ledger(admin, &config.keys.control_topic).await?;
     }
     if missing.is_empty() {
         warn_under_replicated(consumer, &wanted);
@@ -841,37 +836,130 @@ async fn ensure_topics(
     Ok(())
 }
 
-/// Warns when the control topic (the forget ledger) is compacted: a later message for a scope could compact a
-/// forget away, and `keys reapply-forgets` after a backup restore would miss it. Created by an earlier version, or
-/// by hand; piiwall creates it append-only. Brokers that cannot describe configs are not asked again.
-async fn warn_compacted_ledger(admin: &AdminClient<DefaultClientContext>, topic: &str) {
+/// The forget ledger's settings: append-only and kept forever. Compaction would let a later message for a scope (a
+/// rotation, or anyone's tombstone) erase its forget; retention would drop it after a while. Either way, a key
+/// store restored from a backup would not forget that subject again (`keys reapply-forgets`).
+fn append_only(topic: NewTopic<'_>) -> NewTopic<'_> {
+    topic
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1")
+}
+
+/// Creates the control topic append-only unless it exists, and refuses one that exists and is not: for the command
+/// line, which may announce a forget before any `run` created the topic (a broker's auto-creation would give it a
+/// retention of days).
+pub async fn ensure_ledger(client: &ClientConfig, config: &Config) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = client
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create a Kafka admin client: {e}")))?;
+    let topic = &config.keys.control_topic;
+    let mut new = append_only(NewTopic::new(
+        topic,
+        1,
+        TopicReplication::Fixed(config.kafka.topic_replication),
+    ));
+    let min_insync = config.kafka.min_insync_replicas.map(|n| n.to_string());
+    if let Some(min) = &min_insync {
+        new = new.set("min.insync.replicas", min);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(|e| Error::Kafka(format!("cannot create the control topic {topic}: {e}")))?;
+    for result in results {
+        match result {
+            Ok(_) => return Ok(()),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(Error::Kafka(format!("cannot create the control topic {topic}: {code}"))),
+        }
+    }
+    check_ledger(&admin, topic).await
+}
+
+/// Refuses a control topic (the forget ledger) that is compacted or whose records expire: a forget could leave it,
+/// and `keys reapply-forgets` after a backup restore would then miss it. Created so by an earlier version, by hand, or
+/// by a broker's auto-creation; piiwall creates it append-only. A broker that cannot describe topic configurations
+/// is not asked again (start-up goes on).
+async fn check_ledger(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<(), Error> {
     use rdkafka::admin::ResourceSpecifier;
     let specifier = ResourceSpecifier::Topic(topic);
     let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
-    let policy = match admin.describe_configs([&specifier], &options).await {
-        Ok(results) => results
-            .into_iter()
-            .find_map(|r| r.ok())
-            .and_then(|resource| resource.get("cleanup.policy").and_then(|entry| entry.value.clone())),
+    let resource = match admin.describe_configs([&specifier], &options).await {
+        Ok(results) => results.into_iter().find_map(|r| r.ok()),
         Err(e) => {
             tracing::debug!(error = %e, "cannot describe the control topic's configuration");
             None
         }
     };
-    if let Some(policy) = policy.filter(|p| p.contains("compact")) {
-        metrics::gauge!("piiwall_control_topic_compacted").set(1.0);
-        tracing::warn!(
-            %topic,
-            %policy,
-            "the control topic (keys.control_topic) is compacted: a later message could erase a forget from the \
-             ledger; set its cleanup.policy to delete and retention.ms to -1"
-        );
+    let Some(resource) = resource else {
+        return Ok(());
+    };
+    let value = |name: &str| resource.get(name).and_then(|entry| entry.value.clone());
+    let problems = ledger_problems(
+        value("cleanup.policy").as_deref(),
+        value("retention.ms").as_deref(),
+        value("retention.bytes").as_deref(),
+    );
+    metrics::gauge!("piiwall_control_topic_not_append_only").set(if problems.is_empty() { 0.0 } else { 1.0 });
+    if problems.is_empty() {
+        return Ok(());
     }
+    Err(crate::error::ConfigError(format!(
+        "the control topic {topic} (keys.control_topic, the forget ledger) is not append-only ({}): a forget could \
+         leave it, and a key store restored from a backup would not forget that subject again. Set \
+         cleanup.policy=delete, retention.ms=-1 and retention.bytes=-1 on it (kafka-configs --alter --entity-type \
+         topics --entity-name {topic} --add-config cleanup.policy=delete,retention.ms=-1,retention.bytes=-1), then \
+         start again",
+        problems.join(", ")
+    ))
+    .into())
+}
+
+/// What keeps a topic from being an append-only ledger; `None` is a setting the topic does not have (a broker's
+/// default: 7 days of retention on Kafka, no byte limit).
+fn ledger_problems(cleanup: Option<&str>, retention_ms: Option<&str>, retention_bytes: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(policy) = cleanup.filter(|p| p.contains("compact")) {
+        problems.push(format!("cleanup.policy is {policy}"));
+    }
+    if retention_ms != Some("-1") {
+        problems.push(format!(
+            "retention.ms is {}",
+            retention_ms.unwrap_or("the brokers' default")
+        ));
+    }
+    if let Some(bytes) = retention_bytes.filter(|b| *b != "-1") {
+        problems.push(format!("retention.bytes is {bytes}"));
+    }
+    problems
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_is_append_only_and_kept_forever() {
+        assert!(ledger_problems(Some("delete"), Some("-1"), Some("-1")).is_empty());
+        assert!(
+            ledger_problems(None, Some("-1"), None).is_empty(),
+            "no byte limit by default"
+        );
+        assert_eq!(
+            ledger_problems(Some("compact,delete"), None, Some("1000")),
+            [
+                "cleanup.policy is compact,delete",
+                "retention.ms is the brokers' default",
+                "retention.bytes is 1000"
+            ]
+        );
+        assert_eq!(
+            ledger_problems(None, Some("604800000"), None),
+            ["retention.ms is 604800000"]
+        );
+    }
 
     #[test]
     fn topics_with_fewer_than_three_replicas_are_named_on_clusters_of_three() {
