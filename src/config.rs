@@ -828,10 +828,11 @@ impl RawConfig {
             kafka,
             registry: match self.schemas.registry {
                 Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
-                Some(url) => {
-                    return Err(ConfigError(format!(
-                        "schemas.registry: \"{url}\" is not an http:// or https:// URL"
-                    )));
+                Some(_) => {
+                    // Not echoed: a URL without its scheme may still carry a password.
+                    return Err(ConfigError(
+                        "schemas.registry must be an http:// or https:// URL".into(),
+                    ));
                 }
                 None => None,
             },
@@ -1185,10 +1186,10 @@ fn parse_store(text: &str) -> Result<StoreLocation, ConfigError> {
                 ))),
             }
         }
-        _ => Err(ConfigError(format!(
-            "keys.store: \"{}\" is not a key store location (expected sqlite:PATH or postgres://USER@HOST/DB)",
-            mask_url_password(text)
-        ))),
+        // Not echoed: a location without a scheme the masking recognises may still carry a password.
+        _ => Err(ConfigError(
+            "keys.store is not a key store location (expected sqlite:PATH or postgres://USER@HOST/DB)".into(),
+        )),
     }
 }
 
@@ -1331,6 +1332,17 @@ mod tests {
                 create: false
             }
         );
+    }
+
+    #[test]
+    fn a_malformed_location_is_not_repeated_since_it_may_hold_a_password() {
+        for text in [
+            "[schemas]\nregistry = \"user:s3cret@registry:8081\"\n",
+            "[keys]\nstore = \"user:s3cret@db/keys\"\n",
+        ] {
+            let error = parse(text, &[]).unwrap_err().to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 
     #[test]

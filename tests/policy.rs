@@ -200,7 +200,11 @@ fn sanitized_schema_keeps_everything_but_what_was_applied() {
             {"name": "card", "type": "string", "default": "", "pii": {"action": "mask", "keep_last": 4}},
             {"name": "ssn", "type": "string", "confluent:tags": ["PII", "GOVERNMENT"]},
             {"name": "secret", "type": {"type": "record", "name": "S", "fields": [{"name": "x", "type": "long"}]}, "pii": "redact"},
-            {"name": "country", "type": "string", "default": "GB", "doc": "ISO code"}
+            {"name": "country", "type": "string", "default": "GB", "doc": "ISO code"},
+            {"name": "contact", "type": "string", "default": "noreply@acme.example", "pii": "tokenize"},
+            {"name": "office", "type": {"type": "record", "name": "O", "fields": [
+                {"name": "street", "type": "string", "default": "1 Main Street"}
+            ]}, "pii": "redact"}
         ]
     });
     let compiled = compile(&schema.to_string(), &PolicySettings::default()).unwrap();
@@ -248,6 +252,11 @@ fn sanitized_schema_keeps_everything_but_what_was_applied() {
         field("country"),
         schema["fields"][7],
         "unprotected fields are untouched"
+    );
+    assert!(
+        !compiled.sanitized_json.contains("noreply@acme.example") && !compiled.sanitized_json.contains("1 Main"),
+        "a protected field's default is a value in clear, not published: {}",
+        compiled.sanitized_json
     );
 }
 

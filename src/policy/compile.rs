@@ -351,6 +351,11 @@ impl<'j, 's> Walker<'j, 's> {
                 if type_changed {
                     adjust_default(&mut sanitized, &out_type);
                 }
+                let mut out_type = out_type;
+                // A default is a value in clear, and its protected form needs a key: the sanitized schema that
+                // consumers and the registry see keeps no default but null or empty, here or in a type inside.
+                drop_value_defaults(&mut sanitized);
+                drop_nested_defaults(&mut out_type);
                 sanitized.insert("type".to_owned(), out_type);
                 sanitized.shift_remove("pii");
                 self.strip_mapped_tags(&mut sanitized);
@@ -1069,6 +1074,30 @@ fn check_no_annotation(object: &Map<String, Json>, path: &str, keys: &[&str], wh
             format!("\"{key}\" is written inside {what}, where Avro tools drop it; move it onto the field itself"),
         )),
         None => Ok(()),
+    }
+}
+
+/// Removes a field's default unless it is null or empty (which hold nothing).
+fn drop_value_defaults(field: &mut Map<String, Json>) {
+    if field
+        .get("default")
+        .is_some_and(|d| !d.is_null() && d.as_str() != Some(""))
+    {
+        field.shift_remove("default");
+    }
+}
+
+/// Removes every default but null or empty from the fields (and the enum default) of the types defined inside `ty`.
+fn drop_nested_defaults(ty: &mut Json) {
+    match ty {
+        Json::Object(object) => {
+            drop_value_defaults(object);
+            for value in object.values_mut() {
+                drop_nested_defaults(value);
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(drop_nested_defaults),
+        _ => {}
     }
 }
 
