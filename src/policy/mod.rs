@@ -98,7 +98,17 @@ pub(crate) mod contexts {
     /// Quarantined copies of a record's value and key (under the subject's key when it is known).
     pub(crate) const QUARANTINE_VALUE: &str = "quarantine.value";
     pub(crate) const QUARANTINE_KEY: &str = "quarantine.key";
-    pub(crate) const ALL: [&str; 5] = [AUDIT_SUBJECT, AUDIT_CHAIN, KAFKA_KEY, QUARANTINE_VALUE, QUARANTINE_KEY];
+    /// The value of a quarantined deletion (a tombstone): sealed under its own context, so that replay writes a
+    /// deletion again and nobody without the key can turn a copy into one.
+    pub(crate) const QUARANTINE_TOMBSTONE: &str = "quarantine.tombstone";
+    pub(crate) const ALL: [&str; 6] = [
+        AUDIT_SUBJECT,
+        AUDIT_CHAIN,
+        KAFKA_KEY,
+        QUARANTINE_VALUE,
+        QUARANTINE_KEY,
+        QUARANTINE_TOMBSTONE,
+    ];
 }
 
 /// Key domains piiwall keeps for itself (`piiwall.audit`, `piiwall.quarantine`, ...): no schema, config or request

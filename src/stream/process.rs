@@ -304,10 +304,10 @@ impl Processor {
         };
         Ok(Outcome::Quarantine {
             key: message.key().map(|k| seal(k, crate::policy::contexts::QUARANTINE_KEY)),
-            value: seal(
-                message.payload().unwrap_or_default(),
-                crate::policy::contexts::QUARANTINE_VALUE,
-            ),
+            value: match message.payload() {
+                Some(payload) => seal(payload, crate::policy::contexts::QUARANTINE_VALUE),
+                None => seal(&[], crate::policy::contexts::QUARANTINE_TOMBSTONE),
+            },
             reason,
             schema_id,
         })
@@ -485,6 +485,48 @@ mod tests {
         );
         let (_, _, reason) = quarantined(&processor, &tombstone);
         assert!(reason.contains("tombstone"), "{reason}");
+    }
+
+    /// A deletion that goes to quarantine (its key schema names no subject) comes back from replay as a deletion:
+    /// its copy is sealed under its own context, so it cannot be mistaken for (or made into) a record's copy.
+    #[test]
+    fn a_quarantined_deletion_replays_as_a_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let processor = processor(dir.path(), "avro");
+        let key = framed(&processor, Part::Key, 2, json!({"customer_id": "cus_9"}));
+        let copy_of = |message: &OwnedMessage| {
+            let (sealed_key, value, _) = quarantined(&processor, message);
+            OwnedMessage::new(
+                Some(value),
+                sealed_key,
+                "t.quarantine".into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                None,
+            )
+        };
+        let tombstone = OwnedMessage::new(None, Some(key.clone()), "t".into(), Timestamp::NotAvailable, 0, 5, None);
+        let unsealed = super::super::replay::unseal(processor.sanitizer.keyring(), &copy_of(&tombstone));
+        let Ok((value, unsealed_key)) = unsealed else {
+            panic!("the copy opens")
+        };
+        assert_eq!(value, None, "a deletion again, not an empty record");
+        assert_eq!(unsealed_key.as_deref(), Some(&key[..]));
+
+        let garbage = OwnedMessage::new(
+            Some(b"garbage".to_vec()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            6,
+            None,
+        );
+        let Ok((value, _)) = super::super::replay::unseal(processor.sanitizer.keyring(), &copy_of(&garbage)) else {
+            panic!("the copy opens")
+        };
+        assert_eq!(value.as_deref(), Some(&b"garbage"[..]));
     }
 
     fn quarantined(processor: &Processor, message: &OwnedMessage) -> (Option<Vec<u8>>, Vec<u8>, String) {

@@ -37,7 +37,7 @@ pub struct ReplaySummary {
 }
 
 /// What a quarantined copy comes to on replay.
-enum Replayed {
+pub(super) enum Replayed {
     /// Decrypted and processed again.
     Processed(Box<(Outcome, OwnedMessage)>),
     /// Cannot be processed yet (the reason).
@@ -138,6 +138,37 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     Ok(summary)
 }
 
+/// The value and key of the record a quarantined copy holds: `None` for the value of a deletion (a tombstone).
+pub(super) fn unseal(
+    keyring: &crate::keys::Keyring,
+    copy: &OwnedMessage,
+) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), Replayed> {
+    use crate::policy::contexts::{QUARANTINE_KEY, QUARANTINE_TOMBSTONE, QUARANTINE_VALUE};
+    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
+        let token = std::str::from_utf8(bytes).map_err(|_| Replayed::Failing("not a quarantine copy".to_owned()))?;
+        let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| match e {
+            // A forgotten subject's key, or an expired daily quarantine key: destroyed for good.
+            Error::Reveal(RevealError::SubjectForgotten) => {
+                Replayed::Gone("its key was destroyed (subject forgotten, or quarantine retention passed)".into())
+            }
+            e => Replayed::Failing(e.to_string()),
+        })?;
+        Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
+    };
+    let sealed = copy.payload().unwrap_or_default();
+    let value = match open(sealed, QUARANTINE_VALUE) {
+        Ok(value) => Some(value),
+        // A deletion's copy opens only under its own context.
+        Err(Replayed::Failing(problem)) => match open(sealed, QUARANTINE_TOMBSTONE) {
+            Ok(_) => None,
+            Err(_) => return Err(Replayed::Failing(problem)),
+        },
+        Err(other) => return Err(other),
+    };
+    let key = copy.key().map(|k| open(k, QUARANTINE_KEY)).transpose()?;
+    Ok((value, key))
+}
+
 /// Decrypts a quarantined copy back into the record it was, and processes that.
 async fn original(
     copy: &OwnedMessage,
@@ -156,32 +187,8 @@ async fn original(
     if copy.payload().is_none_or(<[u8]>::is_empty) {
         return Ok(Replayed::Gone("a reference only: the copy holds no content".into()));
     }
-    let keyring = parts.sanitizer.keyring();
-    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
-        let token = std::str::from_utf8(bytes).map_err(|_| Replayed::Failing("not a quarantine copy".to_owned()))?;
-        let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| match e {
-            // A forgotten subject's key, or an expired daily quarantine key: destroyed for good.
-            Error::Reveal(RevealError::SubjectForgotten) => {
-                Replayed::Gone("its key was destroyed (subject forgotten, or quarantine retention passed)".into())
-            }
-            e => Replayed::Failing(e.to_string()),
-        })?;
-        Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
-    };
-    let value = match copy
-        .payload()
-        .map(|p| open(p, crate::policy::contexts::QUARANTINE_VALUE))
-        .transpose()
-    {
-        Ok(value) => value,
-        Err(replayed) => return Ok(replayed),
-    };
-    let key = match copy
-        .key()
-        .map(|k| open(k, crate::policy::contexts::QUARANTINE_KEY))
-        .transpose()
-    {
-        Ok(key) => key,
+    let (value, key) = match unseal(parts.sanitizer.keyring(), copy) {
+        Ok(record) => record,
         Err(replayed) => return Ok(replayed),
     };
     let source = OwnedMessage::new(value, key, topic, Timestamp::NotAvailable, partition, offset, None);
