@@ -381,6 +381,7 @@ fn internal_domains_and_contexts_are_reserved() {
         (json!({"action": "hash", "kind": "audit.subject"}), None),
         (json!({"action": "tokenize", "kind": "kafka.key"}), None),
         (json!({"action": "tokenize", "kind": "email#key"}), None),
+        (json!({"action": "tokenize", "kind": "quarantine.value@t/0/1"}), None),
         (json!("hash"), Some("kafka.key")),
     ] {
         let schema = match fields {

@@ -272,7 +272,12 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
         assert!(why.contains(reason), "{why}");
         let token = std::str::from_utf8(copy.payload().unwrap()).unwrap();
         assert!(token.starts_with("pwe2."), "the original bytes are encrypted");
-        let revealed = piiwall::sanitize::reveal(&keyring, "quarantine.value", token).unwrap();
+        // Sealed to its source coordinates, as the headers name them.
+        let context = format!(
+            "quarantine.value@{input}/{partition}/{}",
+            header_i64(copy, SOURCE_OFFSET)
+        );
+        let revealed = piiwall::sanitize::reveal(&keyring, &context, token).unwrap();
         let bytes: Vec<u8> = revealed.as_str().unwrap().chars().map(|c| c as u8).collect();
         assert_eq!(
             &bytes, original,

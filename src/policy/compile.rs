@@ -478,7 +478,10 @@ impl<'j, 's> Walker<'j, 's> {
         };
         let rule = self.rules.len();
         let context = kind.unwrap_or_else(|| path.to_owned());
-        if super::contexts::ALL.contains(&context.as_str()) || context.contains('#') {
+        if super::contexts::ALL.contains(&context.as_str())
+            || context.starts_with(super::contexts::QUARANTINE_PREFIX)
+            || context.contains('#')
+        {
             return Err(PolicyError::new(
                 path,
                 format!(

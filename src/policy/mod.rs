@@ -101,6 +101,16 @@ pub(crate) mod contexts {
     /// The value of a quarantined deletion (a tombstone): sealed under its own context, so that replay writes a
     /// deletion again and nobody without the key can turn a copy into one.
     pub(crate) const QUARANTINE_TOMBSTONE: &str = "quarantine.tombstone";
+    /// Every context starting so is piiwall's: quarantined copies are sealed under `quarantine.value@<source
+    /// coordinates>` and the like.
+    pub(crate) const QUARANTINE_PREFIX: &str = "quarantine.";
+
+    /// The context of one part of a quarantined copy, bound to the record's source coordinates: a copy relabelled
+    /// with other coordinates (say, a topic whose record keys are kept) no longer opens.
+    pub(crate) fn quarantine(part: &str, topic: &str, partition: i32, offset: i64) -> String {
+        format!("{part}@{topic}/{partition}/{offset}")
+    }
+
     pub(crate) const ALL: [&str; 6] = [
         AUDIT_SUBJECT,
         AUDIT_CHAIN,

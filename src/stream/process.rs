@@ -296,6 +296,8 @@ impl Processor {
             },
             None => keyring.quarantine_key()?,
         };
+        use crate::policy::contexts;
+        let bound = |part| contexts::quarantine(part, message.topic(), message.partition(), message.offset());
         let seal = |bytes: &[u8], context: &str| {
             let mut plaintext = Vec::with_capacity(bytes.len() + 1);
             plaintext.push(plain::BYTES);
@@ -303,10 +305,10 @@ impl Processor {
             dek.encrypt(context, &plaintext).into_bytes()
         };
         Ok(Outcome::Quarantine {
-            key: message.key().map(|k| seal(k, crate::policy::contexts::QUARANTINE_KEY)),
+            key: message.key().map(|k| seal(k, &bound(contexts::QUARANTINE_KEY))),
             value: match message.payload() {
-                Some(payload) => seal(payload, crate::policy::contexts::QUARANTINE_VALUE),
-                None => seal(&[], crate::policy::contexts::QUARANTINE_TOMBSTONE),
+                Some(payload) => seal(payload, &bound(contexts::QUARANTINE_VALUE)),
+                None => seal(&[], &bound(contexts::QUARANTINE_TOMBSTONE)),
             },
             reason,
             schema_id,
@@ -488,11 +490,15 @@ mod tests {
     }
 
     /// A deletion that goes to quarantine (its key schema names no subject) comes back from replay as a deletion:
-    /// its copy is sealed under its own context, so it cannot be mistaken for (or made into) a record's copy.
+    /// its copy is sealed under its own context, so it cannot be mistaken for (or made into) a record's copy. And a
+    /// copy opens only at the source coordinates it was made from: relabelled to another topic (one whose record
+    /// keys are kept, say), replay refuses it.
     #[test]
-    fn a_quarantined_deletion_replays_as_a_deletion() {
+    fn a_quarantined_deletion_replays_as_a_deletion_and_a_relabelled_copy_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
         let processor = processor(dir.path(), "avro");
+        let keyring = processor.sanitizer.keyring();
+        let unseal = super::super::replay::unseal;
         let key = framed(&processor, Part::Key, 2, json!({"customer_id": "cus_9"}));
         let copy_of = |message: &OwnedMessage| {
             let (sealed_key, value, _) = quarantined(&processor, message);
@@ -507,8 +513,7 @@ mod tests {
             )
         };
         let tombstone = OwnedMessage::new(None, Some(key.clone()), "t".into(), Timestamp::NotAvailable, 0, 5, None);
-        let unsealed = super::super::replay::unseal(processor.sanitizer.keyring(), &copy_of(&tombstone));
-        let Ok((value, unsealed_key)) = unsealed else {
+        let Ok((value, unsealed_key)) = unseal(keyring, &copy_of(&tombstone), ("t", 0, 5)) else {
             panic!("the copy opens")
         };
         assert_eq!(value, None, "a deletion again, not an empty record");
@@ -523,10 +528,17 @@ mod tests {
             6,
             None,
         );
-        let Ok((value, _)) = super::super::replay::unseal(processor.sanitizer.keyring(), &copy_of(&garbage)) else {
+        let copy = copy_of(&garbage);
+        let Ok((value, _)) = unseal(keyring, &copy, ("t", 0, 6)) else {
             panic!("the copy opens")
         };
         assert_eq!(value.as_deref(), Some(&b"garbage"[..]));
+        for elsewhere in [("kept-keys", 0, 6), ("t", 1, 6), ("t", 0, 7)] {
+            assert!(
+                unseal(keyring, &copy, elsewhere).is_err(),
+                "relabelled to {elsewhere:?}, the copy does not open"
+            );
+        }
     }
 
     fn quarantined(processor: &Processor, message: &OwnedMessage) -> (Option<Vec<u8>>, Vec<u8>, String) {
@@ -539,10 +551,15 @@ mod tests {
         }
     }
 
-    fn open(processor: &Processor, copy: &[u8]) -> Result<serde_json::Value, Error> {
-        processor
-            .sanitizer
-            .reveal("quarantine.value", std::str::from_utf8(copy).unwrap())
+    /// Reveals the quarantined copy of `message`'s value, as an operator would (the context names its source).
+    fn open(processor: &Processor, message: &OwnedMessage, copy: &[u8]) -> Result<serde_json::Value, Error> {
+        let context = crate::policy::contexts::quarantine(
+            crate::policy::contexts::QUARANTINE_VALUE,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        processor.sanitizer.reveal(&context, std::str::from_utf8(copy).unwrap())
     }
 
     /// Nothing of a subject outlives its forget in quarantine: a copy of a record that names its subject is under
@@ -565,10 +582,10 @@ mod tests {
         );
         let (key, value, _) = quarantined(&processor, &broken);
         assert!(key.is_some());
-        assert!(open(&processor, &value).is_ok(), "the copy can be replayed");
+        assert!(open(&processor, &broken, &value).is_ok(), "the copy can be replayed");
         processor.sanitizer.keyring().forget_subject("cus_9").unwrap();
         assert!(matches!(
-            open(&processor, &value),
+            open(&processor, &broken, &value),
             Err(Error::Reveal(RevealError::SubjectForgotten))
         ));
         let (key, value, reason) = quarantined(&processor, &broken);
@@ -595,7 +612,7 @@ mod tests {
             None,
         );
         let (_, value, _) = quarantined(&processor, &unframed);
-        assert!(open(&processor, &value).is_ok());
+        assert!(open(&processor, &unframed, &value).is_ok());
         let keyring = processor.sanitizer.keyring();
         let today = crate::keys::today();
         assert_eq!(
@@ -605,7 +622,7 @@ mod tests {
         );
         assert_eq!(keyring.expire_quarantine_keys(7, today + 8).unwrap(), 1);
         assert!(matches!(
-            open(&processor, &value),
+            open(&processor, &unframed, &value),
             Err(Error::Reveal(RevealError::SubjectForgotten))
         ));
     }

@@ -138,13 +138,16 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     Ok(summary)
 }
 
-/// The value and key of the record a quarantined copy holds: `None` for the value of a deletion (a tombstone).
+/// The value and key of the record a quarantined copy holds (`None` for the value of a deletion), opened under
+/// contexts bound to the source coordinates its headers name: a copy relabelled with other coordinates does not
+/// open. Copies of earlier versions, sealed under the bare contexts, still do.
 pub(super) fn unseal(
     keyring: &crate::keys::Keyring,
     copy: &OwnedMessage,
+    (topic, partition, offset): (&str, i32, i64),
 ) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), Replayed> {
-    use crate::policy::contexts::{QUARANTINE_KEY, QUARANTINE_TOMBSTONE, QUARANTINE_VALUE};
-    let open = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
+    use crate::policy::contexts::{self, QUARANTINE_KEY, QUARANTINE_TOMBSTONE, QUARANTINE_VALUE};
+    let open_as = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
         let token = std::str::from_utf8(bytes).map_err(|_| Replayed::Failing("not a quarantine copy".to_owned()))?;
         let json = crate::sanitize::reveal(keyring, context, token).map_err(|e| match e {
             // A forgotten subject's key, or an expired daily quarantine key: destroyed for good.
@@ -154,6 +157,10 @@ pub(super) fn unseal(
             e => Replayed::Failing(e.to_string()),
         })?;
         Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
+    };
+    let open = |bytes: &[u8], part: &str| match open_as(bytes, &contexts::quarantine(part, topic, partition, offset)) {
+        Err(Replayed::Failing(problem)) => open_as(bytes, part).map_err(|_| Replayed::Failing(problem)),
+        opened => opened,
     };
     let sealed = copy.payload().unwrap_or_default();
     let value = match open(sealed, QUARANTINE_VALUE) {
@@ -187,7 +194,7 @@ async fn original(
     if copy.payload().is_none_or(<[u8]>::is_empty) {
         return Ok(Replayed::Gone("a reference only: the copy holds no content".into()));
     }
-    let (value, key) = match unseal(parts.sanitizer.keyring(), copy) {
+    let (value, key) = match unseal(parts.sanitizer.keyring(), copy, (&topic, partition, offset)) {
         Ok(record) => record,
         Err(replayed) => return Ok(replayed),
     };
