@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::kafka::{Outgoing, broker, consume_from, customer_records, header, produce_on, reader_on, unique};
+use common::kafka::{Outgoing, broker, consume_from, customer_records, header, produce_on, unique};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,10 +18,11 @@ use std::time::Duration;
 use piiwall::config::Config;
 use piiwall::policy::{CompiledSchema, PolicySettings, compile};
 use piiwall::stream::{self, SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
-use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 3;
 const SCHEMA_ID: u32 = 7;
@@ -108,6 +109,26 @@ fn coordinates(messages: &[OwnedMessage]) -> HashMap<(i64, i64), usize> {
     seen
 }
 
+/// A reader of every partition of `topic` from its start, at `isolation`: assigned, not subscribed, so it reads
+/// at once instead of waiting for a consumer group to form (slow on a busy machine's mock cluster).
+fn assigned_reader(brokers: &str, topic: &str, partitions: i32, isolation: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", isolation)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut partitions_list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        partitions_list
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&partitions_list).unwrap();
+    consumer
+}
+
 /// Runs the pipeline until a reader of the output (at `isolation`) has seen `records` distinct source records and
 /// quarantine has `quarantined`, then waits a little longer for extra copies (duplicates), drains and stops it.
 /// Returns every output record that reader saw.
@@ -123,9 +144,9 @@ async fn run_until(
     let task = tokio::spawn(stream::run(config, shutdown.clone()));
     let (brokers, input) = (brokers.to_owned(), input.to_owned());
     let (outputs, quarantine) = tokio::task::spawn_blocking(move || {
-        let reader = reader_on(&brokers, &format!("{input}.sanitized"), isolation);
+        let reader = assigned_reader(&brokers, &format!("{input}.sanitized"), PARTITIONS, isolation);
         let mut outputs = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut complete_at = None;
         while std::time::Instant::now() < deadline {
             if let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) {
@@ -139,7 +160,7 @@ async fn run_until(
             }
         }
         let quarantine = consume_from(
-            reader_on(&brokers, &format!("{input}.quarantine"), isolation),
+            assigned_reader(&brokers, &format!("{input}.quarantine"), 1, isolation),
             quarantined,
             Duration::from_secs(10),
         );
