@@ -122,7 +122,8 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
     let mut text = format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\ncontrol_topic = \"demo.control\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\
          group_id = \"piiwall-demo\"\ninputs = [{inputs}]\nquarantine_topic = \"demo.quarantine\"\n\n\
-         [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n\n[audit]\ntopic = \"demo.audit\"\ninstance = \"demo\"\n\n[http]\nlisten = \"off\"\n",
+         [pipeline]\nbatch_size = 100\ncommit_interval_ms = 100\n\n[audit]\ntopic = \"demo.audit\"\ninstance = \"demo\"\n\n[http]\nlisten = \"off\"\n\n\
+         [policy.detect]\nmode = \"redact\"\n",
         dir = dir.display(),
         inputs = EXAMPLES
             .iter()

@@ -225,6 +225,10 @@ enum SchemaCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Sample records of the (one) schema, JSON one per line: names the unannotated fields whose values the
+        /// PII detectors recognise.
+        #[arg(long)]
+        sample: Option<PathBuf>,
     },
 }
 
@@ -311,6 +315,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     key.version
                 );
                 announce_locally(&config, sanitizer.keyring(), ControlOp::Rotate, &key.scope);
+            }
+            for (detection, count) in &summary.detections {
+                eprintln!(
+                    "piiwall: {count} {} found in {}, which no annotation protects ({})",
+                    detection.kind.name(),
+                    detection.path,
+                    match detection.mode {
+                        piiwall::detect::DetectMode::Redact => "redacted",
+                        piiwall::detect::DetectMode::Quarantine => "its records failed",
+                        _ => "reported: annotate the field, or set policy.detect",
+                    }
+                );
             }
             if summary.failed > 0 {
                 eprintln!(
@@ -642,13 +658,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema {
-            command: SchemaCommand::Check { files },
+            command: SchemaCommand::Check { files, sample },
         } => {
+            if sample.is_some() && files.len() != 1 {
+                bail!("--sample checks the records of one schema: name one schema file");
+            }
             let mut errors = 0;
             let mut warnings = 0;
             for file in &files {
                 let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-                for finding in lint::check(&text, &config.policy) {
+                let mut findings = lint::check(&text, &config.policy);
+                if let Some(sample) = &sample {
+                    let records = File::open(sample).with_context(|| format!("cannot read {}", sample.display()))?;
+                    if findings.iter().all(|f| f.severity != Severity::Error) {
+                        findings.extend(lint::check_samples(&text, &config.policy, BufReader::new(records))?);
+                    }
+                }
+                for finding in findings {
                     let (label, counter) = match finding.severity {
                         Severity::Error => ("error", &mut errors),
                         Severity::Warning => ("warning", &mut warnings),

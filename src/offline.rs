@@ -28,6 +28,8 @@ pub struct Summary {
     pub failed: usize,
     /// Keys rotated on reaching `keys.max_encryptions_per_key`.
     pub retired: Vec<Retired>,
+    /// PII found in fields no annotation protects (`policy.detect`), by field path, detector and what was done.
+    pub detections: crate::transcode::Detections,
 }
 
 /// Sanitizes every line of `input` into `output`; `on_error` hears of each line that failed (1-based number).
@@ -108,6 +110,7 @@ pub fn sanitize_lines(
         summary.retired.extend(retired);
     }
     output.flush().map_err(|e| Error::io("writing output", e))?;
+    summary.detections = scratch.take_detections();
     Ok(summary)
 }
 

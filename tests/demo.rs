@@ -15,8 +15,8 @@ fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("7 records sanitized, 1 quarantined"), "{stdout}");
-    assert_eq!(stdout.matches("  sanitized ").count(), 7);
+    assert!(stdout.contains("8 records sanitized, 1 quarantined"), "{stdout}");
+    assert_eq!(stdout.matches("  sanitized ").count(), 8);
     for line in stdout.lines().filter(|l| l.starts_with("  sanitized ")) {
         for pii in [
             "ada.lovelace@example.com",
@@ -24,11 +24,16 @@ fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
             "4111111111111111",
             "203.0.113.42",
             "DE89370400440532013000",
+            "grace.hopper@example.com",
         ] {
             assert!(!line.contains(pii), "a sanitized record shows PII: {line}");
         }
     }
     assert!(stdout.contains("quarantined: not Confluent wire format"));
+    assert!(
+        stdout.contains("checkout?email=[email]&step=2"),
+        "an address in a field nobody tagged is redacted, the rest of the URL kept"
+    );
     assert!(
         stdout.contains("-> \"ada.lovelace@example.com\""),
         "the reveal gives the email back"

@@ -131,6 +131,33 @@ fn blocks_with_byte_sizes_are_rewritten_and_match_the_reference() {
     );
 }
 
+/// A redaction inside a block that declares its byte size changes the size: the block gets a header without it.
+#[test]
+fn a_redaction_in_a_sized_block_rewrites_its_header() {
+    use piiwall::detect::{DetectMode, DetectPolicy};
+    let schema = piiwall::policy::compile(
+        &json!({"type": "record", "name": "R", "fields": [
+            {"name": "notes", "type": {"type": "array", "items": "string"}},
+            {"name": "id", "type": "long"}
+        ]})
+        .to_string(),
+        &piiwall::policy::PolicySettings {
+            untagged: piiwall::policy::Untagged::Pass,
+            detect: DetectPolicy {
+                mode: DetectMode::Redact,
+                ..DetectPolicy::default()
+            },
+            ..piiwall::policy::PolicySettings::default()
+        },
+    )
+    .unwrap();
+    let items = [string("write to ann@example.org"), string("ok")].concat();
+    let bytes = [zigzag(-2), zigzag(items.len() as i64), items, vec![0], zigzag(7)].concat();
+    let out = transcode(&schema, &bytes).unwrap();
+    let expected = [zigzag(2), string("write to [email]"), string("ok"), vec![0], zigzag(7)].concat();
+    assert_eq!(out, expected);
+}
+
 #[test]
 fn malformed_records_are_errors_never_panics() {
     let schema = schema();

@@ -53,13 +53,9 @@ pub struct LaneContext {
     pub max_record_bytes: usize,
     /// Records sanitized per (input topic, writer schema id) since the last processing summary.
     pub window: std::sync::Mutex<std::collections::HashMap<(String, u32), u64>>,
-    /// Detections in unannotated fields per input topic since the last processing summary: per (field path,
-    /// detector, what was done), how many.
-    pub detected: std::sync::Mutex<std::collections::HashMap<String, DetectionCounts>>,
+    /// Detections in unannotated fields per input topic since the last processing summary.
+    pub detected: std::sync::Mutex<std::collections::HashMap<String, crate::transcode::Detections>>,
 }
-
-/// Detections per (field path, detector, what was done).
-pub type DetectionCounts = std::collections::BTreeMap<(Arc<str>, crate::detect::Kind, crate::detect::DetectMode), u64>;
 
 /// How a lane ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -196,19 +192,17 @@ pub async fn run(
 }
 
 /// Adds a written batch's detections to the metrics and to the next processing summary (never a value).
-fn count_detections(ctx: &LaneContext, topic: &str, detections: Vec<crate::transcode::Detection>) {
+fn count_detections(ctx: &LaneContext, topic: &str, detections: crate::transcode::Detections) {
     if detections.is_empty() {
         return;
     }
     let mut counts = ctx.detected.lock().unwrap_or_else(|p| p.into_inner());
     let counts = counts.entry(topic.to_owned()).or_default();
-    for detection in detections {
+    for (detection, count) in detections {
         metrics::counter!("piiwall_detections_total", "topic" => topic.to_owned(), "field" => detection.path.to_string(),
             "detector" => detection.kind.name(), "action" => detection.mode.name())
-        .increment(1);
-        *counts
-            .entry((detection.path, detection.kind, detection.mode))
-            .or_default() += 1;
+        .increment(count);
+        *counts.entry(detection).or_default() += count;
     }
 }
 

@@ -677,10 +677,10 @@ async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
                 .collect();
         }
         // Detections in unannotated fields ride on the topic's first summary of the window.
-        for ((path, kind, mode), count) in detected.remove(&topic).unwrap_or_default() {
+        for (detection, count) in detected.remove(&topic).unwrap_or_default() {
             event.counts.push(FieldCount {
-                field_path: path.to_string(),
-                action: format!("detected {} ({})", kind.name(), mode.name()),
+                field_path: detection.path.to_string(),
+                action: format!("detected {} ({})", detection.kind.name(), detection.mode.name()),
                 count: count as i64,
             });
         }

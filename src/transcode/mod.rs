@@ -16,7 +16,7 @@ mod wire;
 
 use std::borrow::Cow;
 
-pub use run::{Detection, TranscodeScratch};
+pub use run::{Detection, Detections, TranscodeScratch};
 
 use crate::error::{PolicyError, ValueError};
 use crate::policy::CompiledSchema;

@@ -97,7 +97,7 @@ impl Step {
         match self {
             Step::Skip(skip) => skip.min_size(),
             Step::Record(steps) => steps.iter().map(Step::min_size).sum(),
-            Step::Array(_) | Step::Map(..) | Step::Union(_) | Step::Inspect(_) => 1,
+            Step::Array(_) | Step::Map(_) | Step::Union(_) | Step::Inspect(_) => 1,
             Step::Protect(protect) => protect.skip.min_size(),
         }
     }
@@ -106,10 +106,38 @@ impl Step {
 /// Whether a step looks at any text.
 fn inspects(step: &Step) -> bool {
     match step {
-        Step::Inspect(_) | Step::Map(_, Some(_)) => true,
+        Step::Inspect(_) => true,
         Step::Skip(_) | Step::Protect(_) => false,
         Step::Record(steps) | Step::Union(steps) => steps.iter().any(inspects),
-        Step::Array(item) | Step::Map(item, None) => inspects(item),
+        Step::Array(items) | Step::Map(items) => items.keys.is_some() || inspects(&items.item),
+    }
+}
+
+/// Whether a step can write other bytes than it reads.
+fn changes(step: &Step) -> bool {
+    match step {
+        Step::Skip(_) => false,
+        Step::Protect(_) => true,
+        Step::Inspect(inspect) => inspect.redacts(),
+        Step::Record(steps) | Step::Union(steps) => steps.iter().any(changes),
+        Step::Array(items) | Step::Map(items) => items.changes,
+    }
+}
+
+/// The items of an array, or the values and keys of a map.
+#[derive(Debug, Clone)]
+pub(crate) struct Items {
+    pub(crate) item: Step,
+    /// A map's keys, when detection looks at them.
+    pub(crate) keys: Option<Inspect>,
+    /// Whether an item's bytes can change: then a block that declares its byte size gets a header without it.
+    pub(crate) changes: bool,
+}
+
+impl Items {
+    pub(crate) fn new(item: Step, keys: Option<Inspect>) -> Box<Self> {
+        let changes = changes(&item) || keys.as_ref().is_some_and(Inspect::redacts);
+        Box::new(Self { item, keys, changes })
     }
 }
 
@@ -118,9 +146,8 @@ fn inspects(step: &Step) -> bool {
 pub(crate) enum Step {
     Skip(Skip),
     Record(Vec<Step>),
-    Array(Box<Step>),
-    /// The values' step, and the keys' inspection when detection looks at them.
-    Map(Box<Step>, Option<Box<Inspect>>),
+    Array(Box<Items>),
+    Map(Box<Items>),
     Union(Vec<Step>),
     Protect(Box<ProtectStep>),
     /// A string no annotation protects, which the detectors look at.
@@ -132,6 +159,13 @@ pub(crate) enum Step {
 pub(crate) struct Inspect {
     pub(crate) path: Arc<str>,
     pub(crate) detectors: FieldDetectors,
+}
+
+impl Inspect {
+    /// Whether a detection can rewrite the text.
+    pub(crate) fn redacts(&self) -> bool {
+        !self.detectors.redact.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -232,12 +266,12 @@ impl<'s> Builder<'s> {
                 Step::Record(steps)
             }
             (Node::Array(node), Schema::Array(array)) => {
-                Step::Array(Box::new(self.step(&array.items, Some(node), plan, path)?))
+                Step::Array(Items::new(self.step(&array.items, Some(node), plan, path)?, None))
             }
-            (Node::Map(node), Schema::Map(map)) => Step::Map(
-                Box::new(self.step(&map.types, Some(node), plan, path)?),
-                self.inspect(path).map(Box::new),
-            ),
+            (Node::Map(node), Schema::Map(map)) => Step::Map(Items::new(
+                self.step(&map.types, Some(node), plan, path)?,
+                self.inspect(path),
+            )),
             (Node::Union(branches), Schema::Union(union)) => Step::Union(
                 union
                     .variants()
@@ -279,8 +313,8 @@ impl<'s> Builder<'s> {
                     .map(|f| inner(&f.schema, &format!("{path}.{}", f.name)))
                     .collect::<Result<_, _>>()?,
             ),
-            Schema::Array(array) => Step::Array(Box::new(inner(&array.items, path)?)),
-            Schema::Map(map) => Step::Map(Box::new(inner(&map.types, path)?), self.inspect(path).map(Box::new)),
+            Schema::Array(array) => Step::Array(Items::new(inner(&array.items, path)?, None)),
+            Schema::Map(map) => Step::Map(Items::new(inner(&map.types, path)?, self.inspect(path))),
             Schema::Union(union) => Step::Union(
                 union
                     .variants()

@@ -22,20 +22,23 @@ pub struct TranscodeScratch {
     crypto: Scratch,
     found: Vec<Found>,
     redacted: String,
-    detections: Vec<Detection>,
+    detections: Detections,
 }
 
 /// PII found in a field no annotation protects: where, what, and what was done (never the value).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Detection {
     pub path: std::sync::Arc<str>,
     pub kind: Kind,
     pub mode: DetectMode,
 }
 
+/// How many of each detection: bounded by the schema's fields, however many records are transcoded.
+pub type Detections = std::collections::BTreeMap<Detection, u64>;
+
 impl TranscodeScratch {
-    /// The detections made since the last call, in the order they were made.
-    pub fn take_detections(&mut self) -> Vec<Detection> {
+    /// The detections made since the last call.
+    pub fn take_detections(&mut self) -> Detections {
         std::mem::take(&mut self.detections)
     }
 
@@ -94,14 +97,14 @@ impl<'a> Run<'a> {
         match step {
             Step::Skip(skip) => skip_value(&mut self.input, skip),
             Step::Record(steps) => steps.iter().try_for_each(|s| self.exec(s)),
-            Step::Array(item) => self.blocks(item.min_size(), |run| run.exec(item)),
-            Step::Map(value, keys) => self.blocks(value.min_size() + 1, |run| {
+            Step::Array(items) => self.blocks(items.item.min_size(), items.changes, |run| run.exec(&items.item)),
+            Step::Map(items) => self.blocks(items.item.min_size() + 1, items.changes, |run| {
                 let start = run.input.pos;
                 let key = run.input.read_str()?;
-                if let Some(inspect) = keys {
+                if let Some(inspect) = &items.keys {
                     run.inspect(start, key, inspect)?;
                 }
-                run.exec(value)
+                run.exec(&items.item)
             }),
             Step::Union(branches) => {
                 let index = self.input.read_long()?;
@@ -130,11 +133,15 @@ impl<'a> Run<'a> {
         for f in found.iter() {
             let mode = detectors.mode_of(f.kind);
             redact |= mode == DetectMode::Redact;
-            self.scratch.detections.push(Detection {
-                path: inspect.path.clone(),
-                kind: f.kind,
-                mode,
-            });
+            *self
+                .scratch
+                .detections
+                .entry(Detection {
+                    path: inspect.path.clone(),
+                    kind: f.kind,
+                    mode,
+                })
+                .or_default() += 1;
         }
         if let Some(f) = found
             .iter()
@@ -162,11 +169,12 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Walks the blocks of an array or map whose items change; a block that declares its byte size gets a new
-    /// header without it, since the size no longer holds.
+    /// Walks the blocks of an array or map whose items are looked at; when they can change, a block that declares
+    /// its byte size gets a new header without it, since the size no longer holds.
     fn blocks(
         &mut self,
         min_size: usize,
+        changes: bool,
         mut item: impl FnMut(&mut Self) -> Result<(), ValueError>,
     ) -> Result<(), ValueError> {
         loop {
@@ -176,7 +184,7 @@ impl<'a> Run<'a> {
                 return Ok(());
             }
             check_count(count, min_size, &mut self.input)?;
-            if size.is_some() {
+            if size.is_some() && changes {
                 self.out.extend_from_slice(&self.input.bytes[self.copy_from..header]);
                 write_long(self.out, count as i64);
                 self.copy_from = self.input.pos;
