@@ -408,18 +408,25 @@ impl Keyring {
     }
 
     /// The key scopes that an id given by a person (to forget, rotate or look up a subject) names: the id as
-    /// given and, when it is a uuid written in another form (upper case, braces, no hyphens), its canonical form,
-    /// which is how records carry a uuid subject whatever form the producer wrote. Other ids are matched exactly:
-    /// case, spaces and leading zeros count, since two such ids may well be two people.
+    /// given and, when it is a uuid, each of its common forms (hyphenated, simple, braced; lower and upper case):
+    /// a uuid field carries the canonical form, and a string subject whatever form its producer wrote. Other ids
+    /// are matched exactly: case, spaces and leading zeros count, since two such ids may well be two people.
     pub fn subject_scopes(&self, subject: &str) -> Vec<String> {
-        let mut scopes = vec![self.subject_scope(subject)];
+        let mut ids = vec![subject.to_owned()];
         if let Ok(uuid) = apache_avro::Uuid::try_parse(subject) {
-            let canonical = uuid.to_string();
-            if canonical != subject {
-                scopes.push(self.subject_scope(&canonical));
+            // A uuid field carries the canonical form; a string subject may carry any of the common ones.
+            for form in [
+                uuid.hyphenated().to_string(),
+                uuid.simple().to_string(),
+                uuid.braced().to_string(),
+            ] {
+                ids.push(form.to_ascii_uppercase());
+                ids.push(form);
             }
         }
-        scopes
+        ids.sort();
+        ids.dedup();
+        ids.iter().map(|id| self.subject_scope(id)).collect()
     }
 
     /// Destroys every key version of a subject (in each of its [scopes](Self::subject_scopes)) and remembers it as
@@ -1081,6 +1088,25 @@ mod tests {
         assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 2);
         assert!(ring.key_by_id(other).is_ok(), "other domains are not touched");
         assert_eq!(ring.expire_quarantine_keys(7, 114).unwrap(), 0, "idempotent");
+    }
+
+    /// A uuid carried as a plain string keeps its producer's form: a forget by any form of it reaches that one.
+    #[test]
+    fn a_forget_of_a_uuid_reaches_every_form_a_string_subject_may_carry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let upper = "550E8400-E29B-41D4-A716-446655440000";
+        let key = active(ring.subject_key(upper).unwrap()).key_id;
+        assert_eq!(ring.forget_subject("550e8400-e29b-41d4-a716-446655440000").unwrap(), 1);
+        assert!(matches!(ring.subject_key(upper).unwrap(), RecordKey::Forgotten));
+        assert!(ring.key_by_id(key).is_err());
+        for form in [
+            "550e8400e29b41d4a716446655440000",
+            "{550e8400-e29b-41d4-a716-446655440000}",
+        ] {
+            assert!(ring.subject_status(form).unwrap().forgotten, "{form}");
+        }
+        assert!(!ring.subject_status("cus_1").unwrap().forgotten);
     }
 
     /// Earlier versions wrote every quarantined copy under one `piiwall.quarantine` key, which no day names: it
