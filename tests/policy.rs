@@ -118,6 +118,12 @@ fn invalid_annotations_name_the_field() {
             "payload.user",
             "union of several",
         ),
+        // Declared a uuid, but on a type no uuid is written with: what compiles must run.
+        (
+            record(json!([{"name": "who", "type": {"type": "double", "logicalType": "uuid"}, "pii": "subject"}])),
+            "who",
+            "subject field must be",
+        ),
     ];
     for (schema, path, problem) in cases {
         let (got_path, got_problem) = error_of(&schema);

@@ -143,7 +143,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
     let sanitized = Schema::parse(&sanitized_json)
         .map_err(|e| PolicyError::new("", format!("the derived sanitized schema is invalid: {e}")))?;
     let domain = walker.domain.clone();
-    Ok(CompiledSchema {
+    let compiled = CompiledSchema {
         writer,
         sanitized,
         sanitized_json: sanitized_text,
@@ -154,7 +154,11 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
             domain,
             detect: settings.detect.clone(),
         },
-    })
+    };
+    // What compiles must run: a schema the binary transcoder cannot walk (a subject whose declared type it cannot
+    // read, say) is refused here, by `schema check` and at registration, not found broken record by record.
+    crate::transcode::Transcoder::new(&compiled)?;
+    Ok(compiled)
 }
 
 /// A named type defined somewhere in the schema.

@@ -35,7 +35,11 @@ impl Transcoder {
         let builder = Builder::new(&schema.writer, &schema.plan.detect);
         let root = builder.root(&schema.writer, &schema.plan)?;
         let subject = match &schema.plan.subject {
-            Some(subject) => Some(builder.locate(&schema.writer, &subject.steps)?),
+            Some(subject) => Some(
+                builder
+                    .locate(&schema.writer, &subject.steps)
+                    .map_err(|e| PolicyError::new(&schema.plan.rules[subject.rule].path, e.problem))?,
+            ),
             None => None,
         };
         Ok(Self { root, subject })
