@@ -11,6 +11,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const PER_KIND: usize = 5_000;
+
+/// Makes one labelled value of a kind.
+type Generator = fn(&mut StdRng) -> String;
 const NEGATIVES: usize = 50_000;
 
 fn digits(rng: &mut StdRng, n: usize) -> String {
@@ -230,7 +233,7 @@ fn negative(rng: &mut StdRng) -> String {
 fn recall_and_false_positives_on_a_labelled_corpus() {
     let mut rng = StdRng::seed_from_u64(17);
     let detectors = Detectors::all();
-    let generators: [(Kind, fn(&mut StdRng) -> String); 5] = [
+    let generators: [(Kind, Generator); 5] = [
         (Kind::Email, email),
         (Kind::Card, card),
         (Kind::Iban, iban),

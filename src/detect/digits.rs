@@ -253,7 +253,7 @@ fn luhn(digits: impl Iterator<Item = u8>, count: usize) -> bool {
         .enumerate()
         .map(|(i, d)| {
             let d = u32::from(d - b'0');
-            if (count - i) % 2 == 0 {
+            if (count - i).is_multiple_of(2) {
                 let doubled = d * 2;
                 if doubled > 9 { doubled - 9 } else { doubled }
             } else {
@@ -261,7 +261,7 @@ fn luhn(digits: impl Iterator<Item = u8>, count: usize) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// An IPv6 address starting at `i`: hex digits, colons and dots (an embedded IPv4), at least two colons and one

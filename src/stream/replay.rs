@@ -138,6 +138,9 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     Ok(summary)
 }
 
+/// A quarantined record's value (`None` for a deletion) and key.
+pub(super) type Unsealed = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// The value and key of the record a quarantined copy holds (`None` for the value of a deletion), opened under
 /// contexts bound to the source coordinates its headers name: a copy relabelled with other coordinates does not
 /// open. Copies of earlier versions, sealed under the bare contexts, still do.
@@ -145,7 +148,7 @@ pub(super) fn unseal(
     keyring: &crate::keys::Keyring,
     copy: &OwnedMessage,
     (topic, partition, offset): (&str, i32, i64),
-) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), Replayed> {
+) -> Result<Unsealed, Replayed> {
     use crate::policy::contexts::{self, QUARANTINE_KEY, QUARANTINE_TOMBSTONE, QUARANTINE_VALUE};
     let open_as = |bytes: &[u8], context: &str| -> Result<Vec<u8>, Replayed> {
         let token = std::str::from_utf8(bytes).map_err(|_| Replayed::Failing("not a quarantine copy".to_owned()))?;
