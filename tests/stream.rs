@@ -527,6 +527,10 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     const N: usize = 30;
     let mut records = common::kafka::customer_records(&schema, SCHEMA_ID, N);
     records.push((0, None, b"person996@example.com in clear".to_vec(), OwnedHeaders::new()));
+    // An address pasted into a field nobody tagged: reported (policy.detect's default), counted in the summary.
+    let mut pasted = customer(5);
+    pasted["address"]["city"] = json!("write to pasted.in@example.org");
+    records[5].2 = framed(&schema, SCHEMA_ID, &pasted);
     produce(&input, records).await;
 
     let shutdown = Shutdown::new();
@@ -589,6 +593,14 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
         summaries[0]["counts"][0],
         json!({"field_path": "customer_id", "action": "subject", "count": N})
     );
+    assert!(
+        summaries[0]["counts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"field_path": "address.city", "action": "detected email (report)", "count": 1})),
+        "{}",
+        summaries[0]["counts"]
+    );
     let created: i64 = of("KEY_CREATED")
         .iter()
         .map(|e| e["counts"][0]["count"].as_i64().unwrap())
@@ -603,6 +615,10 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
             assert!(!everything.contains(&pii), "an audit event carries a PII value");
         }
     }
+    assert!(
+        !everything.contains("pasted.in@example.org"),
+        "a detection is counted, never its value"
+    );
 
     // Copies of the trail, each with one change: the verifier must find it.
     let tampered = |name: &str, payloads: Vec<Vec<u8>>| {
