@@ -66,13 +66,9 @@ pub fn check_samples(
     settings: &PolicySettings,
     samples: impl std::io::BufRead,
 ) -> Result<Vec<Finding>, crate::Error> {
-    use crate::detect::{DetectMode, DetectPolicy};
     use crate::transcode::{TranscodeScratch, Transcoder};
     let settings = PolicySettings {
-        detect: DetectPolicy {
-            mode: DetectMode::Report,
-            ..DetectPolicy::default()
-        },
+        detect: settings.detect.reporting(),
         ..settings.clone()
     };
     let schema = compile(schema_json, &settings)?;

@@ -750,7 +750,11 @@ fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &s
     let announced = (|| -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let client = kafka_client(config);
-        runtime.block_on(piiwall::stream::ensure_ledger(&client, config))?;
+        // A ledger that can lose forgets is said, and the announcement still goes out: running instances drop
+        // their cached keys at once either way.
+        if let Err(e) = runtime.block_on(piiwall::stream::ensure_ledger(&client, config)) {
+            eprintln!("piiwall: warning: {e}");
+        }
         let producer: rdkafka::producer::FutureProducer = client.create()?;
         runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(keyring, op, scope))?;
         Ok(())

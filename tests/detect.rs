@@ -46,7 +46,7 @@ fn ticket() -> Json {
         "email": "ann@example.com",
         "notes": "Customer wrote from bob.lee@example.org, call +44 7700 900123.",
         "lines": ["no PII here", "card 4111 1111 1111 1111 was declined"],
-        "labels": {"carol@example.net": "vip", "plain": "SSN 123-45-6789"},
+        "labels": {"vip": "carol@example.net", "plain": "SSN 123-45-6789"},
         "reply": "see 192.168.1.20",
         "order": {"reference": "4111111111111111", "count": 2}
     })
@@ -63,9 +63,13 @@ fn keys() -> RecordKeys {
 
 /// Transcodes the ticket: its output as JSON (decoded with the sanitized schema) or the error, and the detections.
 fn run(schema: &CompiledSchema) -> (Result<Json, String>, Detections) {
+    run_on(schema, &ticket())
+}
+
+fn run_on(schema: &CompiledSchema, ticket: &Json) -> (Result<Json, String>, Detections) {
     let input = common::encode(
         &schema.writer,
-        &JsonCodec::new(&schema.writer).to_value(&ticket()).unwrap(),
+        &JsonCodec::new(&schema.writer).to_value(ticket).unwrap(),
     );
     let transcoder = Transcoder::new(schema).unwrap();
     let mut scratch = TranscodeScratch::default();
@@ -117,11 +121,7 @@ fn redact_replaces_each_span_and_keeps_the_rest() {
     let out = out.unwrap();
     assert_eq!(out["notes"], "Customer wrote from [email], call [phone].");
     assert_eq!(out["lines"], json!(["no PII here", "card [card] was declined"]));
-    assert_eq!(
-        out["labels"],
-        json!({"[email]": "vip", "plain": "SSN [ssn]"}),
-        "map keys too"
-    );
+    assert_eq!(out["labels"], json!({"vip": "[email]", "plain": "SSN [ssn]"}));
     assert_eq!(out["reply"], json!("see [ip]"));
     assert_eq!(out["order"]["reference"], "[card]");
     assert_eq!(out["order"]["count"], 2);
@@ -168,4 +168,42 @@ fn a_field_known_to_be_safe_and_a_detector_can_be_silenced() {
             .any(|d| d.kind == Kind::Ssn && d.mode == DetectMode::Report)
     );
     assert!(!detections.keys().any(|d| d.kind == Kind::Ip));
+}
+
+/// A map's keys are never rewritten (two keys would become one entry): where the policy would redact, a key that
+/// carries PII sends the record to quarantine instead, naming the map.
+#[test]
+fn a_map_key_is_never_redacted_its_record_is_quarantined() {
+    let mut keyed = ticket();
+    keyed["labels"] = json!({"carol@example.net": "vip", "dave@example.net": "vip"});
+    let (out, _) = run_on(&schema(policy(DetectMode::Redact)), &keyed);
+    let error = out.unwrap_err();
+    assert!(error.contains("labels") && error.contains("email detector"), "{error}");
+    assert!(!error.contains("example.net"), "{error}");
+    let (reported, detections) = run_on(&schema(policy(DetectMode::Report)), &keyed);
+    assert_eq!(reported.unwrap()["labels"], keyed["labels"], "report changes nothing");
+    assert_eq!(
+        found(&detections).iter().filter(|(path, _)| path == "labels").count(),
+        2
+    );
+}
+
+/// Each action's detectors look on their own: a private key cut off (which runs to the end of the text) that is
+/// only reported does not hide the address after it from redaction.
+#[test]
+fn a_reported_span_never_hides_what_another_action_redacts() {
+    let mut detect = policy(DetectMode::Redact);
+    detect.detectors.insert(Kind::Secret, DetectMode::Report);
+    let mut pasted = ticket();
+    pasted["notes"] = json!("key -----BEGIN PRIVATE KEY-----\nMIIB then write to x@example.org");
+    let (out, detections) = run_on(&schema(detect), &pasted);
+    assert_eq!(
+        out.unwrap()["notes"],
+        "key -----BEGIN PRIVATE KEY-----\nMIIB then write to [email]"
+    );
+    assert!(
+        detections
+            .keys()
+            .any(|d| d.kind == Kind::Secret && d.mode == DetectMode::Report)
+    );
 }

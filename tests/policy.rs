@@ -208,6 +208,7 @@ fn sanitized_schema_keeps_everything_but_what_was_applied() {
             {"name": "secret", "type": {"type": "record", "name": "S", "fields": [{"name": "x", "type": "long"}]}, "pii": "redact"},
             {"name": "country", "type": "string", "default": "GB", "doc": "ISO code"},
             {"name": "contact", "type": "string", "default": "noreply@acme.example", "pii": "tokenize"},
+            {"name": "aliases", "type": {"type": "array", "items": "string"}, "default": [], "pii": "tokenize"},
             {"name": "office", "type": {"type": "record", "name": "O", "fields": [
                 {"name": "street", "type": "string", "default": "1 Main Street"}
             ]}, "pii": "redact"}
@@ -258,6 +259,11 @@ fn sanitized_schema_keeps_everything_but_what_was_applied() {
         field("country"),
         schema["fields"][7],
         "unprotected fields are untouched"
+    );
+    assert_eq!(
+        field("aliases")["default"],
+        json!([]),
+        "an empty default holds nothing and keeps the field addable"
     );
     assert!(
         !compiled.sanitized_json.contains("noreply@acme.example") && !compiled.sanitized_json.contains("1 Main"),

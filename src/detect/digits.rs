@@ -148,7 +148,7 @@ impl Run<'_> {
             return ((8..=15).contains(&count) && first != b'0').then_some((Kind::Phone, true));
         }
 
-        if !area_code && a == 0 && b + 1 == self.groups.len() && window.len() == 4 && same_sep(&[DOT]) {
+        if !area_code && window.len() == 4 && same_sep(&[DOT]) {
             return window
                 .iter()
                 .all(|g| octet(&self.bytes[g.start..g.end]))
@@ -169,11 +169,12 @@ impl Run<'_> {
             } else {
                 same_sep(&[DASH, DOT, SPACE])
             };
+        // Leading-0 national numbers: 07700 900123, 020 7946 0958, 06 12 34 56 78, 06-12345678.
         let national = !area_code
             && first == b'0'
             && (10..=11).contains(&count)
-            && (2..=3).contains(&window.len())
-            && lens().all(|l| l >= 3)
+            && (2..=5).contains(&window.len())
+            && lens().all(|l| l >= 2)
             && same_sep(&[SPACE, DASH]);
         (nanp || national).then_some((Kind::Phone, area_code))
     }
@@ -366,6 +367,8 @@ mod tests {
             "555.234.5678",
             "07700 900123",
             "020 7946 0958",
+            "06 12 34 56 78",
+            "06-12345678",
         ] {
             assert_eq!(
                 found(&format!("call {phone} now")),
@@ -390,6 +393,11 @@ mod tests {
         ] {
             assert_eq!(found(&format!("from {ip}.")), vec![(ip, Kind::Ip)], "{ip}");
         }
+        assert_eq!(
+            found("10.0.0.1 10.0.0.2 port 443"),
+            vec![("10.0.0.1", Kind::Ip), ("10.0.0.2", Kind::Ip)],
+            "addresses side by side, and a port after one"
+        );
         for text in [
             "256.1.1.1",
             "01.2.3.4",

@@ -150,6 +150,11 @@ impl Detectors {
         if let Some(end) = push(secret::at(bytes, i)) {
             return end;
         }
+        if bytes[i..].starts_with(b"eyJ") {
+            // Not a token: a later start inside the same base64url run would end at the same place and fail the
+            // same way, so the run is passed over whole (else `eyJ-` repeated would rescan it from every `e`).
+            return secret::base64url_end(bytes, i);
+        }
         if let Some(end) = push(iban::at(bytes, i)) {
             return end;
         }
@@ -250,6 +255,7 @@ mod tests {
             "1-",
             "::",
             "eyJ.",
+            "eyJ-",
             "-----BEGIN ",
             "GB82 ",
             "1:",

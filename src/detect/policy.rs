@@ -69,6 +69,15 @@ pub struct FieldDetectors {
 }
 
 impl FieldDetectors {
+    /// The same detectors for a map's keys: what would be redacted quarantines (see [`DetectPolicy::for_keys`]).
+    pub fn for_keys(self) -> Self {
+        Self {
+            report: self.report,
+            redact: Detectors::NONE,
+            quarantine: Detectors(self.quarantine.0 | self.redact.0),
+        }
+    }
+
     pub fn all(&self) -> Detectors {
         Detectors(self.report.0 | self.redact.0 | self.quarantine.0)
     }
@@ -87,6 +96,35 @@ impl FieldDetectors {
 }
 
 impl DetectPolicy {
+    /// The policy for keys — a map's keys, a record key's fields: a key is never rewritten, since two keys would
+    /// become one (a map loses an entry, compaction deletes another entity's record). What the policy would redact
+    /// sends the record to quarantine instead; fail closed, never released in clear.
+    pub fn for_keys(&self) -> Self {
+        let keys = |mode: DetectMode| match mode {
+            DetectMode::Redact => DetectMode::Quarantine,
+            other => other,
+        };
+        Self {
+            mode: keys(self.mode),
+            detectors: self.detectors.iter().map(|(k, m)| (*k, keys(*m))).collect(),
+            fields: self.fields.iter().map(|(f, m)| (f.clone(), keys(*m))).collect(),
+        }
+    }
+
+    /// Every detector that is not off only reports (for `schema check --sample`, which names fields to annotate
+    /// and changes nothing), keeping what the policy silences silent.
+    pub fn reporting(&self) -> Self {
+        let report = |mode: DetectMode| match mode {
+            DetectMode::Off => DetectMode::Off,
+            _ => DetectMode::Report,
+        };
+        Self {
+            mode: report(self.mode),
+            detectors: self.detectors.iter().map(|(k, m)| (*k, report(*m))).collect(),
+            fields: self.fields.iter().map(|(f, m)| (f.clone(), report(*m))).collect(),
+        }
+    }
+
     /// Nothing anywhere is looked for.
     pub fn is_off(&self) -> bool {
         self.mode == DetectMode::Off

@@ -7,6 +7,11 @@ fn is_base64url(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
+/// Where the run of base64url characters starting at `i` ends.
+pub(super) fn base64url_end(bytes: &[u8], i: usize) -> usize {
+    i + bytes[i..].iter().take_while(|&&b| is_base64url(b)).count()
+}
+
 /// How many bytes from `from` satisfy `accept`, looking at no more than `limit`.
 fn span(bytes: &[u8], from: usize, limit: usize, accept: impl Fn(u8) -> bool) -> usize {
     bytes[from.min(bytes.len())..]

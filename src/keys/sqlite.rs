@@ -210,7 +210,11 @@ impl KeyStore for SqliteStore {
                 let destroyed = tx.execute("DELETE FROM deks WHERE scope = ?1", [scope])?;
                 tx.execute("INSERT OR IGNORE INTO forgotten_scopes (scope, forgotten_at) VALUES (?1, ?2)", params![scope, at])?;
                 tx.commit()?;
-                checkpoint_after_forget(c);
+                // Only deleted key rows leave bytes to erase (a uuid's forget names several forms, most of them
+                // keyless: one checkpoint, not one per form).
+                if destroyed > 0 {
+                    checkpoint_after_forget(c);
+                }
                 Ok(destroyed)
             },
             "forgetting a subject",

@@ -1084,12 +1084,17 @@ fn check_no_annotation(object: &Map<String, Json>, path: &str, keys: &[&str], wh
     }
 }
 
-/// Removes a field's default unless it is null or empty (which hold nothing).
+/// Removes a field's default unless it holds nothing (null, or an empty string, array or map): an empty default
+/// is what lets a registry accept a field added later.
 fn drop_value_defaults(field: &mut Map<String, Json>) {
-    if field
-        .get("default")
-        .is_some_and(|d| !d.is_null() && d.as_str() != Some(""))
-    {
+    let holds_nothing = |d: &Json| match d {
+        Json::Null => true,
+        Json::String(text) => text.is_empty(),
+        Json::Array(items) => items.is_empty(),
+        Json::Object(entries) => entries.is_empty(),
+        _ => false,
+    };
+    if field.get("default").is_some_and(|d| !holds_nothing(d)) {
         field.shift_remove("default");
     }
 }

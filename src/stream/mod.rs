@@ -677,18 +677,35 @@ async fn summarize(ctx: &LaneContext, window_start: i64) -> i64 {
                 .collect();
         }
         // Detections in unannotated fields ride on the topic's first summary of the window.
-        for (detection, count) in detected.remove(&topic).unwrap_or_default() {
-            event.counts.push(FieldCount {
-                field_path: detection.path.to_string(),
-                action: format!("detected {} ({})", detection.kind.name(), detection.mode.name()),
-                count: count as i64,
-            });
-        }
+        event
+            .counts
+            .extend(detection_counts(detected.remove(&topic).unwrap_or_default()));
+        event.topic = Some(topic);
+        event.window = Some((window_start, now));
+        ctx.auditor.emit(event).await;
+    }
+    // A topic whose every record went to quarantine (policy.detect = "quarantine") has no summary above: its
+    // detections get one of their own.
+    for (topic, detections) in detected {
+        let mut event = AuditEvent::new(AuditKind::ProcessingSummary);
+        event.counts = detection_counts(detections);
         event.topic = Some(topic);
         event.window = Some((window_start, now));
         ctx.auditor.emit(event).await;
     }
     now
+}
+
+/// Detections as audit counts: per field path, `detected <detector> (<action>)`.
+fn detection_counts(detections: crate::transcode::Detections) -> Vec<FieldCount> {
+    detections
+        .into_iter()
+        .map(|(detection, count)| FieldCount {
+            field_path: detection.path.to_string(),
+            action: format!("detected {} ({})", detection.kind.name(), detection.mode.name()),
+            count: count as i64,
+        })
+        .collect()
 }
 
 /// Publishes the key cache's hit and miss totals (counted with atomics on the hot path).
@@ -848,34 +865,51 @@ fn append_only(topic: NewTopic<'_>) -> NewTopic<'_> {
 
 /// Creates the control topic append-only unless it exists, and refuses one that exists and is not: for the command
 /// line, which may announce a forget before any `run` created the topic (a broker's auto-creation would give it a
-/// retention of days).
+/// retention of days). An existing topic is only described, never created again, so a principal allowed to write
+/// and describe it but not to create topics announces as before.
 pub async fn ensure_ledger(client: &ClientConfig, config: &Config) -> Result<(), Error> {
     let admin: AdminClient<DefaultClientContext> = client
         .create()
         .map_err(|e| Error::Kafka(format!("cannot create a Kafka admin client: {e}")))?;
-    let topic = &config.keys.control_topic;
-    let mut new = append_only(NewTopic::new(
-        topic,
-        1,
-        TopicReplication::Fixed(config.kafka.topic_replication),
-    ));
-    let min_insync = config.kafka.min_insync_replicas.map(|n| n.to_string());
-    if let Some(min) = &min_insync {
-        new = new.set("min.insync.replicas", min);
-    }
-    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
-    let results = admin
-        .create_topics([&new], &options)
-        .await
-        .map_err(|e| Error::Kafka(format!("cannot create the control topic {topic}: {e}")))?;
-    for result in results {
-        match result {
-            Ok(_) => return Ok(()),
-            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(Error::Kafka(format!("cannot create the control topic {topic}: {code}"))),
+    let topic = config.keys.control_topic.clone();
+    let probe: rdkafka::consumer::BaseConsumer = client
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create a Kafka client: {e}")))?;
+    let named = topic.clone();
+    let exists = tokio::task::spawn_blocking(move || {
+        probe
+            .fetch_metadata(Some(&named), METADATA_TIMEOUT)
+            .map(|metadata| metadata.topics().first().is_some_and(|t| !t.partitions().is_empty()))
+    })
+    .await
+    .map_err(|_| Error::Kafka("reading the control topic's metadata panicked".into()))?
+    .map_err(|e| Error::Kafka(format!("cannot read the metadata of the control topic {topic}: {e}")))?;
+    if !exists {
+        let mut new = append_only(NewTopic::new(
+            &topic,
+            1,
+            TopicReplication::Fixed(config.kafka.topic_replication),
+        ));
+        let min_insync = config.kafka.min_insync_replicas.map(|n| n.to_string());
+        if let Some(min) = &min_insync {
+            new = new.set("min.insync.replicas", min);
+        }
+        let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+        let results = admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(|e| Error::Kafka(format!("cannot create the control topic {topic}: {e}")))?;
+        for result in results {
+            match result {
+                Ok(_) => return Ok(()),
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::Kafka(format!("cannot create the control topic {topic}: {code}")));
+                }
+            }
         }
     }
-    check_ledger(&admin, topic).await
+    check_ledger(&admin, &topic).await
 }
 
 /// Refuses a control topic (the forget ledger) that is compacted or whose records expire: a forget could leave it,

@@ -87,7 +87,7 @@ impl Routes {
             for (part, path, id, sanitized_id) in schemas {
                 let route = match std::fs::read_to_string(path) {
                     Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", path.display())),
-                    Ok(text) => match ready(&text, &config.policy, id, sanitized_id) {
+                    Ok(text) => match ready(&text, &config.policy, part, id, sanitized_id) {
                         Ok(route) => route,
                         Err(reason) => Route::Broken(format!("schema {}: {reason}", path.display())),
                     },
@@ -247,7 +247,7 @@ impl Registry {
             }
             Err(RegistryError::Refused(why)) => return Ok(Route::Broken(why)),
         };
-        let mut route = match ready(&writer, &self.policy, id, 0) {
+        let mut route = match ready(&writer, &self.policy, part, id, 0) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
@@ -271,7 +271,19 @@ impl Registry {
     }
 }
 
-fn ready(schema_json: &str, policy: &PolicySettings, id: u32, sanitized_id: u32) -> Result<Route, String> {
+fn ready(schema_json: &str, policy: &PolicySettings, part: Part, id: u32, sanitized_id: u32) -> Result<Route, String> {
+    // A record key's text is never rewritten by detection: two keys would become one (see `DetectPolicy::for_keys`).
+    let keys;
+    let policy = match part {
+        Part::Value => policy,
+        Part::Key => {
+            keys = PolicySettings {
+                detect: policy.detect.for_keys(),
+                ..policy.clone()
+            };
+            &keys
+        }
+    };
     let schema = compile(schema_json, policy).map_err(|e| e.to_string())?;
     let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
     Ok(Route::Ready(Arc::new(ReadyRoute {

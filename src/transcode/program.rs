@@ -270,7 +270,7 @@ impl<'s> Builder<'s> {
             }
             (Node::Map(node), Schema::Map(map)) => Step::Map(Items::new(
                 self.step(&map.types, Some(node), plan, path)?,
-                self.inspect(path),
+                self.inspect_keys(path),
             )),
             (Node::Union(branches), Schema::Union(union)) => Step::Union(
                 union
@@ -281,6 +281,14 @@ impl<'s> Builder<'s> {
                     .collect::<Result<_, _>>()?,
             ),
             _ => return Err(unsupported("a plan that does not match its schema")),
+        })
+    }
+
+    /// The detectors of a map's keys at `path`: never rewritten (see [`DetectPolicy::for_keys`]).
+    fn inspect_keys(&self, path: &str) -> Option<Inspect> {
+        self.inspect(path).map(|inspect| Inspect {
+            detectors: inspect.detectors.for_keys(),
+            ..inspect
         })
     }
 
@@ -314,7 +322,7 @@ impl<'s> Builder<'s> {
                     .collect::<Result<_, _>>()?,
             ),
             Schema::Array(array) => Step::Array(Items::new(inner(&array.items, path)?, None)),
-            Schema::Map(map) => Step::Map(Items::new(inner(&map.types, path)?, self.inspect(path))),
+            Schema::Map(map) => Step::Map(Items::new(inner(&map.types, path)?, self.inspect_keys(path))),
             Schema::Union(union) => Step::Union(
                 union
                     .variants()

@@ -121,50 +121,56 @@ impl<'a> Run<'a> {
     }
 
     /// Runs a field's detectors over `text` (read from `start`): records each detection, quarantines the record when
-    /// one says so, and rewrites the text with the spans to redact replaced by their labels.
+    /// one says so, and rewrites the text with the spans to redact replaced by their labels. Each action's detectors
+    /// look on their own, so a span one of them claims (a key cut off runs to the end of the text) never hides
+    /// what another would quarantine or redact.
     fn inspect(&mut self, start: usize, text: &'a str, inspect: &Inspect) -> Result<(), ValueError> {
         let detectors = &inspect.detectors;
-        let found = &mut self.scratch.found;
-        detectors.all().find(text, found);
-        if found.is_empty() {
-            return Ok(());
-        }
-        let mut redact = false;
-        for f in found.iter() {
-            let mode = detectors.mode_of(f.kind);
-            redact |= mode == DetectMode::Redact;
-            *self
-                .scratch
-                .detections
-                .entry(Detection {
-                    path: inspect.path.clone(),
-                    kind: f.kind,
-                    mode,
-                })
-                .or_default() += 1;
-        }
-        if let Some(f) = found
-            .iter()
-            .find(|f| detectors.mode_of(f.kind) == DetectMode::Quarantine)
-        {
-            return Err(ValueError::new(
-                &inspect.path,
-                format!(
-                    "holds what the {} detector recognises, in a field no annotation protects (policy.detect = \
-                     quarantine): annotate the field, or redact it",
-                    f.kind.name()
-                ),
-            ));
-        }
-        if redact {
-            found.retain(|f| detectors.mode_of(f.kind) == DetectMode::Redact);
-            self.out.extend_from_slice(&self.input.bytes[self.copy_from..start]);
-            let redacted = &mut self.scratch.redacted;
-            redacted.clear();
-            redact_into(text, found, redacted);
-            write_long(self.out, redacted.len() as i64);
-            self.out.extend_from_slice(redacted.as_bytes());
-            self.copy_from = self.input.pos;
+        for (set, mode) in [
+            (detectors.quarantine, DetectMode::Quarantine),
+            (detectors.report, DetectMode::Report),
+            (detectors.redact, DetectMode::Redact),
+        ] {
+            if set.is_empty() {
+                continue;
+            }
+            set.find(text, &mut self.scratch.found);
+            for f in &self.scratch.found {
+                *self
+                    .scratch
+                    .detections
+                    .entry(Detection {
+                        path: inspect.path.clone(),
+                        kind: f.kind,
+                        mode,
+                    })
+                    .or_default() += 1;
+            }
+            let Some(first) = self.scratch.found.first() else {
+                continue;
+            };
+            match mode {
+                DetectMode::Quarantine => {
+                    return Err(ValueError::new(
+                        &inspect.path,
+                        format!(
+                            "holds what the {} detector recognises, in a field no annotation protects \
+                             (policy.detect = quarantine): annotate the field, or redact it",
+                            first.kind.name()
+                        ),
+                    ));
+                }
+                DetectMode::Redact => {
+                    self.out.extend_from_slice(&self.input.bytes[self.copy_from..start]);
+                    let redacted = &mut self.scratch.redacted;
+                    redacted.clear();
+                    redact_into(text, &self.scratch.found, redacted);
+                    write_long(self.out, redacted.len() as i64);
+                    self.out.extend_from_slice(redacted.as_bytes());
+                    self.copy_from = self.input.pos;
+                }
+                DetectMode::Report | DetectMode::Off => {}
+            }
         }
         Ok(())
     }
