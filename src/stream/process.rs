@@ -533,6 +533,49 @@ mod tests {
             panic!("the copy opens")
         };
         assert_eq!(value.as_deref(), Some(&b"garbage"[..]));
+        // Copies of earlier versions, sealed under the bare contexts: a deletion was an empty value, and a bare
+        // key is not taken beside a bound value.
+        let dek = keyring.quarantine_key().unwrap();
+        let bare = |bytes: &[u8], context: &str| {
+            let mut plaintext = vec![crate::crypto::plain::BYTES];
+            plaintext.extend_from_slice(bytes);
+            dek.encrypt(context, &plaintext).into_bytes()
+        };
+        let legacy = |value: &[u8], key: Option<&[u8]>| {
+            let key = key.map(|k| bare(k, crate::policy::contexts::QUARANTINE_KEY));
+            let value = bare(value, crate::policy::contexts::QUARANTINE_VALUE);
+            OwnedMessage::new(
+                Some(value),
+                key,
+                "t.quarantine".into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                None,
+            )
+        };
+        let Ok((value, unsealed_key)) = unseal(keyring, &legacy(b"", Some(&key)), ("t", 0, 5)) else {
+            panic!("an earlier version's copy opens")
+        };
+        assert_eq!(
+            (value, unsealed_key.as_deref()),
+            (None, Some(&key[..])),
+            "an earlier deletion is one"
+        );
+        let mixed = OwnedMessage::new(
+            copy.payload().map(<[u8]>::to_vec),
+            Some(bare(&key, crate::policy::contexts::QUARANTINE_KEY)),
+            "t.quarantine".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            None,
+        );
+        assert!(
+            unseal(keyring, &mixed, ("t", 0, 6)).is_err(),
+            "a bare key beside a bound value"
+        );
+
         for elsewhere in [("kept-keys", 0, 6), ("t", 1, 6), ("t", 0, 7)] {
             assert!(
                 unseal(keyring, &copy, elsewhere).is_err(),

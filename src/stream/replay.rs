@@ -161,21 +161,42 @@ pub(super) fn unseal(
         })?;
         Ok(json.as_str().unwrap_or_default().chars().map(|c| c as u8).collect())
     };
-    let open = |bytes: &[u8], part: &str| match open_as(bytes, &contexts::quarantine(part, topic, partition, offset)) {
-        Err(Replayed::Failing(problem)) => open_as(bytes, part).map_err(|_| Replayed::Failing(problem)),
-        opened => opened,
+    // Sealed for `part` at the copy's coordinates, or, by an earlier version, under the bare context (`true`).
+    let open = |bytes: &[u8], part: &str| -> Result<(Vec<u8>, bool), Replayed> {
+        match open_as(bytes, &contexts::quarantine(part, topic, partition, offset)) {
+            Ok(plain) => Ok((plain, false)),
+            Err(Replayed::Failing(problem)) => open_as(bytes, part)
+                .map(|plain| (plain, true))
+                .map_err(|_| Replayed::Failing(problem)),
+            Err(other) => Err(other),
+        }
     };
     let sealed = copy.payload().unwrap_or_default();
-    let value = match open(sealed, QUARANTINE_VALUE) {
-        Ok(value) => Some(value),
+    let (value, earlier) = match open(sealed, QUARANTINE_VALUE) {
+        // Earlier versions sealed a deletion as an empty value.
+        Ok((plain, true)) if plain.is_empty() => (None, true),
+        Ok((plain, earlier)) => (Some(plain), earlier),
         // A deletion's copy opens only under its own context.
         Err(Replayed::Failing(problem)) => match open(sealed, QUARANTINE_TOMBSTONE) {
-            Ok(_) => None,
+            Ok((_, earlier)) => (None, earlier),
             Err(_) => return Err(Replayed::Failing(problem)),
         },
         Err(other) => return Err(other),
     };
-    let key = copy.key().map(|k| open(k, QUARANTINE_KEY)).transpose()?;
+    let key = match copy.key() {
+        None => None,
+        Some(sealed) => {
+            let (plain, key_earlier) = open(sealed, QUARANTINE_KEY)?;
+            // A key sealed by an earlier version, bound to nothing, is not taken beside a value bound to these
+            // coordinates (or the other way round): it was sealed for another record.
+            if key_earlier != earlier {
+                return Err(Replayed::Failing(
+                    "its key and value were not sealed for the same record".into(),
+                ));
+            }
+            Some(plain)
+        }
+    };
     Ok((value, key))
 }
 
