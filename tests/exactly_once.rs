@@ -275,3 +275,110 @@ async fn a_broker_without_transactions_refuses_exactly_once_at_start() {
     );
     assert_eq!(error.kind(), piiwall::error::ErrorKind::Fatal);
 }
+
+/// The fault suite's rebalance under load, where transactions work: a second instance joins the group while
+/// records flow (partitions move to it, cooperative-sticky), then the first leaves. Read committed, every record is
+/// in the output exactly once: a batch read before the rebalance is fenced by its generation, aborted and read
+/// again by the partition's owner.
+///
+/// It needs a broker whose transactions commit their offsets: Tansu has no transactions, and librdkafka's mock
+/// cluster answers TxnOffsetCommit without committing anything (rdkafka_mock_handlers.c), so on it the second
+/// instance reads every partition again from the start. Run it against Kafka:
+/// `PIIWALL_TEST_EOS_KAFKA=host:9092 cargo test --test exactly_once -- --ignored rebalance`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Kafka with transactions (PIIWALL_TEST_EOS_KAFKA); the mock cluster never commits transactional offsets"]
+async fn a_rebalance_under_load_writes_nothing_twice() {
+    let input = unique("eos-rebalance");
+    let group = unique("piiwall");
+    let brokers =
+        std::env::var("PIIWALL_TEST_EOS_KAFKA").expect("PIIWALL_TEST_EOS_KAFKA names a Kafka broker with transactions");
+    common::kafka::create_topic_on(&brokers, &input, PARTITIONS).await;
+    let schema = customer_schema();
+    // Records keep arriving for ~9 s, while the second instance joins and the first leaves.
+    const WAVES: usize = 60;
+    const WAVE: usize = 50;
+    const N: usize = WAVES * WAVE;
+    let producing = tokio::spawn({
+        let brokers = brokers.clone();
+        let input = input.clone();
+        async move {
+            for wave in 0..WAVES {
+                let records = (wave * WAVE..(wave + 1) * WAVE)
+                    .map(|i| {
+                        let value = common::kafka::framed(&schema, SCHEMA_ID, &common::kafka::customer(i));
+                        ((i % 3) as i32, None, value, OwnedHeaders::new())
+                    })
+                    .collect();
+                produce_on(&brokers, &input, records).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    });
+
+    // Two instances: key stores of their own (tokens differ; delivery is what is checked here), distinct
+    // transactional ids and audit instances.
+    let instance = |n: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), &brokers, &input, &group);
+        config.kafka.delivery = piiwall::config::Delivery::ExactlyOnce {
+            transactional_id: format!("{group}-{n}"),
+        };
+        config.audit.instance = format!("eos-test-{n}");
+        (dir, config)
+    };
+    let ((_first_dir, first), (_second_dir, second)) = (instance(0), instance(1));
+    let first_stop = Shutdown::new();
+    let first_task = tokio::spawn(stream::run(first, first_stop.clone()));
+    let reader = assigned_reader(&brokers, &format!("{input}.sanitized"), PARTITIONS, "read_committed");
+    let (reader, mut outputs) = tokio::task::spawn_blocking(move || {
+        let mut outputs = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while outputs.len() < 50 && std::time::Instant::now() < deadline {
+            if let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) {
+                outputs.push(message.detach());
+            }
+        }
+        (reader, outputs)
+    })
+    .await
+    .unwrap();
+    assert!(outputs.len() >= 50, "the first instance writes");
+    let second_stop = Shutdown::new();
+    let second_task = tokio::spawn(stream::run(second, second_stop.clone()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first_stop.trigger();
+
+    let first_summary = first_task.await.unwrap().expect("the first instance leaves cleanly");
+    producing.await.unwrap();
+
+    let outputs = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut complete_at = None;
+        while std::time::Instant::now() < deadline {
+            if let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) {
+                outputs.push(message.detach());
+            }
+            if complete_at.is_none() && outputs.len() >= N && coordinates(&outputs).len() >= N {
+                complete_at = Some(std::time::Instant::now());
+            }
+            if complete_at.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
+                break;
+            }
+        }
+        outputs
+    })
+    .await
+    .unwrap();
+    second_stop.trigger();
+    let second_summary = second_task.await.unwrap().expect("the second instance ends cleanly");
+    assert!(
+        first_summary.sanitized < N as u64 && second_summary.sanitized > 0,
+        "the rebalances happened under load: first {}, second {}",
+        first_summary.sanitized,
+        second_summary.sanitized
+    );
+    let seen = coordinates(&outputs);
+    assert_eq!(seen.len(), N, "every record is written");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "records written twice: {twice:?}");
+}
