@@ -1,0 +1,177 @@
+//! Streams of real subjects, and the physical floor of one record's work (issue 15).
+//!
+//! - `known_subjects`: customer records (`schemas/customer_profile.avsc`, a subject per record) over 100,000
+//!   subjects drawn Zipf(1.1), every subject's key already in the SQLite store, the key cache bounded to its default
+//!   capacity and cold at the start; each iteration is one batch of 500 records as `run` handles it: the batch's
+//!   keys prefetched, then every record transcoded. Records/s, one thread.
+//! - `floor`: only the unavoidable work of one record of the 10-field event (`schemas/event.avsc`): the same
+//!   AES-256-GCM and HMAC-SHA256 operations on the same byte lengths, and one copy of the record's bytes, with no
+//!   parsing — the physical limit on this machine, against which the transcoder is quoted.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hmac::{Hmac, Mac};
+use piiwall::codec::json::JsonCodec;
+use piiwall::crypto::LocalKek;
+use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
+use piiwall::policy::{PolicySettings, compile};
+use piiwall::sanitize::Sanitizer;
+use piiwall::transcode::{TranscodeScratch, Transcoder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::Sha256;
+
+const SUBJECTS: usize = 100_000;
+const BATCH: usize = 500;
+
+fn customer(i: usize) -> serde_json::Value {
+    let tier = ["NONE", "SILVER", "GOLD"][i % 3];
+    serde_json::json!({
+        "customer_id": format!("cus_{i:06}"),
+        "email": format!("person{i}@example.com"),
+        "full_name": format!("Person Number{i}"),
+        "date_of_birth": 7000 + (i % 20_000) as i32,
+        "address": {"street": format!("{i} Long Lane"), "city": "Leeds", "postcode": format!("LS{} 9ZZ", i % 30),
+                    "country": "GB"},
+        "phones": [{"kind": "MOBILE", "number": format!("+44 7700 9{:05}", i % 100_000)}],
+        "marketing_opt_in": i.is_multiple_of(2),
+        "loyalty_tier": tier,
+        "notes": if i.is_multiple_of(4) { serde_json::Value::Null } else { serde_json::json!(format!("note {i}")) },
+        "updated_at": 1_764_150_000_000i64 + i as i64
+    })
+}
+
+/// Zipf(s) over `n` ranks: the cumulative weights, sampled by binary search.
+fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
+    let mut total = 0.0;
+    let mut cdf: Vec<f64> = (1..=n)
+        .map(|rank| {
+            total += 1.0 / (rank as f64).powf(s);
+            total
+        })
+        .collect();
+    cdf.iter_mut().for_each(|c| *c /= total);
+    cdf
+}
+
+fn known_subjects(c: &mut Criterion) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema_text = std::fs::read_to_string(root.join("schemas/customer_profile.avsc")).unwrap();
+    let schema = compile(&schema_text, &PolicySettings::default()).unwrap();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = || Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());
+    let open = || {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        Keyring::open(store, kek(), KeyCacheSettings::default()).unwrap()
+    };
+    // Every subject's key in the store, made through the keyring as `run` makes them.
+    let ids: Vec<String> = (0..SUBJECTS).map(|i| format!("cus_{i:06}")).collect();
+    let setup = open();
+    for chunk in ids.chunks(5_000) {
+        setup.prefetch(chunk.iter().map(String::as_str), []).unwrap();
+    }
+    drop(setup);
+    let codec = JsonCodec::new(&schema.writer);
+    let records: Vec<Vec<u8>> = (0..SUBJECTS)
+        .map(|i| {
+            let value = codec.to_value(&customer(i)).unwrap();
+            let mut bytes = Vec::new();
+            apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
+                .build()
+                .unwrap()
+                .write_value_ref(&mut bytes, &value)
+                .unwrap();
+            bytes
+        })
+        .collect();
+    let cdf = zipf_cdf(SUBJECTS, 1.1);
+    let mut rng = StdRng::seed_from_u64(15);
+    let stream: Vec<usize> = (0..1_000_000)
+        .map(|_| {
+            let u: f64 = rng.r#gen();
+            cdf.partition_point(|c| *c < u).min(SUBJECTS - 1)
+        })
+        .collect();
+
+    // A fresh keyring: its cache is cold when the measurement starts.
+    let sanitizer = Sanitizer::new(Arc::new(open()), "default");
+    let mut scratch = TranscodeScratch::default();
+    let mut out = Vec::with_capacity(1024);
+    let mut at = 0;
+    let mut group = c.benchmark_group("subjects");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("known_subjects_zipf", |b| {
+        b.iter(|| {
+            let batch = &stream[at..at + BATCH];
+            at = (at + BATCH) % (stream.len() - BATCH);
+            let keys = sanitizer
+                .keyring()
+                .prefetch(batch.iter().map(|&i| ids[i].as_str()), [])
+                .unwrap();
+            for &i in batch {
+                out.clear();
+                sanitizer
+                    .sanitize_binary_in(&schema, &transcoder, &records[i], Some(&keys), &mut scratch, &mut out)
+                    .unwrap();
+            }
+            out.len()
+        })
+    });
+    group.finish();
+    let stats = sanitizer.keyring().cache_stats();
+    let (hits, misses) = (
+        stats.hits.load(std::sync::atomic::Ordering::Relaxed),
+        stats.misses.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    println!(
+        "key cache over the run: {hits} hits, {misses} misses ({:.1}% hits)",
+        100.0 * hits as f64 / (hits + misses).max(1) as f64
+    );
+}
+
+/// The 10-field event's unavoidable work: tokenize the e-mail (HMAC-SHA256 for the synthetic nonce, then AES-GCM),
+/// encrypt phone and name (AES-GCM), and copy the record's bytes once.
+fn floor(c: &mut Criterion) {
+    let (email, phone, name) = (
+        b"ada.lovelace@example.com".to_vec(),
+        b"+44 7700 900123".to_vec(),
+        b"Ada Lovelace".to_vec(),
+    );
+    let record = vec![0x5au8; 170];
+    let aead = Aes256Gcm::new_from_slice(&[3; 32]).unwrap();
+    let mac = <Hmac<Sha256> as Mac>::new_from_slice(&[4; 32]).unwrap();
+    let mut buffer = Vec::with_capacity(256);
+    let mut copy = Vec::with_capacity(256);
+    let mut group = c.benchmark_group("floor");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("event_crypto_and_one_copy", |b| {
+        b.iter(|| {
+            let mut nonce_mac = mac.clone();
+            nonce_mac.update(b"email");
+            nonce_mac.update(&email);
+            let synthetic = nonce_mac.finalize().into_bytes();
+            for (value, nonce) in [
+                (&email, &synthetic[..12]),
+                (&phone, &[1u8; 12][..]),
+                (&name, &[2u8; 12][..]),
+            ] {
+                buffer.clear();
+                buffer.extend_from_slice(value);
+                aead.encrypt_in_place(Nonce::from_slice(nonce), b"context", &mut buffer)
+                    .unwrap();
+            }
+            copy.clear();
+            copy.extend_from_slice(&record);
+            buffer.len() + copy.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, known_subjects, floor);
+criterion_main!(benches);
