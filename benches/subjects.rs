@@ -123,15 +123,6 @@ fn known_subjects(c: &mut Criterion) {
         })
     });
     group.finish();
-    let stats = sanitizer.keyring().cache_stats();
-    let (hits, misses) = (
-        stats.hits.load(std::sync::atomic::Ordering::Relaxed),
-        stats.misses.load(std::sync::atomic::Ordering::Relaxed),
-    );
-    println!(
-        "key cache over the run: {hits} hits, {misses} misses ({:.1}% hits)",
-        100.0 * hits as f64 / (hits + misses).max(1) as f64
-    );
 }
 
 /// The 10-field event's unavoidable work: tokenize the e-mail (HMAC-SHA256 for the synthetic nonce, then AES-GCM),
