@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use piiwall::codec::json::JsonCodec;
-use piiwall::crypto::{Dek, KeyId};
 use piiwall::detect::{DetectMode, DetectPolicy, Kind};
 use piiwall::policy::{CompiledSchema, PolicySettings, compile};
-use piiwall::sanitize::RecordKeys;
 use piiwall::transcode::{Detections, TranscodeScratch, Transcoder};
 use serde_json::{Value as Json, json};
 
@@ -52,15 +48,6 @@ fn ticket() -> Json {
     })
 }
 
-fn keys() -> RecordKeys {
-    let dek = Arc::new(Dek::new(KeyId([5; 12]), 1, &[5; 32]));
-    RecordKeys {
-        record: Some(dek.clone()),
-        domain: Some(dek),
-        forgotten: false,
-    }
-}
-
 /// Transcodes the ticket: its output as JSON (decoded with the sanitized schema) or the error, and the detections.
 fn run(schema: &CompiledSchema) -> (Result<Json, String>, Detections) {
     run_on(schema, &ticket())
@@ -75,7 +62,7 @@ fn run_on(schema: &CompiledSchema, ticket: &Json) -> (Result<Json, String>, Dete
     let mut scratch = TranscodeScratch::default();
     let mut out = Vec::new();
     let result = transcoder
-        .transcode(schema, &input, &keys(), &mut scratch, &mut out)
+        .transcode(schema, &input, &common::fixed_keys(), &mut scratch, &mut out)
         .map(|()| JsonCodec::new(&schema.sanitized).to_json(&common::decode(&schema.sanitized, &out)))
         .map_err(|e| e.to_string());
     (result, scratch.take_detections())

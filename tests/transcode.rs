@@ -3,12 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use piiwall::codec::avro::ValueCodec;
-use piiwall::crypto::{Dek, KeyId};
 use piiwall::policy::CompiledSchema;
-use piiwall::sanitize::{RecordKeys, apply};
+use piiwall::sanitize::apply;
 use piiwall::transcode::{TranscodeScratch, Transcoder};
 use serde_json::json;
 
@@ -24,15 +21,6 @@ fn schema() -> CompiledSchema {
         ]})
         .to_string(),
     )
-}
-
-fn keys() -> RecordKeys {
-    let dek = Arc::new(Dek::new(KeyId([5; 12]), 1, &[5; 32]));
-    RecordKeys {
-        record: Some(dek.clone()),
-        domain: Some(dek),
-        forgotten: false,
-    }
 }
 
 fn zigzag(n: i64) -> Vec<u8> {
@@ -80,7 +68,13 @@ fn transcode(schema: &CompiledSchema, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let transcoder = Transcoder::new(schema).unwrap();
     let mut out = Vec::new();
     transcoder
-        .transcode(schema, bytes, &keys(), &mut TranscodeScratch::default(), &mut out)
+        .transcode(
+            schema,
+            bytes,
+            &common::fixed_keys(),
+            &mut TranscodeScratch::default(),
+            &mut out,
+        )
         .map(|()| out)
         .map_err(|e| e.to_string())
 }
@@ -88,7 +82,7 @@ fn transcode(schema: &CompiledSchema, bytes: &[u8]) -> Result<Vec<u8>, String> {
 fn reference(schema: &CompiledSchema, bytes: &[u8]) -> Vec<u8> {
     let codec = ValueCodec::new(schema);
     let mut value = codec.decode(bytes).unwrap();
-    apply(&schema.plan, &mut value, &keys()).unwrap();
+    apply(&schema.plan, &mut value, &common::fixed_keys()).unwrap();
     let mut out = Vec::new();
     codec.encode(&value, &mut out).unwrap();
     out
@@ -230,7 +224,7 @@ fn garbage_never_panics() {
             })
             .collect();
         let mut out = Vec::new();
-        let _ = transcoder.transcode(&schema, &bytes, &keys(), &mut scratch, &mut out);
+        let _ = transcoder.transcode(&schema, &bytes, &common::fixed_keys(), &mut scratch, &mut out);
         assert!(out.len() <= 64 * 200, "output stays proportional to the input");
     }
 }

@@ -11,9 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use piiwall::crypto::LocalKek;
+use piiwall::crypto::{Dek, KeyId};
 use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
 use piiwall::policy::{CompiledSchema, PolicySettings, compile};
-use piiwall::sanitize::Sanitizer;
+use piiwall::sanitize::{RecordKeys, Sanitizer};
 
 pub const KEK: [u8; 32] = [0x42; 32];
 
@@ -69,4 +70,14 @@ pub fn decode(schema: &apache_avro::Schema, bytes: &[u8]) -> apache_avro::types:
         .unwrap()
         .read_value(&mut &bytes[..])
         .expect("decodes with the schema")
+}
+
+/// Fixed record keys (one data key for `tokenize`, `encrypt` and `hash`), for tests of the transcoder alone.
+pub fn fixed_keys() -> RecordKeys {
+    let dek = Arc::new(Dek::new(KeyId([5; 12]), 1, &[5; 32]));
+    RecordKeys {
+        record: Some(dek.clone()),
+        domain: Some(dek),
+        forgotten: false,
+    }
 }
