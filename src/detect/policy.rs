@@ -100,28 +100,27 @@ impl DetectPolicy {
     /// become one (a map loses an entry, compaction deletes another entity's record). What the policy would redact
     /// sends the record to quarantine instead; fail closed, never released in clear.
     pub fn for_keys(&self) -> Self {
-        let keys = |mode: DetectMode| match mode {
+        self.map_modes(|mode| match mode {
             DetectMode::Redact => DetectMode::Quarantine,
             other => other,
-        };
-        Self {
-            mode: keys(self.mode),
-            detectors: self.detectors.iter().map(|(k, m)| (*k, keys(*m))).collect(),
-            fields: self.fields.iter().map(|(f, m)| (f.clone(), keys(*m))).collect(),
-        }
+        })
     }
 
     /// Every detector that is not off only reports (for `schema check --sample`, which names fields to annotate
     /// and changes nothing), keeping what the policy silences silent.
     pub fn reporting(&self) -> Self {
-        let report = |mode: DetectMode| match mode {
+        self.map_modes(|mode| match mode {
             DetectMode::Off => DetectMode::Off,
             _ => DetectMode::Report,
-        };
+        })
+    }
+
+    /// The same policy with every mode (default, per detector, per field) passed through `f`.
+    fn map_modes(&self, f: impl Fn(DetectMode) -> DetectMode) -> Self {
         Self {
-            mode: report(self.mode),
-            detectors: self.detectors.iter().map(|(k, m)| (*k, report(*m))).collect(),
-            fields: self.fields.iter().map(|(f, m)| (f.clone(), report(*m))).collect(),
+            mode: f(self.mode),
+            detectors: self.detectors.iter().map(|(k, m)| (*k, f(*m))).collect(),
+            fields: self.fields.iter().map(|(p, m)| (p.clone(), f(*m))).collect(),
         }
     }
 
@@ -181,5 +180,23 @@ mod tests {
             }
             .is_off()
         );
+    }
+
+    /// Keys are never rewritten: redact becomes quarantine there. A sample check only reports, and keeps silent
+    /// what the policy silences (its advice to silence a field must work).
+    #[test]
+    fn keys_never_redact_and_sample_checks_only_report() {
+        let policy = DetectPolicy {
+            mode: DetectMode::Redact,
+            detectors: BTreeMap::from([(Kind::Ip, DetectMode::Off)]),
+            fields: BTreeMap::from([("order.reference".to_owned(), DetectMode::Off)]),
+        };
+        let keys = policy.for_keys().for_field("labels");
+        assert_eq!(keys.mode_of(Kind::Email), DetectMode::Quarantine);
+        assert!(keys.redact.is_empty());
+        let sample = policy.reporting();
+        assert_eq!(sample.for_field("notes").mode_of(Kind::Email), DetectMode::Report);
+        assert!(sample.for_field("order.reference").all().is_empty());
+        assert_eq!(sample.for_field("notes").mode_of(Kind::Ip), DetectMode::Off);
     }
 }
