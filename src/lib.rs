@@ -40,6 +40,7 @@ pub mod keys;
 pub mod lint;
 pub mod offline;
 pub mod policy;
+pub mod producer;
 pub mod sanitize;
 pub mod stream;
 pub mod transcode;

@@ -16,6 +16,7 @@ use piiwall::keys::Keyring;
 use piiwall::lint::{self, Severity};
 use piiwall::offline;
 use piiwall::policy::{CompiledSchema, compile};
+use piiwall::producer::Producer;
 use piiwall::sanitize::Sanitizer;
 use piiwall::stream::{Control, ControlOp};
 
@@ -576,8 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(piiwall::stream::ensure_ledger(&client, &config))?;
-            let producer: rdkafka::producer::FutureProducer = client.create()?;
-            let control = Control::new(producer, config.keys.control_topic.clone());
+            let control = Control::new(Producer::create(client.clone())?, config.keys.control_topic.clone());
             for scope in &missing {
                 runtime.block_on(control.announce(&keyring, ControlOp::Forget, scope))?;
             }
@@ -755,8 +755,8 @@ fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &s
         if let Err(e) = runtime.block_on(piiwall::stream::ensure_ledger(&client, config)) {
             eprintln!("piiwall: warning: {e}");
         }
-        let producer: rdkafka::producer::FutureProducer = client.create()?;
-        runtime.block_on(Control::new(producer, config.keys.control_topic.clone()).announce(keyring, op, scope))?;
+        let control = Control::new(Producer::create(client.clone())?, config.keys.control_topic.clone());
+        runtime.block_on(control.announce(keyring, op, scope))?;
         Ok(())
     })();
     if let Err(e) = announced {

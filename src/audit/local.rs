@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::producer::FutureProducer;
 
 use super::{AuditEvent, Auditor};
 use crate::config::Config;
@@ -52,7 +51,7 @@ pub fn write_local(config: &Config, keyring: &Arc<Keyring>, events: Vec<AuditEve
     for (name, value) in &config.kafka.properties {
         client.set(name, value);
     }
-    let producer: FutureProducer = client.create().map_err(|e| fail(&e))?;
+    let producer = crate::producer::Producer::create(client).map_err(|e| fail(&e))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -71,7 +71,7 @@ impl Auditor {
     /// process: a chain is one run of one instance. The task never stops on its own under [`OnFailure::Retry`]: it
     /// ends once every `Auditor` is dropped and what it holds is written.
     pub fn start(
-        producer: FutureProducer,
+        producer: crate::producer::Producer,
         topic: String,
         instance: String,
         keyring: Arc<Keyring>,
@@ -105,15 +105,21 @@ impl Auditor {
                 // exact duplicate, which `audit verify` accepts.
                 let bytes = chain.seal(&event, &key, now_ms());
                 loop {
-                    let sent = producer
+                    let lease = producer.lease();
+                    let sent = lease
+                        .producer()
                         .send(
                             FutureRecord::to(&topic).key(instance.as_bytes()).payload(&bytes),
                             DELIVERY_TIMEOUT,
                         )
                         .await;
                     match sent {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            producer.delivered();
+                            break;
+                        }
                         Err((e, _)) => {
+                            producer.failed(&lease, &e);
                             retry
                                 .after(Error::Kafka(format!("an audit event was not delivered: {e}")))
                                 .await?;

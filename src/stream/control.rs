@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::producer::Producer;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -90,26 +92,39 @@ pub fn verify(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<ControlOp>
 /// Announces forgets and rotations on the control topic.
 #[derive(Clone)]
 pub struct Control {
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
 }
 
 impl Control {
-    pub fn new(producer: FutureProducer, topic: String) -> Self {
+    pub fn new(producer: Producer, topic: String) -> Self {
         Self { producer, topic }
     }
 
     /// Publishes `op` on `scope`, signed, and waits for the broker's acknowledgement.
     pub async fn announce(&self, keyring: &Keyring, op: ControlOp, scope: &str) -> Result<(), Error> {
         let value = sign(keyring, op, scope);
-        self.producer
+        let lease = self.producer.lease();
+        let sent = lease
+            .producer()
             .send(
                 FutureRecord::to(&self.topic).key(scope.as_bytes()).payload(&value),
                 SEND_TIMEOUT,
             )
-            .await
-            .map(drop)
-            .map_err(|(e, _)| Error::Kafka(format!("cannot announce on the control topic {}: {e}", self.topic)))
+            .await;
+        match sent {
+            Ok(_) => {
+                self.producer.delivered();
+                Ok(())
+            }
+            Err((e, _)) => {
+                self.producer.failed(&lease, &e);
+                Err(Error::Kafka(format!(
+                    "cannot announce on the control topic {}: {e}",
+                    self.topic
+                )))
+            }
+        }
     }
 }
 

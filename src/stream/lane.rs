@@ -36,7 +36,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 pub struct LaneContext {
     pub processor: Processor,
     pub consumer: Arc<super::PipelineConsumer>,
-    pub producer: FutureProducer,
+    pub producer: crate::producer::Producer,
     /// Exactly-once: the transactional producer the lanes write through instead of `producer`.
     pub transactions: Option<super::transaction::Transactions>,
     pub output_suffix: String,
@@ -141,7 +141,7 @@ pub async fn run(
                 let group = group.ok_or_else(|| Error::Kafka("a record read without its group metadata".into()))?;
                 let turn = transactions.begin().await?;
                 let committed = match write(
-                    turn.producer(),
+                    &Through::transaction(turn.producer()),
                     &ctx,
                     &topic,
                     partition,
@@ -221,7 +221,9 @@ async fn write_until_done(
 ) -> Result<Written, Error> {
     let mut wait = RETRY_START;
     loop {
-        match write(&ctx.producer, ctx, topic, partition, output_topic, batch, outcomes).await {
+        let lease = ctx.producer.lease();
+        let through = Through::shared(&ctx.producer, &lease);
+        match write(&through, ctx, topic, partition, output_topic, batch, outcomes).await {
             Err(e) if e.kind() == ErrorKind::Retriable => {
                 metrics::counter!("piiwall_lane_retries_total", "topic" => topic.to_owned()).increment(1);
                 tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,
@@ -297,7 +299,7 @@ struct Written {
 
 /// Produces a batch's outputs and quarantine copies and waits until every one is acknowledged.
 async fn write(
-    producer: &FutureProducer,
+    through: &Through<'_>,
     ctx: &LaneContext,
     topic: &str,
     partition: i32,
@@ -326,7 +328,7 @@ async fn write(
                     record = record.timestamp(timestamp);
                 }
                 record = with_payload(record, key.as_deref(), value.as_deref());
-                send(producer, record).await?
+                send(through, record).await?
             }
             Outcome::Quarantine {
                 key,
@@ -354,7 +356,7 @@ async fn write(
                     });
                 }
                 let record = FutureRecord::to(&ctx.quarantine_topic).headers(headers);
-                send(producer, with_payload(record, key.as_deref(), Some(value))).await?
+                send(through, with_payload(record, key.as_deref(), Some(value))).await?
             }
         };
         deliveries.push(delivery);
@@ -362,10 +364,11 @@ async fn write(
     for delivery in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(delivery_error(&e)),
-            Err(_) => return Err(Error::Kafka("the producer went away before delivering".into())),
+            Ok(Err((e, _))) => return Err(through.failed(&e)),
+            Err(_) => return Err(Error::Unavailable("the producer went away before delivering".into())),
         }
     }
+    through.delivered();
     Ok(written)
 }
 
@@ -517,32 +520,60 @@ pub fn header_text(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// A record the brokers did not take: fatal only when the producer itself can go on no more (an idempotence or
-/// transaction error librdkafka calls fatal); anything else — timeouts, brokers down, authorization, a full disk —
-/// is retried, the records still in hand.
-pub(super) fn delivery_error(e: &KafkaError) -> Error {
-    let fatal = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
-    let message = format!("a record was not delivered: {e}");
-    if fatal {
-        Error::Kafka(message)
-    } else {
-        Error::Unavailable(message)
+/// The producer a batch or a replayed record is written with: a lease of the run's shared producer, whose failures
+/// are reported to it (it replaces itself when the brokers keep refusing it), or an exactly-once transaction's.
+pub(super) struct Through<'a> {
+    producer: &'a FutureProducer,
+    shared: Option<(&'a crate::producer::Producer, &'a crate::producer::Lease)>,
+}
+
+impl<'a> Through<'a> {
+    pub(super) fn shared(shared: &'a crate::producer::Producer, lease: &'a crate::producer::Lease) -> Self {
+        Self {
+            producer: lease.producer(),
+            shared: Some((shared, lease)),
+        }
+    }
+
+    pub(super) fn transaction(producer: &'a FutureProducer) -> Self {
+        Self { producer, shared: None }
+    }
+
+    /// A record the brokers did not take. Retried, the records still in hand: timeouts, brokers down,
+    /// authorization, a full disk, and a shared producer that failed fatally (a new one replaces it). Fatal only
+    /// when a transaction's producer can go on no more (an idempotence or transaction error librdkafka calls fatal).
+    fn failed(&self, e: &KafkaError) -> Error {
+        let message = format!("a record was not delivered: {e}");
+        match self.shared {
+            Some((shared, lease)) => {
+                shared.failed(lease, e);
+                Error::Unavailable(message)
+            }
+            None if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => Error::Kafka(message),
+            None => Error::Unavailable(message),
+        }
+    }
+
+    fn delivered(&self) {
+        if let Some((shared, _)) = self.shared {
+            shared.delivered();
+        }
     }
 }
 
 /// Enqueues a record, waiting while the producer's queue is full.
 pub(super) async fn send<'a>(
-    producer: &FutureProducer,
+    through: &Through<'_>,
     mut record: FutureRecord<'a, [u8], [u8]>,
 ) -> Result<DeliveryFuture, Error> {
     loop {
-        match producer.send_result(record) {
+        match through.producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => return Err(delivery_error(&e)),
+            Err((e, _)) => return Err(through.failed(&e)),
         }
     }
 }

@@ -34,7 +34,6 @@ use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -103,8 +102,8 @@ pub(crate) struct Parts {
     pub(crate) routes: Arc<Routes>,
     /// Brokers and the `[kafka.properties]` passthrough, for every client.
     pub(crate) client: ClientConfig,
-    /// Idempotent, acks=all.
-    pub(crate) producer: FutureProducer,
+    /// Idempotent, acks=all; replaced when the brokers keep refusing it.
+    pub(crate) producer: crate::producer::Producer,
 }
 
 impl Parts {
@@ -120,13 +119,14 @@ impl Parts {
         for (name, value) in &config.kafka.properties {
             client.set(name, value);
         }
-        let producer: FutureProducer = client
-            .clone()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()
-            .map_err(|e| Error::Kafka(format!("cannot create the producer: {e}")))?;
+        let producer = crate::producer::Producer::create(
+            client
+                .clone()
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .clone(),
+        )?;
         Ok(Self {
             sanitizer,
             routes,

@@ -104,11 +104,16 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
                         .partition(source.partition())
                         .headers(lane::headers(&source, &[]));
                     record = lane::with_payload(record, key.as_deref(), value.as_deref());
-                    let delivery = lane::send(&parts.producer, record).await?;
+                    let lease = parts.producer.lease();
+                    let delivery = lane::send(&lane::Through::shared(&parts.producer, &lease), record).await?;
                     delivery
                         .await
                         .map_err(|_| Error::Kafka("the producer went away".into()))?
-                        .map_err(|(e, _)| Error::Kafka(format!("a replayed record was not delivered: {e}")))?;
+                        .map_err(|(e, _)| {
+                            parts.producer.failed(&lease, &e);
+                            Error::Kafka(format!("a replayed record was not delivered: {e}"))
+                        })?;
+                    parts.producer.delivered();
                     summary.replayed += 1;
                     None
                 }
