@@ -1,15 +1,15 @@
 //! A test broker of a test's own (Tansu, as scripts/test-services installs it), for the faults that need a broker
 //! to stop, start late, or restart with its data.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Broker {
     pub port: u16,
     storage: String,
-    /// Where it runs: Tansu reads a `sqlite://` path relative to its working directory.
-    dir: Option<PathBuf>,
+    /// The S3 endpoint of a persistent broker's storage.
+    s3: Option<String>,
     child: Option<Child>,
 }
 
@@ -19,17 +19,23 @@ impl Broker {
         Self {
             port,
             storage: "memory://tansu/".into(),
-            dir: None,
+            s3: None,
             child: None,
         }
     }
 
-    /// As [`on`](Self::on), keeping its data in a SQLite file in `dir`, so a restart keeps the topics and records.
-    pub fn persistent(port: u16, dir: PathBuf) -> Self {
+    /// As [`on`](Self::on), keeping its data in a bucket of its own on the test services' S3 (moto, at
+    /// `PIIWALL_TEST_AWS`), so a restart keeps the topics and records. Tansu's object-store engine, because its
+    /// SQLite engine panics on the first write of an idempotent producer it forgot in a restart.
+    pub fn persistent(port: u16) -> Self {
+        let endpoint = std::env::var("PIIWALL_TEST_AWS")
+            .expect("PIIWALL_TEST_AWS names the test S3 endpoint: run `bash scripts/test` (scripts/test-services)");
+        let bucket = format!("tansu-{port}-{}", std::process::id());
+        create_bucket(&endpoint, &bucket);
         Self {
             port,
-            storage: "sqlite://broker.db".into(),
-            dir: Some(dir),
+            storage: format!("s3://{bucket}/"),
+            s3: Some(endpoint),
             child: None,
         }
     }
@@ -43,8 +49,13 @@ impl Broker {
         assert!(self.child.is_none(), "already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut command = Command::new("tansu");
-        if let Some(dir) = &self.dir {
-            command.current_dir(dir);
+        if let Some(endpoint) = &self.s3 {
+            command
+                .env("AWS_ENDPOINT", endpoint)
+                .env("AWS_ALLOW_HTTP", "true")
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_DEFAULT_REGION", "us-east-1");
         }
         let child = command
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
@@ -73,4 +84,22 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Creates `bucket` on the S3 endpoint `endpoint` (`http://host:port`): one unsigned PUT, which moto accepts.
+fn create_bucket(endpoint: &str, bucket: &str) {
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(host).expect("the test S3 (moto) answers");
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "bucket not created: {}",
+        answer.lines().next().unwrap_or("")
+    );
 }
