@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::crypto::KekSource;
+use crate::crypto::{KekSource, Pkcs11Location, SecretSource};
 use crate::error::ConfigError;
 use crate::keys::{DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings};
 use crate::policy::{Action, PolicySettings, Untagged, valid_domain};
@@ -130,10 +130,20 @@ struct RawPipeline {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    module: String,
+    token: String,
+    pin: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawKeys {
     store: Option<String>,
     kek: Option<String>,
+    kek_previous: Option<Vec<String>>,
+    pkcs11: Option<RawPkcs11>,
     cache_capacity: Option<u64>,
     cache_ttl_secs: Option<u64>,
     default_domain: Option<String>,
@@ -359,7 +369,10 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone)]
 pub struct KeysConfig {
     pub store: StoreLocation,
+    /// Wraps every new data key.
     pub kek: KekSource,
+    /// KEKs that still unwrap the keys they wrapped, while `piiwall keys rewrap` moves them to `kek`.
+    pub kek_previous: Vec<KekSource>,
     pub cache: KeyCacheSettings,
     pub default_domain: String,
     /// Where forget and rotate are announced to every instance sharing the key store.
@@ -482,15 +495,37 @@ impl Config {
     /// every schema file a binding names exists. Returns the problems found.
     pub fn check_offline(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        match &self.keys.kek {
-            KekSource::File { path, create } => {
-                if !*create && !path.is_file() {
-                    problems.push(format!("keys.kek: the key file {} does not exist", path.display()));
+        let keks = std::iter::once(("keys.kek", &self.keys.kek))
+            .chain(self.keys.kek_previous.iter().map(|kek| ("keys.kek_previous", kek)));
+        for (name, kek) in keks {
+            match kek {
+                KekSource::File { path, create } => {
+                    if !*create && !path.is_file() {
+                        problems.push(format!("{name}: the key file {} does not exist", path.display()));
+                    }
                 }
-            }
-            KekSource::Env(var) => {
-                if std::env::var_os(var).is_none() {
-                    problems.push(format!("keys.kek: the environment variable {var} is not set"));
+                KekSource::Env(var) => {
+                    if std::env::var_os(var).is_none() {
+                        problems.push(format!("{name}: the environment variable {var} is not set"));
+                    }
+                }
+                KekSource::Pkcs11(location) => {
+                    if !location.module.is_file() {
+                        problems.push(format!(
+                            "keys.pkcs11.module: the PKCS#11 module {} does not exist",
+                            location.module.display()
+                        ));
+                    }
+                    match &location.pin {
+                        SecretSource::File(path) if !path.is_file() => problems.push(format!(
+                            "keys.pkcs11.pin: the PIN file {} does not exist",
+                            path.display()
+                        )),
+                        SecretSource::Env(var) if std::env::var_os(var).is_none() => {
+                            problems.push(format!("keys.pkcs11.pin: the environment variable {var} is not set"))
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
@@ -522,19 +557,9 @@ impl Config {
         let mut lines = Vec::new();
         let mut line = |key: &str, value: String| lines.push(format!("{key} = {value}"));
         line("keys.store", format!("{:?}", self.keys.store));
-        line(
-            "keys.kek",
-            match &self.keys.kek {
-                KekSource::File { path, create } => {
-                    format!(
-                        "file:{}{}",
-                        path.display(),
-                        if *create { " (created on first use)" } else { "" }
-                    )
-                }
-                KekSource::Env(var) => format!("env:{var}"),
-            },
-        );
+        line("keys.kek", describe_kek(&self.keys.kek));
+        let previous: Vec<String> = self.keys.kek_previous.iter().map(describe_kek).collect();
+        line("keys.kek_previous", format!("[{}]", previous.join(", ")));
         line("keys.cache_capacity", self.keys.cache.capacity.to_string());
         line("keys.cache_ttl_secs", self.keys.cache.ttl.as_secs().to_string());
         line("keys.default_domain", self.keys.default_domain.clone());
@@ -737,10 +762,18 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let store = parse_store(self.keys.store.as_deref().unwrap_or(DEFAULT_KEY_STORE))?;
+        let pkcs11 = self.keys.pkcs11.as_ref();
         let kek = match self.keys.kek.as_deref() {
-            None => parse_kek(DEFAULT_KEK, true)?,
-            Some(text) => parse_kek(text, false)?,
+            None => parse_kek(DEFAULT_KEK, true, pkcs11, "keys.kek")?,
+            Some(text) => parse_kek(text, false, pkcs11, "keys.kek")?,
         };
+        let kek_previous = self
+            .keys
+            .kek_previous
+            .iter()
+            .flatten()
+            .map(|text| parse_kek(text, false, pkcs11, "keys.kek_previous"))
+            .collect::<Result<Vec<_>, _>>()?;
         let capacity = self.keys.cache_capacity.unwrap_or(DEFAULT_CACHE_CAPACITY);
         if capacity == 0 {
             return Err(ConfigError("keys.cache_capacity must be at least 1".into()));
@@ -816,6 +849,7 @@ impl RawConfig {
             keys: KeysConfig {
                 store,
                 kek,
+                kek_previous,
                 cache: KeyCacheSettings { capacity, ttl },
                 default_domain,
                 control_topic: self
@@ -1193,14 +1227,64 @@ fn parse_store(text: &str) -> Result<StoreLocation, ConfigError> {
     }
 }
 
-fn parse_kek(text: &str, is_default: bool) -> Result<KekSource, ConfigError> {
+/// Where a KEK is, never what it is: a path, a variable's name, a token and key label.
+fn describe_kek(kek: &KekSource) -> String {
+    match kek {
+        KekSource::File { path, create } => format!(
+            "file:{}{}",
+            path.display(),
+            if *create { " (created on first use)" } else { "" }
+        ),
+        KekSource::Env(var) => format!("env:{var}"),
+        KekSource::Pkcs11(location) => format!(
+            "pkcs11:{} (token {}, module {}, pin from {})",
+            location.key_label,
+            location.token,
+            location.module.display(),
+            match &location.pin {
+                SecretSource::File(path) => format!("file:{}", path.display()),
+                SecretSource::Env(var) => format!("env:{var}"),
+            }
+        ),
+    }
+}
+
+fn parse_kek(text: &str, is_default: bool, pkcs11: Option<&RawPkcs11>, name: &str) -> Result<KekSource, ConfigError> {
     match text.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(KekSource::File {
             path: PathBuf::from(path),
             create: is_default,
         }),
         Some(("env", var)) if !var.is_empty() => Ok(KekSource::Env(var.to_owned())),
-        _ => Err(ConfigError("keys.kek must be file:PATH or env:VARIABLE".into())),
+        Some(("pkcs11", label)) if !label.is_empty() => {
+            let raw = pkcs11.ok_or_else(|| {
+                ConfigError(format!(
+                    "{name} names a PKCS#11 key: [keys.pkcs11] must give module, token and pin"
+                ))
+            })?;
+            let pin = match raw.pin.split_once(':') {
+                Some(("file", path)) if !path.is_empty() => SecretSource::File(PathBuf::from(path)),
+                Some(("env", var)) if !var.is_empty() => SecretSource::Env(var.to_owned()),
+                _ => {
+                    return Err(ConfigError(
+                        "keys.pkcs11.pin must be file:PATH or env:VARIABLE (the PIN itself never goes in the config)"
+                            .into(),
+                    ));
+                }
+            };
+            if raw.module.is_empty() || raw.token.is_empty() {
+                return Err(ConfigError("keys.pkcs11: module and token must not be empty".into()));
+            }
+            Ok(KekSource::Pkcs11(Pkcs11Location {
+                module: PathBuf::from(&raw.module),
+                token: raw.token.clone(),
+                key_label: label.to_owned(),
+                pin,
+            }))
+        }
+        _ => Err(ConfigError(format!(
+            "{name} must be file:PATH, env:VARIABLE or pkcs11:KEY_LABEL"
+        ))),
     }
 }
 

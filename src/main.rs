@@ -148,6 +148,14 @@ enum KeysCommand {
     /// before messages were signed, or while the brokers could not be reached), so that a later restore and
     /// `reapply-forgets` cannot undo them.
     PublishForgets,
+    /// Rewrap every stored key under keys.kek (a KEK rotation), reading each with the KEK that wrapped it (keys.kek
+    /// or one of keys.kek_previous). Running instances go on meanwhile (give them both KEKs first); resumable and
+    /// idempotent: run it again after an interruption. Audited (KEK_REWRAPPED, counts only).
+    Rewrap {
+        /// Keys per page (one listing, then one write per key).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -523,6 +531,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             println!("rotated: new data uses key version {version}; older versions still reveal");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::Rewrap { batch },
+        } => {
+            let keyring = keyring(&config)?;
+            let started = std::time::Instant::now();
+            let done = keyring.rewrap(batch, |done| {
+                eprint!(
+                    "\rpiiwall: {} rewrapped, {} already under keys.kek, {} gone meanwhile ({} s)",
+                    done.rewrapped,
+                    done.already,
+                    done.gone,
+                    started.elapsed().as_secs()
+                );
+            })?;
+            eprintln!();
+            let mut event = local_event(AuditKind::KekRewrapped, None);
+            event.counts = [
+                ("rewrapped", done.rewrapped),
+                ("already", done.already),
+                ("gone", done.gone),
+            ]
+            .into_iter()
+            .map(|(action, count)| piiwall::audit::FieldCount {
+                field_path: "keys".into(),
+                action: action.into(),
+                count: count as i64,
+            })
+            .collect();
+            event.outcome = Some(AuditOutcome::Allowed);
+            println!(
+                "rewrapped {} key(s) under keys.kek ({} already were, {} forgotten or rewrapped meanwhile); keys.kek_previous \
+                 can go once every instance has read its keys again (keys.cache_ttl_secs)",
+                done.rewrapped, done.already, done.gone
+            );
+            audited_after(audit_locally(&config, &keyring, vec![event]))
         }
         Command::Keys {
             command: KeysCommand::ReapplyForgets,

@@ -36,9 +36,11 @@ pub enum AuditKind {
     KeyRotated,
     KeyShredded,
     SubjectStatus,
+    /// `piiwall keys rewrap` moved stored keys to the current KEK (counts only).
+    KekRewrapped,
 }
 
-const KIND_SYMBOLS: [&str; 11] = [
+const KIND_SYMBOLS: [&str; 12] = [
     "START",
     "STOP",
     "PROCESSING_SUMMARY",
@@ -50,6 +52,7 @@ const KIND_SYMBOLS: [&str; 11] = [
     "KEY_ROTATED",
     "KEY_SHREDDED",
     "SUBJECT_STATUS",
+    "KEK_REWRAPPED",
 ];
 
 /// How an API call ended.

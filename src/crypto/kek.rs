@@ -14,11 +14,108 @@ use crate::error::KeyError;
 
 const NONCE_LEN: usize = 12;
 
-/// Wraps and unwraps data keys. The local implementation holds the KEK in memory; a KMS-backed one keeps it
-/// out of the process.
+/// Wraps and unwraps data keys. The local implementation holds the KEK in memory; an HSM-backed one keeps it
+/// out of the process. Network or device calls happen only when a key is created or first read: unwrapped data
+/// keys are cached by the keyring.
 pub trait KekProvider: Send + Sync {
     fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError>;
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// Names this KEK in every key it wraps (provider and key, never secret): `local:<fingerprint>`,
+    /// `pkcs11:<token>/<key label>`. The key store's rows say which KEK wrapped them by it.
+    fn id(&self) -> String;
+}
+
+/// Marks a key wrapped in an envelope that names its KEK; keys wrapped before envelopes existed are bare local
+/// wraps (a 12-byte random nonce first, which begins with these 4 bytes once in 2^32).
+const ENVELOPE: &[u8; 4] = b"\0pwk";
+
+/// The KEKs a key store is read with: `current` wraps every new key, in an envelope that names it; `previous` (during
+/// a KEK rotation, until `piiwall keys rewrap` has rewrapped every key) still unwrap the keys they wrapped.
+pub struct KekSet {
+    current: Box<dyn KekProvider>,
+    previous: Vec<Box<dyn KekProvider>>,
+    /// Local KEKs in the set, in order (current first), for keys wrapped before envelopes existed.
+    bare: Vec<usize>,
+}
+
+impl KekSet {
+    pub fn new(current: Box<dyn KekProvider>, previous: Vec<Box<dyn KekProvider>>) -> Self {
+        let bare = std::iter::once(&current)
+            .chain(&previous)
+            .enumerate()
+            .filter(|(_, kek)| kek.id().starts_with("local:"))
+            .map(|(i, _)| i)
+            .collect();
+        Self {
+            current,
+            previous,
+            bare,
+        }
+    }
+
+    fn member(&self, i: usize) -> &dyn KekProvider {
+        if i == 0 { &*self.current } else { &*self.previous[i - 1] }
+    }
+
+    /// The id of the KEK that wrapped `wrapped`, when it names one (keys wrapped before envelopes say none).
+    pub fn wrapped_by(wrapped: &[u8]) -> Option<&str> {
+        envelope(wrapped).map(|(id, _)| id)
+    }
+
+    /// Whether `wrapped` is already wrapped by the current KEK, in an envelope (what `keys rewrap` leaves).
+    pub fn is_current(&self, wrapped: &[u8]) -> bool {
+        Self::wrapped_by(wrapped) == Some(self.current.id().as_str())
+    }
+}
+
+impl KekProvider for KekSet {
+    fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let id = self.current.id();
+        let inner = self.current.wrap(plaintext, associated_data)?;
+        let id_len = u8::try_from(id.len())
+            .map_err(|_| KeyError::KekMalformed(format!("its name is longer than 255 bytes: {id}")))?;
+        let mut out = Vec::with_capacity(ENVELOPE.len() + 1 + id.len() + inner.len());
+        out.extend_from_slice(ENVELOPE);
+        out.push(id_len);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&inner);
+        Ok(out)
+    }
+
+    fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        if let Some((id, inner)) = envelope(wrapped) {
+            let kek = std::iter::once(&self.current)
+                .chain(&self.previous)
+                .find(|kek| kek.id() == id);
+            return match kek {
+                Some(kek) => kek.unwrap(inner, associated_data),
+                None => Err(KeyError::KekMissing(format!(
+                    "a stored key is wrapped by the KEK {id}, which neither keys.kek nor keys.kek_previous names"
+                ))),
+            };
+        }
+        // A bare local wrap: whichever local KEK authenticates it.
+        let mut last = KeyError::CorruptRow;
+        for &i in &self.bare {
+            match self.member(i).unwrap(wrapped, associated_data) {
+                Ok(secret) => return Ok(secret),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn id(&self) -> String {
+        self.current.id()
+    }
+}
+
+/// The KEK id and the provider's bytes of an enveloped key.
+fn envelope(wrapped: &[u8]) -> Option<(&str, &[u8])> {
+    let rest = wrapped.strip_prefix(ENVELOPE.as_slice())?;
+    let (&id_len, rest) = rest.split_first()?;
+    let id = rest.get(..usize::from(id_len))?;
+    Some((std::str::from_utf8(id).ok()?, &rest[usize::from(id_len)..]))
 }
 
 /// Where the local KEK comes from.
@@ -28,11 +125,24 @@ pub enum KekSource {
     File { path: PathBuf, create: bool },
     /// An environment variable holding the base64 of 32 random bytes.
     Env(String),
+    /// An AES key in an HSM, through PKCS#11.
+    Pkcs11(super::pkcs11::Pkcs11Location),
+}
+
+/// Opens the KEK a source names.
+pub fn open_kek(source: &KekSource) -> Result<Box<dyn KekProvider>, KeyError> {
+    match source {
+        KekSource::File { .. } | KekSource::Env(_) => Ok(Box::new(LocalKek::load(source)?)),
+        KekSource::Pkcs11(location) => Ok(Box::new(super::pkcs11::Pkcs11Kek::open(location)?)),
+    }
 }
 
 /// A 256-bit KEK held in memory, wrapping with AES-256-GCM (random nonce, associated data bound).
 pub struct LocalKek {
     cipher: Aes256Gcm,
+    /// `local:` and the first 8 bytes of HMAC-SHA256(KEK, "piiwall kek id"), in hex: tells two local KEKs apart and
+    /// gives nothing of the key.
+    id: String,
 }
 
 impl LocalKek {
@@ -43,14 +153,24 @@ impl LocalKek {
                 bytes.len()
             )));
         }
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(bytes).expect("HMAC takes any key length");
+        mac.update(b"piiwall kek id");
+        let fingerprint = mac.finalize().into_bytes();
+        let id = fingerprint[..8].iter().fold(String::from("local:"), |mut id, b| {
+            id.push_str(&format!("{b:02x}"));
+            id
+        });
         Ok(Self {
             cipher: Aes256Gcm::new_from_slice(bytes).expect("32 bytes is an AES-256 key"),
+            id,
         })
     }
 
     /// Loads the KEK from its source, creating the key file when the source allows it.
     pub fn load(source: &KekSource) -> Result<Self, KeyError> {
         match source {
+            KekSource::Pkcs11(_) => Err(KeyError::KekMissing("a PKCS#11 KEK is not a local one".into())),
             KekSource::Env(var) => {
                 let text = Zeroizing::new(std::env::var(var).map_err(|_| {
                     KeyError::KekMissing(format!(
@@ -122,6 +242,10 @@ impl KekProvider for LocalKek {
             .map(Zeroizing::new)
             .map_err(|_| KeyError::CorruptRow)
     }
+
+    fn id(&self) -> String {
+        self.id.clone()
+    }
 }
 
 fn create_key_file(path: &Path) -> Result<(), KeyError> {
@@ -153,6 +277,50 @@ mod tests {
         assert!(matches!(kek.unwrap(&wrapped, b"other"), Err(KeyError::CorruptRow)));
         let other = LocalKek::from_bytes(&[8; 32]).unwrap();
         assert!(matches!(other.unwrap(&wrapped, b"ad"), Err(KeyError::CorruptRow)));
+    }
+
+    fn local(byte: u8) -> Box<dyn KekProvider> {
+        Box::new(LocalKek::from_bytes(&[byte; 32]).unwrap())
+    }
+
+    #[test]
+    fn a_set_names_its_kek_in_what_it_wraps_and_reads_what_its_previous_keks_wrapped() {
+        let old = KekSet::new(local(1), vec![]);
+        let by_old = old.wrap(b"dek", b"ad").unwrap();
+        assert_eq!(KekSet::wrapped_by(&by_old), Some(local(1).id().as_str()));
+        let bare = LocalKek::from_bytes(&[1; 32]).unwrap().wrap(b"old dek", b"ad").unwrap();
+
+        let rotated = KekSet::new(local(2), vec![local(1)]);
+        assert_eq!(rotated.unwrap(&by_old, b"ad").unwrap().as_slice(), b"dek");
+        assert_eq!(
+            rotated.unwrap(&bare, b"ad").unwrap().as_slice(),
+            b"old dek",
+            "a bare wrap of before"
+        );
+        assert!(!rotated.is_current(&by_old) && !rotated.is_current(&bare));
+        let by_new = rotated.wrap(b"dek", b"ad").unwrap();
+        assert!(rotated.is_current(&by_new));
+        assert!(matches!(
+            rotated.unwrap(&by_new, b"other ad"),
+            Err(KeyError::CorruptRow)
+        ));
+
+        let without_old = KekSet::new(local(2), vec![]);
+        let err = without_old.unwrap(&by_old, b"ad").err().unwrap().to_string();
+        assert!(
+            err.contains(&local(1).id()) && err.contains("keys.kek_previous"),
+            "{err}"
+        );
+        assert!(matches!(without_old.unwrap(&bare, b"ad"), Err(KeyError::CorruptRow)));
+        assert!(matches!(without_old.unwrap(b"\0pwk", b"ad"), Err(KeyError::CorruptRow)));
+    }
+
+    #[test]
+    fn a_local_keks_id_tells_keys_apart_and_shows_nothing_of_them() {
+        let id = local(1).id();
+        assert!(id.starts_with("local:") && id.len() == "local:".len() + 16, "{id}");
+        assert_ne!(id, local(2).id());
+        assert!(!id.contains(&STANDARD.encode([1u8; 32])[..8]));
     }
 
     #[test]

@@ -19,9 +19,11 @@
 
 mod dek;
 mod kek;
+mod pkcs11;
 pub(crate) mod plain;
 mod token;
 
 pub use dek::{Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
-pub use kek::{KekProvider, KekSource, LocalKek};
+pub use kek::{KekProvider, KekSet, KekSource, LocalKek, open_kek};
+pub use pkcs11::{Pkcs11Kek, Pkcs11Location, SecretSource};
 pub use token::{Token, TokenKind};

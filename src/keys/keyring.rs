@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use super::SqliteStore;
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::config::{KeysConfig, StoreLocation};
-use crate::crypto::{Dek, KekProvider, KeyId, LocalKek};
+use crate::crypto::{Dek, KekProvider, KekSet, KeyId, open_kek};
 use crate::error::{Error, KeyError, RevealError};
 
 /// Entries the key cache holds at most, by default.
@@ -134,6 +134,17 @@ pub struct Keyring {
     store_clock_offset: AtomicI64,
 }
 
+/// What a KEK rewrap did, in keys.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// Moved to the current KEK.
+    pub rewrapped: u64,
+    /// Already under it (an earlier, cut-short rewrap; or made since the KEK changed).
+    pub already: u64,
+    /// Deleted (forgotten) or rewrapped by another process between reading and writing.
+    pub gone: u64,
+}
+
 /// The right-of-access answer about a subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubjectStatus {
@@ -197,8 +208,52 @@ impl Keyring {
             StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
             StoreLocation::Postgres(url) => Arc::new(super::PostgresStore::open(url)?),
         };
-        let kek = Arc::new(LocalKek::load(&config.kek)?);
+        let previous = config.kek_previous.iter().map(open_kek).collect::<Result<_, _>>()?;
+        let kek = Arc::new(KekSet::new(open_kek(&config.kek)?, previous));
         Self::open(store, kek, config.cache)
+    }
+
+    /// Moves every stored key (and the store's own secret) to the current KEK (`keys.kek`), reading each with the
+    /// KEK that wrapped it (`keys.kek` or `keys.kek_previous`): `batch` keys per page, `progress` after each page.
+    /// Resumable and idempotent: keys already under the current KEK are skipped, so a rewrap cut short is run again.
+    /// A key forgotten meanwhile stays forgotten: a rewrapped key is written only over the exact bytes it was read
+    /// from, never over a deleted row.
+    pub fn rewrap(&self, batch: usize, mut progress: impl FnMut(&Rewrapped)) -> Result<Rewrapped, KeyError> {
+        let current = self.kek.id();
+        let is_current = |wrapped: &[u8]| crate::crypto::KekSet::wrapped_by(wrapped) == Some(current.as_str());
+        let mut done = Rewrapped::default();
+        let ad = meta_ad(SUBJECT_INDEX);
+        let candidate = self
+            .kek
+            .wrap(Zeroizing::new(rand::random::<[u8; 32]>()).as_slice(), &ad)?;
+        let index = self.store.meta_insert_if_absent(SUBJECT_INDEX, &candidate)?;
+        if !is_current(&index) {
+            let secret = self.kek.unwrap(&index, &ad)?;
+            self.store
+                .replace_meta(SUBJECT_INDEX, &index, &self.kek.wrap(&secret, &ad)?)?;
+        }
+        let mut after = None;
+        loop {
+            let page = self.store.keys_after(after.as_ref(), batch.max(1))?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key_id);
+            for row in &page {
+                if is_current(&row.wrapped) {
+                    done.already += 1;
+                    continue;
+                }
+                let ad = dek_ad(row.key_id, &row.scope, row.version);
+                let secret = self.kek.unwrap(&row.wrapped, &ad)?;
+                let rewrapped = self.kek.wrap(&secret, &ad)?;
+                if self.store.replace_wrapped(&row.key_id, &row.wrapped, &rewrapped)? {
+                    done.rewrapped += 1;
+                } else {
+                    done.gone += 1;
+                }
+            }
+            progress(&done);
+        }
+        Ok(done)
     }
 
     /// The key scope of a data subject: a keyed hash, so the store never sees the id.
@@ -629,6 +684,7 @@ fn meta_ad(name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::LocalKek;
 
     fn keyring(dir: &std::path::Path, kek: u8) -> Result<Keyring, KeyError> {
         let store = Arc::new(SqliteStore::open(&dir.join("keys.db"))?);
@@ -872,6 +928,7 @@ mod tests {
         ById,
         Current,
         EnsureCurrent,
+        Listing,
     }
 
     type Hook = Box<dyn FnOnce() + Send>;
@@ -956,6 +1013,17 @@ mod tests {
         fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
             self.inner.meta_insert_if_absent(name, wrapped)
         }
+        fn keys_after(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<StoredKey>, KeyError> {
+            let page = self.inner.keys_after(after, limit);
+            self.fire(After::Listing);
+            page
+        }
+        fn replace_wrapped(&self, key_id: &KeyId, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+            self.inner.replace_wrapped(key_id, old, new)
+        }
+        fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+            self.inner.replace_meta(name, old, new)
+        }
         fn clock_secs(&self) -> Result<u64, KeyError> {
             Ok((host_secs() + self.clock_ahead.load(Ordering::Relaxed)) as u64)
         }
@@ -964,6 +1032,74 @@ mod tests {
     fn racing_keyring(store: &Arc<Racing>) -> Arc<Keyring> {
         let kek = Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap());
         Arc::new(Keyring::open(store.clone(), kek, KeyCacheSettings::default()).unwrap())
+    }
+
+    fn kek_set(current: u8, previous: &[u8]) -> Arc<KekSet> {
+        let local = |byte: u8| Box::new(LocalKek::from_bytes(&[byte; 32]).unwrap()) as Box<dyn KekProvider>;
+        Arc::new(KekSet::new(
+            local(current),
+            previous.iter().map(|&b| local(b)).collect(),
+        ))
+    }
+
+    #[test]
+    fn a_rewrap_moves_every_key_to_the_new_kek_and_a_forget_during_it_stays_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing::open(dir.path());
+        // Keys made under the old KEK: bare wraps of before envelopes (a plain LocalKek) and enveloped ones.
+        let bare = Keyring::open(
+            store.clone(),
+            Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .unwrap();
+        let old = active(bare.subject_key("alice").unwrap());
+        let enveloped = Keyring::open(store.clone(), kek_set(1, &[]), KeyCacheSettings::default()).unwrap();
+        let bob = active(enveloped.subject_key("bob").unwrap());
+        active(enveloped.subject_key("carol").unwrap());
+        drop((bare, enveloped));
+
+        // The new KEK alone cannot open the store; with the old one as previous it can.
+        assert!(matches!(
+            Keyring::open(store.clone(), kek_set(2, &[]), KeyCacheSettings::default()),
+            Err(KeyError::KekMismatch)
+        ));
+        let ring = Keyring::open(store.clone(), kek_set(2, &[1]), KeyCacheSettings::default()).unwrap();
+        // Carol is forgotten between the listing and the rewrite of her key.
+        let (inner, carol) = (store.clone(), ring.subject_scope("carol"));
+        store.arm(After::Listing, move || {
+            inner.inner.forget(&carol).unwrap();
+        });
+        let mut pages = 0;
+        let done = ring.rewrap(10, |_| pages += 1).unwrap();
+        assert_eq!(
+            done,
+            Rewrapped {
+                rewrapped: 2,
+                already: 0,
+                gone: 1
+            }
+        );
+        assert_eq!(pages, 1, "one page of three keys");
+        assert!(
+            matches!(ring.subject_key("carol").unwrap(), RecordKey::Forgotten),
+            "forgotten stays forgotten"
+        );
+        assert_eq!(
+            ring.rewrap(10, |_| {}).unwrap(),
+            Rewrapped {
+                rewrapped: 0,
+                already: 2,
+                gone: 0
+            },
+            "idempotent"
+        );
+
+        // The old KEK can go: the new one alone opens the store and every key, at its old id.
+        let after = Keyring::open(store.clone(), kek_set(2, &[]), KeyCacheSettings::default()).unwrap();
+        assert_eq!(active(after.subject_key("alice").unwrap()).key_id, old.key_id);
+        assert_eq!(active(after.subject_key("bob").unwrap()).key_id, bob.key_id);
+        assert!(after.key_by_id(old.key_id).is_ok());
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod store;
 
 pub use keyring::{
     BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey, Retired,
-    SubjectStatus, today,
+    Rewrapped, SubjectStatus, today,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

@@ -441,4 +441,38 @@ impl KeyStore for PostgresStore {
                 .map(|row| row.get(0))
         })
     }
+
+    fn keys_after(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<StoredKey>, KeyError> {
+        let after = after.map_or(Vec::new(), |id| id.0.to_vec());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with("listing keys", |tx| {
+            tx.query(
+                "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE key_id > $1 ORDER BY key_id LIMIT $2",
+                &[&after, &limit],
+            )
+        })?
+        .iter()
+        .map(row_to_key)
+        .collect()
+    }
+
+    fn replace_wrapped(&self, key_id: &KeyId, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+        self.with("rewrapping a key", |tx| {
+            tx.execute(
+                "UPDATE piiwall_deks SET wrapped = $3 WHERE key_id = $1 AND wrapped = $2",
+                &[&&key_id.0[..], &old, &new],
+            )
+        })
+        .map(|changed| changed == 1)
+    }
+
+    fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+        self.with("rewrapping the key store's own keys", |tx| {
+            tx.execute(
+                "UPDATE piiwall_meta SET wrapped = $3 WHERE name = $1 AND wrapped = $2",
+                &[&name, &old, &new],
+            )
+        })
+        .map(|changed| changed == 1)
+    }
 }

@@ -291,6 +291,50 @@ impl KeyStore for SqliteStore {
             "reading the key store's own keys",
         )
     }
+
+    fn keys_after(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<StoredKey>, KeyError> {
+        let after = after.map_or(Vec::new(), |id| id.0.to_vec());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(
+            |c| {
+                let mut statement = c.prepare(
+                    "SELECT key_id, scope, version, wrapped FROM deks WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                )?;
+                statement
+                    .query_map(params![after, limit], row_to_key)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            },
+            "listing keys",
+        )?
+        .into_iter()
+        .collect()
+    }
+
+    fn replace_wrapped(&self, key_id: &KeyId, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+        self.with(
+            |c| {
+                c.execute(
+                    "UPDATE deks SET wrapped = ?3 WHERE key_id = ?1 AND wrapped = ?2",
+                    params![&key_id.0[..], old, new],
+                )
+            },
+            "rewrapping a key",
+        )
+        .map(|changed| changed == 1)
+    }
+
+    fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
+        self.with(
+            |c| {
+                c.execute(
+                    "UPDATE meta SET wrapped = ?3 WHERE name = ?1 AND wrapped = ?2",
+                    params![name, old, new],
+                )
+            },
+            "rewrapping the key store's own keys",
+        )
+        .map(|changed| changed == 1)
+    }
 }
 
 /// After a forget, the WAL still holds the pages as they were before the delete: copy the zeroed pages into the

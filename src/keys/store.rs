@@ -47,6 +47,13 @@ pub trait KeyStore: Send + Sync {
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Up to `limit` stored keys in key-id order, after `after` (from the first when `None`): a KEK rewrap's pages.
+    fn keys_after(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<StoredKey>, KeyError>;
+    /// Replaces a key's wrapped bytes if they are still `old`: false when the key is gone (forgotten meanwhile) or
+    /// was rewrapped by someone else. Never brings back a deleted key.
+    fn replace_wrapped(&self, key_id: &KeyId, old: &[u8], new: &[u8]) -> Result<bool, KeyError>;
+    /// As [`replace_wrapped`](Self::replace_wrapped), for a named store-wide secret.
+    fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError>;
     /// Seconds since 1970-01-01 UTC by the store's clock: the server's, for a store several hosts share.
     fn clock_secs(&self) -> Result<u64, KeyError> {
         Ok(std::time::SystemTime::now()
