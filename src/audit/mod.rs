@@ -115,7 +115,7 @@ impl Auditor {
                         .await;
                     match sent {
                         Ok(_) => {
-                            producer.delivered();
+                            producer.delivered(&lease);
                             break;
                         }
                         Err((e, _)) => {

@@ -114,7 +114,7 @@ impl Control {
             .await;
         match sent {
             Ok(_) => {
-                self.producer.delivered();
+                self.producer.delivered(&lease);
                 Ok(())
             }
             Err((e, _)) => {

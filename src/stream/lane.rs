@@ -10,7 +10,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use tokio::sync::mpsc;
 
 use super::control::{Control, ControlOp};
@@ -314,8 +314,9 @@ async fn write(
         audit: Vec::new(),
     };
     let mut deliveries = Vec::with_capacity(batch.len());
+    let mut failure = None;
     for (message, outcome) in batch.iter().zip(outcomes) {
-        let delivery = match outcome {
+        let queued = match outcome {
             Outcome::Output { key, value, schema_id } => {
                 written.sanitized += 1;
                 if let Some(id) = schema_id {
@@ -328,7 +329,7 @@ async fn write(
                     record = record.timestamp(timestamp);
                 }
                 record = with_payload(record, key.as_deref(), value.as_deref());
-                send(through, record).await?
+                send(through, record).await
             }
             Outcome::Quarantine {
                 key,
@@ -356,17 +357,31 @@ async fn write(
                     });
                 }
                 let record = FutureRecord::to(&ctx.quarantine_topic).headers(headers);
-                send(through, with_payload(record, key.as_deref(), Some(value))).await?
+                send(through, with_payload(record, key.as_deref(), Some(value))).await
             }
         };
-        deliveries.push(delivery);
-    }
-    for delivery in deliveries {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(through.failed(&e)),
-            Err(_) => return Err(Error::Unavailable("the producer went away before delivering".into())),
+        match queued {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
+    }
+    // Every record of this attempt is settled (delivered, refused, timed out or purged) before the batch is written
+    // again, so no record of an earlier attempt lands after a later attempt's copy of it.
+    for delivery in deliveries {
+        let settled = match delivery.await {
+            Ok(Ok(_)) => None,
+            Ok(Err((e, _))) => Some(through.failed(&e)),
+            Err(_) => Some(Error::Unavailable("the producer went away before delivering".into())),
+        };
+        if failure.is_none() {
+            failure = settled;
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
     }
     through.delivered();
     Ok(written)
@@ -543,10 +558,22 @@ impl<'a> Through<'a> {
     /// authorization, a full disk, and a shared producer that failed fatally (a new one replaces it). Fatal only
     /// when a transaction's producer can go on no more (an idempotence or transaction error librdkafka calls fatal).
     fn failed(&self, e: &KafkaError) -> Error {
+        self.not_written(e, true)
+    }
+
+    /// As [`failed`](Self::failed), for a record the producer would not even queue: not reported as a refusal of
+    /// the brokers (librdkafka answers some locally with a broker's code, a record too large for one).
+    fn not_queued(&self, e: &KafkaError) -> Error {
+        self.not_written(e, false)
+    }
+
+    fn not_written(&self, e: &KafkaError, by_brokers: bool) -> Error {
         let message = format!("a record was not delivered: {e}");
         match self.shared {
             Some((shared, lease)) => {
-                shared.failed(lease, e);
+                if by_brokers || lease.producer().client().fatal_error().is_some() {
+                    shared.failed(lease, e);
+                }
                 Error::Unavailable(message)
             }
             None if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => Error::Kafka(message),
@@ -555,8 +582,8 @@ impl<'a> Through<'a> {
     }
 
     fn delivered(&self) {
-        if let Some((shared, _)) = self.shared {
-            shared.delivered();
+        if let Some((shared, lease)) = self.shared {
+            shared.delivered(lease);
         }
     }
 }
@@ -573,7 +600,7 @@ pub(super) async fn send<'a>(
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => return Err(through.failed(&e)),
+            Err((e, _)) => return Err(through.not_queued(&e)),
         }
     }
 }

@@ -113,7 +113,7 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
                             parts.producer.failed(&lease, &e);
                             Error::Kafka(format!("a replayed record was not delivered: {e}"))
                         })?;
-                    parts.producer.delivered();
+                    parts.producer.delivered(&lease);
                     summary.replayed += 1;
                     None
                 }

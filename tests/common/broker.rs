@@ -30,7 +30,8 @@ impl Broker {
     pub fn persistent(port: u16) -> Self {
         let endpoint = std::env::var("PIIWALL_TEST_AWS")
             .expect("PIIWALL_TEST_AWS names the test S3 endpoint: run `bash scripts/test` (scripts/test-services)");
-        let bucket = format!("tansu-{port}-{}", std::process::id());
+        // Unique across runs (moto outlives them, and answers 200 to creating a bucket that exists).
+        let bucket = super::kafka::unique("tansu").to_lowercase();
         create_bucket(&endpoint, &bucket);
         Self {
             port,
