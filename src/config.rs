@@ -129,12 +129,14 @@ struct RawPipeline {
     drain_timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPkcs11 {
     module: String,
     token: String,
-    pin: String,
+    /// Read as any TOML value, so that a PIN written in the file by mistake (`pin = 1234`) is refused without the
+    /// parser's message quoting it.
+    pin: toml::Value,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -763,6 +765,13 @@ impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let store = parse_store(self.keys.store.as_deref().unwrap_or(DEFAULT_KEY_STORE))?;
         let pkcs11 = self.keys.pkcs11.as_ref();
+        if self.keys.kek.is_none() && self.keys.kek_previous.as_ref().is_some_and(|p| !p.is_empty()) {
+            return Err(ConfigError(
+                "keys.kek_previous is set but keys.kek is not: a KEK rotation names its new KEK explicitly (the \
+                 default key file would be created and used)"
+                    .into(),
+            ));
+        }
         let kek = match self.keys.kek.as_deref() {
             None => parse_kek(DEFAULT_KEK, true, pkcs11, "keys.kek")?,
             Some(text) => parse_kek(text, false, pkcs11, "keys.kek")?,
@@ -1262,7 +1271,7 @@ fn parse_kek(text: &str, is_default: bool, pkcs11: Option<&RawPkcs11>, name: &st
                     "{name} names a PKCS#11 key: [keys.pkcs11] must give module, token and pin"
                 ))
             })?;
-            let pin = match raw.pin.split_once(':') {
+            let pin = match raw.pin.as_str().unwrap_or_default().split_once(':') {
                 Some(("file", path)) if !path.is_empty() => SecretSource::File(PathBuf::from(path)),
                 Some(("env", var)) if !var.is_empty() => SecretSource::Env(var.to_owned()),
                 _ => {

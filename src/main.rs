@@ -537,21 +537,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let keyring = keyring(&config)?;
             let started = std::time::Instant::now();
-            let done = keyring.rewrap(batch, |done| {
+            let mut last = piiwall::keys::Rewrapped::default();
+            let result = keyring.rewrap(batch, |done| {
+                last = *done;
                 eprint!(
-                    "\rpiiwall: {} rewrapped, {} already under keys.kek, {} gone meanwhile ({} s)",
+                    "\rpiiwall: {} rewrapped, {} already under keys.kek, {} gone meanwhile, {} unreadable ({} s)",
                     done.rewrapped,
                     done.already,
                     done.gone,
+                    done.unreadable,
                     started.elapsed().as_secs()
                 );
-            })?;
+            });
             eprintln!();
+            // Audited however it ended: keys rewritten before a failure are part of the trail too.
+            let done = *result.as_ref().unwrap_or(&last);
             let mut event = local_event(AuditKind::KekRewrapped, None);
             event.counts = [
                 ("rewrapped", done.rewrapped),
                 ("already", done.already),
                 ("gone", done.gone),
+                ("unreadable", done.unreadable),
             ]
             .into_iter()
             .map(|(action, count)| piiwall::audit::FieldCount {
@@ -560,13 +566,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 count: count as i64,
             })
             .collect();
-            event.outcome = Some(AuditOutcome::Allowed);
+            event.outcome = Some(if result.is_ok() {
+                AuditOutcome::Allowed
+            } else {
+                AuditOutcome::Error
+            });
+            let audited = audit_locally(&config, &keyring, vec![event]);
+            let done = result?;
             println!(
-                "rewrapped {} key(s) under keys.kek ({} already were, {} forgotten or rewrapped meanwhile); keys.kek_previous \
-                 can go once every instance has read its keys again (keys.cache_ttl_secs)",
+                "rewrapped {} key(s) under keys.kek ({} already were, {} forgotten or rewritten meanwhile)",
                 done.rewrapped, done.already, done.gone
             );
-            audited_after(audit_locally(&config, &keyring, vec![event]))
+            if done.unreadable > 0 {
+                eprintln!(
+                    "piiwall: {} key(s) open with no configured KEK (corrupted, or wrapped by a KEK neither keys.kek \
+                     nor keys.kek_previous names) and were left as they are",
+                    done.unreadable
+                );
+                audited?;
+                return Ok(ExitCode::from(1));
+            }
+            println!(
+                "keys.kek_previous can go once no instance still has the old KEK as its keys.kek and a run of this \
+                 command rewraps nothing more"
+            );
+            audited_after(audited)
         }
         Command::Keys {
             command: KeysCommand::ReapplyForgets,

@@ -39,18 +39,29 @@ pub struct KekSet {
 }
 
 impl KekSet {
-    pub fn new(current: Box<dyn KekProvider>, previous: Vec<Box<dyn KekProvider>>) -> Self {
-        let bare = std::iter::once(&current)
-            .chain(&previous)
+    /// The set of `current` and `previous`; two KEKs with one id are refused (their keys could not be told apart).
+    pub fn new(current: Box<dyn KekProvider>, previous: Vec<Box<dyn KekProvider>>) -> Result<Self, KeyError> {
+        let ids: Vec<String> = std::iter::once(&current).chain(&previous).map(|kek| kek.id()).collect();
+        if let Some(twice) = ids
+            .iter()
             .enumerate()
-            .filter(|(_, kek)| kek.id().starts_with("local:"))
+            .find_map(|(i, id)| ids[..i].contains(id).then_some(id))
+        {
+            return Err(KeyError::KekMalformed(format!(
+                "keys.kek and keys.kek_previous name the KEK {twice} twice"
+            )));
+        }
+        let bare = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| id.starts_with("local:"))
             .map(|(i, _)| i)
             .collect();
-        Self {
+        Ok(Self {
             current,
             previous,
             bare,
-        }
+        })
     }
 
     fn member(&self, i: usize) -> &dyn KekProvider {
@@ -83,26 +94,34 @@ impl KekProvider for KekSet {
     }
 
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if let Some((id, inner)) = envelope(wrapped) {
+        let named = envelope(wrapped).map(|(id, inner)| {
             let kek = std::iter::once(&self.current)
                 .chain(&self.previous)
                 .find(|kek| kek.id() == id);
-            return match kek {
+            match kek {
                 Some(kek) => kek.unwrap(inner, associated_data),
                 None => Err(KeyError::KekMissing(format!(
                     "a stored key is wrapped by the KEK {id}, which neither keys.kek nor keys.kek_previous names"
                 ))),
-            };
+            }
+        });
+        match named {
+            Some(Ok(secret)) => return Ok(secret),
+            // Unavailable (an HSM not answering): said as it is, not tried as something else.
+            Some(Err(e @ KeyError::StoreUnavailable(_))) => return Err(e),
+            _ => {}
         }
-        // A bare local wrap: whichever local KEK authenticates it.
-        let mut last = KeyError::CorruptRow;
+        // A bare local wrap of before envelopes, whichever local KEK authenticates it; also tried when an envelope
+        // did not open, since a bare wrap's random nonce begins like an envelope once in 2^32.
         for &i in &self.bare {
-            match self.member(i).unwrap(wrapped, associated_data) {
-                Ok(secret) => return Ok(secret),
-                Err(e) => last = e,
+            if let Ok(secret) = self.member(i).unwrap(wrapped, associated_data) {
+                return Ok(secret);
             }
         }
-        Err(last)
+        Err(match named {
+            Some(Err(e)) => e,
+            _ => KeyError::CorruptRow,
+        })
     }
 
     fn id(&self) -> String {
@@ -285,12 +304,12 @@ mod tests {
 
     #[test]
     fn a_set_names_its_kek_in_what_it_wraps_and_reads_what_its_previous_keks_wrapped() {
-        let old = KekSet::new(local(1), vec![]);
+        let old = KekSet::new(local(1), vec![]).unwrap();
         let by_old = old.wrap(b"dek", b"ad").unwrap();
         assert_eq!(KekSet::wrapped_by(&by_old), Some(local(1).id().as_str()));
         let bare = LocalKek::from_bytes(&[1; 32]).unwrap().wrap(b"old dek", b"ad").unwrap();
 
-        let rotated = KekSet::new(local(2), vec![local(1)]);
+        let rotated = KekSet::new(local(2), vec![local(1)]).unwrap();
         assert_eq!(rotated.unwrap(&by_old, b"ad").unwrap().as_slice(), b"dek");
         assert_eq!(
             rotated.unwrap(&bare, b"ad").unwrap().as_slice(),
@@ -305,7 +324,7 @@ mod tests {
             Err(KeyError::CorruptRow)
         ));
 
-        let without_old = KekSet::new(local(2), vec![]);
+        let without_old = KekSet::new(local(2), vec![]).unwrap();
         let err = without_old.unwrap(&by_old, b"ad").err().unwrap().to_string();
         assert!(
             err.contains(&local(1).id()) && err.contains("keys.kek_previous"),
@@ -313,6 +332,39 @@ mod tests {
         );
         assert!(matches!(without_old.unwrap(&bare, b"ad"), Err(KeyError::CorruptRow)));
         assert!(matches!(without_old.unwrap(b"\0pwk", b"ad"), Err(KeyError::CorruptRow)));
+    }
+
+    #[test]
+    fn a_set_refuses_one_kek_named_twice() {
+        let err = KekSet::new(local(1), vec![local(2), local(1)])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("twice") && err.contains(&local(1).id()), "{err}");
+    }
+
+    #[test]
+    fn a_bare_wrap_that_looks_like_an_envelope_still_opens() {
+        let kek = LocalKek::from_bytes(&[1; 32]).unwrap();
+        // A bare wrap whose random nonce happens to begin with the envelope's mark and a plausible id.
+        let mut nonce = [7u8; NONCE_LEN];
+        nonce[..4].copy_from_slice(ENVELOPE);
+        nonce[4] = 2;
+        nonce[5..7].copy_from_slice(b"xy");
+        let sealed = kek
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: b"dek",
+                    aad: b"ad",
+                },
+            )
+            .unwrap();
+        let wrapped = [nonce.as_slice(), &sealed].concat();
+        assert_eq!(KekSet::wrapped_by(&wrapped), Some("xy"), "it parses as an envelope");
+        let set = KekSet::new(local(1), vec![]).unwrap();
+        assert_eq!(set.unwrap(&wrapped, b"ad").unwrap().as_slice(), b"dek");
     }
 
     #[test]

@@ -143,6 +143,8 @@ pub struct Rewrapped {
     pub already: u64,
     /// Deleted (forgotten) or rewrapped by another process between reading and writing.
     pub gone: u64,
+    /// Opened by no configured KEK (corrupted, or wrapped by a KEK the config does not name): left as they are.
+    pub unreadable: u64,
 }
 
 /// The right-of-access answer about a subject.
@@ -171,7 +173,10 @@ impl Keyring {
         let ad = meta_ad(SUBJECT_INDEX);
         let fresh = Zeroizing::new(rand::random::<[u8; 32]>());
         let wrapped = store.meta_insert_if_absent(SUBJECT_INDEX, &kek.wrap(fresh.as_slice(), &ad)?)?;
-        let index_key = kek.unwrap(&wrapped, &ad).map_err(|_| KeyError::KekMismatch)?;
+        let index_key = kek.unwrap(&wrapped, &ad).map_err(|e| match e {
+            KeyError::CorruptRow => KeyError::KekMismatch,
+            other => other,
+        })?;
         let subject_index = Hmac::<Sha256>::new_from_slice(&index_key).expect("HMAC takes any key length");
         let mut control_key = Zeroizing::new([0u8; 32]);
         hkdf::Hkdf::<Sha256>::new(Some(b"piiwall control v1"), &index_key)
@@ -209,7 +214,7 @@ impl Keyring {
             StoreLocation::Postgres(url) => Arc::new(super::PostgresStore::open(url)?),
         };
         let previous = config.kek_previous.iter().map(open_kek).collect::<Result<_, _>>()?;
-        let kek = Arc::new(KekSet::new(open_kek(&config.kek)?, previous));
+        let kek = Arc::new(KekSet::new(open_kek(&config.kek)?, previous)?);
         Self::open(store, kek, config.cache)
     }
 
@@ -230,7 +235,7 @@ impl Keyring {
         if !is_current(&index) {
             let secret = self.kek.unwrap(&index, &ad)?;
             self.store
-                .replace_meta(SUBJECT_INDEX, &index, &self.kek.wrap(&secret, &ad)?)?;
+                .replace_meta(SUBJECT_INDEX, &index, &self.checked_wrap(&secret, &ad)?)?;
         }
         let mut after = None;
         loop {
@@ -243,9 +248,20 @@ impl Keyring {
                     continue;
                 }
                 let ad = dek_ad(row.key_id, &row.scope, row.version);
-                let secret = self.kek.unwrap(&row.wrapped, &ad)?;
-                let rewrapped = self.kek.wrap(&secret, &ad)?;
-                if self.store.replace_wrapped(&row.key_id, &row.wrapped, &rewrapped)? {
+                let secret = match self.kek.unwrap(&row.wrapped, &ad) {
+                    Ok(secret) => secret,
+                    // One key no configured KEK opens (corrupted, or wrapped by a KEK the config lacks) does not
+                    // stop the others from moving; it is counted and the command says so.
+                    Err(KeyError::CorruptRow | KeyError::KekMissing(_)) => {
+                        done.unreadable += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if self
+                    .store
+                    .replace_wrapped(&row.key_id, &row.wrapped, &self.checked_wrap(&secret, &ad)?)?
+                {
                     done.rewrapped += 1;
                 } else {
                     done.gone += 1;
@@ -253,7 +269,21 @@ impl Keyring {
             }
             progress(&done);
         }
+        self.store.after_rewrap()?;
         Ok(done)
+    }
+
+    /// Wraps under the current KEK and unwraps again before anything is written: a KEK that does not give back
+    /// what it wrapped must never replace a key that opens.
+    fn checked_wrap(&self, secret: &[u8], ad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let wrapped = self.kek.wrap(secret, ad)?;
+        match self.kek.unwrap(&wrapped, ad) {
+            Ok(back) if back.as_slice() == secret => Ok(wrapped),
+            _ => Err(KeyError::KekMalformed(format!(
+                "{}: a key it wrapped does not unwrap to itself; nothing was written",
+                self.kek.id()
+            ))),
+        }
     }
 
     /// The key scope of a data subject: a keyed hash, so the store never sees the id.
@@ -1036,10 +1066,7 @@ mod tests {
 
     fn kek_set(current: u8, previous: &[u8]) -> Arc<KekSet> {
         let local = |byte: u8| Box::new(LocalKek::from_bytes(&[byte; 32]).unwrap()) as Box<dyn KekProvider>;
-        Arc::new(KekSet::new(
-            local(current),
-            previous.iter().map(|&b| local(b)).collect(),
-        ))
+        Arc::new(KekSet::new(local(current), previous.iter().map(|&b| local(b)).collect()).unwrap())
     }
 
     #[test]
@@ -1077,7 +1104,8 @@ mod tests {
             Rewrapped {
                 rewrapped: 2,
                 already: 0,
-                gone: 1
+                gone: 1,
+                unreadable: 0
             }
         );
         assert_eq!(pages, 1, "one page of three keys");
@@ -1090,7 +1118,8 @@ mod tests {
             Rewrapped {
                 rewrapped: 0,
                 already: 2,
-                gone: 0
+                gone: 0,
+                unreadable: 0
             },
             "idempotent"
         );
@@ -1100,6 +1129,49 @@ mod tests {
         assert_eq!(active(after.subject_key("alice").unwrap()).key_id, old.key_id);
         assert_eq!(active(after.subject_key("bob").unwrap()).key_id, bob.key_id);
         assert!(after.key_by_id(old.key_id).is_ok());
+    }
+
+    #[test]
+    fn a_rewrap_writes_only_over_the_bytes_it_read_and_goes_past_keys_it_cannot_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing::open(dir.path());
+        let old = Keyring::open(store.clone(), kek_set(1, &[]), KeyCacheSettings::default()).unwrap();
+        for subject in ["alice", "bob", "carol"] {
+            active(old.subject_key(subject).unwrap());
+        }
+        let rows = store.inner.keys_after(None, 10).unwrap();
+        // One key corrupted in the store; another rewritten by someone else between the listing and the write.
+        let mut corrupt = rows[0].wrapped.clone();
+        *corrupt.last_mut().unwrap() ^= 1;
+        assert!(
+            store
+                .inner
+                .replace_wrapped(&rows[0].key_id, &rows[0].wrapped, &corrupt)
+                .unwrap()
+        );
+        let (inner, raced) = (store.clone(), rows[1].clone());
+        store.arm(After::Listing, move || {
+            assert!(
+                inner
+                    .inner
+                    .replace_wrapped(&raced.key_id, &raced.wrapped, b"someone else's")
+                    .unwrap()
+            );
+        });
+        let ring = Keyring::open(store.clone(), kek_set(2, &[1]), KeyCacheSettings::default()).unwrap();
+        let done = ring.rewrap(10, |_| {}).unwrap();
+        assert_eq!(
+            done,
+            Rewrapped {
+                rewrapped: 1,
+                already: 0,
+                gone: 1,
+                unreadable: 1
+            }
+        );
+        let after = store.inner.keys_after(None, 10).unwrap();
+        assert_eq!(after[1].wrapped, b"someone else's", "the other writer's bytes stay");
+        assert_eq!(after[0].wrapped, corrupt, "an unreadable key is left as it is");
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl KeyStore for SqliteStore {
                 // Only deleted key rows leave bytes to erase (a uuid's forget names several forms, most of them
                 // keyless: one checkpoint, not one per form).
                 if destroyed > 0 {
-                    checkpoint_after_forget(c);
+                    checkpoint_after(c, "a forget");
                 }
                 Ok(destroyed)
             },
@@ -323,6 +323,16 @@ impl KeyStore for SqliteStore {
         .map(|changed| changed == 1)
     }
 
+    fn after_rewrap(&self) -> Result<(), KeyError> {
+        self.with(
+            |c| {
+                checkpoint_after(c, "a KEK rewrap");
+                Ok(())
+            },
+            "checkpointing",
+        )
+    }
+
     fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError> {
         self.with(
             |c| {
@@ -342,16 +352,17 @@ impl KeyStore for SqliteStore {
 /// busy timeout, 10 s); one that holds on longer makes SQLite answer "busy" in the result row, not as an error:
 /// that is warned about, and left to the next forget or SQLite's automatic checkpoint. The forget itself has
 /// committed either way.
-fn checkpoint_after_forget(c: &Connection) {
+/// The same after a KEK rewrap, whose old wraps would otherwise stay in the WAL.
+fn checkpoint_after(c: &Connection, after: &str) {
     match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0)) {
         Ok(0) => {}
         Ok(_busy) => tracing::warn!(
-            "WAL not emptied after a forget: another process has held a read snapshot of the key store for more than \
-             10 s; the forgotten wrapped keys stay in keys.db-wal until the next forget or SQLite's automatic \
-             checkpoint"
+            after,
+            "WAL not emptied: another process has held a read snapshot of the key store for more than 10 s; the \
+             rows as they were stay in keys.db-wal until the next forget or SQLite's automatic checkpoint"
         ),
         Err(e) => {
-            tracing::warn!(error = %e, "WAL not checkpointed after a forget: SQLite's next checkpoint does it")
+            tracing::warn!(after, error = %e, "WAL not checkpointed: SQLite's next checkpoint does it")
         }
     }
 }

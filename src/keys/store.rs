@@ -54,6 +54,11 @@ pub trait KeyStore: Send + Sync {
     fn replace_wrapped(&self, key_id: &KeyId, old: &[u8], new: &[u8]) -> Result<bool, KeyError>;
     /// As [`replace_wrapped`](Self::replace_wrapped), for a named store-wide secret.
     fn replace_meta(&self, name: &str, old: &[u8], new: &[u8]) -> Result<bool, KeyError>;
+    /// After a rewrap: drop what the store keeps of the rows as they were, where it can (SQLite's WAL). PostgreSQL
+    /// keeps them as dead tuples until VACUUM, and in its WAL and backups (the README says so).
+    fn after_rewrap(&self) -> Result<(), KeyError> {
+        Ok(())
+    }
     /// Seconds since 1970-01-01 UTC by the store's clock: the server's, for a store several hosts share.
     fn clock_secs(&self) -> Result<u64, KeyError> {
         Ok(std::time::SystemTime::now()

@@ -35,7 +35,9 @@ pub fn keyring_at_with(dir: &Path, kek_base64: &str) -> Arc<Keyring> {
 
 fn keyring_with_kek(dir: &Path, kek: &[u8]) -> Arc<Keyring> {
     let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).expect("open key store"));
-    let kek = Arc::new(LocalKek::from_bytes(kek).unwrap());
+    // As `run` and the command line open it: the KEK in a set, which reads the envelopes they write.
+    let local = Box::new(LocalKek::from_bytes(kek).unwrap());
+    let kek = Arc::new(piiwall::crypto::KekSet::new(local, Vec::new()).unwrap());
     Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).expect("open keyring"))
 }
 

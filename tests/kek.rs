@@ -1,0 +1,278 @@
+//! The KEK in an HSM, through PKCS#11, on a real one: SoftHSM2, whose token scripts/test-services initialises
+//! (`PIIWALL_TEST_PKCS11_MODULE`, `SOFTHSM2_CONF`). Each test makes its own non-extractable AES key in the token.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use piiwall::crypto::{KekProvider, KekSet, LocalKek, Pkcs11Kek, Pkcs11Location, SecretSource};
+use piiwall::keys::{KeyCacheSettings, KeyStore, Keyring, RecordKey, SqliteStore};
+
+const TOKEN: &str = "piiwall-test";
+const PIN: &str = "1234";
+
+/// A file holding `pin`, as an operator's secret mount would (the tests never set environment variables: SoftHSM2
+/// reads the environment from C on other test threads).
+fn pin_file(pin: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(common::kafka::unique("piiwall-test-pin"));
+    std::fs::write(&path, format!("{pin}\n")).unwrap();
+    path
+}
+
+fn good_pin() -> &'static Path {
+    static PIN_FILE: OnceLock<PathBuf> = OnceLock::new();
+    PIN_FILE.get_or_init(|| pin_file(PIN))
+}
+
+fn module() -> PathBuf {
+    std::env::var("PIIWALL_TEST_PKCS11_MODULE")
+        .expect("PIIWALL_TEST_PKCS11_MODULE names SoftHSM2's module: run `bash scripts/test` (scripts/test-services)")
+        .into()
+}
+
+/// The test's own context of the module, kept for the process's life: dropping a context finalises the module
+/// under every other user of it in the process.
+fn context() -> &'static Pkcs11 {
+    static CONTEXT: OnceLock<Pkcs11> = OnceLock::new();
+    CONTEXT.get_or_init(|| {
+        let context = Pkcs11::new(module()).unwrap();
+        match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => panic!("SoftHSM2 does not initialise: {e}"),
+        }
+        context
+    })
+}
+
+/// Makes a non-extractable AES-256 key labelled `label` in the test token, as an operator would.
+fn make_hsm_key(label: &str) {
+    let context = context();
+    let slot = context
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).unwrap().label().trim_end() == TOKEN)
+        .expect("scripts/test-services initialises the token piiwall-test");
+    let session = context.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::ValueLen(32.into()),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+            ],
+        )
+        .unwrap();
+}
+
+fn location(key_label: &str, pin: SecretSource) -> Pkcs11Location {
+    Pkcs11Location {
+        module: module(),
+        token: TOKEN.into(),
+        key_label: key_label.into(),
+        pin,
+    }
+}
+
+fn hsm(label: &str) -> Box<dyn KekProvider> {
+    Box::new(Pkcs11Kek::open(&location(label, SecretSource::File(good_pin().to_owned()))).unwrap())
+}
+
+fn local(byte: u8) -> Box<dyn KekProvider> {
+    Box::new(LocalKek::from_bytes(&[byte; 32]).unwrap())
+}
+
+fn keyring(store: &Arc<SqliteStore>, current: Box<dyn KekProvider>, previous: Vec<Box<dyn KekProvider>>) -> Keyring {
+    Keyring::open(
+        store.clone(),
+        Arc::new(KekSet::new(current, previous).unwrap()),
+        KeyCacheSettings::default(),
+    )
+    .unwrap()
+}
+
+fn key_ids(ring: &Keyring, subjects: &[String]) -> Vec<[u8; 12]> {
+    subjects
+        .iter()
+        .map(|s| match ring.subject_key(s).unwrap() {
+            RecordKey::Active(dek) => dek.key_id.0,
+            RecordKey::Forgotten => panic!("not forgotten"),
+        })
+        .collect()
+}
+
+#[test]
+fn keys_wrapped_in_the_hsm_survive_a_restart_and_name_their_kek() {
+    let label = common::kafka::unique("kek");
+    make_hsm_key(&label);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+    let subjects: Vec<String> = (0..50).map(|i| format!("customer-{i}")).collect();
+    let made = key_ids(&keyring(&store, hsm(&label), vec![]), &subjects);
+    let stored = store.keys_after(None, 100).unwrap();
+    assert_eq!(stored.len(), 50);
+    let id = format!("pkcs11:{TOKEN}/{label}");
+    assert!(
+        stored
+            .iter()
+            .all(|key| KekSet::wrapped_by(&key.wrapped) == Some(id.as_str()))
+    );
+    // A restart: a new session, the same keys.
+    let again = keyring(&store, hsm(&label), vec![]);
+    assert_eq!(key_ids(&again, &subjects), made);
+    for key in &stored {
+        assert!(again.key_by_id(key.key_id).is_ok());
+    }
+    // Another KEK does not open the store.
+    let other = common::kafka::unique("kek");
+    make_hsm_key(&other);
+    let refused = Keyring::open(
+        store.clone(),
+        Arc::new(KekSet::new(hsm(&other), vec![]).unwrap()),
+        KeyCacheSettings::default(),
+    );
+    let refused = refused.err().expect("another KEK is refused").to_string();
+    assert!(
+        refused.contains(&id) && refused.contains("keys.kek_previous"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_store_moves_from_a_key_file_to_the_hsm_and_back_and_every_key_still_opens() {
+    let label = common::kafka::unique("kek");
+    make_hsm_key(&label);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+    let subjects: Vec<String> = (0..20).map(|i| format!("customer-{i}")).collect();
+    let made = key_ids(&keyring(&store, local(7), vec![]), &subjects);
+    keyring(&store, local(7), vec![]).forget_subject("customer-3").unwrap();
+
+    // To the HSM: both KEKs configured, rewrap, then the HSM alone.
+    let moving = keyring(&store, hsm(&label), vec![local(7)]);
+    let done = moving.rewrap(7, |_| {}).unwrap();
+    assert_eq!(
+        (done.rewrapped, done.gone),
+        (19, 0),
+        "every live key, not the forgotten one's"
+    );
+    let in_hsm = keyring(&store, hsm(&label), vec![]);
+    let again: Vec<_> = subjects.iter().filter(|s| *s != "customer-3").cloned().collect();
+    let expected: Vec<_> = made
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(key_ids(&in_hsm, &again), expected);
+    assert!(
+        matches!(in_hsm.subject_key("customer-3").unwrap(), RecordKey::Forgotten),
+        "forgotten stays forgotten"
+    );
+
+    // And back, by the command line.
+    let key_file = dir.path().join("kek.key");
+    std::fs::write(&key_file, base64_of(&[9; 32])).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("file:{}", key_file.display()),
+        &[&format!("pkcs11:{label}")],
+        &label,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args(["--config", config.to_str().unwrap(), "keys", "rewrap", "--batch", "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rewrapped 19 key(s)"), "{stdout}");
+    let back = keyring(&store, local(9), vec![]);
+    assert_eq!(key_ids(&back, &again), expected);
+}
+
+#[test]
+fn a_wrong_pin_or_an_unknown_key_label_is_named_and_the_pin_never_shown() {
+    let label = common::kafka::unique("kek");
+    make_hsm_key(&label);
+    // In a process of its own: PKCS#11 login belongs to the whole process, and this test process may be logged in.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &format!("pkcs11:{label}"), &[], &label)
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let wrong = pin_file("987654");
+    std::fs::write(
+        &config,
+        text.replace(&good_pin().display().to_string(), &wrong.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args(["--config", &config, "keys", "rewrap"])
+        .output()
+        .unwrap();
+    let wrong_pin = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{wrong_pin}");
+    assert!(
+        wrong_pin.contains("is the PIN right?")
+            && wrong_pin.contains("keys.pkcs11")
+            && wrong_pin.contains("PIN is incorrect"),
+        "{wrong_pin}"
+    );
+    assert!(!wrong_pin.contains("987654"), "{wrong_pin}");
+    let unknown = Pkcs11Kek::open(&location("no-such-key", SecretSource::File(good_pin().to_owned())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(unknown.contains("no secret key labelled no-such-key"), "{unknown}");
+    let no_pin = Pkcs11Kek::open(&location(&label, SecretSource::Env("PIIWALL_TEST_UNSET_PIN".into())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        no_pin.contains("keys.pkcs11.pin") && no_pin.contains("PIIWALL_TEST_UNSET_PIN"),
+        "{no_pin}"
+    );
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn write_config(dir: &Path, kek: &str, previous: &[&str], _label: &str) -> PathBuf {
+    let previous: Vec<String> = previous.iter().map(|p| format!("{p:?}")).collect();
+    let text = format!(
+        "[keys]\nstore = {store:?}\nkek = {kek:?}\nkek_previous = [{previous}]\n\n[keys.pkcs11]\nmodule = {module:?}\n\
+         token = {TOKEN:?}\npin = {pin:?}\n",
+        store = format!("sqlite:{}", dir.join("keys.db").display()),
+        previous = previous.join(", "),
+        module = module().display().to_string(),
+        pin = format!("file:{}", good_pin().display()),
+    );
+    let path = dir.join("piiwall.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
