@@ -240,7 +240,7 @@ fn kek_problems_stop_with_a_clear_message() {
         ("PIIWALL_TEST_KEK", other),
     ]);
     assert_eq!(wrong.status.code(), Some(2));
-    says(&wrong.stderr, "does not open this key store");
+    says(&wrong.stderr, "open this key store");
     assert!(!text(&wrong.stderr).contains(other));
 
     let bad_config = run(&[("PIIWALL_KEYS__STORE", "mysql://nope")]);

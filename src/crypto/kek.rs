@@ -101,7 +101,8 @@ impl KekProvider for KekSet {
             match kek {
                 Some(kek) => kek.unwrap(inner, associated_data),
                 None => Err(KeyError::KekMissing(format!(
-                    "a stored key is wrapped by the KEK {id}, which neither keys.kek nor keys.kek_previous names"
+                    "the configured KEKs do not open this key store: a stored key is wrapped by the KEK {id}, which \
+                     neither keys.kek nor keys.kek_previous names"
                 ))),
             }
         });
