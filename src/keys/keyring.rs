@@ -346,6 +346,7 @@ impl Keyring {
             return Ok(batch);
         }
         let mut candidates = Vec::with_capacity(missing.len());
+        let mut secrets = Vec::with_capacity(missing.len());
         for (_, scope) in &missing {
             let key_id = KeyId::random();
             let secret = Zeroizing::new(rand::random::<[u8; 32]>());
@@ -356,15 +357,20 @@ impl Keyring {
                 version: 1,
                 wrapped,
             });
+            secrets.push(secret);
         }
         let _fill = self.fill();
         let rows = self.store.ensure_current(&candidates)?;
-        for ((subject, _), (candidate, row)) in missing.into_iter().zip(candidates.into_iter().zip(rows)) {
+        let fetched = missing.into_iter().zip(candidates.into_iter().zip(secrets).zip(rows));
+        for ((subject, _), ((candidate, secret), row)) in fetched {
             let entry = match row {
-                Some(row) => {
-                    batch.created += usize::from(row.key_id == candidate.key_id);
-                    RecordKey::Active(Arc::new(self.unwrap(&row)?))
+                // Our candidate was stored: its key is the secret in hand, no unwrap (one KEK call less per new
+                // subject, which an HSM or KMS feels).
+                Some(row) if row.key_id == candidate.key_id => {
+                    batch.created += 1;
+                    RecordKey::Active(Arc::new(Dek::new(row.key_id, row.version, secret.as_slice())))
                 }
+                Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
                 None => RecordKey::Forgotten,
             };
             self.by_scope.insert(candidate.scope, entry.clone());
@@ -1129,6 +1135,72 @@ mod tests {
         assert_eq!(active(after.subject_key("alice").unwrap()).key_id, old.key_id);
         assert_eq!(active(after.subject_key("bob").unwrap()).key_id, bob.key_id);
         assert!(after.key_by_id(old.key_id).is_ok());
+    }
+
+    /// Counts the KEK calls of a local KEK.
+    struct Counting {
+        inner: LocalKek,
+        wraps: AtomicU64,
+        unwraps: AtomicU64,
+    }
+
+    impl KekProvider for Counting {
+        fn wrap(&self, plaintext: &[u8], ad: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.wraps.fetch_add(1, Ordering::Relaxed);
+            self.inner.wrap(plaintext, ad)
+        }
+        fn unwrap(&self, wrapped: &[u8], ad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            self.inner.unwrap(wrapped, ad)
+        }
+        fn id(&self) -> String {
+            self.inner.id()
+        }
+    }
+
+    #[test]
+    fn a_batch_of_new_subjects_costs_one_kek_call_each_and_their_keys_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Arc::new(Counting {
+            inner: LocalKek::from_bytes(&[1; 32]).unwrap(),
+            wraps: AtomicU64::new(0),
+            unwraps: AtomicU64::new(0),
+        });
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let ring = Keyring::open(store.clone(), kek.clone(), KeyCacheSettings::default()).unwrap();
+        let (wraps, unwraps) = (kek.wraps.load(Ordering::Relaxed), kek.unwraps.load(Ordering::Relaxed));
+        let subjects: Vec<String> = (0..10).map(|i| format!("new-{i}")).collect();
+        let batch = ring.prefetch_subjects(subjects.iter().map(String::as_str)).unwrap();
+        assert_eq!(batch.created, 10);
+        assert_eq!(
+            kek.wraps.load(Ordering::Relaxed) - wraps,
+            10,
+            "one wrap per new subject"
+        );
+        assert_eq!(
+            kek.unwraps.load(Ordering::Relaxed) - unwraps,
+            0,
+            "no unwrap of what was just wrapped"
+        );
+        // The keys held are the stored ones: another keyring reading the store derives the same tokens' keys.
+        let other = Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .unwrap();
+        for subject in &subjects {
+            let held = match batch.keys.get(subject.as_str()).unwrap() {
+                RecordKey::Active(dek) => dek.clone(),
+                RecordKey::Forgotten => panic!("new"),
+            };
+            let stored = active(other.subject_key(subject).unwrap());
+            assert_eq!(held.key_id, stored.key_id);
+            assert_eq!(
+                held.tokenize("email", b"a@example.com"),
+                stored.tokenize("email", b"a@example.com")
+            );
+        }
     }
 
     #[test]
