@@ -4,6 +4,9 @@
 //!   subjects drawn Zipf(1.1), every subject's key already in the SQLite store, the key cache bounded to its default
 //!   capacity and cold at the start; each iteration is one batch of 500 records as `run` handles it: the batch's
 //!   keys prefetched, then every record transcoded. Records/s, one thread.
+//! - `new_subjects`: the same records, every one of a subject never seen before (issue 15's all-new stream, e.g. a
+//!   sign-up flow): each batch of 500 creates 500 keys (random key, KEK wrap, one SQLite transaction for the batch)
+//!   before it is transcoded. The batch's records are encoded outside the measurement. Records/s, one thread.
 //! - `floor`: only the unavoidable work of one record of the 10-field event (`schemas/event.avsc`): the same
 //!   AES-256-GCM and HMAC-SHA256 operations on the same byte lengths, and one copy of the record's bytes, with no
 //!   parsing — the physical limit on this machine, against which the transcoder is quoted.
@@ -125,6 +128,71 @@ fn known_subjects(c: &mut Criterion) {
     group.finish();
 }
 
+fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &serde_json::Value) -> Vec<u8> {
+    let value = codec.to_value(record).unwrap();
+    let mut bytes = Vec::new();
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut bytes, &value)
+        .unwrap();
+    bytes
+}
+
+fn new_subjects(c: &mut Criterion) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema_text = std::fs::read_to_string(root.join("schemas/customer_profile.avsc")).unwrap();
+    let schema = compile(&schema_text, &PolicySettings::default()).unwrap();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+    let kek = Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());
+    let sanitizer = Sanitizer::new(
+        Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).unwrap()),
+        "default",
+    );
+    let codec = JsonCodec::new(&schema.writer);
+    let mut scratch = TranscodeScratch::default();
+    let mut out = Vec::with_capacity(1024);
+    let mut next = 0usize;
+    let mut group = c.benchmark_group("subjects");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(20);
+    group.bench_function("new_subjects", |b| {
+        b.iter_batched(
+            || {
+                // A batch of subjects nobody has seen: ids past every earlier batch's.
+                let batch: Vec<(String, Vec<u8>)> = (next..next + BATCH)
+                    .map(|i| {
+                        let mut record = customer(i);
+                        let id = format!("new_{i:09}");
+                        record["customer_id"] = serde_json::json!(id);
+                        (id, encode(&schema, &codec, &record))
+                    })
+                    .collect();
+                next += BATCH;
+                batch
+            },
+            |batch| {
+                let keys = sanitizer
+                    .keyring()
+                    .prefetch(batch.iter().map(|(id, _)| id.as_str()), [])
+                    .unwrap();
+                assert_eq!(keys.created, BATCH, "every subject is new");
+                for (_, record) in &batch {
+                    out.clear();
+                    sanitizer
+                        .sanitize_binary_in(&schema, &transcoder, record, Some(&keys), &mut scratch, &mut out)
+                        .unwrap();
+                }
+                out.len()
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 /// The 10-field event's unavoidable work: tokenize the e-mail (HMAC-SHA256 for the synthetic nonce, then AES-GCM),
 /// encrypt phone and name (AES-GCM), and copy the record's bytes once.
 fn floor(c: &mut Criterion) {
@@ -164,5 +232,5 @@ fn floor(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, known_subjects, floor);
+criterion_group!(benches, known_subjects, new_subjects, floor);
 criterion_main!(benches);
