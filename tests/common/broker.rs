@@ -41,6 +41,16 @@ impl Broker {
         }
     }
 
+    /// Where its output goes, appended across restarts: the system temp dir, named by port (shown on failure).
+    fn log(&self) -> Stdio {
+        let path = std::env::temp_dir().join(format!("piiwall-test-tansu-{}.log", self.port));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_or_else(|_| Stdio::null(), Stdio::from)
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -62,7 +72,7 @@ impl Broker {
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log())
             .spawn()
             .expect("tansu is on PATH: run `bash scripts/test` (scripts/test-services installs it)");
         self.child = Some(child);
