@@ -317,13 +317,12 @@ async fn a_broker_down_longer_than_the_message_timeout_loses_nothing() {
 
 /// A restart quicker than `message.timeout.ms` (1.5 s here): librdkafka's own retries meet the restarted broker,
 /// which fences the old producer all the same. Ignored: Tansu 0.6's object-store engine, SIGKILLed with writes in
-/// flight, has persisted the producer's sequence numbers ahead of the records; after the restart it answers the
-/// retried batches DUPLICATE_SEQUENCE_NUMBER, which Kafka clients take as "already written", so acknowledged
-/// records are lost by the broker (reproduced with Confluent's Python client alone: 400 of 52,400 acknowledged
-/// records missing after such a restart). Here it showed as 2,980 of 3,000 when the kill met writes in flight.
-/// Run it against Kafka (`-- --ignored`).
+/// flight, acknowledges the old producer's retries of them after the restart and then never serves them
+/// (reproduced with Confluent's Python client alone: 400 of 52,400 acknowledged records missing after such a
+/// restart; its log shows DUPLICATE_SEQUENCE_NUMBER answers, which clients take as "already written"). Here it
+/// showed as 2,980 of 3,000 when the kill met writes in flight. Run it against Kafka (`-- --ignored`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu 0.6's object-store engine acknowledges, as duplicates, retried writes it lost in a SIGKILL"]
+#[ignore = "Tansu 0.6's object-store engine acknowledges in-flight writes it lost in a SIGKILL"]
 async fn a_broker_restart_within_the_message_timeout_loses_nothing() {
     restart_loses_nothing(Duration::from_millis(200)).await;
 }
