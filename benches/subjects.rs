@@ -62,10 +62,7 @@ fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
 }
 
 fn known_subjects(c: &mut Criterion) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let schema_text = std::fs::read_to_string(root.join("schemas/customer_profile.avsc")).unwrap();
-    let schema = compile(&schema_text, &PolicySettings::default()).unwrap();
-    let transcoder = Transcoder::new(&schema).unwrap();
+    let (schema, transcoder) = customer_schema();
     let dir = tempfile::tempdir().unwrap();
     let kek = || Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());
     let open = || {
@@ -80,18 +77,7 @@ fn known_subjects(c: &mut Criterion) {
     }
     drop(setup);
     let codec = JsonCodec::new(&schema.writer);
-    let records: Vec<Vec<u8>> = (0..SUBJECTS)
-        .map(|i| {
-            let value = codec.to_value(&customer(i)).unwrap();
-            let mut bytes = Vec::new();
-            apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
-                .build()
-                .unwrap()
-                .write_value_ref(&mut bytes, &value)
-                .unwrap();
-            bytes
-        })
-        .collect();
+    let records: Vec<Vec<u8>> = (0..SUBJECTS).map(|i| encode(&schema, &codec, &customer(i))).collect();
     let cdf = zipf_cdf(SUBJECTS, 1.1);
     let mut rng = StdRng::seed_from_u64(15);
     let stream: Vec<usize> = (0..1_000_000)
@@ -128,6 +114,15 @@ fn known_subjects(c: &mut Criterion) {
     group.finish();
 }
 
+/// The customer schema (a subject per record), compiled, and its transcoder.
+fn customer_schema() -> (piiwall::policy::CompiledSchema, Transcoder) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("schemas/customer_profile.avsc")).unwrap();
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    (schema, transcoder)
+}
+
 fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &serde_json::Value) -> Vec<u8> {
     let value = codec.to_value(record).unwrap();
     let mut bytes = Vec::new();
@@ -140,10 +135,7 @@ fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &
 }
 
 fn new_subjects(c: &mut Criterion) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let schema_text = std::fs::read_to_string(root.join("schemas/customer_profile.avsc")).unwrap();
-    let schema = compile(&schema_text, &PolicySettings::default()).unwrap();
-    let transcoder = Transcoder::new(&schema).unwrap();
+    let (schema, transcoder) = customer_schema();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
     let kek = Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());

@@ -1336,6 +1336,43 @@ mod tests {
     }
 
     #[test]
+    fn hsm_and_rotation_settings_are_checked_and_the_pin_is_never_quoted() {
+        let hsm = "[keys]\nkek = \"pkcs11:piiwall-kek\"\n[keys.pkcs11]\nmodule = \"/m.so\"\ntoken = \"t\"\n";
+        let config = parse(&format!("{hsm}pin = \"env:HSM_PIN\"\n"), &[]).unwrap();
+        assert_eq!(
+            config.keys.kek,
+            KekSource::Pkcs11(Pkcs11Location {
+                module: "/m.so".into(),
+                token: "t".into(),
+                key_label: "piiwall-kek".into(),
+                pin: SecretSource::Env("HSM_PIN".into()),
+            })
+        );
+        for pin in ["pin = 918273", "pin = \"918273\""] {
+            let err = parse(&format!("{hsm}{pin}\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains("keys.pkcs11.pin") && !err.contains("918273"), "{err}");
+        }
+        let err = parse("[keys]\nkek = \"pkcs11:k\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("[keys.pkcs11] must give module, token and pin"), "{err}");
+        let err = parse("[keys]\nkek_previous = [\"file:old.key\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keys.kek_previous is set but keys.kek is not"), "{err}");
+        let rotating = parse(
+            "[keys]\nkek = \"file:new.key\"\nkek_previous = [\"file:old.key\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(rotating.keys.kek_previous.len(), 1);
+        assert!(
+            rotating
+                .check_offline()
+                .iter()
+                .any(|p| p.starts_with("keys.kek_previous: the key file old.key"))
+        );
+    }
+
+    #[test]
     fn the_default_transactional_id_survives_a_restart() {
         let config = parse("[kafka]\ndelivery = \"exactly-once\"\ngroup_id = \"g\"\n", &[]).unwrap();
         let Delivery::ExactlyOnce { transactional_id } = &config.kafka.delivery else {

@@ -37,19 +37,7 @@ async fn audit_rides_through_a_broker_that_is_down_for_a_while() {
             .clone(),
     )
     .unwrap();
-    let (auditor, writer) = Auditor::start(
-        producer,
-        topic.clone(),
-        "fault-test".into(),
-        keyring.clone(),
-        OnFailure::Retry,
-    );
-    let acks = auditor
-        .emit_acked(vec![
-            AuditEvent::new(AuditKind::Start),
-            AuditEvent::new(AuditKind::Quarantine),
-        ])
-        .await;
+    let (auditor, writer, acks) = audit_two_events(producer, &topic, &keyring).await;
     let started = Instant::now();
     while !auditor.is_failing() {
         assert!(started.elapsed() < Duration::from_secs(20), "a failing writer says so");
@@ -95,6 +83,32 @@ async fn audit_rides_through_a_broker_that_is_down_for_a_while() {
 }
 
 /// A pipeline config on `brokers` for `input`, bound to the customer schema (id 1), its key store in `dir`.
+/// An audit writer that retries, and the acknowledgements of the two events (START, QUARANTINE) it was given.
+async fn audit_two_events(
+    producer: Producer,
+    topic: &str,
+    keyring: &Arc<piiwall::keys::Keyring>,
+) -> (
+    Auditor,
+    tokio::task::JoinHandle<Result<(), piiwall::Error>>,
+    piiwall::audit::Acks,
+) {
+    let (auditor, writer) = Auditor::start(
+        producer,
+        topic.to_owned(),
+        "fault-test".into(),
+        keyring.clone(),
+        OnFailure::Retry,
+    );
+    let acks = auditor
+        .emit_acked(vec![
+            AuditEvent::new(AuditKind::Start),
+            AuditEvent::new(AuditKind::Quarantine),
+        ])
+        .await;
+    (auditor, writer, acks)
+}
+
 fn pipeline_config(dir: &std::path::Path, brokers: &str, input: &str, schema: &str, extra_kafka: &str) -> Config {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
     let text = format!(
@@ -392,19 +406,7 @@ async fn a_producer_that_failed_fatally_is_replaced_and_the_audit_trail_goes_on(
         first.producer().client().fatal_error().is_some(),
         "the producer is dead"
     );
-    let (auditor, writer) = Auditor::start(
-        producer.clone(),
-        topic.clone(),
-        "fault-test".into(),
-        keyring.clone(),
-        OnFailure::Retry,
-    );
-    let acks = auditor
-        .emit_acked(vec![
-            AuditEvent::new(AuditKind::Start),
-            AuditEvent::new(AuditKind::Quarantine),
-        ])
-        .await;
+    let (auditor, writer, acks) = audit_two_events(producer.clone(), &topic, &keyring).await;
     tokio::time::timeout(Duration::from_secs(60), acks.written())
         .await
         .expect("written by a new producer")

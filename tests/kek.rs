@@ -51,8 +51,9 @@ fn context() -> &'static Pkcs11 {
     })
 }
 
-/// Makes a non-extractable AES-256 key labelled `label` in the test token, as an operator would.
-fn make_hsm_key(label: &str) {
+/// Makes a non-extractable AES-256 key in the test token, as an operator would; returns its (unique) label.
+fn new_hsm_key() -> String {
+    let label = common::kafka::unique("kek");
     let context = context();
     let slot = context
         .get_slots_with_token()
@@ -81,6 +82,7 @@ fn make_hsm_key(label: &str) {
             ],
         )
         .unwrap();
+    label
 }
 
 fn location(key_label: &str, pin: SecretSource) -> Pkcs11Location {
@@ -121,8 +123,7 @@ fn key_ids(ring: &Keyring, subjects: &[String]) -> Vec<[u8; 12]> {
 
 #[test]
 fn keys_wrapped_in_the_hsm_survive_a_restart_and_name_their_kek() {
-    let label = common::kafka::unique("kek");
-    make_hsm_key(&label);
+    let label = new_hsm_key();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
     let subjects: Vec<String> = (0..50).map(|i| format!("customer-{i}")).collect();
@@ -142,8 +143,7 @@ fn keys_wrapped_in_the_hsm_survive_a_restart_and_name_their_kek() {
         assert!(again.key_by_id(key.key_id).is_ok());
     }
     // Another KEK does not open the store.
-    let other = common::kafka::unique("kek");
-    make_hsm_key(&other);
+    let other = new_hsm_key();
     let refused = Keyring::open(
         store.clone(),
         Arc::new(KekSet::new(hsm(&other), vec![]).unwrap()),
@@ -158,8 +158,7 @@ fn keys_wrapped_in_the_hsm_survive_a_restart_and_name_their_kek() {
 
 #[test]
 fn a_store_moves_from_a_key_file_to_the_hsm_and_back_and_every_key_still_opens() {
-    let label = common::kafka::unique("kek");
-    make_hsm_key(&label);
+    let label = new_hsm_key();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
     let subjects: Vec<String> = (0..20).map(|i| format!("customer-{i}")).collect();
@@ -195,7 +194,6 @@ fn a_store_moves_from_a_key_file_to_the_hsm_and_back_and_every_key_still_opens()
         dir.path(),
         &format!("file:{}", key_file.display()),
         &[&format!("pkcs11:{label}")],
-        &label,
     );
     let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
         .args(["--config", config.to_str().unwrap(), "keys", "rewrap", "--batch", "5"])
@@ -214,11 +212,10 @@ fn a_store_moves_from_a_key_file_to_the_hsm_and_back_and_every_key_still_opens()
 
 #[test]
 fn a_wrong_pin_or_an_unknown_key_label_is_named_and_the_pin_never_shown() {
-    let label = common::kafka::unique("kek");
-    make_hsm_key(&label);
+    let label = new_hsm_key();
     // In a process of its own: PKCS#11 login belongs to the whole process, and this test process may be logged in.
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &format!("pkcs11:{label}"), &[], &label)
+    let config = write_config(dir.path(), &format!("pkcs11:{label}"), &[])
         .to_str()
         .unwrap()
         .to_owned();
@@ -262,7 +259,7 @@ fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn write_config(dir: &Path, kek: &str, previous: &[&str], _label: &str) -> PathBuf {
+fn write_config(dir: &Path, kek: &str, previous: &[&str]) -> PathBuf {
     let previous: Vec<String> = previous.iter().map(|p| format!("{p:?}")).collect();
     let text = format!(
         "[keys]\nstore = {store:?}\nkek = {kek:?}\nkek_previous = [{previous}]\n\n[keys.pkcs11]\nmodule = {module:?}\n\

@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::error::KeyError;
 
-const NONCE_LEN: usize = 12;
+pub(super) const NONCE_LEN: usize = 12;
 
 /// Wraps and unwraps data keys. The local implementation holds the KEK in memory; an HSM-backed one keeps it
 /// out of the process. Network or device calls happen only when a key is created or first read: unwrapped data
@@ -240,20 +240,14 @@ impl KekProvider for LocalKek {
                 },
             )
             .map_err(|_| KeyError::Store("wrapping a key failed".into()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        Ok([nonce.as_slice(), &sealed].concat())
     }
 
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if wrapped.len() < NONCE_LEN + 16 {
-            return Err(KeyError::CorruptRow);
-        }
-        let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+        let (nonce, sealed) = split_nonce(wrapped)?;
         self.cipher
             .decrypt(
-                Nonce::from_slice(nonce),
+                Nonce::from_slice(&nonce),
                 Payload {
                     msg: sealed,
                     aad: associated_data,
@@ -266,6 +260,16 @@ impl KekProvider for LocalKek {
     fn id(&self) -> String {
         self.id.clone()
     }
+}
+
+/// An AES-GCM wrap as every provider stores it, `nonce (12 bytes) || ciphertext || tag (16 bytes)`, split; a row
+/// too short to be one does not authenticate.
+pub(super) fn split_nonce(wrapped: &[u8]) -> Result<([u8; NONCE_LEN], &[u8]), KeyError> {
+    if wrapped.len() < NONCE_LEN + 16 {
+        return Err(KeyError::CorruptRow);
+    }
+    let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+    Ok((nonce.try_into().expect("split at NONCE_LEN"), sealed))
 }
 
 fn create_key_file(path: &Path) -> Result<(), KeyError> {

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use super::kek::KekProvider;
 use crate::error::KeyError;
 
-const IV_LEN: usize = 12;
+const IV_LEN: usize = super::kek::NONCE_LEN;
 const TAG_BITS: u64 = 128;
 
 /// Where a PKCS#11 KEK is: `[keys.pkcs11]` and the key label of `keys.kek = "pkcs11:LABEL"`.
@@ -231,18 +231,11 @@ impl KekProvider for Pkcs11Kek {
                 Ok(sealed)
             })?
             .map_err(|e| self.failure(e, "wrap"))?;
-        let mut out = Vec::with_capacity(IV_LEN + sealed.len());
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        Ok([iv.as_slice(), &sealed].concat())
     }
 
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if wrapped.len() < IV_LEN + 16 {
-            return Err(KeyError::CorruptRow);
-        }
-        let (iv, sealed) = wrapped.split_at(IV_LEN);
-        let iv: [u8; IV_LEN] = iv.try_into().expect("split at IV_LEN");
+        let (iv, sealed) = super::kek::split_nonce(wrapped)?;
         self.with_session(|session, key| {
             let mut call_iv = iv;
             let params = GcmParams::new(&mut call_iv, associated_data, TAG_BITS.into())?;
