@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::crypto::{KekSource, Pkcs11Location, SecretSource};
+use crate::crypto::{AwsKmsLocation, KekSource, Pkcs11Location, SecretSource};
 use crate::error::ConfigError;
 use crate::keys::{DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings};
 use crate::policy::{Action, PolicySettings, Untagged, valid_domain};
@@ -141,11 +141,19 @@ struct RawPkcs11 {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawAwsKms {
+    region: Option<String>,
+    endpoint: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawKeys {
     store: Option<String>,
     kek: Option<String>,
     kek_previous: Option<Vec<String>>,
     pkcs11: Option<RawPkcs11>,
+    aws_kms: Option<RawAwsKms>,
     cache_capacity: Option<u64>,
     cache_ttl_secs: Option<u64>,
     default_domain: Option<String>,
@@ -511,6 +519,18 @@ impl Config {
                         problems.push(format!("{name}: the environment variable {var} is not set"));
                     }
                 }
+                KekSource::AwsKms(location) => {
+                    if !cfg!(feature = "aws-kms") {
+                        problems.push(crate::crypto::AWS_KMS_NOT_BUILT.to_owned());
+                    }
+                    if location.region.is_none() && std::env::var_os("AWS_REGION").is_none() {
+                        problems.push(
+                            "keys.aws_kms.region: not set, nor AWS_REGION in the environment (a profile's region is \
+                             used if there is one)"
+                                .into(),
+                        );
+                    }
+                }
                 KekSource::Pkcs11(location) => {
                     if !location.module.is_file() {
                         problems.push(format!(
@@ -764,7 +784,6 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let store = parse_store(self.keys.store.as_deref().unwrap_or(DEFAULT_KEY_STORE))?;
-        let pkcs11 = self.keys.pkcs11.as_ref();
         if self.keys.kek.is_none() && self.keys.kek_previous.as_ref().is_some_and(|p| !p.is_empty()) {
             return Err(ConfigError(
                 "keys.kek_previous is set but keys.kek is not: a KEK rotation names its new KEK explicitly (the \
@@ -773,15 +792,15 @@ impl RawConfig {
             ));
         }
         let kek = match self.keys.kek.as_deref() {
-            None => parse_kek(DEFAULT_KEK, true, pkcs11, "keys.kek")?,
-            Some(text) => parse_kek(text, false, pkcs11, "keys.kek")?,
+            None => parse_kek(DEFAULT_KEK, true, &self.keys, "keys.kek")?,
+            Some(text) => parse_kek(text, false, &self.keys, "keys.kek")?,
         };
         let kek_previous = self
             .keys
             .kek_previous
             .iter()
             .flatten()
-            .map(|text| parse_kek(text, false, pkcs11, "keys.kek_previous"))
+            .map(|text| parse_kek(text, false, &self.keys, "keys.kek_previous"))
             .collect::<Result<Vec<_>, _>>()?;
         let capacity = self.keys.cache_capacity.unwrap_or(DEFAULT_CACHE_CAPACITY);
         if capacity == 0 {
@@ -1245,6 +1264,12 @@ fn describe_kek(kek: &KekSource) -> String {
             if *create { " (created on first use)" } else { "" }
         ),
         KekSource::Env(var) => format!("env:{var}"),
+        KekSource::AwsKms(location) => format!(
+            "aws-kms:{} (region {}, endpoint {})",
+            location.key,
+            location.region.as_deref().unwrap_or("from the AWS chain"),
+            location.endpoint.as_deref().unwrap_or("AWS's")
+        ),
         KekSource::Pkcs11(location) => format!(
             "pkcs11:{} (token {}, module {}, pin from {})",
             location.key_label,
@@ -1258,8 +1283,29 @@ fn describe_kek(kek: &KekSource) -> String {
     }
 }
 
-fn parse_kek(text: &str, is_default: bool, pkcs11: Option<&RawPkcs11>, name: &str) -> Result<KekSource, ConfigError> {
+fn parse_kek(text: &str, is_default: bool, keys: &RawKeys, name: &str) -> Result<KekSource, ConfigError> {
+    let pkcs11 = keys.pkcs11.as_ref();
     match text.split_once(':') {
+        Some(("aws-kms", key)) if !key.is_empty() => {
+            let raw = keys.aws_kms.as_ref();
+            let setting = |value: Option<&String>, what: &str| match value {
+                Some(v) if v.trim().is_empty() => Err(ConfigError(format!("keys.aws_kms.{what} must not be empty"))),
+                v => Ok(v.cloned()),
+            };
+            let endpoint = setting(raw.and_then(|r| r.endpoint.as_ref()), "endpoint")?;
+            if let Some(url) = &endpoint
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                return Err(ConfigError(format!(
+                    "keys.aws_kms.endpoint must be an http:// or https:// URL, not {url}"
+                )));
+            }
+            Ok(KekSource::AwsKms(AwsKmsLocation {
+                key: key.to_owned(),
+                region: setting(raw.and_then(|r| r.region.as_ref()), "region")?,
+                endpoint,
+            }))
+        }
         Some(("file", path)) if !path.is_empty() => Ok(KekSource::File {
             path: PathBuf::from(path),
             create: is_default,
@@ -1292,7 +1338,7 @@ fn parse_kek(text: &str, is_default: bool, pkcs11: Option<&RawPkcs11>, name: &st
             }))
         }
         _ => Err(ConfigError(format!(
-            "{name} must be file:PATH, env:VARIABLE or pkcs11:KEY_LABEL"
+            "{name} must be file:PATH, env:VARIABLE, pkcs11:KEY_LABEL or aws-kms:KEY (a key id, ARN or alias/NAME)"
         ))),
     }
 }
@@ -1333,6 +1379,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn aws_kms_settings_are_parsed_checked_offline_and_described() {
+        let text = "[keys]\nkek = \"aws-kms:alias/piiwall\"\n[keys.aws_kms]\nregion = \"eu-west-1\"\n\
+                    endpoint = \"https://kms.eu-west-1.amazonaws.com\"\n";
+        let config = parse(text, &[]).unwrap();
+        assert_eq!(
+            config.keys.kek,
+            KekSource::AwsKms(AwsKmsLocation {
+                key: "alias/piiwall".into(),
+                region: Some("eu-west-1".into()),
+                endpoint: Some("https://kms.eu-west-1.amazonaws.com".into()),
+            })
+        );
+        assert!(describe_kek(&config.keys.kek).contains("aws-kms:alias/piiwall (region eu-west-1"));
+        let built_in = config.check_offline().iter().all(|p| !p.contains("--features aws-kms"));
+        assert_eq!(
+            built_in,
+            cfg!(feature = "aws-kms"),
+            "config check says when the build lacks AWS KMS"
+        );
+        // The region may come from the AWS chain; a key is still needed, and an endpoint must be a URL.
+        assert!(parse("[keys]\nkek = \"aws-kms:1234abcd\"\n", &[]).is_ok());
+        let err = parse("[keys]\nkek = \"aws-kms:\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("aws-kms:KEY"), "{err}");
+        let err = parse(
+            "[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nendpoint = \"127.0.0.1:4566\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("keys.aws_kms.endpoint must be an http:// or https:// URL"),
+            "{err}"
+        );
+        let err = parse("[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nregion = \" \"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keys.aws_kms.region must not be empty"), "{err}");
     }
 
     #[test]

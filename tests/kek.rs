@@ -263,13 +263,277 @@ fn write_config(dir: &Path, kek: &str, previous: &[&str]) -> PathBuf {
     let previous: Vec<String> = previous.iter().map(|p| format!("{p:?}")).collect();
     let text = format!(
         "[keys]\nstore = {store:?}\nkek = {kek:?}\nkek_previous = [{previous}]\n\n[keys.pkcs11]\nmodule = {module:?}\n\
-         token = {TOKEN:?}\npin = {pin:?}\n",
+         token = {TOKEN:?}\npin = {pin:?}\n\n[keys.aws_kms]\nregion = \"us-east-1\"\nendpoint = {aws:?}\n",
         store = format!("sqlite:{}", dir.join("keys.db").display()),
         previous = previous.join(", "),
         module = module().display().to_string(),
         pin = format!("file:{}", good_pin().display()),
+        aws = std::env::var("PIIWALL_TEST_AWS").unwrap_or_default(),
     );
     let path = dir.join("piiwall.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// AWS KMS as the KEK, on moto's KMS (`PIIWALL_TEST_AWS`; scripts/test sets moto's dummy credentials and region).
+#[cfg(feature = "aws-kms")]
+mod aws {
+    use std::io::ErrorKind as IoErrorKind;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use piiwall::crypto::{AwsKmsKek, AwsKmsLocation};
+    use piiwall::error::{ErrorKind, KeyError};
+
+    use super::*;
+
+    fn endpoint() -> String {
+        std::env::var("PIIWALL_TEST_AWS").expect("PIIWALL_TEST_AWS is moto's address: run `bash scripts/test`")
+    }
+
+    /// A KMS client of the test's own, to make and disable keys as an operator would.
+    fn admin<T>(call: impl AsyncFnOnce(aws_sdk_kms::Client) -> T) -> T {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .http_client(
+                    aws_smithy_http_client::Builder::new()
+                        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                        ))
+                        .build_https(),
+                )
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(endpoint())
+                .load()
+                .await;
+            call(aws_sdk_kms::Client::new(&config)).await
+        })
+    }
+
+    /// A new symmetric KMS key; returns its id.
+    fn new_kms_key() -> String {
+        admin(async |kms| {
+            let made = kms.create_key().description("piiwall test KEK").send().await.unwrap();
+            made.key_metadata().unwrap().key_id().to_owned()
+        })
+    }
+
+    fn kms_at(key: &str, endpoint: String) -> AwsKmsLocation {
+        AwsKmsLocation {
+            key: key.into(),
+            region: Some("us-east-1".into()),
+            endpoint: Some(endpoint),
+        }
+    }
+
+    fn kms(key: &str) -> Box<dyn KekProvider> {
+        Box::new(AwsKmsKek::open(&kms_at(key, endpoint())).unwrap())
+    }
+
+    #[test]
+    fn keys_wrapped_in_aws_kms_survive_a_restart_and_a_row_moved_onto_another_does_not_open() {
+        let key = new_kms_key();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let subjects: Vec<String> = (0..200).map(|i| format!("customer-{i}")).collect();
+        // One batch's new subjects: their wraps go to KMS together.
+        let batch = keyring(&store, kms(&key), vec![])
+            .prefetch_subjects(subjects.iter().map(String::as_str))
+            .unwrap();
+        assert_eq!(batch.created, 200);
+        let stored = store.keys_after(None, 1000).unwrap();
+        assert_eq!(stored.len(), 200);
+        let id = format!("aws-kms:{key}");
+        assert!(
+            stored
+                .iter()
+                .all(|k| KekSet::wrapped_by(&k.wrapped) == Some(id.as_str()))
+        );
+        let made = key_ids(&keyring(&store, kms(&key), vec![]), &subjects);
+        let again = keyring(&store, kms(&key), vec![]);
+        assert_eq!(key_ids(&again, &subjects), made, "a restart reads the same keys");
+        // The encryption context binds each wrapped key to its row: one row's bytes on another do not decrypt.
+        let (a, b) = (&stored[0], &stored[1]);
+        assert!(store.replace_wrapped(&b.key_id, &b.wrapped, &a.wrapped).unwrap());
+        let moved = keyring(&store, kms(&key), vec![])
+            .key_by_id(b.key_id)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(moved.contains("fails authentication"), "{moved}");
+        assert!(keyring(&store, kms(&key), vec![]).key_by_id(a.key_id).is_ok());
+    }
+
+    #[test]
+    fn a_store_moves_from_a_key_file_to_the_hsm_to_aws_kms_and_back_and_forgotten_stays_forgotten() {
+        let (label, key) = (new_hsm_key(), new_kms_key());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let subjects: Vec<String> = (0..30).map(|i| format!("customer-{i}")).collect();
+        let made = key_ids(&keyring(&store, local(7), vec![]), &subjects);
+        keyring(&store, hsm(&label), vec![local(7)]).rewrap(8, |_| {}).unwrap();
+        // Forgotten while the store is under the HSM, then on to KMS by the command line.
+        keyring(&store, hsm(&label), vec![])
+            .forget_subject("customer-5")
+            .unwrap();
+        let config = write_config(dir.path(), &format!("aws-kms:{key}"), &[&format!("pkcs11:{label}")]);
+        let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+            .args(["--config", config.to_str().unwrap(), "keys", "rewrap", "--batch", "7"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("rewrapped 29 key(s)"), "{stdout}");
+        let id = format!("aws-kms:{key}");
+        assert!(
+            store
+                .keys_after(None, 1000)
+                .unwrap()
+                .iter()
+                .all(|k| KekSet::wrapped_by(&k.wrapped) == Some(id.as_str()))
+        );
+        // And back to a key file, with KMS as the previous KEK.
+        let back = keyring(&store, local(9), vec![kms(&key)]);
+        assert_eq!(back.rewrap(10, |_| {}).unwrap().rewrapped, 29);
+        let back = keyring(&store, local(9), vec![]);
+        let live: Vec<String> = subjects.iter().filter(|s| *s != "customer-5").cloned().collect();
+        let expected: Vec<_> = made
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 5)
+            .map(|(_, k)| *k)
+            .collect();
+        assert_eq!(key_ids(&back, &live), expected);
+        assert!(matches!(back.subject_key("customer-5").unwrap(), RecordKey::Forgotten));
+    }
+
+    #[test]
+    fn an_unknown_kms_key_is_fatal_and_named_and_an_unreachable_kms_is_waited_for() {
+        let unknown = AwsKmsKek::open(&kms_at("alias/no-such-key", endpoint())).err().unwrap();
+        let said = unknown.to_string();
+        assert_eq!(unknown.kind(), ErrorKind::Fatal, "{said}");
+        assert!(
+            said.contains("aws-kms:alias/no-such-key") && said.contains("NotFoundException"),
+            "{said}"
+        );
+        assert!(said.contains("keys.kek"), "{said}");
+
+        // A disabled, pending-deletion or denied key: moto does not enforce key states or IAM on Encrypt; the
+        // classification of those codes is a unit test of src/crypto/aws_kms.rs.
+        let key = new_kms_key();
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let unreachable = AwsKmsKek::open(&kms_at(&key, format!("http://{closed}")))
+            .err()
+            .unwrap();
+        assert!(matches!(unreachable, KeyError::StoreUnavailable(_)), "{unreachable}");
+        assert_eq!(unreachable.kind(), ErrorKind::Retriable);
+    }
+
+    /// A TCP relay to moto that can be cut (every connection closed, new ones refused) and restored: KMS going away
+    /// and coming back, in front of the real server.
+    struct Relay {
+        address: std::net::SocketAddr,
+        down: Arc<AtomicBool>,
+        open: Arc<Mutex<Vec<TcpStream>>>,
+    }
+
+    impl Relay {
+        fn start(target: &str) -> Relay {
+            let target = target.trim_start_matches("http://").to_owned();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let relay = Relay {
+                address: listener.local_addr().unwrap(),
+                down: Arc::default(),
+                open: Arc::default(),
+            };
+            let (down, open) = (relay.down.clone(), relay.open.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    if down.load(Ordering::SeqCst) {
+                        let _ = client.shutdown(Shutdown::Both);
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    let mut open = open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                    for (mut from, mut to) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    }
+                }
+            });
+            relay
+        }
+
+        fn cut(&self) {
+            self.down.store(true, Ordering::SeqCst);
+            for stream in self.open.lock().unwrap().drain(..) {
+                match stream.shutdown(Shutdown::Both) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == IoErrorKind::NotConnected => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+
+        fn restore(&self) {
+            self.down.store(false, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn while_kms_is_down_known_subjects_go_on_and_new_ones_wait_until_it_is_back() {
+        let key = new_kms_key();
+        let relay = Relay::start(&endpoint());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let kek = Box::new(AwsKmsKek::open(&kms_at(&key, format!("http://{}", relay.address))).unwrap());
+        let ring = keyring(&store, kek, vec![]);
+        let known: Vec<String> = (0..20).map(|i| format!("known-{i}")).collect();
+        let made = key_ids(&ring, &known);
+
+        relay.cut();
+        assert_eq!(key_ids(&ring, &known), made, "known subjects are served from the cache");
+        let started = Instant::now();
+        let waiting = ring
+            .prefetch_subjects(["new-1", "new-2"])
+            .err()
+            .expect("a new subject needs KMS");
+        assert!(matches!(waiting, KeyError::StoreUnavailable(_)), "{waiting}");
+        assert_eq!(
+            waiting.kind(),
+            ErrorKind::Retriable,
+            "the batch waits and retries: nothing is quarantined"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a KMS call gives up in bounded time"
+        );
+        assert!(
+            store.keys_after(None, 100).unwrap().len() == 20,
+            "no key stored without its wrap"
+        );
+
+        relay.restore();
+        let batch = ring.prefetch_subjects(["new-1", "new-2"]).unwrap();
+        assert_eq!(batch.created, 2);
+    }
 }

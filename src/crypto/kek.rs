@@ -20,6 +20,11 @@ pub(super) const NONCE_LEN: usize = 12;
 pub trait KekProvider: Send + Sync {
     fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError>;
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// Wraps many keys (plaintext, associated data), in order: a batch's new subjects. One at a time unless the
+    /// provider does better (AWS KMS sends them concurrently).
+    fn wrap_many(&self, keys: &[(&[u8], &[u8])]) -> Result<Vec<Vec<u8>>, KeyError> {
+        keys.iter().map(|(plaintext, ad)| self.wrap(plaintext, ad)).collect()
+    }
     /// Names this KEK in every key it wraps (provider and key, never secret): `local:<fingerprint>`,
     /// `pkcs11:<token>/<key label>`. The key store's rows say which KEK wrapped them by it.
     fn id(&self) -> String;
@@ -73,16 +78,9 @@ impl KekSet {
         envelope(wrapped).map(|(id, _)| id)
     }
 
-    /// Whether `wrapped` is already wrapped by the current KEK, in an envelope (what `keys rewrap` leaves).
-    pub fn is_current(&self, wrapped: &[u8]) -> bool {
-        Self::wrapped_by(wrapped) == Some(self.current.id().as_str())
-    }
-}
-
-impl KekProvider for KekSet {
-    fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError> {
+    /// The current KEK's wrap of a key, in the envelope that names the KEK.
+    fn envelop(&self, inner: Vec<u8>) -> Result<Vec<u8>, KeyError> {
         let id = self.current.id();
-        let inner = self.current.wrap(plaintext, associated_data)?;
         let id_len = u8::try_from(id.len())
             .map_err(|_| KeyError::KekMalformed(format!("its name is longer than 255 bytes: {id}")))?;
         let mut out = Vec::with_capacity(ENVELOPE.len() + 1 + id.len() + inner.len());
@@ -91,6 +89,30 @@ impl KekProvider for KekSet {
         out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(&inner);
         Ok(out)
+    }
+
+    /// Whether `wrapped` is already wrapped by the current KEK, in an envelope (what `keys rewrap` leaves).
+    pub fn is_current(&self, wrapped: &[u8]) -> bool {
+        Self::wrapped_by(wrapped) == Some(self.current.id().as_str())
+    }
+}
+
+impl KekProvider for KekSet {
+    fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.envelop(self.current.wrap(plaintext, associated_data)?)
+    }
+
+    fn wrap_many(&self, keys: &[(&[u8], &[u8])]) -> Result<Vec<Vec<u8>>, KeyError> {
+        let wrapped = self.current.wrap_many(keys)?;
+        if wrapped.len() != keys.len() {
+            return Err(KeyError::StoreUnavailable(format!(
+                "{}: {} keys wrapped of {}",
+                self.current.id(),
+                wrapped.len(),
+                keys.len()
+            )));
+        }
+        wrapped.into_iter().map(|inner| self.envelop(inner)).collect()
     }
 
     fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
@@ -147,6 +169,8 @@ pub enum KekSource {
     Env(String),
     /// An AES key in an HSM, through PKCS#11.
     Pkcs11(super::pkcs11::Pkcs11Location),
+    /// A symmetric key in AWS KMS.
+    AwsKms(super::AwsKmsLocation),
 }
 
 /// Opens the KEK a source names.
@@ -154,6 +178,10 @@ pub fn open_kek(source: &KekSource) -> Result<Box<dyn KekProvider>, KeyError> {
     match source {
         KekSource::File { .. } | KekSource::Env(_) => Ok(Box::new(LocalKek::load(source)?)),
         KekSource::Pkcs11(location) => Ok(Box::new(super::pkcs11::Pkcs11Kek::open(location)?)),
+        #[cfg(feature = "aws-kms")]
+        KekSource::AwsKms(location) => Ok(Box::new(super::aws_kms::AwsKmsKek::open(location)?)),
+        #[cfg(not(feature = "aws-kms"))]
+        KekSource::AwsKms(_) => Err(KeyError::KekMissing(super::AWS_KMS_NOT_BUILT.into())),
     }
 }
 
@@ -190,7 +218,9 @@ impl LocalKek {
     /// Loads the KEK from its source, creating the key file when the source allows it.
     pub fn load(source: &KekSource) -> Result<Self, KeyError> {
         match source {
-            KekSource::Pkcs11(_) => Err(KeyError::KekMissing("a PKCS#11 KEK is not a local one".into())),
+            KekSource::Pkcs11(_) | KekSource::AwsKms(_) => {
+                Err(KeyError::KekMissing("an HSM or KMS KEK is not a local one".into()))
+            }
             KekSource::Env(var) => {
                 let text = Zeroizing::new(std::env::var(var).map_err(|_| {
                     KeyError::KekMissing(format!(

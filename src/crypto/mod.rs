@@ -17,13 +17,33 @@
 //! mid-states kept per DEK (`hmac`/`sha2`) and GCM's hash key H = AES_K(0) (`polyval`'s dispatching backend), neither
 //! of which gives the AES or HMAC key back.
 
+#[cfg(feature = "aws-kms")]
+mod aws_kms;
 mod dek;
 mod kek;
 mod pkcs11;
 pub(crate) mod plain;
 mod token;
 
+#[cfg(feature = "aws-kms")]
+pub use aws_kms::AwsKmsKek;
 pub use dek::{Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
 pub use kek::{KekProvider, KekSet, KekSource, LocalKek, open_kek};
 pub use pkcs11::{Pkcs11Kek, Pkcs11Location, SecretSource};
 pub use token::{Token, TokenKind};
+
+/// Where an AWS KMS KEK is: `keys.kek = "aws-kms:KEY"` and `[keys.aws_kms]`. Parsed and checked whether or not this
+/// build has the `aws-kms` feature, so `config check` reads such a config anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsKmsLocation {
+    /// The KMS key: a key id, key ARN, alias name (`alias/...`) or alias ARN.
+    pub key: String,
+    /// The region; the standard chain's (`AWS_REGION`, the profile) when unset.
+    pub region: Option<String>,
+    /// Another endpoint than AWS's (a VPC endpoint, or a test server).
+    pub endpoint: Option<String>,
+}
+
+/// Why an `aws-kms:` KEK cannot be opened by a build without the feature.
+pub const AWS_KMS_NOT_BUILT: &str = "keys.kek names an AWS KMS key, but this piiwall was built without AWS KMS support: \
+     build it with `cargo build --release --features aws-kms` (the Docker image has it)";

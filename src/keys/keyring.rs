@@ -345,20 +345,31 @@ impl Keyring {
         if missing.is_empty() {
             return Ok(batch);
         }
-        let mut candidates = Vec::with_capacity(missing.len());
-        let mut secrets = Vec::with_capacity(missing.len());
-        for (_, scope) in &missing {
-            let key_id = KeyId::random();
-            let secret = Zeroizing::new(rand::random::<[u8; 32]>());
-            let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, 1))?;
-            candidates.push(StoredKey {
+        // One KEK call for all the new keys: a KMS serves them concurrently, not one round trip after another.
+        let key_ids: Vec<KeyId> = missing.iter().map(|_| KeyId::random()).collect();
+        let secrets: Vec<Zeroizing<[u8; 32]>> = missing.iter().map(|_| Zeroizing::new(rand::random())).collect();
+        let ads: Vec<Vec<u8>> = missing
+            .iter()
+            .zip(&key_ids)
+            .map(|((_, scope), &key_id)| dek_ad(key_id, scope, 1))
+            .collect();
+        let to_wrap: Vec<(&[u8], &[u8])> = secrets
+            .iter()
+            .map(|s| s.as_slice())
+            .zip(ads.iter().map(Vec::as_slice))
+            .collect();
+        let wrapped = self.kek.wrap_many(&to_wrap)?;
+        let candidates: Vec<StoredKey> = missing
+            .iter()
+            .zip(key_ids)
+            .zip(wrapped)
+            .map(|(((_, scope), key_id), wrapped)| StoredKey {
                 key_id,
                 scope: scope.clone(),
                 version: 1,
                 wrapped,
-            });
-            secrets.push(secret);
-        }
+            })
+            .collect();
         let _fill = self.fill();
         let rows = self.store.ensure_current(&candidates)?;
         let fetched = missing.into_iter().zip(candidates.into_iter().zip(secrets).zip(rows));
