@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{any, get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -40,6 +40,8 @@ pub struct Readiness {
     pub audit_failing: Arc<AtomicBool>,
     /// Start-up waits for the Kafka brokers to answer.
     pub waiting_for_brokers: Arc<AtomicBool>,
+    /// Start-up waits for the key store or the KEK provider (an HSM, a KMS) to answer.
+    pub waiting_for_keys: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -49,6 +51,7 @@ impl Readiness {
             consuming,
             audit_failing: Arc::default(),
             waiting_for_brokers: Arc::default(),
+            waiting_for_keys: Arc::default(),
         }
     }
 }
@@ -58,12 +61,15 @@ struct Ops {
     ready: Readiness,
 }
 
+/// The subject-rights API's routes, set once its parts are built; until then its paths answer 503.
+pub type ApiSlot = Arc<OnceLock<Router>>;
+
 /// Serves the endpoints on `listen` until `stop` turns true. Returns the bound address (port 0 picks one).
 pub async fn serve(
     listen: SocketAddr,
     ready: Readiness,
     mut stop: watch::Receiver<bool>,
-    api: Option<Arc<crate::api::Api>>,
+    api: Option<ApiSlot>,
     tls: Option<&crate::config::HttpTls>,
 ) -> Result<SocketAddr, Error> {
     prometheus();
@@ -79,7 +85,7 @@ pub async fn serve(
         .with_state(Ops { ready });
     let serves_api = api.is_some();
     let app = match api {
-        Some(api) => app.merge(crate::api::router(api)),
+        Some(slot) => app.route("/v1/{*path}", any(api_when_built).with_state(slot)),
         None => app,
     };
     let uses_tls = acceptor.is_some();
@@ -103,11 +109,33 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// The API's answer once it is built; 503 while start-up still waits for what it needs (the key store, the KEK).
+async fn api_when_built(State(slot): State<ApiSlot>, request: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+    match slot.get() {
+        Some(api) => match api.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the API is starting: it answers once the key store and the KEK provider do (see /readyz)\n",
+        )
+            .into_response(),
+    }
+}
+
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
     if ops.ready.audit_failing.load(Ordering::Relaxed) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: audit events cannot be written; the pipeline waits\n",
+        )
+    } else if ops.ready.waiting_for_keys.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the key store or the KEK provider (HSM, KMS) to answer\n",
         )
     } else if ops.ready.waiting_for_brokers.load(Ordering::Relaxed) {
         (
@@ -223,5 +251,43 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.listener.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While start-up waits for the key store, `/readyz` says so and the API answers 503; once its routes are set,
+    /// requests reach them.
+    #[tokio::test]
+    async fn the_api_answers_once_built_and_readyz_says_what_start_up_waits_for() {
+        let ready = Readiness::new(Arc::default());
+        ready.waiting_for_keys.store(true, Ordering::Relaxed);
+        let slot: ApiSlot = Arc::default();
+        let (_stop, stopped) = watch::channel(false);
+        let bound = serve("127.0.0.1:0".parse().unwrap(), ready, stopped, Some(slot.clone()), None)
+            .await
+            .unwrap();
+        let client = reqwest::Client::new();
+        let fetch = |path: &str| client.get(format!("http://{bound}{path}")).send();
+        let readyz = fetch("/readyz").await.unwrap();
+        assert_eq!(readyz.status(), 503);
+        assert!(
+            readyz
+                .text()
+                .await
+                .unwrap()
+                .contains("waiting for the key store or the KEK provider")
+        );
+        let starting = fetch("/v1/reveal").await.unwrap();
+        assert_eq!(starting.status(), 503);
+        assert!(starting.text().await.unwrap().contains("the API is starting"));
+
+        let _ = slot.set(Router::new().route("/v1/reveal", get(|| async { "revealed" })));
+        let served = fetch("/v1/reveal").await.unwrap();
+        assert_eq!(served.status(), 200);
+        assert_eq!(served.text().await.unwrap(), "revealed");
+        assert_eq!(fetch("/v1/no-such-path").await.unwrap().status(), 404);
     }
 }

@@ -99,6 +99,7 @@ async fn audit_two_events(
         "fault-test".into(),
         keyring.clone(),
         OnFailure::Retry,
+        Default::default(),
     );
     let acks = auditor
         .emit_acked(vec![

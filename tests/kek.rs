@@ -536,4 +536,150 @@ mod aws {
         let batch = ring.prefetch_subjects(["new-1", "new-2"]).unwrap();
         assert_eq!(batch.created, 2);
     }
+
+    fn kms_pipeline_config(
+        dir: &Path,
+        input: &str,
+        kms_endpoint: &str,
+        key: &str,
+        port: u16,
+    ) -> piiwall::config::Config {
+        let text = format!(
+            r#"
+[keys]
+store = "sqlite:{dir}/keys.db"
+kek = "aws-kms:{key}"
+control_topic = "{input}.control"
+
+[keys.aws_kms]
+region = "us-east-1"
+endpoint = "{kms_endpoint}"
+
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+inputs = ["{input}"]
+quarantine_topic = "{input}.quarantine"
+
+[[schemas.local]]
+topic = "{input}"
+schema = "{manifest}/schemas/customer_profile.avsc"
+id = 1
+
+[pipeline]
+batch_size = 10
+commit_interval_ms = 100
+drain_timeout_secs = 5
+
+[audit]
+topic = "{input}.audit"
+
+[http]
+listen = "127.0.0.1:{port}"
+"#,
+            dir = dir.display(),
+            brokers = common::kafka::broker(),
+            group = common::kafka::unique("piiwall"),
+            manifest = env!("CARGO_MANIFEST_DIR"),
+        );
+        piiwall::config::Config::parse(&text, std::iter::empty(), "KMS test config").unwrap()
+    }
+
+    fn customers(range: std::ops::Range<usize>) -> Vec<common::kafka::Outgoing> {
+        let schema = common::compiled(&common::example("customer_profile.avsc"));
+        range
+            .map(|i| {
+                (
+                    0,
+                    None,
+                    common::kafka::framed(&schema, 1, &common::kafka::customer(i)),
+                    Default::default(),
+                )
+            })
+            .collect()
+    }
+
+    fn source_offsets(messages: &[rdkafka::message::OwnedMessage]) -> std::collections::BTreeSet<i64> {
+        messages
+            .iter()
+            .map(|m| {
+                let offset = common::kafka::header(m, piiwall::stream::SOURCE_OFFSET).expect("source offset");
+                std::str::from_utf8(offset).unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    /// Start-up with KMS unreachable waits (and `/readyz` says for what) instead of failing; then, KMS cut while
+    /// records of new subjects arrive, their batches wait and nothing is quarantined; every record arrives once KMS
+    /// is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kms_outage_at_start_up_or_mid_stream_is_waited_out_and_loses_nothing() {
+        let key = tokio::task::spawn_blocking(new_kms_key).await.unwrap();
+        let relay = Relay::start(&endpoint());
+        relay.cut();
+        let dir = tempfile::tempdir().unwrap();
+        let input = common::kafka::unique("kms-outage");
+        common::kafka::create_topic(&input, 1).await;
+        let port = common::services::free_port();
+        let config = kms_pipeline_config(dir.path(), &input, &format!("http://{}", relay.address), &key, port);
+        let shutdown = piiwall::stream::Shutdown::new();
+        let task = tokio::spawn(piiwall::stream::run(config, shutdown.clone()));
+
+        let readyz = move || common::services::http(port, "GET", "/readyz", None, "");
+        let started = Instant::now();
+        loop {
+            let listening = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            let (status, body) = match listening {
+                true => tokio::task::spawn_blocking(readyz).await.unwrap(),
+                false => (0, serde_json::Value::Null),
+            };
+            if status == 503
+                && body
+                    .as_str()
+                    .is_some_and(|b| b.contains("waiting for the key store or the KEK"))
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "/readyz said {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!task.is_finished(), "start-up waits for KMS");
+
+        common::kafka::produce(&input, customers(0..20)).await;
+        relay.restore();
+        let output = format!("{input}.sanitized");
+        let reader = output.clone();
+        let first = tokio::task::spawn_blocking(move || common::kafka::consume(&reader, 20, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(source_offsets(&first), (0..20).collect());
+        let (status, _) = tokio::task::spawn_blocking(readyz).await.unwrap();
+        assert_eq!(status, 200);
+
+        // KMS cut mid-stream: new subjects' batches wait (not quarantined), known subjects' records are not lost.
+        relay.cut();
+        let mut mixed = customers(20..40);
+        mixed.extend(customers(0..10));
+        common::kafka::produce(&input, mixed).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        relay.restore();
+        let reader = output.clone();
+        let all = tokio::task::spawn_blocking(move || common::kafka::consume(&reader, 50, Duration::from_secs(90)))
+            .await
+            .unwrap();
+        assert_eq!(source_offsets(&all), (0..50).collect());
+        let quarantine = format!("{input}.quarantine");
+        let quarantined = tokio::task::spawn_blocking(move || {
+            common::kafka::consume_from(common::kafka::reader(&quarantine), 1, Duration::from_secs(3))
+        })
+        .await
+        .unwrap();
+        assert!(quarantined.is_empty(), "an outage quarantines nothing");
+        shutdown.trigger();
+        task.await.unwrap().expect("a clean stop");
+    }
 }

@@ -64,6 +64,7 @@ pub fn write_local(config: &Config, keyring: &Arc<Keyring>, events: Vec<AuditEve
             instance,
             keyring.clone(),
             super::OnFailure::Stop,
+            Default::default(),
         );
         for event in events {
             auditor.emit(event).await;

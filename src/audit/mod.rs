@@ -69,16 +69,17 @@ impl Acks {
 impl Auditor {
     /// Starts the writer task of `instance`'s chain. The chain starts at sequence 0 with each start of the
     /// process: a chain is one run of one instance. The task never stops on its own under [`OnFailure::Retry`]: it
-    /// ends once every `Auditor` is dropped and what it holds is written.
+    /// ends once every `Auditor` is dropped and what it holds is written. `failing` is raised while events cannot be
+    /// written (`/readyz` reads it).
     pub fn start(
         producer: crate::producer::Producer,
         topic: String,
         instance: String,
         keyring: Arc<Keyring>,
         on_failure: OnFailure,
+        failing: Arc<AtomicBool>,
     ) -> (Self, JoinHandle<Result<(), Error>>) {
         let (sender, mut receiver) = mpsc::channel::<Queued>(QUEUE);
-        let failing = Arc::new(AtomicBool::new(false));
         let health = failing.clone();
 
         let task = tokio::spawn(async move {
@@ -162,11 +163,6 @@ impl Auditor {
     /// Whether the writer is failing to write events right now.
     pub fn is_failing(&self) -> bool {
         failing_now(&self.failing)
-    }
-
-    /// The flag [`is_failing`](Self::is_failing) reads, for `/readyz`.
-    pub fn failing_flag(&self) -> Arc<AtomicBool> {
-        self.failing.clone()
     }
 
     /// Waits while the writer is failing: the pipeline stores no offset while audit cannot be written (fail closed).

@@ -45,7 +45,7 @@ pub use routes::{Part, Route, Routes};
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::{Config, Delivery};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
 use lane::{LaneContext, LaneEnd};
@@ -106,12 +106,53 @@ pub(crate) struct Parts {
     pub(crate) producer: crate::producer::Producer,
 }
 
+/// Opens the key store and the KEK(s) off the runtime's threads (an HSM or KMS call, a database connection).
+async fn open_keyring(keys: &crate::config::KeysConfig) -> Result<Keyring, Error> {
+    let keys = keys.clone();
+    Ok(tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
+        .await
+        .map_err(|_| Error::Kafka("opening the key store panicked".into()))??)
+}
+
+/// Opens the key store and the KEK(s), waiting with backoff while either does not answer (a KMS or HSM unreachable,
+/// a database not up yet): `waiting` is raised meanwhile, for `/readyz`. A refusal (a wrong PIN, an unknown or
+/// disabled key, denied credentials) is an error at once. `None` when `stop` fires first.
+async fn open_keyring_waiting(
+    keys: &crate::config::KeysConfig,
+    waiting: &std::sync::atomic::AtomicBool,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<Keyring>, Error> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let error = tokio::select! {
+            opened = open_keyring(keys) => match opened {
+                Ok(keyring) => {
+                    if waiting.swap(false, Ordering::Relaxed) {
+                        metrics::gauge!("piiwall_waiting_for_keys").set(0.0);
+                        tracing::info!("the key store and the KEK provider answer");
+                    }
+                    return Ok(Some(keyring));
+                }
+                Err(e) if e.kind() == ErrorKind::Retriable => e,
+                Err(e) => return Err(e),
+            },
+            _ = stop.changed() => return Ok(None),
+        };
+        if !waiting.swap(true, Ordering::Relaxed) {
+            metrics::gauge!("piiwall_waiting_for_keys").set(1.0);
+        }
+        tracing::warn!(error = %error, retry_in_secs = backoff.as_secs(),
+            "the key store or the KEK provider does not answer; waiting");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
 impl Parts {
-    pub(crate) async fn build(config: &Config) -> Result<Self, Error> {
-        let keys = config.keys.clone();
-        let keyring = tokio::task::spawn_blocking(move || Keyring::from_config(&keys))
-            .await
-            .map_err(|_| Error::Kafka("opening the key store panicked".into()))??;
+    pub(crate) async fn build(config: &Config, keyring: Keyring) -> Result<Self, Error> {
         let sanitizer = Arc::new(Sanitizer::new(Arc::new(keyring), config.keys.default_domain.clone()));
         let routes = Arc::new(Routes::compile(config)?);
         let mut client = ClientConfig::new();
@@ -218,15 +259,39 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     if config.kafka.inputs.is_empty() {
         return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
     }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiting_for_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let audit_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Served from the start, so `/readyz` tells what start-up waits for; the API answers once its parts are built.
+    let api_slot = (!config.api.access.principals.is_empty()).then(|| Arc::new(std::sync::OnceLock::new()));
+    if let Some(listen) = config.http_listen {
+        let readiness = crate::http::Readiness {
+            consuming: ready.clone(),
+            audit_failing: audit_failing.clone(),
+            waiting_for_brokers: waiting_for_brokers.clone(),
+            waiting_for_keys: waiting_for_keys.clone(),
+        };
+        crate::http::serve(
+            listen,
+            readiness,
+            shutdown.listen(),
+            api_slot.clone(),
+            config.http_tls.as_ref(),
+        )
+        .await?;
+    }
+    let Some(keyring) = open_keyring_waiting(&config.keys, &waiting_for_keys, shutdown.listen()).await? else {
+        tracing::info!("stopped while waiting for the key store");
+        return Ok(Summary::default());
+    };
     let Parts {
         sanitizer,
         routes,
         client,
         producer,
-    } = Parts::build(&config).await?;
+    } = Parts::build(&config, keyring).await?;
     let keyring = sanitizer.keyring().clone();
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut consumer_config = client.clone();
     // The next-generation group protocol (KIP-848, `group.protocol = "consumer"`) assigns on the brokers and
     // refuses an assignor setting.
@@ -257,32 +322,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         config.audit.instance.clone(),
         keyring.clone(),
         crate::audit::OnFailure::Retry,
+        audit_failing,
     );
     let control = Control::new(producer.clone(), config.keys.control_topic.clone());
-    if let Some(listen) = config.http_listen {
-        let api = (!config.api.access.principals.is_empty()).then(|| {
-            Arc::new(crate::api::Api {
-                config: config.api.clone(),
-                sanitizer: sanitizer.clone(),
-                routes: routes.clone(),
-                auditor: auditor.clone(),
-                control: control.clone(),
-            })
+    if let Some(slot) = &api_slot {
+        let api = Arc::new(crate::api::Api {
+            config: config.api.clone(),
+            sanitizer: sanitizer.clone(),
+            routes: routes.clone(),
+            auditor: auditor.clone(),
+            control: control.clone(),
         });
-        let readiness = crate::http::Readiness {
-            consuming: ready.clone(),
-            audit_failing: auditor.failing_flag(),
-            waiting_for_brokers: waiting_for_brokers.clone(),
-        };
-        crate::http::serve(listen, readiness, shutdown.listen(), api, config.http_tls.as_ref()).await?;
+        let _ = slot.set(crate::api::router(api));
     }
     // Brokers that do not answer yet (a cluster starting with piiwall, a network not up) are waited for.
     if !wait_for_brokers(&consumer, &waiting_for_brokers, shutdown.listen()).await {
         tracing::info!("stopped while waiting for the brokers");
-        return Ok(Summary {
-            sanitized: 0,
-            quarantined: 0,
-        });
+        return Ok(Summary::default());
     }
     ensure_topics(&admin, &consumer, &config).await?;
     let transactions = match &config.kafka.delivery {

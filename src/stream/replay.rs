@@ -47,7 +47,7 @@ pub(super) enum Replayed {
 }
 
 pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
-    let parts = super::Parts::build(&config).await?;
+    let parts = super::Parts::build(&config, super::open_keyring(&config.keys).await?).await?;
     let kafka =
         |e: rdkafka::error::KafkaError| Error::Kafka(format!("replaying {}: {e}", config.kafka.quarantine_topic));
     let consumer: BaseConsumer = parts
