@@ -6,7 +6,9 @@
 //!   keys prefetched, then every record transcoded. Records/s, one thread.
 //! - `new_subjects`: the same records, every one of a subject never seen before (issue 15's all-new stream, e.g. a
 //!   sign-up flow): each batch of 500 creates 500 keys (random key, KEK wrap, one SQLite transaction for the batch)
-//!   before it is transcoded. The batch's records are encoded outside the measurement. Records/s, one thread.
+//!   before it is transcoded. The batch's records are encoded outside the measurement. Records/s, one thread. With
+//!   the local KEK, and with SoftHSM2 (`new_subjects_pkcs11`) and AWS KMS on moto (`new_subjects_aws_kms`) when
+//!   the test services run (`bash scripts/test-services`, then the variables it prints).
 //! - `floor`: only the unavoidable work of one record of the 10-field event (`schemas/event.avsc`): the same
 //!   AES-256-GCM and HMAC-SHA256 operations on the same byte lengths, and one copy of the record's bytes, with no
 //!   parsing — the physical limit on this machine, against which the transcoder is quoted.
@@ -19,7 +21,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hmac::{Hmac, Mac};
 use piiwall::codec::json::JsonCodec;
-use piiwall::crypto::LocalKek;
+use piiwall::crypto::{KekProvider, KekSet, LocalKek, Pkcs11Kek, Pkcs11Location, SecretSource};
 use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::sanitize::Sanitizer;
@@ -27,6 +29,9 @@ use piiwall::transcode::{TranscodeScratch, Transcoder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::Sha256;
+
+#[path = "../tests/common/keks.rs"]
+mod keks;
 
 const SUBJECTS: usize = 100_000;
 const BATCH: usize = 500;
@@ -134,11 +139,38 @@ fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &
     bytes
 }
 
+/// New subjects with each KEK provider at hand: the local KEK always; SoftHSM2 through PKCS#11 and AWS KMS (moto)
+/// when scripts/test-services runs (`PIIWALL_TEST_PKCS11_MODULE`, `PIIWALL_TEST_AWS` and the feature `aws-kms`).
 fn new_subjects(c: &mut Criterion) {
+    new_subjects_with(c, "new_subjects", Box::new(LocalKek::from_bytes(&[7; 32]).unwrap()));
+    if std::env::var_os("PIIWALL_TEST_PKCS11_MODULE").is_some() {
+        let pin = std::env::temp_dir().join(format!("piiwall-bench-pin-{}", std::process::id()));
+        std::fs::write(&pin, keks::PIN).unwrap();
+        let location = Pkcs11Location {
+            module: keks::module(),
+            token: keks::TOKEN.into(),
+            key_label: keks::new_hsm_key(),
+            pin: SecretSource::File(pin),
+        };
+        new_subjects_with(c, "new_subjects_pkcs11", Box::new(Pkcs11Kek::open(&location).unwrap()));
+    }
+    #[cfg(feature = "aws-kms")]
+    if std::env::var_os("PIIWALL_TEST_AWS").is_some() {
+        let location = piiwall::crypto::AwsKmsLocation {
+            key: keks::new_kms_key(),
+            region: Some("us-east-1".into()),
+            endpoint: Some(keks::endpoint()),
+        };
+        let kek = piiwall::crypto::AwsKmsKek::open(&location).unwrap();
+        new_subjects_with(c, "new_subjects_aws_kms", Box::new(kek));
+    }
+}
+
+fn new_subjects_with(c: &mut Criterion, name: &str, kek: Box<dyn KekProvider>) {
     let (schema, transcoder) = customer_schema();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
-    let kek = Arc::new(LocalKek::from_bytes(&[7; 32]).unwrap());
+    let kek = Arc::new(KekSet::new(kek, vec![]).unwrap());
     let sanitizer = Sanitizer::new(
         Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).unwrap()),
         "default",
@@ -150,7 +182,7 @@ fn new_subjects(c: &mut Criterion) {
     let mut group = c.benchmark_group("subjects");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(20);
-    group.bench_function("new_subjects", |b| {
+    group.bench_function(name, |b| {
         b.iter_batched(
             || {
                 // A batch of subjects nobody has seen: ids past every earlier batch's.

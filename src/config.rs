@@ -749,11 +749,22 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
         if !rest.contains("__") {
             continue;
         }
-        // Sections and keys are lowercase; deeper segments (tag names) keep their case.
+        // Sections and keys are lowercase, and so are the keys of the fixed sub-sections
+        // (`PIIWALL_KEYS__AWS_KMS__REGION`); deeper segments that are names (tags, field paths, roles) keep their case.
+        let lower = rest.to_ascii_lowercase();
+        let fixed = ["keys__pkcs11__", "keys__aws_kms__"]
+            .iter()
+            .any(|sub| lower.starts_with(sub));
         let segments: Vec<String> = rest
             .split("__")
             .enumerate()
-            .map(|(i, s)| if i < 2 { s.to_ascii_lowercase() } else { s.to_owned() })
+            .map(|(i, s)| {
+                if i < 2 || fixed {
+                    s.to_ascii_lowercase()
+                } else {
+                    s.to_owned()
+                }
+            })
             .collect();
         if segments.iter().any(String::is_empty) {
             return Err(ConfigError(format!(
@@ -1540,6 +1551,15 @@ mod tests {
         .unwrap();
         assert_eq!(config.keys.cache.ttl, Duration::from_secs(60));
         assert_eq!(config.policy.tag_actions.get("SENSITIVE"), Some(&Action::Hash));
+        let kms = parse(
+            "",
+            &[
+                ("PIIWALL_KEYS__KEK", "aws-kms:alias/k"),
+                ("PIIWALL_KEYS__AWS_KMS__REGION", "eu-west-1"),
+            ],
+        )
+        .unwrap();
+        assert!(matches!(&kms.keys.kek, KekSource::AwsKms(l) if l.region.as_deref() == Some("eu-west-1")));
         let explicit = parse("", &[("PIIWALL_KEYS__KEK", "file:/tmp/k")]).unwrap();
         assert_eq!(
             explicit.keys.kek,

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod kafka;
+pub mod keks;
 pub mod registry;
 pub mod services;
 
