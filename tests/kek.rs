@@ -444,18 +444,14 @@ mod aws {
         assert_eq!(batch.created, 2);
     }
 
-    fn kms_pipeline_config(
-        dir: &Path,
-        input: &str,
-        kms_endpoint: &str,
-        key: &str,
-        port: u16,
-    ) -> piiwall::config::Config {
-        let text = format!(
+    /// A pipeline's config with the KEK in KMS (and `previous` KEKs), as TOML.
+    fn kms_pipeline_toml(dir: &Path, input: &str, kms_endpoint: &str, key: &str, previous: &str, port: u16) -> String {
+        format!(
             r#"
 [keys]
 store = "sqlite:{dir}/keys.db"
 kek = "aws-kms:{key}"
+kek_previous = [{previous}]
 control_topic = "{input}.control"
 
 [keys.aws_kms]
@@ -488,7 +484,17 @@ listen = "127.0.0.1:{port}"
             brokers = common::kafka::broker(),
             group = common::kafka::unique("piiwall"),
             manifest = env!("CARGO_MANIFEST_DIR"),
-        );
+        )
+    }
+
+    fn kms_pipeline_config(
+        dir: &Path,
+        input: &str,
+        kms_endpoint: &str,
+        key: &str,
+        port: u16,
+    ) -> piiwall::config::Config {
+        let text = kms_pipeline_toml(dir, input, kms_endpoint, key, "", port);
         piiwall::config::Config::parse(&text, std::iter::empty(), "KMS test config").unwrap()
     }
 
@@ -588,5 +594,88 @@ listen = "127.0.0.1:{port}"
         assert!(quarantined.is_empty(), "an outage quarantines nothing");
         shutdown.trigger();
         task.await.unwrap().expect("a clean stop");
+    }
+
+    /// KEK rotation while `run` works: an instance configured with KMS as its KEK and the old key file as previous
+    /// sanitizes a stream of known and new subjects while `piiwall keys rewrap` moves the store to KMS. Every record
+    /// arrives, and afterwards KMS alone opens every key (so every token issued before, during and after reveals).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rewrap_to_kms_while_run_streams_loses_nothing_and_every_key_opens_under_kms_alone() {
+        let key = tokio::task::spawn_blocking(new_kms_key).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("old.key");
+        std::fs::write(&key_file, base64_of(&[7; 32])).unwrap();
+        // The store as it was under the key file: keys of 30 subjects, customers 0..30.
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let before = keyring(&store, local(7), vec![]);
+        let known: Vec<String> = (0..30)
+            .map(|i| common::kafka::customer(i)["customer_id"].as_str().unwrap().to_owned())
+            .collect();
+        key_ids(&before, &known);
+        drop(before);
+
+        let input = common::kafka::unique("kms-rewrap");
+        common::kafka::create_topic(&input, 1).await;
+        let previous = format!("{:?}", format!("file:{}", key_file.display()));
+        let text = kms_pipeline_toml(
+            dir.path(),
+            &input,
+            &endpoint(),
+            &key,
+            &previous,
+            common::services::free_port(),
+        );
+        let config_path = dir.path().join("piiwall.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = piiwall::config::Config::parse(&text, std::iter::empty(), "KMS rewrap config").unwrap();
+        let shutdown = piiwall::stream::Shutdown::new();
+        let task = tokio::spawn(piiwall::stream::run(config, shutdown.clone()));
+
+        // Known and new subjects interleaved, in three waves, the rewrap running meanwhile.
+        common::kafka::produce(&input, customers(0..20)).await;
+        let rewrap = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_piiwall"))
+                .args([
+                    "--config",
+                    config_path.to_str().unwrap(),
+                    "keys",
+                    "rewrap",
+                    "--batch",
+                    "3",
+                ])
+                .output()
+                .unwrap()
+        });
+        common::kafka::produce(&input, customers(20..45)).await;
+        let out = rewrap.await.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+        common::kafka::produce(&input, customers(45..60)).await;
+
+        let output = format!("{input}.sanitized");
+        let all = tokio::task::spawn_blocking(move || common::kafka::consume(&output, 60, Duration::from_secs(90)))
+            .await
+            .unwrap();
+        assert_eq!(source_offsets(&all), (0..60).collect());
+        shutdown.trigger();
+        task.await.unwrap().expect("a clean stop");
+
+        // Every key in the store (the 30 rewrapped, the 30 `run` created under KMS) opens with KMS alone.
+        let (store, key) = (store.clone(), key.clone());
+        tokio::task::spawn_blocking(move || {
+            let after = keyring(&store, kms(&key), vec![]);
+            let rows = store.keys_after(None, 1000).unwrap();
+            let subject_keys = rows.iter().filter(|row| row.scope.starts_with("s:")).count();
+            assert_eq!(subject_keys, 60, "one key per subject (and the domain keys)");
+            for row in &rows {
+                assert!(after.key_by_id(row.key_id).is_ok(), "a key KMS alone does not open");
+            }
+            let subjects: Vec<String> = (0..60)
+                .map(|i| common::kafka::customer(i)["customer_id"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(key_ids(&after, &subjects).len(), 60);
+        })
+        .await
+        .unwrap();
     }
 }
