@@ -7,7 +7,8 @@
 //! - `new_subjects`: the same records, every one of a subject never seen before (issue 15's all-new stream, e.g. a
 //!   sign-up flow): each batch of 500 creates 500 keys (random key, KEK wrap, one SQLite transaction for the batch)
 //!   before it is transcoded. The batch's records are encoded outside the measurement. Records/s, one thread. With
-//!   the local KEK, and with SoftHSM2 (`new_subjects_pkcs11`) and AWS KMS on moto (`new_subjects_aws_kms`) when
+//!   the local KEK, and with SoftHSM2 (`new_subjects_pkcs11`) and AWS KMS on moto (`new_subjects_aws_kms`, under
+//!   the store's wrapping key as `run` does by default; `new_subjects_aws_kms_per_key`, one KMS call per key) when
 //!   the test services run (`bash scripts/test-services`, then the variables it prints).
 //! - `floor`: only the unavoidable work of one record of the 10-field event (`schemas/event.avsc`): the same
 //!   AES-256-GCM and HMAC-SHA256 operations on the same byte lengths, and one copy of the record's bytes, with no
@@ -22,7 +23,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hmac::{Hmac, Mac};
 use piiwall::codec::json::JsonCodec;
 use piiwall::crypto::{KekProvider, KekSet, LocalKek, Pkcs11Kek, Pkcs11Location, SecretSource};
-use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
+use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore, WrappingKey};
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::sanitize::Sanitizer;
 use piiwall::transcode::{TranscodeScratch, Transcoder};
@@ -142,7 +143,7 @@ fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &
 /// New subjects with each KEK provider at hand: the local KEK always; SoftHSM2 through PKCS#11 and AWS KMS (moto)
 /// when scripts/test-services runs (`PIIWALL_TEST_PKCS11_MODULE`, `PIIWALL_TEST_AWS` and the feature `aws-kms`).
 fn new_subjects(c: &mut Criterion) {
-    new_subjects_with(c, "new_subjects", Box::new(LocalKek::from_bytes(&[7; 32]).unwrap()));
+    new_subjects_with(c, "new_subjects", |_| Box::new(LocalKek::from_bytes(&[7; 32]).unwrap()));
     if std::env::var_os("PIIWALL_TEST_PKCS11_MODULE").is_some() {
         let pin = std::env::temp_dir().join(format!("piiwall-bench-pin-{}", std::process::id()));
         std::fs::write(&pin, keks::PIN).unwrap();
@@ -152,7 +153,9 @@ fn new_subjects(c: &mut Criterion) {
             key_label: keks::new_hsm_key(),
             pin: SecretSource::File(pin),
         };
-        new_subjects_with(c, "new_subjects_pkcs11", Box::new(Pkcs11Kek::open(&location).unwrap()));
+        new_subjects_with(c, "new_subjects_pkcs11", |_| {
+            Box::new(Pkcs11Kek::open(&location).unwrap())
+        });
     }
     #[cfg(feature = "aws-kms")]
     if std::env::var_os("PIIWALL_TEST_AWS").is_some() {
@@ -161,15 +164,21 @@ fn new_subjects(c: &mut Criterion) {
             region: Some("us-east-1".into()),
             endpoint: Some(keks::endpoint()),
         };
-        let kek = piiwall::crypto::AwsKmsKek::open(&location).unwrap();
-        new_subjects_with(c, "new_subjects_aws_kms", Box::new(kek));
+        let kms: Arc<dyn KekProvider> = Arc::new(piiwall::crypto::AwsKmsKek::open(&location).unwrap());
+        // Every new key wrapped by KMS (keys.wrapping_key = false), then under the store's wrapping key (the default).
+        new_subjects_with(c, "new_subjects_aws_kms_per_key", |_| Box::new(kms.clone()));
+        new_subjects_with(c, "new_subjects_aws_kms", |store| {
+            let ttl = KeyCacheSettings::default().ttl;
+            Box::new(WrappingKey::open(kms.clone(), store, ttl, true).unwrap().unwrap())
+        });
     }
 }
 
-fn new_subjects_with(c: &mut Criterion, name: &str, kek: Box<dyn KekProvider>) {
+fn new_subjects_with(c: &mut Criterion, name: &str, kek: impl FnOnce(&SqliteStore) -> Box<dyn KekProvider>) {
     let (schema, transcoder) = customer_schema();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+    let kek = kek(&store);
     let kek = Arc::new(KekSet::new(kek, vec![]).unwrap());
     let sanitizer = Sanitizer::new(
         Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).unwrap()),

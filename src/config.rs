@@ -159,6 +159,7 @@ struct RawKeys {
     default_domain: Option<String>,
     control_topic: Option<String>,
     max_encryptions_per_key: Option<u64>,
+    wrapping_key: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -389,6 +390,9 @@ pub struct KeysConfig {
     pub control_topic: String,
     /// Random-nonce encryptions after which a key is rotated (`Keyring::retire_worn`).
     pub max_encryptions: u64,
+    /// Data keys are wrapped under the store's wrapping key, which the KEK wraps (`keys::WrappingKey`): on by
+    /// default for AWS KMS, off for an HSM and local KEKs (`keys.wrapping_key`).
+    pub wrapping_key: bool,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -582,6 +586,7 @@ impl Config {
         line("keys.kek", describe_kek(&self.keys.kek));
         let previous: Vec<String> = self.keys.kek_previous.iter().map(describe_kek).collect();
         line("keys.kek_previous", format!("[{}]", previous.join(", ")));
+        line("keys.wrapping_key", self.keys.wrapping_key.to_string());
         line("keys.cache_capacity", self.keys.cache.capacity.to_string());
         line("keys.cache_ttl_secs", self.keys.cache.ttl.as_secs().to_string());
         line("keys.default_domain", self.keys.default_domain.clone());
@@ -821,6 +826,17 @@ impl RawConfig {
         if ttl.is_zero() {
             return Err(ConfigError("keys.cache_ttl_secs must be at least 1".into()));
         }
+        let wrapping_key = match (self.keys.wrapping_key, &kek) {
+            (Some(true), KekSource::File { .. } | KekSource::Env(_)) => {
+                return Err(ConfigError(
+                    "keys.wrapping_key is for a KEK in an HSM or a KMS (pkcs11:, aws-kms:); a local KEK wraps \
+                     locally already"
+                        .into(),
+                ));
+            }
+            (Some(on), _) => on,
+            (None, kek) => matches!(kek, KekSource::AwsKms(_)),
+        };
         let max_encryptions = self.keys.max_encryptions_per_key.unwrap_or(DEFAULT_MAX_ENCRYPTIONS);
         if !(1..=MAX_ENCRYPTIONS_BOUND).contains(&max_encryptions) {
             return Err(ConfigError(format!(
@@ -896,6 +912,7 @@ impl RawConfig {
                     .control_topic
                     .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned()),
                 max_encryptions,
+                wrapping_key,
             },
             policy,
             kafka,

@@ -301,16 +301,20 @@ mod aws {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.contains("rewrapped 29 key(s)"), "{stdout}");
-        let id = format!("aws-kms:{key}");
+        // Under the store's wrapping key, which KMS wraps (the default with AWS KMS).
+        let under = format!("aws-kms:{key}+wk:");
         assert!(
             store
                 .keys_after(None, 1000)
                 .unwrap()
                 .iter()
-                .all(|k| KekSet::wrapped_by(&k.wrapped) == Some(id.as_str()))
+                .all(|k| KekSet::wrapped_by(&k.wrapped).is_some_and(|id| id.starts_with(&under)))
         );
         // And back to a key file, with KMS as the previous KEK.
-        let back = keyring(&store, local(9), vec![kms(&key)]);
+        let key_file = dir.path().join("new.key");
+        std::fs::write(&key_file, base64_of(&[9; 32])).unwrap();
+        let kek = format!("file:{}", key_file.display());
+        let back = Keyring::from_config(&keys_config(dir.path(), &kek, &[&format!("aws-kms:{key}")], None)).unwrap();
         assert_eq!(back.rewrap(10, |_| {}).unwrap().rewrapped, 29);
         let back = keyring(&store, local(9), vec![]);
         let live: Vec<String> = subjects.iter().filter(|s| *s != "customer-5").cloned().collect();
@@ -452,6 +456,8 @@ mod aws {
 store = "sqlite:{dir}/keys.db"
 kek = "aws-kms:{key}"
 kek_previous = [{previous}]
+# The wrapping key is read again from KMS every second, so a KMS cut mid-stream is felt at once.
+cache_ttl_secs = 1
 control_topic = "{input}.control"
 
 [keys.aws_kms]
@@ -663,7 +669,9 @@ listen = "127.0.0.1:{port}"
         // Every key in the store (the 30 rewrapped, the 30 `run` created under KMS) opens with KMS alone.
         let (store, key) = (store.clone(), key.clone());
         tokio::task::spawn_blocking(move || {
-            let after = keyring(&store, kms(&key), vec![]);
+            let dir = dir;
+            let kms_alone = keys_config(dir.path(), &format!("aws-kms:{key}"), &[], None);
+            let after = Keyring::from_config(&kms_alone).unwrap();
             let rows = store.keys_after(None, 1000).unwrap();
             let subject_keys = rows.iter().filter(|row| row.scope.starts_with("s:")).count();
             assert_eq!(subject_keys, 60, "one key per subject (and the domain keys)");
@@ -677,5 +685,77 @@ listen = "127.0.0.1:{port}"
         })
         .await
         .unwrap();
+    }
+
+    fn keys_config(
+        dir: &Path,
+        kek: &str,
+        previous: &[&str],
+        wrapping_key: Option<bool>,
+    ) -> piiwall::config::KeysConfig {
+        let previous: Vec<String> = previous.iter().map(|p| format!("{p:?}")).collect();
+        let wrapping = wrapping_key
+            .map(|on| format!("wrapping_key = {on}\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "[keys]\nstore = {store:?}\nkek = {kek:?}\nkek_previous = [{previous}]\n{wrapping}\n[keys.aws_kms]\n\
+             region = \"us-east-1\"\nendpoint = {endpoint:?}\n",
+            store = format!("sqlite:{}", dir.join("keys.db").display()),
+            previous = previous.join(", "),
+            endpoint = endpoint(),
+        );
+        piiwall::config::Config::parse(&text, std::iter::empty(), "KMS keys config")
+            .unwrap()
+            .keys
+    }
+
+    /// With AWS KMS (by default) data keys are wrapped under the store's wrapping key, which KMS wraps: creating
+    /// keys for many new subjects costs no KMS call. Keys KMS wrapped directly (wrapping_key = false, or an earlier
+    /// version) still open, and `keys rewrap` moves them under the wrapping key.
+    #[test]
+    fn with_aws_kms_new_keys_go_under_the_stores_wrapping_key_and_direct_wraps_still_open() {
+        let key = new_kms_key();
+        let dir = tempfile::tempdir().unwrap();
+        let kms_id = format!("aws-kms:{key}");
+        let direct = Keyring::from_config(&keys_config(dir.path(), &kms_id, &[], Some(false))).unwrap();
+        let early: Vec<String> = (0..20).map(|i| format!("early-{i}")).collect();
+        let early_ids = key_ids(&direct, &early);
+        drop(direct);
+
+        let ring = Keyring::from_config(&keys_config(dir.path(), &kms_id, &[], None)).unwrap();
+        let later: Vec<String> = (0..300).map(|i| format!("later-{i}")).collect();
+        assert_eq!(
+            ring.prefetch_subjects(later.iter().map(String::as_str))
+                .unwrap()
+                .created,
+            300
+        );
+        assert_eq!(
+            key_ids(&ring, &early),
+            early_ids,
+            "keys KMS wrapped directly still open"
+        );
+        let store = SqliteStore::open(&dir.path().join("keys.db")).unwrap();
+        let by = |prefix: &str| {
+            store
+                .keys_after(None, 1000)
+                .unwrap()
+                .iter()
+                .filter(|k| KekSet::wrapped_by(&k.wrapped).is_some_and(|id| id.starts_with(prefix)))
+                .count()
+        };
+        let under_wrapping_key = format!("{kms_id}+wk:");
+        assert_eq!(by(&under_wrapping_key), 300, "the new subjects' keys");
+        let later_ids = key_ids(&ring, &later);
+        drop(ring);
+
+        // A restart reads the same keys; a rewrap moves the direct ones under the wrapping key.
+        let config = keys_config(dir.path(), &kms_id, &[], None);
+        let again = Keyring::from_config(&config).unwrap();
+        assert_eq!(key_ids(&again, &later), later_ids);
+        let moved = again.rewrap(50, |_| {}).unwrap();
+        assert_eq!(moved.rewrapped, 20, "{moved:?}");
+        assert_eq!(by(&under_wrapping_key), by(""), "every key under the wrapping key");
+        assert_eq!(key_ids(&Keyring::from_config(&config).unwrap(), &early), early_ids);
     }
 }

@@ -30,6 +30,22 @@ pub trait KekProvider: Send + Sync {
     fn id(&self) -> String;
 }
 
+/// A shared provider is a provider: the store's wrapping key and the keyring's set hold one remote KEK together.
+impl<T: KekProvider + ?Sized> KekProvider for std::sync::Arc<T> {
+    fn wrap(&self, plaintext: &[u8], associated_data: &[u8]) -> Result<Vec<u8>, KeyError> {
+        (**self).wrap(plaintext, associated_data)
+    }
+    fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        (**self).unwrap(wrapped, associated_data)
+    }
+    fn wrap_many(&self, keys: &[(&[u8], &[u8])]) -> Result<Vec<Vec<u8>>, KeyError> {
+        (**self).wrap_many(keys)
+    }
+    fn id(&self) -> String {
+        (**self).id()
+    }
+}
+
 /// Marks a key wrapped in an envelope that names its KEK; keys wrapped before envelopes existed are bare local
 /// wraps (a 12-byte random nonce first, which begins with these 4 bytes once in 2^32).
 const ENVELOPE: &[u8; 4] = b"\0pwk";
@@ -213,6 +229,11 @@ impl LocalKek {
             cipher: Aes256Gcm::new_from_slice(bytes).expect("32 bytes is an AES-256 key"),
             id,
         })
+    }
+
+    /// The hex fingerprint of the key (its id without `local:`): tells two keys apart, gives nothing of them.
+    pub fn fingerprint(&self) -> &str {
+        self.id.trim_start_matches("local:")
     }
 
     /// Loads the KEK from its source, creating the key file when the source allows it.

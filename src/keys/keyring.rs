@@ -13,9 +13,10 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::SqliteStore;
+use super::WrappingKey;
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::config::{KeysConfig, StoreLocation};
-use crate::crypto::{Dek, KekProvider, KekSet, KeyId, open_kek};
+use crate::crypto::{Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
 use crate::error::{Error, KeyError, RevealError};
 
 /// Entries the key cache holds at most, by default.
@@ -213,8 +214,37 @@ impl Keyring {
             StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
             StoreLocation::Postgres(url) => Arc::new(super::PostgresStore::open(url)?),
         };
-        let previous = config.kek_previous.iter().map(open_kek).collect::<Result<_, _>>()?;
-        let kek = Arc::new(KekSet::new(open_kek(&config.kek)?, previous)?);
+        let ttl = config.cache.ttl;
+        let remote = |source: &KekSource| !matches!(source, KekSource::File { .. } | KekSource::Env(_));
+        // A remote KEK's wrapping key, where the store has one, opens what was wrapped under it; the KEK itself opens
+        // what it wrapped directly: both are in the set.
+        let kek: Arc<dyn KekProvider> = Arc::from(open_kek(&config.kek)?);
+        let wrapping = match remote(&config.kek) {
+            true => WrappingKey::open(kek.clone(), &*store, ttl, config.wrapping_key)?,
+            false => None,
+        };
+        let mut previous: Vec<Box<dyn KekProvider>> = Vec::new();
+        let current: Box<dyn KekProvider> = match wrapping {
+            Some(wrapping) if config.wrapping_key => {
+                previous.push(Box::new(kek));
+                Box::new(wrapping)
+            }
+            Some(wrapping) => {
+                previous.push(Box::new(wrapping));
+                Box::new(kek)
+            }
+            None => Box::new(kek),
+        };
+        for source in &config.kek_previous {
+            let kek: Arc<dyn KekProvider> = Arc::from(open_kek(source)?);
+            if remote(source)
+                && let Some(wrapping) = WrappingKey::open(kek.clone(), &*store, ttl, false)?
+            {
+                previous.push(Box::new(wrapping));
+            }
+            previous.push(Box::new(kek));
+        }
+        let kek = Arc::new(KekSet::new(current, previous)?);
         Self::open(store, kek, config.cache)
     }
 
@@ -724,7 +754,7 @@ fn dek_ad(key_id: KeyId, scope: &str, version: u32) -> Vec<u8> {
     ad
 }
 
-fn meta_ad(name: &str) -> Vec<u8> {
+pub(super) fn meta_ad(name: &str) -> Vec<u8> {
     format!("piiwall/1|meta|{name}").into_bytes()
 }
 
@@ -1056,6 +1086,9 @@ mod tests {
         }
         fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
             self.inner.record_encryptions(key_id, count)
+        }
+        fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
+            self.inner.meta(name)
         }
         fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
             self.inner.meta_insert_if_absent(name, wrapped)

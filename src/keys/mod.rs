@@ -10,6 +10,7 @@ mod keyring;
 mod postgres;
 mod sqlite;
 mod store;
+mod wrapping;
 
 pub use keyring::{
     BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey, Retired,
@@ -18,3 +19,4 @@ pub use keyring::{
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use store::{KeyLookup, KeyStore, StoredKey};
+pub use wrapping::WrappingKey;

@@ -431,6 +431,13 @@ impl KeyStore for PostgresStore {
         Ok(total.max(0) as u64)
     }
 
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
+        self.with("reading the key store's own keys", |tx| {
+            tx.query_opt("SELECT wrapped FROM piiwall_meta WHERE name = $1", &[&name])
+                .map(|row| row.map(|row| row.get(0)))
+        })
+    }
+
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.with("reading the key store's own keys", |tx| {
             tx.execute(

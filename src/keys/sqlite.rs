@@ -279,6 +279,16 @@ impl KeyStore for SqliteStore {
         Ok(total.max(0) as u64)
     }
 
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
+        self.with(
+            |c| {
+                c.query_row("SELECT wrapped FROM meta WHERE name = ?1", [name], |row| row.get(0))
+                    .optional()
+            },
+            "reading the key store's own keys",
+        )
+    }
+
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.with(
             |c| {

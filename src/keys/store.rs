@@ -45,6 +45,8 @@ pub trait KeyStore: Send + Sync {
     /// Adds `count` to a key's tally of random-nonce encryptions (kept across restarts, shared by every instance
     /// using the store); returns the new total.
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;
+    /// A named store-wide secret (wrapped), if the store has it.
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
     fn meta_insert_if_absent(&self, name: &str, wrapped: &[u8]) -> Result<Vec<u8>, KeyError>;
     /// Up to `limit` stored keys in key-id order, after `after` (from the first when `None`): a KEK rewrap's pages.
