@@ -164,7 +164,7 @@ fn new_subjects(c: &mut Criterion) {
             region: Some("us-east-1".into()),
             endpoint: Some(keks::endpoint()),
         };
-        let kms: Arc<dyn KekProvider> = Arc::new(piiwall::crypto::AwsKmsKek::open(&location).unwrap());
+        let kms: Arc<dyn KekProvider> = Arc::new(piiwall::crypto::AwsKmsKek::open(&location, true).unwrap());
         // Every new key wrapped by KMS (keys.wrapping_key = false), then under the store's wrapping key (the default).
         new_subjects_with(c, "new_subjects_aws_kms_per_key", |_| Box::new(kms.clone()));
         new_subjects_with(c, "new_subjects_aws_kms", |store| {

@@ -527,10 +527,16 @@ impl Config {
                     if !cfg!(feature = "aws-kms") {
                         problems.push(crate::crypto::AWS_KMS_NOT_BUILT.to_owned());
                     }
-                    if location.region.is_none() && std::env::var_os("AWS_REGION").is_none() {
+                    let profile = std::env::var_os("AWS_CONFIG_FILE")
+                        .map(PathBuf::from)
+                        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".aws/config")))
+                        .is_some_and(|path| path.is_file());
+                    let from_env = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                        .iter()
+                        .any(|v| std::env::var_os(v).is_some());
+                    if location.region.is_none() && !from_env && !profile {
                         problems.push(
-                            "keys.aws_kms.region: not set, nor AWS_REGION in the environment (a profile's region is \
-                             used if there is one)"
+                            "keys.aws_kms.region: not set, nor AWS_REGION in the environment, nor an AWS profile"
                                 .into(),
                         );
                     }
@@ -1311,26 +1317,63 @@ fn describe_kek(kek: &KekSource) -> String {
     }
 }
 
+/// A KMS endpoint: https, or plain http to this host only (a test server): data keys cross it. No credentials in
+/// it, and the error does not quote it.
+fn check_kms_endpoint(url: &str) -> Result<(), ConfigError> {
+    let refuse = |why: &str| Err(ConfigError(format!("keys.aws_kms.endpoint {why}")));
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return refuse("must not hold credentials (they come from the AWS chain)");
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    match scheme {
+        "https" if !host.is_empty() => Ok(()),
+        "http" if ["127.0.0.1", "localhost", "[::1]"].contains(&host) => Ok(()),
+        "http" => refuse(
+            "must be https:// (data keys cross it); plain http:// is taken only for 127.0.0.1 or localhost, a test \
+             server",
+        ),
+        _ => refuse("must be an https:// URL"),
+    }
+}
+
 fn parse_kek(text: &str, is_default: bool, keys: &RawKeys, name: &str) -> Result<KekSource, ConfigError> {
     let pkcs11 = keys.pkcs11.as_ref();
     match text.split_once(':') {
         Some(("aws-kms", key)) if !key.is_empty() => {
+            if key.len() > 200 || key.contains(|c: char| c.is_whitespace() || c == '+') {
+                return Err(ConfigError(format!(
+                    "{name}: aws-kms: takes a KMS key id, key ARN, alias/NAME or alias ARN (at most 200 characters, \
+                     no spaces)"
+                )));
+            }
             let raw = keys.aws_kms.as_ref();
             let setting = |value: Option<&String>, what: &str| match value {
                 Some(v) if v.trim().is_empty() => Err(ConfigError(format!("keys.aws_kms.{what} must not be empty"))),
                 v => Ok(v.cloned()),
             };
             let endpoint = setting(raw.and_then(|r| r.endpoint.as_ref()), "endpoint")?;
-            if let Some(url) = &endpoint
-                && !(url.starts_with("https://") || url.starts_with("http://"))
-            {
-                return Err(ConfigError(format!(
-                    "keys.aws_kms.endpoint must be an http:// or https:// URL, not {url}"
-                )));
+            if let Some(url) = &endpoint {
+                check_kms_endpoint(url)?;
+            }
+            let region = setting(raw.and_then(|r| r.region.as_ref()), "region")?;
+            let region_name = |r: &str| {
+                r.contains('-')
+                    && r.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            };
+            if region.as_deref().is_some_and(|r| !region_name(r)) {
+                return Err(ConfigError(
+                    "keys.aws_kms.region must be an AWS region name such as eu-west-1".into(),
+                ));
             }
             Ok(KekSource::AwsKms(AwsKmsLocation {
                 key: key.to_owned(),
-                region: setting(raw.and_then(|r| r.region.as_ref()), "region")?,
+                region,
                 endpoint,
             }))
         }
@@ -1433,16 +1476,36 @@ mod tests {
         assert!(parse("[keys]\nkek = \"aws-kms:1234abcd\"\n", &[]).is_ok());
         let err = parse("[keys]\nkek = \"aws-kms:\"\n", &[]).unwrap_err().to_string();
         assert!(err.contains("aws-kms:KEY"), "{err}");
+        let endpoint = |url: &str| {
+            parse(
+                &format!("[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nendpoint = {url:?}\n"),
+                &[],
+            )
+            .map_err(|e| e.to_string())
+        };
+        assert!(endpoint("http://127.0.0.1:4566").is_ok() && endpoint("https://kms.example:443/").is_ok());
+        for (url, said) in [
+            ("127.0.0.1:4566", "must be an https:// URL"),
+            ("http://kms.internal:80", "must be https://"),
+            ("https://user:s3cret@kms.example", "must not hold credentials"),
+        ] {
+            let err = endpoint(url).unwrap_err();
+            assert!(
+                err.contains(said) && !err.contains("s3cret") && !err.contains("internal"),
+                "{err}"
+            );
+        }
+        let err = parse("[keys]\nkek = \"aws-kms:alias/a b\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no spaces"), "{err}");
         let err = parse(
-            "[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nendpoint = \"127.0.0.1:4566\"\n",
+            "[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nregion = \"EU_WEST\"\n",
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            err.contains("keys.aws_kms.endpoint must be an http:// or https:// URL"),
-            "{err}"
-        );
+        assert!(err.contains("an AWS region name"), "{err}");
         let err = parse("[keys]\nkek = \"aws-kms:k\"\n[keys.aws_kms]\nregion = \" \"\n", &[])
             .unwrap_err()
             .to_string();

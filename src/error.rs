@@ -62,7 +62,7 @@ fn location(path: &str) -> String {
 }
 
 /// Failures of keys and of the key store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     #[error("no key-encryption key: {0}")]
     KekMissing(String),
@@ -73,6 +73,8 @@ pub enum KeyError {
          keys.store)"
     )]
     KekMismatch,
+    #[error("the key-encryption key's provider refused: {0}")]
+    KekRefused(String),
     #[error("key store row fails authentication: the row is corrupted or was written under another KEK")]
     CorruptRow,
     #[error("key store unavailable: {0}")]

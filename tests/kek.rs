@@ -229,7 +229,7 @@ mod aws {
 
     use super::*;
 
-    use common::keks::{endpoint, new_kms_key};
+    use common::keks::{endpoint, kms_admin, new_kms_key};
 
     fn kms_at(key: &str, endpoint: String) -> AwsKmsLocation {
         AwsKmsLocation {
@@ -240,7 +240,7 @@ mod aws {
     }
 
     fn kms(key: &str) -> Box<dyn KekProvider> {
-        Box::new(AwsKmsKek::open(&kms_at(key, endpoint())).unwrap())
+        Box::new(AwsKmsKek::open(&kms_at(key, endpoint()), true).unwrap())
     }
 
     #[test]
@@ -262,6 +262,18 @@ mod aws {
                 .iter()
                 .all(|k| KekSet::wrapped_by(&k.wrapped) == Some(id.as_str()))
         );
+        // Named through an alias, the KEK is still the key's ARN: pointing the alias elsewhere later does not
+        // change what opens these keys.
+        let alias = format!("alias/{}", common::kafka::unique("piiwall"));
+        kms_admin(async |kms| {
+            kms.create_alias()
+                .alias_name(&alias)
+                .target_key_id(&key)
+                .send()
+                .await
+                .unwrap()
+        });
+        assert_eq!(AwsKmsKek::open(&kms_at(&alias, endpoint()), true).unwrap().id(), id);
         let made = key_ids(&keyring(&store, kms(&key), vec![]), &subjects);
         let again = keyring(&store, kms(&key), vec![]);
         assert_eq!(key_ids(&again, &subjects), made, "a restart reads the same keys");
@@ -330,7 +342,9 @@ mod aws {
 
     #[test]
     fn an_unknown_kms_key_is_fatal_and_named_and_an_unreachable_kms_is_waited_for() {
-        let unknown = AwsKmsKek::open(&kms_at("alias/no-such-key", endpoint())).err().unwrap();
+        let unknown = AwsKmsKek::open(&kms_at("alias/no-such-key", endpoint()), true)
+            .err()
+            .unwrap();
         let said = unknown.to_string();
         assert_eq!(unknown.kind(), ErrorKind::Fatal, "{said}");
         assert!(
@@ -342,8 +356,26 @@ mod aws {
         // A disabled, pending-deletion or denied key: moto does not enforce key states or IAM on Encrypt; the
         // classification of those codes is a unit test of src/crypto/aws_kms.rs.
         let key = new_kms_key();
+        // No credentials anywhere in the AWS chain: a refusal, named, not an outage to wait for.
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &format!("aws-kms:{key}"), &[]);
+        let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+            .args(["--config", config.to_str().unwrap(), "keys", "rewrap"])
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(
+            said.contains("refused") && said.contains("no providers in chain provided credentials"),
+            "{said}"
+        );
+
         let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let unreachable = AwsKmsKek::open(&kms_at(&key, format!("http://{closed}")))
+        let unreachable = AwsKmsKek::open(&kms_at(&key, format!("http://{closed}")), true)
             .err()
             .unwrap();
         assert!(matches!(unreachable, KeyError::StoreUnavailable(_)), "{unreachable}");
@@ -416,7 +448,7 @@ mod aws {
         let relay = Relay::start(&endpoint());
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
-        let kek = Box::new(AwsKmsKek::open(&kms_at(&key, format!("http://{}", relay.address))).unwrap());
+        let kek = Box::new(AwsKmsKek::open(&kms_at(&key, format!("http://{}", relay.address)), true).unwrap());
         let ring = keyring(&store, kek, vec![]);
         let known: Vec<String> = (0..20).map(|i| format!("known-{i}")).collect();
         let made = key_ids(&ring, &known);
@@ -579,12 +611,18 @@ listen = "127.0.0.1:{port}"
         let (status, _) = tokio::task::spawn_blocking(readyz).await.unwrap();
         assert_eq!(status, 200);
 
-        // KMS cut mid-stream: new subjects' batches wait (not quarantined), known subjects' records are not lost.
+        // KMS cut mid-stream, past the wrapping key's TTL (1 s): the batches wait (nothing is quarantined, nothing
+        // passes), then every record arrives.
         relay.cut();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut mixed = customers(20..40);
         mixed.extend(customers(0..10));
         common::kafka::produce(&input, mixed).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let reader = output.clone();
+        let during = tokio::task::spawn_blocking(move || common::kafka::consume(&reader, 21, Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(during.len(), 20, "while KMS is cut, no batch passes");
         relay.restore();
         let reader = output.clone();
         let all = tokio::task::spawn_blocking(move || common::kafka::consume(&reader, 50, Duration::from_secs(90)))
@@ -637,8 +675,15 @@ listen = "127.0.0.1:{port}"
         let shutdown = piiwall::stream::Shutdown::new();
         let task = tokio::spawn(piiwall::stream::run(config, shutdown.clone()));
 
-        // Known and new subjects interleaved, in three waves, the rewrap running meanwhile.
+        // Known and new subjects interleaved, in three waves, the rewrap running meanwhile: it starts once `run` has
+        // sanitized the first wave, and rewraps one key per page.
         common::kafka::produce(&input, customers(0..20)).await;
+        let output = format!("{input}.sanitized");
+        let reader = output.clone();
+        let first = tokio::task::spawn_blocking(move || common::kafka::consume(&reader, 20, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 20);
         let rewrap = tokio::task::spawn_blocking(move || {
             Command::new(env!("CARGO_BIN_EXE_piiwall"))
                 .args([
@@ -647,7 +692,7 @@ listen = "127.0.0.1:{port}"
                     "keys",
                     "rewrap",
                     "--batch",
-                    "3",
+                    "1",
                 ])
                 .output()
                 .unwrap()
@@ -658,7 +703,6 @@ listen = "127.0.0.1:{port}"
         assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
         common::kafka::produce(&input, customers(45..60)).await;
 
-        let output = format!("{input}.sanitized");
         let all = tokio::task::spawn_blocking(move || common::kafka::consume(&output, 60, Duration::from_secs(90)))
             .await
             .unwrap();
@@ -755,7 +799,8 @@ listen = "127.0.0.1:{port}"
         assert_eq!(key_ids(&again, &later), later_ids);
         let moved = again.rewrap(50, |_| {}).unwrap();
         assert_eq!(moved.rewrapped, 20, "{moved:?}");
-        assert_eq!(by(&under_wrapping_key), by(""), "every key under the wrapping key");
+        let all = store.keys_after(None, 1000).unwrap().len();
+        assert_eq!(by(&under_wrapping_key), all, "every key under the wrapping key");
         assert_eq!(key_ids(&Keyring::from_config(&config).unwrap(), &early), early_ids);
     }
 }

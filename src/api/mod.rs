@@ -139,9 +139,17 @@ impl Failure {
             _ if e.kind() == ErrorKind::Retriable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        // A dependency's own words (a KMS's message, its ARNs and request ids) stay in the log.
+        let message = match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                tracing::warn!(error = %e, "API request failed: a dependency is unavailable");
+                "the key store or the KEK provider is unavailable; retry later".to_owned()
+            }
+            _ => e.to_string(),
+        };
         Self {
             status,
-            message: e.to_string(),
+            message,
             outcome: AuditOutcome::Error,
         }
     }

@@ -21,31 +21,65 @@ use super::AwsKmsLocation;
 use super::kek::KekProvider;
 use crate::error::KeyError;
 
-/// The encryption-context entry that carries a wrapped key's associated data (base64url: KMS takes strings).
-const CONTEXT_KEY: &str = "piiwall-ad";
+/// The encryption-context entry that carries the SHA-256 of a wrapped key's associated data (base64url: KMS takes
+/// strings).
+const CONTEXT_KEY: &str = "piiwall-ad-sha256";
 
 /// How many KMS calls a batch's wraps keep in flight at once.
 const CONCURRENT_CALLS: usize = 16;
 
 /// A KMS client on its own runtime and the key it wraps with.
 pub struct AwsKmsKek {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Runtime,
     client: aws_sdk_kms::Client,
+    /// The key as every call names it: its ARN, as KMS gave it at open (never an alias, which may be pointed at
+    /// another key), or the configured string for a previous KEK.
     key: Arc<str>,
     id: String,
 }
 
+/// The provider's runtime, shut down without blocking when dropped: a provider may be dropped (or fail to open)
+/// on another runtime's thread, where a blocking shutdown panics.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Runtime {
+    /// Runs `future` on the runtime and waits for it from this thread, whatever runtime this thread may belong to.
+    fn wait_on<T: Send + 'static>(
+        &self,
+        future: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, KeyError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.0.as_ref().expect("present until drop").spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv()
+            .map_err(|_| KeyError::StoreUnavailable("an AWS KMS call ended without an answer".into()))
+    }
+}
+
 impl AwsKmsKek {
-    /// Builds the client and wraps and unwraps a test value: a key that does not exist, is disabled, or that the
-    /// credentials may not use is refused here, naming the setting; KMS not answering is `StoreUnavailable` (start-up
-    /// waits for it).
-    pub fn open(location: &AwsKmsLocation) -> Result<Self, KeyError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("piiwall-aws-kms")
-            .enable_all()
-            .build()
-            .map_err(|e| KeyError::StoreUnavailable(format!("cannot start the AWS KMS client's runtime: {e}")))?;
+    /// Builds the client. As the current KEK (`current`), wraps and unwraps a test value and takes the key's ARN
+    /// from KMS's answer as the key every call names: a key that does not exist, is disabled, or that the
+    /// credentials may not use is refused here, naming the setting; KMS not answering is `StoreUnavailable`
+    /// (start-up waits for it). A previous KEK may only be allowed to decrypt: it is named as configured (its ARN, as
+    /// the error about a store's unknown KEK says) and not tested.
+    pub fn open(location: &AwsKmsLocation, current: bool) -> Result<Self, KeyError> {
+        let runtime = Runtime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("piiwall-aws-kms")
+                .enable_all()
+                .build()
+                .map_err(|e| KeyError::StoreUnavailable(format!("cannot start the AWS KMS client's runtime: {e}")))?,
+        ));
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .http_client(
                 aws_smithy_http_client::Builder::new()
@@ -68,58 +102,51 @@ impl AwsKmsKek {
         if let Some(endpoint) = &location.endpoint {
             loader = loader.endpoint_url(endpoint.clone());
         }
-        let config = wait_on(&runtime, loader.load());
+        let config = runtime.wait_on(loader.load())?;
         if config.region().is_none() {
             return Err(KeyError::KekMissing(
                 "aws-kms: no AWS region: set keys.aws_kms.region, or AWS_REGION in the environment".into(),
             ));
         }
-        let kek = Self {
-            client: aws_sdk_kms::Client::new(&config),
-            runtime: Some(runtime),
-            key: location.key.as_str().into(),
-            id: format!("aws-kms:{}", location.key),
-        };
+        let client = aws_sdk_kms::Client::new(&config);
+        let configured = format!("aws-kms:{}", location.key);
+        if !current {
+            return Ok(Self {
+                runtime,
+                client,
+                key: location.key.as_str().into(),
+                id: configured,
+            });
+        }
         let probe = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped = kek.wrap(probe.as_slice(), b"piiwall/1|kek self-test")?;
-        match kek.unwrap(&wrapped, b"piiwall/1|kek self-test") {
+        let ad = b"piiwall/1|kek self-test";
+        let (wrapped, arn) = runtime
+            .wait_on(encrypt(
+                client.clone(),
+                location.key.as_str().into(),
+                Zeroizing::new(probe.to_vec()),
+                ad.to_vec(),
+            ))?
+            .map_err(|e| failure(&configured, e, "Encrypt"))?;
+        let kek = Self {
+            runtime,
+            client,
+            id: format!("aws-kms:{arn}"),
+            key: arn.into(),
+        };
+        match kek.unwrap(&wrapped, ad) {
             Ok(back) if back.as_slice() == probe.as_slice() => Ok(kek),
             Ok(_) => Err(KeyError::KekMalformed(format!(
-                "{}: KMS did not give back what it encrypted; check keys.kek and keys.aws_kms.endpoint",
-                kek.id
+                "{configured}: KMS did not give back what it encrypted; check keys.kek and keys.aws_kms.endpoint"
             ))),
             Err(e) => Err(e),
         }
     }
-
-    fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.runtime.as_ref().expect("the runtime lives until drop")
-    }
-}
-
-impl Drop for AwsKmsKek {
-    fn drop(&mut self) {
-        // Not `Runtime::drop`, which blocks and panics when the provider is dropped inside another runtime.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-/// Runs `future` on `runtime` and waits for it from this thread, whatever runtime this thread may belong to.
-fn wait_on<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
-    future: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    runtime.spawn(async move {
-        let _ = tx.send(future.await);
-    });
-    rx.recv().expect("the KMS runtime runs its calls to the end")
 }
 
 fn context(associated_data: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(associated_data)
+    use sha2::Digest;
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(associated_data))
 }
 
 async fn encrypt(
@@ -127,7 +154,7 @@ async fn encrypt(
     key: Arc<str>,
     plaintext: Zeroizing<Vec<u8>>,
     associated_data: Vec<u8>,
-) -> Result<Vec<u8>, SdkError<aws_sdk_kms::operation::encrypt::EncryptError>> {
+) -> Result<(Vec<u8>, String), SdkError<aws_sdk_kms::operation::encrypt::EncryptError>> {
     let out = client
         .encrypt()
         .key_id(&*key)
@@ -135,7 +162,8 @@ async fn encrypt(
         .encryption_context(CONTEXT_KEY, context(&associated_data))
         .send()
         .await?;
-    Ok(out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default())
+    let arn = out.key_id.unwrap_or_else(|| key.to_string());
+    Ok((out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default(), arn))
 }
 
 impl KekProvider for AwsKmsKek {
@@ -148,15 +176,11 @@ impl KekProvider for AwsKmsKek {
         let calls: Vec<_> = keys
             .iter()
             .map(|(plaintext, ad)| {
-                encrypt(
-                    self.client.clone(),
-                    self.key.clone(),
-                    Zeroizing::new(plaintext.to_vec()),
-                    ad.to_vec(),
-                )
+                let plaintext = Zeroizing::new(plaintext.to_vec());
+                encrypt(self.client.clone(), self.key.clone(), plaintext, ad.to_vec())
             })
             .collect();
-        let results = wait_on(self.runtime(), async move {
+        let results = self.runtime.wait_on(async move {
             let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CALLS));
             let tasks: Vec<_> = calls
                 .into_iter()
@@ -173,18 +197,18 @@ impl KekProvider for AwsKmsKek {
                 results.push(task.await);
             }
             results
-        });
+        })?;
         results
             .into_iter()
             .map(|result| match result {
-                Ok(Ok(wrapped)) if !wrapped.is_empty() => Ok(wrapped),
+                Ok(Ok((wrapped, _))) if !wrapped.is_empty() => Ok(wrapped),
                 Ok(Ok(_)) => Err(KeyError::StoreUnavailable(format!(
                     "{}: KMS answered Encrypt without a ciphertext",
                     self.id
                 ))),
-                Ok(Err(e)) => Err(self.failure(e, "Encrypt")),
-                Err(e) => Err(KeyError::StoreUnavailable(format!(
-                    "{}: an Encrypt call failed: {e}",
+                Ok(Err(e)) => Err(failure(&self.id, e, "Encrypt")),
+                Err(_) => Err(KeyError::StoreUnavailable(format!(
+                    "{}: an Encrypt call ended without an answer",
                     self.id
                 ))),
             })
@@ -199,9 +223,9 @@ impl KekProvider for AwsKmsKek {
             .ciphertext_blob(Blob::new(wrapped))
             .encryption_context(CONTEXT_KEY, context(associated_data))
             .send();
-        match wait_on(self.runtime(), call) {
+        match self.runtime.wait_on(call)? {
             Ok(out) => Ok(Zeroizing::new(out.plaintext.map(Blob::into_inner).unwrap_or_default())),
-            Err(e) => Err(self.failure(e, "Decrypt")),
+            Err(e) => Err(failure(&self.id, e, "Decrypt")),
         }
     }
 
@@ -210,65 +234,67 @@ impl KekProvider for AwsKmsKek {
     }
 }
 
-impl AwsKmsKek {
-    /// What a failed KMS call means: the wrapped key does not authenticate (altered, another row's, another key's),
-    /// the key or the credentials cannot do this at all (fatal: fix the key, its policy or keys.kek), or KMS is not
-    /// answering now (throttled, timed out, unreachable: the batch waits and retries).
-    fn failure<E: ProvideErrorMetadata + std::error::Error + 'static>(&self, e: SdkError<E>, call: &str) -> KeyError {
-        let shown = aws_sdk_kms::error::DisplayErrorContext(&e);
-        let SdkError::ServiceError(service) = &e else {
-            return match e {
-                SdkError::ConstructionFailure(_) => KeyError::KekMissing(format!(
-                    "{}: the {call} request could not be made ({shown}); check keys.aws_kms and the AWS credentials",
-                    self.id
-                )),
-                _ => KeyError::StoreUnavailable(format!("{}: AWS KMS did not answer {call}: {shown}", self.id)),
-            };
-        };
-        let code = service.err().code().unwrap_or("");
-        match meaning(code) {
-            Meaning::Corrupt => KeyError::CorruptRow,
-            Meaning::Refused => KeyError::KekMissing(format!(
-                "{}: AWS KMS refused {call} ({code}); check keys.kek (the key exists, is enabled and symmetric), \
-                 keys.aws_kms.region, and that the credentials may call kms:Encrypt and kms:Decrypt on it",
-                self.id
-            )),
-            Meaning::Unavailable => {
-                KeyError::StoreUnavailable(format!("{}: AWS KMS failed {call} ({code}): {shown}", self.id))
+/// What a failed KMS call means: the wrapped key does not authenticate (altered, another row's, another key's),
+/// the key, the credentials or the request cannot succeed at all (fatal: fix the key, its policy, the credentials or
+/// keys.kek), or KMS is not answering now (throttled, failing, timed out, unreachable: the batch waits and
+/// retries). The refusal's message names the KMS code and the settings, not KMS's own text.
+fn failure<E: ProvideErrorMetadata + std::error::Error + 'static>(id: &str, e: SdkError<E>, call: &str) -> KeyError {
+    let refused = |why: &str| {
+        KeyError::KekRefused(format!(
+            "{id}: AWS KMS refused {call} ({why}); check keys.kek (the key exists, is enabled and symmetric), \
+             keys.aws_kms, the AWS credentials, and that they may call kms:Encrypt and kms:Decrypt on the key"
+        ))
+    };
+    let status = e.raw_response().map(|raw| raw.status().as_u16());
+    match &e {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("an unnamed error");
+            match meaning(code, status.unwrap_or(0)) {
+                Meaning::Corrupt => KeyError::CorruptRow,
+                Meaning::Refused => refused(code),
+                Meaning::Unavailable => KeyError::StoreUnavailable(format!("{id}: AWS KMS failed {call} ({code})")),
             }
         }
+        // A request that cannot be built, no credentials found, the caller's fault: nothing a retry changes. A lost
+        // connection, a timeout, an error the client calls transient: KMS is not answering now.
+        SdkError::ConstructionFailure(_) => refused("the request could not be made"),
+        SdkError::DispatchFailure(dispatch)
+            if !(dispatch.is_io()
+                || dispatch.is_timeout()
+                || dispatch.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError)) =>
+        {
+            refused(&aws_sdk_kms::error::DisplayErrorContext(&e).to_string())
+        }
+        _ => KeyError::StoreUnavailable(format!(
+            "{id}: AWS KMS did not answer {call}: {}",
+            aws_sdk_kms::error::DisplayErrorContext(&e)
+        )),
     }
 }
 
-/// What an error code of KMS's means to piiwall.
+/// What an answer of KMS's means to piiwall, by its error code and HTTP status.
 #[derive(Debug, PartialEq, Eq)]
 enum Meaning {
     /// The wrapped key does not authenticate under this KMS key and context: an altered or moved row.
     Corrupt,
-    /// The key or the credentials cannot do this at all: a fatal error, until an operator fixes the key, its policy,
-    /// the credentials or keys.kek.
+    /// The key, the credentials or the request cannot succeed: a fatal error, until an operator fixes the key, its
+    /// policy, the credentials or keys.kek.
     Refused,
-    /// KMS is not serving now (throttled, internal error, a dependency timed out): the call is retried later.
+    /// KMS is not serving now (throttled, failing, a dependency timed out): the call is retried later.
     Unavailable,
 }
 
-fn meaning(code: &str) -> Meaning {
+fn meaning(code: &str, status: u16) -> Meaning {
     match code {
         "InvalidCiphertextException" | "IncorrectKeyException" => Meaning::Corrupt,
-        "NotFoundException"
-        | "DisabledException"
-        | "KMSInvalidStateException"
-        | "InvalidKeyUsageException"
-        | "AccessDeniedException"
-        | "UnrecognizedClientException"
-        | "InvalidSignatureException"
-        | "IncompleteSignature"
-        | "MissingAuthenticationToken"
-        | "ExpiredTokenException"
-        | "InvalidClientTokenId"
-        | "InvalidGrantTokenException"
-        | "ValidationException" => Meaning::Refused,
-        _ => Meaning::Unavailable,
+        "ThrottlingException"
+        | "LimitExceededException"
+        | "RequestLimitExceeded"
+        | "KMSInternalException"
+        | "DependencyTimeoutException"
+        | "KeyUnavailableException" => Meaning::Unavailable,
+        _ if status == 429 || status >= 500 => Meaning::Unavailable,
+        _ => Meaning::Refused,
     }
 }
 
@@ -277,26 +303,29 @@ mod tests {
     use super::*;
 
     /// The codes moto cannot produce (it does not enforce key states or IAM): a disabled, pending-deletion or denied
-    /// key is fatal, throttling and KMS's own failures are waited out.
+    /// key, and any other client error, is fatal; throttling and KMS's own failures are waited out.
     #[test]
-    fn kms_error_codes_mean_fatal_retry_or_a_bad_row() {
+    fn kms_answers_mean_fatal_retry_or_a_bad_row() {
         for fatal in [
             "DisabledException",
             "KMSInvalidStateException",
             "AccessDeniedException",
             "NotFoundException",
+            "ValidationError",
+            "RequestExpired",
         ] {
-            assert_eq!(meaning(fatal), Meaning::Refused, "{fatal}");
+            assert_eq!(meaning(fatal, 400), Meaning::Refused, "{fatal}");
         }
         for retry in [
             "ThrottlingException",
             "KMSInternalException",
             "DependencyTimeoutException",
             "KeyUnavailableException",
-            "",
         ] {
-            assert_eq!(meaning(retry), Meaning::Unavailable, "{retry}");
+            assert_eq!(meaning(retry, 400), Meaning::Unavailable, "{retry}");
         }
-        assert_eq!(meaning("InvalidCiphertextException"), Meaning::Corrupt);
+        assert_eq!(meaning("an unnamed error", 503), Meaning::Unavailable);
+        assert_eq!(meaning("an unnamed error", 429), Meaning::Unavailable);
+        assert_eq!(meaning("InvalidCiphertextException", 400), Meaning::Corrupt);
     }
 }

@@ -189,15 +189,19 @@ pub enum KekSource {
     AwsKms(super::AwsKmsLocation),
 }
 
-/// Opens the KEK a source names.
-pub fn open_kek(source: &KekSource) -> Result<Box<dyn KekProvider>, KeyError> {
+/// Opens the KEK a source names: `current` for `keys.kek`, which wraps new keys (and is tested at open), or one of
+/// `keys.kek_previous`, which may only be allowed to unwrap.
+pub fn open_kek(source: &KekSource, current: bool) -> Result<Box<dyn KekProvider>, KeyError> {
     match source {
         KekSource::File { .. } | KekSource::Env(_) => Ok(Box::new(LocalKek::load(source)?)),
         KekSource::Pkcs11(location) => Ok(Box::new(super::pkcs11::Pkcs11Kek::open(location)?)),
         #[cfg(feature = "aws-kms")]
-        KekSource::AwsKms(location) => Ok(Box::new(super::aws_kms::AwsKmsKek::open(location)?)),
+        KekSource::AwsKms(location) => Ok(Box::new(super::aws_kms::AwsKmsKek::open(location, current)?)),
         #[cfg(not(feature = "aws-kms"))]
-        KekSource::AwsKms(_) => Err(KeyError::KekMissing(super::AWS_KMS_NOT_BUILT.into())),
+        KekSource::AwsKms(_) => {
+            let _ = current;
+            Err(KeyError::KekMissing(super::AWS_KMS_NOT_BUILT.into()))
+        }
     }
 }
 

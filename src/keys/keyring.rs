@@ -218,7 +218,7 @@ impl Keyring {
         let remote = |source: &KekSource| !matches!(source, KekSource::File { .. } | KekSource::Env(_));
         // A remote KEK's wrapping key, where the store has one, opens what was wrapped under it; the KEK itself opens
         // what it wrapped directly: both are in the set.
-        let kek: Arc<dyn KekProvider> = Arc::from(open_kek(&config.kek)?);
+        let kek: Arc<dyn KekProvider> = Arc::from(open_kek(&config.kek, true)?);
         let wrapping = match remote(&config.kek) {
             true => WrappingKey::open(kek.clone(), &*store, ttl, config.wrapping_key)?,
             false => None,
@@ -236,7 +236,7 @@ impl Keyring {
             None => Box::new(kek),
         };
         for source in &config.kek_previous {
-            let kek: Arc<dyn KekProvider> = Arc::from(open_kek(source)?);
+            let kek: Arc<dyn KekProvider> = Arc::from(open_kek(source, false)?);
             if remote(source)
                 && let Some(wrapping) = WrappingKey::open(kek.clone(), &*store, ttl, false)?
             {

@@ -206,7 +206,8 @@ fn connect(url: &str) -> Result<Client, KeyError> {
     // The error names the cause (refused, authentication, unknown database), never the URL with its password.
     let mut client = config
         .connect(postgres_native_tls::MakeTlsConnector::new(tls))
-        .map_err(|e| KeyError::StoreUnavailable(format!("cannot connect to the PostgreSQL key store: {e}")))?;
+        // A server not answering is waited for; a refusal (a wrong password, an unknown database) is fatal.
+        .map_err(|e| store_error(&e, "cannot connect to the PostgreSQL key store"))?;
     client
         .batch_execute(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}"))
         .map_err(|e| KeyError::StoreUnavailable(format!("cannot set up the key store session: {e}")))?;

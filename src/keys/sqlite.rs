@@ -37,11 +37,13 @@ impl SqliteStore {
     /// Opens (creating when missing) the key store file and its tables.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Fatal: a directory or file that cannot be made or opened (permissions, a path under a file) is not
+            // waited for; keys.store must change.
             std::fs::create_dir_all(dir)
-                .map_err(|e| KeyError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
+                .map_err(|e| KeyError::Store(format!("cannot create {} (keys.store): {e}", dir.display())))?;
         }
         let connection = Connection::open(path)
-            .map_err(|e| KeyError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| KeyError::Store(format!("cannot open {} (keys.store): {e}", path.display())))?;
         connection
             .busy_timeout(std::time::Duration::from_secs(10))
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))

@@ -4,12 +4,13 @@
 //! a second, a local wrap a million). Instead, the store holds one random 32-byte wrapping key per remote KEK, wrapped
 //! by it (`wrapping-key/<KEK id>` in the store's meta rows; concurrent first starts agree on one); the data keys are
 //! wrapped locally under the wrapping key (AES-256-GCM, their associated data bound). The remote KEK is asked to
-//! unwrap the wrapping key at start-up and again every `keys.cache_ttl_secs`, as a data key would be re-read: a KMS
-//! key disabled or revoked stops key creation and reads within one TTL, and an outage then makes new subjects wait,
-//! as it would without the wrapping key. Nothing is stored unwrapped; the store alone, without the remote KEK,
-//! opens nothing.
+//! unwrap the wrapping key at start-up and again every `keys.cache_ttl_secs` (from 80% of it on, by one caller, the
+//! others going on meanwhile), as a data key would be re-read: a KMS key disabled or revoked stops key creation and
+//! reads of uncached keys within one TTL (cached data keys live one TTL more), and an outage past the TTL makes new
+//! subjects wait, as it would without the wrapping key. Nothing is stored unwrapped; the store alone, without the
+//! remote KEK, opens nothing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
@@ -24,17 +25,30 @@ fn meta_name(kek_id: &str) -> String {
 }
 
 /// A KEK provider that wraps locally under the store's wrapping key, which `outer` unwraps, re-read every `ttl`.
-/// Its id names the outer KEK and the wrapping key (`aws-kms:alias/x+wk:<fingerprint>`): rows say what opens them.
+/// Its id names the outer KEK and the wrapping key (`aws-kms:<key ARN>+wk:<fingerprint>`): rows say what opens them.
 pub struct WrappingKey {
     outer: Arc<dyn KekProvider>,
     /// The wrapping key as stored, wrapped by `outer`.
     wrapped: Vec<u8>,
     ad: Vec<u8>,
     ttl: Duration,
-    /// The unwrapped wrapping key and when `outer` last gave it.
-    held: Mutex<(Arc<LocalKek>, Instant)>,
+    held: RwLock<Held>,
+    /// Taken by the one caller that asks `outer` again; the others go on with the held key while it is in its TTL.
+    refreshing: Mutex<()>,
+    fingerprint: String,
     id: String,
 }
+
+/// The unwrapped wrapping key, when `outer` last gave it, and its last failure to.
+struct Held {
+    key: Arc<LocalKek>,
+    fetched: Instant,
+    failed: Option<(Instant, KeyError)>,
+}
+
+/// How long a failure to re-read the wrapping key is answered from memory, so that callers queued behind a KMS that
+/// does not answer fail at once instead of each waiting out its own call.
+const FAILURE_MEMORY: Duration = Duration::from_secs(2);
 
 impl WrappingKey {
     /// The wrapping key of `outer` in `store`, made (wrapped by `outer`) when the store has none and `create` says so;
@@ -56,25 +70,85 @@ impl WrappingKey {
             None => return Ok(None),
         };
         let key = unwrap_key(&*outer, &wrapped, &ad)?;
-        let id = format!("{}+wk:{}", outer.id(), key.fingerprint());
+        let fingerprint = key.fingerprint().to_owned();
+        let id = format!("{}+wk:{fingerprint}", outer.id());
         Ok(Some(Self {
             outer,
             wrapped,
             ad,
             ttl,
-            held: Mutex::new((Arc::new(key), Instant::now())),
+            held: RwLock::new(Held {
+                key: Arc::new(key),
+                fetched: Instant::now(),
+                failed: None,
+            }),
+            refreshing: Mutex::new(()),
+            fingerprint,
             id,
         }))
     }
 
-    /// The wrapping key, asking the outer KEK again once `ttl` passed since it last did.
+    /// The wrapping key. Past 80% of its TTL one caller asks the outer KEK again while the others go on with the
+    /// held key; past the TTL, callers wait for that answer. A failure is kept for [`FAILURE_MEMORY`].
     fn key(&self) -> Result<Arc<LocalKek>, KeyError> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.1.elapsed() >= self.ttl {
-            let key = unwrap_key(&*self.outer, &self.wrapped, &self.ad)?;
-            *held = (Arc::new(key), Instant::now());
+        let read = || self.held.read().unwrap_or_else(|p| p.into_inner());
+        let due = self.ttl.mul_f32(0.8);
+        {
+            let held = read();
+            if held.fetched.elapsed() < due {
+                return Ok(held.key.clone());
+            }
         }
-        Ok(held.0.clone())
+        let _refreshing = match self.refreshing.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                {
+                    let held = read();
+                    if held.fetched.elapsed() < self.ttl {
+                        return Ok(held.key.clone());
+                    }
+                }
+                self.refreshing.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        };
+        {
+            let held = read();
+            let in_ttl = held.fetched.elapsed() < self.ttl;
+            if held.fetched.elapsed() < due {
+                return Ok(held.key.clone());
+            }
+            if let Some((at, e)) = &held.failed
+                && at.elapsed() < FAILURE_MEMORY
+            {
+                return if in_ttl { Ok(held.key.clone()) } else { Err(e.clone()) };
+            }
+        }
+        let fetched = unwrap_key(&*self.outer, &self.wrapped, &self.ad).and_then(|key| {
+            match key.fingerprint() == self.fingerprint {
+                true => Ok(key),
+                // The outer KEK gave back another key than at open: never wrap under it.
+                false => Err(KeyError::KekMismatch),
+            }
+        });
+        let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+        match fetched {
+            Ok(key) => {
+                *held = Held {
+                    key: Arc::new(key),
+                    fetched: Instant::now(),
+                    failed: None,
+                };
+                Ok(held.key.clone())
+            }
+            Err(e) => {
+                held.failed = Some((Instant::now(), e.clone()));
+                match held.fetched.elapsed() < self.ttl {
+                    true => Ok(held.key.clone()),
+                    false => Err(e),
+                }
+            }
+        }
     }
 }
 
@@ -191,24 +265,33 @@ mod tests {
     }
 
     #[test]
-    fn the_wrapping_key_is_read_again_after_the_ttl_and_waits_while_the_remote_kek_is_down() {
+    fn the_wrapping_key_is_read_again_before_its_ttl_ends_and_waits_once_the_remote_kek_is_down_past_it() {
         let (_dir, store) = store();
         let remote = Remote::new(3);
-        let ttl = Duration::from_millis(200);
+        let ttl = Duration::from_millis(400);
         let wrapping = WrappingKey::open(remote.clone(), &store, ttl, true).unwrap().unwrap();
         let kept = wrapping.wrap(&[9; 32], b"ad").unwrap();
         let before = remote.calls.load(Ordering::SeqCst);
-        std::thread::sleep(ttl);
+        std::thread::sleep(ttl.mul_f32(0.85));
         assert_eq!(wrapping.unwrap(&kept, b"ad").unwrap().as_slice(), &[9u8; 32]);
         assert_eq!(
             remote.calls.load(Ordering::SeqCst),
             before + 1,
-            "read again once the TTL passed"
+            "read again from 80% of the TTL"
         );
 
-        // Down past the TTL: new keys and reads wait (retriable), as they would without the wrapping key.
+        // Down before the TTL ends: the held key serves until it does.
         remote.down.store(true, Ordering::SeqCst);
+        std::thread::sleep(ttl.mul_f32(0.85));
+        assert!(
+            wrapping.wrap(&[1; 32], b"ad").is_ok(),
+            "within the TTL the held key serves"
+        );
+        // Past the TTL: new keys and reads wait (retriable), as they would without the wrapping key; callers behind
+        // a failed read fail at once, without another remote call each.
         std::thread::sleep(ttl);
+        std::thread::sleep(FAILURE_MEMORY);
+        let calls = remote.calls.load(Ordering::SeqCst);
         assert!(matches!(
             wrapping.wrap(&[1; 32], b"ad"),
             Err(KeyError::StoreUnavailable(_))
@@ -217,7 +300,13 @@ mod tests {
             wrapping.unwrap(&kept, b"ad"),
             Err(KeyError::StoreUnavailable(_))
         ));
+        assert_eq!(
+            remote.calls.load(Ordering::SeqCst),
+            calls + 1,
+            "one remote call for both"
+        );
         remote.down.store(false, Ordering::SeqCst);
+        std::thread::sleep(FAILURE_MEMORY);
         assert_eq!(wrapping.unwrap(&kept, b"ad").unwrap().as_slice(), &[9u8; 32]);
     }
 }

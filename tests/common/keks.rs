@@ -105,11 +105,11 @@ pub fn kms_admin<T>(call: impl AsyncFnOnce(aws_sdk_kms::Client) -> T) -> T {
     })
 }
 
-/// A new symmetric KMS key; returns its id.
+/// A new symmetric KMS key; returns its ARN (what piiwall names a KMS KEK by).
 #[cfg(feature = "aws-kms")]
 pub fn new_kms_key() -> String {
     kms_admin(async |kms| {
         let made = kms.create_key().description("piiwall test KEK").send().await.unwrap();
-        made.key_metadata().unwrap().key_id().to_owned()
+        made.key_metadata().unwrap().arn().unwrap().to_owned()
     })
 }
