@@ -139,11 +139,16 @@ impl Failure {
             _ if e.kind() == ErrorKind::Retriable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        // A dependency's own words (a KMS's message, its ARNs and request ids) stay in the log.
-        let message = match status {
-            StatusCode::SERVICE_UNAVAILABLE => {
+        // A dependency's own words (a KMS's message, key ARNs, account ids, request ids) stay in the log.
+        let message = match (e, status) {
+            (Error::Key(KeyError::Forgotten), _) => e.to_string(),
+            (_, StatusCode::SERVICE_UNAVAILABLE) => {
                 tracing::warn!(error = %e, "API request failed: a dependency is unavailable");
                 "the key store or the KEK provider is unavailable; retry later".to_owned()
+            }
+            (Error::Key(_), _) => {
+                tracing::error!(error = %e, "API request failed: the key store or the KEK provider");
+                "the key store or the KEK provider failed; the piiwall log says why".to_owned()
             }
             _ => e.to_string(),
         };

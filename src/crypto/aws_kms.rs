@@ -99,16 +99,17 @@ impl AwsKmsKek {
         if let Some(region) = &location.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }
-        if let Some(endpoint) = &location.endpoint {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
         let config = runtime.wait_on(loader.load())?;
         if config.region().is_none() {
             return Err(KeyError::KekMissing(
                 "aws-kms: no AWS region: set keys.aws_kms.region, or AWS_REGION in the environment".into(),
             ));
         }
-        let client = aws_sdk_kms::Client::new(&config);
+        // Only keys.aws_kms.endpoint (checked: https, or http to this host) names another endpoint than AWS's:
+        // AWS_ENDPOINT_URL* and a profile's endpoint_url, which could send data keys anywhere, are not followed.
+        let mut kms = aws_sdk_kms::config::Builder::from(&config);
+        kms.set_endpoint_url(location.endpoint.clone());
+        let client = aws_sdk_kms::Client::from_conf(kms.build());
         let configured = format!("aws-kms:{}", location.key);
         if !current {
             return Ok(Self {
@@ -128,6 +129,11 @@ impl AwsKmsKek {
                 ad.to_vec(),
             ))?
             .map_err(|e| failure(&configured, e, "Encrypt"))?;
+        if !arn.starts_with("arn:") {
+            return Err(KeyError::KekMalformed(format!(
+                "{configured}: KMS answered Encrypt without the key's ARN; check keys.aws_kms.endpoint"
+            )));
+        }
         let kek = Self {
             runtime,
             client,
@@ -162,8 +168,10 @@ async fn encrypt(
         .encryption_context(CONTEXT_KEY, context(&associated_data))
         .send()
         .await?;
-    let arn = out.key_id.unwrap_or_else(|| key.to_string());
-    Ok((out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default(), arn))
+    Ok((
+        out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default(),
+        out.key_id.unwrap_or_default(),
+    ))
 }
 
 impl KekProvider for AwsKmsKek {
@@ -255,13 +263,14 @@ fn failure<E: ProvideErrorMetadata + std::error::Error + 'static>(id: &str, e: S
                 Meaning::Unavailable => KeyError::StoreUnavailable(format!("{id}: AWS KMS failed {call} ({code})")),
             }
         }
-        // A request that cannot be built, no credentials found, the caller's fault: nothing a retry changes. A lost
-        // connection, a timeout, an error the client calls transient: KMS is not answering now.
+        // A request that cannot be built, no credentials configured anywhere or a broken profile, the caller's fault:
+        // nothing a retry changes. A lost connection, a timeout, a credential provider that did not answer: KMS (or
+        // the credentials' source) is not answering now.
         SdkError::ConstructionFailure(_) => refused("the request could not be made"),
         SdkError::DispatchFailure(dispatch)
-            if !(dispatch.is_io()
-                || dispatch.is_timeout()
-                || dispatch.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError)) =>
+            if dispatch.is_user()
+                || dispatch.as_other() == Some(aws_smithy_types::retry::ErrorKind::ClientError)
+                || credentials_refused(&e) =>
         {
             refused(&aws_sdk_kms::error::DisplayErrorContext(&e).to_string())
         }
@@ -270,6 +279,23 @@ fn failure<E: ProvideErrorMetadata + std::error::Error + 'static>(id: &str, e: S
             aws_sdk_kms::error::DisplayErrorContext(&e)
         )),
     }
+}
+
+/// Whether the error comes from the credential chain finding no credentials at all, or a configuration it cannot
+/// use: a provider that timed out or failed on the network is an outage instead.
+fn credentials_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(credentials) = cause.downcast_ref::<CredentialsError>() {
+            return matches!(
+                credentials,
+                CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_)
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// What an answer of KMS's means to piiwall, by its error code and HTTP status.

@@ -286,6 +286,13 @@ impl Keyring {
                         done.unreadable += 1;
                         continue;
                     }
+                    // A previous KEK that refuses (a KMS key disabled or scheduled for deletion) leaves its keys
+                    // where they are; the others move on.
+                    Err(KeyError::KekRefused(why)) => {
+                        tracing::warn!(error = %why, "a previous KEK refused to unwrap a key: counted as unreadable");
+                        done.unreadable += 1;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 };
                 if self

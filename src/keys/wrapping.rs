@@ -124,6 +124,8 @@ impl WrappingKey {
                 return if in_ttl { Ok(held.key.clone()) } else { Err(e.clone()) };
             }
         }
+        // The window a revoked KEK keeps working counts from the call, not from its answer.
+        let asked = Instant::now();
         let fetched = unwrap_key(&*self.outer, &self.wrapped, &self.ad).and_then(|key| {
             match key.fingerprint() == self.fingerprint {
                 true => Ok(key),
@@ -136,7 +138,7 @@ impl WrappingKey {
             Ok(key) => {
                 *held = Held {
                     key: Arc::new(key),
-                    fetched: Instant::now(),
+                    fetched: asked,
                     failed: None,
                 };
                 Ok(held.key.clone())
@@ -186,12 +188,14 @@ mod tests {
     use super::*;
     use crate::keys::SqliteStore;
 
-    /// A remote KEK stand-in: a local KEK that counts its calls and can be made unavailable.
+    /// A remote KEK stand-in: a local KEK that counts its calls, can be made unavailable, or can lie (give back
+    /// another key than it wrapped).
     #[derive(Default)]
     struct Remote {
         inner: Option<LocalKek>,
         calls: AtomicUsize,
         down: AtomicBool,
+        lies: AtomicBool,
     }
 
     impl Remote {
@@ -216,7 +220,11 @@ mod tests {
             self.call()?.wrap(plaintext, associated_data)
         }
         fn unwrap(&self, wrapped: &[u8], associated_data: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-            self.call()?.unwrap(wrapped, associated_data)
+            let key = self.call()?.unwrap(wrapped, associated_data)?;
+            match self.lies.load(Ordering::SeqCst) {
+                true => Ok(Zeroizing::new(vec![0x77; 32])),
+                false => Ok(key),
+            }
         }
         fn id(&self) -> String {
             format!("remote:{}", self.inner.as_ref().unwrap().fingerprint())
@@ -268,7 +276,7 @@ mod tests {
     fn the_wrapping_key_is_read_again_before_its_ttl_ends_and_waits_once_the_remote_kek_is_down_past_it() {
         let (_dir, store) = store();
         let remote = Remote::new(3);
-        let ttl = Duration::from_millis(400);
+        let ttl = Duration::from_millis(1000);
         let wrapping = WrappingKey::open(remote.clone(), &store, ttl, true).unwrap().unwrap();
         let kept = wrapping.wrap(&[9; 32], b"ad").unwrap();
         let before = remote.calls.load(Ordering::SeqCst);
@@ -308,5 +316,10 @@ mod tests {
         remote.down.store(false, Ordering::SeqCst);
         std::thread::sleep(FAILURE_MEMORY);
         assert_eq!(wrapping.unwrap(&kept, b"ad").unwrap().as_slice(), &[9u8; 32]);
+
+        // A re-read that gives another key than at open is refused, never wrapped under.
+        remote.lies.store(true, Ordering::SeqCst);
+        std::thread::sleep(ttl);
+        assert!(matches!(wrapping.wrap(&[1; 32], b"ad"), Err(KeyError::KekMismatch)));
     }
 }
