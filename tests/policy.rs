@@ -408,3 +408,47 @@ fn internal_domains_and_contexts_are_reserved() {
         assert!(problem.contains("is reserved"), "{pii}: {problem}");
     }
 }
+
+/// Issue 13's friction: a root `pii.subject` naming a field that also says `tokenize` (what a subject gets anyway) is
+/// taken; an action that contradicts it is refused with what to write instead.
+#[test]
+fn a_field_named_by_pii_subject_may_say_tokenize_but_not_a_contradicting_action() {
+    let with = |pii: Json| {
+        json!({"type": "record", "name": "Customer", "pii.subject": "customer_id", "fields": [
+            {"name": "customer_id", "type": "string", "pii": pii},
+            {"name": "email", "type": "string", "pii": "hash"}
+        ]})
+        .to_string()
+    };
+    for pii in [
+        json!("tokenize"),
+        json!("subject"),
+        json!({"action": "tokenize", "kind": "customer"}),
+    ] {
+        let compiled = compile(&with(pii.clone()), &PolicySettings::default()).unwrap();
+        let subject = compiled
+            .plan
+            .subject_rule()
+            .expect("the subject is the field pii.subject names");
+        assert_eq!(
+            (subject.path.as_str(), subject.action),
+            ("customer_id", Action::Subject),
+            "{pii}"
+        );
+    }
+    let kind = compile(
+        &with(json!({"action": "tokenize", "kind": "customer"})),
+        &PolicySettings::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        kind.plan.subject_rule().unwrap().context,
+        "customer",
+        "the kind is kept"
+    );
+    for action in ["encrypt", "hash", "redact", "mask"] {
+        let (path, problem) = error_of(&with(json!(action)));
+        assert_eq!(path, "customer_id");
+        assert!(problem.contains(r#"write "pii": "subject""#), "{action}: {problem}");
+    }
+}

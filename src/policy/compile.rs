@@ -392,24 +392,25 @@ impl<'j, 's> Walker<'j, 's> {
             Some(annotation) => Some(parse_annotation(annotation, path)?),
         };
         if named_subject {
+            // A subject is tokenized (with its own key): `tokenize` on the field says the same, and producers write
+            // both. Any other action contradicts it.
             return match explicit {
-                None
-                | Some(Wanted::Act {
+                None => Ok(Wanted::Act {
                     action: Action::Subject,
-                    ..
-                }) => {
-                    let kind = match explicit {
-                        Some(Wanted::Act { kind, .. }) => kind,
-                        _ => None,
-                    };
-                    Ok(Wanted::Act {
-                        action: Action::Subject,
-                        kind,
-                    })
-                }
+                    kind: None,
+                }),
+                Some(Wanted::Act {
+                    action: Action::Subject | Action::Tokenize,
+                    kind,
+                }) => Ok(Wanted::Act {
+                    action: Action::Subject,
+                    kind,
+                }),
                 Some(_) => Err(PolicyError::new(
                     path,
-                    "named by the root's pii.subject but annotated with another action",
+                    "named by the root's pii.subject, which tokenizes it with the subject's own key, but annotated \
+                     with another action: write \"pii\": \"subject\" (or \"tokenize\") on it, or leave its pii out, \
+                     or name another field in pii.subject",
                 )),
             };
         }
