@@ -1,0 +1,105 @@
+//! `audit verify`, and the audit trail of the other local commands.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Subcommand;
+use piiwall::audit::{AuditEvent, AuditKind, LocalAudit};
+use piiwall::config::Config;
+use piiwall::keys::Keyring;
+use piiwall::producer::Producer;
+use piiwall::stream::{Control, ControlOp};
+
+use super::{kafka_client, keyring};
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check every instance's chain in an audit topic: no event removed, reordered or altered.
+    Verify {
+        /// The audit topic (default: audit.topic of the config).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+}
+
+pub(crate) fn exec(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Verify { topic } => verify(config, topic),
+    }
+}
+
+fn verify(config: &Config, topic: Option<String>) -> anyhow::Result<ExitCode> {
+    let topic = topic.unwrap_or_else(|| config.audit.topic.clone());
+    let report = piiwall::audit::verify(&kafka_client(config), &topic, &*keyring(config)?)?;
+    match report.first_break {
+        None => {
+            println!(
+                "{}: {} events from {} instance(s) in {} run(s): every chain verifies",
+                topic, report.events, report.instances, report.runs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(problem) => {
+            println!("{topic}: chain broken at {problem}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// The audit event of a local command, by the operating-system user, for the purpose given (if any).
+pub(crate) fn local_event(kind: AuditKind, purpose: Option<&str>) -> AuditEvent {
+    let mut event = AuditEvent::new(kind);
+    event.principal = Some(piiwall::audit::local_principal());
+    event.purpose = purpose.map(str::to_owned);
+    event
+}
+
+/// Writes a local command's audit events to the audit topic, waiting for the brokers' acknowledgement. Without
+/// configured brokers (offline use) there is nowhere to write them, and stderr says so.
+pub(crate) fn audit_locally(config: &Config, keyring: &Arc<Keyring>, events: Vec<AuditEvent>) -> anyhow::Result<()> {
+    if piiwall::audit::write_local(config, keyring, events)? == LocalAudit::Offline {
+        eprintln!("piiwall: not audited: the config names no kafka.brokers (offline use)");
+    }
+    Ok(())
+}
+
+/// The exit of a command that acted before writing its audit events (forget, rotate: the act stands): 1 when
+/// they were not written.
+pub(crate) fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    match audit {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("piiwall: done, but not audited: {e:#}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// After a local forget or rotate, when the config names brokers: tells the running instances through the control
+/// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
+/// within keys.cache_ttl_secs.
+pub(crate) fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &str) {
+    if !config.kafka.brokers_configured {
+        return;
+    }
+    let announced = (|| -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let client = kafka_client(config);
+        // A ledger that can lose forgets is said, and the announcement still goes out: running instances drop
+        // their cached keys at once either way.
+        if let Err(e) = runtime.block_on(piiwall::stream::ensure_ledger(&client, config)) {
+            eprintln!("piiwall: warning: {e}");
+        }
+        let control = Control::new(Producer::create(client.clone())?, config.keys.control_topic.clone());
+        runtime.block_on(control.announce(keyring, op, scope))?;
+        Ok(())
+    })();
+    if let Err(e) = announced {
+        eprintln!(
+            "piiwall: warning: not announced on {} ({e:#}): running instances drop cached keys within {} s, and \
+             `keys reapply-forgets` will not know of it",
+            config.keys.control_topic,
+            config.keys.cache.ttl.as_secs()
+        );
+    }
+}
