@@ -171,6 +171,11 @@ fn schema_level_problems_are_explained() {
             record(json!([{"name": "n", "type": "string", "pii": "hash", "items": ["string", 1]}])),
             "a list in a schema holds",
         ),
+        // From the hour-long schema fuzz run: a `fields` attribute on a field, listing a number.
+        (
+            record(json!([{"name": "n", "type": "string", "pii": "hash", "fields": [0]}])),
+            "`fields` lists objects",
+        ),
     ];
     for (schema, problem) in cases {
         let (_, got) = error_of(&schema);

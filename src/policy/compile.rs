@@ -80,6 +80,12 @@ fn check_attribute_shapes(json: &Json, path: &str) -> Result<(), PolicyError> {
                     ));
                 }
                 if key == "fields" {
+                    if value
+                        .as_array()
+                        .is_some_and(|fields| fields.iter().any(|field| !field.is_object()))
+                    {
+                        return Err(PolicyError::new(path, "`fields` lists objects, one per field"));
+                    }
                     for field in value.as_array().into_iter().flatten() {
                         let name = field.get("name").and_then(Json::as_str).unwrap_or("?");
                         let inner = if path.is_empty() {
