@@ -288,7 +288,7 @@ pub struct HttpTls {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
-    pub access: crate::api::AccessPolicy,
+    pub access: crate::access::AccessPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -1141,7 +1141,7 @@ impl RawBinding {
 
 impl RawApi {
     fn validate(self) -> Result<ApiConfig, ConfigError> {
-        use crate::api::{AccessPolicy, Operation, Principal, Role};
+        use crate::access::{AccessPolicy, Operation, Principal, Role};
         let mut roles = BTreeMap::new();
         for (name, raw) in self.roles.unwrap_or_default() {
             let operations = raw
@@ -1192,7 +1192,7 @@ impl RawApi {
             }
             let expires = match raw.expires {
                 None => None,
-                Some(text) => Some(crate::api::parse_utc(&text).ok_or_else(|| {
+                Some(text) => Some(crate::access::parse_utc(&text).ok_or_else(|| {
                     ConfigError(format!(
                         "api.principals ({name}): expires \"{text}\" is not YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ"
                     ))

@@ -20,13 +20,16 @@
 //!    context; forgetting a data subject destroys its keys (crypto-shredding), after which none of its tokens
 //!    anywhere can be revealed and its later records are redacted.
 //!
-//! The core is pure: [`sanitize::apply`] is a function of (compiled plan, record, keys) with no I/O, unit-tested
-//! and benchmarked without Kafka. Modules, in the order a record meets them:
-//! [`codec`] (wire forms to values), [`policy`] (annotations to plans and sanitized schemas), [`keys`] and
-//! [`crypto`] (data keys and tokens), [`sanitize`] (the core), [`offline`] (the file-to-file command),
-//! [`lint`] (schema checks), [`config`]; [`stream`] runs it all on Kafka and serves [`http`] and the
-//! subject-rights [`api`].
+//! Two cores, both pure (no I/O): [`transcode`] sanitizes Avro binary records byte to byte, copying what does not
+//! change; it is what `run` and `sanitize` use. [`sanitize::apply`] does the same on a decoded value tree: the
+//! reference the transcoder is tested against byte for byte ([`sanitize`] also holds reveal and token lookup).
+//! Modules, in the order a record meets them: [`codec`] (wire forms to values), [`policy`] (annotations to plans
+//! and sanitized schemas), [`transcode`] and [`sanitize`] (the cores), [`detect`] (PII in untagged text),
+//! [`keys`] and [`crypto`] (data keys, KEKs and tokens), [`offline`] (the file-to-file command), [`lint`] (schema
+//! checks), [`config`]; [`stream`] runs it all on Kafka (with [`producer`] and [`audit`]) and serves [`http`] and
+//! the subject-rights [`api`], whose [`access`] policy the config holds.
 
+pub mod access;
 pub mod api;
 pub mod audit;
 pub mod codec;

@@ -8,12 +8,11 @@
 //! | `POST /v1/subjects/status` | `purpose`, `subject` | `known`, `forgotten`, `key_versions` |
 //! | `POST /v1/keys/rotate` | `purpose`, `subject` or `domain` | `version` |
 //!
-//! Subject ids travel in bodies, never in URLs. Every call is authenticated ([`access`]), authorized by operation,
+//! Subject ids travel in bodies, never in URLs. Every call is authenticated ([`crate::access`]), authorized by operation,
 //! field path and purpose, and audited — denied and failed ones too — with the principal's configured name, the
 //! purpose, the fields, the subject as a keyed pseudonym, and the outcome; never a value or a bearer token.
 //! Errors are JSON `{"error": …}` and never echo what was sent.
 
-mod access;
 pub mod client;
 
 use std::sync::Arc;
@@ -28,7 +27,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value as Json, json};
 
-pub use access::{AccessPolicy, Denial, Operation, Principal, Role, parse_utc, path_matches, token_digest_hex};
+pub use crate::access::{AccessPolicy, Denial, Operation, Principal, Role, parse_utc, path_matches, token_digest_hex};
 
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, Auditor};
 use crate::codec::json::JsonCodec;

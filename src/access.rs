@@ -1,4 +1,6 @@
-//! Who may do what: bearer tokens → principals → roles → (operations, field paths, purposes). Deny by default.
+//! Who may do what in the subject-rights API: bearer tokens → principals → roles → (operations, field paths,
+//! purposes). Deny by default. A module of its own, depending on neither: `config` parses into these types and
+//! `api` checks requests against them.
 //!
 //! Config holds SHA-256 digests of tokens, never tokens. A presented token is digested and compared with every
 //! principal's digest in constant time (no early exit), so timing tells nothing about which digest was close.
