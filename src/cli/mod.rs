@@ -1,7 +1,8 @@
 //! The command line: one module per verb group; `main.rs` only parses and dispatches through [`run`].
 //!
-//! Exit codes: 0 success, 1 some records or tokens failed (each reported on stderr), or the act was done but not
-//! audited; 2 the command could not run (bad config, schema, KEK or key store).
+//! Exit codes: 0 success; 1 the command ran but found or left problems (records or tokens that failed, schema
+//! findings, a broken audit chain, quarantined records still failing, unreadable keys) or its act was done but
+//! not audited; 2 the command could not run (bad config, schema, KEK or key store).
 
 mod api;
 mod audit;

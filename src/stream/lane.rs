@@ -108,10 +108,11 @@ pub async fn run(
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
         let outcomes = fit_outcomes(&ctx, &batch, outcomes)?;
-        for key in retired {
-            announce_retired(&ctx, key).await;
-        }
+        // The rotations' audit events go with the batch's, acknowledged before its offset is stored.
         let mut events = Vec::new();
+        for key in retired {
+            events.push(announce_retired(&ctx, key).await);
+        }
         if keys_created > 0 {
             let mut event = AuditEvent::new(AuditKind::KeyCreated);
             event.topic = Some(topic.clone());
@@ -397,9 +398,9 @@ struct Sanitized {
     retired: Vec<Retired>,
 }
 
-/// Tells the other instances (control topic) and the audit trail that a worn key was rotated. Not announcing only
-/// delays the others until their key cache expires, so a failure is logged, not fatal.
-async fn announce_retired(ctx: &LaneContext, key: Retired) {
+/// Tells the other instances (control topic) that a worn key was rotated, and returns the audit event that says so.
+/// Not announcing only delays the others until their key cache expires, so a failure is logged, not fatal.
+async fn announce_retired(ctx: &LaneContext, key: Retired) -> AuditEvent {
     let whose = match key.domain() {
         Some(domain) => format!("the key of domain {domain}"),
         None => "a subject's key".to_owned(),
@@ -418,7 +419,7 @@ async fn announce_retired(ctx: &LaneContext, key: Retired) {
         "{whose} reached keys.max_encryptions_per_key ({})",
         ctx.max_encryptions
     ));
-    ctx.auditor.emit(event).await;
+    event
 }
 
 /// Sanitizes a batch on the blocking pool, its registry schemas resolved and its new subjects' keys created first.
