@@ -32,30 +32,51 @@ impl TagPattern {
     }
 }
 
+/// Whether `pattern` matches all of `path`: dynamic programming over (pattern segment, path segment), so many `**`
+/// cost a product of the lengths, never an exponential.
 fn match_segments(pattern: &[String], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((first, rest)) if first == "**" => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
-        Some((first, rest)) => match path.split_first() {
-            Some((segment, path_rest)) => glob(first, segment) && match_segments(rest, path_rest),
-            None => false,
-        },
+    // rest[j]: the pattern from the current segment on matches path[j..]. Built from the last segment back.
+    let mut rest: Vec<bool> = (0..=path.len()).map(|j| j == path.len()).collect();
+    for segment in pattern.iter().rev() {
+        let mut here = vec![false; path.len() + 1];
+        for j in (0..=path.len()).rev() {
+            here[j] = if segment == "**" {
+                // None of path[j..] taken, or one more segment taken.
+                rest[j] || (j < path.len() && here[j + 1])
+            } else {
+                j < path.len() && rest[j + 1] && glob(segment, path[j])
+            };
+        }
+        rest = here;
     }
+    rest[0]
 }
 
-/// `*` inside one segment matches any run of characters.
+/// `*` inside one segment matches any run of characters. Greedy with one backtrack point (the last `*`): time
+/// proportional to the pattern's length times the text's at worst, however many `*` it holds.
 fn glob(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((prefix, rest)) => {
-            let Some(text) = text.strip_prefix(prefix) else {
-                return false;
-            };
-            (0..=text.len())
-                .filter(|&i| text.is_char_boundary(i))
-                .any(|i| glob(rest, &text[i..]))
+    let pattern: Vec<char> = pattern.chars().collect();
+    let text: Vec<char> = text.chars().collect();
+    let (mut p, mut t) = (0, 0);
+    // After the last `*` seen: where the pattern resumes, and the next text position that star may take up to.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == '*' {
+            star = Some((p + 1, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((resume, taken)) = star {
+            // The last star takes one more character; the pattern resumes after it.
+            star = Some((resume, taken + 1));
+            p = resume;
+            t = taken + 1;
+        } else {
+            return false;
         }
     }
+    pattern[p..].iter().all(|&c| c == '*')
 }
 
 #[cfg(test)]
@@ -79,6 +100,19 @@ mod tests {
         assert!(m("*.*.Customer.email", "email"));
         assert!(m("e*l", "email"));
         assert!(!m("e*x", "email"));
+    }
+
+    /// Found by an hour-long schema fuzz run: a tag pattern of many `*` (or many `**` segments) took exponential
+    /// time to match, so one registered schema could stall its topic's lane. Matching is now polynomial.
+    #[test]
+    fn patterns_of_many_wildcards_match_in_polynomial_time() {
+        let stars = format!("**.us{}]]]]]]{}er_agent", "*".repeat(60), "*".repeat(40));
+        assert!(!m(&stars, "user_agent_"));
+        assert!(m(&stars, "a.b.us_x]]]]]]yer_agent"));
+        let globstars = vec!["**"; 40].join(".") + ".x";
+        assert!(!m(&globstars, &vec!["a"; 60].join(".")));
+        assert!(m(&globstars, &(vec!["a"; 60].join(".") + ".x")));
+        assert!(m("*a*b*c*", "xaybzc") && !m("*a*b*c*", "xaybz"));
     }
 
     #[test]
