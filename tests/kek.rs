@@ -135,16 +135,7 @@ fn a_store_moves_from_a_key_file_to_the_hsm_and_back_and_every_key_still_opens()
         &format!("file:{}", key_file.display()),
         &[&format!("pkcs11:{label}")],
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
-        .args(["--config", config.to_str().unwrap(), "keys", "rewrap", "--batch", "5"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rewrap(&config, 5);
     assert!(stdout.contains("rewrapped 19 key(s)"), "{stdout}");
     let back = keyring(&store, local(9), vec![]);
     assert_eq!(key_ids(&back, &again), expected);
@@ -192,6 +183,28 @@ fn a_wrong_pin_or_an_unknown_key_label_is_named_and_the_pin_never_shown() {
         no_pin.contains("keys.pkcs11.pin") && no_pin.contains("PIIWALL_TEST_UNSET_PIN"),
         "{no_pin}"
     );
+}
+
+/// `piiwall keys rewrap` with `config`, `batch` keys per page; its standard output, once it succeeded.
+fn rewrap(config: &Path, batch: usize) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "keys",
+            "rewrap",
+            "--batch",
+            &batch.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -302,16 +315,7 @@ mod aws {
             .forget_subject("customer-5")
             .unwrap();
         let config = write_config(dir.path(), &format!("aws-kms:{key}"), &[&format!("pkcs11:{label}")]);
-        let out = Command::new(env!("CARGO_BIN_EXE_piiwall"))
-            .args(["--config", config.to_str().unwrap(), "keys", "rewrap", "--batch", "7"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = rewrap(&config, 7);
         assert!(stdout.contains("rewrapped 29 key(s)"), "{stdout}");
         // Under the store's wrapping key, which KMS wraps (the default with AWS KMS).
         let under = format!("aws-kms:{key}+wk:");

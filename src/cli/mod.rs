@@ -67,23 +67,8 @@ pub(crate) enum Command {
     },
     /// Print the token a field's value gets, to filter sanitized data by it.
     Tokenize {
-        /// The annotated schema (local); with --server, give --topic instead.
-        #[arg(long, required_unless_present = "server")]
-        schema: Option<PathBuf>,
-        /// With --server: the topic whose schema to use.
-        #[arg(long, requires = "server")]
-        topic: Option<String>,
-        /// With --server: the writer schema id, for a topic whose schemas come from the registry.
-        #[arg(long, requires = "server")]
-        schema_id: Option<u32>,
-        /// Dotted field path, as in the schema.
-        #[arg(long)]
-        field: String,
-        /// The data subject id, when the schema names one; - reads it from standard input.
-        #[arg(long)]
-        subject: Option<String>,
-        /// The value (a JSON number for numeric fields); - reads it from standard input.
-        value: String,
+        #[command(flatten)]
+        args: offline::TokenizeArgs,
         #[command(flatten)]
         remote: Remote,
     },
@@ -155,26 +140,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Quarantine { command } => stream::exec(config, command),
         Command::Sanitize { schema, input, output } => offline::sanitize(&config, &schema, &input, &output),
         Command::Reveal { field, tokens, remote } => offline::reveal(&config, &field, tokens, &remote),
-        Command::Tokenize {
-            schema,
-            topic,
-            schema_id,
-            field,
-            subject,
-            value,
-            remote,
-        } => offline::tokenize(
-            &config,
-            offline::TokenizeArgs {
-                schema,
-                topic,
-                schema_id,
-                field,
-                subject,
-                value,
-            },
-            &remote,
-        ),
+        Command::Tokenize { args, remote } => offline::tokenize(&config, args, &remote),
         Command::Forget { subject, remote } => subject::forget(&config, subject, &remote),
         Command::Keys { command } => keys::exec(&config, command),
         Command::Api { command } => api::exec(command),

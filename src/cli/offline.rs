@@ -135,12 +135,24 @@ pub(crate) fn reveal(config: &Config, field: &str, tokens: Vec<String>, remote: 
 }
 
 /// What `tokenize` is asked.
+#[derive(clap::Args)]
 pub(crate) struct TokenizeArgs {
+    /// The annotated schema (local); with --server, give --topic instead.
+    #[arg(long, required_unless_present = "server")]
     pub(crate) schema: Option<PathBuf>,
+    /// With --server: the topic whose schema to use.
+    #[arg(long, requires = "server")]
     pub(crate) topic: Option<String>,
+    /// With --server: the writer schema id, for a topic whose schemas come from the registry.
+    #[arg(long, requires = "server")]
     pub(crate) schema_id: Option<u32>,
+    /// Dotted field path, as in the schema.
+    #[arg(long)]
     pub(crate) field: String,
+    /// The data subject id, when the schema names one; - reads it from standard input.
+    #[arg(long)]
     pub(crate) subject: Option<String>,
+    /// The value (a JSON number for numeric fields); - reads it from standard input.
     pub(crate) value: String,
 }
 
