@@ -23,7 +23,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hmac::{Hmac, Mac};
 use piiwall::codec::json::JsonCodec;
 use piiwall::crypto::{KekProvider, KekSet, LocalKek, Pkcs11Kek, Pkcs11Location, SecretSource};
-use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore, WrappingKey};
+use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::sanitize::Sanitizer;
 use piiwall::transcode::{TranscodeScratch, Transcoder};
@@ -169,7 +169,11 @@ fn new_subjects(c: &mut Criterion) {
         new_subjects_with(c, "new_subjects_aws_kms_per_key", |_| Box::new(kms.clone()));
         new_subjects_with(c, "new_subjects_aws_kms", |store| {
             let ttl = KeyCacheSettings::default().ttl;
-            Box::new(WrappingKey::open(kms.clone(), store, ttl, true).unwrap().unwrap())
+            Box::new(
+                piiwall::keys::WrappingKey::open(kms.clone(), store, ttl, true)
+                    .unwrap()
+                    .unwrap(),
+            )
         });
     }
 }

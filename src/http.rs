@@ -19,7 +19,9 @@ use tokio_rustls::server::TlsStream;
 
 use crate::error::Error;
 
-/// The process-wide Prometheus recorder: `metrics` has one global recorder, installed on first use.
+/// The process-wide Prometheus recorder: `metrics` has one global recorder, installed on first use, with every
+/// metric of [`STATES`] and [`TOTALS`] exported from the start at 0 (a dashboard or an alert on a state that never
+/// happened finds a series, not a gap).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -27,9 +29,55 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may already be installed (an embedding application's): then ours only renders nothing.
         let _ = metrics::set_global_recorder(recorder);
+        for (name, help) in STATES {
+            metrics::describe_gauge!(*name, *help);
+            metrics::gauge!(*name).set(0.0);
+        }
+        for (name, help) in TOTALS {
+            metrics::describe_counter!(*name, *help);
+            metrics::counter!(*name).absolute(0);
+        }
         handle
     })
 }
+
+/// The gauges without labels: waiting and paused states (1 while in it), exported at 0 from the start.
+pub const STATES: &[(&str, &str)] = &[
+    (
+        "piiwall_waiting_for_keys",
+        "1 while start-up waits for the key store or the KEK provider",
+    ),
+    ("piiwall_waiting_for_brokers", "1 while the brokers do not answer"),
+    (
+        "piiwall_partitions_paused",
+        "input partitions paused because their lane is full",
+    ),
+    (
+        "piiwall_audit_failing",
+        "1 while audit events cannot be written (the pipeline waits)",
+    ),
+    (
+        "piiwall_control_topic_not_append_only",
+        "1 when the control topic can be compacted or deleted",
+    ),
+];
+
+/// The counters without labels, exported at 0 from the start.
+pub const TOTALS: &[(&str, &str)] = &[
+    (
+        "piiwall_keys_created_total",
+        "data keys created by this process (new subjects, domains, rotations)",
+    ),
+    (
+        "piiwall_key_store_calls_total",
+        "key-store calls for cache misses and new keys",
+    ),
+    (
+        "piiwall_key_store_microseconds_total",
+        "time spent in those key-store calls",
+    ),
+    ("piiwall_audit_failures_total", "failed attempts to write audit events"),
+];
 
 /// What `/readyz` reports.
 #[derive(Clone)]

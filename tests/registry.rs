@@ -24,8 +24,13 @@ fn config(dir: &Path, input: &str, registry: &str) -> Config {
 
 /// As [`config`], with `schemas.key` set to `key`.
 fn config_with_keys(dir: &Path, input: &str, registry: &str, key: &str) -> Config {
+    let text = config_text(dir, input, registry, key);
+    Config::parse(&text, std::iter::empty(), "registry test config").unwrap()
+}
+
+fn config_text(dir: &Path, input: &str, registry: &str, key: &str) -> String {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
-    let text = format!(
+    format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{broker}\"\n\
          group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
          [schemas]\nregistry = \"{registry}\"\nkey = \"{key}\"\n[pipeline]\ncommit_interval_ms = 100\n[audit]\ntopic = \"{input}.audit\"\n\
@@ -33,8 +38,7 @@ fn config_with_keys(dir: &Path, input: &str, registry: &str, key: &str) -> Confi
         dir = dir.display(),
         broker = broker(),
         group = unique("piiwall"),
-    );
-    Config::parse(&text, std::iter::empty(), "registry test config").unwrap()
+    )
 }
 
 /// Runs the pipeline until `outputs` sanitized and `quarantined` quarantined records arrived (or time ran out),
@@ -287,4 +291,84 @@ async fn avro_keys_are_sanitized_by_their_key_schema_registered_under_key() {
     assert_eq!(quarantined.len(), 1, "a key that is not framed Avro is quarantined");
     let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
     assert!(reason.starts_with("key: not Confluent wire format"), "{reason}");
+}
+
+/// Every metric the shipped Grafana dashboard (docker/grafana/dashboards/piiwall.json) queries is exported under that
+/// name by a running pipeline with a registry, subjects and a quarantined record (states at 0 included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let dashboard: Json = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/grafana/dashboards/piiwall.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut wanted: Vec<String> = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("piiwall_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !wanted.contains(&name) {
+                    wanted.push(name);
+                }
+            }
+        }
+    }
+    assert!(wanted.len() >= 15, "the dashboard queries the metrics: {wanted:?}");
+
+    let registry = Registry::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("dash-customers");
+    create_topic(&input, 1).await;
+    let text = common::example("customer_profile.avsc");
+    let schema = compile(&text, &PolicySettings::default()).unwrap();
+    let id = register(&registry.url(), &format!("{input}-value"), &text).await;
+    // An address pasted into an untagged field: a detection (reported, the default).
+    let mut pasted = customer(0);
+    pasted["address"]["city"] = Json::from("write to leak@example.org");
+    let mut values: Vec<Vec<u8>> = vec![framed(&schema, id, &pasted)];
+    values.extend((1..10).map(|i| framed(&schema, id, &customer(i))));
+    values.push(framed(&schema, id + 1000, &customer(99)));
+    let records = values.into_iter().map(|v| (0, None, v, OwnedHeaders::new())).collect();
+    produce(&input, records).await;
+    // Lag is published from librdkafka's statistics: every second here, every 5 s by default.
+    let text = config_text(dir.path(), &input, &registry.url(), "hash")
+        + "[kafka.properties]\n\"statistics.interval.ms\" = \"1000\"\n";
+    let config = Config::parse(&text, std::iter::empty(), "dashboard test config").unwrap();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let output = format!("{input}.sanitized");
+    let read = tokio::task::spawn_blocking(move || consume(&output, 10, Duration::from_secs(60)));
+    assert_eq!(read.await.unwrap().len(), 10);
+
+    let missing = |text: &str| -> Vec<String> {
+        wanted
+            .iter()
+            .filter(|name| {
+                !text
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            })
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut rendered = piiwall::http::prometheus().render();
+    while !missing(&rendered).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        rendered = piiwall::http::prometheus().render();
+    }
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(missing(&rendered), Vec::<String>::new(), "exported:\n{rendered}");
+    assert!(
+        rendered.contains("piiwall_quarantined_total{") && rendered.contains("reason=\"schema\""),
+        "an unknown schema id counts as a schema fault"
+    );
+    for value in ["example.com", "example.org", "cus_"] {
+        assert!(!rendered.contains(value), "no value in a metric");
+    }
 }

@@ -188,6 +188,7 @@ impl Retry {
             return Err(e);
         }
         self.failing.store(true, Ordering::SeqCst);
+        metrics::gauge!("piiwall_audit_failing").set(1.0);
         metrics::counter!("piiwall_audit_failures_total").increment(1);
         tracing::warn!(error = %e, retry_in_ms = self.wait.as_millis() as u64, "audit event not written: retrying");
         tokio::time::sleep(self.wait).await;
@@ -197,6 +198,7 @@ impl Retry {
 
     fn succeeded(&mut self) {
         if self.failing.swap(false, Ordering::SeqCst) {
+            metrics::gauge!("piiwall_audit_failing").set(0.0);
             tracing::info!("audit events written again");
         }
         self.wait = RETRY_START;

@@ -1,6 +1,6 @@
 //! The keyring: data keys by scope and by id, from the key store through a bounded in-memory cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -127,7 +127,7 @@ pub struct Keyring {
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
     ttl: Duration,
-    stats: CacheStats,
+    stats: KeyringStats,
     /// Cache fills share it; invalidations take it alone (see [`fill`](Self::fill)).
     fills: RwLock<()>,
     /// The key store's clock minus this host's, in seconds, as last read by [`store_today`](Self::store_today);
@@ -157,11 +157,28 @@ pub struct SubjectStatus {
     pub key_versions: u32,
 }
 
-/// Key cache hits and misses, counted with atomics on the hot path and published by the caller per batch.
+/// Key cache hits and misses, keys created, and the key store's reads and writes on the record path, counted with
+/// atomics and published by the caller per batch.
 #[derive(Debug, Default)]
-pub struct CacheStats {
+pub struct KeyringStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Keys this process created (new subjects and domains, rotations).
+    pub created: AtomicU64,
+    /// Key-store calls made for cache misses and new keys, and the time they took in total.
+    pub store_calls: AtomicU64,
+    pub store_nanos: AtomicU64,
+}
+
+impl KeyringStats {
+    fn timed<T>(&self, call: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = call();
+        self.store_calls.fetch_add(1, Ordering::Relaxed);
+        self.store_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
 }
 
 impl Keyring {
@@ -202,7 +219,7 @@ impl Keyring {
             by_id,
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
-            stats: CacheStats::default(),
+            stats: KeyringStats::default(),
             fills: RwLock::new(()),
             store_clock_offset: AtomicI64::new(i64::MIN),
         })
@@ -367,8 +384,9 @@ impl Keyring {
             }
         }
         let mut missing: Vec<(String, String)> = Vec::new();
+        let mut seen_missing: HashSet<&str> = HashSet::new();
         for subject in subjects {
-            if batch.keys.contains_key(subject) || missing.iter().any(|(s, _)| s == subject) {
+            if batch.keys.contains_key(subject) || !seen_missing.insert(subject) {
                 continue;
             }
             let scope = self.subject_scope(subject);
@@ -408,7 +426,7 @@ impl Keyring {
             })
             .collect();
         let _fill = self.fill();
-        let rows = self.store.ensure_current(&candidates)?;
+        let rows = self.stats.timed(|| self.store.ensure_current(&candidates))?;
         let fetched = missing.into_iter().zip(candidates.into_iter().zip(secrets).zip(rows));
         for ((subject, _), ((candidate, secret), row)) in fetched {
             let entry = match row {
@@ -416,6 +434,7 @@ impl Keyring {
                 // subject, which an HSM or KMS feels).
                 Some(row) if row.key_id == candidate.key_id => {
                     batch.created += 1;
+                    self.stats.created.fetch_add(1, Ordering::Relaxed);
                     RecordKey::Active(Arc::new(Dek::new(row.key_id, row.version, secret.as_slice())))
                 }
                 Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
@@ -448,8 +467,8 @@ impl Keyring {
         Ok(dek)
     }
 
-    /// Cache hits and misses so far.
-    pub fn cache_stats(&self) -> &CacheStats {
+    /// Cache hits and misses, keys created and key-store time so far.
+    pub fn stats(&self) -> &KeyringStats {
         &self.stats
     }
 
@@ -461,7 +480,7 @@ impl Keyring {
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let _fill = self.fill();
-        match self.store.by_id(&key_id)? {
+        match self.stats.timed(|| self.store.by_id(&key_id))? {
             KeyLookup::Found(row) => {
                 let dek = Arc::new(self.unwrap(&row)?);
                 self.by_id.insert(
@@ -699,9 +718,9 @@ impl Keyring {
             return Ok(hit);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let entry = match self.store.current(scope)? {
+        let entry = match self.stats.timed(|| self.store.current(scope))? {
             Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
-            None if self.store.is_forgotten(scope)? => RecordKey::Forgotten,
+            None if self.stats.timed(|| self.store.is_forgotten(scope))? => RecordKey::Forgotten,
             None => match self.create(scope, 1) {
                 Ok((row, _)) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
                 Err(KeyError::Forgotten) => RecordKey::Forgotten,
@@ -727,16 +746,20 @@ impl Keyring {
         let key_id = KeyId::random();
         let secret = Zeroizing::new(rand::random::<[u8; 32]>());
         let wrapped = self.kek.wrap(secret.as_slice(), &dek_ad(key_id, scope, version))?;
+        let candidate = StoredKey {
+            key_id,
+            scope: scope.to_owned(),
+            version,
+            wrapped,
+        };
         let stored = self
-            .store
-            .insert_if_absent(&StoredKey {
-                key_id,
-                scope: scope.to_owned(),
-                version,
-                wrapped,
-            })?
+            .stats
+            .timed(|| self.store.insert_if_absent(&candidate))?
             .ok_or(KeyError::Forgotten)?;
         let ours = stored.key_id == key_id;
+        if ours {
+            self.stats.created.fetch_add(1, Ordering::Relaxed);
+        }
         Ok((stored, ours))
     }
 

@@ -13,7 +13,7 @@ mod store;
 mod wrapping;
 
 pub use keyring::{
-    BatchKeys, CacheStats, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, RecordKey, Retired,
+    BatchKeys, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings, Keyring, KeyringStats, RecordKey, Retired,
     Rewrapped, SubjectStatus, today,
 };
 pub use postgres::PostgresStore;

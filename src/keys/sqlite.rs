@@ -49,6 +49,12 @@ impl SqliteStore {
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
             // Deleted rows (a forgotten subject's wrapped keys) are overwritten with zeros, not left in free pages.
             .and_then(|()| connection.pragma_update(None, "secure_delete", "ON"))
+            // New subjects insert at random places in two indexes (key id, scope): a page cache that holds their
+            // inner pages (16 MiB, not SQLite's 2 MB) and a WAL checkpointed every 40 MB rather than every 4 MB
+            // (a page changed by many batches is copied back once) run new subjects ~30% faster (issue 15). Forget
+            // still empties the WAL at once (`checkpoint_after`).
+            .and_then(|()| connection.pragma_update(None, "cache_size", -16_384))
+            .and_then(|()| connection.pragma_update(None, "wal_autocheckpoint", 10_000))
             .and_then(|()| connection.execute_batch(SCHEMA))
             .map_err(|e| store_error(e, "cannot prepare the key store"))?;
         Ok(Self {
@@ -180,15 +186,20 @@ impl KeyStore for SqliteStore {
                         } else if forgotten.exists([&candidate.scope])? {
                             rows.push(None);
                         } else {
-                            insert.execute(params![
+                            let inserted = insert.execute(params![
                                 &candidate.key_id.0[..],
                                 candidate.scope,
                                 candidate.version,
                                 candidate.wrapped,
                                 now()
                             ])?;
-                            // Ours, or a concurrent writer's that won: either way the stored one.
-                            rows.push(current.query_row([&candidate.scope], row_to_key).optional()?);
+                            // The transaction holds the write lock since its start, so no other writer can have
+                            // stored one in between: ours. Read back only if the insert did nothing after all.
+                            if inserted == 1 {
+                                rows.push(Some(Ok(candidate.clone())));
+                            } else {
+                                rows.push(current.query_row([&candidate.scope], row_to_key).optional()?);
+                            }
                         }
                     }
                 }

@@ -14,7 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer a
 use tokio::sync::mpsc;
 
 use super::control::{Control, ControlOp};
-use super::process::{Outcome, Processor};
+use super::process::{Outcome, Processor, QuarantineClass};
 use super::transaction;
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::error::{Error, ErrorKind};
@@ -187,6 +187,10 @@ pub async fn run(
             .increment(written.sanitized);
         metrics::counter!("piiwall_records_total", "topic" => topic.clone(), "outcome" => "quarantined")
             .increment(written.quarantined);
+        for (class, count) in written.quarantined_by_class {
+            metrics::counter!("piiwall_quarantined_total", "topic" => topic.clone(), "reason" => class.name())
+                .increment(count);
+        }
     }
     tracing::debug!(%topic, partition, "lane drained");
     Ok(LaneEnd::Drained)
@@ -254,12 +258,14 @@ fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome
                     "the sanitized record takes {size} bytes, more than the brokers accept (message.max.bytes {})",
                     ctx.max_record_bytes
                 );
-                match ctx.processor.quarantine(message, reason.clone(), schema_id)? {
+                let class = QuarantineClass::TooLarge;
+                match ctx.processor.quarantine(message, reason.clone(), class, schema_id)? {
                     Outcome::Quarantine { key, value, .. } if fits(key.as_deref(), Some(&value)) => {
                         Ok(Outcome::Quarantine {
                             key,
                             value,
                             reason,
+                            class,
                             schema_id,
                         })
                     }
@@ -267,6 +273,7 @@ fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome
                         key: None,
                         value: Vec::new(),
                         reason: format!("{reason}; its copy is too large to keep: replay it from the input topic"),
+                        class,
                         schema_id,
                     }),
                 }
@@ -292,6 +299,8 @@ async fn audit_batch(ctx: &LaneContext, events: Vec<AuditEvent>) -> Result<(), E
 struct Written {
     sanitized: u64,
     quarantined: u64,
+    /// Quarantined records per kind of fault.
+    quarantined_by_class: Vec<(QuarantineClass, u64)>,
     /// Sanitized records per writer schema id.
     per_schema: std::collections::HashMap<u32, u64>,
     /// One event per quarantined record.
@@ -311,6 +320,7 @@ async fn write(
     let mut written = Written {
         sanitized: 0,
         quarantined: 0,
+        quarantined_by_class: Vec::new(),
         per_schema: std::collections::HashMap::new(),
         audit: Vec::new(),
     };
@@ -336,9 +346,14 @@ async fn write(
                 key,
                 value,
                 reason,
+                class,
                 schema_id,
             } => {
                 written.quarantined += 1;
+                match written.quarantined_by_class.iter_mut().find(|(c, _)| c == class) {
+                    Some((_, count)) => *count += 1,
+                    None => written.quarantined_by_class.push((*class, 1)),
+                }
                 tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
                 let mut event = AuditEvent::new(AuditKind::Quarantine);
                 event.topic = Some(topic.to_owned());

@@ -259,6 +259,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     if config.kafka.inputs.is_empty() {
         return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
     }
+    // Metrics are recorded with the listener off too: an embedding application renders them itself.
+    crate::http::prometheus();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let waiting_for_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -301,6 +303,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         // the others' lanes go on.
         consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     }
+    if consumer_config.get("statistics.interval.ms").is_none() {
+        // Lag per partition (`piiwall_lane_lag`) every 5 s, unless `[kafka.properties]` asks otherwise.
+        consumer_config.set("statistics.interval.ms", "5000");
+    }
     let consumer: Arc<PipelineConsumer> = Arc::new(
         consumer_config
             .set("group.id", &config.kafka.group_id)
@@ -309,7 +315,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             .set("auto.offset.reset", "earliest")
             // Inputs written in transactions are read once committed (the default, stated).
             .set("isolation.level", "read_committed")
-            .set("statistics.interval.ms", "5000")
             .create_with_context(context::PipelineContext::default())
             .map_err(|e| Error::Kafka(format!("cannot create the consumer: {e}")))?,
     );
@@ -764,11 +769,16 @@ fn detection_counts(detections: crate::transcode::Detections) -> Vec<FieldCount>
         .collect()
 }
 
-/// Publishes the key cache's hit and miss totals (counted with atomics on the hot path).
+/// Publishes the keyring's totals (counted with atomics on the hot path): cache hits and misses, keys created, and
+/// the key store's calls and time (their ratio is the store's mean latency).
 fn publish_key_cache(ctx: &LaneContext) {
-    let stats = ctx.processor.sanitizer.keyring().cache_stats();
-    metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(stats.hits.load(Ordering::Relaxed));
-    metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(stats.misses.load(Ordering::Relaxed));
+    let stats = ctx.processor.sanitizer.keyring().stats();
+    let total = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    metrics::counter!("piiwall_key_cache_total", "outcome" => "hit").absolute(total(&stats.hits));
+    metrics::counter!("piiwall_key_cache_total", "outcome" => "miss").absolute(total(&stats.misses));
+    metrics::counter!("piiwall_keys_created_total").absolute(total(&stats.created));
+    metrics::counter!("piiwall_key_store_calls_total").absolute(total(&stats.store_calls));
+    metrics::counter!("piiwall_key_store_microseconds_total").absolute(total(&stats.store_nanos) / 1_000);
 }
 
 /// Warns about each of piiwall's topics with fewer than 3 replicas on a cluster of 3 brokers or more: with

@@ -28,8 +28,34 @@ pub enum Outcome {
         key: Option<Vec<u8>>,
         value: Vec<u8>,
         reason: String,
+        class: QuarantineClass,
         schema_id: Option<u32>,
     },
+}
+
+/// What kind of fault sent a record to quarantine: the label of `piiwall_quarantined_total`, where the reason's
+/// text (a field path, a schema id) would make a label per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineClass {
+    /// Not in the Confluent wire format, or a topic with no schema binding.
+    Framing,
+    /// Its schema could not be fetched, compiled or protected.
+    Schema,
+    /// The record does not decode under its schema, or a value cannot be protected.
+    Record,
+    /// Its sanitized form is larger than the brokers accept.
+    TooLarge,
+}
+
+impl QuarantineClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuarantineClass::Framing => "framing",
+            QuarantineClass::Schema => "schema",
+            QuarantineClass::Record => "record",
+            QuarantineClass::TooLarge => "too_large",
+        }
+    }
 }
 
 pub struct Processor {
@@ -99,7 +125,11 @@ impl Processor {
     ) -> Result<Outcome, Error> {
         match self.sanitize(message, keys, scratch) {
             Ok(outcome) => Ok(outcome),
-            Err(Failure::Poison { reason, schema_id }) => self.quarantine(message, reason, schema_id),
+            Err(Failure::Poison {
+                reason,
+                class,
+                schema_id,
+            }) => self.quarantine(message, reason, class, schema_id),
             Err(Failure::Other(e)) => Err(e),
         }
     }
@@ -110,13 +140,20 @@ impl Processor {
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
     ) -> Result<Outcome, Failure> {
-        let poison = |reason: String, schema_id| Failure::Poison { reason, schema_id };
+        let poison = |class, reason: String, schema_id| Failure::Poison {
+            reason,
+            class,
+            schema_id,
+        };
         let Some(value) = message.payload() else {
             // A tombstone: no schema, only its key to protect.
-            let action = self
-                .routes
-                .key_action(message.topic())
-                .ok_or_else(|| poison("no schema binding for this topic".into(), None))?;
+            let action = self.routes.key_action(message.topic()).ok_or_else(|| {
+                poison(
+                    QuarantineClass::Framing,
+                    "no schema binding for this topic".into(),
+                    None,
+                )
+            })?;
             let domain = self.routes.value_domain(message.topic());
             let key = self.key(
                 message.topic(),
@@ -133,16 +170,17 @@ impl Processor {
                 schema_id: None,
             });
         };
-        let (schema_id, payload) = framing::parse(value).map_err(|reason| poison(reason.to_owned(), None))?;
+        let (schema_id, payload) =
+            framing::parse(value).map_err(|reason| poison(QuarantineClass::Framing, reason.to_owned(), None))?;
         let route = match self.routes.get(message.topic(), schema_id) {
             Route::Ready(route) => route,
-            Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
+            Route::Broken(reason) => return Err(poison(QuarantineClass::Schema, reason, Some(schema_id))),
         };
         let action = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash);
         let subject = route
             .transcoder
             .subject(payload)
-            .map_err(|e| poison(e.to_string(), Some(schema_id)))?;
+            .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
         let forgotten = match subject.as_deref() {
             Some(subject) => self.sanitizer.is_forgotten(subject, keys).map_err(Failure::Other)?,
             None => false,
@@ -174,7 +212,9 @@ impl Processor {
                 value: Some(out),
                 schema_id: Some(schema_id),
             }),
-            Err(e) if e.kind() == ErrorKind::Poison => Err(poison(e.to_string(), Some(schema_id))),
+            Err(e) if e.kind() == ErrorKind::Poison => {
+                Err(poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))
+            }
             Err(e) => Err(Failure::Other(e)),
         }
     }
@@ -226,19 +266,21 @@ impl Processor {
         keys: Option<&BatchKeys>,
         scratch: &mut TranscodeScratch,
     ) -> Result<Vec<u8>, Failure> {
-        let poison = |reason: String, schema_id| Failure::Poison {
+        let poison = |class, reason: String, schema_id| Failure::Poison {
             reason: format!("key: {reason}"),
+            class,
             schema_id,
         };
-        let (schema_id, payload) = framing::parse(key).map_err(|reason| poison(reason.to_owned(), None))?;
+        let (schema_id, payload) =
+            framing::parse(key).map_err(|reason| poison(QuarantineClass::Framing, reason.to_owned(), None))?;
         let route = match self.routes.get_part(topic, Part::Key, schema_id) {
             Route::Ready(route) => route,
-            Route::Broken(reason) => return Err(poison(reason, Some(schema_id))),
+            Route::Broken(reason) => return Err(poison(QuarantineClass::Schema, reason, Some(schema_id))),
         };
         let own_subject = route
             .transcoder
             .subject(payload)
-            .map_err(|e| poison(e.to_string(), Some(schema_id)))?;
+            .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
         let subject = match (own_subject.as_deref(), owner) {
             (Some(own), _) => Some(own),
             (None, KeyOwner::Value(subject)) => subject,
@@ -246,6 +288,7 @@ impl Processor {
             // a pseudonym no forget destroys (and one that matches nothing the records carried).
             (None, KeyOwner::Tombstone) if route.schema.plan.needs_keys() => {
                 return Err(poison(
+                    QuarantineClass::Record,
                     "a tombstone whose key schema names no data subject: give the key schema a pii.subject so \
                      deletions are protected like their records"
                         .into(),
@@ -266,7 +309,9 @@ impl Processor {
             &mut out,
         ) {
             Ok(()) => Ok(out),
-            Err(e) if e.kind() == ErrorKind::Poison => Err(poison(e.to_string(), Some(schema_id))),
+            Err(e) if e.kind() == ErrorKind::Poison => {
+                Err(poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))
+            }
             Err(e) => Err(Failure::Other(e)),
         }
     }
@@ -279,6 +324,7 @@ impl Processor {
         &self,
         message: &OwnedMessage,
         reason: String,
+        class: QuarantineClass,
         schema_id: Option<u32>,
     ) -> Result<Outcome, Error> {
         let keyring = self.sanitizer.keyring();
@@ -290,6 +336,7 @@ impl Processor {
                         key: None,
                         value: Vec::new(),
                         reason: format!("{reason} (content dropped: the record's data subject is forgotten)"),
+                        class,
                         schema_id,
                     });
                 }
@@ -311,6 +358,7 @@ impl Processor {
                 None => seal(&[], &bound(contexts::QUARANTINE_TOMBSTONE)),
             },
             reason,
+            class,
             schema_id,
         })
     }
@@ -342,7 +390,11 @@ enum KeyOwner<'a> {
 /// Why a record was not sanitized.
 enum Failure {
     /// The record itself: it goes to quarantine.
-    Poison { reason: String, schema_id: Option<u32> },
+    Poison {
+        reason: String,
+        class: QuarantineClass,
+        schema_id: Option<u32>,
+    },
     /// Not the record's fault (key store, KEK): retried or fatal, never quarantined.
     Other(Error),
 }

@@ -73,8 +73,11 @@ impl RegistryClient {
     /// The Avro schema text registered under `id`.
     pub async fn schema(&self, id: u32) -> Result<String, RegistryError> {
         let what = format!("fetching schema id {id}");
+        let started = std::time::Instant::now();
         let response = self.http.get(format!("{}/schemas/ids/{id}", self.base)).send().await;
-        let answer: SchemaAnswer = read(response, &what).await?;
+        let answer: Result<SchemaAnswer, _> = read(response, &what).await;
+        observe("fetch", started, &answer);
+        let answer = answer?;
         match answer.schema_type.as_deref() {
             None | Some("AVRO") => Ok(answer.schema),
             Some(other) => Err(RegistryError::Refused(format!(
@@ -87,6 +90,7 @@ impl RegistryClient {
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
         let what = format!("registering a schema under {subject}");
         let body = serde_json::json!({ "schema": schema }).to_string();
+        let started = std::time::Instant::now();
         let response = self
             .http
             .post(format!("{}/subjects/{subject}/versions", self.base))
@@ -94,9 +98,17 @@ impl RegistryClient {
             .body(body)
             .send()
             .await;
-        let answer: IdAnswer = read(response, &what).await?;
-        Ok(answer.id)
+        let answer: Result<IdAnswer, _> = read(response, &what).await;
+        observe("register", started, &answer);
+        Ok(answer?.id)
     }
+}
+
+/// Records a registry call's latency by operation and outcome (`piiwall_registry_seconds`).
+fn observe<T>(operation: &'static str, started: std::time::Instant, answer: &Result<T, RegistryError>) {
+    let outcome = if answer.is_ok() { "ok" } else { "error" };
+    metrics::histogram!("piiwall_registry_seconds", "operation" => operation, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Classifies an answer by its status; reads a 2xx body as `T`.
