@@ -8,14 +8,17 @@
 //!   sign-up flow): each batch of 500 creates 500 keys (random key, KEK wrap, one SQLite transaction for the batch)
 //!   before it is transcoded. The batch's records are encoded outside the measurement. Records/s, one thread. With
 //!   the local KEK, and with SoftHSM2 (`new_subjects_pkcs11`) and AWS KMS on moto (`new_subjects_aws_kms`, under
-//!   the store's wrapping key as `run` does by default; `new_subjects_aws_kms_per_key`, one KMS call per key) when
-//!   the test services run (`bash scripts/test-services`, then the variables it prints).
+//!   the store's wrapping key as `run` does by default; `new_subjects_aws_kms_per_key`, one KMS call per key), and
+//!   the PostgreSQL key store (`new_subjects_postgres`, local KEK) when the test services run
+//!   (`bash scripts/test-services`, then the variables it prints). Each prints the key store's share of its time.
 //! - `floor`: only the unavoidable work of one record of the 10-field event (`schemas/event.avsc`): the same
 //!   AES-256-GCM and HMAC-SHA256 operations on the same byte lengths, and one copy of the record's bytes, with no
 //!   parsing — the physical limit on this machine, against which the transcoder is quoted.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -23,7 +26,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hmac::{Hmac, Mac};
 use piiwall::codec::json::JsonCodec;
 use piiwall::crypto::{KekProvider, KekSet, LocalKek, Pkcs11Kek, Pkcs11Location, SecretSource};
-use piiwall::keys::{KeyCacheSettings, Keyring, SqliteStore};
+use piiwall::keys::{KeyCacheSettings, KeyStore, Keyring, PostgresStore, SqliteStore};
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::sanitize::Sanitizer;
 use piiwall::transcode::{TranscodeScratch, Transcoder};
@@ -33,6 +36,9 @@ use sha2::Sha256;
 
 #[path = "../tests/common/keks.rs"]
 mod keks;
+#[path = "../tests/common/services.rs"]
+#[allow(dead_code)]
+mod services;
 
 const SUBJECTS: usize = 100_000;
 const BATCH: usize = 500;
@@ -141,9 +147,19 @@ fn encode(schema: &piiwall::policy::CompiledSchema, codec: &JsonCodec, record: &
 }
 
 /// New subjects with each KEK provider at hand: the local KEK always; SoftHSM2 through PKCS#11 and AWS KMS (moto)
-/// when scripts/test-services runs (`PIIWALL_TEST_PKCS11_MODULE`, `PIIWALL_TEST_AWS` and the feature `aws-kms`).
+/// when scripts/test-services runs (`PIIWALL_TEST_PKCS11_MODULE`, `PIIWALL_TEST_AWS` and the feature `aws-kms`); and
+/// the PostgreSQL key store with the local KEK when `PIIWALL_TEST_PG` names the test server.
 fn new_subjects(c: &mut Criterion) {
-    new_subjects_with(c, "new_subjects", |_| Box::new(LocalKek::from_bytes(&[7; 32]).unwrap()));
+    let local = || -> Box<dyn KekProvider> { Box::new(LocalKek::from_bytes(&[7; 32]).unwrap()) };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = || -> Arc<dyn KeyStore> {
+        Arc::new(SqliteStore::open(&dir.path().join(format!("keys-{}.db", rand::random::<u32>()))).unwrap())
+    };
+    new_subjects_with(c, "new_subjects", sqlite(), |_| local());
+    if std::env::var_os("PIIWALL_TEST_PG").is_some() {
+        let store = Arc::new(PostgresStore::open(&services::fresh_database()).unwrap());
+        new_subjects_with(c, "new_subjects_postgres", store, |_| local());
+    }
     if std::env::var_os("PIIWALL_TEST_PKCS11_MODULE").is_some() {
         let pin = std::env::temp_dir().join(format!("piiwall-bench-pin-{}", std::process::id()));
         std::fs::write(&pin, keks::PIN).unwrap();
@@ -153,7 +169,7 @@ fn new_subjects(c: &mut Criterion) {
             key_label: keks::new_hsm_key(),
             pin: SecretSource::File(pin),
         };
-        new_subjects_with(c, "new_subjects_pkcs11", |_| {
+        new_subjects_with(c, "new_subjects_pkcs11", sqlite(), |_| {
             Box::new(Pkcs11Kek::open(&location).unwrap())
         });
     }
@@ -166,8 +182,8 @@ fn new_subjects(c: &mut Criterion) {
         };
         let kms: Arc<dyn KekProvider> = Arc::new(piiwall::crypto::AwsKmsKek::open(&location, true).unwrap());
         // Every new key wrapped by KMS (keys.wrapping_key = false), then under the store's wrapping key (the default).
-        new_subjects_with(c, "new_subjects_aws_kms_per_key", |_| Box::new(kms.clone()));
-        new_subjects_with(c, "new_subjects_aws_kms", |store| {
+        new_subjects_with(c, "new_subjects_aws_kms_per_key", sqlite(), |_| Box::new(kms.clone()));
+        new_subjects_with(c, "new_subjects_aws_kms", sqlite(), |store| {
             let ttl = KeyCacheSettings::default().ttl;
             Box::new(
                 piiwall::keys::WrappingKey::open(kms.clone(), store, ttl, true)
@@ -178,11 +194,16 @@ fn new_subjects(c: &mut Criterion) {
     }
 }
 
-fn new_subjects_with(c: &mut Criterion, name: &str, kek: impl FnOnce(&SqliteStore) -> Box<dyn KekProvider>) {
+/// Batches of [`BATCH`] subjects never seen before, through `store` under the KEK `kek` makes; prints the key
+/// store's share of the measured time (its calls, timed by the keyring) when done.
+fn new_subjects_with(
+    c: &mut Criterion,
+    name: &str,
+    store: Arc<dyn KeyStore>,
+    kek: impl FnOnce(&dyn KeyStore) -> Box<dyn KekProvider>,
+) {
     let (schema, transcoder) = customer_schema();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
-    let kek = kek(&store);
+    let kek = kek(store.as_ref());
     let kek = Arc::new(KekSet::new(kek, vec![]).unwrap());
     let sanitizer = Sanitizer::new(
         Arc::new(Keyring::open(store, kek, KeyCacheSettings::default()).unwrap()),
@@ -192,6 +213,8 @@ fn new_subjects_with(c: &mut Criterion, name: &str, kek: impl FnOnce(&SqliteStor
     let mut scratch = TranscodeScratch::default();
     let mut out = Vec::with_capacity(1024);
     let mut next = 0usize;
+    let mut measured = Duration::ZERO;
+    let store_before = sanitizer.keyring().stats().store_nanos.load(Ordering::Relaxed);
     let mut group = c.benchmark_group("subjects");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(20);
@@ -211,6 +234,7 @@ fn new_subjects_with(c: &mut Criterion, name: &str, kek: impl FnOnce(&SqliteStor
                 batch
             },
             |batch| {
+                let started = Instant::now();
                 let keys = sanitizer
                     .keyring()
                     .prefetch(batch.iter().map(|(id, _)| id.as_str()), [])
@@ -222,12 +246,22 @@ fn new_subjects_with(c: &mut Criterion, name: &str, kek: impl FnOnce(&SqliteStor
                         .sanitize_binary_in(&schema, &transcoder, record, Some(&keys), &mut scratch, &mut out)
                         .unwrap();
                 }
+                measured += started.elapsed();
                 out.len()
             },
             criterion::BatchSize::PerIteration,
         )
     });
     group.finish();
+    if next == 0 {
+        return; // filtered out
+    }
+    let store = Duration::from_nanos(sanitizer.keyring().stats().store_nanos.load(Ordering::Relaxed) - store_before);
+    eprintln!(
+        "subjects/{name}: the key store took {:.0}% of the measured time ({:.1} µs per new key; {next} keys made)",
+        100.0 * store.as_secs_f64() / measured.as_secs_f64(),
+        store.as_secs_f64() * 1e6 / next as f64,
+    );
 }
 
 /// The 10-field event's unavoidable work: tokenize the e-mail (HMAC-SHA256 for the synthetic nonce, then AES-GCM),

@@ -10,6 +10,7 @@
 //! TLS follows the URL's `sslmode` (native-tls); a connection that broke is reopened on the next call, and until
 //! then calls fail as *unavailable* (the pipeline waits and retries).
 
+use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postgres::error::SqlState;
@@ -45,6 +46,9 @@ const MIGRATION_LOCK: i64 = 0x0070_6969_7761_6c6c;
 const CURRENT: &str =
     "SELECT key_id, scope, version, wrapped FROM piiwall_deks WHERE scope = $1 ORDER BY version DESC LIMIT 1";
 const FORGOTTEN: &str = "SELECT 1 FROM piiwall_forgotten_scopes WHERE scope = $1";
+/// [`CURRENT`] of each scope of an array.
+const CURRENT_OF_EACH: &str = "SELECT DISTINCT ON (scope) key_id, scope, version, wrapped FROM piiwall_deks
+     WHERE scope = ANY($1) ORDER BY scope, version DESC";
 const INSERT: &str =
     "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (scope, version) DO NOTHING";
@@ -334,27 +338,68 @@ impl KeyStore for PostgresStore {
         row.as_ref().map(row_to_key).transpose()
     }
 
+    /// A whole batch in four statements, not a few round trips per key (a batch of new subjects took ~1 ms a key):
+    /// lock every scope, read the current keys and the forgotten scopes of all of them, insert the missing ones.
     fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
-        // Scopes are locked in sorted order, so two instances' batches cannot deadlock on each other.
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        order.sort_by(|a, b| candidates[*a].scope.cmp(&candidates[*b].scope));
+        let scopes: Vec<&str> = candidates.iter().map(|c| c.scope.as_str()).collect();
         let rows = self.with("creating keys", |tx| {
-            let mut rows = vec![None; candidates.len()];
-            for index in order {
-                let candidate = &candidates[index];
-                lock_scope(tx, &candidate.scope)?;
-                let mut row = tx.query_opt(CURRENT, &[&candidate.scope])?;
-                if row.is_none() && tx.query_opt(FORGOTTEN, &[&candidate.scope])?.is_none() {
-                    insert(tx, candidate)?;
-                    row = tx.query_opt(CURRENT, &[&candidate.scope])?;
+            // Locked in the order of their lock keys, so two instances' batches cannot deadlock on each other.
+            tx.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM
+                 (SELECT DISTINCT hashtextextended(s, 0) AS k FROM unnest($1::text[]) AS s ORDER BY k) AS sorted",
+                &[&scopes],
+            )?;
+            let mut found: HashMap<String, postgres::Row> = tx
+                .query(CURRENT_OF_EACH, &[&scopes])?
+                .into_iter()
+                .map(|row| (row.get::<_, String>(1), row))
+                .collect();
+            let forgotten: HashSet<String> = tx
+                .query(
+                    "SELECT scope FROM piiwall_forgotten_scopes WHERE scope = ANY($1)",
+                    &[&scopes],
+                )?
+                .into_iter()
+                .map(|row| row.get(0))
+                .collect();
+            // Under the locks no other writer decides about these scopes: what is neither stored nor forgotten is
+            // inserted now, and is ours.
+            let mut new: Vec<&StoredKey> = Vec::new();
+            let mut seen: HashSet<&str> = HashSet::new();
+            for candidate in candidates {
+                let scope = candidate.scope.as_str();
+                if !found.contains_key(scope) && !forgotten.contains(scope) && seen.insert(scope) {
+                    new.push(candidate);
                 }
-                rows[index] = row;
             }
-            Ok(rows)
+            if !new.is_empty() {
+                let ids: Vec<&[u8]> = new.iter().map(|k| &k.key_id.0[..]).collect();
+                let new_scopes: Vec<&str> = new.iter().map(|k| k.scope.as_str()).collect();
+                let versions: Vec<i32> = new.iter().map(|k| k.version as i32).collect();
+                let wrapped: Vec<&[u8]> = new.iter().map(|k| k.wrapped.as_slice()).collect();
+                let inserted = tx.query(
+                    "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at)
+                     SELECT key_id, scope, version, wrapped, $5
+                     FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bytea[]) AS t(key_id, scope, version, wrapped)
+                     ON CONFLICT (scope, version) DO NOTHING
+                     RETURNING key_id, scope, version, wrapped",
+                    &[&ids, &new_scopes, &versions, &wrapped, &now()],
+                )?;
+                found.extend(inserted.into_iter().map(|row| (row.get::<_, String>(1), row)));
+                // A row that was there after all (a writer that did not lock): the stored one, never "forgotten".
+                let lost: Vec<&str> = new_scopes.into_iter().filter(|s| !found.contains_key(*s)).collect();
+                if !lost.is_empty() {
+                    for row in tx.query(CURRENT_OF_EACH, &[&lost])? {
+                        found.insert(row.get::<_, String>(1), row);
+                    }
+                }
+            }
+            Ok(candidates
+                .iter()
+                .map(|c| found.get(&c.scope).map(row_to_key))
+                .collect::<Vec<_>>())
         })?;
-        rows.iter()
-            .map(|row| row.as_ref().map(row_to_key).transpose())
-            .collect()
+        rows.into_iter().map(Option::transpose).collect()
     }
 
     fn forget(&self, scope: &str) -> Result<usize, KeyError> {

@@ -1,0 +1,120 @@
+//! Both key stores answer a batch of first uses the same way (`ensure_current`, one transaction per batch): a scope
+//! with a key gets that key, a forgotten scope gets none and no key is made for it, a new scope gets the candidate;
+//! and batches racing over the same new scopes agree on one key per scope. PostgreSQL is the test server started by
+//! scripts/test-services (`PIIWALL_TEST_PG`).
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+
+use piiwall::crypto::KeyId;
+use piiwall::keys::{KeyStore, PostgresStore, SqliteStore, StoredKey};
+
+fn candidate(scope: &str) -> StoredKey {
+    StoredKey {
+        key_id: KeyId::random(),
+        scope: scope.to_owned(),
+        version: 1,
+        wrapped: (0..60).map(|_| rand::random::<u8>()).collect(),
+    }
+}
+
+fn a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_a_new_one(store: &dyn KeyStore) {
+    let existing = store.insert_if_absent(&candidate("s:known")).unwrap().unwrap();
+    store.insert_if_absent(&candidate("s:gone")).unwrap().unwrap();
+    assert_eq!(store.forget("s:gone").unwrap(), 1);
+    let batch = [
+        candidate("s:known"),
+        candidate("s:gone"),
+        candidate("s:new-1"),
+        candidate("s:new-2"),
+    ];
+
+    let rows = store.ensure_current(&batch).unwrap();
+
+    assert_eq!(rows.len(), 4, "one answer per candidate, in order");
+    let known = rows[0].as_ref().expect("a stored key");
+    assert!(
+        known.key_id == existing.key_id && known.wrapped == existing.wrapped,
+        "the stored key, not the candidate"
+    );
+    assert!(rows[1].is_none(), "a forgotten scope gets no key");
+    assert_eq!(store.versions("s:gone").unwrap(), 0, "and none was made for it");
+    for (row, candidate) in rows[2..].iter().zip(&batch[2..]) {
+        let row = row.as_ref().expect("a new scope gets a key");
+        assert!(
+            row.key_id == candidate.key_id && row.wrapped == candidate.wrapped,
+            "the candidate is stored"
+        );
+        assert_eq!(row.scope, candidate.scope);
+    }
+    // Again with other candidates: the keys now stored are kept.
+    let again = store
+        .ensure_current(&[candidate("s:new-2"), candidate("s:new-1")])
+        .unwrap();
+    assert!(again[0].as_ref().unwrap().key_id == batch[3].key_id);
+    assert!(again[1].as_ref().unwrap().key_id == batch[2].key_id);
+}
+
+/// Several instances (threads with their own connections) make first use of the same 200 new scopes at once, each
+/// with its own candidates and in its own order: every one gets the same key per scope.
+fn racing_batches_agree_on_one_key_per_scope(stores: Vec<Arc<dyn KeyStore>>) {
+    let scopes: Vec<String> = (0..200).map(|i| format!("s:race-{i:03}")).collect();
+    let barrier = Arc::new(Barrier::new(stores.len()));
+    let answers: Vec<Vec<KeyId>> = std::thread::scope(|threads| {
+        let running: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(n, store)| {
+                let (barrier, scopes) = (barrier.clone(), &scopes);
+                threads.spawn(move || {
+                    let mut batch: Vec<StoredKey> = scopes.iter().map(|s| candidate(s)).collect();
+                    if n % 2 == 1 {
+                        batch.reverse();
+                    }
+                    barrier.wait();
+                    let mut rows: Vec<StoredKey> = store
+                        .ensure_current(&batch)
+                        .unwrap()
+                        .into_iter()
+                        .map(Option::unwrap)
+                        .collect();
+                    rows.sort_by(|a, b| a.scope.cmp(&b.scope));
+                    rows.into_iter().map(|row| row.key_id).collect::<Vec<KeyId>>()
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for other in &answers[1..] {
+        assert!(other == &answers[0], "every batch got the same key for every scope");
+    }
+    for scope in &scopes {
+        assert_eq!(stores[0].versions(scope).unwrap(), 1, "one key stored per scope");
+    }
+}
+
+#[test]
+fn sqlite_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_a_new_one(
+        &SqliteStore::open(&path).unwrap(),
+    );
+    let stores: Vec<Arc<dyn KeyStore>> = (0..4)
+        .map(|_| Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn KeyStore>)
+        .collect();
+    racing_batches_agree_on_one_key_per_scope(stores);
+}
+
+#[test]
+fn postgres_batches() {
+    let url = common::services::fresh_database();
+    a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_a_new_one(
+        &PostgresStore::open(&url).unwrap(),
+    );
+    let stores: Vec<Arc<dyn KeyStore>> = (0..4)
+        .map(|_| Arc::new(PostgresStore::open(&url).unwrap()) as Arc<dyn KeyStore>)
+        .collect();
+    racing_batches_agree_on_one_key_per_scope(stores);
+}
