@@ -1,9 +1,13 @@
 //! End to end on a real broker (Tansu, started by `bash scripts/test-services`), in one run:
 //!
-//! 1. throughput: N records of the 10-field event (default 1,000,000; `PIIWALL_E2E_RECORDS`) through a plain
-//!    consume -> produce copy, then through `piiwall run`, with the same client settings (consumer group, offsets
-//!    stored after delivery, idempotent producer with acks=all and linger.ms=5); each timed until a reader has seen
-//!    all N outputs;
+//! 1. throughput and CPU: N records (default 1,000,000; `PIIWALL_E2E_RECORDS`) through a plain consume -> produce
+//!    copy and through `piiwall run`, each its own process (this binary re-run as the copy; the built `piiwall`),
+//!    with the same client settings (consumer group, offsets stored after delivery, idempotent producer with
+//!    acks=all and linger.ms=5); each timed from its start until a reader has seen all N outputs, and its CPU
+//!    seconds (user + system, `/proc/<pid>/stat`) divided by N. Three runs of each side, alternating, per stream:
+//!    the 10-field event (domain keys), customer records over 100,000 known subjects drawn Zipf(1.1) (their keys made
+//!    by a first, unmeasured `piiwall` pass over the same stream), and customer records of N new subjects (a fresh
+//!    key store for every `piiwall` run). Medians, with the lowest and highest;
 //! 2. latency: records produced at a steady rate to a caught-up pipeline, from the producer's timestamp to the
 //!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds;
 //! 3. memory: peak RSS of `piiwall run` (its own process, key cache bounded to 10,000) over customer records of
@@ -19,6 +23,8 @@ use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::policy::{PolicySettings, compile};
 use piiwall::stream::{self, Shutdown};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
@@ -287,34 +293,25 @@ async fn main() {
         eprintln!("end_to_end: set PIIWALL_TEST_KAFKA (start the broker with `bash scripts/test-services`)");
         std::process::exit(2);
     };
+    if let Ok(topics) = std::env::var(COPY_CHILD) {
+        // This binary re-run as the plain copy's own process: copies until SIGTERM.
+        let (input, output) = topics.split_once(' ').unwrap();
+        let (tx, rx) = watch::channel(false);
+        let copying = tokio::spawn(copy(brokers.clone(), input.to_owned(), output.to_owned(), rx));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        term.recv().await;
+        tx.send_replace(true);
+        copying.await.unwrap();
+        return;
+    }
     let count: usize = std::env::var("PIIWALL_E2E_RECORDS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
 
-    let input = unique("e2e");
-    create_topic(&brokers, &input).await;
-    let produced = tokio::task::spawn_blocking({
-        let (brokers, input) = (brokers.clone(), input.clone());
-        move || produce(&brokers, &input, count, None)
-    })
-    .await
-    .unwrap();
-    println!("produced {count} records in {:.1} s", produced.as_secs_f64());
-
-    let (copy_time, _) = measure(&brokers, "copy", &input, count, false).await;
-    let (piiwall_time, _) = measure(&brokers, "piiwall", &input, count, false).await;
-    let copy_rate = count as f64 / copy_time.as_secs_f64();
-    let piiwall_rate = count as f64 / piiwall_time.as_secs_f64();
-    println!(
-        "throughput  copy    {copy_rate:>10.0} records/s  ({:.1} s)",
-        copy_time.as_secs_f64()
-    );
-    println!(
-        "throughput  piiwall {piiwall_rate:>10.0} records/s  ({:.1} s)",
-        piiwall_time.as_secs_f64()
-    );
-    println!("ratio       piiwall / copy = {:.2}", piiwall_rate / copy_rate);
+    for stream in [Stream::Event, Stream::KnownSubjects, Stream::NewSubjects] {
+        throughput(&brokers, stream, count).await;
+    }
 
     let mut results = Vec::new();
     for which in ["copy", "piiwall"] {
@@ -425,4 +422,195 @@ async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
         .status();
     let _ = child.wait();
     (peak, elapsed)
+}
+
+/// The environment variable that makes this binary the plain copy (its value: "INPUT OUTPUT").
+const COPY_CHILD: &str = "PIIWALL_E2E_COPY_CHILD";
+
+/// Records a lane may hold: the whole stream, so no partition is ever paused. Tansu answers a fetch that starts
+/// inside a record batch with nothing, or with the next batch (records skipped), and librdkafka resumes a paused
+/// partition from the record after the last one it delivered, inside a batch: a pause stalls the bench on Tansu.
+/// Kafka returns the batch that holds the offset.
+const LANE_CAPACITY: usize = 2_000_000;
+
+/// Distinct subjects of the known-subjects stream.
+const KNOWN_SUBJECTS: usize = 100_000;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Stream {
+    Event,
+    KnownSubjects,
+    NewSubjects,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Event => "event (domain keys)",
+            Stream::KnownSubjects => "customers, 100,000 known subjects, Zipf(1.1)",
+            Stream::NewSubjects => "customers, every subject new",
+        }
+    }
+
+    fn schema(self) -> &'static str {
+        match self {
+            Stream::Event => "schemas/event.avsc",
+            _ => "schemas/customer_profile.avsc",
+        }
+    }
+
+    fn values(self, count: usize) -> Box<dyn Iterator<Item = Vec<u8>> + Send> {
+        match self {
+            Stream::Event => Box::new(events(count)),
+            Stream::NewSubjects => Box::new(customers(count)),
+            Stream::KnownSubjects => {
+                let records: Vec<Vec<u8>> = customers(KNOWN_SUBJECTS).collect();
+                let mut total = 0.0;
+                let cdf: Vec<f64> = (1..=KNOWN_SUBJECTS)
+                    .map(|rank| {
+                        total += 1.0 / (rank as f64).powf(1.1);
+                        total
+                    })
+                    .collect();
+                let mut rng = StdRng::seed_from_u64(15);
+                Box::new((0..count).map(move |_| {
+                    let u: f64 = rng.r#gen::<f64>() * total;
+                    records[cdf.partition_point(|c| *c < u).min(KNOWN_SUBJECTS - 1)].clone()
+                }))
+            }
+        }
+    }
+}
+
+/// One side's run: wall time until a reader had every output, and the process's CPU seconds.
+struct Run {
+    elapsed: Duration,
+    cpu: f64,
+}
+
+/// Three runs of each side over one input topic, alternating; prints medians (lowest-highest) of records/s and of
+/// CPU per record, and piiwall's ratios to the copy.
+async fn throughput(brokers: &str, stream: Stream, count: usize) {
+    let input = unique("e2e");
+    create_topic(brokers, &input).await;
+    let produced = tokio::task::spawn_blocking({
+        let (brokers, input) = (brokers.to_owned(), input.clone());
+        move || produce_values(&brokers, &input, stream.values(count), None)
+    })
+    .await
+    .unwrap();
+    println!(
+        "{}: produced {count} records in {:.1} s",
+        stream.name(),
+        produced.as_secs_f64()
+    );
+    let keys = tempfile::tempdir().unwrap();
+    if stream == Stream::KnownSubjects {
+        // Every subject's key made before the measured runs, in the store they all use.
+        run_process(brokers, "piiwall", &input, count, stream, keys.path()).await;
+    }
+    let (mut copies, mut piiwalls) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        copies.push(run_process(brokers, "copy", &input, count, stream, keys.path()).await);
+        let fresh = tempfile::tempdir().unwrap();
+        let store = if stream == Stream::NewSubjects {
+            fresh.path()
+        } else {
+            keys.path()
+        };
+        piiwalls.push(run_process(brokers, "piiwall", &input, count, stream, store).await);
+    }
+    let rates = |runs: &[Run]| -> Vec<f64> { runs.iter().map(|r| count as f64 / r.elapsed.as_secs_f64()).collect() };
+    let cpus = |runs: &[Run]| -> Vec<f64> { runs.iter().map(|r| r.cpu * 1e6 / count as f64).collect() };
+    let (copy_rate, piiwall_rate) = (median(rates(&copies)), median(rates(&piiwalls)));
+    let (copy_cpu, piiwall_cpu) = (median(cpus(&copies)), median(cpus(&piiwalls)));
+    for (side, rate, cpu) in [
+        ("copy", &copy_rate, &copy_cpu),
+        ("piiwall", &piiwall_rate, &piiwall_cpu),
+    ] {
+        println!(
+            "  {side:<7} {:>9.0} records/s ({:.0}-{:.0})   CPU {:>6.2} µs/record ({:.2}-{:.2})",
+            rate.0, rate.1, rate.2, cpu.0, cpu.1, cpu.2
+        );
+    }
+    println!(
+        "  piiwall / copy: records/s {:.2}x, CPU per record {:.2}x",
+        piiwall_rate.0 / copy_rate.0,
+        piiwall_cpu.0 / copy_cpu.0
+    );
+}
+
+/// (median, lowest, highest)
+fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 2], values[0], values[values.len() - 1])
+}
+
+/// Runs one side as its own process over `input` (a fresh consumer group and output topic) until a reader has
+/// `count` outputs; then reads the process's CPU time and stops it.
+async fn run_process(brokers: &str, side: &str, input: &str, count: usize, stream: Stream, keys: &Path) -> Run {
+    let suffix = format!(".{}", unique(side));
+    let output = format!("{input}{suffix}");
+    create_topic(brokers, &output).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = if side == "copy" {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command.env(COPY_CHILD, format!("{input} {output}"));
+        command
+    } else {
+        std::fs::write(keys.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+        let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join(stream.schema());
+        let config = format!(
+            "[keys]\nstore = \"sqlite:{keys}/keys.db\"\nkek = \"file:{keys}/kek.key\"\n\
+             [kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ninputs = [\"{input}\"]\n\
+             output_suffix = \"{suffix}\"\nquarantine_topic = \"{input}.quarantine\"\n[[schemas.local]]\n\
+             topic = \"{input}\"\nschema = \"{schema}\"\nid = {SCHEMA_ID}\n[audit]\ntopic = \"{input}.audit\"\n\
+             [pipeline]\nlane_capacity = {LANE_CAPACITY}\n[http]\nlisten = \"off\"\n",
+            keys = keys.display(),
+            group = unique("piiwall"),
+            schema = schema.display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_piiwall"));
+        command.args(["run", "--config"]).arg(dir.path().join("config.toml"));
+        command
+    };
+    let start = Instant::now();
+    let mut child = command.env("RUST_LOG", "piiwall=warn").spawn().unwrap();
+    let (brokers, reading) = (brokers.to_owned(), output.clone());
+    tokio::task::spawn_blocking(move || read(&brokers, &reading, count, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    let cpu = cpu_seconds(child.id());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    println!(
+        "    {side:<7} {:>9.0} records/s, {:.2} µs CPU/record",
+        count as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / count as f64
+    );
+    Run { elapsed, cpu }
+}
+
+/// User + system CPU seconds of a process so far, from `/proc/<pid>/stat` (clock ticks of `getconf CLK_TCK`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name (in parentheses, which may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: f64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    ticks as f64 / per_second
 }

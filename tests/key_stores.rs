@@ -101,10 +101,21 @@ fn sqlite_batches() {
     a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_a_new_one(
         &SqliteStore::open(&path).unwrap(),
     );
+    a_scope_twice_in_a_batch_gets_one_key(&SqliteStore::open(&path).unwrap());
     let stores: Vec<Arc<dyn KeyStore>> = (0..4)
         .map(|_| Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn KeyStore>)
         .collect();
     racing_batches_agree_on_one_key_per_scope(stores);
+}
+
+/// The same scope twice in one batch: one key, given to both.
+fn a_scope_twice_in_a_batch_gets_one_key(store: &dyn KeyStore) {
+    let rows = store
+        .ensure_current(&[candidate("s:twice"), candidate("s:twice")])
+        .unwrap();
+    let (first, second) = (rows[0].as_ref().unwrap(), rows[1].as_ref().unwrap());
+    assert!(first.key_id == second.key_id);
+    assert_eq!(store.versions("s:twice").unwrap(), 1);
 }
 
 #[test]
@@ -113,8 +124,40 @@ fn postgres_batches() {
     a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_a_new_one(
         &PostgresStore::open(&url).unwrap(),
     );
+    a_scope_twice_in_a_batch_gets_one_key(&PostgresStore::open(&url).unwrap());
     let stores: Vec<Arc<dyn KeyStore>> = (0..4)
         .map(|_| Arc::new(PostgresStore::open(&url).unwrap()) as Arc<dyn KeyStore>)
         .collect();
     racing_batches_agree_on_one_key_per_scope(stores);
+}
+
+/// A forget of another instance that holds its scope's lock when a batch of first uses comes (PostgreSQL's `forget`
+/// locks the scope, then records it forgotten): the batch waits for it, and no key is made for the scope.
+#[test]
+fn a_batch_waits_for_a_forget_under_way_on_postgres_and_makes_no_key_for_its_scope() {
+    let url = common::services::fresh_database();
+    let store = Arc::new(PostgresStore::open(&url).unwrap());
+    let mut forget = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut under_way = forget.transaction().unwrap();
+    under_way
+        .batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('s:leaving', 0));
+             INSERT INTO piiwall_forgotten_scopes (scope, forgotten_at) VALUES ('s:leaving', 0);",
+        )
+        .unwrap();
+    let batch = std::thread::spawn({
+        let store = store.clone();
+        move || {
+            store
+                .ensure_current(&[candidate("s:staying"), candidate("s:leaving")])
+                .unwrap()
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!batch.is_finished(), "the batch waits for the scope's lock");
+    under_way.commit().unwrap();
+    let rows = batch.join().unwrap();
+    assert!(rows[0].is_some(), "the other scope gets its key");
+    assert!(rows[1].is_none(), "the forgotten scope gets none");
+    assert_eq!(store.versions("s:leaving").unwrap(), 0, "and no key was made for it");
 }

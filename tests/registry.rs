@@ -355,18 +355,56 @@ async fn every_metric_the_dashboard_queries_is_exported() {
             .cloned()
             .collect()
     };
+    // Beyond names (other tests of this process record into the same metrics): this run's own series and totals.
+    let value = |text: &str, name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let topic = format!("topic=\"{input}\"");
+    let lag = format!("piiwall_lane_lag{{{topic}");
+    // The keyring's totals are published every few seconds, lag with librdkafka's statistics: waited for.
+    let complete = |text: &str| {
+        missing(text).is_empty()
+            && value(text, "piiwall_keys_created_total ", &[]) >= 10.0
+            && value(text, "piiwall_quarantined_total{", &[&topic]) >= 1.0
+            && text.contains(&lag)
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut rendered = piiwall::http::prometheus().render();
-    while !missing(&rendered).is_empty() && std::time::Instant::now() < deadline {
+    while !complete(&rendered) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
         rendered = piiwall::http::prometheus().render();
     }
     shutdown.trigger();
     task.await.unwrap().unwrap();
     assert_eq!(missing(&rendered), Vec::<String>::new(), "exported:\n{rendered}");
+    assert_eq!(
+        value(&rendered, "piiwall_quarantined_total{", &[&topic, "reason=\"schema\""]),
+        1.0,
+        "the unknown schema id counts as a schema fault of this topic"
+    );
+    assert_eq!(
+        value(&rendered, "piiwall_records_total{", &[&topic, "outcome=\"sanitized\""]),
+        10.0
+    );
+    assert!(rendered.contains(&lag), "this topic's lag");
     assert!(
-        rendered.contains("piiwall_quarantined_total{") && rendered.contains("reason=\"schema\""),
-        "an unknown schema id counts as a schema fault"
+        value(&rendered, "piiwall_detections_total{", &[&topic]) >= 1.0,
+        "the pasted address"
+    );
+    assert!(
+        value(&rendered, "piiwall_keys_created_total ", &[]) >= 10.0,
+        "a key per new subject, published"
+    );
+    assert!(value(&rendered, "piiwall_key_store_calls_total ", &[]) >= 1.0);
+    assert!(
+        value(
+            &rendered,
+            "piiwall_registry_seconds_count{",
+            &["operation=\"register\""]
+        ) >= 1.0
     );
     for value in ["example.com", "example.org", "cus_"] {
         assert!(!rendered.contains(value), "no value in a metric");

@@ -53,6 +53,10 @@ const INSERT: &str =
     "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
      ON CONFLICT (scope, version) DO NOTHING";
 
+/// Scopes one key-store transaction locks at most (PostgreSQL's lock table holds ~64 per connection by default,
+/// and grows into shared memory beyond).
+const LOCKS_PER_TRANSACTION: usize = 500;
+
 /// How many connections one instance keeps to the key store: lanes that need keys at once do not queue behind
 /// one connection, and a statement that waits (on a scope's lock, on a slow server) holds up only its own caller.
 const POOL_SIZE: u32 = 4;
@@ -186,6 +190,77 @@ impl PostgresStore {
             }
             store_error(&e, what)
         })
+    }
+
+    /// [`KeyStore::ensure_current`] for up to [`LOCKS_PER_TRANSACTION`] candidates, in one transaction.
+    fn ensure_current_chunk(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
+        let scopes: Vec<&str> = candidates.iter().map(|c| c.scope.as_str()).collect();
+        let rows = self.with("creating keys", |tx| {
+            // Locked in the order of their lock keys, so two instances' batches cannot deadlock on each other.
+            tx.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM
+                 (SELECT DISTINCT hashtextextended(s, 0) AS k FROM unnest($1::text[]) AS s ORDER BY k) AS sorted",
+                &[&scopes],
+            )?;
+            let mut found: HashMap<String, postgres::Row> = tx
+                .query(CURRENT_OF_EACH, &[&scopes])?
+                .into_iter()
+                .map(|row| (row.get::<_, String>(1), row))
+                .collect();
+            let forgotten: HashSet<String> = tx
+                .query(
+                    "SELECT scope FROM piiwall_forgotten_scopes WHERE scope = ANY($1)",
+                    &[&scopes],
+                )?
+                .into_iter()
+                .map(|row| row.get(0))
+                .collect();
+            // Under the locks no other writer decides about these scopes: what is neither stored nor forgotten is
+            // inserted now, and is ours.
+            let mut new: Vec<&StoredKey> = Vec::new();
+            let mut seen: HashSet<&str> = HashSet::new();
+            for candidate in candidates {
+                let scope = candidate.scope.as_str();
+                if !found.contains_key(scope) && !forgotten.contains(scope) && seen.insert(scope) {
+                    new.push(candidate);
+                }
+            }
+            if !new.is_empty() {
+                let ids: Vec<&[u8]> = new.iter().map(|k| &k.key_id.0[..]).collect();
+                let new_scopes: Vec<&str> = new.iter().map(|k| k.scope.as_str()).collect();
+                let versions: Vec<i32> = new.iter().map(|k| k.version as i32).collect();
+                let wrapped: Vec<&[u8]> = new.iter().map(|k| k.wrapped.as_slice()).collect();
+                let inserted = tx.query(
+                    "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at)
+                     SELECT key_id, scope, version, wrapped, $5
+                     FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bytea[]) AS t(key_id, scope, version, wrapped)
+                     ON CONFLICT (scope, version) DO NOTHING
+                     RETURNING key_id, scope, version, wrapped",
+                    &[&ids, &new_scopes, &versions, &wrapped, &now()],
+                )?;
+                found.extend(inserted.into_iter().map(|row| (row.get::<_, String>(1), row)));
+                // A row that was there after all (a writer that did not lock): the stored one, never "forgotten".
+                let lost: Vec<&str> = new_scopes.into_iter().filter(|s| !found.contains_key(*s)).collect();
+                if !lost.is_empty() {
+                    for row in tx.query(CURRENT_OF_EACH, &[&lost])? {
+                        found.insert(row.get::<_, String>(1), row);
+                    }
+                }
+            }
+            Ok((found, forgotten))
+        })?;
+        let (found, forgotten) = rows;
+        candidates
+            .iter()
+            .map(|c| match found.get(&c.scope) {
+                Some(row) => row_to_key(row).map(Some),
+                None if forgotten.contains(&c.scope) => Ok(None),
+                // Inserted, yet not there: never read as "forgotten" (that would redact the records).
+                None => Err(KeyError::StoreUnavailable(
+                    "a key just stored could not be read back; the batch is retried".into(),
+                )),
+            })
+            .collect()
     }
 }
 
@@ -341,65 +416,13 @@ impl KeyStore for PostgresStore {
     /// A whole batch in four statements, not a few round trips per key (a batch of new subjects took ~1 ms a key):
     /// lock every scope, read the current keys and the forgotten scopes of all of them, insert the missing ones.
     fn ensure_current(&self, candidates: &[StoredKey]) -> Result<Vec<Option<StoredKey>>, KeyError> {
-        let scopes: Vec<&str> = candidates.iter().map(|c| c.scope.as_str()).collect();
-        let rows = self.with("creating keys", |tx| {
-            // Locked in the order of their lock keys, so two instances' batches cannot deadlock on each other.
-            tx.execute(
-                "SELECT count(pg_advisory_xact_lock(k)) FROM
-                 (SELECT DISTINCT hashtextextended(s, 0) AS k FROM unnest($1::text[]) AS s ORDER BY k) AS sorted",
-                &[&scopes],
-            )?;
-            let mut found: HashMap<String, postgres::Row> = tx
-                .query(CURRENT_OF_EACH, &[&scopes])?
-                .into_iter()
-                .map(|row| (row.get::<_, String>(1), row))
-                .collect();
-            let forgotten: HashSet<String> = tx
-                .query(
-                    "SELECT scope FROM piiwall_forgotten_scopes WHERE scope = ANY($1)",
-                    &[&scopes],
-                )?
-                .into_iter()
-                .map(|row| row.get(0))
-                .collect();
-            // Under the locks no other writer decides about these scopes: what is neither stored nor forgotten is
-            // inserted now, and is ours.
-            let mut new: Vec<&StoredKey> = Vec::new();
-            let mut seen: HashSet<&str> = HashSet::new();
-            for candidate in candidates {
-                let scope = candidate.scope.as_str();
-                if !found.contains_key(scope) && !forgotten.contains(scope) && seen.insert(scope) {
-                    new.push(candidate);
-                }
-            }
-            if !new.is_empty() {
-                let ids: Vec<&[u8]> = new.iter().map(|k| &k.key_id.0[..]).collect();
-                let new_scopes: Vec<&str> = new.iter().map(|k| k.scope.as_str()).collect();
-                let versions: Vec<i32> = new.iter().map(|k| k.version as i32).collect();
-                let wrapped: Vec<&[u8]> = new.iter().map(|k| k.wrapped.as_slice()).collect();
-                let inserted = tx.query(
-                    "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at)
-                     SELECT key_id, scope, version, wrapped, $5
-                     FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bytea[]) AS t(key_id, scope, version, wrapped)
-                     ON CONFLICT (scope, version) DO NOTHING
-                     RETURNING key_id, scope, version, wrapped",
-                    &[&ids, &new_scopes, &versions, &wrapped, &now()],
-                )?;
-                found.extend(inserted.into_iter().map(|row| (row.get::<_, String>(1), row)));
-                // A row that was there after all (a writer that did not lock): the stored one, never "forgotten".
-                let lost: Vec<&str> = new_scopes.into_iter().filter(|s| !found.contains_key(*s)).collect();
-                if !lost.is_empty() {
-                    for row in tx.query(CURRENT_OF_EACH, &[&lost])? {
-                        found.insert(row.get::<_, String>(1), row);
-                    }
-                }
-            }
-            Ok(candidates
-                .iter()
-                .map(|c| found.get(&c.scope).map(row_to_key))
-                .collect::<Vec<_>>())
-        })?;
-        rows.into_iter().map(Option::transpose).collect()
+        // A transaction holds one advisory lock per scope: bounded, so a large `pipeline.batch_size` cannot exhaust
+        // the server's lock table.
+        let mut rows = Vec::with_capacity(candidates.len());
+        for chunk in candidates.chunks(LOCKS_PER_TRANSACTION) {
+            rows.extend(self.ensure_current_chunk(chunk)?);
+        }
+        Ok(rows)
     }
 
     fn forget(&self, scope: &str) -> Result<usize, KeyError> {

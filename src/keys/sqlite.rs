@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
@@ -29,8 +30,14 @@ const FORGOTTEN: &str = "SELECT 1 FROM forgotten_scopes WHERE scope = ?1";
 const INSERT: &str = "INSERT INTO deks (key_id, scope, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
     ON CONFLICT (scope, version) DO NOTHING";
 
+/// How long a statement waits for another process's lock on the file (1 s in unit tests, which wait it out).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(if cfg!(test) { 1 } else { 10 });
+
 pub struct SqliteStore {
     connection: Mutex<Connection>,
+    /// A forget's or rewrap's WAL checkpoint found a reader in the way: retried on later calls until it empties the
+    /// WAL (which can hold up to 40 MB of old pages, the forgotten keys' among them).
+    checkpoint_pending: AtomicBool,
 }
 
 impl SqliteStore {
@@ -45,7 +52,7 @@ impl SqliteStore {
         let connection = Connection::open(path)
             .map_err(|e| KeyError::Store(format!("cannot open {} (keys.store): {e}", path.display())))?;
         connection
-            .busy_timeout(std::time::Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .and_then(|()| connection.pragma_update(None, "journal_mode", "WAL"))
             // Deleted rows (a forgotten subject's wrapped keys) are overwritten with zeros, not left in free pages.
             .and_then(|()| connection.pragma_update(None, "secure_delete", "ON"))
@@ -59,12 +66,30 @@ impl SqliteStore {
             .map_err(|e| store_error(e, "cannot prepare the key store"))?;
         Ok(Self {
             connection: Mutex::new(connection),
+            checkpoint_pending: AtomicBool::new(false),
         })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>, what: &str) -> Result<T, KeyError> {
         let mut connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut connection).map_err(|e| store_error(e, what))
+        let result = f(&mut connection).map_err(|e| store_error(e, what));
+        if self.checkpoint_pending.load(Ordering::Relaxed) {
+            // Without waiting: a reader still in the way costs this call nothing, the next call tries again.
+            let _ = connection.busy_timeout(std::time::Duration::ZERO);
+            if truncate_wal(&connection) {
+                self.checkpoint_pending.store(false, Ordering::Relaxed);
+                tracing::info!("the key store's WAL is emptied: the rows as they were before the forget are gone");
+            }
+            let _ = connection.busy_timeout(BUSY_TIMEOUT);
+        }
+        result
+    }
+
+    /// After a forget or a rewrap, see [`checkpoint_after`].
+    fn checkpoint_after(&self, c: &Connection, after: &str) {
+        if !checkpoint_after(c, after) {
+            self.checkpoint_pending.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -226,7 +251,7 @@ impl KeyStore for SqliteStore {
                 // Only deleted key rows leave bytes to erase (a uuid's forget names several forms, most of them
                 // keyless: one checkpoint, not one per form).
                 if destroyed > 0 {
-                    checkpoint_after(c, "a forget");
+                    self.checkpoint_after(c, "a forget");
                 }
                 Ok(destroyed)
             },
@@ -349,7 +374,7 @@ impl KeyStore for SqliteStore {
     fn after_rewrap(&self) -> Result<(), KeyError> {
         self.with(
             |c| {
-                checkpoint_after(c, "a KEK rewrap");
+                self.checkpoint_after(c, "a KEK rewrap");
                 Ok(())
             },
             "checkpointing",
@@ -373,21 +398,27 @@ impl KeyStore for SqliteStore {
 /// After a forget, the WAL still holds the pages as they were before the delete: copy the zeroed pages into the
 /// database file and empty the WAL. A reader in another process holding a snapshot is waited for (the connection's
 /// busy timeout, 10 s); one that holds on longer makes SQLite answer "busy" in the result row, not as an error:
-/// that is warned about, and left to the next forget or SQLite's automatic checkpoint. The forget itself has
-/// committed either way.
-/// The same after a KEK rewrap, whose old wraps would otherwise stay in the WAL.
-fn checkpoint_after(c: &Connection, after: &str) {
-    match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0)) {
-        Ok(0) => {}
-        Ok(_busy) => tracing::warn!(
+/// that is warned about, and the store tries again, without waiting, on each later call until the WAL is empty.
+/// The forget itself has committed either way. The same after a KEK rewrap, whose old wraps would otherwise stay in
+/// the WAL. Whether the WAL was emptied.
+fn checkpoint_after(c: &Connection, after: &str) -> bool {
+    let emptied = truncate_wal(c);
+    if !emptied {
+        tracing::warn!(
             after,
-            "WAL not emptied: another process has held a read snapshot of the key store for more than 10 s; the \
-             rows as they were stay in keys.db-wal until the next forget or SQLite's automatic checkpoint"
-        ),
-        Err(e) => {
-            tracing::warn!(after, error = %e, "WAL not checkpointed: SQLite's next checkpoint does it")
-        }
+            "WAL not emptied: another process holds a read snapshot of the key store; the rows as they were stay in \
+             keys.db-wal until a later call of this store empties it"
+        );
     }
+    emptied
+}
+
+/// Copies the WAL into the database file and truncates it; false when a reader was in the way or it failed.
+fn truncate_wal(c: &Connection) -> bool {
+    matches!(
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0)),
+        Ok(0)
+    )
 }
 
 #[cfg(test)]
@@ -458,5 +489,32 @@ mod tests {
             !contains(&files(dir.path()), &wrapped),
             "the wrapped key is still on disk"
         );
+    }
+
+    /// A reader that holds its snapshot past the busy timeout keeps the forget's checkpoint from emptying the WAL;
+    /// the store's next call, once the reader is gone, empties it (a 40 MB WAL would otherwise keep the key's bytes
+    /// until some later forget).
+    #[test]
+    fn a_wal_a_reader_kept_full_is_emptied_by_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("keys.db")).unwrap();
+        let wrapped: Vec<u8> = (0..60u8).map(|b| b.wrapping_mul(61).wrapping_add(11)).collect();
+        let key = StoredKey {
+            key_id: KeyId::random(),
+            scope: "s:gone".into(),
+            version: 1,
+            wrapped: wrapped.clone(),
+        };
+        store.insert_if_absent(&key).unwrap().unwrap();
+        let reader = Connection::open(dir.path().join("keys.db")).unwrap();
+        reader.execute_batch("BEGIN; SELECT count(*) FROM deks;").unwrap();
+        assert_eq!(store.forget("s:gone").unwrap(), 1);
+        assert!(
+            contains(&files(dir.path()), &wrapped),
+            "the reader's snapshot keeps the old page in the WAL"
+        );
+        reader.execute_batch("COMMIT;").unwrap();
+        assert!(store.current("s:other").unwrap().is_none());
+        assert!(!contains(&files(dir.path()), &wrapped), "the next call emptied the WAL");
     }
 }

@@ -55,6 +55,9 @@ use process::Processor;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often ended lanes are looked for (a lane that aborted a transaction waits for its partition to be rewound).
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// librdkafka's setting of how often a client reports its statistics; set on the consumer only.
+const STATISTICS_INTERVAL: &str = "statistics.interval.ms";
+
 /// librdkafka's default `message.max.bytes`: the largest record piiwall writes unless the properties say otherwise.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// How often counters kept outside the hot path (key cache) are published.
@@ -158,7 +161,10 @@ impl Parts {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.kafka.brokers);
         for (name, value) in &config.kafka.properties {
-            client.set(name, value);
+            // Statistics are the consumer's (lag per partition): other clients would only parse and log them.
+            if name != STATISTICS_INTERVAL {
+                client.set(name, value);
+            }
         }
         let producer = crate::producer::Producer::create(
             client
@@ -303,10 +309,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         // the others' lanes go on.
         consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     }
-    if consumer_config.get("statistics.interval.ms").is_none() {
-        // Lag per partition (`piiwall_lane_lag`) every 5 s, unless `[kafka.properties]` asks otherwise.
-        consumer_config.set("statistics.interval.ms", "5000");
-    }
+    // Lag per partition (`piiwall_lane_lag`) every 5 s, unless `[kafka.properties]` asks otherwise.
+    let statistics = config
+        .kafka
+        .properties
+        .get(STATISTICS_INTERVAL)
+        .map_or("5000", String::as_str);
+    consumer_config.set(STATISTICS_INTERVAL, statistics);
     let consumer: Arc<PipelineConsumer> = Arc::new(
         consumer_config
             .set("group.id", &config.kafka.group_id)

@@ -37,9 +37,9 @@ pub enum Outcome {
 /// text (a field path, a schema id) would make a label per record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuarantineClass {
-    /// Not in the Confluent wire format, or a topic with no schema binding.
+    /// Not in the Confluent wire format.
     Framing,
-    /// Its schema could not be fetched, compiled or protected.
+    /// No schema is bound to its topic, or its schema could not be fetched, compiled or protected (configuration).
     Schema,
     /// The record does not decode under its schema, or a value cannot be protected.
     Record,
@@ -147,13 +147,10 @@ impl Processor {
         };
         let Some(value) = message.payload() else {
             // A tombstone: no schema, only its key to protect.
-            let action = self.routes.key_action(message.topic()).ok_or_else(|| {
-                poison(
-                    QuarantineClass::Framing,
-                    "no schema binding for this topic".into(),
-                    None,
-                )
-            })?;
+            let action = self
+                .routes
+                .key_action(message.topic())
+                .ok_or_else(|| poison(QuarantineClass::Schema, "no schema binding for this topic".into(), None))?;
             let domain = self.routes.value_domain(message.topic());
             let key = self.key(
                 message.topic(),
@@ -288,7 +285,7 @@ impl Processor {
             // a pseudonym no forget destroys (and one that matches nothing the records carried).
             (None, KeyOwner::Tombstone) if route.schema.plan.needs_keys() => {
                 return Err(poison(
-                    QuarantineClass::Record,
+                    QuarantineClass::Schema,
                     "a tombstone whose key schema names no data subject: give the key schema a pii.subject so \
                      deletions are protected like their records"
                         .into(),
