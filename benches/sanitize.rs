@@ -40,15 +40,7 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     let sanitizer = Sanitizer::new(Arc::new(keyring), "default");
-    let value = JsonCodec::new(&schema.writer)
-        .to_value(&serde_json::from_str(EVENT).unwrap())
-        .unwrap();
-    let mut raw = Vec::new();
-    apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
-        .build()
-        .unwrap()
-        .write_value_ref(&mut raw, &value)
-        .unwrap();
+    let raw = avro(&schema, &serde_json::from_str(EVENT).unwrap());
     let codec = ValueCodec::new(&schema);
     let mut out = Vec::with_capacity(512);
 
@@ -68,18 +60,7 @@ fn bench(c: &mut Criterion) {
     let domain = sanitizer.domain_of(&schema.plan);
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("transcoder", |b| {
-        b.iter(|| {
-            let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
-            for _ in 0..BATCH {
-                out.clear();
-                sanitizer
-                    .sanitize_binary_in(&schema, &transcoder, &raw, Some(&keys), &mut scratch, &mut out)
-                    .unwrap();
-            }
-            // As `run` after each batch: count the batch's encryptions towards the key's limit.
-            sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
-            out.len()
-        })
+        b.iter(|| one_batch(&sanitizer, &schema, &transcoder, domain, &raw, &mut scratch, &mut out))
     });
     // The pure core: the same transcoding with the record's keys resolved once.
     group.throughput(Throughput::Elements(1));
@@ -114,13 +95,7 @@ fn large_records(
     let mut note = String::new();
     let raw = loop {
         event["note"] = serde_json::Value::from(note.as_str());
-        let value = JsonCodec::new(&schema.writer).to_value(&event).unwrap();
-        let mut raw = Vec::new();
-        apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
-            .build()
-            .unwrap()
-            .write_value_ref(&mut raw, &value)
-            .unwrap();
+        let raw = avro(schema, &event);
         if raw.len() >= LARGE {
             break raw;
         }
@@ -135,19 +110,43 @@ fn large_records(
     let mut group = c.benchmark_group("sanitize_event_1kb");
     group.throughput(Throughput::Bytes((BATCH * LARGE) as u64));
     group.bench_function("transcoder", |b| {
-        b.iter(|| {
-            let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
-            for _ in 0..BATCH {
-                out.clear();
-                sanitizer
-                    .sanitize_binary_in(schema, transcoder, &raw, Some(&keys), &mut scratch, &mut out)
-                    .unwrap();
-            }
-            sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
-            out.len()
-        })
+        b.iter(|| one_batch(sanitizer, schema, transcoder, domain, &raw, &mut scratch, &mut out))
     });
     group.finish();
+}
+
+/// One batch of [`BATCH`] copies of `raw` as `run` sanitizes it: the domain's key resolved for the batch, then, after
+/// it, the batch's encryptions counted towards the key's limit.
+fn one_batch(
+    sanitizer: &Sanitizer,
+    schema: &piiwall::policy::CompiledSchema,
+    transcoder: &Transcoder,
+    domain: &str,
+    raw: &[u8],
+    scratch: &mut TranscodeScratch,
+    out: &mut Vec<u8>,
+) -> usize {
+    let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
+    for _ in 0..BATCH {
+        out.clear();
+        sanitizer
+            .sanitize_binary_in(schema, transcoder, raw, Some(&keys), scratch, out)
+            .unwrap();
+    }
+    sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
+    out.len()
+}
+
+/// A record given as JSON, in Avro binary under the schema.
+fn avro(schema: &piiwall::policy::CompiledSchema, record: &serde_json::Value) -> Vec<u8> {
+    let value = JsonCodec::new(&schema.writer).to_value(record).unwrap();
+    let mut raw = Vec::new();
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema.writer)
+        .build()
+        .unwrap()
+        .write_value_ref(&mut raw, &value)
+        .unwrap();
+    raw
 }
 
 criterion_group!(benches, bench);

@@ -463,20 +463,26 @@ mod tests {
         assert!(store.current("s:kept").unwrap().is_some());
     }
 
-    /// A reader in another process holding a snapshot for a moment is waited out: the wrapped key still leaves the
-    /// WAL.
-    #[test]
-    fn a_forget_waits_out_a_reader_before_emptying_the_wal() {
+    /// A store in a new directory holding one key of `scope`, whose wrapped bytes (returned) are a pattern of its own.
+    fn store_with_key_of(scope: &str, mul: u8, add: u8) -> (tempfile::TempDir, SqliteStore, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("keys.db")).unwrap();
-        let wrapped: Vec<u8> = (0..60u8).map(|b| b.wrapping_mul(97).wrapping_add(3)).collect();
+        let wrapped: Vec<u8> = (0..60u8).map(|b| b.wrapping_mul(mul).wrapping_add(add)).collect();
         let key = StoredKey {
             key_id: KeyId::random(),
-            scope: "s:gone".into(),
+            scope: scope.into(),
             version: 1,
             wrapped: wrapped.clone(),
         };
         store.insert_if_absent(&key).unwrap().unwrap();
+        (dir, store, wrapped)
+    }
+
+    /// A reader in another process holding a snapshot for a moment is waited out: the wrapped key still leaves the
+    /// WAL.
+    #[test]
+    fn a_forget_waits_out_a_reader_before_emptying_the_wal() {
+        let (dir, store, wrapped) = store_with_key_of("s:gone", 97, 3);
         let reader = Connection::open(dir.path().join("keys.db")).unwrap();
         reader.execute_batch("BEGIN; SELECT count(*) FROM deks;").unwrap();
         let release = std::thread::spawn(move || {
@@ -496,16 +502,7 @@ mod tests {
     /// until some later forget).
     #[test]
     fn a_wal_a_reader_kept_full_is_emptied_by_the_next_call() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("keys.db")).unwrap();
-        let wrapped: Vec<u8> = (0..60u8).map(|b| b.wrapping_mul(61).wrapping_add(11)).collect();
-        let key = StoredKey {
-            key_id: KeyId::random(),
-            scope: "s:gone".into(),
-            version: 1,
-            wrapped: wrapped.clone(),
-        };
-        store.insert_if_absent(&key).unwrap().unwrap();
+        let (dir, store, wrapped) = store_with_key_of("s:gone", 61, 11);
         let reader = Connection::open(dir.path().join("keys.db")).unwrap();
         reader.execute_batch("BEGIN; SELECT count(*) FROM deks;").unwrap();
         assert_eq!(store.forget("s:gone").unwrap(), 1);
