@@ -495,6 +495,31 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
     let verify = run(&["audit", "verify"], None);
     ok(&verify);
     says(&verify.stdout, "5 events from 1 instance(s) in 4 run(s)");
+    // The records of processing from the same trail: each call by kind, purpose and principal; no subject.
+    let report = run(&["report", "processing", "--since", "2000-01-01", "--json"], None);
+    ok(&report);
+    let document: Json = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(document["chain_verified"], true);
+    let calls = document["calls"].as_array().unwrap();
+    let call = |kind: &str, purpose: &str| {
+        calls
+            .iter()
+            .find(|c| c["kind"] == kind && c["purpose"] == purpose && c["principal"] == "cli:dana")
+            .map(|c| c["calls"].clone())
+    };
+    assert_eq!(call("REVEAL", "case 7"), Some(Json::from(1)), "{document}");
+    assert_eq!(call("FORGET", "erasure request"), Some(Json::from(1)));
+    assert_eq!(document["keys"]["KEY_SHREDDED"], 1);
+    for secret in ["cus_0001", "cus_0002", "ada.lovelace@example.com", email] {
+        assert!(!text(&report.stdout).contains(secret));
+    }
+    let text_report = run(&["report", "processing", "--since", "2000-01-01"], None);
+    ok(&text_report);
+    says(&text_report.stdout, "REVEAL  case 7  cli:dana  ALLOWED  1");
+    says(&text_report.stdout, "every chain verifies");
+    let bad_date = run(&["report", "processing", "--since", "last week"], None);
+    assert_eq!(bad_date.status.code(), Some(2));
+    says(&bad_date.stderr, "YYYY-MM-DD");
 
     // Brokers configured but not answering: nothing is revealed.
     let unreachable = [("PIIWALL_KAFKA__BROKERS", "127.0.0.1:9"), env[1], env[2]];

@@ -562,6 +562,41 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     let report = verify(audit_topic.clone()).await.unwrap();
     assert_eq!(report.first_break, None, "the chain as written verifies");
     assert_eq!((report.instances, report.runs), (1, 2));
+    // The records of processing (Art. 30) the same trail sums to: counts by topic, field and action, no value.
+    let processing = {
+        let (client, topic) = (client.clone(), audit_topic.clone());
+        tokio::task::spawn_blocking(move || piiwall::audit::processing_report(&client, &topic, 0).unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(processing.counted, report.events);
+    assert_eq!(
+        processing
+            .processing
+            .get(&(input.clone(), "customer_id".into(), "subject".into())),
+        Some(&(N as i64))
+    );
+    assert_eq!(
+        processing
+            .processing
+            .get(&(input.clone(), "address.city".into(), "detected email (report)".into())),
+        Some(&1)
+    );
+    assert_eq!(processing.quarantined.get(&input), Some(&1));
+    assert_eq!(processing.keys.get("KEY_CREATED"), Some(&(N as i64)));
+    let rendered = processing.render() + &processing.to_json().to_string();
+    assert!(!rendered.contains("@example"), "no value in the report");
+    let later = {
+        let (client, topic) = (client.clone(), audit_topic.clone());
+        tokio::task::spawn_blocking(move || piiwall::audit::processing_report(&client, &topic, i64::MAX).unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        (later.read, later.counted),
+        (report.events, 0),
+        "events before --since are left out"
+    );
 
     let events = tokio::task::spawn_blocking({
         let topic = audit_topic.clone();

@@ -8,6 +8,7 @@
 
 mod event;
 mod local;
+mod report;
 mod verify;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::task::JoinHandle;
 
 pub use event::{AUDIT_DOMAIN, AUDIT_SCHEMA, AUDIT_SCHEMA_JSON, AuditEvent, AuditKind, AuditOutcome, FieldCount};
 pub use local::{LocalAudit, local_principal, write_local};
+pub use report::{ProcessingReport, date_ms, processing_report};
 pub use verify::{VerifyReport, verify};
 
 use crate::error::Error;

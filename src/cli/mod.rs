@@ -114,6 +114,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Reports from the audit trail.
+    Report {
+        #[command(subcommand)]
+        command: audit::ReportCommand,
+    },
     /// Schema tools.
     Schema {
         #[command(subcommand)]
@@ -145,6 +150,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => keys::exec(&config, command),
         Command::Api { command } => api::exec(command),
         Command::Audit { command } => audit::exec(&config, command),
+        Command::Report { command } => audit::report(&config, command),
         Command::Schema { command } => schema::exec(&config, command),
         Command::Config { .. } => unreachable!("handled before the config is loaded"),
     }
