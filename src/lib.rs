@@ -32,6 +32,7 @@
 pub mod access;
 pub mod api;
 pub mod audit;
+pub mod breach;
 pub mod codec;
 pub mod config;
 pub mod crypto;

@@ -666,3 +666,64 @@ fn a_key_store_restored_from_a_backup_forgets_again() {
         "subject forgotten",
     );
 }
+
+/// A leak of sanitized records assessed as GDPR Art. 33(3) asks: each field's protection, records and data subjects
+/// (by subject key), the domain keys to rotate; no value, token or key id in the report.
+#[test]
+fn breach_assess_classifies_every_field_and_counts_subjects_without_quoting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let sanitized = sanitize_sample(dir.path(), "customer_profile");
+    let leak = dir.path().join("leak.jsonl");
+    let mut lines: Vec<String> = sanitized.iter().map(Json::to_string).collect();
+    lines.push(lines[0].clone());
+    lines.push("{not json: a line of the leak that does not parse".into());
+    std::fs::write(&leak, lines.join("\n")).unwrap();
+    let schema = repo("schemas/customer_profile.avsc");
+    let args = [
+        "breach",
+        "assess",
+        "--file",
+        leak.to_str().unwrap(),
+        "--schema",
+        schema.to_str().unwrap(),
+    ];
+    let out = piiwall(dir.path(), &[&args[..], &["--json"]].concat(), None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["records"], 5);
+    assert_eq!(report["unreadable_records"], 1);
+    let fields = report["a_categories_and_numbers"]["fields"].as_array().unwrap();
+    let field = |path: &str| fields.iter().find(|f| f["field"] == path).unwrap().clone();
+    assert_eq!(field("email")["protection"], "tokenized");
+    assert_eq!(field("email")["records"], 4);
+    assert_eq!(field("email")["distinct_keys"], 3, "three customers, one key each");
+    assert_eq!(field("email")["keys_by_owner"]["subject keys"], 3);
+    assert_eq!(field("full_name")["protection"], "encrypted");
+    assert_eq!(field("address.postcode")["protection"], "masked");
+    assert_eq!(field("notes")["protection"], "redacted");
+    assert_eq!(field("address.city")["protection"], "in clear");
+    assert_eq!(report["a_categories_and_numbers"]["data_subjects_by_subject_key"], 3);
+    let measures = report["d_measures"].to_string();
+    assert!(measures.contains("address.city"), "{measures}");
+
+    let readable = piiwall(dir.path(), &args, None);
+    assert!(readable.status.success());
+    says(&readable.stdout, "(a) Categories of personal data");
+    says(&readable.stdout, "email  tokenized  4  3 subject keys");
+    for record in &sanitized {
+        for value in ["customer_id", "email", "full_name"] {
+            let token = record[value].as_str().unwrap();
+            assert!(!text(&out.stdout).contains(token) && !text(&readable.stdout).contains(token));
+            assert!(
+                !text(&readable.stdout).contains(&token[5..21]),
+                "no key id in the report"
+            );
+        }
+    }
+    for value in ["London", "4JH", "not json"] {
+        assert!(
+            !text(&out.stdout).contains(value) && !text(&readable.stdout).contains(value),
+            "{value}"
+        );
+    }
+}

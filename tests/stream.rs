@@ -597,6 +597,35 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
         (report.events, 0),
         "events before --since are left out"
     );
+    // A leak of the sanitized topic, assessed (Art. 33(3)): every record read, subjects counted by their keys.
+    let assessed = {
+        let (client, topic) = (client.clone(), format!("{input}.sanitized"));
+        let (sanitized, keyring) = (schema.sanitized_json.clone(), keyring.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut report = piiwall::breach::assess_topic(&client, &topic, |_| Some(sanitized.clone())).unwrap();
+            report.identify_keys(&keyring).unwrap();
+            report.to_json(&topic)
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        (assessed["records"].as_u64(), assessed["unreadable_records"].as_u64()),
+        (Some(N as u64), Some(0))
+    );
+    assert_eq!(assessed["a_categories_and_numbers"]["data_subjects_by_subject_key"], N);
+    let email = assessed["a_categories_and_numbers"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "email")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (email["protection"].as_str(), email["records"].as_u64()),
+        (Some("tokenized"), Some(N as u64))
+    );
+    assert!(!assessed.to_string().contains("@example"), "no value in the assessment");
 
     let events = tokio::task::spawn_blocking({
         let topic = audit_topic.clone();

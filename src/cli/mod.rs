@@ -6,6 +6,7 @@
 
 mod api;
 mod audit;
+mod breach;
 mod config;
 mod keys;
 mod offline;
@@ -114,6 +115,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Breach tools.
+    Breach {
+        #[command(subcommand)]
+        command: breach::BreachCommand,
+    },
     /// Reports from the audit trail.
     Report {
         #[command(subcommand)]
@@ -151,6 +157,13 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Api { command } => api::exec(command),
         Command::Audit { command } => audit::exec(&config, command),
         Command::Report { command } => audit::report(&config, command),
+        Command::Breach { command } => {
+            // A key store to look key ids up in: the config's, or the default one where it already exists (never
+            // made empty here for nothing).
+            let default_kek = piiwall::config::DEFAULT_KEK.trim_start_matches("file:");
+            let with_keys = cli.config.is_some() || Path::new(default_kek).exists();
+            breach::exec(&config, command, with_keys)
+        }
         Command::Schema { command } => schema::exec(&config, command),
         Command::Config { .. } => unreachable!("handled before the config is loaded"),
     }

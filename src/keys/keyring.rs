@@ -497,6 +497,12 @@ impl Keyring {
         }
     }
 
+    /// What the key store holds under a key id: its row (scope, version), or that a forget destroyed it. For
+    /// `breach assess`, which tells subject keys from domain keys; the row's wrapped key is not unwrapped.
+    pub fn lookup_key(&self, key_id: KeyId) -> Result<KeyLookup, KeyError> {
+        self.stats.timed(|| self.store.by_id(&key_id))
+    }
+
     /// Adds a key version to a scope; new data uses it, old versions still reveal. Returns the new version.
     pub fn rotate(&self, scope: &str) -> Result<u32, KeyError> {
         if self.store.is_forgotten(scope)? {
