@@ -13,7 +13,7 @@ use crate::crypto::{KeyId, Token};
 use crate::keys::Keyring;
 
 /// What protects a field in the leaked records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protection {
     /// Not protected: the leak exposes the value as it is.
     Clear,
@@ -89,7 +89,7 @@ pub struct BreachReport {
     /// Records that are not sanitized records of a known schema (not assessed; counted).
     pub unreadable: u64,
     fields: Vec<FieldExposure>,
-    by_path: HashMap<String, usize>,
+    by_path: HashMap<(String, Protection), usize>,
     /// With the key store: key id -> what it is.
     owners: HashMap<KeyId, KeyOwner>,
 }
@@ -97,7 +97,8 @@ pub struct BreachReport {
 /// Whose key a key id is, from the key store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KeyOwner {
-    Subject,
+    /// A subject's key: its scope (a keyed hash, never shown), so a rotated subject counts once.
+    Subject(String),
     Domain(String),
     /// Destroyed by a forget: what it protected is unreadable to anyone.
     Destroyed,
@@ -111,17 +112,57 @@ impl BreachReport {
     }
 
     /// Adds one leaked record, given as JSON (unions as bare values, as `sanitize` writes them), of the sanitized
-    /// schema `schema`.
+    /// schema `schema`. Anything but a JSON object is counted as unreadable.
     pub fn add(&mut self, schema: &SanitizedSchema, record: &Json) {
         self.records += 1;
-        self.visit(schema, &schema.root, record, "", None);
+        if !record.is_object() {
+            self.unreadable += 1;
+            return;
+        }
+        let mut touched = HashSet::new();
+        self.visit(schema, &schema.root, record, "", None, None, &mut touched);
+        for index in touched {
+            self.fields[index].records += 1;
+        }
     }
 
-    fn visit(&mut self, schema: &SanitizedSchema, ty: &Json, value: &Json, path: &str, applied: Option<&str>) {
+    /// Adds what a record's key exposes: a token (tokenized or hashed by the pipeline's `schemas.key`), bytes in
+    /// clear, or a framed Avro key, whose schema this assessment does not read (counted apart, never as protected).
+    pub fn add_key(&mut self, key: &[u8]) {
+        let protection = match std::str::from_utf8(key).ok().and_then(|text| Token::parse(text).ok()) {
+            Some(token) => {
+                let protection = match token.kind {
+                    crate::crypto::TokenKind::Hash => Protection::Hashed,
+                    crate::crypto::TokenKind::Token => Protection::Tokenized,
+                    _ => Protection::Encrypted,
+                };
+                let index = self.field("(record key)", protection);
+                self.fields[index].key_ids.insert(token.key_id);
+                self.fields[index].records += 1;
+                return;
+            }
+            None if key.first() == Some(&0) && key.len() > 5 => "(record key, Avro: not assessed)",
+            None => "(record key)",
+        };
+        let index = self.field(protection, Protection::Clear);
+        self.fields[index].records += 1;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn visit(
+        &mut self,
+        schema: &SanitizedSchema,
+        ty: &Json,
+        value: &Json,
+        path: &str,
+        applied: Option<&str>,
+        namespace: Option<&str>,
+        touched: &mut HashSet<usize>,
+    ) {
         if let Some(applied) = applied {
             let index = self.field(path, Protection::of(applied));
             if !value.is_null() {
-                self.fields[index].records += 1;
+                touched.insert(index);
                 let mut texts = Vec::new();
                 strings(value, &mut texts);
                 for text in texts {
@@ -132,23 +173,47 @@ impl BreachReport {
             }
             return;
         }
-        match resolve(schema, ty) {
+        let (ty, namespace) = schema.resolve(ty, namespace);
+        match ty {
             Json::Array(branches) => {
-                // A union: the branch the value fits (records are objects; everything else is a leaf here).
                 if value.is_null() {
                     return;
                 }
-                let branch = branches
-                    .iter()
-                    .find(|b| *b != "null" && is_record(schema, b) == value.is_object())
-                    .or_else(|| branches.iter().find(|b| *b != "null"));
-                if let Some(branch) = branch {
-                    self.visit(schema, branch, value, path, None);
+                // A union: for an object, the record branch whose fields hold all its keys (the most of them), else
+                // a map; for anything else, the first branch that is neither null nor a record.
+                let branches: Vec<&Json> = branches.iter().filter(|b| *b != "null").collect();
+                let branch = match value {
+                    Json::Object(object) => branches
+                        .iter()
+                        .filter_map(|b| schema.record_fields(b, namespace).map(|names| (b, names)))
+                        .max_by_key(|(_, names)| object.keys().filter(|k| names.contains(k.as_str())).count())
+                        .filter(|(_, names)| object.keys().all(|k| names.contains(k.as_str())))
+                        .map(|(b, _)| *b)
+                        .or_else(|| {
+                            branches
+                                .iter()
+                                .copied()
+                                .find(|b| schema.kind(b, namespace) == Some("map"))
+                        }),
+                    _ => branches
+                        .iter()
+                        .copied()
+                        .find(|b| schema.record_fields(b, namespace).is_none()),
+                };
+                match branch {
+                    Some(branch) => self.visit(schema, branch, value, path, None, namespace, touched),
+                    None => self.clear(path, "(values of no declared type)", touched),
                 }
             }
             Json::Object(object) => match object.get("type").and_then(Json::as_str) {
                 Some("record") => {
-                    for field in object.get("fields").and_then(Json::as_array).into_iter().flatten() {
+                    let declared: Vec<&Json> = object
+                        .get("fields")
+                        .and_then(Json::as_array)
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    for field in &declared {
                         let name = field["name"].as_str().unwrap_or_default();
                         let child = if path.is_empty() {
                             name.to_owned()
@@ -156,42 +221,62 @@ impl BreachReport {
                             format!("{path}.{name}")
                         };
                         let applied = field.get("pii.applied").and_then(Json::as_str);
-                        self.visit(
-                            schema,
-                            &field["type"],
-                            value.get(name).unwrap_or(&Json::Null),
-                            &child,
-                            applied,
-                        );
+                        let child_value = value.get(name).unwrap_or(&Json::Null);
+                        self.visit(schema, &field["type"], child_value, &child, applied, namespace, touched);
+                    }
+                    // Keys the schema does not declare: data nobody reviewed, in clear (named by count, not by key).
+                    if let Some(fields) = value.as_object()
+                        && fields.keys().any(|k| !declared.iter().any(|f| f["name"] == k.as_str()))
+                    {
+                        self.clear(path, "(fields not in the schema)", touched);
                     }
                 }
                 Some("array") => {
+                    let items = object.get("items").unwrap_or(&Json::Null);
                     for item in value.as_array().into_iter().flatten() {
-                        self.visit(schema, &object["items"], item, path, None);
+                        self.visit(schema, items, item, path, None, namespace, touched);
                     }
                 }
                 Some("map") => {
-                    // Map keys are the producer's data: never named in the report.
-                    for entry in value.as_object().into_iter().flat_map(|m| m.values()) {
-                        self.visit(schema, &object["values"], entry, path, None);
+                    let values = object.get("values").unwrap_or(&Json::Null);
+                    if let Some(entries) = value.as_object() {
+                        // An unannotated map's keys are the producer's data, in clear: counted, never named.
+                        if !entries.is_empty() {
+                            self.clear(path, "(map keys)", touched);
+                        }
+                        for entry in entries.values() {
+                            self.visit(schema, values, entry, path, None, namespace, touched);
+                        }
                     }
                 }
-                _ => self.leaf(path, value),
+                _ => self.leaf(path, value, touched),
             },
-            _ => self.leaf(path, value),
+            _ => self.leaf(path, value, touched),
         }
     }
 
     /// An unannotated value: in clear.
-    fn leaf(&mut self, path: &str, value: &Json) {
+    fn leaf(&mut self, path: &str, value: &Json, touched: &mut HashSet<usize>) {
         let index = self.field(path, Protection::Clear);
         if !value.is_null() {
-            self.fields[index].records += 1;
+            touched.insert(index);
         }
     }
 
+    /// Data in clear under `path` that is not a declared field of its own.
+    fn clear(&mut self, path: &str, what: &str, touched: &mut HashSet<usize>) {
+        let path = if path.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{path} {what}")
+        };
+        touched.insert(self.field(&path, Protection::Clear));
+    }
+
+    /// The row of a path under one protection: two schema versions that protect a field differently give two rows.
     fn field(&mut self, path: &str, protection: Protection) -> usize {
-        if let Some(&index) = self.by_path.get(path) {
+        let key = (path.to_owned(), protection);
+        if let Some(&index) = self.by_path.get(&key) {
             return index;
         }
         self.fields.push(FieldExposure {
@@ -200,7 +285,7 @@ impl BreachReport {
             records: 0,
             key_ids: HashSet::new(),
         });
-        self.by_path.insert(path.to_owned(), self.fields.len() - 1);
+        self.by_path.insert(key, self.fields.len() - 1);
         self.fields.len() - 1
     }
 
@@ -211,7 +296,7 @@ impl BreachReport {
             let owner = match keyring.lookup_key(id)? {
                 crate::keys::KeyLookup::Found(row) => match row.scope.strip_prefix("d:") {
                     Some(domain) => KeyOwner::Domain(domain.to_owned()),
-                    None => KeyOwner::Subject,
+                    None => KeyOwner::Subject(row.scope),
                 },
                 crate::keys::KeyLookup::Shredded => KeyOwner::Destroyed,
                 crate::keys::KeyLookup::Unknown => KeyOwner::Unknown,
@@ -226,7 +311,7 @@ impl BreachReport {
         for id in ids {
             let name = match self.owners.get(id) {
                 None => "keys",
-                Some(KeyOwner::Subject) => "subject keys",
+                Some(KeyOwner::Subject(_)) => "subject keys",
                 Some(KeyOwner::Domain(_)) => "domain keys",
                 Some(KeyOwner::Destroyed) => "destroyed keys (forgotten subjects)",
                 Some(KeyOwner::Unknown) => "keys not in this key store",
@@ -234,6 +319,23 @@ impl BreachReport {
             *counts.entry(name).or_default() += 1;
         }
         counts
+    }
+
+    /// Distinct data subjects among the keys looked up (by scope: a rotated subject counts once), and whether some
+    /// keys were not in the key store (then there are at least that many). `None` without a key store.
+    fn subjects(&self) -> Option<(usize, bool)> {
+        if self.owners.is_empty() {
+            return None;
+        }
+        let scopes: HashSet<&str> = self
+            .owners
+            .values()
+            .filter_map(|o| match o {
+                KeyOwner::Subject(scope) => Some(scope.as_str()),
+                _ => None,
+            })
+            .collect();
+        Some((scopes.len(), self.owners.values().any(|o| *o == KeyOwner::Unknown)))
     }
 
     fn all_keys(&self) -> HashSet<KeyId> {
@@ -257,7 +359,7 @@ impl BreachReport {
     /// The report as one JSON document, with the Art. 33(3) headings.
     pub fn to_json(&self, source: &str) -> Json {
         let all = self.all_keys();
-        let subjects = self.owners.values().filter(|o| **o == KeyOwner::Subject).count();
+        let subjects = self.subjects();
         json!({
             "source": source,
             "records": self.records,
@@ -271,7 +373,8 @@ impl BreachReport {
                     "keys_by_owner": self.owners_of(f.key_ids.iter()),
                 })).collect::<Vec<_>>(),
                 "records": self.records,
-                "data_subjects_by_subject_key": if self.owners.is_empty() { Json::Null } else { json!(subjects) },
+                "data_subjects_by_subject_key": subjects.map(|(n, _)| n),
+                "data_subjects_at_least": subjects.is_some_and(|(_, unknown)| unknown),
                 "distinct_keys": all.len(),
             },
             "c_likely_consequences": self.fields.iter().map(|f| json!({
@@ -353,9 +456,11 @@ impl BreachReport {
                 keys
             ));
         }
-        let subjects = self.owners.values().filter(|o| **o == KeyOwner::Subject).count();
-        if !self.owners.is_empty() {
-            out.push_str(&format!("  data subjects (distinct subject keys): {subjects}\n"));
+        if let Some((subjects, unknown)) = self.subjects() {
+            let at_least = if unknown { "at least " } else { "" };
+            out.push_str(&format!(
+                "  data subjects (distinct subject keys): {at_least}{subjects}\n"
+            ));
         }
         out.push_str("\n(c) Likely consequences\n");
         let mut seen = Vec::new();
@@ -387,7 +492,12 @@ pub fn assess_topic(
     use rdkafka::Message;
     let mut schemas: HashMap<u32, Option<(SanitizedSchema, apache_avro::Schema)>> = HashMap::new();
     let mut report = BreachReport::default();
-    crate::stream::read_topic(client, topic, "topic", READ_DEADLINE, |message| {
+    // What an attacker holding the topic reads: aborted transactions' records too.
+    let client = client.clone().set("isolation.level", "read_uncommitted").clone();
+    crate::stream::read_topic(&client, topic, "topic", READ_DEADLINE, |message| {
+        if let Some(key) = message.key().filter(|k| !k.is_empty()) {
+            report.add_key(key);
+        }
         let Some((id, mut body)) = message.payload().and_then(|p| crate::stream::parse_frame(p).ok()) else {
             report.records += 1;
             report.unreadable += 1;
@@ -395,10 +505,16 @@ pub fn assess_topic(
         };
         let known = schemas.entry(id).or_insert_with(|| {
             let text = schema_of(id)?;
-            Some((
-                SanitizedSchema::parse(&text).ok()?,
-                apache_avro::Schema::parse_str(&text).ok()?,
-            ))
+            let parsed = SanitizedSchema::parse(&text)
+                .ok()
+                .zip(apache_avro::Schema::parse_str(&text).ok());
+            if parsed.is_none() {
+                tracing::warn!(
+                    schema_id = id,
+                    "the sanitized schema of this id does not parse: its records are unreadable"
+                );
+            }
+            parsed
         });
         let decoded = known.as_ref().and_then(|(sanitized, avro)| {
             let reader = apache_avro::reader::datum::GenericDatumReader::builder(avro)
@@ -424,15 +540,19 @@ fn strings<'a>(value: &'a Json, out: &mut Vec<&'a str>) {
     match value {
         Json::String(s) => out.push(s),
         Json::Array(items) => items.iter().for_each(|v| strings(v, out)),
-        Json::Object(map) => map.values().for_each(|v| strings(v, out)),
+        // A protected map's keys are tokens too.
+        Json::Object(map) => map.iter().for_each(|(k, v)| {
+            out.push(k);
+            strings(v, out)
+        }),
         _ => {}
     }
 }
 
-/// A sanitized schema (with its `pii.applied` field attributes), its named types indexed.
+/// A sanitized schema (with its `pii.applied` field attributes), its named types indexed by full name.
 pub struct SanitizedSchema {
     root: Json,
-    named: HashMap<String, Json>,
+    named: HashMap<String, (Json, Option<String>)>,
 }
 
 impl SanitizedSchema {
@@ -442,44 +562,90 @@ impl SanitizedSchema {
         index_named(&root, None, &mut named);
         Ok(Self { root, named })
     }
+
+    /// Whether the text is a sanitized schema (its root says `"pii.sanitized": true`), not an annotated one.
+    pub fn is_sanitized(text: &str) -> bool {
+        serde_json::from_str::<Json>(text).is_ok_and(|root| root["pii.sanitized"] == true)
+    }
+
+    /// A type with a named reference (`"Address"`, `{"type": "Address"}`) replaced by its definition, and the
+    /// namespace names inside it are resolved against.
+    fn resolve<'a>(&'a self, ty: &'a Json, namespace: Option<&'a str>) -> (&'a Json, Option<&'a str>) {
+        let own = ty.get("namespace").and_then(Json::as_str).or(namespace);
+        let name = match ty {
+            Json::String(name) => name.as_str(),
+            Json::Object(object) => match object.get("type").and_then(Json::as_str) {
+                Some(name) => name,
+                None => return (ty, own),
+            },
+            _ => return (ty, namespace),
+        };
+        let full = match (name.contains('.'), namespace) {
+            (false, Some(ns)) => self.named.get(&format!("{ns}.{name}")),
+            _ => None,
+        };
+        match full.or_else(|| self.named.get(name)) {
+            Some((defined, ns)) => (defined, ns.as_deref()),
+            None => (ty, own),
+        }
+    }
+
+    fn kind<'a>(&'a self, ty: &'a Json, namespace: Option<&'a str>) -> Option<&'a str> {
+        self.resolve(ty, namespace).0.get("type").and_then(Json::as_str)
+    }
+
+    /// The field names of a record type; `None` for any other type.
+    fn record_fields<'a>(&'a self, ty: &'a Json, namespace: Option<&'a str>) -> Option<HashSet<&'a str>> {
+        let (ty, _) = self.resolve(ty, namespace);
+        (ty.get("type").and_then(Json::as_str) == Some("record")).then(|| {
+            ty.get("fields")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["name"].as_str())
+                .collect()
+        })
+    }
 }
 
-fn index_named(ty: &Json, namespace: Option<&str>, named: &mut HashMap<String, Json>) {
+/// Named types by full name (`namespace.name`, or the name as written when it has dots or no namespace applies),
+/// each with the namespace its own references resolve in.
+fn index_named(ty: &Json, namespace: Option<&str>, named: &mut HashMap<String, (Json, Option<String>)>) {
     match ty {
         Json::Array(branches) => branches.iter().for_each(|b| index_named(b, namespace, named)),
         Json::Object(object) => {
-            let namespace = object.get("namespace").and_then(Json::as_str).or(namespace);
-            if let Some(name) = object.get("name").and_then(Json::as_str) {
-                named.insert(name.to_owned(), ty.clone());
-                if let Some(ns) = namespace.filter(|_| !name.contains('.')) {
-                    named.insert(format!("{ns}.{name}"), ty.clone());
-                }
+            let mut inner = object
+                .get("namespace")
+                .and_then(Json::as_str)
+                .or(namespace)
+                .map(str::to_owned);
+            if let Some(name) = object.get("name").and_then(Json::as_str)
+                && matches!(
+                    object.get("type").and_then(Json::as_str),
+                    Some("record" | "enum" | "fixed")
+                )
+            {
+                let full = match (name.rsplit_once('.'), &inner) {
+                    (Some((ns, _)), _) => {
+                        inner = Some(ns.to_owned());
+                        name.to_owned()
+                    }
+                    (None, Some(ns)) => format!("{ns}.{name}"),
+                    (None, None) => name.to_owned(),
+                };
+                named.insert(full, (ty.clone(), inner.clone()));
             }
             for field in object.get("fields").and_then(Json::as_array).into_iter().flatten() {
-                index_named(&field["type"], namespace, named);
+                index_named(&field["type"], inner.as_deref(), named);
             }
-            for inner in ["items", "values"] {
-                if let Some(inner) = object.get(inner) {
-                    index_named(inner, namespace, named);
+            for key in ["items", "values"] {
+                if let Some(nested) = object.get(key) {
+                    index_named(nested, inner.as_deref(), named);
                 }
             }
         }
         _ => {}
     }
-}
-
-/// A type, with a reference to a named type (`"Address"`, or `{"type": "Address"}`) replaced by its definition.
-fn resolve<'a>(schema: &'a SanitizedSchema, ty: &'a Json) -> &'a Json {
-    let name = match ty {
-        Json::String(name) => Some(name.as_str()),
-        Json::Object(object) => object.get("type").and_then(Json::as_str),
-        _ => None,
-    };
-    name.and_then(|name| schema.named.get(name)).unwrap_or(ty)
-}
-
-fn is_record(schema: &SanitizedSchema, ty: &Json) -> bool {
-    resolve(schema, ty).get("type").and_then(Json::as_str) == Some("record")
 }
 
 #[cfg(test)]
@@ -531,5 +697,117 @@ mod tests {
             text.contains("fields in clear are exposed as they are: city, tags"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod shapes {
+    use super::*;
+
+    /// Unions of two records (each branch's fields assessed), namespaces that reuse a short name, fields a record
+    /// carries beyond its schema, an unannotated map's keys, and a path counted once per record however many array
+    /// items hold it.
+    #[test]
+    fn unions_namespaces_undeclared_fields_map_keys_and_arrays_are_assessed() {
+        let schema = SanitizedSchema::parse(
+            r#"{"type": "record", "name": "Payment", "namespace": "com.a", "fields": [
+                {"name": "method", "type": [
+                    {"type": "record", "name": "Card", "fields": [
+                        {"name": "number", "type": "string", "pii.applied": "mask"}]},
+                    {"type": "record", "name": "Bank", "fields": [
+                        {"name": "iban", "type": "string"}]}]},
+                {"name": "billing", "type": {"type": "record", "name": "Address", "namespace": "com.b", "fields": [
+                    {"name": "street", "type": "string", "pii.applied": "encrypt"}]}},
+                {"name": "shipping", "type": {"type": "record", "name": "Address", "fields": [
+                    {"name": "city", "type": "string"}]}},
+                {"name": "again", "type": "com.b.Address"},
+                {"name": "labels", "type": {"type": "map", "values": "string"}},
+                {"name": "phones", "type": {"type": "array", "items": "string"}, "pii.applied": "tokenize"},
+                {"name": "notes", "type": {"type": "array", "items": "string"}}
+            ]}"#,
+        )
+        .unwrap();
+        let mut report = BreachReport::default();
+        report.add(
+            &schema,
+            &json!({"method": {"iban": "GB00"}, "billing": {"street": "x"}, "shipping": {"city": "Leeds"},
+                    "again": {"street": "y"}, "labels": {"someone@example.com": "vip"}, "phones": ["a", "b"],
+                    "notes": ["n1", "n2"], "ssn": "123"}),
+        );
+        report.add(
+            &schema,
+            &json!({"method": {"number": "****1111"}, "billing": {"street": "z"},
+                                    "shipping": {"city": "York"}, "again": {"street": "w"}, "labels": {},
+                                    "phones": [], "notes": []}),
+        );
+        report.add(&schema, &json!(42));
+        let row = |path: &str| {
+            report
+                .fields()
+                .iter()
+                .find(|f| f.path == path)
+                .map(|f| (f.protection, f.records))
+        };
+        assert_eq!(
+            row("method.iban"),
+            Some((Protection::Clear, 1)),
+            "the second branch of the union"
+        );
+        assert_eq!(row("method.number"), Some((Protection::Masked, 1)));
+        assert_eq!(row("billing.street"), Some((Protection::Encrypted, 2)));
+        assert_eq!(
+            row("shipping.city"),
+            Some((Protection::Clear, 2)),
+            "com.a.Address, not com.b.Address"
+        );
+        assert_eq!(
+            row("again.street"),
+            Some((Protection::Encrypted, 2)),
+            "a reference by full name"
+        );
+        assert_eq!(row("labels (map keys)"), Some((Protection::Clear, 1)));
+        assert_eq!(
+            row("phones"),
+            Some((Protection::Tokenized, 2)),
+            "an empty array is still a value"
+        );
+        assert_eq!(
+            row("notes"),
+            Some((Protection::Clear, 1)),
+            "once per record, not per item"
+        );
+        assert_eq!(row("(fields not in the schema)"), Some((Protection::Clear, 1)));
+        assert_eq!(
+            (report.records, report.unreadable),
+            (3, 1),
+            "a record that is not an object"
+        );
+        let text = report.render("x") + &report.to_json("x").to_string();
+        for value in ["GB00", "Leeds", "someone@example.com", "ssn", "123", "1111"] {
+            assert!(!text.contains(value), "{value}");
+        }
+    }
+
+    #[test]
+    fn record_keys_are_assessed_by_what_they_hold() {
+        let key = Token::render(crate::crypto::TokenKind::Hash, KeyId([3; 12]), &[1; 32]);
+        let mut report = BreachReport::default();
+        report.add_key(key.as_bytes());
+        report.add_key(b"cus_0001");
+        report.add_key(&[0, 0, 0, 0, 7, 2, 4]);
+        let rows: Vec<(&str, Protection, u64)> = report
+            .fields()
+            .iter()
+            .map(|f| (f.path.as_str(), f.protection, f.records))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("(record key)", Protection::Hashed, 1),
+                ("(record key)", Protection::Clear, 1),
+                ("(record key, Avro: not assessed)", Protection::Clear, 1)
+            ]
+        );
+        assert!(!report.render("t").contains("cus_0001"));
     }
 }

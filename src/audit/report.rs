@@ -39,6 +39,9 @@ pub struct ProcessingReport {
     pub keys: BTreeMap<String, i64>,
     /// Events that do not decode as audit events (their position), never counted.
     pub undecodable: Vec<String>,
+    /// Events read twice (an at-least-once writer may write one again): counted once.
+    pub duplicates: usize,
+    seen: std::collections::HashSet<String>,
 }
 
 const CALLS: [&str; 4] = ["REVEAL", "TOKENIZE", "FORGET", "SUBJECT_STATUS"];
@@ -76,6 +79,12 @@ impl ProcessingReport {
         if ts < self.since_ms {
             return;
         }
+        if let Some(id) = event["event_id"].as_str()
+            && !self.seen.insert(id.to_owned())
+        {
+            self.duplicates += 1;
+            return;
+        }
         self.counted += 1;
         self.first_ms = Some(self.first_ms.map_or(ts, |first| first.min(ts)));
         self.last_ms = Some(self.last_ms.map_or(ts, |last| last.max(ts)));
@@ -90,17 +99,25 @@ impl ProcessingReport {
                 }
             }
             "QUARANTINE" => *self.quarantined.entry(text("topic")).or_default() += 1,
-            call if CALLS.contains(&call) => {
-                *self
-                    .calls
-                    .entry((kind.clone(), text("purpose"), text("principal"), text("outcome")))
-                    .or_default() += 1;
+            _ => {
+                let outcome = event["outcome"].as_str();
+                // An API or command-line call (it has an outcome): counted as a call, whatever its kind.
+                if CALLS.contains(&kind.as_str()) || outcome.is_some() {
+                    *self
+                        .calls
+                        .entry((kind.clone(), text("purpose"), text("principal"), text("outcome")))
+                        .or_default() += 1;
+                }
+                // Keys, only for what happened: a denied or failed rotation rotated nothing.
+                if KEYS.contains(&kind.as_str()) && matches!(outcome, None | Some("ALLOWED")) {
+                    let keys: i64 = counts
+                        .iter()
+                        .filter(|c| kind != "KEK_REWRAPPED" || c["action"] == "rewrapped")
+                        .filter_map(|c| c["count"].as_i64())
+                        .sum();
+                    *self.keys.entry(kind.clone()).or_default() += if counts.is_empty() { 1 } else { keys };
+                }
             }
-            key if KEYS.contains(&key) => {
-                let keys: i64 = counts.iter().filter_map(|c| c["count"].as_i64()).sum();
-                *self.keys.entry(kind.clone()).or_default() += if counts.is_empty() { 1 } else { keys };
-            }
-            _ => {}
         }
     }
 
@@ -122,6 +139,7 @@ impl ProcessingReport {
                 "kind": kind, "purpose": purpose, "principal": principal, "outcome": outcome, "calls": calls
             })).collect::<Vec<_>>(),
             "keys": self.keys,
+            "duplicates": self.duplicates,
             "undecodable": self.undecodable,
         })
     }
@@ -159,8 +177,9 @@ impl ProcessingReport {
             "Subject-rights calls: kind, purpose, principal, outcome, calls",
             self.calls
                 .iter()
+                // Purposes and principal names are free text a caller chose: quoted, so none can forge a row.
                 .map(|((kind, purpose, principal, outcome), n)| {
-                    format!("{kind}  {purpose}  {principal}  {outcome}  {n}")
+                    format!("{kind}  {purpose:?}  {principal:?}  {outcome}  {n}")
                 })
                 .collect(),
         );
@@ -182,12 +201,25 @@ fn str_of(value: &Json) -> String {
 /// Midnight UTC at the start of `date` (`YYYY-MM-DD`), in ms since 1970-01-01.
 pub fn date_ms(date: &str) -> Result<i64, String> {
     let invalid = || format!("{date:?} is not a date: write YYYY-MM-DD (UTC)");
-    let mut parts = date.splitn(3, '-');
-    let (Some(y), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+    let digits = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = date.split('-');
+    let (Some(y), Some(m), Some(d), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(invalid());
     };
+    if !(digits(y, 4) && digits(m, 2) && digits(d, 2)) {
+        return Err(invalid());
+    }
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = |y: i64, m: i64| match m {
+        2 if leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     let (y, m, d): (i64, i64, i64) = match (y.parse::<i64>(), m.parse::<i64>(), d.parse::<i64>()) {
-        (Ok(y), Ok(m), Ok(d)) if (1000..=9999).contains(&y) && (1..=12).contains(&m) && (1..=31).contains(&d) => {
+        (Ok(y), Ok(m), Ok(d))
+            if (1000..=9999).contains(&y) && (1..=12).contains(&m) && d >= 1 && d <= days_in(y, m) =>
+        {
             (y, m, d)
         }
         _ => return Err(invalid()),
@@ -211,7 +243,19 @@ mod tests {
         assert_eq!(date_ms("1970-01-01"), Ok(0));
         assert_eq!(date_ms("2000-03-01"), Ok(951_868_800_000));
         assert_eq!(date_ms("2026-12-06"), Ok(1_796_515_200_000));
-        for bad in ["2026-13-01", "26-01-01", "2026/01/01", "yesterday", "2026-01"] {
+        assert_eq!(date_ms("2024-02-29"), Ok(1_709_164_800_000));
+        for bad in [
+            "2026-13-01",
+            "26-01-01",
+            "2026/01/01",
+            "yesterday",
+            "2026-01",
+            "2026-02-31",
+            "2025-02-29",
+            "2026-1-1",
+            "+2026-01-01",
+            "2026-01-01-01",
+        ] {
             assert!(date_ms(bad).unwrap_err().contains("YYYY-MM-DD"), "{bad}");
         }
     }
@@ -238,7 +282,29 @@ mod tests {
                            "action": "key created", "count": 4}]}),
         );
         report.add(&json!({"ts": 1_700, "kind": "QUARANTINE", "topic": "orders", "counts": []}));
-        assert_eq!(report.counted, 5);
+        // Written twice by an at-least-once writer: once.
+        let twice = json!({"ts": 1_800, "event_id": "e-1", "kind": "FORGET", "purpose": "erasure", "principal": "ana",
+                           "outcome": "ALLOWED", "counts": []});
+        report.add(&twice);
+        report.add(&twice);
+        // A denied rotation: a call, no key rotated.
+        report.add(
+            &json!({"ts": 1_900, "kind": "KEY_ROTATED", "purpose": "p", "principal": "eve",
+                           "outcome": "DENIED", "counts": []}),
+        );
+        assert_eq!((report.counted, report.duplicates), (7, 1));
+        assert_eq!(
+            report.calls[&("FORGET".into(), "erasure".into(), "ana".into(), "ALLOWED".into())],
+            1
+        );
+        assert_eq!(
+            report.calls[&("KEY_ROTATED".into(), "p".into(), "eve".into(), "DENIED".into())],
+            1
+        );
+        assert!(
+            !report.keys.contains_key("KEY_ROTATED"),
+            "a denied rotation rotated nothing"
+        );
         assert_eq!((report.first_ms, report.last_ms), (Some(1_000), Some(2_000)));
         assert_eq!(
             report.processing[&("orders".into(), "email".into(), "tokenize".into())],
@@ -252,6 +318,7 @@ mod tests {
         assert_eq!(report.keys["KEY_CREATED"], 4);
         assert_eq!(report.quarantined["orders"], 1);
         let text = report.render();
-        assert!(text.contains("orders  email  tokenize  10") && text.contains("REVEAL  fraud review  ana  ALLOWED  1"));
+        assert!(text.contains("orders  email  tokenize  10"), "{text}");
+        assert!(text.contains("REVEAL  \"fraud review\"  \"ana\"  ALLOWED  1"), "{text}");
     }
 }

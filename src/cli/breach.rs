@@ -19,7 +19,7 @@ pub(crate) enum BreachCommand {
     /// exposed, the consequences and the keys to rotate. Never a value, token, key id or subject in the report.
     Assess {
         /// A sanitized topic (Confluent-framed Avro; schemas from the registry or the local bindings).
-        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        #[arg(long, required_unless_present = "file", conflicts_with_all = ["file", "schema"])]
         topic: Option<String>,
         /// Leaked records as JSON lines, as `sanitize` writes them; needs --schema.
         #[arg(long, requires = "schema")]
@@ -47,19 +47,28 @@ pub(crate) fn exec(config: &Config, command: BreachCommand, with_keys: bool) -> 
         _ => anyhow::bail!("breach assess needs --topic, or --file with --schema"),
     };
     if with_keys {
-        report.identify_keys(&*keyring(config)?)?;
+        // Without the key store the report still stands, with keys counted but not told apart.
+        let identified = keyring(config).and_then(|keyring| Ok(report.identify_keys(&keyring)?));
+        if let Err(e) = identified {
+            eprintln!("piiwall: the key store could not be read ({e}): keys are counted, not told apart");
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report.to_json(&source))?);
     } else {
         print!("{}", report.render(&source));
     }
-    Ok(ExitCode::SUCCESS)
+    // Records that could not be assessed make the assessment incomplete: said by the exit code too.
+    Ok(if report.unreadable == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) -> anyhow::Result<BreachReport> {
     let text = std::fs::read_to_string(schema).with_context(|| format!("cannot read schema {}", schema.display()))?;
-    let sanitized = if text.contains("\"pii.sanitized\"") {
+    let sanitized = if SanitizedSchema::is_sanitized(&text) {
         text
     } else {
         load_schema(schema, config)?.sanitized_json
@@ -68,14 +77,23 @@ fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) 
         SanitizedSchema::parse(&sanitized).map_err(|e| anyhow::anyhow!("schema {}: {e}", schema.display()))?;
     let input = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut report = BreachReport::default();
-    for line in std::io::BufReader::new(input).lines() {
-        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-        if line.trim().is_empty() {
+    let mut reader = std::io::BufReader::new(input);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("cannot read {}", file.display()))?
+            == 0
+        {
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_str(&line) {
+        // A line that is not UTF-8 JSON is counted, never quoted: a leaked line is someone's data.
+        match serde_json::from_slice(&line) {
             Ok(record) => report.add(&sanitized, &record),
-            // Counted, never quoted: a leaked line is someone's data.
             Err(_) => {
                 report.records += 1;
                 report.unreadable += 1;
@@ -86,12 +104,12 @@ fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) 
 }
 
 fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
-    // Local bindings: the sanitized schema of each sanitized id.
+    // Local bindings of the topic's input (this topic is its output): the sanitized schema of each sanitized id.
+    // Ids are per topic, so only this topic's bindings count.
     let mut local: HashMap<u32, PathBuf> = HashMap::new();
     for binding in &config.bindings {
-        local.insert(binding.sanitized_id, binding.schema.clone());
-        if let Some(key) = &binding.key_schema {
-            local.insert(key.sanitized_id, key.schema.clone());
+        if format!("{}{}", binding.topic, config.kafka.output_suffix) == topic {
+            local.insert(binding.sanitized_id, binding.schema.clone());
         }
     }
     let registry = config
@@ -101,12 +119,28 @@ fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
         .transpose()
         .map_err(|e| anyhow::anyhow!(e))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Schema ids and their failures are named (they are not data); the records are counted as unreadable.
     let schema_of = |id: u32| -> Option<String> {
         if let Some(path) = local.get(&id) {
-            return load_schema(path, config).ok().map(|compiled| compiled.sanitized_json);
+            return match load_schema(path, config) {
+                Ok(compiled) => Some(compiled.sanitized_json),
+                Err(e) => {
+                    eprintln!("piiwall: schema id {id} ({}): {e:#}", path.display());
+                    None
+                }
+            };
         }
-        let registry = registry.as_ref()?;
-        runtime.block_on(registry.schema(id)).ok()
+        let Some(registry) = registry.as_ref() else {
+            eprintln!("piiwall: schema id {id} is in no [[schemas.local]] binding of {topic} and no registry is set");
+            return None;
+        };
+        match runtime.block_on(registry.schema(id)) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                eprintln!("piiwall: schema id {id}: {e}");
+                None
+            }
+        }
     };
     Ok(assess_topic(&kafka_client(config), topic, schema_of)?)
 }

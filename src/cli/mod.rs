@@ -158,10 +158,11 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => audit::exec(&config, command),
         Command::Report { command } => audit::report(&config, command),
         Command::Breach { command } => {
-            // A key store to look key ids up in: the config's, or the default one where it already exists (never
-            // made empty here for nothing).
-            let default_kek = piiwall::config::DEFAULT_KEK.trim_start_matches("file:");
-            let with_keys = cli.config.is_some() || Path::new(default_kek).exists();
+            // A key store to look key ids up in, where one exists (never made empty here for nothing).
+            let with_keys = match &config.keys.store {
+                piiwall::config::StoreLocation::Sqlite(path) => path.exists(),
+                _ => true,
+            };
             breach::exec(&config, command, with_keys)
         }
         Command::Schema { command } => schema::exec(&config, command),
