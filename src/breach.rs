@@ -698,11 +698,6 @@ mod tests {
             "{text}"
         );
     }
-}
-
-#[cfg(test)]
-mod shapes {
-    use super::*;
 
     /// Unions of two records (each branch's fields assessed), namespaces that reuse a short name, fields a record
     /// carries beyond its schema, an unannotated map's keys, and a path counted once per record however many array
