@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::crypto::{AwsKmsLocation, KekSource, Pkcs11Location, SecretSource};
 use crate::error::ConfigError;
 use crate::keys::{DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, KeyCacheSettings};
-use crate::policy::{Action, PolicySettings, Untagged, valid_domain};
+use crate::policy::{Action, PolicySettings, Undeclared, Untagged, valid_domain};
 
 /// Where keys live unless `keys.store` says otherwise: a SQLite file under the working directory.
 pub const DEFAULT_KEY_STORE: &str = "sqlite:.piiwall/keys.db";
@@ -118,6 +118,7 @@ struct RawBinding {
     key_schema: Option<PathBuf>,
     key_id: Option<u32>,
     key_sanitized_id: Option<u32>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +167,7 @@ struct RawKeys {
 #[serde(deny_unknown_fields, default)]
 struct RawPolicy {
     untagged: Option<String>,
+    undeclared: Option<String>,
     tags: Option<BTreeMap<String, String>>,
     detect: Option<RawDetect>,
 }
@@ -346,6 +348,18 @@ pub struct LocalBinding {
     pub key: KeyAction,
     /// With `key = "avro"`: the key schema, the id keys are framed with, and the id sanitized keys are framed with.
     pub key_schema: Option<KeySchema>,
+    /// How the topic's values are framed.
+    pub format: RecordFraming,
+}
+
+/// How a locally bound topic's values are written (`format` of a `[[schemas.local]]` binding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFraming {
+    /// `"confluent"` (the default): the Confluent wire format; the payload is Avro binary or JSON text, as the
+    /// schema file is an Avro schema or a JSON Schema. Output framed with the sanitized id.
+    Confluent,
+    /// `"json"`: plain JSON records, no framing, read with the schema file (Avro or JSON Schema); output plain JSON.
+    PlainJson,
 }
 
 #[derive(Debug, Clone)]
@@ -599,6 +613,10 @@ impl Config {
         line("keys.control_topic", self.keys.control_topic.clone());
         line("keys.max_encryptions_per_key", self.keys.max_encryptions.to_string());
         line("policy.untagged", format!("{:?}", self.policy.untagged).to_lowercase());
+        line(
+            "policy.undeclared",
+            format!("{:?}", self.policy.undeclared).to_lowercase(),
+        );
         for (tag, action) in &self.policy.tag_actions {
             line(&format!("policy.tags.{tag}"), action.name().to_owned());
         }
@@ -662,8 +680,12 @@ impl Config {
             line(
                 &format!("schemas.local.{}", binding.topic),
                 format!(
-                    "{} (id {}, sanitized id {}, key {})",
+                    "{} ({}, id {}, sanitized id {}, key {})",
                     binding.schema.display(),
+                    match binding.format {
+                        RecordFraming::Confluent => "confluent wire format",
+                        RecordFraming::PlainJson => "plain json",
+                    },
                     binding.id,
                     binding.sanitized_id,
                     format!("{:?}", binding.key).to_lowercase()
@@ -867,8 +889,18 @@ impl RawConfig {
                 )));
             }
         };
+        let undeclared = match self.policy.undeclared.as_deref().unwrap_or("drop") {
+            "drop" => Undeclared::Drop,
+            "quarantine" => Undeclared::Quarantine,
+            other => {
+                return Err(ConfigError(format!(
+                    "policy.undeclared must be \"drop\" or \"quarantine\", not \"{other}\""
+                )));
+            }
+        };
         let mut policy = PolicySettings {
             untagged,
+            undeclared,
             detect: self.policy.detect.unwrap_or_default().validate()?,
             ..PolicySettings::default()
         };
@@ -1128,6 +1160,24 @@ impl RawBinding {
             }
             (_, None) => None,
         };
+        let format = match self.format.as_deref().unwrap_or("confluent") {
+            "confluent" => RecordFraming::Confluent,
+            "json" if key == KeyAction::Avro => {
+                return Err(ConfigError(format!(
+                    "schemas.local (topic {}): key = \"avro\" reads Confluent-framed Avro keys, which a topic of \
+                     plain JSON (format = \"json\") does not have: use key = \"hash\", \"keep\" or \"redact\"",
+                    self.topic
+                )));
+            }
+            "json" => RecordFraming::PlainJson,
+            other => {
+                return Err(ConfigError(format!(
+                    "schemas.local (topic {}): format must be \"confluent\" (the Confluent wire format, Avro or JSON \
+                     Schema) or \"json\" (plain JSON, no framing), not \"{other}\"",
+                    self.topic
+                )));
+            }
+        };
         Ok(LocalBinding {
             topic: self.topic,
             schema: self.schema,
@@ -1135,6 +1185,7 @@ impl RawBinding {
             sanitized_id,
             key,
             key_schema,
+            format,
         })
     }
 }

@@ -80,7 +80,7 @@ pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Err
         let topic = example.topic.trim_start_matches("demo.");
         let schema = compile(example.schema, &crate::policy::PolicySettings::default())?;
         let id = registry
-            .register(&format!("{topic}-value"), example.schema)
+            .register(&format!("{topic}-value"), example.schema, "AVRO")
             .await
             .map_err(|e| Error::Unavailable(format!("registering the schema of {topic}: {e}")))?;
         for line in example.samples.lines().filter(|l| !l.trim().is_empty()) {

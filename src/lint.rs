@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value as Json};
 
-use crate::policy::{PolicySettings, compile};
+use crate::policy::{PolicySettings, compile, compile_any, json_schema};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
@@ -22,9 +22,28 @@ pub struct Finding {
 }
 
 /// Checks one schema: every annotation error the compiler finds, then a warning for each unannotated field whose
-/// name suggests PII. A field marked `"pii": "none"` is taken as reviewed and not warned about.
-pub fn check(schema_json: &str, settings: &PolicySettings) -> Vec<Finding> {
+/// name suggests PII. A field marked `"pii": "none"` is taken as reviewed and not warned about. A JSON Schema is
+/// checked through its translation to Avro (its properties are the fields).
+pub fn check(schema_text: &str, settings: &PolicySettings) -> Vec<Finding> {
     let mut findings = Vec::new();
+    let translated;
+    let schema_json = if json_schema::is_json_schema(schema_text) {
+        match json_schema::to_avro(schema_text) {
+            Ok(avro) => {
+                translated = avro;
+                translated.as_str()
+            }
+            Err(e) => {
+                return vec![Finding {
+                    severity: Severity::Error,
+                    path: e.path,
+                    message: e.problem,
+                }];
+            }
+        }
+    } else {
+        schema_text
+    };
     let protected: HashSet<String> = match compile(schema_json, settings) {
         Ok(compiled) => compiled.plan.rules.into_iter().map(|r| r.path).collect(),
         Err(e) => {
@@ -71,10 +90,9 @@ pub fn check_samples(
         detect: settings.detect.reporting(),
         ..settings.clone()
     };
-    let schema = compile(schema_json, &settings)?;
+    let schema = compile_any(schema_json, &settings)?;
     let transcoder = Transcoder::new(&schema)?;
-    let reader = crate::codec::json::JsonCodec::new(&schema.writer);
-    let codec = crate::codec::avro::ValueCodec::for_writer(&schema);
+    let reader = crate::codec::json_records::JsonRecords::new(&schema, crate::policy::Undeclared::Quarantine);
     // A throwaway key: the protected output is discarded, only the detections count.
     let dek = std::sync::Arc::new(crate::crypto::Dek::new(
         crate::crypto::KeyId([0; 12]),
@@ -86,7 +104,7 @@ pub fn check_samples(
         domain: Some(dek),
         forgotten: false,
     };
-    let (mut scratch, mut raw, mut out) = (TranscodeScratch::default(), Vec::new(), Vec::new());
+    let (mut scratch, mut out) = (TranscodeScratch::default(), Vec::new());
     let mut findings = Vec::new();
     let mut records = 0;
     for (index, line) in samples.lines().enumerate() {
@@ -94,14 +112,12 @@ pub fn check_samples(
         if line.trim().is_empty() {
             continue;
         }
-        let checked = serde_json::from_str::<Json>(&line)
-            .map_err(|_| crate::error::ValueError::new("", "not JSON").into())
-            .and_then(|json| reader.to_value(&json).map_err(crate::Error::from))
-            .and_then(|value| {
-                raw.clear();
-                codec.encode(&value, &mut raw)?;
+        let checked = reader
+            .read(&schema, line.as_bytes())
+            .map_err(crate::Error::from)
+            .and_then(|converted| {
                 out.clear();
-                Ok(transcoder.transcode(&schema, &raw, &keys, &mut scratch, &mut out)?)
+                Ok(transcoder.transcode(&schema, &converted.avro, &keys, &mut scratch, &mut out)?)
             });
         match checked {
             Ok(()) => records += 1,

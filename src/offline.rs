@@ -3,18 +3,17 @@
 //! A line that cannot be sanitized is reported (line number and field path, never the value) and skipped; the
 //! rest go on. A key store or KEK failure stops the run: it would fail every line the same way.
 //!
-//! Each record takes the stream processor's path: JSON is encoded as Avro with the writer schema, sanitized by the
-//! binary transcoder, and the result decoded with the sanitized schema back to JSON.
+//! Each record takes the stream processor's path: JSON is encoded as Avro with the writer schema (Avro, or a JSON
+//! Schema translated to Avro), sanitized by the binary transcoder, and the result decoded with the sanitized schema
+//! back to JSON. Properties the schema does not declare are dropped (counted) or fail the line, as
+//! `policy.undeclared` says.
 
 use std::io::{BufRead, Write};
 
-use serde_json::Value as Json;
-
-use crate::codec::avro::ValueCodec;
-use crate::codec::json::JsonCodec;
+use crate::codec::json_records::JsonRecords;
 use crate::error::{Error, ErrorKind};
 use crate::keys::Retired;
-use crate::policy::CompiledSchema;
+use crate::policy::{CompiledSchema, Undeclared};
 use crate::sanitize::Sanitizer;
 use crate::transcode::{TranscodeScratch, Transcoder};
 
@@ -26,6 +25,8 @@ const CHUNK: usize = 500;
 pub struct Summary {
     pub sanitized: usize,
     pub failed: usize,
+    /// Properties the schema does not declare, dropped (`policy.undeclared = "drop"`).
+    pub dropped: usize,
     /// Keys rotated on reaching `keys.max_encryptions_per_key`.
     pub retired: Vec<Retired>,
     /// PII found in fields no annotation protects (`policy.detect`), by field path, detector and what was done.
@@ -38,16 +39,15 @@ pub fn sanitize_lines(
     schema: &CompiledSchema,
     sanitizer: &Sanitizer,
     max_encryptions: u64,
+    undeclared: Undeclared,
     input: impl BufRead,
     mut output: impl Write,
     mut on_error: impl FnMut(usize, &Error),
 ) -> Result<Summary, Error> {
-    let reader = JsonCodec::new(&schema.writer);
-    let writer = JsonCodec::new(&schema.sanitized);
-    let (raw_codec, sanitized_codec) = (ValueCodec::for_writer(schema), ValueCodec::for_sanitized(schema));
+    let records = JsonRecords::new(schema, undeclared);
     let transcoder = Transcoder::new(schema)?;
     let mut scratch = TranscodeScratch::default();
-    let (mut raw, mut sanitized) = (Vec::new(), Vec::new());
+    let (mut sanitized, mut json) = (Vec::new(), Vec::new());
     let mut summary = Summary::default();
     let mut lines = input.lines().enumerate();
     loop {
@@ -59,13 +59,12 @@ pub fn sanitize_lines(
             if line.trim().is_empty() {
                 continue;
             }
-            let encoded = serde_json::from_str::<Json>(&line)
-                .map_err(|e| crate::error::ValueError::new("", format!("not JSON ({})", json_error_kind(&e))).into())
-                .and_then(|json| reader.to_value(&json).map_err(Error::from))
-                .and_then(|value| {
-                    raw.clear();
-                    raw_codec.encode(&value, &mut raw)?;
-                    Ok(raw.clone())
+            let encoded = records
+                .read(schema, line.as_bytes())
+                .map_err(Error::from)
+                .map(|converted| {
+                    summary.dropped += converted.dropped;
+                    converted.avro
                 });
             chunk.push((number, encoded));
             if chunk.len() == CHUNK {
@@ -90,13 +89,14 @@ pub fn sanitize_lines(
             let result = encoded.and_then(|raw| {
                 sanitized.clear();
                 sanitizer.sanitize_binary_in(schema, &transcoder, &raw, Some(&keys), &mut scratch, &mut sanitized)?;
-                Ok(sanitized_codec.decode(&sanitized)?)
+                json.clear();
+                records.write(schema, &sanitized, &mut json)?;
+                json.push(b'\n');
+                Ok(())
             });
             match result {
-                Ok(value) => {
-                    serde_json::to_writer(&mut output, &writer.to_json(&value))
-                        .map_err(|e| Error::io("writing output", e.into()))?;
-                    output.write_all(b"\n").map_err(|e| Error::io("writing output", e))?;
+                Ok(()) => {
+                    output.write_all(&json).map_err(|e| Error::io("writing output", e))?;
                     summary.sanitized += 1;
                 }
                 Err(e) if e.kind() == ErrorKind::Poison => {
@@ -112,15 +112,4 @@ pub fn sanitize_lines(
     output.flush().map_err(|e| Error::io("writing output", e))?;
     summary.detections = scratch.take_detections();
     Ok(summary)
-}
-
-/// serde_json's error, by category and column only (its message can quote input).
-fn json_error_kind(e: &serde_json::Error) -> String {
-    let category = match e.classify() {
-        serde_json::error::Category::Syntax => "syntax error",
-        serde_json::error::Category::Eof => "unexpected end",
-        serde_json::error::Category::Data => "unexpected data",
-        serde_json::error::Category::Io => "read error",
-    };
-    format!("{category} at column {}", e.column())
 }

@@ -66,12 +66,20 @@ pub(crate) fn exec(config: &Config, command: BreachCommand, with_keys: bool) -> 
     })
 }
 
+/// Breach assessment reads Avro records; JSON Schema topics are counted unreadable, and said so.
+const JSON_NOT_YET: &str =
+    "a JSON Schema: breach assess reads Avro records only (its records are counted as unreadable)";
+
 fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) -> anyhow::Result<BreachReport> {
     let text = std::fs::read_to_string(schema).with_context(|| format!("cannot read schema {}", schema.display()))?;
     let sanitized = if SanitizedSchema::is_sanitized(&text) {
         text
     } else {
-        load_schema(schema, config)?.sanitized_json
+        let compiled = load_schema(schema, config)?;
+        if compiled.is_json() {
+            anyhow::bail!("{}: {JSON_NOT_YET}", schema.display());
+        }
+        compiled.sanitized_json
     };
     let sanitized =
         SanitizedSchema::parse(&sanitized).map_err(|e| anyhow::anyhow!("schema {}: {e}", schema.display()))?;
@@ -123,6 +131,10 @@ fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
     let schema_of = |id: u32| -> Option<String> {
         if let Some(path) = local.get(&id) {
             return match load_schema(path, config) {
+                Ok(compiled) if compiled.is_json() => {
+                    eprintln!("piiwall: schema id {id} ({}): {JSON_NOT_YET}", path.display());
+                    None
+                }
                 Ok(compiled) => Some(compiled.sanitized_json),
                 Err(e) => {
                     eprintln!("piiwall: schema id {id} ({}): {e:#}", path.display());
@@ -135,7 +147,11 @@ fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
             return None;
         };
         match runtime.block_on(registry.schema(id)) {
-            Ok(text) => Some(text),
+            Ok((text, piiwall::stream::registry::WriterKind::Avro)) => Some(text),
+            Ok((_, piiwall::stream::registry::WriterKind::JsonSchema)) => {
+                eprintln!("piiwall: schema id {id}: {JSON_NOT_YET}");
+                None
+            }
             Err(e) => {
                 eprintln!("piiwall: schema id {id}: {e}");
                 None

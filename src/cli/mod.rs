@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use piiwall::config::Config;
 use piiwall::keys::Keyring;
-use piiwall::policy::{CompiledSchema, compile};
+use piiwall::policy::{CompiledSchema, compile_any};
 use piiwall::sanitize::Sanitizer;
 
 use api::Remote;
@@ -172,7 +172,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn load_schema(path: &Path, config: &Config) -> anyhow::Result<CompiledSchema> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read schema {}", path.display()))?;
-    compile(&text, &config.policy).with_context(|| format!("schema {}", path.display()))
+    compile_any(&text, &config.policy).with_context(|| format!("schema {}", path.display()))
 }
 
 pub(crate) fn keyring(config: &Config) -> anyhow::Result<Arc<Keyring>> {

@@ -35,6 +35,7 @@ pub(crate) fn sanitize(config: &Config, schema: &Path, input: &str, output: &str
         &compiled,
         &sanitizer,
         config.keys.max_encryptions,
+        config.policy.undeclared,
         input,
         output,
         |line, e| eprintln!("line {line}: {e}"),
@@ -56,6 +57,12 @@ pub(crate) fn sanitize(config: &Config, schema: &Path, input: &str, output: &str
                 piiwall::detect::DetectMode::Quarantine => "its records failed",
                 _ => "reported: annotate the field, or set policy.detect",
             }
+        );
+    }
+    if summary.dropped > 0 {
+        eprintln!(
+            "piiwall: {} properties the schema does not declare were dropped (policy.undeclared = \"drop\")",
+            summary.dropped
         );
     }
     if summary.failed > 0 {

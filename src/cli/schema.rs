@@ -36,7 +36,7 @@ pub(crate) fn exec(config: &Config, command: SchemaCommand) -> anyhow::Result<Ex
 
 fn sanitized(config: &Config, file: &Path) -> anyhow::Result<ExitCode> {
     let compiled = load_schema(file, config)?;
-    let pretty: serde_json::Value = serde_json::from_str(&compiled.sanitized_json)?;
+    let pretty: serde_json::Value = serde_json::from_str(compiled.published_schema().0)?;
     println!("{}", serde_json::to_string_pretty(&pretty)?);
     Ok(ExitCode::SUCCESS)
 }

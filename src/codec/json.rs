@@ -12,24 +12,62 @@ use apache_avro::{Decimal, Schema, Uuid};
 use serde_json::{Map, Value as Json};
 
 use crate::error::ValueError;
+pub use crate::policy::Undeclared;
 
 /// Converts between plain JSON and values of one schema.
-pub struct JsonCodec<'s> {
-    schema: &'s Schema,
-    names: HashMap<&'s Name, &'s Schema>,
+pub struct JsonCodec {
+    schema: Schema,
+    /// The named types of `schema`, to resolve references.
+    names: HashMap<Name, Schema>,
+    undeclared: Undeclared,
+    /// Fields whose default is null and whose value is null are left out of the output (JSON Schema records: an
+    /// optional property absent in the input stays absent).
+    omit_null_defaults: bool,
 }
 
-impl<'s> JsonCodec<'s> {
-    pub fn new(schema: &'s Schema) -> Self {
+/// Reading state: whether undeclared properties are dropped, and how many were.
+struct Reading {
+    drop: bool,
+    dropped: usize,
+}
+
+impl JsonCodec {
+    /// A codec that refuses object keys the schema does not declare.
+    pub fn new(schema: &Schema) -> Self {
         Self {
-            schema,
-            names: super::schema_names(schema),
+            schema: schema.clone(),
+            names: super::schema_names(schema)
+                .into_iter()
+                .map(|(name, schema)| (name.clone(), schema.clone()))
+                .collect(),
+            undeclared: Undeclared::Quarantine,
+            omit_null_defaults: false,
+        }
+    }
+
+    /// A codec for the records of a topic of JSON: undeclared properties as `undeclared` says; with
+    /// `omit_null_defaults` (a JSON Schema translated to `schema`), absent optional properties stay absent.
+    pub fn records(schema: &Schema, undeclared: Undeclared, omit_null_defaults: bool) -> Self {
+        Self {
+            undeclared,
+            omit_null_defaults,
+            ..Self::new(schema)
         }
     }
 
     /// Reads a plain-JSON record of this schema.
     pub fn to_value(&self, json: &Json) -> Result<Value, ValueError> {
-        self.read(self.schema, json, "")
+        self.to_value_counted(json).map(|(value, _)| value)
+    }
+
+    /// Reads a plain-JSON record of this schema; also says how many undeclared properties were dropped.
+    pub fn to_value_counted(&self, json: &Json) -> Result<(Value, usize), ValueError> {
+        let mut reading = Reading {
+            drop: self.undeclared == Undeclared::Drop,
+            dropped: 0,
+        };
+        let value = self.read(&self.schema, json, "", &mut reading)?;
+        Ok((value, reading.dropped))
     }
 
     /// Reads a plain-JSON value of the schema found at a field path (used by `tokenize`), unions unwrapped.
@@ -37,7 +75,11 @@ impl<'s> JsonCodec<'s> {
         let schema = self
             .field_schema(path)
             .ok_or_else(|| ValueError::new(path, "no such field in the schema"))?;
-        Ok(match self.read(schema, json, path)? {
+        let mut reading = Reading {
+            drop: false,
+            dropped: 0,
+        };
+        Ok(match self.read(schema, json, path, &mut reading)? {
             Value::Union(_, inner) => *inner,
             other => other,
         })
@@ -45,19 +87,19 @@ impl<'s> JsonCodec<'s> {
 
     /// Writes a value of this schema as plain JSON.
     pub fn to_json(&self, value: &Value) -> Json {
-        self.write(self.schema, value)
+        self.write(&self.schema, value)
     }
 
     fn resolve<'a>(&'a self, schema: &'a Schema) -> &'a Schema {
         match schema {
-            Schema::Ref { name } => self.names.get(name).copied().unwrap_or(schema),
+            Schema::Ref { name } => self.names.get(name).unwrap_or(schema),
             other => other,
         }
     }
 
     /// The schema of the field at a dotted path, through records, arrays, maps and unions.
     fn field_schema(&self, path: &str) -> Option<&Schema> {
-        let mut current = self.schema;
+        let mut current = &self.schema;
         for name in path.split('.') {
             current = self.find_field(current, name)?;
         }
@@ -74,7 +116,7 @@ impl<'s> JsonCodec<'s> {
         }
     }
 
-    fn read(&self, schema: &Schema, json: &Json, path: &str) -> Result<Value, ValueError> {
+    fn read(&self, schema: &Schema, json: &Json, path: &str, reading: &mut Reading) -> Result<Value, ValueError> {
         let mismatch =
             |expected: &str| ValueError::new(path, format!("expected {expected}, found {}", json_kind(json)));
         let int = || {
@@ -119,7 +161,7 @@ impl<'s> JsonCodec<'s> {
                 Value::Array(
                     items
                         .iter()
-                        .map(|item| self.read(&array.items, item, path))
+                        .map(|item| self.read(&array.items, item, path, reading))
                         .collect::<Result<_, _>>()?,
                 )
             }
@@ -128,18 +170,25 @@ impl<'s> JsonCodec<'s> {
                 Value::Map(
                     entries
                         .iter()
-                        .map(|(k, v)| Ok((k.clone(), self.read(&map.types, v, path)?)))
+                        .map(|(k, v)| Ok((k.clone(), self.read(&map.types, v, path, reading)?)))
                         .collect::<Result<_, ValueError>>()?,
                 )
             }
             Schema::Union(union) => {
-                // Null goes to the null branch; any other value to the first branch that accepts it.
+                // Null goes to the null branch; any other value to the first branch that accepts it as it is, else
+                // (when undeclared properties are dropped) to the first that accepts it without them.
                 let mut first_error = None;
-                for (index, variant) in union.variants().iter().enumerate() {
-                    match self.read(variant, json, path) {
-                        Ok(value) => return Ok(Value::Union(index as u32, Box::new(value))),
-                        Err(e) => {
-                            first_error.get_or_insert(e);
+                for drop in [false, true].into_iter().filter(|&d| !d || reading.drop) {
+                    for (index, variant) in union.variants().iter().enumerate() {
+                        let mut attempt = Reading { drop, dropped: 0 };
+                        match self.read(variant, json, path, &mut attempt) {
+                            Ok(value) => {
+                                reading.dropped += attempt.dropped;
+                                return Ok(Value::Union(index as u32, Box::new(value)));
+                            }
+                            Err(e) => {
+                                first_error.get_or_insert(e);
+                            }
                         }
                     }
                 }
@@ -156,7 +205,7 @@ impl<'s> JsonCodec<'s> {
                     ),
                 });
             }
-            Schema::Record(record) => self.read_record(record, json, path)?,
+            Schema::Record(record) => self.read_record(record, json, path, reading)?,
             Schema::Decimal(decimal) => Value::Decimal(read_decimal(decimal, json, path)?),
             Schema::BigDecimal => {
                 return Err(ValueError::new(
@@ -189,12 +238,24 @@ impl<'s> JsonCodec<'s> {
         })
     }
 
-    fn read_record(&self, record: &RecordSchema, json: &Json, path: &str) -> Result<Value, ValueError> {
+    fn read_record(
+        &self,
+        record: &RecordSchema,
+        json: &Json,
+        path: &str,
+        reading: &mut Reading,
+    ) -> Result<Value, ValueError> {
         let object = json
             .as_object()
             .ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
-        // The key itself is input, and may be PII (an e-mail pasted as a key): the error names its position.
-        if let Some(position) = object.keys().position(|k| !record.lookup.contains_key(k.as_str())) {
+        if reading.drop {
+            // Never passed on: the sanitized record is built from the declared fields only.
+            reading.dropped += object
+                .keys()
+                .filter(|k| !record.lookup.contains_key(k.as_str()))
+                .count();
+        } else if let Some(position) = object.keys().position(|k| !record.lookup.contains_key(k.as_str())) {
+            // The key itself is input, and may be PII (an e-mail pasted as a key): the error names its position.
             return Err(ValueError::new(
                 path,
                 format!(
@@ -207,8 +268,8 @@ impl<'s> JsonCodec<'s> {
         for field in &record.fields {
             let field_path = join(path, &field.name);
             let value = match (object.get(&field.name), &field.default) {
-                (Some(value), _) => self.read(&field.schema, value, &field_path)?,
-                (None, Some(default)) => self.read_default(&field.schema, default, &field_path)?,
+                (Some(value), _) => self.read(&field.schema, value, &field_path, reading)?,
+                (None, Some(default)) => self.read_default(&field.schema, default, &field_path, reading)?,
                 (None, None) => {
                     return Err(ValueError::new(&field_path, "missing field (it has no default)"));
                 }
@@ -219,16 +280,22 @@ impl<'s> JsonCodec<'s> {
     }
 
     /// A default of a union field is a value of the union's first branch.
-    fn read_default(&self, schema: &Schema, default: &Json, path: &str) -> Result<Value, ValueError> {
+    fn read_default(
+        &self,
+        schema: &Schema,
+        default: &Json,
+        path: &str,
+        reading: &mut Reading,
+    ) -> Result<Value, ValueError> {
         match self.resolve(schema) {
             Schema::Union(union) => {
                 let first = union
                     .variants()
                     .first()
                     .ok_or_else(|| ValueError::new(path, "empty union"))?;
-                Ok(Value::Union(0, Box::new(self.read(first, default, path)?)))
+                Ok(Value::Union(0, Box::new(self.read(first, default, path, reading)?)))
             }
-            other => self.read(other, default, path),
+            other => self.read(other, default, path, reading),
         }
     }
 
@@ -242,6 +309,9 @@ impl<'s> JsonCodec<'s> {
             (Schema::Record(record), Value::Record(fields)) => {
                 let mut object = Map::with_capacity(fields.len());
                 for (field, (name, value)) in record.fields.iter().zip(fields) {
+                    if self.omit_null_defaults && field.default == Some(Json::Null) && is_null(value) {
+                        continue;
+                    }
                     object.insert(name.clone(), self.write(&field.schema, value));
                 }
                 Json::Object(object)
@@ -283,6 +353,14 @@ impl<'s> JsonCodec<'s> {
             Schema::Fixed(f) => f.name.name(),
             _ => "logical type",
         }
+    }
+}
+
+fn is_null(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Union(_, inner) => is_null(inner),
+        _ => false,
     }
 }
 

@@ -4,9 +4,12 @@
 //! - [`json`]: plain JSON records (the form of `piiwall sanitize` and of `reveal`'s answers) to and from
 //!   [`apache_avro::types::Value`], guided by the schema, with errors that name the field path and never the
 //!   value.
+//! - [`json_records`]: JSON records on a topic (JSON Schema or plain JSON), to and from the Avro binary the
+//!   transcoder sanitizes.
 
 pub mod avro;
 pub mod json;
+pub mod json_records;
 
 use std::collections::HashMap;
 

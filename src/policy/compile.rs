@@ -23,6 +23,16 @@ pub enum Untagged {
     Pass,
 }
 
+/// What becomes of the properties of a JSON record that its JSON Schema does not declare: data a producer may have
+/// added without review, so never passed through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undeclared {
+    /// Left out of the sanitized record (and counted: `piiwall_undeclared_dropped_total`).
+    Drop,
+    /// The record goes to quarantine.
+    Quarantine,
+}
+
 /// The validated policy settings the compiler needs.
 #[derive(Debug, Clone)]
 pub struct PolicySettings {
@@ -31,6 +41,8 @@ pub struct PolicySettings {
     pub tag_actions: BTreeMap<String, Action>,
     /// What is looked for in the text of fields no annotation protects.
     pub detect: crate::detect::DetectPolicy,
+    /// JSON records' undeclared properties.
+    pub undeclared: Undeclared,
 }
 
 impl Default for PolicySettings {
@@ -39,6 +51,7 @@ impl Default for PolicySettings {
             untagged: Untagged::Block,
             tag_actions: BTreeMap::from([("PII".to_owned(), Action::Encrypt)]),
             detect: crate::detect::DetectPolicy::default(),
+            undeclared: Undeclared::Drop,
         }
     }
 }
@@ -51,6 +64,52 @@ pub struct CompiledSchema {
     /// The sanitized schema as JSON text: the writer's JSON with annotations replaced by what was applied.
     pub sanitized_json: String,
     pub plan: Plan,
+    /// The form its records take and the sanitized schema registered for them.
+    pub format: SchemaFormat,
+}
+
+/// What kind of schema a compiled schema was written as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaFormat {
+    /// Avro: records are Avro binary; the sanitized schema is `sanitized_json`.
+    Avro,
+    /// JSON Schema, translated to Avro (see [`super::json_schema`]): records are JSON; `sanitized` is the JSON
+    /// Schema of the output records.
+    JsonSchema { sanitized: String },
+}
+
+impl CompiledSchema {
+    /// The sanitized schema's text and its Schema Registry type (`AVRO`, `JSON`).
+    pub fn published_schema(&self) -> (&str, &'static str) {
+        match &self.format {
+            SchemaFormat::Avro => (&self.sanitized_json, "AVRO"),
+            SchemaFormat::JsonSchema { sanitized } => (sanitized, "JSON"),
+        }
+    }
+
+    /// Whether its records are JSON (else Avro binary).
+    pub fn is_json(&self) -> bool {
+        matches!(self.format, SchemaFormat::JsonSchema { .. })
+    }
+}
+
+/// Compiles a JSON Schema (text): translated to Avro, compiled, and given its sanitized JSON Schema.
+pub fn compile_json_schema(schema: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
+    let avro = super::json_schema::to_avro(schema)?;
+    let mut compiled = compile(&avro, settings)?;
+    compiled.format = SchemaFormat::JsonSchema {
+        sanitized: super::json_schema::sanitized_schema(&compiled.sanitized, schema),
+    };
+    Ok(compiled)
+}
+
+/// Compiles a schema file's text, Avro or JSON Schema (told apart by [`super::json_schema::is_json_schema`]).
+pub fn compile_any(schema: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
+    if super::json_schema::is_json_schema(schema) {
+        compile_json_schema(schema, settings)
+    } else {
+        compile(schema, settings)
+    }
 }
 
 /// Root attribute marking a schema that piiwall derived; such a schema is never sanitized again.
@@ -160,6 +219,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
             domain,
             detect: settings.detect.clone(),
         },
+        format: SchemaFormat::Avro,
     };
     // What compiles must run: a schema the binary transcoder cannot walk (a subject whose declared type it cannot
     // read, say) is refused here, by `schema check` and at registration, not found broken record by record.

@@ -6,12 +6,16 @@
 //! to a protected field, so untouched parts of a record cost nothing to walk.
 
 mod compile;
+pub mod json_schema;
 mod tags;
 
 use apache_avro::types::Value;
 
 pub(crate) use compile::SUBJECT_TYPES;
-pub use compile::{CompiledSchema, DOMAIN_RULE, PolicySettings, SANITIZED_MARK, Untagged, compile, valid_domain};
+pub use compile::{
+    CompiledSchema, DOMAIN_RULE, PolicySettings, SANITIZED_MARK, SchemaFormat, Undeclared, Untagged, compile,
+    compile_any, compile_json_schema, valid_domain,
+};
 pub use tags::TagPattern;
 
 /// The protection applied to one field (DESIGN §2).

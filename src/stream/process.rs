@@ -9,6 +9,7 @@ use rdkafka::message::OwnedMessage;
 
 use super::framing;
 use super::routes::{Part, Route, Routes};
+use crate::codec::json_records::avro_payload;
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -70,7 +71,10 @@ impl Processor {
     pub fn schemas_wanted(&self, batch: &[OwnedMessage]) -> Vec<(String, Part, u32)> {
         let mut wanted = std::collections::BTreeSet::new();
         for message in batch {
-            if let Some((id, _)) = message.payload().and_then(|v| framing::parse(v).ok()) {
+            if let Some((id, _)) = message
+                .payload()
+                .and_then(|v| self.routes.split(message.topic(), v).ok())
+            {
                 wanted.insert((message.topic().to_owned(), Part::Value, id));
             }
             if self.routes.key_action(message.topic()) == Some(KeyAction::Avro)
@@ -92,14 +96,17 @@ impl Processor {
             }
         };
         for message in batch {
-            let Some(Ok((id, payload))) = message.payload().map(framing::parse) else {
+            let Some(Ok((id, payload))) = message.payload().map(|v| self.routes.split(message.topic(), v)) else {
                 continue;
             };
             let Route::Ready(route) = self.routes.get(message.topic(), id) else {
                 continue;
             };
             let plan = &route.schema.plan;
-            let Ok(subject) = route.transcoder.subject(payload) else {
+            let Ok((payload, _)) = avro_payload(route.json.as_ref(), &route.schema, payload) else {
+                continue;
+            };
+            let Ok(subject) = route.transcoder.subject(&payload) else {
                 continue;
             };
             let hashes_key = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash) == KeyAction::Hash;
@@ -167,16 +174,24 @@ impl Processor {
                 schema_id: None,
             });
         };
-        let (schema_id, payload) =
-            framing::parse(value).map_err(|reason| poison(QuarantineClass::Framing, reason.to_owned(), None))?;
+        let (schema_id, payload) = self
+            .routes
+            .split(message.topic(), value)
+            .map_err(|reason| poison(QuarantineClass::Framing, reason.to_owned(), None))?;
         let route = match self.routes.get(message.topic(), schema_id) {
             Route::Ready(route) => route,
             Route::Broken(reason) => return Err(poison(QuarantineClass::Schema, reason, Some(schema_id))),
         };
+        let (payload, dropped) = avro_payload(route.json.as_ref(), &route.schema, payload)
+            .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
+        if dropped > 0 {
+            metrics::counter!("piiwall_undeclared_dropped_total", "topic" => message.topic().to_owned())
+                .increment(dropped as u64);
+        }
         let action = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash);
         let subject = route
             .transcoder
-            .subject(payload)
+            .subject(&payload)
             .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
         let forgotten = match subject.as_deref() {
             Some(subject) => self.sanitizer.is_forgotten(subject, keys).map_err(Failure::Other)?,
@@ -199,11 +214,22 @@ impl Processor {
             )?
         };
         let mut out = Vec::with_capacity(value.len() * 2 + 64);
-        framing::write_header(route.sanitized_id, &mut out);
-        match self
-            .sanitizer
-            .sanitize_binary_in(&route.schema, &route.transcoder, payload, keys, scratch, &mut out)
-        {
+        if route.framed {
+            framing::write_header(route.sanitized_id, &mut out);
+        }
+        let sanitized = match &route.json {
+            None => {
+                self.sanitizer
+                    .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut out)
+            }
+            Some(json) => {
+                let mut avro = Vec::with_capacity(payload.len() * 2 + 64);
+                self.sanitizer
+                    .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut avro)
+                    .and_then(|()| Ok(json.write(&route.schema, &avro, &mut out)?))
+            }
+        };
+        match sanitized {
             Ok(()) => Ok(Outcome::Output {
                 key,
                 value: Some(out),
@@ -363,11 +389,12 @@ impl Processor {
     /// The data subject of a record that could not be sanitized, when its schema is known and its bytes hold the
     /// subject field (a record malformed after that field still names its subject).
     fn subject_of(&self, message: &OwnedMessage) -> Option<String> {
-        let (id, payload) = framing::parse(message.payload()?).ok()?;
+        let (id, payload) = self.routes.split(message.topic(), message.payload()?).ok()?;
         let Route::Ready(route) = self.routes.get(message.topic(), id) else {
             return None;
         };
-        route.transcoder.subject(payload).ok()?.map(|s| s.into_owned())
+        let (payload, _) = avro_payload(route.json.as_ref(), &route.schema, payload).ok()?;
+        route.transcoder.subject(&payload).ok()?.map(|s| s.into_owned())
     }
 }
 

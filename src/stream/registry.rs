@@ -45,6 +45,13 @@ pub struct RegistryClient {
     http: reqwest::Client,
 }
 
+/// What a writer schema from the registry is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterKind {
+    Avro,
+    JsonSchema,
+}
+
 #[derive(Deserialize)]
 struct SchemaAnswer {
     schema: String,
@@ -70,8 +77,8 @@ impl RegistryClient {
         })
     }
 
-    /// The Avro schema text registered under `id`.
-    pub async fn schema(&self, id: u32) -> Result<String, RegistryError> {
+    /// The schema text registered under `id`, and whether it is a JSON Schema (else Avro).
+    pub async fn schema(&self, id: u32) -> Result<(String, WriterKind), RegistryError> {
         let what = format!("fetching schema id {id}");
         let started = std::time::Instant::now();
         let response = self.http.get(format!("{}/schemas/ids/{id}", self.base)).send().await;
@@ -79,17 +86,23 @@ impl RegistryClient {
         observe("fetch", started, &answer);
         let answer = answer?;
         match answer.schema_type.as_deref() {
-            None | Some("AVRO") => Ok(answer.schema),
+            None | Some("AVRO") => Ok((answer.schema, WriterKind::Avro)),
+            Some("JSON") => Ok((answer.schema, WriterKind::JsonSchema)),
             Some(other) => Err(RegistryError::Refused(format!(
-                "schema id {id} is a {other} schema: piiwall reads Avro"
+                "schema id {id} is a {other} schema: piiwall reads Avro and JSON Schema"
             ))),
         }
     }
 
-    /// Registers an Avro schema under `subject` (or finds it registered); returns its id.
-    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
+    /// Registers a schema of type `schema_type` (`AVRO`, `JSON`) under `subject` (or finds it registered); returns
+    /// its id.
+    pub async fn register(&self, subject: &str, schema: &str, schema_type: &str) -> Result<u32, RegistryError> {
         let what = format!("registering a schema under {subject}");
-        let body = serde_json::json!({ "schema": schema }).to_string();
+        let body = match schema_type {
+            "AVRO" => serde_json::json!({ "schema": schema }),
+            other => serde_json::json!({ "schema": schema, "schemaType": other }),
+        }
+        .to_string();
         let started = std::time::Instant::now();
         let response = self
             .http

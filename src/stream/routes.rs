@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::registry::{RegistryClient, RegistryError};
+use super::framing;
+use super::registry::{RegistryClient, RegistryError, WriterKind};
 
-use crate::config::{Config, KeyAction};
+use crate::codec::json_records::JsonRecords;
+use crate::config::{Config, KeyAction, RecordFraming};
 use crate::error::{Error, ValueError};
-use crate::policy::{CompiledSchema, PolicySettings, compile};
+use crate::policy::{CompiledSchema, PolicySettings, compile, compile_any, compile_json_schema};
 use crate::transcode::Transcoder;
 
 /// A compiled schema, or why there is none (its records are quarantined with that reason).
@@ -30,6 +32,10 @@ pub struct ReadyRoute {
     pub sanitized_id: u32,
     pub schema: CompiledSchema,
     pub transcoder: Transcoder,
+    /// For records of JSON (a JSON Schema, or a plain-JSON topic): how they are read and written. `None`: Avro.
+    pub json: Option<JsonRecords>,
+    /// Whether sanitized records are written in the Confluent wire format (not for plain-JSON topics).
+    pub framed: bool,
 }
 
 /// Which part of a record a schema describes.
@@ -54,6 +60,8 @@ pub struct Routes {
     local: HashMap<(String, Part), Route>,
     /// How the keys of each locally bound topic are protected.
     local_keys: HashMap<String, KeyAction>,
+    /// Locally bound topics of plain JSON, and the schema id their records are routed by.
+    plain: HashMap<String, u32>,
     registry: Option<Registry>,
 }
 
@@ -79,7 +87,12 @@ impl Routes {
     pub fn compile(config: &Config) -> Result<Self, Error> {
         let mut local = HashMap::new();
         let mut local_keys = HashMap::new();
+        let mut plain = HashMap::new();
         for binding in &config.bindings {
+            let framed = binding.format == RecordFraming::Confluent;
+            if !framed {
+                plain.insert(binding.topic.clone(), binding.id);
+            }
             let mut schemas = vec![(Part::Value, &binding.schema, binding.id, binding.sanitized_id)];
             if let Some(key) = &binding.key_schema {
                 schemas.push((Part::Key, &key.schema, key.id, key.sanitized_id));
@@ -87,7 +100,7 @@ impl Routes {
             for (part, path, id, sanitized_id) in schemas {
                 let route = match std::fs::read_to_string(path) {
                     Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", path.display())),
-                    Ok(text) => match ready(&text, &config.policy, part, id, sanitized_id) {
+                    Ok(text) => match ready(&text, None, &config.policy, part, id, sanitized_id, framed) {
                         Ok(route) => route,
                         Err(reason) => Route::Broken(format!("schema {}: {reason}", path.display())),
                     },
@@ -116,8 +129,18 @@ impl Routes {
         Ok(Self {
             local,
             local_keys,
+            plain,
             registry,
         })
+    }
+
+    /// Splits a record's value into (schema id, payload): the Confluent wire format, or for a plain-JSON topic the
+    /// whole value under its binding's id.
+    pub fn split<'a>(&self, topic: &str, value: &'a [u8]) -> Result<(u32, &'a [u8]), &'static str> {
+        match self.plain.get(topic) {
+            Some(id) => Ok((*id, value)),
+            None => framing::parse(value),
+        }
     }
 
     /// The route of a record's value. Registry routes must have been [`resolve`](Self::resolve)d first.
@@ -222,7 +245,7 @@ impl Registry {
     /// The route of a schema id: `Err` (retriable) when the registry gave no usable answer, or says "not found"
     /// while the id's grace runs.
     async fn fetch(&self, topic: &str, part: Part, id: u32) -> Result<Route, Error> {
-        let writer = match self.client.schema(id).await {
+        let (writer, kind) = match self.client.schema(id).await {
             Ok(writer) => {
                 self.not_found_since
                     .lock()
@@ -247,7 +270,7 @@ impl Registry {
             }
             Err(RegistryError::Refused(why)) => return Ok(Route::Broken(why)),
         };
-        let mut route = match ready(&writer, &self.policy, part, id, 0) {
+        let mut route = match ready(&writer, Some(kind), &self.policy, part, id, 0, true) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
@@ -255,7 +278,8 @@ impl Registry {
             return Ok(route);
         };
         let subject = format!("{topic}{}{}", self.output_suffix, part.subject_suffix());
-        let registered = match self.client.register(&subject, &ready_route.schema.sanitized_json).await {
+        let (sanitized, schema_type) = ready_route.schema.published_schema();
+        let registered = match self.client.register(&subject, sanitized, schema_type).await {
             Ok(registered) => registered,
             Err(RegistryError::Unavailable(why) | RegistryError::NotFound(why)) => {
                 return Err(Error::Unavailable(why));
@@ -271,7 +295,17 @@ impl Registry {
     }
 }
 
-fn ready(schema_json: &str, policy: &PolicySettings, part: Part, id: u32, sanitized_id: u32) -> Result<Route, String> {
+/// Compiles a writer schema into a route. `kind`: what the registry says the schema is; `None` (a local file):
+/// told from the text.
+fn ready(
+    schema_text: &str,
+    kind: Option<WriterKind>,
+    policy: &PolicySettings,
+    part: Part,
+    id: u32,
+    sanitized_id: u32,
+    framed: bool,
+) -> Result<Route, String> {
     // A record key's text is never rewritten by detection: two keys would become one (see `DetectPolicy::for_keys`).
     let keys;
     let policy = match part {
@@ -284,12 +318,23 @@ fn ready(schema_json: &str, policy: &PolicySettings, part: Part, id: u32, saniti
             &keys
         }
     };
-    let schema = compile(schema_json, policy).map_err(|e| e.to_string())?;
+    let schema = match kind {
+        None => compile_any(schema_text, policy),
+        Some(WriterKind::Avro) => compile(schema_text, policy),
+        Some(WriterKind::JsonSchema) => compile_json_schema(schema_text, policy),
+    }
+    .map_err(|e| e.to_string())?;
+    if part == Part::Key && schema.is_json() {
+        return Err("a key schema must be Avro (key = \"avro\" reads Confluent-framed Avro keys)".to_owned());
+    }
     let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
+    let json = (schema.is_json() || !framed).then(|| JsonRecords::new(&schema, policy.undeclared));
     Ok(Route::Ready(Arc::new(ReadyRoute {
         schema_id: id,
         sanitized_id,
         schema,
         transcoder,
+        json,
+        framed,
     })))
 }

@@ -1,0 +1,74 @@
+//! JSON records on a topic (framed JSON Schema records, or plain JSON): read into the Avro binary of the writer
+//! schema, so the transcoder sanitizes them as it does Avro records, and the sanitized Avro written back as JSON.
+
+use std::borrow::Cow;
+
+use super::avro::ValueCodec;
+use super::json::JsonCodec;
+use crate::error::ValueError;
+use crate::policy::{CompiledSchema, Undeclared};
+
+/// The JSON reader and writer of one compiled schema.
+pub struct JsonRecords {
+    reader: JsonCodec,
+    writer: JsonCodec,
+}
+
+/// A record read from JSON: its Avro binary and how many undeclared properties were dropped.
+pub struct Converted {
+    pub avro: Vec<u8>,
+    pub dropped: usize,
+}
+
+impl JsonRecords {
+    pub fn new(schema: &CompiledSchema, undeclared: Undeclared) -> Self {
+        let json_schema = schema.is_json();
+        Self {
+            reader: JsonCodec::records(&schema.writer, undeclared, json_schema),
+            writer: JsonCodec::records(&schema.sanitized, Undeclared::Quarantine, json_schema),
+        }
+    }
+
+    /// Reads a JSON record (UTF-8 bytes) into the Avro binary of the writer schema.
+    pub fn read(&self, schema: &CompiledSchema, json: &[u8]) -> Result<Converted, ValueError> {
+        let parsed: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| ValueError::new("", format!("not JSON ({})", json_error_kind(&e))))?;
+        let (value, dropped) = self.reader.to_value_counted(&parsed)?;
+        let mut avro = Vec::with_capacity(json.len());
+        ValueCodec::for_writer(schema).encode(&value, &mut avro)?;
+        Ok(Converted { avro, dropped })
+    }
+
+    /// Appends the JSON of a sanitized record (Avro binary of the sanitized schema) to `out`.
+    pub fn write(&self, schema: &CompiledSchema, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let value = ValueCodec::for_sanitized(schema).decode(sanitized)?;
+        serde_json::to_writer(out, &self.writer.to_json(&value))
+            .map_err(|_| ValueError::new("", "the sanitized record cannot be written as JSON"))
+    }
+}
+
+/// The Avro binary of a record's payload: the payload itself for Avro records, converted for JSON ones.
+pub fn avro_payload<'a>(
+    json: Option<&JsonRecords>,
+    schema: &CompiledSchema,
+    payload: &'a [u8],
+) -> Result<(Cow<'a, [u8]>, usize), ValueError> {
+    match json {
+        None => Ok((Cow::Borrowed(payload), 0)),
+        Some(records) => {
+            let converted = records.read(schema, payload)?;
+            Ok((Cow::Owned(converted.avro), converted.dropped))
+        }
+    }
+}
+
+/// serde_json's error, by category and position only (its message can quote input).
+pub fn json_error_kind(e: &serde_json::Error) -> String {
+    let category = match e.classify() {
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Eof => "unexpected end",
+        serde_json::error::Category::Data => "unexpected data",
+        serde_json::error::Category::Io => "read error",
+    };
+    format!("{category} at line {}, column {}", e.line(), e.column())
+}
