@@ -50,11 +50,16 @@ impl Drop for Registry {
 }
 
 pub async fn register(url: &str, subject: &str, schema: &str) -> u32 {
+    register_typed(url, subject, schema, SchemaType::Avro).await
+}
+
+/// Registers a schema of a given type (through the third-party client, as a producer would).
+pub async fn register_typed(url: &str, subject: &str, schema: &str, schema_type: SchemaType) -> u32 {
     let settings = SrSettings::new(url.to_owned());
     post_schema(
         &settings,
         subject.to_owned(),
-        SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
+        SuppliedSchema::new(None, schema_type, schema.to_owned()),
     )
     .await
     .unwrap()
