@@ -2,7 +2,8 @@
 //!
 //! - `reference`: Avro binary -> apache-avro `Value` -> sanitize -> Avro binary with the sanitized schema;
 //! - `transcoder`: Avro binary -> sanitized Avro binary, walking the bytes (what `run` uses);
-//! - `sanitize_event_1kb/transcoder`: the same event grown to 1 KB by its untagged free-text note, in bytes/s.
+//! - `sanitize_event_1kb/transcoder`: the same event grown to 1 KB by its untagged free-text note, in bytes/s;
+//! - `sanitize_event_json/json_schema`: the same event as JSON with `schemas/event.schema.json`, JSON in and out.
 //!
 //! Both include resolving the record's keys through the keyring (warm cache): the reference path per record, the
 //! transcoder once per batch of [`BATCH`] records, as `run` does, with the batch's encryptions then counted towards
@@ -76,6 +77,47 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
     large_records(c, &schema, &sanitizer, &transcoder);
+    json_records(c, &sanitizer);
+}
+
+/// The same event as a JSON record of `schemas/event.schema.json` (a Confluent JSON Schema topic, or a plain JSON
+/// one): JSON in, read into Avro binary, transcoded, written back as JSON, as `run` does, keys per batch.
+fn json_records(c: &mut Criterion, sanitizer: &Sanitizer) {
+    use piiwall::codec::json_records::JsonRecords;
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.schema.json")).unwrap();
+    let schema = piiwall::policy::compile_json_schema(&text, &PolicySettings::default()).unwrap();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    let records = JsonRecords::new(&schema, piiwall::policy::Undeclared::Drop);
+    let domain = sanitizer.domain_of(&schema.plan);
+    let json = serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(EVENT).unwrap()).unwrap();
+    let (mut scratch, mut avro, mut out) = (TranscodeScratch::default(), Vec::new(), Vec::new());
+    let mut group = c.benchmark_group("sanitize_event_json");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("json_schema", |b| {
+        b.iter(|| {
+            let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
+            for _ in 0..BATCH {
+                let converted = records.read(&schema, &json).unwrap();
+                avro.clear();
+                sanitizer
+                    .sanitize_binary_in(
+                        &schema,
+                        &transcoder,
+                        &converted.avro,
+                        Some(&keys),
+                        &mut scratch,
+                        &mut avro,
+                    )
+                    .unwrap();
+                out.clear();
+                records.write(&schema, &avro, &mut out).unwrap();
+            }
+            sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
+            out.len()
+        })
+    });
+    group.finish();
 }
 
 /// Bytes of Avro in the large event: the size Kroxylicious publishes its figures for.

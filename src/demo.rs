@@ -19,7 +19,7 @@ use crate::codec::json::JsonCodec;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::Keyring;
-use crate::policy::{CompiledSchema, compile};
+use crate::policy::{CompiledSchema, compile_any};
 use crate::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown};
 
 struct Example {
@@ -28,15 +28,18 @@ struct Example {
     schema: &'static str,
     samples: &'static str,
     id: u32,
+    /// Plain JSON records (no Confluent framing): `format = "json"`.
+    plain: bool,
 }
 
-const EXAMPLES: [Example; 3] = [
+const EXAMPLES: [Example; 5] = [
     Example {
         topic: "demo.customers",
         file: "customer_profile.avsc",
         schema: include_str!("../schemas/customer_profile.avsc"),
         samples: include_str!("../schemas/samples/customer_profile.jsonl"),
         id: 1,
+        plain: false,
     },
     Example {
         topic: "demo.payments",
@@ -44,6 +47,7 @@ const EXAMPLES: [Example; 3] = [
         schema: include_str!("../schemas/payment.avsc"),
         samples: include_str!("../schemas/samples/payment.jsonl"),
         id: 2,
+        plain: false,
     },
     Example {
         topic: "demo.clicks",
@@ -51,8 +55,58 @@ const EXAMPLES: [Example; 3] = [
         schema: include_str!("../schemas/clickstream.avsc"),
         samples: include_str!("../schemas/samples/clickstream.jsonl"),
         id: 3,
+        plain: false,
+    },
+    // JSON Schema, Confluent wire format.
+    Example {
+        topic: "demo.orders",
+        file: "order.schema.json",
+        schema: include_str!("../schemas/order.schema.json"),
+        samples: include_str!("../schemas/samples/order.jsonl"),
+        id: 4,
+        plain: false,
+    },
+    // Plain JSON, no framing.
+    Example {
+        topic: "demo.events",
+        file: "event.schema.json",
+        schema: include_str!("../schemas/event.schema.json"),
+        samples: include_str!("../schemas/samples/event.jsonl"),
+        id: 5,
+        plain: true,
     },
 ];
+
+/// A sample record as its producer writes it: Avro or JSON, in the Confluent wire format unless plain.
+fn encode_sample(example: &Example, schema: &CompiledSchema, id: u32, json: &Json) -> Result<Vec<u8>, Error> {
+    if !schema.is_json() {
+        return Ok(stream::encode_framed(
+            schema,
+            id,
+            &JsonCodec::new(&schema.writer).to_value(json)?,
+        )?);
+    }
+    let mut out = Vec::new();
+    if !example.plain {
+        stream::write_frame_header(id, &mut out);
+    }
+    serde_json::to_writer(&mut out, json).map_err(|e| Error::io("demo", e.into()))?;
+    Ok(out)
+}
+
+/// A sanitized record as JSON, whatever its form.
+fn sanitized_json(example: &Example, schema: &CompiledSchema, value: &[u8]) -> Result<Json, Error> {
+    let payload = if example.plain {
+        value
+    } else {
+        stream::parse_frame(value).map_err(kafka)?.1
+    };
+    if schema.is_json() || example.plain {
+        return serde_json::from_slice(payload).map_err(|e| Error::io("demo", e.into()));
+    }
+    let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
+    Ok(JsonCodec::new(&schema.sanitized).to_json(&value))
+}
 
 const PARTITIONS: i32 = 2;
 const SANITIZED_ID_OFFSET: u32 = 100;
@@ -76,16 +130,18 @@ pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Err
         .create()
         .map_err(kafka)?;
     let mut sent = 0;
-    for example in &EXAMPLES {
+    // Plain JSON topics have no schema id: they need a local binding, not the registry.
+    for example in EXAMPLES.iter().filter(|e| !e.plain) {
         let topic = example.topic.trim_start_matches("demo.");
-        let schema = compile(example.schema, &crate::policy::PolicySettings::default())?;
+        let schema = compile_any(example.schema, &crate::policy::PolicySettings::default())?;
+        let schema_type = if schema.is_json() { "JSON" } else { "AVRO" };
         let id = registry
-            .register(&format!("{topic}-value"), example.schema, "AVRO")
+            .register(&format!("{topic}-value"), example.schema, schema_type)
             .await
             .map_err(|e| Error::Unavailable(format!("registering the schema of {topic}: {e}")))?;
         for line in example.samples.lines().filter(|l| !l.trim().is_empty()) {
             let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
-            let framed = stream::encode_framed(&schema, id, &JsonCodec::new(&schema.writer).to_value(&json)?)?;
+            let framed = encode_sample(example, &schema, id, &json)?;
             producer
                 .send(FutureRecord::<(), _>::to(topic).payload(&framed), WAIT)
                 .await
@@ -136,13 +192,14 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         let path: PathBuf = dir.join(example.file);
         std::fs::write(&path, example.schema).map_err(io)?;
         text.push_str(&format!(
-            "\n[[schemas.local]]\ntopic = \"{}\"\nschema = \"{}\"\nid = {}\nsanitized_id = {}\nkey = \"keep\"\n",
+            "\n[[schemas.local]]\ntopic = \"{}\"\nschema = \"{}\"\nid = {}\nsanitized_id = {}\nkey = \"keep\"\nformat = \"{}\"\n",
             example.topic,
             path.display(),
             example.id,
-            example.id + SANITIZED_ID_OFFSET
+            example.id + SANITIZED_ID_OFFSET,
+            if example.plain { "json" } else { "confluent" },
         ));
-        schemas.push(compile(example.schema, &crate::policy::PolicySettings::default())?);
+        schemas.push(compile_any(example.schema, &crate::policy::PolicySettings::default())?);
     }
     let config = Config::parse(&text, std::iter::empty(), "the demo's config")?;
 
@@ -155,8 +212,7 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
     for (example, schema) in EXAMPLES.iter().zip(&schemas) {
         for (i, line) in example.samples.lines().filter(|l| !l.trim().is_empty()).enumerate() {
             let json: Json = serde_json::from_str(line).expect("the built-in samples are JSON");
-            let value = JsonCodec::new(&schema.writer).to_value(&json)?;
-            let framed = stream::encode_framed(schema, example.id, &value)?;
+            let framed = encode_sample(example, schema, example.id, &json)?;
             let partition = i as i32 % PARTITIONS;
             let delivery = producer
                 .send(
@@ -211,15 +267,16 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         }) else {
             continue;
         };
-        let schema = &schemas[EXAMPLES.iter().position(|e| e.topic == topic).expect("a demo topic")];
-        let (_, payload) = stream::parse_frame(message.payload().unwrap_or_default()).map_err(kafka)?;
-        let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
-        w(out, format!("{topic} [partition {partition}, offset {offset}]"))?;
+        let index = EXAMPLES.iter().position(|e| e.topic == topic).expect("a demo topic");
+        let sanitized = sanitized_json(&EXAMPLES[index], &schemas[index], message.payload().unwrap_or_default())?;
+        let form = match (EXAMPLES[index].plain, schemas[index].is_json()) {
+            (true, _) => "plain JSON",
+            (false, true) => "JSON Schema",
+            (false, false) => "Avro",
+        };
+        w(out, format!("{topic} [{form}; partition {partition}, offset {offset}]"))?;
         w(out, format!("  raw       {json}"))?;
-        w(
-            out,
-            format!("  sanitized {}\n", JsonCodec::new(&schema.sanitized).to_json(&value)),
-        )?;
+        w(out, format!("  sanitized {sanitized}\n"))?;
     }
     for message in &quarantined {
         w(
@@ -313,9 +370,7 @@ fn show_reveal_and_forget(
                 && stream::header_text(m, SOURCE_PARTITION).as_deref() == Some("0")
         });
     let Some(first) = first else { return Ok(()) };
-    let (_, payload) = stream::parse_frame(first.payload().unwrap_or_default()).map_err(kafka)?;
-    let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
-    let json = JsonCodec::new(&schema.sanitized).to_json(&value);
+    let json = sanitized_json(&EXAMPLES[0], schema, first.payload().unwrap_or_default())?;
     let token = json["email"].as_str().unwrap_or_default();
     writeln!(out, "reveal --field email {token}").map_err(io)?;
     writeln!(out, "  -> {}", crate::sanitize::reveal(&keyring, "email", token)?).map_err(io)?;

@@ -15,8 +15,12 @@ fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("8 records sanitized, 1 quarantined"), "{stdout}");
-    assert_eq!(stdout.matches("  sanitized ").count(), 8);
+    // Three Avro topics, one of JSON Schema records, one of plain JSON.
+    assert!(stdout.contains("13 records sanitized, 1 quarantined"), "{stdout}");
+    assert_eq!(stdout.matches("  sanitized ").count(), 13);
+    for form in ["[Avro;", "[JSON Schema;", "[plain JSON;"] {
+        assert!(stdout.contains(form), "the demo shows a topic of each format: {form}");
+    }
     for line in stdout.lines().filter(|l| l.starts_with("  sanitized ")) {
         for pii in [
             "ada.lovelace@example.com",
@@ -25,6 +29,8 @@ fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
             "203.0.113.42",
             "DE89370400440532013000",
             "grace.hopper@example.com",
+            "12 St James's Square",
+            "+44 7700 900123",
         ] {
             assert!(!line.contains(pii), "a sanitized record shows PII: {line}");
         }

@@ -103,19 +103,24 @@ impl Processor {
                 continue;
             };
             let plan = &route.schema.plan;
-            let Ok((payload, _)) = avro_payload(route.json.as_ref(), &route.schema, payload) else {
-                continue;
-            };
-            let Ok(subject) = route.transcoder.subject(&payload) else {
-                continue;
+            let subject = match plan.subject {
+                // JSON records are read again by `process`: not read here when there is no subject to find.
+                None => None,
+                Some(_) => {
+                    let Ok((payload, _)) = avro_payload(route.json.as_ref(), &route.schema, payload) else {
+                        continue;
+                    };
+                    let Ok(subject) = route.transcoder.subject(&payload) else {
+                        continue;
+                    };
+                    subject.map(|s| s.into_owned())
+                }
             };
             let hashes_key = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash) == KeyAction::Hash;
             if plan.needs_domain_key(subject.is_some()) || (hashes_key && message.key().is_some()) {
                 want_domain(self.sanitizer.domain_of(plan));
             }
-            if let Some(subject) = subject {
-                subjects.push(subject.into_owned());
-            }
+            subjects.extend(subject);
         }
         Ok(self
             .sanitizer
