@@ -5,6 +5,7 @@ use std::borrow::Cow;
 
 use super::avro::ValueCodec;
 use super::json::JsonCodec;
+use super::json_binary;
 use crate::error::ValueError;
 use crate::policy::{CompiledSchema, Undeclared};
 
@@ -12,6 +13,10 @@ use crate::policy::{CompiledSchema, Undeclared};
 pub struct JsonRecords {
     reader: JsonCodec,
     writer: JsonCodec,
+    /// Both schemas are made of what [`json_binary`] takes: JSON goes to Avro binary and back directly.
+    fast: bool,
+    undeclared: Undeclared,
+    omit_null_defaults: bool,
 }
 
 /// A record read from JSON: its Avro binary and how many undeclared properties were dropped.
@@ -26,6 +31,9 @@ impl JsonRecords {
         Self {
             reader: JsonCodec::records(&schema.writer, undeclared, json_schema),
             writer: JsonCodec::records(&schema.sanitized, Undeclared::Quarantine, json_schema),
+            fast: json_binary::supports(&schema.writer) && json_binary::supports(&schema.sanitized),
+            undeclared,
+            omit_null_defaults: json_schema,
         }
     }
 
@@ -33,14 +41,28 @@ impl JsonRecords {
     pub fn read(&self, schema: &CompiledSchema, json: &[u8]) -> Result<Converted, ValueError> {
         let parsed: serde_json::Value = serde_json::from_slice(json)
             .map_err(|e| ValueError::new("", format!("not JSON ({})", json_error_kind(&e))))?;
-        let (value, dropped) = self.reader.to_value_counted(&parsed)?;
         let mut avro = Vec::with_capacity(json.len());
+        if self.fast {
+            let mut dropped = 0;
+            let drop = self.undeclared == Undeclared::Drop;
+            json_binary::encode(&schema.writer, &parsed, drop, &mut dropped, &mut avro)?;
+            return Ok(Converted { avro, dropped });
+        }
+        let (value, dropped) = self.reader.to_value_counted(&parsed)?;
         ValueCodec::for_writer(schema).encode(&value, &mut avro)?;
         Ok(Converted { avro, dropped })
     }
 
     /// Appends the JSON of a sanitized record (Avro binary of the sanitized schema) to `out`.
     pub fn write(&self, schema: &CompiledSchema, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        if self.fast {
+            let start = out.len();
+            let written = json_binary::decode(&schema.sanitized, sanitized, self.omit_null_defaults, out);
+            if written.is_err() {
+                out.truncate(start);
+            }
+            return written;
+        }
         let value = ValueCodec::for_sanitized(schema).decode(sanitized)?;
         serde_json::to_writer(out, &self.writer.to_json(&value))
             .map_err(|_| ValueError::new("", "the sanitized record cannot be written as JSON"))

@@ -9,6 +9,7 @@
 
 pub mod avro;
 pub mod json;
+pub mod json_binary;
 pub mod json_records;
 
 use std::collections::HashMap;
