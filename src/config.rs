@@ -981,7 +981,8 @@ impl RawConfig {
                 .unwrap_or_default()
                 .into_iter()
                 .map(RawBinding::validate)
-                .collect::<Result<_, _>>()?,
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(one_binding_per_topic)?,
             pipeline,
             audit,
             api: self.api.validate()?,
@@ -1122,6 +1123,19 @@ impl RawKafka {
             properties,
         })
     }
+}
+
+/// Refuses two `[[schemas.local]]` bindings of one topic: one would silently win, and a plain-JSON binding and a
+/// framed one would read each other's records.
+fn one_binding_per_topic(bindings: Vec<LocalBinding>) -> Result<Vec<LocalBinding>, ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = bindings.iter().find(|b| !seen.insert(b.topic.as_str())) {
+        return Err(ConfigError(format!(
+            "schemas.local: topic {} is bound twice: give each topic one binding",
+            twice.topic
+        )));
+    }
+    Ok(bindings)
 }
 
 impl RawBinding {
@@ -1759,6 +1773,15 @@ mod tests {
             ("[kafka]\ntopic_replication = 0\n", "kafka.topic_replication"),
             ("[kafka]\nmin_insync_replicas = 0\n", "kafka.min_insync_replicas"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
+            ("[policy]\nundeclared = \"keep\"\n", "policy.undeclared"),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"a.avsc\"\n[[schemas.local]]\ntopic = \"t\"\nschema = \"b.json\"\nformat = \"json\"\n",
+                "topic t is bound twice",
+            ),
+            (
+                "[[schemas.local]]\ntopic = \"t\"\nschema = \"a.avsc\"\nformat = \"protobuf\"\n",
+                "format must be",
+            ),
             ("[policy.tags]\nPII = \"scramble\"\n", "policy.tags.PII"),
             ("not toml", "test.toml"),
             ("[kafka]\ndelivery = \"exactly-twice\"\n", "kafka.delivery"),

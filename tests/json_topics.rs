@@ -50,8 +50,10 @@ fn framed_json(id: u32, record: &[u8]) -> Vec<u8> {
     out
 }
 
+const KEK: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n";
+
 fn config_text(dir: &Path, input: &str, schemas: &str) -> String {
-    std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
+    std::fs::write(dir.join("kek.key"), KEK).unwrap();
     format!(
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n[kafka]\nbrokers = \"{broker}\"\n\
          group_id = \"{group}\"\ninputs = [\"{input}\"]\nquarantine_topic = \"{input}.quarantine\"\n\
@@ -122,6 +124,16 @@ async fn json_schema_records_arrive_sanitized_and_valid_under_the_registered_sch
     let mut wrong = orders[0].clone();
     wrong["shipping"]["street"] = json!(42);
     values.push(framed_json(id, wrong.to_string().as_bytes()));
+    // A forgotten subject's record that cannot be sanitized: its quarantined copy keeps no content (its subject is
+    // read from the JSON even though the record does not convert).
+    let mut forgotten = orders[2].clone();
+    forgotten["customer_id"] = json!("cus_0009");
+    forgotten["placed_at"] = json!("yesterday");
+    values.push(framed_json(id, forgotten.to_string().as_bytes()));
+    std::fs::write(dir.path().join("kek.key"), KEK).unwrap();
+    common::keyring_at_with(dir.path(), KEK)
+        .forget_subject("cus_0009")
+        .unwrap();
     produce(
         &input,
         values
@@ -142,7 +154,7 @@ async fn json_schema_records_arrive_sanitized_and_valid_under_the_registered_sch
         "json test config",
     )
     .unwrap();
-    let (out, quarantined) = run_until(config, &input, orders.len(), 2).await;
+    let (out, quarantined) = run_until(config, &input, orders.len(), 3).await;
     assert_eq!(out.len(), orders.len());
 
     // The registered sanitized schema, read back through a third-party registry client and compiled by an
@@ -220,14 +232,23 @@ async fn json_schema_records_arrive_sanitized_and_valid_under_the_registered_sch
         );
     }
 
-    // Quarantine: both poison records, with reasons that name a field path or the fault, never a value.
-    assert_eq!(quarantined.len(), 2);
+    // Quarantine: every poison record, with reasons that name a field path or the fault, never a value.
+    assert_eq!(quarantined.len(), 3);
     let reasons: Vec<String> = quarantined
         .iter()
         .map(|m| String::from_utf8_lossy(header(m, stream::REASON).unwrap()).into_owned())
         .collect();
     assert!(reasons.iter().any(|r| r.contains("not JSON")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("shipping.street")), "{reasons:?}");
+    let dropped: Vec<&OwnedMessage> = quarantined
+        .iter()
+        .filter(|m| String::from_utf8_lossy(header(m, stream::REASON).unwrap()).contains("subject is forgotten"))
+        .collect();
+    assert_eq!(dropped.len(), 1, "{reasons:?}");
+    assert!(
+        dropped[0].payload().unwrap_or_default().is_empty(),
+        "no content of a forgotten subject is kept"
+    );
     for reason in &reasons {
         assert!(!reason.contains("x@example.com") && !reason.contains("42"), "{reason}");
     }

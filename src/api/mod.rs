@@ -7,6 +7,7 @@
 //! | `POST /v1/subjects/forget` | `purpose`, `subject` | `key_versions_destroyed` |
 //! | `POST /v1/subjects/status` | `purpose`, `subject` | `known`, `forgotten`, `key_versions` |
 //! | `POST /v1/keys/rotate` | `purpose`, `subject` or `domain` | `version` |
+//! | `GET /v1/openapi.json` | | this table as an OpenAPI 3 document (`docs/openapi.json`, `docs/api.yaml`) |
 //!
 //! Subject ids travel in bodies, never in URLs. Every call is authenticated ([`crate::access`]), authorized by operation,
 //! field path and purpose, and audited — denied and failed ones too — with the principal's configured name, the
@@ -22,7 +23,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value as Json, json};
@@ -36,6 +37,10 @@ use crate::error::{Error, ErrorKind, KeyError, RevealError};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
 use crate::stream::{Control, ControlOp, Routes};
+
+/// The API's OpenAPI document (`docs/openapi.json`; `docs/api.yaml` is the same in YAML), served at
+/// `GET /v1/openapi.json` without authentication: it describes the surface, it grants nothing.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// The most tokens one reveal request may carry.
 pub const MAX_REVEAL_TOKENS: usize = 1_000;
@@ -51,15 +56,24 @@ pub struct Api {
     pub control: Control,
 }
 
+/// Every path the API serves, with its handlers: what `router` mounts and `docs/openapi.json` documents.
+fn routes() -> Vec<(&'static str, MethodRouter<Arc<Api>>)> {
+    vec![
+        ("/v1/reveal", post(reveal)),
+        ("/v1/tokenize", post(tokenize)),
+        ("/v1/subjects/forget", post(forget)),
+        ("/v1/subjects/status", post(status)),
+        ("/v1/keys/rotate", post(rotate)),
+        ("/v1/openapi.json", get(openapi)),
+    ]
+}
+
 /// The API's routes, to be merged into the operations server.
 pub fn router(api: Arc<Api>) -> Router {
     let limit = api.config.max_body_bytes;
-    Router::new()
-        .route("/v1/reveal", post(reveal))
-        .route("/v1/tokenize", post(tokenize))
-        .route("/v1/subjects/forget", post(forget))
-        .route("/v1/subjects/status", post(status))
-        .route("/v1/keys/rotate", post(rotate))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| router.route(path, handler))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(api)
 }
@@ -389,17 +403,38 @@ async fn tokenize(
         let value = match (codec.field_value(&r.field, &r.value), &r.value) {
             (Ok(value), _) => value,
             (Err(e), Json::String(text)) => match serde_json::from_str::<Json>(text) {
-                Ok(parsed) => codec.field_value(&r.field, &parsed)?,
-                Err(_) => return Err(e.into()),
+                Ok(parsed) => codec
+                    .field_value(&r.field, &parsed)
+                    .map_err(|e| about_field(e.into(), &r.field))?,
+                Err(_) => return Err(about_field(e.into(), &r.field)),
             },
-            (Err(e), _) => return Err(e.into()),
+            (Err(e), _) => return Err(about_field(e.into(), &r.field)),
         };
         let token = api
             .sanitizer
-            .token_for(&route.schema, &r.field, r.subject.as_deref(), &value)?;
+            .token_for(&route.schema, &r.field, r.subject.as_deref(), &value)
+            .map_err(|e| about_field(e, &r.field))?;
         Ok(json!({ "token": token }))
     })
     .await
+}
+
+/// The caller's field path is input (it could hold anything): an error about it names the request's `field`
+/// property, not the path that was sent.
+fn about_field(e: Error, field: &str) -> Error {
+    match e {
+        Error::Value(mut value) => {
+            if let Some(rest) = value.path.strip_prefix(field) {
+                value.path = format!("(the request's field){rest}");
+            }
+            Error::Value(value)
+        }
+        other => other,
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn forget(
@@ -462,4 +497,32 @@ async fn rotate(
 /// Announces on the control topic from the blocking pool, waiting for the acknowledgement.
 fn announce(api: &Api, op: ControlOp, scope: &str) -> Result<(), Error> {
     tokio::runtime::Handle::current().block_on(api.control.announce(api.sanitizer.keyring(), op, scope))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A caller's field path is input: a path that matches a role's pattern (`address.*`) can carry anything.
+    #[test]
+    fn errors_about_the_requested_field_do_not_repeat_it() {
+        let sent = "address.ada.lovelace@example.com";
+        let error = about_field(
+            crate::error::ValueError::new(sent, "no such field in the schema").into(),
+            sent,
+        );
+        let message = error.to_string();
+        assert!(!message.contains("ada.lovelace"), "{message}");
+        assert!(message.contains("no such field"), "{message}");
+    }
+
+    #[test]
+    fn the_openapi_document_names_every_route_the_router_serves() {
+        let document: Json = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<String> = document["paths"].as_object().unwrap().keys().cloned().collect();
+        documented.sort();
+        let mut served: Vec<String> = routes().into_iter().map(|(path, _)| path.to_owned()).collect();
+        served.sort();
+        assert_eq!(documented, served, "docs/openapi.json and the router differ");
+    }
 }

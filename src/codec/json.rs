@@ -250,11 +250,8 @@ impl JsonCodec {
             .ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
         if reading.drop {
             // Never passed on: the sanitized record is built from the declared fields only.
-            reading.dropped += object
-                .keys()
-                .filter(|k| !record.lookup.contains_key(k.as_str()))
-                .count();
-        } else if let Some(position) = object.keys().position(|k| !record.lookup.contains_key(k.as_str())) {
+            reading.dropped += object.keys().filter(|k| !declares(record, k)).count();
+        } else if let Some(position) = object.keys().position(|k| !declares(record, k)) {
             // The key itself is input, and may be PII (an e-mail pasted as a key): the error names its position.
             return Err(ValueError::new(
                 path,
@@ -354,6 +351,11 @@ impl JsonCodec {
             _ => "logical type",
         }
     }
+}
+
+/// Whether `key` names a field of `record` (its name: an alias is not a declared property of a JSON record).
+pub(crate) fn declares(record: &RecordSchema, key: &str) -> bool {
+    record.lookup.get(key).is_some_and(|&i| record.fields[i].name == key)
 }
 
 fn is_null(value: &Value) -> bool {

@@ -11,7 +11,7 @@ use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 use serde_json::Value as Json;
 
-use super::json::json_kind;
+use super::json::{declares, json_kind};
 use crate::error::ValueError;
 
 /// Whether every type of `schema` is one this path handles.
@@ -141,7 +141,7 @@ impl Encoder<'_> {
         let object = json
             .as_object()
             .ok_or_else(|| ValueError::new(path, format!("expected an object (record), found {}", json_kind(json))))?;
-        let declared = object.keys().filter(|k| record.lookup.contains_key(k.as_str())).count();
+        let declared = object.keys().filter(|k| declares(record, k)).count();
         if declared < object.len() {
             if self.drop {
                 *self.dropped += object.len() - declared;
@@ -149,7 +149,7 @@ impl Encoder<'_> {
                 // The key itself is input, and may be PII: the error names its position.
                 let position = object
                     .keys()
-                    .position(|k| !record.lookup.contains_key(k.as_str()))
+                    .position(|k| !declares(record, k))
                     .expect("an undeclared key");
                 return Err(ValueError::new(
                     path,

@@ -3,6 +3,9 @@
 
 use std::borrow::Cow;
 
+use apache_avro::Schema;
+use apache_avro::schema::RecordSchema;
+
 use super::avro::ValueCodec;
 use super::json::JsonCodec;
 use super::json_binary;
@@ -66,6 +69,49 @@ impl JsonRecords {
         let value = ValueCodec::for_sanitized(schema).decode(sanitized)?;
         serde_json::to_writer(out, &self.writer.to_json(&value))
             .map_err(|_| ValueError::new("", "the sanitized record cannot be written as JSON"))
+    }
+}
+
+impl JsonRecords {
+    /// The data subject a JSON record names, read leniently (the record need not be valid otherwise): for the
+    /// quarantine of a record that cannot be sanitized, whose copy must be sealed under its subject's key (so a
+    /// forget covers it) whenever the subject can be told. Read as the transcoder reads it: a non-empty string, an
+    /// integer in decimal, a uuid in its canonical form; anything else is `None`.
+    pub fn subject(&self, schema: &CompiledSchema, json: &[u8]) -> Option<String> {
+        let subject = schema.plan.subject.as_ref()?;
+        let path = &schema.plan.rules[subject.rule].path;
+        let parsed: serde_json::Value = serde_json::from_slice(json).ok()?;
+        let (mut value, mut ty) = (&parsed, &schema.writer);
+        for name in path.split('.') {
+            let record = record_of(ty)?;
+            let field = &record.fields[*record.lookup.get(name)?];
+            ty = &field.schema;
+            value = value.as_object()?.get(name)?;
+        }
+        let ty = match ty {
+            Schema::Union(union) => union.variants().iter().find(|v| !matches!(v, Schema::Null))?,
+            other => other,
+        };
+        match (ty, value) {
+            (Schema::String, serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            (Schema::Int | Schema::Long, serde_json::Value::Number(n)) => n.as_i64().map(|n| n.to_string()),
+            (Schema::Uuid(_), serde_json::Value::String(s)) => {
+                apache_avro::Uuid::parse_str(s).ok().map(|u| u.to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The record a type is, or the record branch of a union.
+fn record_of(schema: &Schema) -> Option<&RecordSchema> {
+    match schema {
+        Schema::Record(record) => Some(record),
+        Schema::Union(union) => union.variants().iter().find_map(|v| match v {
+            Schema::Record(record) => Some(record),
+            _ => None,
+        }),
+        _ => None,
     }
 }
 

@@ -35,7 +35,7 @@ use crate::error::PolicyError;
 const DIALECT: &str = "http://json-schema.org/draft-07/schema#";
 
 /// Keywords piiwall cannot honour: a schema that uses them is refused rather than half understood.
-const UNSUPPORTED: [&str; 8] = [
+const UNSUPPORTED: [&str; 14] = [
     "allOf",
     "not",
     "if",
@@ -43,8 +43,58 @@ const UNSUPPORTED: [&str; 8] = [
     "else",
     "patternProperties",
     "prefixItems",
+    "additionalItems",
+    "dependentSchemas",
+    "dependencies",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "$dynamicRef",
+    "$recursiveRef",
+];
+
+/// What may stand next to a `$ref`: annotations and documentation. Anything else (`properties`, `type`, …) would
+/// change what the reference means, which piiwall does not merge.
+const REF_SIBLINGS: [&str; 11] = [
+    "$ref",
+    "pii",
+    "confluent:tags",
+    "title",
+    "description",
+    "$comment",
+    "default",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+];
+
+/// What may not stand next to `oneOf` / `anyOf`: the alternatives must say everything themselves.
+const CHOICE_CONFLICTS: [&str; 7] = [
+    "properties",
+    "items",
+    "additionalProperties",
+    "enum",
+    "const",
+    "required",
+    "$ref",
+];
+
+/// Keywords whose values are data (not schemas): never searched for annotations.
+const DATA_KEYWORDS: [&str; 5] = ["enum", "const", "default", "examples", "metadata"];
+
+/// Keywords whose values map names to schemas.
+const NAMED_SCHEMAS: [&str; 5] = [
+    "properties",
+    "$defs",
+    "definitions",
+    "patternProperties",
     "dependentSchemas",
 ];
+
+/// How deeply schemas may nest, and how many types one translation may produce: a schema from a registry is input,
+/// and inlining `$ref`s could otherwise blow up (each definition used twice, twenty-five levels deep).
+const MAX_DEPTH: usize = 32;
+const MAX_TYPES: usize = 10_000;
 
 /// Whether a schema text is a JSON Schema rather than an Avro schema: an Avro schema piiwall reads is a record
 /// (`"type": "record"`); anything else is taken for a JSON Schema.
@@ -76,26 +126,52 @@ pub fn to_avro(schema: &str) -> Result<String, PolicyError> {
             ));
         }
     }
+    if root.contains_key("$ref") {
+        return Err(PolicyError::new(
+            "",
+            "the root must declare its properties itself (a root $ref is not supported)",
+        ));
+    }
+    for keyword in ["oneOf", "anyOf"] {
+        if root.contains_key(keyword) {
+            return Err(PolicyError::new(
+                "",
+                format!("`{keyword}` at the root is not supported: the root must be one object with properties"),
+            ));
+        }
+    }
+    if root.get("type").is_some_and(|t| t != "object") || !root.contains_key("properties") {
+        return Err(PolicyError::new(
+            "",
+            "a JSON Schema's root must be an object (\"type\": \"object\" with properties)",
+        ));
+    }
     let mut translator = Translator {
         document: &document,
         names: HashSet::new(),
         refs: Vec::new(),
+        referenced: HashSet::new(),
+        consumed: HashSet::new(),
+        depth: 0,
+        types: 0,
     };
     let name = root
         .get("title")
         .and_then(Json::as_str)
         .map(avro_name)
         .unwrap_or_else(|| "Record".to_owned());
-    let object = translator.resolve(root, "")?;
-    if object.get("type").and_then(Json::as_str) != Some("object") && !object.contains_key("properties") {
-        return Err(PolicyError::new(
-            "",
-            "a JSON Schema's root must be an object (\"type\": \"object\" with properties)",
-        ));
-    }
-    let mut avro = translator.record(object, "", &name)?;
+    let mut avro = match translator.object(root, "", &name)? {
+        record @ Json::Object(_) if record["type"] == "record" => record,
+        _ => {
+            return Err(PolicyError::new(
+                "",
+                "a JSON Schema's root must be an object with properties (not a map)",
+            ));
+        }
+    };
+    translator.check_all_annotations_applied()?;
     let avro_root = avro.as_object_mut().expect("a record is an object");
-    for keyword in ["pii.subject", "pii.domain"] {
+    for keyword in ["pii.subject", "pii.domain", "metadata"] {
         if let Some(value) = root.get(keyword) {
             avro_root.insert(keyword.to_owned(), value.clone());
         }
@@ -127,17 +203,43 @@ struct Translator<'j> {
     names: HashSet<String>,
     /// `$ref`s being followed, to refuse recursion.
     refs: Vec<String>,
+    /// Every JSON pointer a `$ref` named.
+    referenced: HashSet<String>,
+    /// The schema objects whose annotations were applied (by address in `document`).
+    consumed: HashSet<*const Map<String, Json>>,
+    /// How deeply the type being translated nests, and how many types were produced so far.
+    depth: usize,
+    types: usize,
 }
 
 impl<'j> Translator<'j> {
     /// Follows `$ref`s (local JSON pointers) to the schema they name.
     fn resolve(&mut self, schema: &'j Map<String, Json>, path: &str) -> Result<&'j Map<String, Json>, PolicyError> {
+        Ok(*self.ref_chain(schema, path)?.last().expect("a chain holds its start"))
+    }
+
+    /// `schema` and every schema its `$ref`s lead to, in order.
+    fn ref_chain(
+        &mut self,
+        schema: &'j Map<String, Json>,
+        path: &str,
+    ) -> Result<Vec<&'j Map<String, Json>>, PolicyError> {
+        let mut chain = vec![schema];
         let mut current = schema;
         let mut seen = Vec::new();
         while let Some(reference) = current.get("$ref") {
             let reference = reference
                 .as_str()
                 .ok_or_else(|| PolicyError::new(path, "`$ref` must be a string"))?;
+            if let Some(other) = current.keys().find(|k| !REF_SIBLINGS.contains(&k.as_str())) {
+                return Err(PolicyError::new(
+                    path,
+                    format!(
+                        "`{other}` next to `$ref` is not supported: piiwall does not merge a reference with what \
+                         stands beside it; move it into the definition"
+                    ),
+                ));
+            }
             if seen.iter().any(|r| r == reference) {
                 return Err(PolicyError::new(path, format!("`$ref` {reference} refers to itself")));
             }
@@ -156,27 +258,32 @@ impl<'j> Translator<'j> {
                 .pointer(pointer)
                 .and_then(Json::as_object)
                 .ok_or_else(|| PolicyError::new(path, format!("`$ref` {reference} names no schema")))?;
+            self.referenced.insert(pointer.to_owned());
+            chain.push(current);
         }
-        Ok(current)
+        Ok(chain)
     }
 
-    /// A property's annotations: on its schema, on what its `$ref` names, or on its `items` /
-    /// `additionalProperties` (all of which protect the property). Two different ones are refused.
+    /// A property's annotations: on its schema, on any schema its `$ref`s lead to, or on its `items` /
+    /// `additionalProperties` (all of which protect the property as a whole). Two different ones are refused.
     fn annotations(
         &mut self,
         schema: &'j Map<String, Json>,
         path: &str,
     ) -> Result<Vec<(&'static str, &'j Json)>, PolicyError> {
         let mut found: Vec<(&'static str, &'j Json)> = Vec::new();
-        let mut current = Some(schema);
-        let mut depth = 0;
-        while let Some(schema) = current {
-            depth += 1;
-            if depth > 64 {
+        let mut pending = vec![schema];
+        let mut visited = 0;
+        while let Some(start) = pending.pop() {
+            visited += 1;
+            if visited > MAX_TYPES {
                 return Err(PolicyError::new(path, "the schema nests too deeply"));
             }
-            for keyword in ["pii", "confluent:tags"] {
-                if let Some(value) = schema.get(keyword) {
+            let chain = self.ref_chain(start, path)?;
+            for schema in &chain {
+                for keyword in ["pii", "confluent:tags"] {
+                    let Some(value) = schema.get(keyword) else { continue };
+                    self.consumed.insert(*schema as *const _);
                     match found.iter().find(|(k, _)| *k == keyword) {
                         Some((_, existing)) if *existing != value => {
                             return Err(PolicyError::new(
@@ -192,16 +299,43 @@ impl<'j> Translator<'j> {
                     }
                 }
             }
-            current = if let Some(Json::String(_)) = schema.get("$ref") {
-                let target = self.resolve(schema, path)?;
-                (!std::ptr::eq(target, schema)).then_some(target)
-            } else {
-                ["items", "additionalProperties"]
-                    .iter()
-                    .find_map(|k| schema.get(*k).and_then(Json::as_object))
-            };
+            let last = chain.last().expect("a chain holds its start");
+            for keyword in ["items", "additionalProperties"] {
+                if let Some(Json::Object(inner)) = last.get(keyword) {
+                    pending.push(inner);
+                }
+            }
         }
         Ok(found)
+    }
+
+    /// Refuses an annotation the translation did not apply (it sits where piiwall does not read it: inside a `oneOf`
+    /// branch's items, next to a keyword that was refused, …), unless it is in a definition nothing refers to.
+    fn check_all_annotations_applied(&self) -> Result<(), PolicyError> {
+        let mut stray = Vec::new();
+        find_annotations(self.document, String::new(), &mut |schema, pointer| {
+            if !self.consumed.contains(&(schema as *const _)) {
+                stray.push(pointer);
+            }
+        });
+        for pointer in stray {
+            let definition: String = pointer.split('/').take(3).collect::<Vec<_>>().join("/");
+            let unused_definition = (pointer.starts_with("/$defs/") || pointer.starts_with("/definitions/"))
+                && !self
+                    .referenced
+                    .iter()
+                    .any(|r| *r == definition || r.starts_with(&format!("{definition}/")));
+            if !unused_definition {
+                return Err(PolicyError::new(
+                    "",
+                    format!(
+                        "the annotation at {pointer} is not applied: put pii / confluent:tags on a property (or its \
+                         $ref, items or additionalProperties), never inside a oneOf or anyOf branch's parts"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// An object schema as an Avro record named `name`.
@@ -267,6 +401,20 @@ impl<'j> Translator<'j> {
 
     /// The Avro type of a (non-root) schema.
     fn type_of(&mut self, schema: &'j Map<String, Json>, path: &str, name: &str) -> Result<Json, PolicyError> {
+        self.types += 1;
+        if self.types > MAX_TYPES || self.depth >= MAX_DEPTH {
+            return Err(PolicyError::new(
+                path,
+                format!("the schema is too large or nests too deeply (at most {MAX_DEPTH} levels, {MAX_TYPES} types)"),
+            ));
+        }
+        self.depth += 1;
+        let avro = self.type_of_inner(schema, path, name);
+        self.depth -= 1;
+        avro
+    }
+
+    fn type_of_inner(&mut self, schema: &'j Map<String, Json>, path: &str, name: &str) -> Result<Json, PolicyError> {
         if let Some(Json::String(reference)) = schema.get("$ref") {
             if self.refs.contains(reference) {
                 return Err(PolicyError::new(
@@ -274,15 +422,31 @@ impl<'j> Translator<'j> {
                     format!("`$ref` {reference} contains itself: recursive schemas are not supported"),
                 ));
             }
-            let target = self.resolve(schema, path)?;
+            // Only the next step: a chain of references is followed one `type_of` at a time.
+            let target = *self.ref_chain(schema, path)?.get(1).expect("a $ref leads somewhere");
             self.refs.push(reference.clone());
             let avro = self.type_of(target, path, name);
             self.refs.pop();
             return avro;
         }
         check_supported(schema, path)?;
+        if schema.contains_key("oneOf") && schema.contains_key("anyOf") {
+            return Err(PolicyError::new(
+                path,
+                "`oneOf` and `anyOf` together are not supported: keep one",
+            ));
+        }
         for keyword in ["oneOf", "anyOf"] {
             if let Some(branches) = schema.get(keyword) {
+                if let Some(other) = CHOICE_CONFLICTS.iter().find(|k| schema.contains_key(**k)) {
+                    return Err(PolicyError::new(
+                        path,
+                        format!(
+                            "`{other}` next to `{keyword}` is not supported: piiwall does not merge them; give each \
+                             alternative everything it holds"
+                        ),
+                    ));
+                }
                 let branches = branches
                     .as_array()
                     .filter(|b| !b.is_empty())
@@ -307,6 +471,7 @@ impl<'j> Translator<'j> {
                     let avro = self.type_of(branch, path, &format!("{name}_{index}"))?;
                     add_branch(&mut union, avro, path)?;
                 }
+                check_alternatives(&union, path)?;
                 return Ok(single(union));
             }
         }
@@ -374,6 +539,7 @@ impl<'j> Translator<'j> {
             };
             add_branch(&mut union, avro, path)?;
         }
+        check_alternatives(&union, path)?;
         Ok(single(union))
     }
 
@@ -477,6 +643,91 @@ fn add_branch(union: &mut Vec<Json>, avro: Json, path: &str) -> Result<(), Polic
         union.push(branch);
     }
     Ok(())
+}
+
+/// Refuses alternatives a record could be read into the wrong one of, unprotected: a record and a map (a record with
+/// one undeclared property would be read as the map, whole), or records that declare the same property with
+/// different protection (the first that accepts a record wins, and `enum` / `const` values are not checked).
+fn check_alternatives(union: &[Json], path: &str) -> Result<(), PolicyError> {
+    let records: Vec<&Json> = union.iter().filter(|b| branch_kind(b) == "record").collect();
+    if !records.is_empty() && union.iter().any(|b| branch_kind(b) == "map") {
+        return Err(PolicyError::new(
+            path,
+            "an object with properties and a map (an object of additionalProperties) as alternatives cannot be told \
+             apart safely: keep one",
+        ));
+    }
+    let mut seen: Vec<(&str, Json)> = Vec::new();
+    for record in records {
+        for field in record["fields"].as_array().into_iter().flatten() {
+            let name = field["name"].as_str().unwrap_or_default();
+            let shape = unnamed(field);
+            match seen.iter().find(|(n, _)| *n == name) {
+                Some((_, other)) if *other != shape => {
+                    return Err(PolicyError::new(
+                        path,
+                        format!(
+                            "alternatives declare `{name}` differently (type or protection): a record matching more \
+                             than one is read as the first; declare and protect it alike in each"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => seen.push((name, shape)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A field or type without the names given to its records (which differ by position) and without its default.
+fn unnamed(json: &Json) -> Json {
+    match json {
+        Json::Object(object) => {
+            let record = object.get("type").and_then(Json::as_str) == Some("record");
+            Json::Object(
+                object
+                    .iter()
+                    .filter(|(k, _)| !(record && k.as_str() == "name") && k.as_str() != "default")
+                    .map(|(k, v)| (k.clone(), unnamed(v)))
+                    .collect(),
+            )
+        }
+        Json::Array(items) => Json::Array(items.iter().map(unnamed).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Calls `found` with every schema object of `json` that carries `pii` or `confluent:tags`, and its JSON pointer.
+fn find_annotations<'j>(json: &'j Json, pointer: String, found: &mut impl FnMut(&'j Map<String, Json>, String)) {
+    let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
+    match json {
+        Json::Object(schema) => {
+            if schema.contains_key("pii") || schema.contains_key("confluent:tags") {
+                found(schema, pointer.clone());
+            }
+            for (key, value) in schema {
+                if DATA_KEYWORDS.contains(&key.as_str()) {
+                    continue;
+                }
+                let at = format!("{pointer}/{}", escape(key));
+                match (NAMED_SCHEMAS.contains(&key.as_str()), value) {
+                    (true, Json::Object(named)) => {
+                        for (name, sub) in named {
+                            find_annotations(sub, format!("{at}/{}", escape(name)), found);
+                        }
+                    }
+                    _ => find_annotations(value, at, found),
+                }
+            }
+        }
+        Json::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                find_annotations(item, format!("{pointer}/{index}"), found);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn branch_kind(avro: &Json) -> &str {
@@ -703,6 +954,81 @@ mod tests {
             let message = refused(schema.clone());
             assert!(message.contains(expected), "{schema}: {message}");
         }
+    }
+
+    /// The review's findings: each schema below compiled before, leaving a tagged value unprotected (or, the last,
+    /// took minutes and gigabytes); each is now refused, or (the first) protected.
+    #[test]
+    fn annotations_are_never_dropped_and_hostile_schemas_are_bounded() {
+        // An annotation on a definition that is itself a reference applies.
+        let alias = avro(json!({"type": "object", "required": ["email"],
+            "$defs": {"Email": {"$ref": "#/$defs/Str", "pii": "encrypt"}, "Str": {"type": "string"}},
+            "properties": {"email": {"$ref": "#/$defs/Email"}}}));
+        assert_eq!(alias["fields"][0]["pii"], "encrypt");
+        let defs: Map<String, Json> = (0..25)
+            .map(|i| {
+                let next = format!("#/$defs/L{}", i + 1);
+                (
+                    format!("L{i}"),
+                    json!({"type": "object", "properties": {"a": {"$ref": next}, "b": {"$ref": next}}}),
+                )
+            })
+            .chain([("L25".to_owned(), json!({"type": "string", "pii": "hash"}))])
+            .collect();
+        let cases = [
+            (
+                json!({"type": "object", "properties": {"a": {"oneOf": [
+                    {"type": "array", "items": {"type": "string", "pii": "hash"}}, {"type": "null"}]}}}),
+                "the annotation at /properties/a/oneOf/0/items is not applied",
+            ),
+            (
+                json!({"type": "object", "$defs": {"Base": {"type": "object", "properties": {"ssn": {"type": "string"}}}},
+                       "properties": {"p": {"$ref": "#/$defs/Base",
+                                            "properties": {"ssn": {"type": "string", "pii": "encrypt"}}}}}),
+                "`properties` next to `$ref` is not supported",
+            ),
+            (
+                json!({"type": "object", "properties": {"party": {"oneOf": [
+                    {"type": "object", "properties": {"kind": {"const": "company"}, "name": {"type": "string"}}},
+                    {"type": "object", "properties": {"kind": {"const": "person"},
+                                                      "name": {"type": "string", "pii": "encrypt"}}}]}}}),
+                "alternatives declare `name` differently",
+            ),
+            (
+                json!({"type": "object", "properties": {"p": {"anyOf": [
+                    {"type": "object", "properties": {"ssn": {"type": "string", "pii": "encrypt"}}},
+                    {"type": "object", "additionalProperties": {"type": "string"}}]}}}),
+                "a map (an object of additionalProperties) as alternatives",
+            ),
+            (
+                json!({"type": "object", "properties": {"p": {"type": "object", "oneOf": [{"type": "object"}],
+                       "properties": {"ssn": {"type": "string", "pii": "encrypt"}}}}}),
+                "`properties` next to `oneOf`",
+            ),
+            (
+                json!({"type": "object", "properties": {"id": {"type": "string"}},
+                       "oneOf": [{"type": "object", "properties": {"ssn": {"type": "string", "pii": "encrypt"}}}]}),
+                "`oneOf` at the root",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "object",
+                       "dependencies": {"b": {"properties": {"b": {"type": "string", "pii": "hash"}}}}}}}),
+                "`dependencies` is not supported",
+            ),
+            (
+                json!({"type": "object", "$defs": defs, "properties": {"x": {"$ref": "#/$defs/L0"}}}),
+                "too large",
+            ),
+        ];
+        for (schema, expected) in cases {
+            let message = refused(schema.clone());
+            assert!(message.contains(expected), "{schema}: {message}");
+        }
+        // An annotated definition nothing refers to is not an error.
+        avro(
+            json!({"type": "object", "$defs": {"Unused": {"type": "string", "pii": "hash"}},
+                    "properties": {"a": {"type": "string", "pii": "none"}}}),
+        );
     }
 
     #[test]

@@ -398,8 +398,11 @@ impl Processor {
         let Route::Ready(route) = self.routes.get(message.topic(), id) else {
             return None;
         };
-        let (payload, _) = avro_payload(route.json.as_ref(), &route.schema, payload).ok()?;
-        route.transcoder.subject(&payload).ok()?.map(|s| s.into_owned())
+        match &route.json {
+            // Read leniently: a JSON record that cannot be converted whole still names its subject.
+            Some(json) => json.subject(&route.schema, payload),
+            None => route.transcoder.subject(payload).ok()?.map(|s| s.into_owned()),
+        }
     }
 }
 
