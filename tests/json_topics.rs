@@ -7,13 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
-use common::kafka::{broker, consume, create_topic, header, produce, unique};
+use common::kafka::{broker, create_topic, header, produce, run_until, unique};
 use common::registry::{Registry, register_typed};
 use common::services::free_port;
 use piiwall::config::Config;
-use piiwall::stream::{self, Shutdown};
+use piiwall::stream;
 use rdkafka::Message;
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id};
@@ -62,29 +61,6 @@ fn config_text(dir: &Path, input: &str, schemas: &str) -> String {
         broker = broker(),
         group = unique("piiwall"),
     )
-}
-
-/// Runs the pipeline until `outputs` sanitized and `quarantined` quarantined records arrived, then stops it.
-async fn run_until(
-    config: Config,
-    input: &str,
-    outputs: usize,
-    quarantined: usize,
-) -> (Vec<OwnedMessage>, Vec<OwnedMessage>) {
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
-    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
-    let read = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, outputs, Duration::from_secs(60)),
-            consume(&quarantine, quarantined, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
-    read
 }
 
 fn assert_no_pii(messages: &[OwnedMessage], pii: &[&str]) {

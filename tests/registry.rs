@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::kafka::{broker, consume, create_topic, customer, framed, header, produce, unique};
+use common::kafka::{broker, consume, create_topic, customer, framed, header, produce, run_until, unique};
 use common::registry::{Registry, register};
 use common::services::free_port;
 use piiwall::config::Config;
@@ -39,31 +39,6 @@ fn config_text(dir: &Path, input: &str, registry: &str, key: &str) -> String {
         broker = broker(),
         group = unique("piiwall"),
     )
-}
-
-/// Runs the pipeline until `outputs` sanitized and `quarantined` quarantined records arrived (or time ran out),
-/// then stops it; returns both.
-async fn run_until(
-    config: Config,
-    input: &str,
-    outputs: usize,
-    quarantined: usize,
-) -> (Vec<rdkafka::message::OwnedMessage>, Vec<rdkafka::message::OwnedMessage>) {
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
-    let output = format!("{input}.sanitized");
-    let quarantine = format!("{input}.quarantine");
-    let read = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, outputs, Duration::from_secs(60)),
-            consume(&quarantine, quarantined, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
-    read
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,17 +193,7 @@ impl JsonCodec {
                     }
                 }
                 let names: Vec<&str> = union.variants().iter().map(|v| self.type_name(v)).collect();
-                return Err(match (union.variants().len(), first_error) {
-                    (1, Some(e)) => e,
-                    _ => ValueError::new(
-                        path,
-                        format!(
-                            "{} matches no branch of the union [{}]",
-                            json_kind(json),
-                            names.join(", ")
-                        ),
-                    ),
-                });
+                return Err(no_branch(path, json, &names, first_error));
             }
             Schema::Record(record) => self.read_record(record, json, path, reading)?,
             Schema::Decimal(decimal) => Value::Decimal(read_decimal(decimal, json, path)?),
@@ -334,22 +324,27 @@ impl JsonCodec {
     }
 
     fn type_name<'a>(&'a self, schema: &'a Schema) -> &'a str {
-        match self.resolve(schema) {
-            Schema::Null => "null",
-            Schema::Boolean => "boolean",
-            Schema::Int => "int",
-            Schema::Long => "long",
-            Schema::Float => "float",
-            Schema::Double => "double",
-            Schema::Bytes => "bytes",
-            Schema::String => "string",
-            Schema::Array(_) => "array",
-            Schema::Map(_) => "map",
-            Schema::Record(r) => r.name.name(),
-            Schema::Enum(e) => e.name.name(),
-            Schema::Fixed(f) => f.name.name(),
-            _ => "logical type",
-        }
+        type_name(self.resolve(schema))
+    }
+}
+
+/// A type's name in messages: the primitive's, or a named type's own name.
+pub(crate) fn type_name(schema: &Schema) -> &str {
+    match schema {
+        Schema::Null => "null",
+        Schema::Boolean => "boolean",
+        Schema::Int => "int",
+        Schema::Long => "long",
+        Schema::Float => "float",
+        Schema::Double => "double",
+        Schema::Bytes => "bytes",
+        Schema::String => "string",
+        Schema::Array(_) => "array",
+        Schema::Map(_) => "map",
+        Schema::Record(r) => r.name.name(),
+        Schema::Enum(e) => e.name.name(),
+        Schema::Fixed(f) => f.name.name(),
+        _ => "logical type",
     }
 }
 
@@ -509,6 +504,21 @@ fn join(path: &str, name: &str) -> String {
 }
 
 /// The JSON type of a value, for messages (never the value itself).
+/// Why a JSON value fits no branch of a union: the branch's own error when there is one branch.
+pub(crate) fn no_branch(path: &str, json: &Json, names: &[&str], first_error: Option<ValueError>) -> ValueError {
+    match (names.len(), first_error) {
+        (1, Some(e)) => e,
+        _ => ValueError::new(
+            path,
+            format!(
+                "{} matches no branch of the union [{}]",
+                json_kind(json),
+                names.join(", ")
+            ),
+        ),
+    }
+}
+
 pub(crate) fn json_kind(json: &Json) -> &'static str {
     match json {
         Json::Null => "null",

@@ -11,7 +11,7 @@ use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 use serde_json::Value as Json;
 
-use super::json::{declares, json_kind};
+use super::json::{declares, json_kind, no_branch, type_name};
 use crate::error::ValueError;
 
 /// Whether every type of `schema` is one this path handles.
@@ -119,17 +119,8 @@ impl Encoder<'_> {
                         }
                     }
                 }
-                return Err(match (union.variants().len(), first_error) {
-                    (1, Some(e)) => e,
-                    _ => ValueError::new(
-                        path,
-                        format!(
-                            "{} matches no branch of the union [{}]",
-                            json_kind(json),
-                            union.variants().iter().map(type_name).collect::<Vec<_>>().join(", ")
-                        ),
-                    ),
-                });
+                let names: Vec<&str> = union.variants().iter().map(type_name).collect();
+                return Err(no_branch(path, json, &names, first_error));
             }
             Schema::Record(record) => self.record(record, json, path, out)?,
             _ => return Err(ValueError::new(path, "a type the JSON fast path does not take")),
@@ -184,22 +175,6 @@ impl Encoder<'_> {
             }
         }
         Ok(())
-    }
-}
-
-fn type_name(schema: &Schema) -> &str {
-    match schema {
-        Schema::Null => "null",
-        Schema::Boolean => "boolean",
-        Schema::Int => "int",
-        Schema::Long => "long",
-        Schema::Float => "float",
-        Schema::Double => "double",
-        Schema::String => "string",
-        Schema::Array(_) => "array",
-        Schema::Map(_) => "map",
-        Schema::Record(r) => r.name.name(),
-        _ => "logical type",
     }
 }
 

@@ -178,3 +178,27 @@ pub fn audit_events(messages: &[OwnedMessage]) -> Vec<Json> {
         .map(|m| json.to_json(&super::decode(&piiwall::audit::AUDIT_SCHEMA, m.payload().unwrap())))
         .collect()
 }
+
+/// Runs the pipeline until `outputs` sanitized and `quarantined` quarantined records of `input` arrived (or time ran
+/// out), then stops it; returns both.
+pub async fn run_until(
+    config: piiwall::config::Config,
+    input: &str,
+    outputs: usize,
+    quarantined: usize,
+) -> (Vec<OwnedMessage>, Vec<OwnedMessage>) {
+    let shutdown = stream::Shutdown::new();
+    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
+    let read = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, outputs, Duration::from_secs(60)),
+            consume(&quarantine, quarantined, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    read
+}
