@@ -90,7 +90,8 @@ impl JsonCodec {
         self.write(&self.schema, value)
     }
 
-    fn resolve<'a>(&'a self, schema: &'a Schema) -> &'a Schema {
+    /// A named type's definition for a reference to it.
+    pub(crate) fn resolve<'a>(&'a self, schema: &'a Schema) -> &'a Schema {
         match schema {
             Schema::Ref { name } => self.names.get(name).unwrap_or(schema),
             other => other,

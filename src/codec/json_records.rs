@@ -81,15 +81,20 @@ impl JsonRecords {
         let subject = schema.plan.subject.as_ref()?;
         let path = &schema.plan.rules[subject.rule].path;
         let parsed: serde_json::Value = serde_json::from_slice(json).ok()?;
+        let resolve = |ty| self.reader.resolve(ty);
         let (mut value, mut ty) = (&parsed, &schema.writer);
         for name in path.split('.') {
-            let record = record_of(ty)?;
+            let record = record_of(resolve(ty), resolve)?;
             let field = &record.fields[*record.lookup.get(name)?];
             ty = &field.schema;
-            value = value.as_object()?.get(name)?;
+            // An absent field reads as its default, as the codec reads it.
+            value = match value.as_object()?.get(name) {
+                Some(value) => value,
+                None => field.default.as_ref()?,
+            };
         }
-        let ty = match ty {
-            Schema::Union(union) => union.variants().iter().find(|v| !matches!(v, Schema::Null))?,
+        let ty = match resolve(ty) {
+            Schema::Union(union) => resolve(union.variants().iter().find(|v| !matches!(v, Schema::Null))?),
             other => other,
         };
         match (ty, value) {
@@ -103,11 +108,11 @@ impl JsonRecords {
     }
 }
 
-/// The record a type is, or the record branch of a union.
-fn record_of(schema: &Schema) -> Option<&RecordSchema> {
+/// The record a type is, or the record branch of a union (references resolved by `resolve`).
+fn record_of<'s>(schema: &'s Schema, resolve: impl Fn(&'s Schema) -> &'s Schema) -> Option<&'s RecordSchema> {
     match schema {
         Schema::Record(record) => Some(record),
-        Schema::Union(union) => union.variants().iter().find_map(|v| match v {
+        Schema::Union(union) => union.variants().iter().find_map(|v| match resolve(v) {
             Schema::Record(record) => Some(record),
             _ => None,
         }),
@@ -139,4 +144,31 @@ pub fn json_error_kind(e: &serde_json::Error) -> String {
         serde_json::error::Category::Io => "read error",
     };
     format!("{category} at line {}, column {}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PolicySettings, compile};
+
+    /// The subject of a record that does not convert is read as the transcoder would read it: through a named
+    /// type used a second time (a reference) and from a field's default.
+    #[test]
+    fn a_subject_is_read_through_references_and_defaults() {
+        let schema = compile(
+            r#"{"type": "record", "name": "R", "pii.subject": "second.id", "fields": [
+                {"name": "first", "type": {"type": "record", "name": "Party", "fields": [
+                    {"name": "id", "type": "string", "default": "cus_default"}]}},
+                {"name": "second", "type": "Party"},
+                {"name": "n", "type": "long"}]}"#,
+            &PolicySettings::default(),
+        )
+        .unwrap();
+        let records = JsonRecords::new(&schema, Undeclared::Drop);
+        let bad = br#"{"first": {"id": "a"}, "second": {"id": "cus_7"}, "n": "not a number"}"#;
+        assert!(records.read(&schema, bad).is_err());
+        assert_eq!(records.subject(&schema, bad).as_deref(), Some("cus_7"));
+        let absent = br#"{"first": {"id": "a"}, "second": {}, "n": "x"}"#;
+        assert_eq!(records.subject(&schema, absent).as_deref(), Some("cus_default"));
+    }
 }

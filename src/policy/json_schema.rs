@@ -69,14 +69,34 @@ const REF_SIBLINGS: [&str; 11] = [
 ];
 
 /// What may not stand next to `oneOf` / `anyOf`: the alternatives must say everything themselves.
-const CHOICE_CONFLICTS: [&str; 7] = [
-    "properties",
-    "items",
-    "additionalProperties",
-    "enum",
-    "const",
+/// (`required` beside them is harmless: ignoring it only leaves more properties optional; `additionalProperties`
+/// conflicts only as a schema, not as `true`/`false`.)
+const CHOICE_CONFLICTS: [&str; 6] = ["properties", "items", "additionalProperties", "enum", "const", "$ref"];
+
+/// What `oneOf` / `anyOf` alternatives may say when they only constrain the schema beside them (`"oneOf":
+/// [{"required": ["email"]}, {"required": ["phone"]}]`): such alternatives change nothing piiwall protects, and
+/// are ignored.
+const CONSTRAINTS: [&str; 20] = [
     "required",
-    "$ref",
+    "format",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "title",
+    "description",
+    "$comment",
+    "not",
+    "contains",
 ];
 
 /// Keywords whose values are data (not schemas): never searched for annotations.
@@ -93,7 +113,7 @@ const NAMED_SCHEMAS: [&str; 5] = [
 
 /// How deeply schemas may nest, and how many types one translation may produce: a schema from a registry is input,
 /// and inlining `$ref`s could otherwise blow up (each definition used twice, twenty-five levels deep).
-const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 64;
 const MAX_TYPES: usize = 10_000;
 
 /// Whether a schema text is a JSON Schema rather than an Avro schema: an Avro schema piiwall reads is a record
@@ -133,7 +153,7 @@ pub fn to_avro(schema: &str) -> Result<String, PolicyError> {
         ));
     }
     for keyword in ["oneOf", "anyOf"] {
-        if root.contains_key(keyword) {
+        if root.get(keyword).is_some_and(|branches| !only_constraints(branches)) {
             return Err(PolicyError::new(
                 "",
                 format!("`{keyword}` at the root is not supported: the root must be one object with properties"),
@@ -154,6 +174,7 @@ pub fn to_avro(schema: &str) -> Result<String, PolicyError> {
         consumed: HashSet::new(),
         depth: 0,
         types: 0,
+        unapplied: 0,
     };
     let name = root
         .get("title")
@@ -210,6 +231,9 @@ struct Translator<'j> {
     /// How deeply the type being translated nests, and how many types were produced so far.
     depth: usize,
     types: usize,
+    /// Above 0 while translating the alternatives of a `oneOf`/`anyOf`, where an annotation would not be applied
+    /// (reset for the properties of a record inside them, whose own annotations are).
+    unapplied: usize,
 }
 
 impl<'j> Translator<'j> {
@@ -218,50 +242,62 @@ impl<'j> Translator<'j> {
         Ok(*self.ref_chain(schema, path)?.last().expect("a chain holds its start"))
     }
 
-    /// `schema` and every schema its `$ref`s lead to, in order.
+    /// `schema` and every schema its `$ref`s lead to, in order (at most [`MAX_DEPTH`] references).
     fn ref_chain(
         &mut self,
         schema: &'j Map<String, Json>,
         path: &str,
     ) -> Result<Vec<&'j Map<String, Json>>, PolicyError> {
         let mut chain = vec![schema];
+        let mut seen = HashSet::new();
         let mut current = schema;
-        let mut seen = Vec::new();
         while let Some(reference) = current.get("$ref") {
-            let reference = reference
-                .as_str()
-                .ok_or_else(|| PolicyError::new(path, "`$ref` must be a string"))?;
-            if let Some(other) = current.keys().find(|k| !REF_SIBLINGS.contains(&k.as_str())) {
+            if !seen.insert(reference) {
+                return Err(PolicyError::new(path, "a `$ref` chain refers to itself"));
+            }
+            if chain.len() > MAX_DEPTH {
                 return Err(PolicyError::new(
                     path,
-                    format!(
-                        "`{other}` next to `$ref` is not supported: piiwall does not merge a reference with what \
-                         stands beside it; move it into the definition"
-                    ),
+                    format!("more than {MAX_DEPTH} `$ref`s in a row"),
                 ));
             }
-            if seen.iter().any(|r| r == reference) {
-                return Err(PolicyError::new(path, format!("`$ref` {reference} refers to itself")));
-            }
-            seen.push(reference.to_owned());
-            let pointer = reference.strip_prefix('#').ok_or_else(|| {
-                PolicyError::new(
-                    path,
-                    format!(
-                        "`$ref` {reference} points into another document: only local references (#/$defs/...) are \
-                         supported; inline the definition"
-                    ),
-                )
-            })?;
-            current = self
-                .document
-                .pointer(pointer)
-                .and_then(Json::as_object)
-                .ok_or_else(|| PolicyError::new(path, format!("`$ref` {reference} names no schema")))?;
-            self.referenced.insert(pointer.to_owned());
+            current = self.ref_target(current, path)?;
             chain.push(current);
         }
         Ok(chain)
+    }
+
+    /// The schema a schema's `$ref` names (one step), its siblings checked.
+    fn ref_target(&mut self, schema: &'j Map<String, Json>, path: &str) -> Result<&'j Map<String, Json>, PolicyError> {
+        let reference = schema
+            .get("$ref")
+            .and_then(Json::as_str)
+            .ok_or_else(|| PolicyError::new(path, "`$ref` must be a string"))?;
+        if let Some(other) = schema.keys().find(|k| !REF_SIBLINGS.contains(&k.as_str())) {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "`{other}` next to `$ref` is not supported: piiwall does not merge a reference with what stands \
+                     beside it; move it into the definition"
+                ),
+            ));
+        }
+        let pointer = reference.strip_prefix('#').ok_or_else(|| {
+            PolicyError::new(
+                path,
+                format!(
+                    "`$ref` {reference} points into another document: only local references (#/$defs/...) are \
+                     supported; inline the definition"
+                ),
+            )
+        })?;
+        let target = self
+            .document
+            .pointer(pointer)
+            .and_then(Json::as_object)
+            .ok_or_else(|| PolicyError::new(path, format!("`$ref` {reference} names no schema")))?;
+        self.referenced.insert(pointer.to_owned());
+        Ok(target)
     }
 
     /// A property's annotations: on its schema, on any schema its `$ref`s lead to, or on its `items` /
@@ -369,7 +405,11 @@ impl<'j> Translator<'j> {
                 .ok_or_else(|| PolicyError::new(&field_path, "a property's schema must be an object"))?;
             let mut field = Map::new();
             field.insert("name".to_owned(), Json::String(property.clone()));
-            let avro = self.type_of(schema, &field_path, &format!("{name}_{property}"))?;
+            // A property's own annotations apply, even inside an alternative.
+            let unapplied = std::mem::take(&mut self.unapplied);
+            let avro = self.type_of(schema, &field_path, &format!("{name}_{property}"));
+            self.unapplied = unapplied;
+            let avro = avro?;
             let annotations = self.annotations(schema, &field_path)?;
             let collection = match branch_kind(&avro) {
                 "array" => Some(json!([])),
@@ -408,6 +448,17 @@ impl<'j> Translator<'j> {
                 format!("the schema is too large or nests too deeply (at most {MAX_DEPTH} levels, {MAX_TYPES} types)"),
             ));
         }
+        if self.unapplied > 0
+            && let Some(annotation) = ["pii", "confluent:tags"].into_iter().find(|k| schema.contains_key(*k))
+        {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "`{annotation}` inside a `oneOf`/`anyOf` alternative (or what it refers to) is not applied: put \
+                     it on the property, which protects whichever alternative a record takes"
+                ),
+            ));
+        }
         self.depth += 1;
         let avro = self.type_of_inner(schema, path, name);
         self.depth -= 1;
@@ -423,7 +474,7 @@ impl<'j> Translator<'j> {
                 ));
             }
             // Only the next step: a chain of references is followed one `type_of` at a time.
-            let target = *self.ref_chain(schema, path)?.get(1).expect("a $ref leads somewhere");
+            let target = self.ref_target(schema, path)?;
             self.refs.push(reference.clone());
             let avro = self.type_of(target, path, name);
             self.refs.pop();
@@ -438,7 +489,14 @@ impl<'j> Translator<'j> {
         }
         for keyword in ["oneOf", "anyOf"] {
             if let Some(branches) = schema.get(keyword) {
-                if let Some(other) = CHOICE_CONFLICTS.iter().find(|k| schema.contains_key(**k)) {
+                if only_constraints(branches) {
+                    continue;
+                }
+                if let Some(other) = CHOICE_CONFLICTS.iter().find(|k| {
+                    schema
+                        .get(**k)
+                        .is_some_and(|v| !(**k == "additionalProperties" && v.is_boolean()))
+                }) {
                     return Err(PolicyError::new(
                         path,
                         format!(
@@ -468,8 +526,10 @@ impl<'j> Translator<'j> {
                             ));
                         }
                     }
-                    let avro = self.type_of(branch, path, &format!("{name}_{index}"))?;
-                    add_branch(&mut union, avro, path)?;
+                    self.unapplied += 1;
+                    let avro = self.type_of(branch, path, &format!("{name}_{index}"));
+                    self.unapplied -= 1;
+                    add_branch(&mut union, avro?, path)?;
                 }
                 check_alternatives(&union, path)?;
                 return Ok(single(union));
@@ -643,6 +703,18 @@ fn add_branch(union: &mut Vec<Json>, avro: Json, path: &str) -> Result<(), Polic
         union.push(branch);
     }
     Ok(())
+}
+
+/// Whether `oneOf`/`anyOf` alternatives only constrain the schema beside them (see [`CONSTRAINTS`]).
+fn only_constraints(branches: &Json) -> bool {
+    branches.as_array().is_some_and(|branches| {
+        !branches.is_empty()
+            && branches.iter().all(|branch| {
+                branch
+                    .as_object()
+                    .is_some_and(|b| b.keys().all(|k| CONSTRAINTS.contains(&k.as_str())))
+            })
+    })
 }
 
 /// Refuses alternatives a record could be read into the wrong one of, unprotected: a record and a map (a record with
@@ -979,7 +1051,7 @@ mod tests {
             (
                 json!({"type": "object", "properties": {"a": {"oneOf": [
                     {"type": "array", "items": {"type": "string", "pii": "hash"}}, {"type": "null"}]}}}),
-                "the annotation at /properties/a/oneOf/0/items is not applied",
+                "is not applied",
             ),
             (
                 json!({"type": "object", "$defs": {"Base": {"type": "object", "properties": {"ssn": {"type": "string"}}}},
@@ -1024,6 +1096,36 @@ mod tests {
             let message = refused(schema.clone());
             assert!(message.contains(expected), "{schema}: {message}");
         }
+        // A definition annotated and applied in one place is still refused where an alternative uses it (the
+        // second review: the check is at each use, not once per definition).
+        for schema in [
+            json!({"type": "object", "$defs": {"SSN": {"type": "string", "pii": "encrypt"}},
+                   "properties": {"a": {"$ref": "#/$defs/SSN"},
+                                  "b": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/SSN"}}, {"type": "null"}]}}}),
+            json!({"type": "object", "$defs": {"A": {"$ref": "#/$defs/Str", "pii": "hash"}, "Str": {"type": "string"}},
+                   "properties": {"a": {"$ref": "#/$defs/A"}, "b": {"oneOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}),
+            json!({"type": "object", "$defs": {"X": {"type": "string", "examples": [{"type": "string", "pii": "hash"}]}},
+                   "properties": {"a": {"type": "string", "pii": "hash"},
+                                  "b": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/X/examples/0"}},
+                                                  {"type": "null"}]}}}),
+        ] {
+            let message = refused(schema.clone());
+            assert!(
+                message.contains("is not applied") || message.contains("on a `"),
+                "{schema}: {message}"
+            );
+        }
+        // Alternatives that only constrain (one of email or phone required), and `required` beside them, are read.
+        let constrained = avro(json!({"type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"}, "email": {"type": "string", "pii": "hash"},
+                           "phone": {"type": "string", "pii": "hash"}},
+            "oneOf": [{"required": ["email"]}, {"required": ["phone"]}]}));
+        assert_eq!(constrained["fields"].as_array().unwrap().len(), 3);
+        avro(
+            json!({"type": "object", "properties": {"p": {"required": ["a"], "oneOf": [
+            {"type": "object", "properties": {"a": {"type": "string", "pii": "hash"}}},
+            {"type": "null"}]}}}),
+        );
         // An annotated definition nothing refers to is not an error.
         avro(
             json!({"type": "object", "$defs": {"Unused": {"type": "string", "pii": "hash"}},

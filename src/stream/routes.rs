@@ -62,6 +62,8 @@ pub struct Routes {
     local_keys: HashMap<String, KeyAction>,
     /// Locally bound topics of plain JSON, and the schema id their records are routed by.
     plain: HashMap<String, u32>,
+    /// The pipeline's input topics: the only ones `tokenize` answers for.
+    inputs: std::collections::HashSet<String>,
     registry: Option<Registry>,
 }
 
@@ -130,6 +132,7 @@ impl Routes {
             local,
             local_keys,
             plain,
+            inputs: config.kafka.inputs.iter().cloned().collect(),
             registry,
         })
     }
@@ -191,6 +194,10 @@ impl Routes {
     /// The writer schema of a topic's values, for `tokenize`: the local binding's, or the registry's schema
     /// `schema_id`.
     pub async fn schema_for(&self, topic: &str, schema_id: Option<u32>) -> Result<Arc<ReadyRoute>, Error> {
+        // A caller's topic would otherwise make piiwall fetch, compile, cache and register a route for any name.
+        if !self.inputs.contains(topic) {
+            return Err(ValueError::new("topic", "not an input topic of this pipeline (kafka.inputs)").into());
+        }
         let id = match (schema_id, self.local.get(&(topic.to_owned(), Part::Value))) {
             (Some(id), _) => id,
             (None, Some(Route::Ready(route))) => route.schema_id,
@@ -337,4 +344,29 @@ fn ready(
         json,
         framed,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tokenize` names a topic: only the pipeline's inputs are answered for, so a caller cannot make piiwall
+    /// resolve, cache and register routes for names of its choosing.
+    #[tokio::test]
+    async fn only_input_topics_have_a_schema_for_tokenize() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let config = Config::parse(
+            &format!(
+                "[kafka]\ninputs = [\"t\"]\n[[schemas.local]]\ntopic = \"t\"\nschema = \"{root}/schemas/customer_profile.avsc\"\n\
+                 [[schemas.local]]\ntopic = \"u\"\nschema = \"{root}/schemas/payment.avsc\"\n"
+            ),
+            [],
+            "test.toml",
+        )
+        .unwrap();
+        let routes = Routes::compile(&config).unwrap();
+        assert!(routes.schema_for("t", None).await.is_ok());
+        let refused = routes.schema_for("u", None).await.err().unwrap().to_string();
+        assert!(refused.contains("not an input topic"), "{refused}");
+    }
 }
