@@ -45,6 +45,7 @@ pub mod lint;
 pub mod offline;
 pub mod policy;
 pub mod producer;
+pub mod receipt;
 pub mod sanitize;
 pub mod stream;
 pub mod transcode;

@@ -122,6 +122,8 @@ pub struct Keyring {
     /// Signs control-topic messages: derived from the subject-index key, so every instance of one store (and a
     /// restored backup of it) has it, and nobody without the KEK does.
     control: Hmac<Sha256>,
+    /// Signs erasure receipts ([`crate::receipt`]).
+    receipts: ed25519_dalek::SigningKey,
     by_scope: Cache<String, RecordKey>,
     by_id: Cache<KeyId, ById>,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
@@ -201,6 +203,12 @@ impl Keyring {
             .expand(b"control topic", control_key.as_mut_slice())
             .expect("32 bytes is a valid HKDF-SHA256 length");
         let control = Hmac::<Sha256>::new_from_slice(control_key.as_slice()).expect("HMAC takes any key length");
+        // Every instance of the store signs erasure receipts with the same key; only KEK holders can derive it.
+        let mut receipt_seed = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<Sha256>::new(Some(b"piiwall receipts v1"), &index_key)
+            .expand(b"erasure receipt signing key", receipt_seed.as_mut_slice())
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        let receipts = ed25519_dalek::SigningKey::from_bytes(&receipt_seed);
         let by_scope = Cache::builder()
             .max_capacity(cache.capacity)
             .time_to_live(cache.ttl)
@@ -215,6 +223,7 @@ impl Keyring {
             kek,
             subject_index,
             control,
+            receipts,
             by_scope,
             by_id,
             domains: RwLock::new(HashMap::new()),
@@ -345,6 +354,17 @@ impl Keyring {
         let mut mac = self.subject_index.clone();
         mac.update(subject.as_bytes());
         format!("s:{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// The Ed25519 signature of an erasure receipt's signed bytes.
+    pub fn sign_receipt(&self, bytes: &[u8]) -> ed25519_dalek::Signature {
+        use ed25519_dalek::Signer;
+        self.receipts.sign(bytes)
+    }
+
+    /// The public key that checks this store's erasure receipts (`piiwall audit pubkey`).
+    pub fn receipt_public_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.receipts.verifying_key()
     }
 
     /// HMAC-SHA256 of a control-topic message under the store's control key.

@@ -1,0 +1,188 @@
+//! Erasure receipts: what a forget did, signed so that a third party can check it.
+//!
+//! A receipt names the data subject only by its audit pseudonym (a keyed hash, never the id), says how many key
+//! versions were destroyed and when, which instances acknowledged dropping the subject's keys from their caches
+//! (through the control topic, within `keys.forget_ack_wait_ms`), and what remains of the subject and until when.
+//! It is signed with Ed25519 under a key every instance of the key store derives from the store's own secret
+//! (so only KEK holders can sign); `piiwall audit pubkey` prints the public key, `piiwall audit verify-receipt`
+//! checks a receipt against it.
+//!
+//! The signature covers the receipt's JSON with `signature` empty, fields in the order of [`ErasureReceipt`]: the
+//! exact bytes are reproducible from the document alone.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Keyring;
+
+/// The receipt format's name and version.
+pub const FORMAT: &str = "piiwall.erasure-receipt.v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureReceipt {
+    pub format: String,
+    /// The subject's audit pseudonym (`audit::subject_pseudonym`): what the audit trail's events of it carry.
+    pub subject: String,
+    pub key_versions_destroyed: u64,
+    /// When the keys were destroyed, UTC (`YYYY-MM-DDTHH:MM:SSZ`).
+    pub forgotten_at: String,
+    /// The instance (or command) that destroyed them.
+    pub forgotten_by: String,
+    /// The instances that acknowledged dropping the subject's keys from their caches, by `audit.instance`.
+    pub acknowledged_by: Vec<String>,
+    /// What remains of the subject, and until when.
+    pub remaining: Vec<Remaining>,
+    /// The Ed25519 public key that checks the signature (base64): compare it with `piiwall audit pubkey`.
+    pub public_key: String,
+    /// Ed25519 over the receipt with this field empty (base64).
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Remaining {
+    pub what: String,
+    /// UTC date-time after which it is gone, or `null` when nothing bounds it.
+    pub until: Option<String>,
+}
+
+impl ErasureReceipt {
+    /// A signed receipt.
+    pub fn signed(keyring: &Keyring, mut receipt: ErasureReceipt) -> ErasureReceipt {
+        receipt.format = FORMAT.to_owned();
+        receipt.public_key = STANDARD.encode(keyring.receipt_public_key().as_bytes());
+        receipt.signature = String::new();
+        let signature = keyring.sign_receipt(&receipt.signed_bytes());
+        receipt.signature = STANDARD.encode(signature.to_bytes());
+        receipt
+    }
+
+    /// The bytes the signature covers.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = ErasureReceipt {
+            signature: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).expect("a receipt always serializes")
+    }
+
+    /// Checks the signature with `public_key` (base64), or with the key the receipt names when none is given (which
+    /// proves only that the receipt is intact, not who signed it).
+    pub fn verify(&self, public_key: Option<&str>) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("not a {FORMAT} receipt"));
+        }
+        let key_text = public_key.unwrap_or(&self.public_key);
+        if public_key.is_some_and(|given| given != self.public_key) {
+            return Err("the receipt names another public key than the one given".into());
+        }
+        let key: [u8; 32] = STANDARD
+            .decode(key_text.trim())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or("the public key is not 32 bytes of base64")?;
+        let key = VerifyingKey::from_bytes(&key).map_err(|_| "the public key is not an Ed25519 key")?;
+        let signature: [u8; 64] = STANDARD
+            .decode(&self.signature)
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or("the signature is not 64 bytes of base64")?;
+        key.verify(&self.signed_bytes(), &Signature::from_bytes(&signature))
+            .map_err(|_| "the signature does not match: the receipt was altered, or signed by another key".into())
+    }
+}
+
+/// A UTC date-time, `YYYY-MM-DDTHH:MM:SSZ`, of seconds since 1970-01-01.
+pub fn utc_timestamp(secs: i64) -> String {
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3_600,
+        rest % 3_600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::LocalKek;
+    use crate::keys::{KeyCacheSettings, SqliteStore};
+
+    fn keyring(dir: &std::path::Path, kek: u8) -> Keyring {
+        let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).unwrap());
+        Keyring::open(store, Arc::new(LocalKek::from_bytes(&[kek; 32]).unwrap()), KeyCacheSettings::default())
+            .unwrap()
+    }
+
+    fn sample(keyring: &Keyring) -> ErasureReceipt {
+        ErasureReceipt::signed(
+            keyring,
+            ErasureReceipt {
+                format: String::new(),
+                subject: "pwh1.AAAA.BBBB".into(),
+                key_versions_destroyed: 2,
+                forgotten_at: utc_timestamp(1_764_150_000),
+                forgotten_by: "piiwall-1".into(),
+                acknowledged_by: vec!["piiwall-1".into(), "piiwall-2".into()],
+                remaining: vec![Remaining {
+                    what: "quarantined copies".into(),
+                    until: Some(utc_timestamp(1_764_754_800)),
+                }],
+                public_key: String::new(),
+                signature: String::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_receipt_verifies_and_any_alteration_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(dir.path(), 7);
+        let receipt = sample(&keyring);
+        let public = STANDARD.encode(keyring.receipt_public_key().as_bytes());
+        receipt.verify(Some(&public)).unwrap();
+        receipt.verify(None).unwrap();
+        let alterations: [fn(&mut ErasureReceipt); 5] = [
+            |r| r.key_versions_destroyed += 1,
+            |r| r.acknowledged_by.pop().map(drop).unwrap_or_default(),
+            |r| r.forgotten_at.replace_range(0..4, "2024"),
+            |r| r.remaining[0].until = None,
+            |r| r.subject.push('x'),
+        ];
+        for alter in alterations {
+            let mut altered = receipt.clone();
+            alter(&mut altered);
+            assert!(altered.verify(Some(&public)).is_err(), "{altered:?}");
+        }
+        // Another store (another KEK) signs with another key: its receipt does not verify with this store's key.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = sample(&self::keyring(other_dir.path(), 9));
+        let refused = other.verify(Some(&public)).unwrap_err();
+        assert!(refused.contains("another public key"), "{refused}");
+        // The key is the store's: reopened, it is the same.
+        assert_eq!(keyring.receipt_public_key(), self::keyring(dir.path(), 7).receipt_public_key());
+    }
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_764_150_000), "2025-11-26T09:40:00Z");
+    }
+}
