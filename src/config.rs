@@ -159,6 +159,7 @@ struct RawKeys {
     cache_ttl_secs: Option<u64>,
     default_domain: Option<String>,
     control_topic: Option<String>,
+    forget_ack_wait_ms: Option<u64>,
     max_encryptions_per_key: Option<u64>,
     wrapping_key: Option<bool>,
 }
@@ -241,6 +242,9 @@ pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 pub const DEFAULT_LOCAL_SCHEMA_ID: u32 = 1;
 
 pub const DEFAULT_AUDIT_TOPIC: &str = "piiwall.audit";
+/// `keys.forget_ack_wait_ms` unless set: how long a forget waits for the running instances' acknowledgements
+/// (they answer within a poll of the control topic, 50 ms, plus a round trip to the brokers).
+pub const DEFAULT_FORGET_ACK_WAIT_MS: u64 = 2_000;
 /// The compacted topic on which forget and rotate reach every instance's key cache.
 pub const DEFAULT_CONTROL_TOPIC: &str = "piiwall.control";
 /// AES-GCM with random 96-bit nonces is bounded to 2^32 encryptions per key (NIST SP 800-38D).
@@ -402,6 +406,9 @@ pub struct KeysConfig {
     pub default_domain: String,
     /// Where forget and rotate are announced to every instance sharing the key store.
     pub control_topic: String,
+    /// How long a forget waits for the running instances to acknowledge it (`keys.forget_ack_wait_ms`), for its
+    /// erasure receipt.
+    pub forget_ack_wait: Duration,
     /// Random-nonce encryptions after which a key is rotated (`Keyring::retire_worn`).
     pub max_encryptions: u64,
     /// Data keys are wrapped under the store's wrapping key, which the KEK wraps (`keys::WrappingKey`): on by
@@ -611,6 +618,10 @@ impl Config {
         line("keys.cache_ttl_secs", self.keys.cache.ttl.as_secs().to_string());
         line("keys.default_domain", self.keys.default_domain.clone());
         line("keys.control_topic", self.keys.control_topic.clone());
+        line(
+            "keys.forget_ack_wait_ms",
+            self.keys.forget_ack_wait.as_millis().to_string(),
+        );
         line("keys.max_encryptions_per_key", self.keys.max_encryptions.to_string());
         line("policy.untagged", format!("{:?}", self.policy.untagged).to_lowercase());
         line(
@@ -938,6 +949,15 @@ impl RawConfig {
                 session_ms / 1000
             )));
         }
+        let forget_ack_wait = match self.keys.forget_ack_wait_ms.unwrap_or(DEFAULT_FORGET_ACK_WAIT_MS) {
+            ms @ 0..=60_000 => Duration::from_millis(ms),
+            _ => {
+                return Err(ConfigError(
+                    "keys.forget_ack_wait_ms must be at most 60000 (a forget waits that long for acknowledgements)"
+                        .into(),
+                ));
+            }
+        };
         Ok(Config {
             keys: KeysConfig {
                 store,
@@ -949,6 +969,7 @@ impl RawConfig {
                     .keys
                     .control_topic
                     .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned()),
+                forget_ack_wait,
                 max_encryptions,
                 wrapping_key,
             },

@@ -15,7 +15,9 @@ use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
 use crate::keys::Keyring;
+use crate::stream::{Control, ControlOp};
 
 /// The receipt format's name and version.
 pub const FORMAT: &str = "piiwall.erasure-receipt.v1";
@@ -95,6 +97,115 @@ impl ErasureReceipt {
     }
 }
 
+/// What a forget needs besides the keyring: where to announce it and read acknowledgements, who does it, and what
+/// bounds what remains.
+#[derive(Clone)]
+pub struct Erasure {
+    pub client: rdkafka::ClientConfig,
+    pub control_topic: String,
+    /// `audit.instance`: who the receipt says destroyed the keys.
+    pub instance: String,
+    /// How long acknowledgements are waited for (`keys.forget_ack_wait_ms`).
+    pub ack_wait: std::time::Duration,
+    pub quarantine_retention_days: u64,
+    pub cache_ttl: std::time::Duration,
+}
+
+impl Erasure {
+    pub fn from_config(config: &crate::config::Config, client: rdkafka::ClientConfig) -> Self {
+        Self {
+            client,
+            control_topic: config.keys.control_topic.clone(),
+            instance: config.audit.instance.clone(),
+            ack_wait: config.keys.forget_ack_wait,
+            quarantine_retention_days: config.kafka.quarantine_retention_days,
+            cache_ttl: config.keys.cache.ttl,
+        }
+    }
+
+    /// Forgets `subject`: destroys its keys, announces each of its scopes on the control topic (when `control` is
+    /// given: an offline command has no brokers), waits for the running instances' acknowledgements, and returns
+    /// the signed receipt, with the announcement's failure if it failed (the keys are destroyed either way; the
+    /// receipt then lists no acknowledgement). Blocking; `runtime` runs the announcements.
+    pub fn forget(
+        &self,
+        keyring: &Keyring,
+        control: Option<&Control>,
+        runtime: &tokio::runtime::Handle,
+        subject: &str,
+    ) -> Result<(ErasureReceipt, Option<Error>), Error> {
+        let pseudonym = crate::audit::subject_pseudonym(keyring, subject)?;
+        let destroyed = keyring.forget_subject(subject)?;
+        let at = crate::audit::now_ms() / 1000;
+        let scopes = keyring.subject_scopes(subject);
+        let announced = match control {
+            None => Ok(Vec::new()),
+            Some(control) => (|| {
+                let mut landed = Vec::with_capacity(scopes.len());
+                for scope in &scopes {
+                    landed.push(runtime.block_on(control.announce(keyring, ControlOp::Forget, scope))?);
+                }
+                crate::stream::acknowledgements(
+                    &self.client,
+                    &self.control_topic,
+                    keyring,
+                    &scopes,
+                    &landed,
+                    self.ack_wait,
+                )
+            })(),
+        };
+        let (acknowledged_by, failure) = match announced {
+            Ok(acknowledged) => (acknowledged, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let day = 86_400;
+        let remaining = vec![
+            Remaining {
+                what: "quarantined copies of records whose data subject could not be read, sealed under the day's \
+                       quarantine key (kafka.quarantine_retention_days)"
+                    .into(),
+                until: Some(utc_timestamp(at + (self.quarantine_retention_days as i64 + 1) * day)),
+            },
+            Remaining {
+                what: "keys cached by instances that did not acknowledge (dropped when keys.cache_ttl_secs passes)"
+                    .into(),
+                until: Some(utc_timestamp(at + self.cache_ttl.as_secs() as i64)),
+            },
+            Remaining {
+                what: "records already written: their tokens and ciphertexts of this subject no longer reveal; \
+                       hashed and masked values stay as written, for the topics' retention"
+                    .into(),
+                until: None,
+            },
+        ];
+        let receipt = ErasureReceipt::signed(
+            keyring,
+            ErasureReceipt {
+                format: String::new(),
+                subject: pseudonym,
+                key_versions_destroyed: destroyed as u64,
+                forgotten_at: utc_timestamp(at),
+                forgotten_by: self.instance.clone(),
+                acknowledged_by,
+                remaining,
+                public_key: String::new(),
+                signature: String::new(),
+            },
+        );
+        Ok((receipt, failure))
+    }
+}
+
+/// The SHA-256 of a receipt's JSON, lowercase hex: what its audit event carries.
+pub fn digest(receipt: &ErasureReceipt) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(serde_json::to_vec(receipt).expect("a receipt always serializes"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A UTC date-time, `YYYY-MM-DDTHH:MM:SSZ`, of seconds since 1970-01-01.
 pub fn utc_timestamp(secs: i64) -> String {
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -126,8 +237,12 @@ mod tests {
 
     fn keyring(dir: &std::path::Path, kek: u8) -> Keyring {
         let store = Arc::new(SqliteStore::open(&dir.join("keys.db")).unwrap());
-        Keyring::open(store, Arc::new(LocalKek::from_bytes(&[kek; 32]).unwrap()), KeyCacheSettings::default())
-            .unwrap()
+        Keyring::open(
+            store,
+            Arc::new(LocalKek::from_bytes(&[kek; 32]).unwrap()),
+            KeyCacheSettings::default(),
+        )
+        .unwrap()
     }
 
     fn sample(keyring: &Keyring) -> ErasureReceipt {
@@ -176,7 +291,10 @@ mod tests {
         let refused = other.verify(Some(&public)).unwrap_err();
         assert!(refused.contains("another public key"), "{refused}");
         // The key is the store's: reopened, it is the same.
-        assert_eq!(keyring.receipt_public_key(), self::keyring(dir.path(), 7).receipt_public_key());
+        assert_eq!(
+            keyring.receipt_public_key(),
+            self::keyring(dir.path(), 7).receipt_public_key()
+        );
     }
 
     #[test]

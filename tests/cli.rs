@@ -461,7 +461,7 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
         Some("cus_0001\n"),
     ));
 
-    let events = consume(&audit_topic, 5, std::time::Duration::from_secs(30));
+    let events = consume(&audit_topic, 6, std::time::Duration::from_secs(30));
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(&piiwall::audit::AUDIT_SCHEMA)
         .build()
         .unwrap();
@@ -473,7 +473,10 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
         })
         .collect();
     let kinds: Vec<&str> = decoded.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["REVEAL", "TOKENIZE", "KEY_ROTATED", "FORGET", "KEY_SHREDDED"]);
+    assert_eq!(
+        kinds,
+        ["REVEAL", "TOKENIZE", "KEY_ROTATED", "FORGET", "KEY_SHREDDED", "ERASURE_RECEIPT"]
+    );
     for event in &decoded[..4] {
         assert_eq!(event["principal"], "cli:dana");
         assert_eq!(event["outcome"], "ALLOWED");
@@ -490,6 +493,12 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
         "one subject, one pseudonym"
     );
     assert_ne!(pseudonym(&decoded[1]), pseudonym(&decoded[2]));
+    assert_eq!(
+        pseudonym(&decoded[5]),
+        pseudonym(&decoded[3]),
+        "the receipt's event names the subject as the forget's does"
+    );
+    assert_eq!(decoded[5]["config_digest"].as_str().map(str::len), Some(64), "the receipt's SHA-256");
     let raw: Vec<u8> = events.iter().flat_map(|m| m.payload().unwrap().to_vec()).collect();
     let raw = String::from_utf8_lossy(&raw);
     for secret in ["cus_0001", "cus_0002", "ada.lovelace@example.com", email] {
@@ -500,7 +509,7 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
     }
     let verify = run(&["audit", "verify"], None);
     ok(&verify);
-    says(&verify.stdout, "5 events from 1 instance(s) in 4 run(s)");
+    says(&verify.stdout, "6 events from 1 instance(s) in 4 run(s)");
     // The records of processing from the same trail: each call by kind, purpose and principal; no subject.
     let report = run(&["report", "processing", "--since", "2000-01-01", "--json"], None);
     ok(&report);

@@ -54,6 +54,8 @@ pub struct Api {
     pub auditor: Auditor,
     /// Where forget and rotate are announced to the other instances.
     pub control: Control,
+    /// What a forget needs to collect acknowledgements and write its receipt.
+    pub erasure: crate::receipt::Erasure,
 }
 
 /// Every path the API serves, with its handlers: what `router` mounts and `docs/openapi.json` documents.
@@ -332,10 +334,13 @@ async fn handle<R: ApiRequest>(
     metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => response.status().as_str().to_owned())
         .increment(1);
     api.auditor.emit(event).await;
-    // Follow-up events: the keys a forget shredded.
+    // Follow-up events: the keys a forget shredded, and its receipt.
     if let (Operation::Forget, Ok(answer)) = (operation, &result) {
         let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
         api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
+        if let Ok(receipt) = serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
+            api.auditor.emit(AuditEvent::erasure_receipt(&receipt)).await;
+        }
     }
     response
 }
@@ -443,12 +448,22 @@ async fn forget(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     handle::<SubjectRequest>(api, Operation::Forget, headers, body, |api, r| {
-        let keyring = api.sanitizer.keyring();
-        let destroyed = keyring.forget_subject(&r.subject)?;
-        for scope in keyring.subject_scopes(&r.subject) {
-            announce(api, ControlOp::Forget, &scope)?;
+        let (receipt, unannounced) = api.erasure.forget(
+            api.sanitizer.keyring(),
+            Some(&api.control),
+            &tokio::runtime::Handle::current(),
+            &r.subject,
+        )?;
+        // Not announced: the keys are destroyed, but the ledger of forgets misses it and other instances keep
+        // cached keys until their TTL; the caller is told to retry (forget is idempotent).
+        if let Some(e) = unannounced {
+            return Err(e);
         }
-        Ok(json!({ "forgotten": true, "key_versions_destroyed": destroyed }))
+        Ok(json!({
+            "forgotten": true,
+            "key_versions_destroyed": receipt.key_versions_destroyed,
+            "receipt": receipt,
+        }))
     })
     .await
 }
@@ -496,7 +511,9 @@ async fn rotate(
 
 /// Announces on the control topic from the blocking pool, waiting for the acknowledgement.
 fn announce(api: &Api, op: ControlOp, scope: &str) -> Result<(), Error> {
-    tokio::runtime::Handle::current().block_on(api.control.announce(api.sanitizer.keyring(), op, scope))
+    tokio::runtime::Handle::current()
+        .block_on(api.control.announce(api.sanitizer.keyring(), op, scope))
+        .map(drop)
 }
 
 #[cfg(test)]

@@ -20,6 +20,19 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         topic: Option<String>,
     },
+    /// Print the public key that checks this key store's erasure receipts (base64 Ed25519): publish it, or give
+    /// it to whoever must check receipts.
+    Pubkey,
+    /// Check an erasure receipt (the JSON `forget --receipt` wrote, or the API's `receipt`): exit 0 when its
+    /// signature holds under the public key, 1 when not.
+    VerifyReceipt {
+        /// The receipt file.
+        file: std::path::PathBuf,
+        /// The public key to check it with (`audit pubkey`); without it, this key store's (which needs the config
+        /// and the KEK).
+        #[arg(long)]
+        pubkey: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +84,53 @@ pub(crate) fn report(config: &Config, command: ReportCommand) -> anyhow::Result<
 pub(crate) fn exec(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
         AuditCommand::Verify { topic } => verify(config, topic),
+        AuditCommand::Pubkey => {
+            println!("{}", receipt_public_key(config)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::VerifyReceipt { file, pubkey } => verify_receipt(config, &file, pubkey),
+    }
+}
+
+fn receipt_public_key(config: &Config) -> anyhow::Result<String> {
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.encode(keyring(config)?.receipt_public_key().as_bytes()))
+}
+
+fn verify_receipt(config: &Config, file: &std::path::Path, pubkey: Option<String>) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let receipt: piiwall::receipt::ErasureReceipt = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not an erasure receipt (line {}, column {})",
+            file.display(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    let key = match pubkey {
+        Some(key) => key,
+        None => receipt_public_key(config)?,
+    };
+    match receipt.verify(Some(&key)) {
+        Ok(()) => {
+            println!(
+                "receipt verifies: {} key version(s) of subject {} destroyed at {}, acknowledged by {}",
+                receipt.key_versions_destroyed,
+                receipt.subject,
+                receipt.forgotten_at,
+                if receipt.acknowledged_by.is_empty() {
+                    "no instance".to_owned()
+                } else {
+                    receipt.acknowledged_by.join(", ")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problem) => {
+            eprintln!("piiwall: the receipt does not verify: {problem}");
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
@@ -124,6 +184,29 @@ pub(crate) fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCod
 /// After a local forget or rotate, when the config names brokers: tells the running instances through the control
 /// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
 /// within keys.cache_ttl_secs.
+/// The control topic's announcer for a command that forgets, with the ledger made sure of; `None` (said on
+/// standard error) when no brokers are configured or they cannot be reached: the forget still happens, and running
+/// instances drop cached keys within `keys.cache_ttl_secs`.
+pub(crate) fn control_locally(config: &Config, runtime: &tokio::runtime::Runtime) -> Option<Control> {
+    if !config.kafka.brokers_configured {
+        return None;
+    }
+    let client = kafka_client(config);
+    if let Err(e) = runtime.block_on(piiwall::stream::ensure_ledger(&client, config)) {
+        eprintln!("piiwall: warning: {e}");
+    }
+    match Producer::create(client) {
+        Ok(producer) => Some(Control::new(producer, config.keys.control_topic.clone())),
+        Err(e) => {
+            eprintln!(
+                "piiwall: warning: no control topic producer ({e}): running instances drop cached keys within {} s",
+                config.keys.cache.ttl.as_secs()
+            );
+            None
+        }
+    }
+}
+
 pub(crate) fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &str) {
     if !config.kafka.brokers_configured {
         return;

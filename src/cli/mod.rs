@@ -77,6 +77,9 @@ pub(crate) enum Command {
     Forget {
         /// The subject id; - reads it from standard input (keeps it out of shell history).
         subject: String,
+        /// Write the signed erasure receipt (JSON) to this file (`audit verify-receipt` checks it).
+        #[arg(long)]
+        receipt: Option<std::path::PathBuf>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -152,7 +155,11 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sanitize { schema, input, output } => offline::sanitize(&config, &schema, &input, &output),
         Command::Reveal { field, tokens, remote } => offline::reveal(&config, &field, tokens, &remote),
         Command::Tokenize { args, remote } => offline::tokenize(&config, args, &remote),
-        Command::Forget { subject, remote } => subject::forget(&config, subject, &remote),
+        Command::Forget {
+            subject,
+            receipt,
+            remote,
+        } => subject::forget(&config, subject, receipt.as_deref(), &remote),
         Command::Keys { command } => keys::exec(&config, command),
         Command::Api { command } => api::exec(command),
         Command::Audit { command } => audit::exec(&config, command),

@@ -2,40 +2,73 @@
 
 use std::process::ExitCode;
 
+use std::path::Path;
+
+use anyhow::Context;
 use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome};
 use piiwall::config::Config;
-use piiwall::stream::ControlOp;
+use piiwall::receipt::{Erasure, ErasureReceipt};
 
 use super::api::{Remote, remote_call};
-use super::audit::{announce_locally, audit_locally, audited_after, local_event};
-use super::{from_arg_or_stdin, keyring};
+use super::audit::{audit_locally, audited_after, control_locally, local_event};
+use super::{from_arg_or_stdin, kafka_client, keyring};
 
-pub(crate) fn forget(config: &Config, subject: String, remote: &Remote) -> anyhow::Result<ExitCode> {
+pub(crate) fn forget(
+    config: &Config,
+    subject: String,
+    receipt_file: Option<&Path>,
+    remote: &Remote,
+) -> anyhow::Result<ExitCode> {
     let subject = from_arg_or_stdin(subject)?;
-    let destroyed = match remote.client()? {
-        Some((client, purpose)) => remote_call(
-            &client,
-            "/v1/subjects/forget",
-            serde_json::json!({"purpose": purpose, "subject": subject}),
-        )?["key_versions_destroyed"]
-            .as_u64()
-            .unwrap_or(0) as usize,
+    let receipt: ErasureReceipt = match remote.client()? {
+        Some((client, purpose)) => serde_json::from_value(
+            remote_call(
+                &client,
+                "/v1/subjects/forget",
+                serde_json::json!({"purpose": purpose, "subject": subject}),
+            )?["receipt"]
+                .clone(),
+        )
+        .context("the API's answer carries no erasure receipt")?,
         None => {
             let keyring = keyring(config)?;
             let mut event = local_event(AuditKind::Forget, remote.purpose.as_deref());
             event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
-            let destroyed = keyring.forget_subject(&subject)?;
-            for scope in keyring.subject_scopes(&subject) {
-                announce_locally(config, &keyring, ControlOp::Forget, &scope);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let control = control_locally(config, &runtime);
+            let erasure = Erasure::from_config(config, kafka_client(config));
+            let (receipt, unannounced) = erasure.forget(&keyring, control.as_ref(), runtime.handle(), &subject)?;
+            if let Some(e) = unannounced {
+                eprintln!(
+                    "piiwall: warning: not announced on {} ({e}): running instances drop cached keys within {} s, \
+                     and `keys reapply-forgets` will not know of it",
+                    config.keys.control_topic,
+                    config.keys.cache.ttl.as_secs()
+                );
             }
             event.outcome = Some(AuditOutcome::Allowed);
-            let shredded = AuditEvent::key_shredded(destroyed as i64);
-            print_forgotten(destroyed);
-            return audited_after(audit_locally(config, &keyring, vec![event, shredded]));
+            let shredded = AuditEvent::key_shredded(receipt.key_versions_destroyed as i64);
+            let recorded = AuditEvent::erasure_receipt(&receipt);
+            finish(&receipt, receipt_file)?;
+            return audited_after(audit_locally(config, &keyring, vec![event, shredded, recorded]));
         }
     };
-    print_forgotten(destroyed);
+    finish(&receipt, receipt_file)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says what a forget did, and writes its receipt when asked.
+fn finish(receipt: &ErasureReceipt, file: Option<&Path>) -> anyhow::Result<()> {
+    print_forgotten(receipt.key_versions_destroyed as usize);
+    if let Some(file) = file {
+        std::fs::write(file, serde_json::to_string_pretty(receipt)? + "\n")
+            .with_context(|| format!("cannot write the receipt to {}", file.display()))?;
+        println!(
+            "receipt: {} (check it with `piiwall audit verify-receipt`)",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// What a forget did, and a note when it destroyed no key (an id in another form than the records carry).

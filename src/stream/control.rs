@@ -89,6 +89,77 @@ pub fn verify(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<ControlOp>
     bool::from(expected.ct_eq(mac.as_slice())).then_some(op)
 }
 
+/// The value of an acknowledgement: `ack <MAC> <instance>`, the MAC over the scope and the instance.
+pub fn sign_ack(keyring: &Keyring, scope: &str, instance: &str) -> Vec<u8> {
+    let mac = keyring.control_mac(&[b"ack\0", scope.as_bytes(), b"\0", instance.as_bytes()].concat());
+    format!("ack {} {instance}", URL_SAFE_NO_PAD.encode(mac)).into_bytes()
+}
+
+/// The instance an acknowledgement of `scope` comes from, when its signature holds.
+pub fn verify_ack(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<String> {
+    let rest = value.strip_prefix(b"ack ")?;
+    let space = rest.iter().position(|&b| b == b' ')?;
+    let mac = URL_SAFE_NO_PAD.decode(&rest[..space]).ok()?;
+    let instance = std::str::from_utf8(&rest[space + 1..]).ok()?;
+    let expected = keyring.control_mac(&[b"ack\0", scope.as_bytes(), b"\0", instance.as_bytes()].concat());
+    bool::from(expected.ct_eq(mac.as_slice())).then(|| instance.to_owned())
+}
+
+/// The instances that acknowledged a forget of every one of `scopes`, reading the control topic from `from` (where
+/// the announcements landed) for `wait`. Acknowledgements come from each running instance's listener once it has
+/// dropped the scope from its caches; one that does not answer within `wait` is not listed.
+pub fn acknowledgements(
+    client: &ClientConfig,
+    topic: &str,
+    keyring: &Keyring,
+    scopes: &[String],
+    from: &[(i32, i64)],
+    wait: Duration,
+) -> Result<Vec<String>, Error> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", "piiwall.control.unused")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create the control topic consumer: {e}")))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut starts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for &(partition, offset) in from {
+        let start = starts.entry(partition).or_insert(offset);
+        *start = (*start).min(offset);
+    }
+    for (partition, offset) in starts {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| Error::Kafka(format!("control topic assignment: {e}")))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| Error::Kafka(format!("cannot read the control topic {topic}: {e}")))?;
+    let mut acked: std::collections::BTreeMap<String, std::collections::BTreeSet<&str>> = Default::default();
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        let Some(Ok(message)) = consumer.poll(POLL) else {
+            continue;
+        };
+        let Some(scope) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            continue;
+        };
+        let Some(scope) = scopes.iter().find(|s| *s == scope) else {
+            continue;
+        };
+        if let Some(instance) = message.payload().and_then(|v| verify_ack(keyring, scope, v)) {
+            acked.entry(instance).or_default().insert(scope.as_str());
+        }
+    }
+    Ok(acked
+        .into_iter()
+        .filter(|(_, acked)| acked.len() == scopes.len())
+        .map(|(instance, _)| instance)
+        .collect())
+}
+
 /// Announces forgets and rotations on the control topic.
 #[derive(Clone)]
 pub struct Control {
@@ -101,9 +172,18 @@ impl Control {
         Self { producer, topic }
     }
 
-    /// Publishes `op` on `scope`, signed, and waits for the broker's acknowledgement.
-    pub async fn announce(&self, keyring: &Keyring, op: ControlOp, scope: &str) -> Result<(), Error> {
-        let value = sign(keyring, op, scope);
+    /// Publishes `op` on `scope`, signed, and waits for the broker's acknowledgement; returns where it landed
+    /// (partition, offset), from which [`acknowledgements`] reads the instances' answers.
+    pub async fn announce(&self, keyring: &Keyring, op: ControlOp, scope: &str) -> Result<(i32, i64), Error> {
+        self.publish(scope, sign(keyring, op, scope)).await
+    }
+
+    /// Publishes this instance's acknowledgement of a forget of `scope` (see [`acknowledgements`]).
+    pub async fn acknowledge(&self, keyring: &Keyring, scope: &str, instance: &str) -> Result<(i32, i64), Error> {
+        self.publish(scope, sign_ack(keyring, scope, instance)).await
+    }
+
+    async fn publish(&self, scope: &str, value: Vec<u8>) -> Result<(i32, i64), Error> {
         let lease = self.producer.lease();
         let sent = lease
             .producer()
@@ -113,9 +193,9 @@ impl Control {
             )
             .await;
         match sent {
-            Ok(_) => {
+            Ok(delivery) => {
                 self.producer.delivered(&lease);
-                Ok(())
+                Ok((delivery.partition, delivery.offset))
             }
             Err((e, _)) => {
                 self.producer.failed(&lease, &e);
@@ -145,6 +225,7 @@ pub fn forgotten_scopes(client: &ClientConfig, topic: &str, keyring: &Keyring) -
     crate::stream::read_topic(client, topic, "control topic", READ_DEADLINE, |message| {
         let scope = message.key().and_then(|k| std::str::from_utf8(k).ok());
         match (scope, message.payload()) {
+            (Some(scope), Some(value)) if verify_ack(keyring, scope, value).is_some() => {}
             (Some(scope), Some(value)) => match verify(keyring, scope, value) {
                 Some(ControlOp::Forget) if scope.starts_with("s:") => {
                     scopes.insert(scope.to_owned());
@@ -168,6 +249,7 @@ pub async fn listen(
     client: &ClientConfig,
     topic: &str,
     keyring: Arc<Keyring>,
+    acknowledge: Option<(Control, String)>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let consumer: BaseConsumer = client
@@ -202,6 +284,7 @@ pub async fn listen(
     })
     .await
     .map_err(|_| Error::Kafka("the control topic consumer panicked".into()))??;
+    let runtime = tokio::runtime::Handle::current();
     let task = tokio::task::spawn_blocking(move || {
         let mut unsigned_log = Throttle::new(UNSIGNED_LOG_PERIOD);
         while !*stop.borrow_and_update() {
@@ -211,8 +294,21 @@ pub async fn listen(
                 Some(Ok(message)) => {
                     let scope = message.key().and_then(|k| std::str::from_utf8(k).ok());
                     let op = scope.zip(message.payload()).and_then(|(scope, value)| {
+                        if verify_ack(&keyring, scope, value).is_some() {
+                            return Some("ack");
+                        }
                         let op = verify(&keyring, scope, value)?;
                         keyring.invalidate_scope(scope);
+                        // Said once the caches no longer hold the scope: what an erasure receipt lists.
+                        if let (ControlOp::Forget, Some((control, instance))) = (op, &acknowledge) {
+                            let (control, instance, keyring) = (control.clone(), instance.clone(), keyring.clone());
+                            let scope = scope.to_owned();
+                            runtime.spawn(async move {
+                                if let Err(e) = control.acknowledge(&keyring, &scope, &instance).await {
+                                    tracing::warn!(error = %e, "a forget could not be acknowledged on the control topic");
+                                }
+                            });
+                        }
                         Some(op.name())
                     });
                     let op = op.unwrap_or("unsigned");

@@ -37,7 +37,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsu
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use control::{Control, ControlOp, forgotten_scopes};
+pub use control::{Control, ControlOp, acknowledgements, forgotten_scopes};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use replay::{ReplaySummary, replay};
@@ -346,6 +346,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
             routes: routes.clone(),
             auditor: auditor.clone(),
             control: control.clone(),
+            erasure: crate::receipt::Erasure::from_config(&config, client.clone()),
         });
         let _ = slot.set(crate::api::router(api));
     }
@@ -363,8 +364,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         ),
     };
     let at_least_once = transactions.is_none();
-    let control_listener =
-        control::listen(&client, &config.keys.control_topic, keyring.clone(), shutdown.listen()).await?;
+    let control_listener = control::listen(
+        &client,
+        &config.keys.control_topic,
+        keyring.clone(),
+        Some((control.clone(), config.audit.instance.clone())),
+        shutdown.listen(),
+    )
+    .await?;
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config.digest());
     auditor.emit(start).await;
