@@ -475,7 +475,14 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
     let kinds: Vec<&str> = decoded.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["REVEAL", "TOKENIZE", "KEY_ROTATED", "FORGET", "KEY_SHREDDED", "ERASURE_RECEIPT"]
+        [
+            "REVEAL",
+            "TOKENIZE",
+            "KEY_ROTATED",
+            "FORGET",
+            "KEY_SHREDDED",
+            "ERASURE_RECEIPT"
+        ]
     );
     for event in &decoded[..4] {
         assert_eq!(event["principal"], "cli:dana");
@@ -498,7 +505,11 @@ fn local_commands_are_audited_when_brokers_are_configured_and_refused_when_unaud
         pseudonym(&decoded[3]),
         "the receipt's event names the subject as the forget's does"
     );
-    assert_eq!(decoded[5]["config_digest"].as_str().map(str::len), Some(64), "the receipt's SHA-256");
+    assert_eq!(
+        decoded[5]["config_digest"].as_str().map(str::len),
+        Some(64),
+        "the receipt's SHA-256"
+    );
     let raw: Vec<u8> = events.iter().flat_map(|m| m.payload().unwrap().to_vec()).collect();
     let raw = String::from_utf8_lossy(&raw);
     for secret in ["cus_0001", "cus_0002", "ada.lovelace@example.com", email] {
