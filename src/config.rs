@@ -1311,6 +1311,17 @@ impl RawAudit {
         if window.is_zero() {
             return Err(ConfigError("audit.window_secs must be at least 1".into()));
         }
+        if self
+            .instance
+            .as_deref()
+            .is_some_and(|name| name.trim().is_empty() || name.chars().any(char::is_control))
+        {
+            return Err(ConfigError(
+                "audit.instance must name this instance: not empty, no control characters (it appears in audit \
+                 events and erasure receipts)"
+                    .into(),
+            ));
+        }
         let instance = self.instance.unwrap_or_else(|| {
             let host = host_name().unwrap_or_else(|| "host".into());
             format!("piiwall-{host}-{}", std::process::id())
@@ -1795,6 +1806,8 @@ mod tests {
             ("[kafka]\nmin_insync_replicas = 0\n", "kafka.min_insync_replicas"),
             ("[policy]\nuntagged = \"maybe\"\n", "policy.untagged"),
             ("[policy]\nundeclared = \"keep\"\n", "policy.undeclared"),
+            ("[audit]\ninstance = \"a\\u0000b\"\n", "audit.instance"),
+            ("[keys]\nforget_ack_wait_ms = 600000\n", "keys.forget_ack_wait_ms"),
             (
                 "[[schemas.local]]\ntopic = \"t\"\nschema = \"a.avsc\"\n[[schemas.local]]\ntopic = \"t\"\nschema = \"b.json\"\nformat = \"json\"\n",
                 "topic t is bound twice",

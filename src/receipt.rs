@@ -7,8 +7,10 @@
 //! (so only KEK holders can sign); `piiwall audit pubkey` prints the public key, `piiwall audit verify-receipt`
 //! checks a receipt against it.
 //!
-//! The signature covers the receipt's JSON with `signature` empty, fields in the order of [`ErasureReceipt`]: the
-//! exact bytes are reproducible from the document alone.
+//! The signed bytes: the receipt as compact JSON (serde_json: no whitespace, fields in the order of
+//! [`ErasureReceipt`] and [`Remaining`], strings as UTF-8 with `"`, `\\` and control characters escaped, `null`
+//! for an absent `until`) with `signature` the empty string. The audit event's digest is the SHA-256 of those
+//! bytes, which `piiwall audit verify-receipt` prints.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -33,7 +35,11 @@ pub struct ErasureReceipt {
     pub forgotten_at: String,
     /// The instance (or command) that destroyed them.
     pub forgotten_by: String,
-    /// The instances that acknowledged dropping the subject's keys from their caches, by `audit.instance`.
+    /// Whether the forget was announced on the control topic (the ledger `keys reapply-forgets` reads, and what
+    /// makes running instances drop the keys at once). When not, `keys publish-forgets` announces it later.
+    pub announced: bool,
+    /// The instances that acknowledged dropping the subject's keys from their caches, by `audit.instance`: their
+    /// caches no longer hold the keys (a batch or a reveal that already held them may still finish).
     pub acknowledged_by: Vec<String>,
     /// What remains of the subject, and until when.
     pub remaining: Vec<Remaining>,
@@ -63,7 +69,7 @@ impl ErasureReceipt {
     }
 
     /// The bytes the signature covers.
-    fn signed_bytes(&self) -> Vec<u8> {
+    pub fn signed_bytes(&self) -> Vec<u8> {
         let unsigned = ErasureReceipt {
             signature: String::new(),
             ..self.clone()
@@ -77,15 +83,20 @@ impl ErasureReceipt {
         if self.format != FORMAT {
             return Err(format!("not a {FORMAT} receipt"));
         }
-        let key_text = public_key.unwrap_or(&self.public_key);
-        if public_key.is_some_and(|given| given != self.public_key) {
-            return Err("the receipt names another public key than the one given".into());
-        }
-        let key: [u8; 32] = STANDARD
-            .decode(key_text.trim())
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or("the public key is not 32 bytes of base64")?;
+        let decode = |text: &str| -> Result<[u8; 32], String> {
+            STANDARD
+                .decode(text.trim())
+                .ok()
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| "the public key is not 32 bytes of base64".to_owned())
+        };
+        let named = decode(&self.public_key)?;
+        let key = match public_key {
+            Some(given) if decode(given)? != named => {
+                return Err("the receipt names another public key than the one given".into());
+            }
+            _ => named,
+        };
         let key = VerifyingKey::from_bytes(&key).map_err(|_| "the public key is not an Ed25519 key")?;
         let signature: [u8; 64] = STANDARD
             .decode(&self.signature)
@@ -109,7 +120,13 @@ pub struct Erasure {
     pub ack_wait: std::time::Duration,
     pub quarantine_retention_days: u64,
     pub cache_ttl: std::time::Duration,
+    /// Bounds the forgets waiting for acknowledgements at once (each holds a thread and a consumer for
+    /// `ack_wait`).
+    waiting: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Forgets that may wait for acknowledgements at once; others wait their turn.
+const CONCURRENT_ACK_WAITS: usize = 8;
 
 impl Erasure {
     pub fn from_config(config: &crate::config::Config, client: rdkafka::ClientConfig) -> Self {
@@ -120,6 +137,15 @@ impl Erasure {
             ack_wait: config.keys.forget_ack_wait,
             quarantine_retention_days: config.kafka.quarantine_retention_days,
             cache_ttl: config.keys.cache.ttl,
+            waiting: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_ACK_WAITS)),
+        }
+    }
+
+    /// The same, for a command run by hand: the receipt names `<audit.instance>/cli`, as its audit events do.
+    pub fn for_command(config: &crate::config::Config, client: rdkafka::ClientConfig) -> Self {
+        Self {
+            instance: format!("{}/cli", config.audit.instance),
+            ..Self::from_config(config, client)
         }
     }
 
@@ -138,34 +164,52 @@ impl Erasure {
         let destroyed = keyring.forget_subject(subject)?;
         let at = crate::audit::now_ms() / 1000;
         let scopes = keyring.subject_scopes(subject);
-        let announced = match control {
+        let announced: Result<Vec<(i32, i64)>, Error> = match control {
             None => Ok(Vec::new()),
-            Some(control) => (|| {
-                let mut landed = Vec::with_capacity(scopes.len());
-                for scope in &scopes {
-                    landed.push(runtime.block_on(control.announce(keyring, ControlOp::Forget, scope))?);
-                }
-                crate::stream::acknowledgements(
-                    &self.client,
-                    &self.control_topic,
-                    keyring,
-                    &scopes,
-                    &landed,
-                    self.ack_wait,
-                )
-            })(),
+            Some(control) => scopes
+                .iter()
+                .map(|scope| runtime.block_on(control.announce(keyring, ControlOp::Forget, scope)))
+                .collect(),
         };
-        let (acknowledged_by, failure) = match announced {
-            Ok(acknowledged) => (acknowledged, None),
+        let (landed, failure) = match announced {
+            Ok(landed) => (landed, None),
             Err(e) => (Vec::new(), Some(e)),
+        };
+        let acknowledged_by = if landed.is_empty() {
+            Vec::new()
+        } else {
+            let _turn = runtime
+                .block_on(self.waiting.acquire())
+                .expect("the semaphore is never closed");
+            // Not reading the acknowledgements takes nothing from the forget: the receipt lists no instance.
+            crate::stream::acknowledgements(
+                &self.client,
+                &self.control_topic,
+                keyring,
+                &scopes,
+                &landed,
+                self.ack_wait,
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the acknowledgements of a forget could not be read");
+                Vec::new()
+            })
         };
         let day = 86_400;
         let remaining = vec![
             Remaining {
                 what: "quarantined copies of records whose data subject could not be read, sealed under the day's \
-                       quarantine key (kafka.quarantine_retention_days)"
+                       quarantine key (kafka.quarantine_retention_days; destroyed by a running instance's expiry, \
+                       by the key store's clock)"
                     .into(),
                 until: Some(utc_timestamp(at + (self.quarantine_retention_days as i64 + 1) * day)),
+            },
+            Remaining {
+                what: "wrapped copies of the destroyed keys in key-store backups, WAL or point-in-time archives and \
+                       not yet vacuumed PostgreSQL rows (useless without the KEK; `keys reapply-forgets` after a \
+                       restore)"
+                    .into(),
+                until: None,
             },
             Remaining {
                 what: "keys cached by instances that did not acknowledge (dropped when keys.cache_ttl_secs passes)"
@@ -187,6 +231,7 @@ impl Erasure {
                 key_versions_destroyed: destroyed as u64,
                 forgotten_at: utc_timestamp(at),
                 forgotten_by: self.instance.clone(),
+                announced: control.is_some() && failure.is_none(),
                 acknowledged_by,
                 remaining,
                 public_key: String::new(),
@@ -197,10 +242,10 @@ impl Erasure {
     }
 }
 
-/// The SHA-256 of a receipt's JSON, lowercase hex: what its audit event carries.
+/// The SHA-256 of a receipt's signed bytes, lowercase hex: what its audit event carries.
 pub fn digest(receipt: &ErasureReceipt) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(serde_json::to_vec(receipt).expect("a receipt always serializes"))
+    sha2::Sha256::digest(receipt.signed_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -254,6 +299,7 @@ mod tests {
                 key_versions_destroyed: 2,
                 forgotten_at: utc_timestamp(1_764_150_000),
                 forgotten_by: "piiwall-1".into(),
+                announced: true,
                 acknowledged_by: vec!["piiwall-1".into(), "piiwall-2".into()],
                 remaining: vec![Remaining {
                     what: "quarantined copies".into(),
@@ -272,8 +318,10 @@ mod tests {
         let receipt = sample(&keyring);
         let public = STANDARD.encode(keyring.receipt_public_key().as_bytes());
         receipt.verify(Some(&public)).unwrap();
+        receipt.verify(Some(&format!("{public}\n"))).unwrap();
         receipt.verify(None).unwrap();
-        let alterations: [fn(&mut ErasureReceipt); 5] = [
+        let alterations: [fn(&mut ErasureReceipt); 6] = [
+            |r| r.announced = false,
             |r| r.key_versions_destroyed += 1,
             |r| r.acknowledged_by.pop().map(drop).unwrap_or_default(),
             |r| r.forgotten_at.replace_range(0..4, "2024"),

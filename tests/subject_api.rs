@@ -625,6 +625,7 @@ async fn two_instances_share_keys_and_a_forget_on_one_reaches_the_other() {
         "both running instances acknowledged dropping the subject's keys"
     );
     assert_eq!(receipt.forgotten_by, "instance-a");
+    assert!(receipt.announced);
     assert!(receipt.key_versions_destroyed >= 1);
     assert!(
         !answer.to_string().contains("cus_00042"),

@@ -338,8 +338,9 @@ async fn handle<R: ApiRequest>(
     if let (Operation::Forget, Ok(answer)) = (operation, &result) {
         let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
         api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
-        if let Ok(receipt) = serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
-            api.auditor.emit(AuditEvent::erasure_receipt(&receipt)).await;
+        match serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
+            Ok(receipt) => api.auditor.emit(AuditEvent::erasure_receipt(&receipt)).await,
+            Err(e) => tracing::error!(error = %e, "a forget's receipt could not be read back for its audit event"),
         }
     }
     response
@@ -454,10 +455,10 @@ async fn forget(
             &tokio::runtime::Handle::current(),
             &r.subject,
         )?;
-        // Not announced: the keys are destroyed, but the ledger of forgets misses it and other instances keep
-        // cached keys until their TTL; the caller is told to retry (forget is idempotent).
+        // Not announced: the keys are destroyed all the same, and the receipt says so (`announced: false`): other
+        // instances keep cached keys until their TTL, and `keys publish-forgets` puts it on the ledger later.
         if let Some(e) = unannounced {
-            return Err(e);
+            tracing::error!(error = %e, "a forget was not announced on the control topic: run `piiwall keys publish-forgets`");
         }
         Ok(json!({
             "forgotten": true,

@@ -115,15 +115,23 @@ fn verify_receipt(config: &Config, file: &std::path::Path, pubkey: Option<String
     match receipt.verify(Some(&key)) {
         Ok(()) => {
             println!(
-                "receipt verifies: {} key version(s) of subject {} destroyed at {}, acknowledged by {}",
+                "receipt verifies: {} key version(s) of subject {} destroyed at {} by {}, {}acknowledged by {}\n\
+                 digest (its ERASURE_RECEIPT audit event's): {}",
                 receipt.key_versions_destroyed,
                 receipt.subject,
                 receipt.forgotten_at,
+                receipt.forgotten_by,
+                if receipt.announced {
+                    ""
+                } else {
+                    "NOT announced on the control topic, "
+                },
                 if receipt.acknowledged_by.is_empty() {
                     "no instance".to_owned()
                 } else {
                     receipt.acknowledged_by.join(", ")
-                }
+                },
+                piiwall::receipt::digest(&receipt)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -181,12 +189,9 @@ pub(crate) fn audited_after(audit: anyhow::Result<()>) -> anyhow::Result<ExitCod
     }
 }
 
-/// After a local forget or rotate, when the config names brokers: tells the running instances through the control
-/// topic, which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys
-/// within keys.cache_ttl_secs.
-/// The control topic's announcer for a command that forgets, with the ledger made sure of; `None` (said on
-/// standard error) when no brokers are configured or they cannot be reached: the forget still happens, and running
-/// instances drop cached keys within `keys.cache_ttl_secs`.
+/// The control topic's announcer for a command that forgets, with the ledger made sure of; `None` when no brokers
+/// are configured (or no producer can be made, said on standard error): the forget still happens, and running
+/// instances drop cached keys within `keys.cache_ttl_secs`. Unreachable brokers show when the announcement fails.
 pub(crate) fn control_locally(config: &Config, runtime: &tokio::runtime::Runtime) -> Option<Control> {
     if !config.kafka.brokers_configured {
         return None;
@@ -207,6 +212,9 @@ pub(crate) fn control_locally(config: &Config, runtime: &tokio::runtime::Runtime
     }
 }
 
+/// After a local rotate, when the config names brokers: tells the running instances through the control topic,
+/// which is also the ledger `keys reapply-forgets` reads. Best effort: without it they drop cached keys within
+/// keys.cache_ttl_secs.
 pub(crate) fn announce_locally(config: &Config, keyring: &Keyring, op: ControlOp, scope: &str) {
     if !config.kafka.brokers_configured {
         return;

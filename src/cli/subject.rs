@@ -34,9 +34,13 @@ pub(crate) fn forget(
             let keyring = keyring(config)?;
             let mut event = local_event(AuditKind::Forget, remote.purpose.as_deref());
             event.subject_token = Some(piiwall::audit::subject_pseudonym(&keyring, &subject)?);
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // A worker thread drives the producer's timers while this one waits on it.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
             let control = control_locally(config, &runtime);
-            let erasure = Erasure::from_config(config, kafka_client(config));
+            let erasure = Erasure::for_command(config, kafka_client(config));
             let (receipt, unannounced) = erasure.forget(&keyring, control.as_ref(), runtime.handle(), &subject)?;
             if let Some(e) = unannounced {
                 eprintln!(
@@ -49,8 +53,10 @@ pub(crate) fn forget(
             event.outcome = Some(AuditOutcome::Allowed);
             let shredded = AuditEvent::key_shredded(receipt.key_versions_destroyed as i64);
             let recorded = AuditEvent::erasure_receipt(&receipt);
+            // Audited before anything else can fail: the keys are gone whatever happens to the receipt file.
+            let audited = audit_locally(config, &keyring, vec![event, shredded, recorded]);
             finish(&receipt, receipt_file)?;
-            return audited_after(audit_locally(config, &keyring, vec![event, shredded, recorded]));
+            return audited_after(audited);
         }
     };
     finish(&receipt, receipt_file)?;
@@ -61,8 +67,15 @@ pub(crate) fn forget(
 fn finish(receipt: &ErasureReceipt, file: Option<&Path>) -> anyhow::Result<()> {
     print_forgotten(receipt.key_versions_destroyed as usize);
     if let Some(file) = file {
-        std::fs::write(file, serde_json::to_string_pretty(receipt)? + "\n")
-            .with_context(|| format!("cannot write the receipt to {}", file.display()))?;
+        let text = serde_json::to_string_pretty(receipt)? + "\n";
+        if let Err(e) = std::fs::write(file, &text) {
+            // Not lost: the receipt goes to standard error instead (it holds no subject id, only its pseudonym).
+            eprintln!(
+                "piiwall: cannot write the receipt to {} ({e}); here it is:\n{text}",
+                file.display()
+            );
+            anyhow::bail!("the receipt was not written to {}", file.display());
+        }
         println!(
             "receipt: {} (check it with `piiwall audit verify-receipt`)",
             file.display()

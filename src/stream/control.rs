@@ -89,20 +89,37 @@ pub fn verify(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<ControlOp>
     bool::from(expected.ct_eq(mac.as_slice())).then_some(op)
 }
 
-/// The value of an acknowledgement: `ack <MAC> <instance>`, the MAC over the scope and the instance.
-pub fn sign_ack(keyring: &Keyring, scope: &str, instance: &str) -> Vec<u8> {
-    let mac = keyring.control_mac(&[b"ack\0", scope.as_bytes(), b"\0", instance.as_bytes()].concat());
-    format!("ack {} {instance}", URL_SAFE_NO_PAD.encode(mac)).into_bytes()
+/// What an acknowledgement's MAC covers: the scope, the instance and the position of the forget it answers, each
+/// length-prefixed, under a label no other control message uses.
+fn ack_bytes(scope: &str, instance: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut bytes = b"ack\0".to_vec();
+    for field in [scope.as_bytes(), instance.as_bytes()] {
+        bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(field);
+    }
+    bytes.extend_from_slice(&partition.to_be_bytes());
+    bytes.extend_from_slice(&offset.to_be_bytes());
+    bytes
 }
 
-/// The instance an acknowledgement of `scope` comes from, when its signature holds.
-pub fn verify_ack(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<String> {
-    let rest = value.strip_prefix(b"ack ")?;
-    let space = rest.iter().position(|&b| b == b' ')?;
-    let mac = URL_SAFE_NO_PAD.decode(&rest[..space]).ok()?;
-    let instance = std::str::from_utf8(&rest[space + 1..]).ok()?;
-    let expected = keyring.control_mac(&[b"ack\0", scope.as_bytes(), b"\0", instance.as_bytes()].concat());
-    bool::from(expected.ct_eq(mac.as_slice())).then(|| instance.to_owned())
+/// The value of an acknowledgement of the forget at (`partition`, `offset`): `ack <MAC> <partition> <offset>
+/// <instance>`. Bound to that message, an old acknowledgement is never counted for a later forget of the scope.
+pub fn sign_ack(keyring: &Keyring, scope: &str, instance: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mac = keyring.control_mac(&ack_bytes(scope, instance, partition, offset));
+    format!("ack {} {partition} {offset} {instance}", URL_SAFE_NO_PAD.encode(mac)).into_bytes()
+}
+
+/// (instance, partition, offset of the forget it answers) of an acknowledgement of `scope`, when its signature
+/// holds.
+pub fn verify_ack(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<(String, i32, i64)> {
+    let text = std::str::from_utf8(value.strip_prefix(b"ack ")?).ok()?;
+    let mut parts = text.splitn(4, ' ');
+    let mac = URL_SAFE_NO_PAD.decode(parts.next()?).ok()?;
+    let partition: i32 = parts.next()?.parse().ok()?;
+    let offset: i64 = parts.next()?.parse().ok()?;
+    let instance = parts.next()?;
+    let expected = keyring.control_mac(&ack_bytes(scope, instance, partition, offset));
+    bool::from(expected.ct_eq(mac.as_slice())).then(|| (instance.to_owned(), partition, offset))
 }
 
 /// The instances that acknowledged a forget of every one of `scopes`, reading the control topic from `from` (where
@@ -123,6 +140,10 @@ pub fn acknowledgements(
         .set("fetch.wait.max.ms", "50")
         .create()
         .map_err(|e| Error::Kafka(format!("cannot create the control topic consumer: {e}")))?;
+    if from.iter().any(|&(_, offset)| offset < 0) {
+        // No position (a producer without acknowledgements): nothing can be bound to this forget.
+        return Ok(Vec::new());
+    }
     let mut assignment = TopicPartitionList::new();
     let mut starts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for &(partition, offset) in from {
@@ -149,7 +170,9 @@ pub fn acknowledgements(
         let Some(scope) = scopes.iter().find(|s| *s == scope) else {
             continue;
         };
-        if let Some(instance) = message.payload().and_then(|v| verify_ack(keyring, scope, v)) {
+        if let Some((instance, partition, offset)) = message.payload().and_then(|v| verify_ack(keyring, scope, v))
+            && from.contains(&(partition, offset))
+        {
             acked.entry(instance).or_default().insert(scope.as_str());
         }
     }
@@ -175,20 +198,38 @@ impl Control {
     /// Publishes `op` on `scope`, signed, and waits for the broker's acknowledgement; returns where it landed
     /// (partition, offset), from which [`acknowledgements`] reads the instances' answers.
     pub async fn announce(&self, keyring: &Keyring, op: ControlOp, scope: &str) -> Result<(i32, i64), Error> {
-        self.publish(scope, sign(keyring, op, scope)).await
+        self.publish(scope, sign(keyring, op, scope), None).await
     }
 
-    /// Publishes this instance's acknowledgement of a forget of `scope` (see [`acknowledgements`]).
-    pub async fn acknowledge(&self, keyring: &Keyring, scope: &str, instance: &str) -> Result<(i32, i64), Error> {
-        self.publish(scope, sign_ack(keyring, scope, instance)).await
+    /// Publishes this instance's acknowledgement of the forget of `scope` at (`partition`, `offset`), on the same
+    /// partition (see [`acknowledgements`]).
+    pub async fn acknowledge(
+        &self,
+        keyring: &Keyring,
+        scope: &str,
+        instance: &str,
+        (partition, offset): (i32, i64),
+    ) -> Result<(i32, i64), Error> {
+        self.publish(
+            scope,
+            sign_ack(keyring, scope, instance, partition, offset),
+            Some(partition),
+        )
+        .await
     }
 
-    async fn publish(&self, scope: &str, value: Vec<u8>) -> Result<(i32, i64), Error> {
+    async fn publish(&self, scope: &str, value: Vec<u8>, partition: Option<i32>) -> Result<(i32, i64), Error> {
         let lease = self.producer.lease();
         let sent = lease
             .producer()
             .send(
-                FutureRecord::to(&self.topic).key(scope.as_bytes()).payload(&value),
+                {
+                    let record = FutureRecord::to(&self.topic).key(scope.as_bytes()).payload(&value);
+                    match partition {
+                        Some(partition) => record.partition(partition),
+                        None => record,
+                    }
+                },
                 SEND_TIMEOUT,
             )
             .await;
@@ -302,9 +343,9 @@ pub async fn listen(
                         // Said once the caches no longer hold the scope: what an erasure receipt lists.
                         if let (ControlOp::Forget, Some((control, instance))) = (op, &acknowledge) {
                             let (control, instance, keyring) = (control.clone(), instance.clone(), keyring.clone());
-                            let scope = scope.to_owned();
+                            let (scope, at) = (scope.to_owned(), (message.partition(), message.offset()));
                             runtime.spawn(async move {
-                                if let Err(e) = control.acknowledge(&keyring, &scope, &instance).await {
+                                if let Err(e) = control.acknowledge(&keyring, &scope, &instance, at).await {
                                     tracing::warn!(error = %e, "a forget could not be acknowledged on the control topic");
                                 }
                             });
@@ -411,5 +452,33 @@ mod tests {
         }
         let rotate = sign(&ring, ControlOp::Rotate, "d:sales");
         assert_eq!(verify(&ring, "d:sales", &rotate), Some(ControlOp::Rotate));
+    }
+
+    /// An acknowledgement answers one forget message: moved to another position (an old one replayed for a later
+    /// forget of the scope), another scope or another instance name, or read as a forget, it is not taken.
+    #[test]
+    fn acknowledgements_are_bound_to_the_forget_they_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path());
+        let ack = sign_ack(&ring, "s:abc", "piiwall 1", 0, 41);
+        assert_eq!(verify_ack(&ring, "s:abc", &ack), Some(("piiwall 1".to_owned(), 0, 41)));
+        let replayed = String::from_utf8(ack.clone()).unwrap().replace(" 0 41 ", " 0 57 ");
+        assert_eq!(
+            verify_ack(&ring, "s:abc", replayed.as_bytes()),
+            None,
+            "another forget's position"
+        );
+        let renamed = String::from_utf8(ack.clone())
+            .unwrap()
+            .replace("piiwall 1", "piiwall 2");
+        assert_eq!(verify_ack(&ring, "s:abc", renamed.as_bytes()), None, "another instance");
+        assert_eq!(verify_ack(&ring, "s:abd", &ack), None, "another scope");
+        assert_eq!(verify(&ring, "s:abc", &ack), None, "an acknowledgement is no forget");
+        let forget = sign(&ring, ControlOp::Forget, "s:abc");
+        assert_eq!(
+            verify_ack(&ring, "s:abc", &forget),
+            None,
+            "a forget is no acknowledgement"
+        );
     }
 }
