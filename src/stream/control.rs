@@ -122,6 +122,18 @@ pub fn verify_ack(keyring: &Keyring, scope: &str, value: &[u8]) -> Option<(Strin
     bool::from(expected.ct_eq(mac.as_slice())).then(|| (instance.to_owned(), partition, offset))
 }
 
+/// A reader of the control topic: no group (every reader reads every message), nothing committed, short fetch
+/// waits.
+fn control_consumer(client: &ClientConfig) -> Result<BaseConsumer, Error> {
+    client
+        .clone()
+        .set("group.id", "piiwall.control.unused")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(|e| Error::Kafka(format!("cannot create the control topic consumer: {e}")))
+}
+
 /// The instances that acknowledged a forget of every one of `scopes`, reading the control topic from `from` (where
 /// the announcements landed) for `wait`. Acknowledgements come from each running instance's listener once it has
 /// dropped the scope from its caches; one that does not answer within `wait` is not listed.
@@ -133,17 +145,11 @@ pub fn acknowledgements(
     from: &[(i32, i64)],
     wait: Duration,
 ) -> Result<Vec<String>, Error> {
-    let consumer: BaseConsumer = client
-        .clone()
-        .set("group.id", "piiwall.control.unused")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .map_err(|e| Error::Kafka(format!("cannot create the control topic consumer: {e}")))?;
     if from.iter().any(|&(_, offset)| offset < 0) {
         // No position (a producer without acknowledgements): nothing can be bound to this forget.
         return Ok(Vec::new());
     }
+    let consumer = control_consumer(client)?;
     let mut assignment = TopicPartitionList::new();
     let mut starts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for &(partition, offset) in from {
@@ -293,14 +299,7 @@ pub async fn listen(
     acknowledge: Option<(Control, String)>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let consumer: BaseConsumer = client
-        .clone()
-        // No group: every instance reads every announcement, and commits nothing.
-        .set("group.id", "piiwall.control.unused")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .map_err(|e| Error::Kafka(format!("cannot create the control topic consumer: {e}")))?;
+    let consumer = control_consumer(client)?;
     let topic = topic.to_owned();
     let consumer = tokio::task::spawn_blocking(move || -> Result<BaseConsumer, Error> {
         let metadata = consumer
