@@ -32,6 +32,10 @@ pub(crate) enum AuditCommand {
         /// and the KEK).
         #[arg(long)]
         pubkey: Option<String>,
+        /// Also check that the receipt is about this data subject (its pseudonym needs the config and the KEK);
+        /// - reads the id from standard input.
+        #[arg(long)]
+        subject: Option<String>,
     },
 }
 
@@ -88,7 +92,7 @@ pub(crate) fn exec(config: &Config, command: AuditCommand) -> anyhow::Result<Exi
             println!("{}", receipt_public_key(config)?);
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::VerifyReceipt { file, pubkey } => verify_receipt(config, &file, pubkey),
+        AuditCommand::VerifyReceipt { file, pubkey, subject } => verify_receipt(config, &file, pubkey, subject),
     }
 }
 
@@ -97,7 +101,12 @@ fn receipt_public_key(config: &Config) -> anyhow::Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(keyring(config)?.receipt_public_key().as_bytes()))
 }
 
-fn verify_receipt(config: &Config, file: &std::path::Path, pubkey: Option<String>) -> anyhow::Result<ExitCode> {
+fn verify_receipt(
+    config: &Config,
+    file: &std::path::Path,
+    pubkey: Option<String>,
+    subject: Option<String>,
+) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let receipt: piiwall::receipt::ErasureReceipt = serde_json::from_str(&text).map_err(|e| {
@@ -112,6 +121,13 @@ fn verify_receipt(config: &Config, file: &std::path::Path, pubkey: Option<String
         Some(key) => key,
         None => receipt_public_key(config)?,
     };
+    if let Some(subject) = subject {
+        let subject = super::from_arg_or_stdin(subject)?;
+        if piiwall::audit::subject_pseudonym(&*keyring(config)?, &subject)? != receipt.subject {
+            eprintln!("piiwall: the receipt is about another data subject");
+            return Ok(ExitCode::from(1));
+        }
+    }
     match receipt.verify(Some(&key)) {
         Ok(()) => {
             println!(
