@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::policy::{PolicySettings, compile};
+use piiwall::server;
 use piiwall::stream::{self, Shutdown};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -264,7 +265,7 @@ async fn measure(brokers: &str, which: &str, input: &str, count: usize, paced: b
         )
     } else {
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(stream::run(
+        let task = tokio::spawn(server::run(
             piiwall_config(brokers, dir.path(), input),
             shutdown.clone(),
         ));

@@ -494,7 +494,7 @@ pub fn assess_topic(
     let mut report = BreachReport::default();
     // What an attacker holding the topic reads: aborted transactions' records too.
     let client = client.clone().set("isolation.level", "read_uncommitted").clone();
-    crate::stream::read_topic(&client, topic, "topic", READ_DEADLINE, |message| {
+    crate::topic_reader::read_topic(&client, topic, "topic", READ_DEADLINE, |message| {
         if let Some(key) = message.key().filter(|k| !k.is_empty()) {
             report.add_key(key);
         }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::keys::Keyring;
 use crate::policy::{CompiledSchema, compile_any};
+use crate::server;
 use crate::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown};
 
 struct Example {
@@ -238,7 +239,7 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
 
     // The firewall, until every record came out.
     let shutdown = Shutdown::new();
-    let pipeline = tokio::spawn(stream::run(config.clone(), shutdown.clone()));
+    let pipeline = tokio::spawn(server::run(config.clone(), shutdown.clone()));
     let mut topics: Vec<String> = EXAMPLES.iter().map(|e| format!("{}.sanitized", e.topic)).collect();
     topics.push("demo.quarantine".to_owned());
     let expected = raw.len() + 1;

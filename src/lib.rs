@@ -26,8 +26,9 @@
 //! Modules, in the order a record meets them: [`codec`] (wire forms to values), [`policy`] (annotations to plans
 //! and sanitized schemas), [`transcode`] and [`sanitize`] (the cores), [`detect`] (PII in untagged text),
 //! [`keys`] and [`crypto`] (data keys, KEKs and tokens), [`offline`] (the file-to-file command), [`lint`] (schema
-//! checks), [`config`]; [`stream`] runs it all on Kafka (with [`producer`] and [`audit`]) and serves [`http`] and
-//! the subject-rights [`api`], whose [`access`] policy the config holds.
+//! checks), [`config`]; [`stream`] runs it all on Kafka (with [`producer`], [`audit`] and the [`control`] topic),
+//! and [`server`] is `piiwall run`: the pipeline with [`http`] and the subject-rights [`api`] around it, whose
+//! [`access`] policy the config holds.
 
 pub mod access;
 pub mod api;
@@ -35,6 +36,7 @@ pub mod audit;
 pub mod breach;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod demo;
 pub mod detect;
@@ -47,7 +49,9 @@ pub mod policy;
 pub mod producer;
 pub mod receipt;
 pub mod sanitize;
+pub mod server;
 pub mod stream;
+pub mod topic_reader;
 pub mod transcode;
 
 pub use error::{Error, ErrorKind, Result};

@@ -17,9 +17,10 @@ use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditEvent, AuditKind, FieldCount};
+use crate::control::{Control, ControlOp};
 use crate::error::Error;
 use crate::keys::Keyring;
-use crate::stream::{Control, ControlOp};
 
 /// The receipt format's name and version.
 pub const FORMAT: &str = "piiwall.erasure-receipt.v1";
@@ -58,6 +59,27 @@ pub struct Remaining {
 }
 
 impl ErasureReceipt {
+    /// The audit record of this receipt (ERASURE_RECEIPT): the subject's pseudonym, the counts, and the receipt's
+    /// SHA-256, so a receipt shown later can be matched to the audit trail.
+    pub fn audit_event(&self) -> AuditEvent {
+        let mut event = AuditEvent::new(AuditKind::ErasureReceipt);
+        event.subject_token = Some(self.subject.clone());
+        event.config_digest = Some(digest(self));
+        event.counts = vec![
+            FieldCount {
+                field_path: "subject".into(),
+                action: "key versions destroyed".into(),
+                count: self.key_versions_destroyed as i64,
+            },
+            FieldCount {
+                field_path: "instances".into(),
+                action: "acknowledged".into(),
+                count: self.acknowledged_by.len() as i64,
+            },
+        ];
+        event
+    }
+
     /// A signed receipt.
     pub fn signed(keyring: &Keyring, mut receipt: ErasureReceipt) -> ErasureReceipt {
         receipt.format = FORMAT.to_owned();
@@ -182,7 +204,7 @@ impl Erasure {
                 .block_on(self.waiting.acquire())
                 .expect("the semaphore is never closed");
             // Not reading the acknowledgements takes nothing from the forget: the receipt lists no instance.
-            crate::stream::acknowledgements(
+            crate::control::acknowledgements(
                 &self.client,
                 &self.control_topic,
                 keyring,

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use piiwall::config::Config;
 use piiwall::policy::{CompiledSchema, PolicySettings, compile};
-use piiwall::stream::{self, SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
+use piiwall::server;
+use piiwall::stream::{SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::mocking::MockCluster;
@@ -141,7 +142,7 @@ async fn run_until(
     quarantined: usize,
 ) -> Vec<OwnedMessage> {
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let (brokers, input) = (brokers.to_owned(), input.to_owned());
     let (outputs, quarantine) = tokio::task::spawn_blocking(move || {
         let reader = assigned_reader(&brokers, &format!("{input}.sanitized"), PARTITIONS, isolation);
@@ -264,7 +265,7 @@ async fn a_broker_without_transactions_refuses_exactly_once_at_start() {
     common::kafka::create_topic(&input, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &broker(), &input, &unique("piiwall"));
-    let result = tokio::time::timeout(Duration::from_secs(90), stream::run(config, Shutdown::new()))
+    let result = tokio::time::timeout(Duration::from_secs(90), server::run(config, Shutdown::new()))
         .await
         .expect("start-up gives up in time");
     let error = result.expect_err("Tansu has no transactions: exactly-once must not start");
@@ -328,7 +329,7 @@ async fn a_rebalance_under_load_writes_nothing_twice() {
     };
     let ((_first_dir, first), (_second_dir, second)) = (instance(0), instance(1));
     let first_stop = Shutdown::new();
-    let first_task = tokio::spawn(stream::run(first, first_stop.clone()));
+    let first_task = tokio::spawn(server::run(first, first_stop.clone()));
     let reader = assigned_reader(&brokers, &format!("{input}.sanitized"), PARTITIONS, "read_committed");
     let (reader, mut outputs) = tokio::task::spawn_blocking(move || {
         let mut outputs = Vec::new();
@@ -344,7 +345,7 @@ async fn a_rebalance_under_load_writes_nothing_twice() {
     .unwrap();
     assert!(outputs.len() >= 50, "the first instance writes");
     let second_stop = Shutdown::new();
-    let second_task = tokio::spawn(stream::run(second, second_stop.clone()));
+    let second_task = tokio::spawn(server::run(second, second_stop.clone()));
     tokio::time::sleep(Duration::from_secs(4)).await;
     first_stop.trigger();
 

@@ -16,6 +16,7 @@ use common::services::free_port;
 use piiwall::audit::{AuditEvent, AuditKind, Auditor, OnFailure};
 use piiwall::config::Config;
 use piiwall::producer::Producer;
+use piiwall::server;
 use piiwall::stream::{self, SOURCE_OFFSET, Shutdown};
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::Producer as _;
@@ -196,7 +197,7 @@ async fn an_output_too_large_for_the_brokers_is_quarantined_and_the_stream_goes_
         "",
     );
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let (output, quarantine, audit) = (
         format!("{input}.sanitized"),
         format!("{input}.quarantine"),
@@ -276,7 +277,7 @@ async fn start_outage() -> Outage {
         "[kafka.properties]\n\"message.timeout.ms\" = \"1500\"\n\"reconnect.backoff.max.ms\" = \"500\"\n",
     );
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let output = format!("{input}.sanitized");
     let first = {
         let (bootstrap, output) = (broker.bootstrap(), output.clone());
@@ -612,7 +613,7 @@ listen = "off"
     );
     let config = Config::parse(&text, std::iter::empty(), "blocked lane test config").unwrap();
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     // Let the blocked topic's lane fill up before the other topic has anything to read.
     tokio::time::sleep(Duration::from_secs(4)).await;
     produce(&flowing, records(30)).await;
@@ -670,7 +671,7 @@ async fn start_up_waits_for_brokers_that_are_not_up_yet() {
         "[kafka.properties]\n\"reconnect.backoff.max.ms\" = \"500\"\n",
     );
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     // Longer than one metadata request's timeout (10 s), after which start-up used to fail.
     tokio::time::sleep(Duration::from_secs(13)).await;
     assert!(!task.is_finished(), "start-up waits for the brokers");
@@ -718,7 +719,7 @@ async fn a_rebalance_under_load_loses_nothing() {
     let config = pipeline_config(dir.path(), &common::kafka::broker(), &input, &schema_path, "");
     let start = |config: &Config| {
         let shutdown = Shutdown::new();
-        (shutdown.clone(), tokio::spawn(stream::run(config.clone(), shutdown)))
+        (shutdown.clone(), tokio::spawn(server::run(config.clone(), shutdown)))
     };
     let output = format!("{input}.sanitized");
     let reading = tokio::task::spawn_blocking({

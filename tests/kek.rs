@@ -578,7 +578,7 @@ listen = "127.0.0.1:{port}"
         let port = common::services::free_port();
         let config = kms_pipeline_config(dir.path(), &input, &format!("http://{}", relay.address), &key, port);
         let shutdown = piiwall::stream::Shutdown::new();
-        let task = tokio::spawn(piiwall::stream::run(config, shutdown.clone()));
+        let task = tokio::spawn(piiwall::server::run(config, shutdown.clone()));
 
         let readyz = move || common::services::http(port, "GET", "/readyz", None, "");
         let started = Instant::now();
@@ -677,7 +677,7 @@ listen = "127.0.0.1:{port}"
         std::fs::write(&config_path, &text).unwrap();
         let config = piiwall::config::Config::parse(&text, std::iter::empty(), "KMS rewrap config").unwrap();
         let shutdown = piiwall::stream::Shutdown::new();
-        let task = tokio::spawn(piiwall::stream::run(config, shutdown.clone()));
+        let task = tokio::spawn(piiwall::server::run(config, shutdown.clone()));
 
         // Known and new subjects interleaved, in three waves, the rewrap running meanwhile: it starts once `run` has
         // sanitized the first wave, and rewraps one key per page.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::kafka::{broker, create_topic, unique};
 use piiwall::config::Config;
+use piiwall::server;
 use piiwall::stream::{self, Shutdown};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -39,7 +40,7 @@ async fn a_compacted_control_topic_is_refused_at_start_up() {
         group = unique("piiwall"),
     );
     let config = Config::parse(&text, std::iter::empty(), "ledger test config").unwrap();
-    let refused = tokio::time::timeout(Duration::from_secs(60), stream::run(config, Shutdown::new()))
+    let refused = tokio::time::timeout(Duration::from_secs(60), server::run(config, Shutdown::new()))
         .await
         .expect("start-up decides")
         .expect_err("a compacted ledger is refused");

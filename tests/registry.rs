@@ -12,6 +12,7 @@ use common::registry::{Registry, register};
 use common::services::free_port;
 use piiwall::config::Config;
 use piiwall::policy::{PolicySettings, compile};
+use piiwall::server;
 use piiwall::stream::{self, Shutdown};
 use rdkafka::Message;
 use rdkafka::message::OwnedHeaders;
@@ -127,7 +128,7 @@ async fn records_wait_while_the_registry_is_down_and_none_is_quarantined() {
     )
     .await;
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(
+    let task = tokio::spawn(server::run(
         config(dir.path(), &input, &format!("http://127.0.0.1:{port}")),
         shutdown.clone(),
     ));
@@ -314,7 +315,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         + "[kafka.properties]\n\"statistics.interval.ms\" = \"1000\"\n";
     let config = Config::parse(&text, std::iter::empty(), "dashboard test config").unwrap();
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let output = format!("{input}.sanitized");
     let read = tokio::task::spawn_blocking(move || consume(&output, 10, Duration::from_secs(60)));
     assert_eq!(read.await.unwrap().len(), 10);

@@ -16,7 +16,8 @@ use common::registry::{Registry, register};
 use common::services::free_port;
 use piiwall::config::Config;
 use piiwall::error::ErrorKind;
-use piiwall::stream::{self, Part, Route, Routes, SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
+use piiwall::server;
+use piiwall::stream::{Part, Route, Routes, SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::Consumer;
 
@@ -294,7 +295,7 @@ async fn a_registry_misbehaving_mid_stream_loses_nothing_and_quarantines_nothing
         ),
     );
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let output = format!("{first}.sanitized");
     let seen = tokio::task::spawn_blocking(move || coordinates(&output, N, Duration::from_secs(60)))
         .await

@@ -19,6 +19,7 @@ use piiwall::codec::avro::ValueCodec;
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
 use piiwall::policy::{CompiledSchema, PolicySettings, compile};
+use piiwall::server;
 use piiwall::stream::{self, REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, Shutdown, Summary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -175,7 +176,7 @@ async fn records_arrive_sanitized_in_order_and_poison_goes_to_quarantine() {
         .unwrap()
         .port();
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(
+    let task = tokio::spawn(server::run(
         config_on(dir.path(), &input, &group, port),
         shutdown.clone(),
     ));
@@ -534,7 +535,7 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     produce(&input, records).await;
 
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let task = tokio::spawn(server::run(config(dir.path(), &input, &group), shutdown.clone()));
     let output = format!("{input}.sanitized");
     let arrived = tokio::task::spawn_blocking(move || consume(&output, N, Duration::from_secs(60)))
         .await
@@ -545,7 +546,7 @@ async fn the_audit_chain_verifies_and_tampering_is_detected() {
     task.await.unwrap().unwrap();
     // A restart of the same instance begins a new run of its chain.
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let task = tokio::spawn(server::run(config(dir.path(), &input, &group), shutdown.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     shutdown.trigger();
     task.await.unwrap().unwrap();
@@ -742,7 +743,7 @@ async fn quarantined_records_are_replayed_once_their_cause_is_fixed() {
     records.push((0, None, b"garbage".to_vec(), OwnedHeaders::new()));
     produce(&input, records).await;
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let task = tokio::spawn(server::run(config(dir.path(), &input, &group), shutdown.clone()));
     let quarantine = format!("{input}.quarantine");
     let quarantined = tokio::task::spawn_blocking(move || consume(&quarantine, 6, Duration::from_secs(60)))
         .await
@@ -837,7 +838,7 @@ async fn a_key_that_reaches_its_encryption_limit_is_rotated_announced_and_audite
         &format!("[keys]\nmax_encryptions_per_key = 100\ncontrol_topic = \"{input}.control\"\n"),
     );
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(stream::run(
+    let task = tokio::spawn(server::run(
         Config::parse(&text, std::iter::empty(), "test config").unwrap(),
         shutdown.clone(),
     ));

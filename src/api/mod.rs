@@ -33,10 +33,11 @@ pub use crate::access::{AccessPolicy, Denial, Operation, Principal, Role, parse_
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, Auditor};
 use crate::codec::json::JsonCodec;
 use crate::config::ApiConfig;
+use crate::control::{Control, ControlOp};
 use crate::error::{Error, ErrorKind, KeyError, RevealError};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
-use crate::stream::{Control, ControlOp, Routes};
+use crate::stream::Routes;
 
 /// The API's OpenAPI document (`docs/openapi.json`; `docs/api.yaml` is the same in YAML), served at
 /// `GET /v1/openapi.json` without authentication: it describes the surface, it grants nothing.
@@ -339,7 +340,7 @@ async fn handle<R: ApiRequest>(
         let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
         api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
         match serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
-            Ok(receipt) => api.auditor.emit(AuditEvent::erasure_receipt(&receipt)).await,
+            Ok(receipt) => api.auditor.emit(receipt.audit_event()).await,
             // serde's message could quote the receipt's text: only that it failed is logged.
             Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
         }

@@ -38,7 +38,7 @@ pub enum AuditKind {
     SubjectStatus,
     /// `piiwall keys rewrap` moved stored keys to the current KEK (counts only).
     KekRewrapped,
-    /// A forget's signed receipt ([`crate::receipt`]): its digest in `config_digest`.
+    /// A forget's signed receipt (`receipt.rs`): its digest in `config_digest`.
     ErasureReceipt,
 }
 
@@ -140,27 +140,6 @@ impl AuditEvent {
             action: "key versions destroyed".into(),
             count: destroyed,
         }];
-        event
-    }
-
-    /// The record of a forget's receipt: the subject's pseudonym, the counts, and the receipt's SHA-256, so a
-    /// receipt shown later can be matched to the audit trail.
-    pub fn erasure_receipt(receipt: &crate::receipt::ErasureReceipt) -> Self {
-        let mut event = Self::new(AuditKind::ErasureReceipt);
-        event.subject_token = Some(receipt.subject.clone());
-        event.config_digest = Some(crate::receipt::digest(receipt));
-        event.counts = vec![
-            FieldCount {
-                field_path: "subject".into(),
-                action: "key versions destroyed".into(),
-                count: receipt.key_versions_destroyed as i64,
-            },
-            FieldCount {
-                field_path: "instances".into(),
-                action: "acknowledged".into(),
-                count: receipt.acknowledged_by.len() as i64,
-            },
-        ];
         event
     }
 }

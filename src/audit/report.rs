@@ -57,7 +57,7 @@ pub fn processing_report(client: &ClientConfig, topic: &str, since_ms: i64) -> R
         since_ms,
         ..ProcessingReport::default()
     };
-    crate::stream::read_topic(client, topic, "audit topic", READ_DEADLINE, |message| {
+    crate::topic_reader::read_topic(client, topic, "audit topic", READ_DEADLINE, |message| {
         report.read += 1;
         let mut payload = message.payload().unwrap_or_default();
         match reader.read_value(&mut payload) {

@@ -43,7 +43,7 @@ pub fn verify(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<V
     let mut runs = 0;
     let mut events = 0;
     let mut first_break = None;
-    crate::stream::read_topic(client, topic, "audit topic", READ_DEADLINE, |message| {
+    crate::topic_reader::read_topic(client, topic, "audit topic", READ_DEADLINE, |message| {
         events += 1;
         if first_break.is_none() {
             let at = format!("partition {}, offset {}", message.partition(), message.offset());

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use clap::Subcommand;
 use piiwall::audit::{AuditEvent, AuditKind, LocalAudit};
 use piiwall::config::Config;
+use piiwall::control::{Control, ControlOp};
 use piiwall::keys::Keyring;
 use piiwall::producer::Producer;
-use piiwall::stream::{Control, ControlOp};
 
 use super::{kafka_client, keyring};
 

@@ -6,9 +6,9 @@ use anyhow::bail;
 use clap::Subcommand;
 use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome};
 use piiwall::config::Config;
+use piiwall::control::{Control, ControlOp};
 use piiwall::keys::Keyring;
 use piiwall::producer::Producer;
-use piiwall::stream::{Control, ControlOp};
 
 use super::api::{Remote, remote_call};
 use super::audit::{announce_locally, audit_locally, audited_after, local_event};
@@ -162,7 +162,7 @@ fn reapply_forgets(config: &Config) -> anyhow::Result<ExitCode> {
         bail!("keys reapply-forgets reads keys.control_topic: the config names no kafka.brokers");
     }
     let keyring = keyring(config)?;
-    let ledger = piiwall::stream::forgotten_scopes(&kafka_client(config), &config.keys.control_topic, &keyring)?;
+    let ledger = piiwall::control::forgotten_scopes(&kafka_client(config), &config.keys.control_topic, &keyring)?;
     if ledger.ignored > 0 {
         eprintln!(
             "piiwall: {} message(s) on {} ignored: unsigned (written before messages were signed), forged, \
@@ -197,7 +197,7 @@ fn publish_forgets(config: &Config) -> anyhow::Result<ExitCode> {
     }
     let keyring = keyring(config)?;
     let client = kafka_client(config);
-    let ledger = piiwall::stream::forgotten_scopes(&client, &config.keys.control_topic, &keyring)?;
+    let ledger = piiwall::control::forgotten_scopes(&client, &config.keys.control_topic, &keyring)?;
     let on_ledger: std::collections::HashSet<&String> = ledger.scopes.iter().collect();
     let missing: Vec<String> = keyring
         .forgotten_subject_scopes()?

@@ -10,7 +10,7 @@ use anyhow::Context;
 use piiwall::audit::{AuditKind, AuditOutcome};
 use piiwall::codec::json::JsonCodec;
 use piiwall::config::Config;
-use piiwall::stream::ControlOp;
+use piiwall::control::ControlOp;
 
 use super::api::{Remote, remote_call};
 use super::audit::{announce_locally, audit_locally, local_event};

@@ -73,7 +73,7 @@ pub(crate) fn run(config: Config) -> anyhow::Result<ExitCode> {
             eprintln!("piiwall: second signal: exiting without draining");
             std::process::exit(130);
         });
-        let summary = piiwall::stream::run(config, shutdown).await?;
+        let summary = piiwall::server::run(config, shutdown).await?;
         eprintln!(
             "piiwall: stopped: {} records sanitized, {} quarantined",
             summary.sanitized, summary.quarantined

@@ -52,7 +52,7 @@ pub(crate) fn forget(
             }
             event.outcome = Some(AuditOutcome::Allowed);
             let shredded = AuditEvent::key_shredded(receipt.key_versions_destroyed as i64);
-            let recorded = AuditEvent::erasure_receipt(&receipt);
+            let recorded = receipt.audit_event();
             // Audited before anything else can fail: the keys are gone whatever happens to the receipt file.
             let audited = audit_locally(config, &keyring, vec![event, shredded, recorded]);
             finish(&receipt, receipt_file)?;

@@ -13,10 +13,10 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use tokio::sync::mpsc;
 
-use super::control::{Control, ControlOp};
 use super::process::{Outcome, Processor, QuarantineClass};
 use super::transaction;
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
+use crate::control::{Control, ControlOp};
 use crate::error::{Error, ErrorKind};
 use crate::keys::Retired;
 use crate::transcode::TranscodeScratch;

@@ -14,7 +14,6 @@
 //! a Schema Registry.
 
 mod context;
-mod control;
 mod framing;
 mod lane;
 mod lanes;
@@ -26,7 +25,7 @@ mod transaction;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -37,7 +36,6 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsu
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use control::{Control, ControlOp, acknowledgements, forgotten_scopes};
 pub use framing::{encode_framed, parse as parse_frame, write_header as write_frame_header};
 pub use lane::{REASON, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
 pub use replay::{ReplaySummary, replay};
@@ -45,6 +43,7 @@ pub use routes::{Part, Route, Routes};
 
 use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::config::{Config, Delivery};
+use crate::control::Control;
 use crate::error::{Error, ErrorKind};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
@@ -84,7 +83,7 @@ impl Shutdown {
 
     /// A receiver whose `changed()` fires at once when the shutdown was already triggered: a signal that arrives
     /// during start-up is not lost.
-    fn listen(&self) -> watch::Receiver<bool> {
+    pub(crate) fn listen(&self) -> watch::Receiver<bool> {
         let mut receiver = self.0.subscribe();
         if *receiver.borrow() {
             receiver.mark_changed();
@@ -183,76 +182,6 @@ impl Parts {
     }
 }
 
-/// Reads every partition of `topic` from its start to its end (see [`read_to_end`]) without a consumer group's
-/// offsets: nothing is committed. `what` names the topic's role in errors.
-pub(crate) fn read_topic(
-    client: &rdkafka::ClientConfig,
-    topic: &str,
-    what: &str,
-    deadline: Duration,
-    on_record: impl FnMut(rdkafka::message::OwnedMessage) -> Result<(), Error>,
-) -> Result<(), Error> {
-    use rdkafka::consumer::Consumer;
-    let kafka = |e: rdkafka::error::KafkaError| Error::Kafka(format!("reading {what} {topic}: {e}"));
-    let consumer: rdkafka::consumer::BaseConsumer = client
-        .clone()
-        .set("group.id", "piiwall.reader.unused")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(kafka)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kafka)?;
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    for partition in metadata.topics().first().map(|t| t.partitions()).unwrap_or_default() {
-        assignment
-            .add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning)
-            .map_err(kafka)?;
-    }
-    if assignment.count() == 0 {
-        return Err(Error::Kafka(format!("{what} {topic} does not exist")));
-    }
-    consumer.assign(&assignment).map_err(kafka)?;
-    read_to_end(&consumer, assignment.count(), deadline, on_record)
-}
-
-/// How long a topic must stay silent before [`read_to_end`] takes it as read.
-const QUIET_END: Duration = Duration::from_secs(3);
-
-/// Reads the assigned partitions of `consumer` (created with `enable.partition.eof = true`) to their end, handing
-/// every record to `on_record`. The end is every partition reporting end-of-partition, or no record for
-/// [`QUIET_END`]: some brokers (Tansu 0.6) report high watermarks in record batches rather than records, which
-/// makes end-of-partition unreliable there.
-pub(crate) fn read_to_end(
-    consumer: &rdkafka::consumer::BaseConsumer,
-    partitions: usize,
-    deadline: Duration,
-    mut on_record: impl FnMut(rdkafka::message::OwnedMessage) -> Result<(), Error>,
-) -> Result<(), Error> {
-    let mut ended = std::collections::HashSet::new();
-    let give_up = std::time::Instant::now() + deadline;
-    let mut last_record = std::time::Instant::now();
-    while ended.len() < partitions && last_record.elapsed() < QUIET_END {
-        if std::time::Instant::now() > give_up {
-            return Err(Error::Kafka(format!("could not read to the end within {deadline:?}")));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                ended.insert(partition);
-            }
-            Some(Err(e)) => return Err(Error::Kafka(format!("reading: {e}"))),
-            Some(Ok(message)) => {
-                last_record = std::time::Instant::now();
-                ended.remove(&message.partition());
-                on_record(message.detach())?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Counts of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -260,35 +189,48 @@ pub struct Summary {
     pub quarantined: u64,
 }
 
-/// Runs the stream processor until `shutdown` fires or a fatal error occurs.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
+/// What a running pipeline reports while it runs, for `/readyz` (see `crate::server`).
+#[derive(Clone, Default)]
+pub struct Status {
+    /// Subscribed and consuming (false while starting and draining).
+    pub consuming: Arc<AtomicBool>,
+    /// The audit writer cannot write: the pipeline waits (fail closed).
+    pub audit_failing: Arc<AtomicBool>,
+    /// Start-up waits for the Kafka brokers to answer.
+    pub waiting_for_brokers: Arc<AtomicBool>,
+    /// Start-up waits for the key store or the KEK provider to answer.
+    pub waiting_for_keys: Arc<AtomicBool>,
+}
+
+/// The parts of a pipeline that serve beside it (the subject-rights API), handed out once they are built.
+pub struct Started<'a> {
+    pub config: &'a Config,
+    pub sanitizer: &'a Arc<Sanitizer>,
+    pub routes: &'a Arc<Routes>,
+    pub auditor: &'a Auditor,
+    pub control: &'a Control,
+    /// Brokers and the `[kafka.properties]` passthrough.
+    pub client: &'a ClientConfig,
+}
+
+/// Runs the stream processor until `shutdown` fires or a fatal error occurs, reporting its state in `status` and
+/// handing its parts to `on_start` once they are built. It serves nothing itself: `crate::server::run` is
+/// `piiwall run` (HTTP and the API around this).
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    status: Status,
+    on_start: impl FnOnce(Started<'_>),
+) -> Result<Summary, Error> {
     if config.kafka.inputs.is_empty() {
         return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
     }
-    // Metrics are recorded with the listener off too: an embedding application renders them itself.
-    crate::http::prometheus();
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let waiting_for_brokers = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let waiting_for_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let audit_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Served from the start, so `/readyz` tells what start-up waits for; the API answers once its parts are built.
-    let api_slot = (!config.api.access.principals.is_empty()).then(|| Arc::new(std::sync::OnceLock::new()));
-    if let Some(listen) = config.http_listen {
-        let readiness = crate::http::Readiness {
-            consuming: ready.clone(),
-            audit_failing: audit_failing.clone(),
-            waiting_for_brokers: waiting_for_brokers.clone(),
-            waiting_for_keys: waiting_for_keys.clone(),
-        };
-        crate::http::serve(
-            listen,
-            readiness,
-            shutdown.listen(),
-            api_slot.clone(),
-            config.http_tls.as_ref(),
-        )
-        .await?;
-    }
+    let Status {
+        consuming: ready,
+        audit_failing,
+        waiting_for_brokers,
+        waiting_for_keys,
+    } = status;
     let Some(keyring) = open_keyring_waiting(&config.keys, &waiting_for_keys, shutdown.listen()).await? else {
         tracing::info!("stopped while waiting for the key store");
         return Ok(Summary::default());
@@ -339,17 +281,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         audit_failing,
     );
     let control = Control::new(producer.clone(), config.keys.control_topic.clone());
-    if let Some(slot) = &api_slot {
-        let api = Arc::new(crate::api::Api {
-            config: config.api.clone(),
-            sanitizer: sanitizer.clone(),
-            routes: routes.clone(),
-            auditor: auditor.clone(),
-            control: control.clone(),
-            erasure: crate::receipt::Erasure::from_config(&config, client.clone()),
-        });
-        let _ = slot.set(crate::api::router(api));
-    }
+    on_start(Started {
+        config: &config,
+        sanitizer: &sanitizer,
+        routes: &routes,
+        auditor: &auditor,
+        control: &control,
+        client: &client,
+    });
     // Brokers that do not answer yet (a cluster starting with piiwall, a network not up) are waited for.
     if !wait_for_brokers(&consumer, &waiting_for_brokers, shutdown.listen()).await {
         tracing::info!("stopped while waiting for the brokers");
@@ -364,7 +303,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
         ),
     };
     let at_least_once = transactions.is_none();
-    let control_listener = control::listen(
+    let control_listener = crate::control::listen(
         &client,
         &config.keys.control_topic,
         keyring.clone(),

@@ -91,7 +91,7 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     let mut failed: HashMap<i32, bool> = HashMap::new();
     let mut commit = TopicPartitionList::new();
     let mut copies = Vec::new();
-    super::read_to_end(&consumer, start.count(), READ_DEADLINE, |copy| {
+    crate::topic_reader::read_to_end(&consumer, start.count(), READ_DEADLINE, |copy| {
         copies.push(copy);
         Ok(())
     })?;

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use piiwall::codec::json::JsonCodec;
 use piiwall::policy::CompiledSchema;
+use piiwall::server;
 use piiwall::stream;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -188,7 +189,7 @@ pub async fn run_until(
     quarantined: usize,
 ) -> (Vec<OwnedMessage>, Vec<OwnedMessage>) {
     let shutdown = stream::Shutdown::new();
-    let task = tokio::spawn(stream::run(config, shutdown.clone()));
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
     let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
     let read = tokio::task::spawn_blocking(move || {
         (

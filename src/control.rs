@@ -269,7 +269,7 @@ pub struct Ledger {
 pub fn forgotten_scopes(client: &ClientConfig, topic: &str, keyring: &Keyring) -> Result<Ledger, Error> {
     let mut scopes = std::collections::BTreeSet::new();
     let mut ignored = 0;
-    crate::stream::read_topic(client, topic, "control topic", READ_DEADLINE, |message| {
+    crate::topic_reader::read_topic(client, topic, "control topic", READ_DEADLINE, |message| {
         let scope = message.key().and_then(|k| std::str::from_utf8(k).ok());
         match (scope, message.payload()) {
             (Some(scope), Some(value)) if verify_ack(keyring, scope, value).is_some() => {}
