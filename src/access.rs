@@ -18,15 +18,17 @@ pub enum Operation {
     Forget,
     Status,
     Rotate,
+    Export,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 5] = [
+    pub const ALL: [Operation; 6] = [
         Operation::Reveal,
         Operation::Tokenize,
         Operation::Forget,
         Operation::Status,
         Operation::Rotate,
+        Operation::Export,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +38,7 @@ impl Operation {
             Operation::Forget => "forget",
             Operation::Status => "status",
             Operation::Rotate => "rotate",
+            Operation::Export => "export",
         }
     }
 
@@ -101,6 +104,20 @@ impl AccessPolicy {
             return Err(Denial::Unauthenticated("expired bearer token"));
         }
         Ok(principal)
+    }
+
+    /// The field patterns whose originals the principal may see in an `operation` for `purpose`: the fields of
+    /// every role that allows the operation for that purpose.
+    pub fn visible_fields(&self, principal: &Principal, operation: Operation, purpose: &str) -> Vec<String> {
+        principal
+            .roles
+            .iter()
+            .filter_map(|r| self.roles.get(r))
+            .filter(|role| {
+                role.operations.contains(&operation) && role.purposes.iter().any(|p| p == "*" || p == purpose)
+            })
+            .flat_map(|role| role.fields.iter().cloned())
+            .collect()
     }
 
     /// Allows `operation` for `purpose` on every one of `fields` when one of the principal's roles allows all of it.

@@ -41,6 +41,7 @@ pub mod crypto;
 pub mod demo;
 pub mod detect;
 pub mod error;
+pub mod export;
 pub mod http;
 pub mod keys;
 pub mod lint;

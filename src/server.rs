@@ -40,6 +40,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 auditor: started.auditor.clone(),
                 control: started.control.clone(),
                 erasure: crate::receipt::Erasure::from_config(started.config, started.client.clone()),
+                kafka: started.client.clone(),
+                sanitized_topics: started
+                    .config
+                    .kafka
+                    .inputs
+                    .iter()
+                    .map(|input| format!("{input}{}", started.config.kafka.output_suffix))
+                    .collect(),
             });
             let _ = slot.set(crate::api::router(api));
         }

@@ -34,7 +34,7 @@ use crate::audit::{AuditEvent, AuditKind, AuditOutcome, Auditor};
 use crate::codec::json::JsonCodec;
 use crate::config::ApiConfig;
 use crate::control::{Control, ControlOp};
-use crate::error::{Error, ErrorKind, KeyError, RevealError};
+use crate::error::{Error, ErrorKind, KeyError, RevealError, ValueError};
 use crate::keys::Keyring;
 use crate::sanitize::Sanitizer;
 use crate::stream::Routes;
@@ -57,7 +57,18 @@ pub struct Api {
     pub control: Control,
     /// What a forget needs to collect acknowledgements and write its receipt.
     pub erasure: crate::receipt::Erasure,
+    /// Brokers and the `[kafka.properties]` passthrough, for exports' reads.
+    pub kafka: rdkafka::ClientConfig,
+    /// The sanitized topics of the pipeline (`<input><kafka.output_suffix>`): the topics an export may read.
+    pub sanitized_topics: Vec<String>,
 }
+
+/// How long one export call scans before it answers with what it found and a resume point.
+pub const EXPORT_CALL_SECS: u64 = 20;
+/// The most records one export call returns (`max_records` may ask for fewer).
+pub const MAX_EXPORT_RECORDS: u64 = 10_000;
+/// The most topics one export call names.
+pub const MAX_EXPORT_TOPICS: usize = 64;
 
 /// Every path the API serves, with its handlers: what `router` mounts and `docs/openapi.json` documents.
 fn routes() -> Vec<(&'static str, MethodRouter<Arc<Api>>)> {
@@ -67,6 +78,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<Api>>)> {
         ("/v1/subjects/forget", post(forget)),
         ("/v1/subjects/status", post(status)),
         ("/v1/keys/rotate", post(rotate)),
+        ("/v1/subjects/export", post(export)),
         ("/v1/openapi.json", get(openapi)),
     ]
 }
@@ -107,6 +119,18 @@ struct TokenizeRequest {
 struct SubjectRequest {
     purpose: String,
     subject: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportRequest {
+    purpose: String,
+    subject: String,
+    topics: Vec<String>,
+    #[serde(default)]
+    resume: Option<crate::export::ResumePoint>,
+    #[serde(default)]
+    max_records: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -160,7 +184,9 @@ impl Failure {
             (Error::Key(KeyError::Forgotten), _) => e.to_string(),
             (_, StatusCode::SERVICE_UNAVAILABLE) => {
                 tracing::warn!(error = %e, "API request failed: a dependency is unavailable");
-                "the key store or the KEK provider is unavailable; retry later".to_owned()
+                "a dependency (the key store, the KEK provider, the brokers or the schema registry) is unavailable; \
+                 retry later"
+                    .to_owned()
             }
             (Error::Key(_), _) => {
                 tracing::error!(error = %e, "API request failed: the key store or the KEK provider");
@@ -178,6 +204,12 @@ impl Failure {
     fn response(&self) -> Response {
         (self.status, axum::Json(json!({ "error": self.message }))).into_response()
     }
+}
+
+/// What a handler knows of its authorized caller.
+struct Caller {
+    /// The field patterns whose originals the caller may see (for this operation and purpose).
+    visible_fields: Vec<String>,
 }
 
 /// What the access check and the audit event need to know of a request.
@@ -221,6 +253,16 @@ impl ApiRequest for SubjectRequest {
     }
 }
 
+impl ApiRequest for ExportRequest {
+    fn describe(&self) -> Described<'_> {
+        Described {
+            purpose: &self.purpose,
+            fields: Vec::new(),
+            subject: Some(&self.subject),
+        }
+    }
+}
+
 impl ApiRequest for RotateRequest {
     fn describe(&self) -> Described<'_> {
         Described {
@@ -245,6 +287,7 @@ pub fn parse_request(operation: Operation, body: &[u8]) -> Result<(String, Vec<S
         Operation::Tokenize => summary::<TokenizeRequest>(body),
         Operation::Forget | Operation::Status => summary::<SubjectRequest>(body),
         Operation::Rotate => summary::<RotateRequest>(body),
+        Operation::Export => summary::<ExportRequest>(body),
     }
 }
 
@@ -256,6 +299,7 @@ fn audit_event(operation: Operation) -> AuditEvent {
         Operation::Forget => AuditKind::Forget,
         Operation::Status => AuditKind::SubjectStatus,
         Operation::Rotate => AuditKind::KeyRotated,
+        Operation::Export => AuditKind::SubjectExport,
     })
 }
 
@@ -266,7 +310,7 @@ async fn handle<R: ApiRequest>(
     operation: Operation,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-    perform: fn(&Api, R) -> Result<Json, Error>,
+    perform: fn(&Api, &Caller, R) -> Result<Json, Error>,
 ) -> Response {
     let mut event = audit_event(operation);
     let result = async {
@@ -309,7 +353,10 @@ async fn handle<R: ApiRequest>(
             .authorize(principal, operation, purpose, &field_refs)
             .map_err(Failure::from_denial)?;
         let worker = api.clone();
-        tokio::task::spawn_blocking(move || perform(&worker, request))
+        let caller = Caller {
+            visible_fields: api.config.access.visible_fields(principal, operation, purpose),
+        };
+        tokio::task::spawn_blocking(move || perform(&worker, &caller, request))
             .await
             .map_err(|_| Failure::from_error(&Error::Kafka("the request handler panicked".into())))?
             .map_err(|e| Failure::from_error(&e))
@@ -318,6 +365,9 @@ async fn handle<R: ApiRequest>(
     let response = match &result {
         Ok(answer) => {
             event.outcome = Some(AuditOutcome::Allowed);
+            if operation == Operation::Export {
+                event.counts = export_counts(answer);
+            }
             (StatusCode::OK, axum::Json(answer.clone())).into_response()
         }
         Err(failure) => {
@@ -346,6 +396,22 @@ async fn handle<R: ApiRequest>(
         }
     }
     response
+}
+
+/// What an export found, per topic, for its audit event: records exported and records erased (counts only).
+fn export_counts(document: &Json) -> Vec<crate::audit::FieldCount> {
+    let mut counts = Vec::new();
+    for topic in document["topics"].as_array().into_iter().flatten() {
+        let name = topic["topic"].as_str().unwrap_or("?");
+        for (action, member) in [("records exported", "records"), ("records erased", "erased_records")] {
+            counts.push(crate::audit::FieldCount {
+                field_path: name.to_owned(),
+                action: action.to_owned(),
+                count: topic[member].as_i64().unwrap_or(0),
+            });
+        }
+    }
+    counts
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -380,7 +446,7 @@ async fn reveal(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<RevealRequest>(api, Operation::Reveal, headers, body, |api, r| {
+    handle::<RevealRequest>(api, Operation::Reveal, headers, body, |api, _, r| {
         if r.tokens.is_empty() || r.tokens.len() > MAX_REVEAL_TOKENS {
             return Err(
                 crate::error::ValueError::new("tokens", format!("give 1 to {MAX_REVEAL_TOKENS} tokens")).into(),
@@ -404,7 +470,7 @@ async fn tokenize(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<TokenizeRequest>(api, Operation::Tokenize, headers, body, |api, r| {
+    handle::<TokenizeRequest>(api, Operation::Tokenize, headers, body, |api, _, r| {
         let route = tokio::runtime::Handle::current().block_on(api.routes.schema_for(&r.topic, r.schema_id))?;
         let codec = JsonCodec::new(&route.schema.writer);
         // A number or boolean may arrive as text (as the CLI sends it): read it as JSON when text does not fit.
@@ -450,7 +516,7 @@ async fn forget(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<SubjectRequest>(api, Operation::Forget, headers, body, |api, r| {
+    handle::<SubjectRequest>(api, Operation::Forget, headers, body, |api, _, r| {
         let (receipt, unannounced) = api.erasure.forget(
             api.sanitizer.keyring(),
             Some(&api.control),
@@ -476,7 +542,7 @@ async fn status(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<SubjectRequest>(api, Operation::Status, headers, body, |api, r| {
+    handle::<SubjectRequest>(api, Operation::Status, headers, body, |api, _, r| {
         let status = api.sanitizer.keyring().subject_status(&r.subject)?;
         Ok(json!({
             "known": status.known,
@@ -492,7 +558,7 @@ async fn rotate(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    handle::<RotateRequest>(api, Operation::Rotate, headers, body, |api, r| {
+    handle::<RotateRequest>(api, Operation::Rotate, headers, body, |api, _, r| {
         let keyring = api.sanitizer.keyring();
         let scope = match (&r.subject, &r.domain) {
             (Some(subject), None) => keyring.subject_scope(subject),
@@ -508,6 +574,58 @@ async fn rotate(
         let version = keyring.rotate(&scope)?;
         announce(api, ControlOp::Rotate, &scope)?;
         Ok(json!({ "version": version }))
+    })
+    .await
+}
+
+async fn export(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    handle::<ExportRequest>(api, Operation::Export, headers, body, |api, caller, r| {
+        if r.topics.is_empty() || r.topics.len() > MAX_EXPORT_TOPICS {
+            return Err(ValueError::new("topics", format!("name 1 to {MAX_EXPORT_TOPICS} sanitized topics")).into());
+        }
+        if let Some(index) = r.topics.iter().position(|t| !api.sanitized_topics.contains(t)) {
+            return Err(ValueError::new(
+                &format!("topics[{index}]"),
+                "not a sanitized topic of this pipeline (an input of kafka.inputs with kafka.output_suffix)",
+            )
+            .into());
+        }
+        let max_records = r.max_records.unwrap_or(MAX_EXPORT_RECORDS).clamp(1, MAX_EXPORT_RECORDS);
+        let resume = r.resume.unwrap_or_default();
+        let may_see = |rule: &crate::policy::Rule| {
+            caller
+                .visible_fields
+                .iter()
+                .any(|p| crate::access::path_matches(p, &rule.path) || crate::access::path_matches(p, &rule.context))
+        };
+        let request = crate::export::ExportRequest {
+            subject: &r.subject,
+            topics: &r.topics,
+            resume: &resume,
+            may_see: &may_see,
+            deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs(EXPORT_CALL_SECS)),
+            max_records: Some(max_records),
+            cancel: None,
+        };
+        let exporter = crate::export::Exporter {
+            sanitizer: &api.sanitizer,
+            routes: &api.routes,
+            client: &api.kafka,
+            runtime: &tokio::runtime::Handle::current(),
+        };
+        let mut document = Vec::new();
+        // The brokers' failure to serve the reads is theirs, not the caller's: 503 (the log says what failed).
+        exporter
+            .export(&request, &mut document, &mut |_, _| {})
+            .map_err(|e| match e {
+                Error::Kafka(why) => Error::Unavailable(why),
+                other => other,
+            })?;
+        serde_json::from_slice(&document).map_err(|_| Error::Kafka("the export document does not parse back".into()))
     })
     .await
 }

@@ -40,9 +40,11 @@ pub enum AuditKind {
     KekRewrapped,
     /// A forget's signed receipt (`receipt.rs`): its digest in `config_digest`.
     ErasureReceipt,
+    /// A subject access export (`subject export`, `POST /v1/subjects/export`): records found, per field revealed.
+    SubjectExport,
 }
 
-const KIND_SYMBOLS: [&str; 13] = [
+const KIND_SYMBOLS: [&str; 14] = [
     "START",
     "STOP",
     "PROCESSING_SUMMARY",
@@ -56,6 +58,7 @@ const KIND_SYMBOLS: [&str; 13] = [
     "SUBJECT_STATUS",
     "KEK_REWRAPPED",
     "ERASURE_RECEIPT",
+    "SUBJECT_EXPORT",
 ];
 
 /// How an API call ended.

@@ -83,6 +83,11 @@ pub(crate) enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// A data subject's rights: access and portability (export).
+    Subject {
+        #[command(subcommand)]
+        command: subject::SubjectCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -160,6 +165,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             receipt,
             remote,
         } => subject::forget(&config, subject, receipt.as_deref(), &remote),
+        Command::Subject { command } => subject::exec(&config, command),
         Command::Keys { command } => keys::exec(&config, command),
         Command::Api { command } => api::exec(command),
         Command::Audit { command } => audit::exec(&config, command),

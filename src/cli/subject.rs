@@ -1,13 +1,17 @@
-//! `forget`: a data subject's erasure, offline or through a running instance's API.
+//! `forget` and `subject export`: a data subject's erasure and access, offline or through a running instance's API.
 
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use piiwall::audit::{AuditEvent, AuditKind, AuditOutcome};
 use piiwall::config::Config;
+use piiwall::export::{ExportRequest, ExportSummary, Exporter, ResumePoint};
 use piiwall::receipt::{Erasure, ErasureReceipt};
+use serde_json::Value as Json;
 
 use super::api::{Remote, remote_call};
 use super::audit::{audit_locally, audited_after, control_locally, local_event};
@@ -93,4 +97,256 @@ fn print_forgotten(destroyed: usize) {
              count; uuids in any form): if records carry the id in another form, forget that form too"
         );
     }
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum SubjectCommand {
+    /// Export a data subject's records from sanitized topics, with the protected fields revealed, as one JSON
+    /// document (GDPR Art. 15 and 20). Records under destroyed keys are counted as erased.
+    Export {
+        /// The subject id; - reads it from standard input (keeps it out of shell history).
+        subject: String,
+        /// The sanitized topics to search (`<input><kafka.output_suffix>`).
+        #[arg(long, required = true, num_args = 1..)]
+        topics: Vec<String>,
+        /// Write the document to this file (it holds the subject's data in clear) instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Continue an export that stopped (interrupted, or an API call's limit): the earlier document, whose
+        /// `resume` member says where. The new document holds the records after that point.
+        #[arg(long)]
+        resume_from: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+pub(crate) fn exec(config: &Config, command: SubjectCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SubjectCommand::Export {
+            subject,
+            topics,
+            output,
+            resume_from,
+            remote,
+        } => export(
+            config,
+            subject,
+            &topics,
+            output.as_deref(),
+            resume_from.as_deref(),
+            &remote,
+        ),
+    }
+}
+
+fn export(
+    config: &Config,
+    subject: String,
+    topics: &[String],
+    output: Option<&Path>,
+    resume_from: Option<&Path>,
+    remote: &Remote,
+) -> anyhow::Result<ExitCode> {
+    let subject = from_arg_or_stdin(subject)?;
+    let resume = match resume_from {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let document: Json = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not an export document (line {})", file.display(), e.line()))?;
+            piiwall::export::resume_point(&document).with_context(|| file.display().to_string())?
+        }
+        None => ResumePoint::new(),
+    };
+    let mut out: Box<dyn Write> = match output {
+        Some(file) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(file).with_context(|| format!("cannot create {}", file.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let summary = match remote.client()? {
+        Some((client, purpose)) => export_remote(&client, &purpose, &subject, topics, resume, &mut out)?,
+        None => export_locally(config, &subject, topics, &resume, remote.purpose.as_deref(), &mut out)?,
+    };
+    drop(out);
+    eprintln!(
+        "subject export: {} record(s) of the subject ({} scanned), {} erased record(s), {} unreadable; subject {}",
+        summary.records, summary.scanned, summary.erased, summary.unreadable, summary.status
+    );
+    if summary.complete {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("subject export: stopped before the end: continue with --resume-from on this document");
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Every sanitized topic named must be one of this pipeline's.
+fn check_topics(config: &Config, topics: &[String]) -> anyhow::Result<()> {
+    for topic in topics {
+        let ours = config
+            .kafka
+            .inputs
+            .iter()
+            .any(|input| format!("{input}{}", config.kafka.output_suffix) == *topic);
+        if !ours {
+            anyhow::bail!(
+                "{topic} is not a sanitized topic of this pipeline: name <input><kafka.output_suffix> for an input of \
+                 kafka.inputs"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn export_locally(
+    config: &Config,
+    subject: &str,
+    topics: &[String],
+    resume: &ResumePoint,
+    purpose: Option<&str>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExportSummary> {
+    check_topics(config, topics)?;
+    let sanitizer = super::sanitizer(config)?;
+    let routes = piiwall::stream::Routes::compile(config)?;
+    let client = kafka_client(config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // An interrupt stops the scan where it is: the document ends with a resume point.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let interrupted = cancel.clone();
+    runtime.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            interrupted.store(true, Ordering::Relaxed);
+        }
+    });
+    let request = ExportRequest {
+        subject,
+        topics,
+        resume,
+        may_see: &|_| true,
+        deadline: None,
+        max_records: None,
+        cancel: Some(&cancel),
+    };
+    let exporter = Exporter {
+        sanitizer: &sanitizer,
+        routes: &routes,
+        client: &client,
+        runtime: runtime.handle(),
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |done: u64, total: u64| {
+        if terminal {
+            let percent = if total == 0 { 100 } else { done * 100 / total.max(done) };
+            eprint!("\rsubject export: {done} of {total} records scanned ({percent}%)  ");
+        }
+    };
+    let mut event = local_event(AuditKind::SubjectExport, purpose);
+    event.subject_token = Some(piiwall::audit::subject_pseudonym(sanitizer.keyring(), subject)?);
+    let result = exporter.export(&request, out, &mut progress);
+    if terminal {
+        eprintln!();
+    }
+    event.field_paths = topics.to_vec();
+    match &result {
+        Ok(summary) => {
+            event.outcome = Some(AuditOutcome::Allowed);
+            event.counts = vec![
+                piiwall::audit::FieldCount {
+                    field_path: "records".into(),
+                    action: "exported".into(),
+                    count: summary.records as i64,
+                },
+                piiwall::audit::FieldCount {
+                    field_path: "records".into(),
+                    action: "erased".into(),
+                    count: summary.erased as i64,
+                },
+            ];
+        }
+        Err(e) => {
+            event.outcome = Some(AuditOutcome::Error);
+            event.reason = Some(e.to_string());
+        }
+    }
+    // The export is audited whether it succeeded or not; a failure to audit is reported after the export's own.
+    let audited = audit_locally(config, sanitizer.keyring(), vec![event]);
+    let summary = result?;
+    audited?;
+    Ok(summary)
+}
+
+/// Exports through a running instance's API, call after call (each answers at most its limit of records, with a
+/// resume point), merged into one document.
+fn export_remote(
+    client: &piiwall::api::client::Client,
+    purpose: &str,
+    subject: &str,
+    topics: &[String],
+    mut resume: ResumePoint,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExportSummary> {
+    let mut summary = ExportSummary {
+        complete: false,
+        ..Default::default()
+    };
+    let mut counts: Vec<Json> = Vec::new();
+    let mut first = true;
+    loop {
+        let mut body = serde_json::json!({"purpose": purpose, "subject": subject, "topics": topics});
+        if !resume.is_empty() {
+            body["resume"] = serde_json::to_value(&resume)?;
+        }
+        let answer = remote_call(client, "/v1/subjects/export", body)?;
+        if first {
+            write!(
+                out,
+                "{{\"format\":{},\"generated_at\":{},\"subject\":{},\"status\":{},\"records\":[",
+                answer["format"], answer["generated_at"], answer["subject"], answer["status"]
+            )?;
+            summary.status = match answer["status"].as_str() {
+                Some("erased") => "erased",
+                Some("known") => "known",
+                _ => "unknown",
+            };
+        }
+        for record in answer["records"].as_array().into_iter().flatten() {
+            if summary.records > 0 {
+                out.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut *out, record)?;
+            summary.records += 1;
+        }
+        first = false;
+        for topic in answer["topics"].as_array().into_iter().flatten() {
+            match counts.iter_mut().find(|c| c["topic"] == topic["topic"]) {
+                Some(total) => {
+                    for member in ["scanned", "records", "erased_records", "unreadable"] {
+                        total[member] =
+                            Json::from(total[member].as_u64().unwrap_or(0) + topic[member].as_u64().unwrap_or(0));
+                    }
+                }
+                None => counts.push(topic.clone()),
+            }
+        }
+        if answer["complete"] == true {
+            summary.complete = true;
+            break;
+        }
+        let next = piiwall::export::resume_point(&answer).context("the API's answer")?;
+        anyhow::ensure!(next != resume, "the API made no progress from the resume point");
+        resume = next;
+    }
+    for total in &counts {
+        summary.scanned += total["scanned"].as_u64().unwrap_or(0);
+        summary.erased += total["erased_records"].as_u64().unwrap_or(0);
+        summary.unreadable += total["unreadable"].as_u64().unwrap_or(0);
+    }
+    write!(out, "],\"topics\":{},\"complete\":true}}", Json::from(counts))?;
+    out.flush()?;
+    Ok(summary)
 }

@@ -30,7 +30,7 @@ pub use aws_kms::AwsKmsKek;
 pub use dek::{Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
 pub use kek::{KekProvider, KekSet, KekSource, LocalKek, open_kek};
 pub use pkcs11::{Pkcs11Kek, Pkcs11Location, SecretSource};
-pub use token::{Token, TokenKind};
+pub use token::{HEAD_LEN as TOKEN_HEAD_LEN, Token, TokenKind};
 
 /// Where an AWS KMS KEK is: `keys.kek = "aws-kms:KEY"` and `[keys.aws_kms]`. Parsed and checked whether or not this
 /// build has the `aws-kms` feature, so `config check` reads such a config anywhere.

@@ -713,6 +713,16 @@ impl Keyring {
         })
     }
 
+    /// The ids of every key version of a subject (in each of its [scopes](Self::subject_scopes)): its tokens and
+    /// ciphertexts carry one of them. Empty when it has none or was forgotten.
+    pub fn subject_key_ids(&self, subject: &str) -> Result<Vec<KeyId>, KeyError> {
+        let mut ids = Vec::new();
+        for scope in self.subject_scopes(subject) {
+            ids.extend(self.stats.timed(|| self.store.key_ids(&scope))?);
+        }
+        Ok(ids)
+    }
+
     /// Drops whatever this process caches of a scope's keys: another instance forgot or rotated it.
     pub fn invalidate_scope(&self, scope: &str) {
         // Waits for the cache fills under way: each either read the store before the forget (its entry is in the
@@ -1133,6 +1143,9 @@ mod tests {
         }
         fn versions(&self, scope: &str) -> Result<u32, KeyError> {
             self.inner.versions(scope)
+        }
+        fn key_ids(&self, scope: &str) -> Result<Vec<KeyId>, KeyError> {
+            self.inner.key_ids(scope)
         }
         fn forgotten_scopes(&self, prefix: &str) -> Result<Vec<String>, KeyError> {
             self.inner.forgotten_scopes(prefix)

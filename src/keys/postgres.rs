@@ -486,6 +486,22 @@ impl KeyStore for PostgresStore {
         Ok(count as u32)
     }
 
+    fn key_ids(&self, scope: &str) -> Result<Vec<KeyId>, KeyError> {
+        let rows = self.with("listing key versions", |tx| {
+            tx.query(
+                "SELECT key_id FROM piiwall_deks WHERE scope = $1 ORDER BY version",
+                &[&scope],
+            )
+        })?;
+        rows.iter()
+            .map(|row| {
+                <[u8; 12]>::try_from(row.get::<_, Vec<u8>>(0))
+                    .map(KeyId)
+                    .map_err(|_| KeyError::CorruptRow)
+            })
+            .collect()
+    }
+
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
         let count = i64::try_from(count).map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
         let total: i64 = self.with("recording key usage", |tx| {

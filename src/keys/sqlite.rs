@@ -300,6 +300,20 @@ impl KeyStore for SqliteStore {
         )
     }
 
+    fn key_ids(&self, scope: &str) -> Result<Vec<KeyId>, KeyError> {
+        let ids: Vec<Vec<u8>> = self.with(
+            |c| {
+                let mut statement = c.prepare_cached("SELECT key_id FROM deks WHERE scope = ?1 ORDER BY version")?;
+                let rows = statement.query_map([scope], |row| row.get(0))?;
+                rows.collect()
+            },
+            "listing key versions",
+        )?;
+        ids.into_iter()
+            .map(|id| <[u8; 12]>::try_from(id).map(KeyId).map_err(|_| KeyError::CorruptRow))
+            .collect()
+    }
+
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError> {
         let count = i64::try_from(count).map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
         let total: i64 = self.with(

@@ -42,6 +42,9 @@ pub trait KeyStore: Send + Sync {
     fn scopes_with_prefix(&self, prefix: &str) -> Result<Vec<String>, KeyError>;
     /// How many key versions a scope holds (0 when it has none or was forgotten).
     fn versions(&self, scope: &str) -> Result<u32, KeyError>;
+    /// The ids of a scope's key versions, oldest first (none when it has none or was forgotten): what a subject
+    /// access export looks for in sanitized records.
+    fn key_ids(&self, scope: &str) -> Result<Vec<KeyId>, KeyError>;
     /// Adds `count` to a key's tally of random-nonce encryptions (kept across restarts, shared by every instance
     /// using the store); returns the new total.
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;

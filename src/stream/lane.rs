@@ -25,8 +25,9 @@ use crate::transcode::TranscodeScratch;
 pub const SOURCE_TOPIC: &str = "piiwall.source.topic";
 pub const SOURCE_PARTITION: &str = "piiwall.source.partition";
 pub const SOURCE_OFFSET: &str = "piiwall.source.offset";
-/// Header names of quarantine records.
+/// Header name of quarantine records: why.
 pub const REASON: &str = "piiwall.reason";
+/// Header name of output and quarantine records: the writer schema id (registry id, or a local binding's).
 pub const SCHEMA_ID: &str = "piiwall.schema.id";
 
 const RETRY_START: Duration = Duration::from_millis(100);
@@ -333,7 +334,14 @@ async fn write(
                 if let Some(id) = schema_id {
                     *written.per_schema.entry(*id).or_default() += 1;
                 }
-                let headers = headers(message, &ctx.headers_allow);
+                let mut headers = headers(message, &ctx.headers_allow);
+                // The writer schema id: what `subject export` reads a sanitized record's plan by.
+                if let Some(id) = schema_id {
+                    headers = headers.insert(Header {
+                        key: SCHEMA_ID,
+                        value: Some(id.to_string().as_bytes()),
+                    });
+                }
                 let mut record = FutureRecord::to(output_topic).partition(partition).headers(headers);
                 // Event time survives sanitization.
                 if let Some(timestamp) = message.timestamp().to_millis() {
