@@ -25,13 +25,13 @@ use apache_avro::types::Value;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use serde_json::{Value as Json, json};
 
 use crate::codec::json::JsonCodec;
 use crate::crypto::KeyId;
 use crate::error::{Error, KeyError, RevealError, ValueError};
-use crate::keys::KeyLookup;
+use crate::keys::{KeyLookup, Keyring};
 use crate::policy::{Action, Rule};
 use crate::sanitize::Sanitizer;
 use crate::stream::{Routes, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_text};
@@ -132,8 +132,7 @@ impl Exporter<'_> {
         let mut scan = Scan {
             exporter: self,
             request,
-            ours,
-            destroyed: HashMap::new(),
+            classifier: Classifier::new(keyring, ours),
             first: true,
             found: 0,
         };
@@ -206,14 +205,73 @@ impl Exporter<'_> {
     }
 }
 
-/// One export's state across topics.
-struct Scan<'a, 'r> {
-    exporter: &'a Exporter<'a>,
-    request: &'a ExportRequest<'r>,
+/// What a record's bytes say about it, before any decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// It holds a token of one of the subject's keys: it may be the subject's (its subject field decides).
+    Candidate,
+    /// It holds a token of a key a forget destroyed: a forgotten subject's record.
+    Erased,
+    /// Anything else: another subject's record, or one with no token.
+    Other,
+}
+
+/// Sorts records by their bytes alone: the tokens' key ids against the subject's, and against the keys destroyed
+/// (looked up once each in the key store, then remembered).
+pub struct Classifier<'k> {
+    keyring: &'k Keyring,
     /// The subject's key ids.
     ours: HashSet<KeyId>,
     /// Key ids looked up so far: whether a forget destroyed each.
     destroyed: HashMap<KeyId, bool>,
+}
+
+impl<'k> Classifier<'k> {
+    pub fn new(keyring: &'k Keyring, ours: HashSet<KeyId>) -> Self {
+        Self {
+            keyring,
+            ours,
+            destroyed: HashMap::new(),
+        }
+    }
+
+    /// Whether a token of this key id is the subject's.
+    pub fn is_ours(&self, id: &KeyId) -> bool {
+        self.ours.contains(id)
+    }
+
+    pub fn classify(&mut self, bytes: &[u8]) -> Result<Class, Error> {
+        let ids = key_ids_in(bytes);
+        if ids.iter().any(|id| self.ours.contains(id)) {
+            return Ok(Class::Candidate);
+        }
+        for id in ids {
+            if self.is_destroyed(id)? {
+                return Ok(Class::Erased);
+            }
+        }
+        Ok(Class::Other)
+    }
+
+    /// Whether a forget destroyed the key `id` (remembered for the rest of the export).
+    fn is_destroyed(&mut self, id: KeyId) -> Result<bool, Error> {
+        if let Some(&known) = self.destroyed.get(&id) {
+            return Ok(known);
+        }
+        let destroyed = matches!(self.keyring.lookup_key(id)?, KeyLookup::Shredded);
+        if self.destroyed.len() >= MAX_REMEMBERED_KEYS {
+            self.destroyed.clear();
+        }
+        self.destroyed.insert(id, destroyed);
+        Ok(destroyed)
+    }
+}
+
+/// One export's state across topics.
+struct Scan<'a, 'r> {
+    exporter: &'a Exporter<'a>,
+    request: &'a ExportRequest<'r>,
+    classifier: Classifier<'a>,
     /// No record written yet (no comma before the next).
     first: bool,
     /// The subject's records found so far, in all topics.
@@ -298,12 +356,11 @@ impl Scan<'_, '_> {
                 Some(Err(e)) => return Err(kafka(e)),
                 Some(Ok(message)) => {
                     last_record = Instant::now();
-                    let partition = message.partition();
-                    let message = message.detach();
+                    let (partition, offset) = (message.partition(), message.offset());
                     self.record(topic, &message, counts, out)?;
-                    next.insert(partition, message.offset() + 1);
+                    next.insert(partition, offset + 1);
                     done += 1;
-                    if end.get(&partition).is_some_and(|&high| message.offset() + 1 >= high) {
+                    if end.get(&partition).is_some_and(|&high| offset + 1 >= high) {
                         end.remove(&partition);
                     }
                     if last_progress.elapsed() > Duration::from_millis(200) {
@@ -327,7 +384,7 @@ impl Scan<'_, '_> {
     fn record(
         &mut self,
         topic: &str,
-        message: &OwnedMessage,
+        message: &BorrowedMessage<'_>,
         counts: &mut TopicCounts,
         out: &mut dyn Write,
     ) -> Result<(), Error> {
@@ -335,17 +392,17 @@ impl Scan<'_, '_> {
         let Some(payload) = message.payload() else {
             return Ok(());
         };
-        let ids = key_ids_in(payload);
-        if !ids.iter().any(|id| self.ours.contains(id)) {
-            for id in ids {
-                if self.is_destroyed(id)? {
-                    counts.erased += 1;
-                    break;
-                }
+        match self.classifier.classify(payload)? {
+            Class::Candidate => {}
+            Class::Erased => {
+                counts.erased += 1;
+                return Ok(());
             }
-            return Ok(());
+            Class::Other => return Ok(()),
         }
-        let Some(document) = self.decode_and_reveal(topic, message)? else {
+        // Only candidates are copied out of the consumer's buffer.
+        let message = message.detach();
+        let Some(document) = self.decode_and_reveal(topic, &message)? else {
             counts.unreadable += 1;
             return Ok(());
         };
@@ -359,19 +416,6 @@ impl Scan<'_, '_> {
         counts.records += 1;
         self.found += 1;
         Ok(())
-    }
-
-    /// Whether a forget destroyed the key `id` (remembered for the rest of the export).
-    fn is_destroyed(&mut self, id: KeyId) -> Result<bool, Error> {
-        if let Some(&known) = self.destroyed.get(&id) {
-            return Ok(known);
-        }
-        let destroyed = matches!(self.exporter.sanitizer.keyring().lookup_key(id)?, KeyLookup::Shredded);
-        if self.destroyed.len() >= MAX_REMEMBERED_KEYS {
-            self.destroyed.clear();
-        }
-        self.destroyed.insert(id, destroyed);
-        Ok(destroyed)
     }
 
     /// The export entry of a candidate record: `None` when it cannot be read (no writer schema, does not decode),
@@ -429,7 +473,7 @@ impl Scan<'_, '_> {
         let is_ours = subject_token
             .as_deref()
             .and_then(|text| crate::crypto::Token::parse(text).ok())
-            .is_some_and(|token| self.ours.contains(&token.key_id));
+            .is_some_and(|token| self.classifier.is_ours(&token.key_id));
         if !is_ours {
             return Ok(Some(None));
         }
