@@ -1140,7 +1140,17 @@ impl RawKafka {
                 .quarantine_topic
                 .unwrap_or_else(|| DEFAULT_QUARANTINE_TOPIC.to_owned()),
             delivery,
-            headers_allow: self.headers_allow.unwrap_or_default(),
+            headers_allow: {
+                let allow = self.headers_allow.unwrap_or_default();
+                // piiwall's own headers (source coordinates, schema id) must come from piiwall: an upstream copy
+                // would forge a record's origin, or the schema `subject export` reads it by.
+                if allow.iter().any(|h| h.to_ascii_lowercase().starts_with("piiwall.")) {
+                    return Err(ConfigError(
+                        "kafka.headers_allow must not name piiwall.* headers: piiwall writes those itself".into(),
+                    ));
+                }
+                allow
+            },
             properties,
         })
     }
@@ -1521,6 +1531,20 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             "test.toml",
         )
+    }
+
+    #[test]
+    fn piiwalls_own_headers_cannot_be_let_through_from_upstream() {
+        for name in ["piiwall.schema.id", "PIIWALL.source.topic"] {
+            let err = parse(&format!("[kafka]\nheaders_allow = [\"trace-id\", \"{name}\"]\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("kafka.headers_allow must not name piiwall.* headers"),
+                "{err}"
+            );
+        }
+        assert!(parse("[kafka]\nheaders_allow = [\"trace-id\"]\n", &[]).is_ok());
     }
 
     #[test]

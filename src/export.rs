@@ -42,8 +42,14 @@ pub const FORMAT: &str = "piiwall.subject-export/1";
 /// How long a partition may stay silent before it is taken as read to its end (some brokers, Tansu among them,
 /// report high watermarks that no record reaches).
 const QUIET_END: Duration = Duration::from_secs(3);
+/// The longest a topic read to its end is drained of records already fetched.
+const DRAIN: Duration = Duration::from_millis(500);
 /// Key ids whose fate (destroyed or not) is remembered during one export; the memo is emptied when full.
 const MAX_REMEMBERED_KEYS: usize = 1_000_000;
+/// Distinct key ids looked at in one record. A record with more (real ones carry a few: the subject's, a domain's)
+/// holds text made to look like tokens: it is decoded and its subject field decides, as for a candidate, instead of
+/// costing a key-store lookup per fake id.
+const MAX_KEY_IDS_PER_RECORD: usize = 16;
 
 /// Where to continue an export: per topic, per partition, the next offset to read.
 pub type ResumePoint = BTreeMap<String, BTreeMap<i32, i64>>;
@@ -61,6 +67,8 @@ pub struct ExportRequest<'a> {
     pub deadline: Option<Instant>,
     /// Stop (incomplete, with a resume point) after this many of the subject's records.
     pub max_records: Option<u64>,
+    /// Stop (incomplete, with a resume point) once the records written reach this many bytes.
+    pub max_bytes: Option<u64>,
     /// Stop (incomplete, with a resume point) once this is set (an interrupt).
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
@@ -135,6 +143,7 @@ impl Exporter<'_> {
             classifier: Classifier::new(keyring, ours),
             first: true,
             found: 0,
+            written: 0,
         };
         let mut summary = ExportSummary {
             status: status_name,
@@ -150,7 +159,7 @@ impl Exporter<'_> {
             // A subject with no keys and no forget has no record anywhere: nothing to read.
             let finished = if status_name == "unknown" {
                 true
-            } else if stopped {
+            } else if stopped || scan.must_stop() {
                 false
             } else {
                 match scan.topic(topic, &mut next, &mut topic_counts, out, progress) {
@@ -191,8 +200,18 @@ impl Exporter<'_> {
             tail["resume"] = serde_json::to_value(&summary.resume).unwrap_or(Json::Null);
         }
         if let Some(e) = &failure {
-            // The error names a topic, a setting or a dependency, never a value.
-            tail["error"] = json!(e.to_string());
+            // The document goes to the data subject: a fixed sentence, the error itself to the log.
+            tracing::warn!(error = %e, "a subject export stopped on an error");
+            tail["error"] = json!(match e.kind() {
+                crate::error::ErrorKind::Retriable => {
+                    "a dependency (the key store, the KEK provider or the schema registry) did not answer; \
+                     continue from the resume point later"
+                }
+                _ if matches!(e, Error::Kafka(_)) => {
+                    "the brokers failed a read; continue from the resume point later"
+                }
+                _ => "the export failed; the piiwall log says why",
+            });
         }
         // The tail's members follow the records array.
         let tail = tail.to_string();
@@ -241,8 +260,8 @@ impl<'k> Classifier<'k> {
     }
 
     pub fn classify(&mut self, bytes: &[u8]) -> Result<Class, Error> {
-        let ids = key_ids_in(bytes);
-        if ids.iter().any(|id| self.ours.contains(id)) {
+        let ids = key_ids_in(bytes, MAX_KEY_IDS_PER_RECORD + 1);
+        if ids.len() > MAX_KEY_IDS_PER_RECORD || ids.iter().any(|id| self.ours.contains(id)) {
             return Ok(Class::Candidate);
         }
         for id in ids {
@@ -276,9 +295,22 @@ struct Scan<'a, 'r> {
     first: bool,
     /// The subject's records found so far, in all topics.
     found: u64,
+    /// The bytes of the records written so far.
+    written: u64,
 }
 
 impl Scan<'_, '_> {
+    /// The deadline, the record or byte limit, or a cancel says to stop here.
+    fn must_stop(&self) -> bool {
+        let request = self.request;
+        request.deadline.is_some_and(|at| Instant::now() >= at)
+            || request.max_records.is_some_and(|max| self.found >= max)
+            || request.max_bytes.is_some_and(|max| self.written >= max)
+            || request
+                .cancel
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Reads `topic` from `next` (the next offset of each partition; the beginning where it has none) to its end,
     /// or until the deadline, the record limit or a cancel, keeping `next` up to date. Returns whether the topic was
     /// read to its end.
@@ -298,6 +330,12 @@ impl Scan<'_, '_> {
             .set("group.id", "piiwall.export.unused")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            // A scan to a known end: the broker should answer a fetch with what it has, not wait for more (Tansu
+            // waits the whole 500 ms default on every fetch). `[kafka.properties]` may say otherwise.
+            .set(
+                "fetch.wait.max.ms",
+                self.exporter.client.get("fetch.wait.max.ms").unwrap_or("10"),
+            )
             .create()
             .map_err(kafka)?;
         let metadata = consumer
@@ -316,12 +354,15 @@ impl Scan<'_, '_> {
         let mut assignment = rdkafka::TopicPartitionList::new();
         let (mut done, mut total) = (0u64, 0u64);
         for &partition in &partitions {
+            if self.must_stop() {
+                return Ok(false);
+            }
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, Duration::from_secs(10))
                 .map_err(kafka)?;
             let from = next.get(&partition).copied().unwrap_or(low).max(low);
-            total += (high - low).max(0) as u64;
-            done += (from - low).max(0) as u64;
+            total = total.saturating_add(high.saturating_sub(low).max(0) as u64);
+            done = done.saturating_add(from.saturating_sub(low).max(0) as u64);
             next.insert(partition, from);
             highs.push((partition, high));
             if from < high {
@@ -338,17 +379,30 @@ impl Scan<'_, '_> {
         let mut last_record = Instant::now();
         let mut last_progress = Instant::now();
         progress(done, total);
-        while !end.is_empty() && last_record.elapsed() < QUIET_END {
-            if self.request.deadline.is_some_and(|at| Instant::now() >= at)
-                || self.request.max_records.is_some_and(|max| self.found >= max)
-                || self
-                    .request
-                    .cancel
-                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        // Once every partition is at its end, what the consumer already fetched is drained: a broker may report a
+        // high watermark below the records of its last batch (Tansu counts a multi-record batch as one offset), and
+        // those records are in the batch already fetched.
+        let mut draining_until = None;
+        loop {
+            if end.is_empty() && draining_until.is_none() {
+                draining_until = Some(Instant::now() + DRAIN);
+            }
+            let draining = draining_until.is_some();
+            if draining_until.is_some_and(|until| Instant::now() >= until)
+                || (!draining && last_record.elapsed() >= QUIET_END)
             {
+                break;
+            }
+            if self.must_stop() {
                 return Ok(false);
             }
-            match consumer.poll(Duration::from_millis(200)) {
+            let wait = if draining {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(200)
+            };
+            match consumer.poll(wait) {
+                None if draining => break,
                 None => {}
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
                     end.remove(&partition);
@@ -369,6 +423,13 @@ impl Scan<'_, '_> {
                     }
                 }
             }
+        }
+        // Silent for QUIET_END with partitions short of the end read at the start: reads that stalled (a leader
+        // failover, a slow cold read). Never taken as read to the end: the export is incomplete, resumable from each
+        // partition's true position.
+        if !end.is_empty() {
+            tracing::warn!(%topic, partitions = end.len(), "a subject export's reads stalled before the end of the topic");
+            return Ok(false);
         }
         progress(total.max(done), total.max(done));
         // Read to its end: a resumed export finds nothing more to read here (records written since are not part of
@@ -412,7 +473,9 @@ impl Scan<'_, '_> {
             out.write_all(b",").map_err(io)?;
         }
         self.first = false;
-        serde_json::to_writer(&mut *out, &document).map_err(|e| Error::io("writing the export", e.into()))?;
+        let bytes = serde_json::to_vec(&document).map_err(|e| Error::io("writing the export", e.into()))?;
+        out.write_all(&bytes).map_err(io)?;
+        self.written += bytes.len() as u64;
         counts.records += 1;
         self.found += 1;
         Ok(())
@@ -636,18 +699,25 @@ fn set(record: &mut Json, protected: &Protected<'_>, original: Json) {
     };
     let name = match original {
         Json::String(text) => text,
-        // A withheld or erased key keeps a placeholder name: the key's own token would say nothing.
-        Json::Null => format!("(withheld key {})", map.len()),
+        // A withheld or erased key gets a placeholder name (the key's own token would say nothing), one not taken.
+        Json::Null => (1..)
+            .map(|n| format!("(withheld key {n})"))
+            .find(|name| !map.contains_key(name))
+            .unwrap_or_default(),
         other => other.to_string(),
     };
     map.insert(name, item);
 }
 
-/// The key ids of the tokens and ciphertexts in a record's bytes (`pwt1.`, `pwe2.`, `pwe1.` followed by a 16-character
-/// key id and a dot), in the order found; hashes (`pwh1`) are under domain keys and are skipped.
-pub fn key_ids_in(bytes: &[u8]) -> Vec<KeyId> {
+/// The distinct key ids of the tokens and ciphertexts in a record's bytes (`pwt1.`, `pwe2.`, `pwe1.` followed by a
+/// 16-character key id and a dot), in the order found, at most `limit`; hashes (`pwh1`) are under domain keys and
+/// are skipped.
+pub fn key_ids_in(bytes: &[u8], limit: usize) -> Vec<KeyId> {
     let mut ids: Vec<KeyId> = Vec::new();
     for at in memchr::memmem::find_iter(bytes, b"pw") {
+        if ids.len() >= limit {
+            break;
+        }
         let Some(head) = bytes.get(at..at + crate::crypto::TOKEN_HEAD_LEN) else {
             break;
         };
@@ -694,13 +764,81 @@ mod tests {
             avro.push((text.len() * 2) as u8);
             avro.extend_from_slice(text.as_bytes());
         }
-        assert_eq!(key_ids_in(&avro), vec![a, b]);
+        assert_eq!(key_ids_in(&avro, 16), vec![a, b]);
+        assert_eq!(key_ids_in(&avro, 1), vec![a]);
         let json = format!("{{\"email\":\"{tokenized}\",\"pw\":\"pwt1.short.x\",\"end\":\"pw");
-        assert_eq!(key_ids_in(json.as_bytes()), vec![a]);
+        assert_eq!(key_ids_in(json.as_bytes(), 16), vec![a]);
         assert!(
-            key_ids_in(b"pwt1.AAAAAAAAAAAAAAA!.x").is_empty(),
+            key_ids_in(b"pwt1.AAAAAAAAAAAAAAA!.x", 16).is_empty(),
             "not base64: no key id"
         );
+    }
+
+    fn keyring(dir: &std::path::Path) -> Keyring {
+        let store = std::sync::Arc::new(crate::keys::SqliteStore::open(&dir.join("keys.db")).unwrap());
+        Keyring::open(
+            store,
+            std::sync::Arc::new(crate::crypto::LocalKek::from_bytes(&[5; 32]).unwrap()),
+            crate::keys::KeyCacheSettings::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn records_are_told_apart_by_their_key_ids_and_fake_tokens_cost_no_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keyring(dir.path());
+        let ours: HashSet<KeyId> = ["ada", "bob"]
+            .iter()
+            .map(|s| {
+                keyring.prefetch_subjects([*s]).unwrap();
+                keyring.subject_key_ids(s).unwrap()[0]
+            })
+            .collect();
+        let ada = keyring.subject_key_ids("ada").unwrap()[0];
+        keyring.prefetch_subjects(["carol", "dan"]).unwrap();
+        let (carol, dan) = (
+            keyring.subject_key_ids("carol").unwrap()[0],
+            keyring.subject_key_ids("dan").unwrap()[0],
+        );
+        keyring.forget_subject("dan").unwrap();
+        let ours: HashSet<KeyId> = ours.into_iter().filter(|id| *id == ada).collect();
+        let token = |id| Token::render(TokenKind::Token, id, &[1; 30]);
+        let mut classifier = Classifier::new(&keyring, ours);
+        assert_eq!(classifier.classify(token(ada).as_bytes()).unwrap(), Class::Candidate);
+        assert_eq!(classifier.classify(token(carol).as_bytes()).unwrap(), Class::Other);
+        assert_eq!(classifier.classify(token(dan).as_bytes()).unwrap(), Class::Erased);
+        assert_eq!(classifier.classify(b"no token here").unwrap(), Class::Other);
+        // Text made of many fake tokens is decoded (the subject field decides), not looked up id by id.
+        let calls = keyring.stats().store_calls.load(std::sync::atomic::Ordering::Relaxed);
+        let stuffed: String = (0..40u8).map(|n| token(KeyId([n; 12])) + " ").collect();
+        assert_eq!(classifier.classify(stuffed.as_bytes()).unwrap(), Class::Candidate);
+        assert_eq!(
+            keyring.stats().store_calls.load(std::sync::atomic::Ordering::Relaxed),
+            calls
+        );
+    }
+
+    #[test]
+    fn withheld_map_keys_get_distinct_placeholders() {
+        let rule = Rule {
+            path: "tags".into(),
+            action: Action::Tokenize,
+            context: "tags".into(),
+            map_keys: Some(Action::Tokenize),
+            key_context: "tags#key".into(),
+        };
+        let mut record = json!({"tags": {"k1": "a", "k2": "b"}});
+        for key in ["k1", "k2"] {
+            let protected = Protected {
+                rule: &rule,
+                pointer: format!("/tags/{key}"),
+                is_key: true,
+                token: key.into(),
+            };
+            set(&mut record, &protected, Json::Null);
+        }
+        assert_eq!(record["tags"].as_object().unwrap().len(), 2, "{record}");
     }
 
     #[test]

@@ -11,6 +11,9 @@ use crate::stream::{Shutdown, Started, Status, Summary};
 /// Runs `piiwall run` until `shutdown` fires or a fatal error occurs. The HTTP listener (`http.listen`) is served
 /// from the start, so `/readyz` tells what start-up waits for; the API answers once the pipeline's parts are built.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
+    if config.kafka.inputs.is_empty() {
+        return Err(crate::error::ConfigError("kafka.inputs lists no topic to read".into()).into());
+    }
     // Metrics are recorded with the listener off too: an embedding application renders them itself.
     crate::http::prometheus();
     let status = Status::default();

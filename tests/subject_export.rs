@@ -214,6 +214,9 @@ listen = "127.0.0.1:{port}"
             .unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
         let text = std::fs::read_to_string(&output).unwrap_or_else(|_| panic!("no document; stderr: {stderr}"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&output).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the export file is readable by others");
         let document = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
         (run.status.code().unwrap_or(-1), document, stderr)
     }
@@ -367,7 +370,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(erased["status"], "erased");
     assert_eq!(erased["records"], json!([]));
-    assert_eq!(topic_counts(&erased, &sanitized[0])["erased_records"], 1);
+    assert_eq!(topic_counts(&erased, &sanitized[0])["erased_records"], 1, "{erased:#}");
     assert!(!erased.to_string().contains("person2@example.com"));
 
     // Through the API: the privacy officer gets the same records; the helpdesk sees contact fields only.
@@ -394,6 +397,19 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
         !limited.to_string().contains("Person Number1"),
         "a withheld field in the answer"
     );
+
+    // The command line through the API: the same records, in one document, the file readable by its owner only.
+    let token_file = deployment.dir.path().join("olga.token");
+    std::fs::write(&token_file, &deployment.olga).unwrap();
+    let server = format!("http://127.0.0.1:{port}");
+    let (code, remote, stderr) = deployment.export_locally(
+        &config,
+        "cus_0001",
+        &["--server", &server, "--token-file", token_file.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(coordinates(&remote), coordinates(&by_api));
+    assert_eq!(remote["complete"], true);
 
     // Refused: no role with export, a purpose the role does not allow, an empty purpose, no token, a foreign topic.
     assert_eq!(post(port, Some(&deployment.alice), body("fraud-investigation")).0, 403);
@@ -446,9 +462,10 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     whole.sort_by_key(|p| p.0.to_string() + &p.1.to_string());
     assert_eq!(pieces, whole);
 
-    // Every call audited, allowed or not, with no subject id and no value.
+    // Every call audited, allowed or not, with no subject id and no value (each event was acknowledged before its
+    // call answered: five seconds read them all).
     let audit = format!("{}.audit", deployment.prefix);
-    let events = tokio::task::spawn_blocking(move || consume(&audit, 30, Duration::from_secs(20)))
+    let events = tokio::task::spawn_blocking(move || consume(&audit, 1_000, Duration::from_secs(5)))
         .await
         .unwrap();
     let events = common::kafka::audit_events(&events);
@@ -456,6 +473,20 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let outcomes = |outcome: &str| exports.iter().filter(|e| e["outcome"] == outcome).count();
     assert!(outcomes("ALLOWED") >= 4, "{exports:#?}");
     assert_eq!(outcomes("DENIED"), 3, "{exports:#?}");
+    // A call refused for its role or purpose names the topics it asked for (one without a token is refused before
+    // its body is read).
+    let refused: Vec<_> = exports
+        .iter()
+        .filter(|e| e["outcome"] == "DENIED" && !e["principal"].is_null())
+        .collect();
+    assert_eq!(refused.len(), 2);
+    for denied in refused {
+        assert_eq!(
+            denied["field_paths"],
+            json!(sanitized),
+            "a denied export names the topics asked for"
+        );
+    }
     assert!(outcomes("ERROR") >= 2, "{exports:#?}");
     let audited = serde_json::to_string(&exports).unwrap();
     for value in ["cus_0001", "person1@example.com", "Person Number1", &deployment.olga] {
@@ -466,4 +497,22 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
         assert!(!log_text.contains(value), "{value} in the log");
     }
     stop(child);
+}
+
+/// The (topic, partition, offset) of every record of a document, sorted: partitions are read in no set order.
+fn coordinates(document: &Json) -> Vec<(String, i64, i64)> {
+    let mut found: Vec<_> = document["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["topic"].as_str().unwrap().to_owned(),
+                r["partition"].as_i64().unwrap(),
+                r["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
 }

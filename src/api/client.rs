@@ -8,7 +8,8 @@ use serde_json::Value as Json;
 
 use crate::error::{ConfigError, Error};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than any call takes on the server: a forget waits up to 60 s for acknowledgements, an export scans 20 s.
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running instance and the bearer token to call it with.
 pub struct Client {

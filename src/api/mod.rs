@@ -69,6 +69,13 @@ pub const EXPORT_CALL_SECS: u64 = 20;
 pub const MAX_EXPORT_RECORDS: u64 = 10_000;
 /// The most topics one export call names.
 pub const MAX_EXPORT_TOPICS: usize = 64;
+/// The most bytes of records one export call returns: the answer is built in memory.
+pub const MAX_EXPORT_BYTES: u64 = 16 << 20;
+/// Exports running at once (each holds a thread, a consumer and up to `MAX_EXPORT_BYTES`); others get 503.
+pub const MAX_CONCURRENT_EXPORTS: usize = 2;
+
+/// Exports running now.
+static EXPORTS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Every path the API serves, with its handlers: what `router` mounts and `docs/openapi.json` documents.
 fn routes() -> Vec<(&'static str, MethodRouter<Arc<Api>>)> {
@@ -215,8 +222,11 @@ struct Caller {
 /// What the access check and the audit event need to know of a request.
 struct Described<'a> {
     purpose: &'a str,
+    /// The field paths the role must allow (and the audit event records).
     fields: Vec<String>,
     subject: Option<&'a str>,
+    /// What else the audit event records in `field_paths` (an export's topics).
+    also_audited: Vec<String>,
 }
 
 trait ApiRequest: DeserializeOwned + Send + 'static {
@@ -229,6 +239,7 @@ impl ApiRequest for RevealRequest {
             purpose: &self.purpose,
             fields: vec![self.field.clone()],
             subject: None,
+            also_audited: Vec::new(),
         }
     }
 }
@@ -239,6 +250,7 @@ impl ApiRequest for TokenizeRequest {
             purpose: &self.purpose,
             fields: vec![self.field.clone()],
             subject: self.subject.as_deref(),
+            also_audited: Vec::new(),
         }
     }
 }
@@ -249,6 +261,7 @@ impl ApiRequest for SubjectRequest {
             purpose: &self.purpose,
             fields: Vec::new(),
             subject: Some(&self.subject),
+            also_audited: Vec::new(),
         }
     }
 }
@@ -259,6 +272,8 @@ impl ApiRequest for ExportRequest {
             purpose: &self.purpose,
             fields: Vec::new(),
             subject: Some(&self.subject),
+            // The topics asked for (at most the first MAX_EXPORT_TOPICS: the call refuses more).
+            also_audited: self.topics.iter().take(MAX_EXPORT_TOPICS).cloned().collect(),
         }
     }
 }
@@ -269,6 +284,7 @@ impl ApiRequest for RotateRequest {
             purpose: &self.purpose,
             fields: Vec::new(),
             subject: self.subject.as_deref(),
+            also_audited: Vec::new(),
         }
     }
 }
@@ -334,9 +350,10 @@ async fn handle<R: ApiRequest>(
             purpose,
             fields,
             subject,
+            also_audited,
         } = request.describe();
         event.purpose = Some(purpose.to_owned());
-        event.field_paths = fields.clone();
+        event.field_paths = fields.iter().chain(&also_audited).cloned().collect();
         if let Some(subject) = subject {
             let (keyring, subject) = (api.sanitizer.keyring().clone(), subject.to_owned());
             let token = tokio::task::spawn_blocking(move || crate::audit::subject_pseudonym(&keyring, &subject))
@@ -578,6 +595,30 @@ async fn rotate(
     .await
 }
 
+/// One of the [`MAX_CONCURRENT_EXPORTS`] slots, given back on drop.
+struct ExportSlot;
+
+impl ExportSlot {
+    fn take() -> Result<Self, Error> {
+        use std::sync::atomic::Ordering;
+        let taken = EXPORTS_RUNNING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_CONCURRENT_EXPORTS).then_some(n + 1)
+        });
+        match taken {
+            Ok(_) => Ok(Self),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{MAX_CONCURRENT_EXPORTS} exports are running; retry later"
+            ))),
+        }
+    }
+}
+
+impl Drop for ExportSlot {
+    fn drop(&mut self) {
+        EXPORTS_RUNNING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 async fn export(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -596,12 +637,14 @@ async fn export(
         }
         let max_records = r.max_records.unwrap_or(MAX_EXPORT_RECORDS).clamp(1, MAX_EXPORT_RECORDS);
         let resume = r.resume.unwrap_or_default();
+        // As `/v1/reveal` decides: by the context a token is bound to (the field path, or its annotation's kind).
         let may_see = |rule: &crate::policy::Rule| {
             caller
                 .visible_fields
                 .iter()
-                .any(|p| crate::access::path_matches(p, &rule.path) || crate::access::path_matches(p, &rule.context))
+                .any(|p| crate::access::path_matches(p, &rule.context))
         };
+        let _running = ExportSlot::take()?;
         let request = crate::export::ExportRequest {
             subject: &r.subject,
             topics: &r.topics,
@@ -609,6 +652,7 @@ async fn export(
             may_see: &may_see,
             deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs(EXPORT_CALL_SECS)),
             max_records: Some(max_records),
+            max_bytes: Some(MAX_EXPORT_BYTES),
             cancel: None,
         };
         let exporter = crate::export::Exporter {

@@ -158,17 +158,10 @@ fn export(
         }
         None => ResumePoint::new(),
     };
-    let mut out: Box<dyn Write> = match output {
-        Some(file) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(file).with_context(|| format!("cannot create {}", file.display()))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    };
     let summary = match remote.client()? {
-        Some((client, purpose)) => export_remote(&client, &purpose, &subject, topics, resume, &mut out)?,
-        None => export_locally(config, &subject, topics, &resume, remote.purpose.as_deref(), &mut out)?,
+        Some((client, purpose)) => export_remote(&client, &purpose, &subject, topics, resume, output)?,
+        None => export_locally(config, &subject, topics, &resume, remote.purpose.as_deref(), output)?,
     };
-    drop(out);
     eprintln!(
         "subject export: {} record(s) of the subject ({} scanned), {} erased record(s), {} unreadable; subject {}",
         summary.records, summary.scanned, summary.erased, summary.unreadable, summary.status
@@ -179,6 +172,24 @@ fn export(
         eprintln!("subject export: stopped before the end: continue with --resume-from on this document");
         Ok(ExitCode::from(1))
     }
+}
+
+/// The document's destination: the file (created readable by its owner only: it holds the subject's data in
+/// clear), or standard output.
+fn open_output(output: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
+    Ok(match output {
+        Some(file) => {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let created = options
+                .open(file)
+                .with_context(|| format!("cannot create {}", file.display()))?;
+            Box::new(std::io::BufWriter::new(created))
+        }
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    })
 }
 
 /// Every sanitized topic named must be one of this pipeline's.
@@ -199,18 +210,32 @@ fn check_topics(config: &Config, topics: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local export: audited before the first record is revealed (refused when that event cannot be written, as
+/// `reveal` is), and again with its outcome and counts.
 fn export_locally(
     config: &Config,
     subject: &str,
     topics: &[String],
     resume: &ResumePoint,
     purpose: Option<&str>,
-    out: &mut dyn Write,
+    output: Option<&Path>,
 ) -> anyhow::Result<ExportSummary> {
     check_topics(config, topics)?;
     let sanitizer = super::sanitizer(config)?;
     let routes = piiwall::stream::Routes::compile(config)?;
     let client = kafka_client(config);
+    let pseudonym = piiwall::audit::subject_pseudonym(sanitizer.keyring(), subject)?;
+    let event = |outcome: AuditOutcome| {
+        let mut event = local_event(AuditKind::SubjectExport, purpose);
+        event.subject_token = Some(pseudonym.clone());
+        event.field_paths = topics.to_vec();
+        event.outcome = Some(outcome);
+        event
+    };
+    let mut started = event(AuditOutcome::Allowed);
+    started.reason = Some("export started".into());
+    audit_locally(config, sanitizer.keyring(), vec![started])
+        .context("export refused: its audit event could not be written")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -230,6 +255,7 @@ fn export_locally(
         may_see: &|_| true,
         deadline: None,
         max_records: None,
+        max_bytes: None,
         cancel: Some(&cancel),
     };
     let exporter = Exporter {
@@ -245,17 +271,19 @@ fn export_locally(
             eprint!("\rsubject export: {done} of {total} records scanned ({percent}%)  ");
         }
     };
-    let mut event = local_event(AuditKind::SubjectExport, purpose);
-    event.subject_token = Some(piiwall::audit::subject_pseudonym(sanitizer.keyring(), subject)?);
-    let result = exporter.export(&request, out, &mut progress);
+    let result = open_output(output)
+        .map_err(|e| piiwall::Error::Io {
+            context: format!("{e:#}"),
+            source: std::io::Error::other("the output could not be created"),
+        })
+        .and_then(|mut out| exporter.export(&request, &mut out, &mut progress));
     if terminal {
         eprintln!();
     }
-    event.field_paths = topics.to_vec();
-    match &result {
+    let finished = match &result {
         Ok(summary) => {
-            event.outcome = Some(AuditOutcome::Allowed);
-            event.counts = vec![
+            let mut finished = event(AuditOutcome::Allowed);
+            finished.counts = vec![
                 piiwall::audit::FieldCount {
                     field_path: "records".into(),
                     action: "exported".into(),
@@ -267,53 +295,62 @@ fn export_locally(
                     count: summary.erased as i64,
                 },
             ];
+            finished
         }
         Err(e) => {
-            event.outcome = Some(AuditOutcome::Error);
-            event.reason = Some(e.to_string());
+            let mut failed = event(AuditOutcome::Error);
+            failed.reason = Some(e.to_string());
+            failed
         }
-    }
-    // The export is audited whether it succeeded or not; a failure to audit is reported after the export's own.
-    let audited = audit_locally(config, sanitizer.keyring(), vec![event]);
+    };
+    let audited = audit_locally(config, sanitizer.keyring(), vec![finished]);
     let summary = result?;
-    audited?;
+    audited.context("the export's outcome was not audited")?;
     Ok(summary)
 }
 
 /// Exports through a running instance's API, call after call (each answers at most its limit of records, with a
-/// resume point), merged into one document.
+/// resume point), merged into one document. An error ends the document with the last resume point.
 fn export_remote(
     client: &piiwall::api::client::Client,
     purpose: &str,
     subject: &str,
     topics: &[String],
     mut resume: ResumePoint,
-    out: &mut dyn Write,
+    output: Option<&Path>,
 ) -> anyhow::Result<ExportSummary> {
     let mut summary = ExportSummary {
         complete: false,
         ..Default::default()
     };
     let mut counts: Vec<Json> = Vec::new();
-    let mut first = true;
-    loop {
+    let mut out: Option<Box<dyn Write>> = None;
+    let failure = loop {
         let mut body = serde_json::json!({"purpose": purpose, "subject": subject, "topics": topics});
         if !resume.is_empty() {
             body["resume"] = serde_json::to_value(&resume)?;
         }
-        let answer = remote_call(client, "/v1/subjects/export", body)?;
-        if first {
-            write!(
-                out,
-                "{{\"format\":{},\"generated_at\":{},\"subject\":{},\"status\":{},\"records\":[",
-                answer["format"], answer["generated_at"], answer["subject"], answer["status"]
-            )?;
-            summary.status = match answer["status"].as_str() {
-                Some("erased") => "erased",
-                Some("known") => "known",
-                _ => "unknown",
-            };
-        }
+        let answer = match remote_call(client, "/v1/subjects/export", body) {
+            Ok(answer) => answer,
+            Err(e) => break Some(e),
+        };
+        let out = match &mut out {
+            Some(out) => out,
+            None => {
+                let mut opened = open_output(output)?;
+                write!(
+                    opened,
+                    "{{\"format\":{},\"generated_at\":{},\"subject\":{},\"status\":{},\"records\":[",
+                    answer["format"], answer["generated_at"], answer["subject"], answer["status"]
+                )?;
+                summary.status = match answer["status"].as_str() {
+                    Some("erased") => "erased",
+                    Some("known") => "known",
+                    _ => "unknown",
+                };
+                out.insert(opened)
+            }
+        };
         for record in answer["records"].as_array().into_iter().flatten() {
             if summary.records > 0 {
                 out.write_all(b",")?;
@@ -321,13 +358,12 @@ fn export_remote(
             serde_json::to_writer(&mut *out, record)?;
             summary.records += 1;
         }
-        first = false;
         for topic in answer["topics"].as_array().into_iter().flatten() {
             match counts.iter_mut().find(|c| c["topic"] == topic["topic"]) {
                 Some(total) => {
                     for member in ["scanned", "records", "erased_records", "unreadable"] {
-                        total[member] =
-                            Json::from(total[member].as_u64().unwrap_or(0) + topic[member].as_u64().unwrap_or(0));
+                        let sum = total[member].as_u64().unwrap_or(0) + topic[member].as_u64().unwrap_or(0);
+                        total[member] = Json::from(sum);
                     }
                 }
                 None => counts.push(topic.clone()),
@@ -335,18 +371,34 @@ fn export_remote(
         }
         if answer["complete"] == true {
             summary.complete = true;
-            break;
+            break None;
         }
         let next = piiwall::export::resume_point(&answer).context("the API's answer")?;
-        anyhow::ensure!(next != resume, "the API made no progress from the resume point");
+        if next == resume {
+            break Some(anyhow::anyhow!("the API made no progress from the resume point"));
+        }
         resume = next;
-    }
+    };
     for total in &counts {
         summary.scanned += total["scanned"].as_u64().unwrap_or(0);
         summary.erased += total["erased_records"].as_u64().unwrap_or(0);
         summary.unreadable += total["unreadable"].as_u64().unwrap_or(0);
     }
-    write!(out, "],\"topics\":{},\"complete\":true}}", Json::from(counts))?;
+    let Some(out) = &mut out else {
+        // Not one answer: nothing was written.
+        return Err(failure.unwrap_or_else(|| anyhow::anyhow!("the API gave no answer")));
+    };
+    let mut tail = serde_json::json!({"topics": counts, "complete": summary.complete});
+    if !summary.complete {
+        tail["resume"] = serde_json::to_value(&resume)?;
+        tail["error"] = Json::from("a call to the API failed; continue from the resume point");
+        summary.resume = resume;
+    }
+    let tail = tail.to_string();
+    write!(out, "],{}", &tail[1..])?;
     out.flush()?;
+    if let Some(e) = failure {
+        eprintln!("piiwall: subject export: {e:#}");
+    }
     Ok(summary)
 }

@@ -334,14 +334,7 @@ async fn write(
                 if let Some(id) = schema_id {
                     *written.per_schema.entry(*id).or_default() += 1;
                 }
-                let mut headers = headers(message, &ctx.headers_allow);
-                // The writer schema id: what `subject export` reads a sanitized record's plan by.
-                if let Some(id) = schema_id {
-                    headers = headers.insert(Header {
-                        key: SCHEMA_ID,
-                        value: Some(id.to_string().as_bytes()),
-                    });
-                }
+                let headers = output_headers(message, &ctx.headers_allow, *schema_id);
                 let mut record = FutureRecord::to(output_topic).partition(partition).headers(headers);
                 // Event time survives sanitization.
                 if let Some(timestamp) = message.timestamp().to_millis() {
@@ -519,6 +512,19 @@ pub(super) fn with_payload<'a>(
     match value {
         Some(value) => record.payload(value),
         None => record,
+    }
+}
+
+/// An output record's headers: [`headers`], then the writer schema id (what `subject export` reads a sanitized
+/// record's plan by). `kafka.headers_allow` cannot name `piiwall.*` headers, so none of these comes from upstream.
+pub(super) fn output_headers(message: &OwnedMessage, allow: &[String], schema_id: Option<u32>) -> OwnedHeaders {
+    let headers = headers(message, allow);
+    match schema_id {
+        Some(id) => headers.insert(Header {
+            key: SCHEMA_ID,
+            value: Some(id.to_string().as_bytes()),
+        }),
+        None => headers,
     }
 }
 

@@ -98,11 +98,11 @@ pub async fn replay(config: Config) -> Result<ReplaySummary, Error> {
     for message in copies {
         let failure = match original(&message, &parts, &processor, &mut scratch).await? {
             Replayed::Processed(processed) => match *processed {
-                (Outcome::Output { key, value, .. }, source) => {
+                (Outcome::Output { key, value, schema_id }, source) => {
                     let output = format!("{}{}", source.topic(), config.kafka.output_suffix);
                     let mut record = FutureRecord::to(&output)
                         .partition(source.partition())
-                        .headers(lane::headers(&source, &[]));
+                        .headers(lane::output_headers(&source, &[], schema_id));
                     record = lane::with_payload(record, key.as_deref(), value.as_deref());
                     let lease = parts.producer.lease();
                     let delivery = lane::send(&lane::Through::shared(&parts.producer, &lease), record).await?;
