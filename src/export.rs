@@ -39,17 +39,18 @@ use crate::stream::{Routes, SCHEMA_ID, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_T
 /// The document's format name.
 pub const FORMAT: &str = "piiwall.subject-export/1";
 
-/// How long a partition may stay silent before it is taken as read to its end (some brokers, Tansu among them,
-/// report high watermarks that no record reaches).
+/// How long the reads may stay silent, with partitions short of their end, before the export stops incomplete (a
+/// stalled read: a leader failover, a slow cold read).
 const QUIET_END: Duration = Duration::from_secs(3);
 /// The longest a topic read to its end is drained of records already fetched.
 const DRAIN: Duration = Duration::from_millis(500);
 /// Key ids whose fate (destroyed or not) is remembered during one export; the memo is emptied when full.
 const MAX_REMEMBERED_KEYS: usize = 1_000_000;
-/// Distinct key ids looked at in one record. A record with more (real ones carry a few: the subject's, a domain's)
+/// Distinct key ids looked at in one record (so at most this many key-store lookups per record, each remembered).
+/// A record with more (real ones carry one or two: the subject's, a domain's)
 /// holds text made to look like tokens: it is decoded and its subject field decides, as for a candidate, instead of
 /// costing a key-store lookup per fake id.
-const MAX_KEY_IDS_PER_RECORD: usize = 16;
+const MAX_KEY_IDS_PER_RECORD: usize = 4;
 
 /// Where to continue an export: per topic, per partition, the next offset to read.
 pub type ResumePoint = BTreeMap<String, BTreeMap<i32, i64>>;
@@ -61,8 +62,9 @@ pub struct ExportRequest<'a> {
     pub topics: &'a [String],
     /// Continue where an earlier export of the same subject and topics stopped.
     pub resume: &'a ResumePoint,
-    /// Whether the caller may see the original of a protected field (its rule: path and reveal context).
-    pub may_see: &'a (dyn Fn(&Rule) -> bool + Sync),
+    /// Whether the caller may see the original of a protected value, by the context it is bound to (as `reveal`
+    /// is asked: the field path or the annotation's kind; `<context>#key` for a map's keys).
+    pub may_see: &'a (dyn Fn(&str) -> bool + Sync),
     /// Stop (incomplete, with a resume point) at this instant.
     pub deadline: Option<Instant>,
     /// Stop (incomplete, with a resume point) after this many of the subject's records.
@@ -336,6 +338,17 @@ impl Scan<'_, '_> {
                 "fetch.wait.max.ms",
                 self.exporter.client.get("fetch.wait.max.ms").unwrap_or("10"),
             )
+            // Offsets out of range (retention moved the start since the watermarks were read): from the start, never
+            // from the end.
+            .set("auto.offset.reset", "earliest")
+            // A bounded prefetch: the export's memory does not grow with the topic.
+            .set(
+                "queued.max.messages.kbytes",
+                self.exporter
+                    .client
+                    .get("queued.max.messages.kbytes")
+                    .unwrap_or("16384"),
+            )
             .create()
             .map_err(kafka)?;
         let metadata = consumer
@@ -350,7 +363,6 @@ impl Scan<'_, '_> {
             return Err(Error::Kafka(format!("topic {topic} does not exist")));
         }
         let mut end = BTreeMap::new();
-        let mut highs = Vec::new();
         let mut assignment = rdkafka::TopicPartitionList::new();
         let (mut done, mut total) = (0u64, 0u64);
         for &partition in &partitions {
@@ -364,7 +376,6 @@ impl Scan<'_, '_> {
             total = total.saturating_add(high.saturating_sub(low).max(0) as u64);
             done = done.saturating_add(from.saturating_sub(low).max(0) as u64);
             next.insert(partition, from);
-            highs.push((partition, high));
             if from < high {
                 end.insert(partition, high);
                 assignment
@@ -411,7 +422,9 @@ impl Scan<'_, '_> {
                 Some(Ok(message)) => {
                     last_record = Instant::now();
                     let (partition, offset) = (message.partition(), message.offset());
-                    self.record(topic, &message, counts, out)?;
+                    if !self.record(topic, &message, counts, out)? {
+                        return Ok(false);
+                    }
                     next.insert(partition, offset + 1);
                     done += 1;
                     if end.get(&partition).is_some_and(|&high| offset + 1 >= high) {
@@ -432,53 +445,80 @@ impl Scan<'_, '_> {
             return Ok(false);
         }
         progress(total.max(done), total.max(done));
-        // Read to its end: a resumed export finds nothing more to read here (records written since are not part of
-        // this export).
-        for (partition, high) in highs {
-            let at = next.entry(partition).or_insert(high);
-            *at = (*at).max(high);
+        // Read to its end: a resumed export starts at the consumer's position (past the records read and the
+        // transaction markers skipped). Never at the start's high watermark as such: records of a transaction still
+        // open (below it, above the last stable offset) are read by the resumed export once committed.
+        let positions = consumer.position().map_err(kafka)?;
+        for &partition in &partitions {
+            let position = positions
+                .find_partition(topic, partition)
+                .and_then(|p| p.offset().to_raw())
+                .filter(|&o| o >= 0);
+            if let (Some(position), Some(at)) = (position, next.get_mut(&partition)) {
+                *at = (*at).max(position);
+            }
         }
         Ok(true)
     }
 
     /// Looks at one record: the subject's (decoded, revealed, written), a forgotten subject's (counted), or another's.
+    /// `false` when the subject's record would take the document past its byte limit: it is not taken (nor
+    /// counted), and the scan stops before it.
     fn record(
         &mut self,
         topic: &str,
         message: &BorrowedMessage<'_>,
         counts: &mut TopicCounts,
         out: &mut dyn Write,
-    ) -> Result<(), Error> {
-        counts.scanned += 1;
+    ) -> Result<bool, Error> {
         let Some(payload) = message.payload() else {
-            return Ok(());
+            counts.scanned += 1;
+            return Ok(true);
         };
         match self.classifier.classify(payload)? {
             Class::Candidate => {}
             Class::Erased => {
+                counts.scanned += 1;
                 counts.erased += 1;
-                return Ok(());
+                return Ok(true);
             }
-            Class::Other => return Ok(()),
+            Class::Other => {
+                counts.scanned += 1;
+                return Ok(true);
+            }
         }
         // Only candidates are copied out of the consumer's buffer.
         let message = message.detach();
         let Some(document) = self.decode_and_reveal(topic, &message)? else {
+            counts.scanned += 1;
             counts.unreadable += 1;
-            return Ok(());
+            return Ok(true);
         };
-        let Some(document) = document else { return Ok(()) };
+        let Some(document) = document else {
+            counts.scanned += 1;
+            return Ok(true);
+        };
+        let bytes = serde_json::to_vec(&document).map_err(|e| Error::io("writing the export", e.into()))?;
+        // The first record of a call is always taken, so that every call makes progress.
+        if self.found > 0
+            && self
+                .request
+                .max_bytes
+                .is_some_and(|max| self.written + bytes.len() as u64 > max)
+        {
+            return Ok(false);
+        }
         let io = |e: std::io::Error| Error::io("writing the export", e);
         if !self.first {
             out.write_all(b",").map_err(io)?;
         }
         self.first = false;
-        let bytes = serde_json::to_vec(&document).map_err(|e| Error::io("writing the export", e.into()))?;
         out.write_all(&bytes).map_err(io)?;
         self.written += bytes.len() as u64;
+        counts.scanned += 1;
         counts.records += 1;
         self.found += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// The export entry of a candidate record: `None` when it cannot be read (no writer schema, does not decode),
@@ -556,16 +596,16 @@ impl Scan<'_, '_> {
         found.sort_by_key(|p| (p.is_key, std::cmp::Reverse(p.pointer.len())));
         for protected in found {
             let rule = protected.rule;
-            if !(self.request.may_see)(rule) {
-                set(&mut record, &protected, Json::Null);
-                push_once(&mut withheld, &rule.path);
-                continue;
-            }
             let context = if protected.is_key {
                 &rule.key_context
             } else {
                 &rule.context
             };
+            if !(self.request.may_see)(context) {
+                set(&mut record, &protected, Json::Null);
+                push_once(&mut withheld, &rule.path);
+                continue;
+            }
             match self.exporter.sanitizer.reveal(context, &protected.token) {
                 Ok(original) => set(&mut record, &protected, original),
                 Err(Error::Reveal(RevealError::SubjectForgotten | RevealError::UnknownKey))

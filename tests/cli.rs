@@ -758,3 +758,49 @@ fn breach_assess_classifies_every_field_and_counts_subjects_without_quoting_anyt
         );
     }
 }
+
+/// An export reads topics and is audited before it reveals anything: without brokers in the config it is refused,
+/// and a topic that is not one of the pipeline's sanitized topics is refused by name.
+#[test]
+fn subject_export_needs_brokers_and_the_pipelines_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.toml"), "[kafka]\ninputs = [\"orders\"]\n").unwrap();
+    let refused = piiwall(
+        dir.path(),
+        &[
+            "--config",
+            "p.toml",
+            "subject",
+            "export",
+            "-",
+            "--topics",
+            "orders.sanitized",
+        ],
+        Some("cus_0001\n"),
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    says(&refused.stderr, "the config must name kafka.brokers");
+    let foreign = piiwall(
+        dir.path(),
+        &[
+            "--config",
+            "p.toml",
+            "subject",
+            "export",
+            "-",
+            "--topics",
+            "payments.sanitized",
+        ],
+        Some("cus_0001\n"),
+    );
+    says(
+        &foreign.stderr,
+        "payments.sanitized is not a sanitized topic of this pipeline",
+    );
+    for output in [&refused, &foreign] {
+        assert!(
+            !text(&output.stderr).contains("cus_0001"),
+            "the subject id is not echoed"
+        );
+    }
+}

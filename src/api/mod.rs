@@ -353,7 +353,15 @@ async fn handle<R: ApiRequest>(
             also_audited,
         } = request.describe();
         event.purpose = Some(purpose.to_owned());
-        event.field_paths = fields.iter().chain(&also_audited).cloned().collect();
+        // Only the pipeline's own topic names are recorded: a caller's string is not (it could hold anything).
+        let also_audited = also_audited.into_iter().map(|topic| {
+            if api.sanitized_topics.contains(&topic) {
+                topic
+            } else {
+                "(not a sanitized topic)".to_owned()
+            }
+        });
+        event.field_paths = fields.iter().cloned().chain(also_audited).collect();
         if let Some(subject) = subject {
             let (keyring, subject) = (api.sanitizer.keyring().clone(), subject.to_owned());
             let token = tokio::task::spawn_blocking(move || crate::audit::subject_pseudonym(&keyring, &subject))
@@ -385,7 +393,11 @@ async fn handle<R: ApiRequest>(
             if operation == Operation::Export {
                 event.counts = export_counts(answer);
             }
-            (StatusCode::OK, axum::Json(answer.clone())).into_response()
+            // Serialized in place (an export's answer can be large: no copy of the tree).
+            match serde_json::to_vec(answer) {
+                Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+                Err(_) => Failure::from_error(&Error::Kafka("the answer could not be serialized".into())).response(),
+            }
         }
         Err(failure) => {
             event.outcome = Some(failure.outcome);
@@ -638,11 +650,11 @@ async fn export(
         let max_records = r.max_records.unwrap_or(MAX_EXPORT_RECORDS).clamp(1, MAX_EXPORT_RECORDS);
         let resume = r.resume.unwrap_or_default();
         // As `/v1/reveal` decides: by the context a token is bound to (the field path, or its annotation's kind).
-        let may_see = |rule: &crate::policy::Rule| {
+        let may_see = |context: &str| {
             caller
                 .visible_fields
                 .iter()
-                .any(|p| crate::access::path_matches(p, &rule.context))
+                .any(|p| crate::access::path_matches(p, context))
         };
         let _running = ExportSlot::take()?;
         let request = crate::export::ExportRequest {

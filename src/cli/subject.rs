@@ -186,6 +186,11 @@ fn open_output(output: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
             let created = options
                 .open(file)
                 .with_context(|| format!("cannot create {}", file.display()))?;
+            // An existing file keeps its mode when truncated: narrowed too.
+            #[cfg(unix)]
+            created
+                .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("cannot make {} readable by its owner only", file.display()))?;
             Box::new(std::io::BufWriter::new(created))
         }
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
@@ -221,8 +226,14 @@ fn export_locally(
     output: Option<&Path>,
 ) -> anyhow::Result<ExportSummary> {
     check_topics(config, topics)?;
+    // The export reads topics, and is audited before it reveals anything: both need the brokers.
+    if !config.kafka.brokers_configured {
+        anyhow::bail!("subject export reads the sanitized topics: the config must name kafka.brokers");
+    }
     let sanitizer = super::sanitizer(config)?;
     let routes = piiwall::stream::Routes::compile(config)?;
+    // Created before anything is revealed (an empty file if the export is refused next).
+    let mut out = open_output(output)?;
     let client = kafka_client(config);
     let pseudonym = piiwall::audit::subject_pseudonym(sanitizer.keyring(), subject)?;
     let event = |outcome: AuditOutcome| {
@@ -271,12 +282,8 @@ fn export_locally(
             eprint!("\rsubject export: {done} of {total} records scanned ({percent}%)  ");
         }
     };
-    let result = open_output(output)
-        .map_err(|e| piiwall::Error::Io {
-            context: format!("{e:#}"),
-            source: std::io::Error::other("the output could not be created"),
-        })
-        .and_then(|mut out| exporter.export(&request, &mut out, &mut progress));
+    let result = exporter.export(&request, &mut out, &mut progress);
+    drop(out);
     if terminal {
         eprintln!();
     }
@@ -373,7 +380,10 @@ fn export_remote(
             summary.complete = true;
             break None;
         }
-        let next = piiwall::export::resume_point(&answer).context("the API's answer")?;
+        let next = match piiwall::export::resume_point(&answer) {
+            Ok(next) => next,
+            Err(e) => break Some(anyhow::anyhow!("the API's answer: {e}")),
+        };
         if next == resume {
             break Some(anyhow::anyhow!("the API made no progress from the resume point"));
         }
