@@ -859,15 +859,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn withheld_map_keys_get_distinct_placeholders() {
-        let rule = Rule {
+    /// A tokenized map field whose keys are tokenized too.
+    fn tokenized_map() -> Rule {
+        Rule {
             path: "tags".into(),
             action: Action::Tokenize,
             context: "tags".into(),
             map_keys: Some(Action::Tokenize),
             key_context: "tags#key".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn withheld_map_keys_get_distinct_placeholders() {
+        let rule = tokenized_map();
         let mut record = json!({"tags": {"k1": "a", "k2": "b"}});
         for key in ["k1", "k2"] {
             let protected = Protected {
@@ -892,13 +897,7 @@ mod tests {
 
     #[test]
     fn map_keys_and_values_are_replaced_at_their_pointers() {
-        let rule = Rule {
-            path: "tags".into(),
-            action: Action::Tokenize,
-            context: "tags".into(),
-            map_keys: Some(Action::Tokenize),
-            key_context: "tags#key".into(),
-        };
+        let rule = tokenized_map();
         let mut record = json!({"tags": {"tok-k": "tok-v"}, "a/b": [1]});
         let value = Protected {
             rule: &rule,

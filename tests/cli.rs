@@ -765,34 +765,14 @@ fn breach_assess_classifies_every_field_and_counts_subjects_without_quoting_anyt
 fn subject_export_needs_brokers_and_the_pipelines_own_topics() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("p.toml"), "[kafka]\ninputs = [\"orders\"]\n").unwrap();
-    let refused = piiwall(
-        dir.path(),
-        &[
-            "--config",
-            "p.toml",
-            "subject",
-            "export",
-            "-",
-            "--topics",
-            "orders.sanitized",
-        ],
-        Some("cus_0001\n"),
-    );
+    let export = |topic: &str| {
+        let args = ["--config", "p.toml", "subject", "export", "-", "--topics", topic];
+        piiwall(dir.path(), &args, Some("cus_0001\n"))
+    };
+    let refused = export("orders.sanitized");
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
     says(&refused.stderr, "the config must name kafka.brokers");
-    let foreign = piiwall(
-        dir.path(),
-        &[
-            "--config",
-            "p.toml",
-            "subject",
-            "export",
-            "-",
-            "--topics",
-            "payments.sanitized",
-        ],
-        Some("cus_0001\n"),
-    );
+    let foreign = export("payments.sanitized");
     says(
         &foreign.stderr,
         "payments.sanitized is not a sanitized topic of this pipeline",

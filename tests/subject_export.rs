@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::kafka::{consume, create_topic, produce, unique};
+use common::kafka::{consume, create_topic, customer, produce, unique};
 use common::services::{free_port, fresh_database, http, spawn_run, stop};
 
 use std::path::{Path, PathBuf};
@@ -19,24 +19,12 @@ use serde_json::{Value as Json, json};
 const PROFILE_ID: u32 = 3;
 const PAYMENT_ID: u32 = 4;
 
-/// Customer `i`: a profile (twice for customer 1), a payment and an order, with the values an export must give back.
-fn profile(i: usize) -> Json {
-    json!({
-        "customer_id": format!("cus_{i:04}"),
-        "email": format!("person{i}@example.com"),
-        "full_name": format!("Person Number{i}"),
-        "date_of_birth": 7000 + i,
-        "address": {"street": format!("{i} Secret Lane"), "city": "Leeds", "postcode": format!("LS{i} 9ZZ"), "country": "GB"},
-        "phones": [{"kind": "MOBILE", "number": format!("+44 7700 9{i:05}")}],
-        "notes": format!("private note {i}"),
-        "updated_at": 1_764_150_000_000i64 + i as i64
-    })
-}
-
+/// Customer `i`'s payment and order (its profile is `common::kafka::customer`), with the values an export must give
+/// back.
 fn payment(i: usize) -> Json {
     json!({
         "payment_id": format!("7f1c2a9e-3b4d-4e5f-8a6b-1c2d3e4f5a{i:02}"),
-        "customer_id": format!("cus_{i:04}"),
+        "customer_id": format!("cus_{i:05}"),
         "customer_email": format!("person{i}@example.com"),
         "card_number": "4111111111111111",
         "card_holder": format!("Holder Number{i}"),
@@ -51,7 +39,7 @@ fn payment(i: usize) -> Json {
 fn order(i: usize) -> Json {
     json!({
         "order_id": format!("ord_{i}"),
-        "customer_id": format!("cus_{i:04}"),
+        "customer_id": format!("cus_{i:05}"),
         "email": format!("person{i}@example.com"),
         "phone": format!("+44 7700 8{i:05}"),
         "shipping": {"recipient": format!("Recipient Number{i}"), "street": format!("{i} Order Street"), "city": "York",
@@ -263,9 +251,9 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let deployment = Deployment::new().await;
     let (profiles, payments) = (compiled("customer_profile.avsc"), compiled("payment.avsc"));
     // Customer 1 has two profiles; customers 1, 2 and 3 one payment and one order each, over two partitions.
-    let mut profile_records = vec![avro_record(&profiles, PROFILE_ID, 0, &profile(1))];
+    let mut profile_records = vec![avro_record(&profiles, PROFILE_ID, 0, &customer(1))];
     for i in 1..=3 {
-        profile_records.push(avro_record(&profiles, PROFILE_ID, (i % 2) as i32, &profile(i)));
+        profile_records.push(avro_record(&profiles, PROFILE_ID, (i % 2) as i32, &customer(i)));
     }
     produce(&deployment.topic("profiles"), profile_records).await;
     produce(
@@ -304,7 +292,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     }
 
     // Customer 2 is forgotten before the exports.
-    let forget = json!({"purpose": "gdpr-erasure", "subject": "cus_0002"});
+    let forget = json!({"purpose": "gdpr-erasure", "subject": "cus_00002"});
     let (status, forgotten) = http(
         port,
         "POST",
@@ -315,7 +303,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     assert_eq!(status, 200, "{forgotten}");
 
     // Locally (the operator's command): every record of customer 1, and only those.
-    let (code, document, stderr) = deployment.export_locally(&config, "cus_0001", &[]);
+    let (code, document, stderr) = deployment.export_locally(&config, "cus_00001", &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(document["format"], "piiwall.subject-export/1");
     assert_eq!(document["status"], "known");
@@ -331,7 +319,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let text = document.to_string();
     for other in [2, 3] {
         for value in [
-            format!("cus_{other:04}"),
+            format!("cus_{other:05}"),
             format!("person{other}@example.com"),
             format!("Person Number{other}"),
         ] {
@@ -340,7 +328,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     }
     // Original values with their original types; masked and redacted fields say so.
     let value = &found_profiles[0]["value"];
-    assert_eq!(value["customer_id"], "cus_0001");
+    assert_eq!(value["customer_id"], "cus_00001");
     assert_eq!(value["email"], "person1@example.com");
     assert_eq!(value["full_name"], "Person Number1");
     assert_eq!(value["date_of_birth"], 7001, "an int stays an int");
@@ -366,7 +354,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     }
 
     // The forgotten subject: erased, nothing attributable, the erased records listed by count.
-    let (code, erased, stderr) = deployment.export_locally(&config, "cus_0002", &[]);
+    let (code, erased, stderr) = deployment.export_locally(&config, "cus_00002", &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(erased["status"], "erased");
     assert_eq!(erased["records"], json!([]));
@@ -374,7 +362,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     assert!(!erased.to_string().contains("person2@example.com"));
 
     // Through the API: the privacy officer gets the same records; the helpdesk sees contact fields only.
-    let body = |purpose: &str| json!({"purpose": purpose, "subject": "cus_0001", "topics": sanitized});
+    let body = |purpose: &str| json!({"purpose": purpose, "subject": "cus_00001", "topics": sanitized});
     let (status, by_api) = post(port, Some(&deployment.olga), body("gdpr-access"));
     assert_eq!(status, 200, "{by_api}");
     assert_eq!(by_api["records"].as_array().unwrap().len(), 4);
@@ -404,7 +392,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let server = format!("http://127.0.0.1:{port}");
     let (code, remote, stderr) = deployment.export_locally(
         &config,
-        "cus_0001",
+        "cus_00001",
         &["--server", &server, "--token-file", token_file.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -419,7 +407,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let (status, foreign) = post(
         port,
         Some(&deployment.olga),
-        json!({"purpose": "gdpr-access", "subject": "cus_0001", "topics": [format!("{}.audit", deployment.prefix)]}),
+        json!({"purpose": "gdpr-access", "subject": "cus_00001", "topics": [format!("{}.audit", deployment.prefix)]}),
     );
     assert_eq!(status, 400);
     assert!(
@@ -432,7 +420,7 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     let mut pieces = Vec::new();
     for _ in 0..10 {
         let mut request =
-            json!({"purpose": "gdpr-access", "subject": "cus_0001", "topics": sanitized, "max_records": 1});
+            json!({"purpose": "gdpr-access", "subject": "cus_00001", "topics": sanitized, "max_records": 1});
         if !resume.is_null() {
             request["resume"] = resume.clone();
         }
@@ -489,11 +477,11 @@ async fn a_subjects_records_are_exported_from_three_topics_with_originals_and_fo
     }
     assert!(outcomes("ERROR") >= 2, "{exports:#?}");
     let audited = serde_json::to_string(&exports).unwrap();
-    for value in ["cus_0001", "person1@example.com", "Person Number1", &deployment.olga] {
+    for value in ["cus_00001", "person1@example.com", "Person Number1", &deployment.olga] {
         assert!(!audited.contains(value), "{value} in an audit event");
     }
     let log_text = std::fs::read_to_string(&log).unwrap();
-    for value in ["cus_0001", "person1@example.com", "Person Number1"] {
+    for value in ["cus_00001", "person1@example.com", "Person Number1"] {
         assert!(!log_text.contains(value), "{value} in the log");
     }
     stop(child);
