@@ -330,6 +330,16 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+impl KafkaConfig {
+    /// The sanitized topics of the pipeline, one per input: `<input><output_suffix>`.
+    pub fn sanitized_topics(&self) -> Vec<String> {
+        self.inputs
+            .iter()
+            .map(|input| format!("{input}{}", self.output_suffix))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// Idempotent producer; offsets stored after every acknowledgement; source coordinates in headers.

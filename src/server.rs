@@ -44,13 +44,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 control: started.control.clone(),
                 erasure: crate::receipt::Erasure::from_config(started.config, started.client.clone()),
                 kafka: started.client.clone(),
-                sanitized_topics: started
-                    .config
-                    .kafka
-                    .inputs
-                    .iter()
-                    .map(|input| format!("{input}{}", started.config.kafka.output_suffix))
-                    .collect(),
+                sanitized_topics: started.config.kafka.sanitized_topics(),
             });
             let _ = slot.set(crate::api::router(api));
         }

@@ -199,13 +199,9 @@ fn open_output(output: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
 
 /// Every sanitized topic named must be one of this pipeline's.
 fn check_topics(config: &Config, topics: &[String]) -> anyhow::Result<()> {
+    let ours = config.kafka.sanitized_topics();
     for topic in topics {
-        let ours = config
-            .kafka
-            .inputs
-            .iter()
-            .any(|input| format!("{input}{}", config.kafka.output_suffix) == *topic);
-        if !ours {
+        if !ours.contains(topic) {
             anyhow::bail!(
                 "{topic} is not a sanitized topic of this pipeline: name <input><kafka.output_suffix> for an input of \
                  kafka.inputs"
