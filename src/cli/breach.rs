@@ -66,9 +66,9 @@ pub(crate) fn exec(config: &Config, command: BreachCommand, with_keys: bool) -> 
     })
 }
 
-/// Breach assessment reads Avro records; JSON Schema topics are counted unreadable, and said so.
+/// Breach assessment reads Avro records; JSON Schema and Protobuf topics are counted unreadable, and said so.
 const JSON_NOT_YET: &str =
-    "a JSON Schema: breach assess reads Avro records only (its records are counted as unreadable)";
+    "not an Avro schema: breach assess reads Avro records only (its records are counted as unreadable)";
 
 fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) -> anyhow::Result<BreachReport> {
     let text = std::fs::read_to_string(schema).with_context(|| format!("cannot read schema {}", schema.display()))?;
@@ -76,7 +76,7 @@ fn from_file(config: &Config, file: &std::path::Path, schema: &std::path::Path) 
         text
     } else {
         let compiled = load_schema(schema, config)?;
-        if compiled.is_json() {
+        if compiled.is_json() || compiled.protobuf().is_some() {
             anyhow::bail!("{}: {JSON_NOT_YET}", schema.display());
         }
         compiled.sanitized_json
@@ -131,7 +131,7 @@ fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
     let schema_of = |id: u32| -> Option<String> {
         if let Some(path) = local.get(&id) {
             return match load_schema(path, config) {
-                Ok(compiled) if compiled.is_json() => {
+                Ok(compiled) if compiled.is_json() || compiled.protobuf().is_some() => {
                     eprintln!("piiwall: schema id {id} ({}): {JSON_NOT_YET}", path.display());
                     None
                 }
@@ -147,8 +147,8 @@ fn from_topic(config: &Config, topic: &str) -> anyhow::Result<BreachReport> {
             return None;
         };
         match runtime.block_on(registry.schema(id)) {
-            Ok((text, piiwall::stream::registry::WriterKind::Avro)) => Some(text),
-            Ok((_, piiwall::stream::registry::WriterKind::JsonSchema)) => {
+            Ok(writer) if writer.kind == piiwall::stream::registry::WriterKind::Avro => Some(writer.text),
+            Ok(_) => {
                 eprintln!("piiwall: schema id {id}: {JSON_NOT_YET}");
                 None
             }

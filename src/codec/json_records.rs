@@ -1,8 +1,6 @@
 //! JSON records on a topic (framed JSON Schema records, or plain JSON): read into the Avro binary of the writer
 //! schema, so the transcoder sanitizes them as it does Avro records, and the sanitized Avro written back as JSON.
 
-use std::borrow::Cow;
-
 use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 
@@ -117,21 +115,6 @@ fn record_of<'s>(schema: &'s Schema, resolve: impl Fn(&'s Schema) -> &'s Schema)
             _ => None,
         }),
         _ => None,
-    }
-}
-
-/// The Avro binary of a record's payload: the payload itself for Avro records, converted for JSON ones.
-pub fn avro_payload<'a>(
-    json: Option<&JsonRecords>,
-    schema: &CompiledSchema,
-    payload: &'a [u8],
-) -> Result<(Cow<'a, [u8]>, usize), ValueError> {
-    match json {
-        None => Ok((Cow::Borrowed(payload), 0)),
-        Some(records) => {
-            let converted = records.read(schema, payload)?;
-            Ok((Cow::Owned(converted.avro), converted.dropped))
-        }
     }
 }
 

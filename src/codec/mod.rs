@@ -11,11 +11,71 @@ pub mod avro;
 pub mod json;
 pub mod json_binary;
 pub mod json_records;
+pub mod protobuf;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use apache_avro::Schema;
 use apache_avro::schema::{InnerDecimalSchema, Name, UuidSchema};
+
+use crate::error::ValueError;
+use crate::policy::{CompiledSchema, Undeclared};
+
+/// How a topic's records are carried to and from the Avro binary the transcoder sanitizes (Avro records are that
+/// binary already and need neither).
+pub enum Records {
+    Json(json_records::JsonRecords),
+    Protobuf(protobuf::ProtoRecords),
+}
+
+impl Records {
+    /// The conversion a compiled schema's records need: JSON for JSON Schemas and for unframed (plain JSON) topics,
+    /// protobuf for `.proto` schemas; `None` for framed Avro.
+    pub fn for_schema(schema: &CompiledSchema, undeclared: Undeclared, framed: bool) -> Option<Self> {
+        if let Some(proto) = schema.protobuf() {
+            let indexes = framed.then(|| proto.indexes.clone());
+            return Some(Records::Protobuf(protobuf::ProtoRecords::new(
+                proto.writer.clone(),
+                proto.sanitized_message.clone(),
+                indexes,
+                undeclared,
+            )));
+        }
+        (schema.is_json() || !framed).then(|| Records::Json(json_records::JsonRecords::new(schema, undeclared)))
+    }
+
+    /// A record's payload as the Avro binary of the writer schema, and how many undeclared fields were dropped.
+    pub fn read(&self, schema: &CompiledSchema, payload: &[u8]) -> Result<(Vec<u8>, usize), ValueError> {
+        match self {
+            Records::Json(json) => json.read(schema, payload).map(|c| (c.avro, c.dropped)),
+            Records::Protobuf(proto) => proto.read(payload).map(|c| (c.avro, c.dropped)),
+        }
+    }
+
+    /// Appends a sanitized record (Avro binary of the sanitized schema) in the topic's form.
+    pub fn write(&self, schema: &CompiledSchema, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        match self {
+            Records::Json(json) => json.write(schema, sanitized, out),
+            Records::Protobuf(proto) => proto.write(sanitized, out),
+        }
+    }
+}
+
+/// The Avro binary of a record's payload: the payload itself for Avro records, converted for the others.
+pub fn avro_payload<'a>(
+    records: Option<&Records>,
+    schema: &CompiledSchema,
+    payload: &'a [u8],
+) -> Result<(Cow<'a, [u8]>, usize), ValueError> {
+    match records {
+        None => Ok((Cow::Borrowed(payload), 0)),
+        Some(records) => {
+            let (avro, dropped) = records.read(schema, payload)?;
+            Ok((Cow::Owned(avro), dropped))
+        }
+    }
+}
 
 /// Every named type a schema defines, by name, to resolve `Schema::Ref`s.
 pub(crate) fn schema_names(schema: &Schema) -> HashMap<&Name, &Schema> {

@@ -76,6 +76,19 @@ pub enum SchemaFormat {
     /// JSON Schema, translated to Avro (see [`super::json_schema`]): records are JSON; `sanitized` is the JSON
     /// Schema of the output records.
     JsonSchema { sanitized: String },
+    /// Protobuf, translated to Avro (see [`super::protobuf`]): records are protobuf bytes of `Protobuf::writer`.
+    Protobuf(std::sync::Arc<Protobuf>),
+}
+
+/// A Protobuf schema's messages as the codec walks them, and its sanitized `.proto`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Protobuf {
+    pub writer: std::sync::Arc<super::protobuf::Message>,
+    pub sanitized_message: std::sync::Arc<super::protobuf::Message>,
+    /// The `.proto` text of the output records.
+    pub sanitized: String,
+    /// The message index path of the record's message in the writer schema.
+    pub indexes: Vec<i32>,
 }
 
 impl CompiledSchema {
@@ -84,12 +97,21 @@ impl CompiledSchema {
         match &self.format {
             SchemaFormat::Avro => (&self.sanitized_json, "AVRO"),
             SchemaFormat::JsonSchema { sanitized } => (sanitized, "JSON"),
+            SchemaFormat::Protobuf(protobuf) => (&protobuf.sanitized, "PROTOBUF"),
         }
     }
 
     /// Whether its records are JSON (else Avro binary).
     pub fn is_json(&self) -> bool {
         matches!(self.format, SchemaFormat::JsonSchema { .. })
+    }
+
+    /// The Protobuf side of a Protobuf schema.
+    pub fn protobuf(&self) -> Option<&Protobuf> {
+        match &self.format {
+            SchemaFormat::Protobuf(protobuf) => Some(protobuf),
+            _ => None,
+        }
     }
 }
 
@@ -103,9 +125,33 @@ pub fn compile_json_schema(schema: &str, settings: &PolicySettings) -> Result<Co
     Ok(compiled)
 }
 
-/// Compiles a schema file's text, Avro or JSON Schema (told apart by [`super::json_schema::is_json_schema`]).
+/// Compiles a Protobuf schema: `.proto` text, the texts of the files it imports by import path, and the record's
+/// message (`None`: the file's first).
+pub fn compile_protobuf(
+    schema: &str,
+    references: &std::collections::HashMap<String, String>,
+    message: Option<&str>,
+    settings: &PolicySettings,
+) -> Result<CompiledSchema, PolicyError> {
+    let writer = super::protobuf::compile_writer(schema, references, message)?;
+    let mut compiled = compile(&writer.avro, settings)?;
+    let sanitized_message = super::protobuf::sanitized_message(&writer.message, &compiled.sanitized, &compiled.plan);
+    let sanitized = super::protobuf::sanitized_proto(&sanitized_message, &writer, &compiled.plan);
+    compiled.format = SchemaFormat::Protobuf(std::sync::Arc::new(Protobuf {
+        writer: writer.message,
+        sanitized_message,
+        sanitized,
+        indexes: writer.indexes,
+    }));
+    Ok(compiled)
+}
+
+/// Compiles a schema file's text: `.proto` text (the first message is the record's), Avro or JSON Schema (told
+/// apart by [`super::json_schema::is_json_schema`]).
 pub fn compile_any(schema: &str, settings: &PolicySettings) -> Result<CompiledSchema, PolicyError> {
-    if super::json_schema::is_json_schema(schema) {
+    if super::protobuf::is_proto(schema) {
+        compile_protobuf(schema, &Default::default(), None, settings)
+    } else if super::json_schema::is_json_schema(schema) {
         compile_json_schema(schema, settings)
     } else {
         compile(schema, settings)

@@ -7,14 +7,15 @@
 
 mod compile;
 pub mod json_schema;
+pub mod protobuf;
 mod tags;
 
 use apache_avro::types::Value;
 
 pub(crate) use compile::SUBJECT_TYPES;
 pub use compile::{
-    CompiledSchema, DOMAIN_RULE, PolicySettings, SANITIZED_MARK, SchemaFormat, Undeclared, Untagged, compile,
-    compile_any, compile_json_schema, valid_domain,
+    CompiledSchema, DOMAIN_RULE, PolicySettings, Protobuf, SANITIZED_MARK, SchemaFormat, Undeclared, Untagged, compile,
+    compile_any, compile_json_schema, compile_protobuf, valid_domain,
 };
 pub use tags::TagPattern;
 

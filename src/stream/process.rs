@@ -9,7 +9,7 @@ use rdkafka::message::OwnedMessage;
 
 use super::framing;
 use super::routes::{Part, Route, Routes};
-use crate::codec::json_records::avro_payload;
+use crate::codec::{Records, avro_payload};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -107,7 +107,7 @@ impl Processor {
                 // JSON records are read again by `process`: not read here when there is no subject to find.
                 None => None,
                 Some(_) => {
-                    let Ok((payload, _)) = avro_payload(route.json.as_ref(), &route.schema, payload) else {
+                    let Ok((payload, _)) = avro_payload(route.records.as_ref(), &route.schema, payload) else {
                         continue;
                     };
                     let Ok(subject) = route.transcoder.subject(&payload) else {
@@ -187,7 +187,7 @@ impl Processor {
             Route::Ready(route) => route,
             Route::Broken(reason) => return Err(poison(QuarantineClass::Schema, reason, Some(schema_id))),
         };
-        let (payload, dropped) = avro_payload(route.json.as_ref(), &route.schema, payload)
+        let (payload, dropped) = avro_payload(route.records.as_ref(), &route.schema, payload)
             .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
         if dropped > 0 {
             metrics::counter!("piiwall_undeclared_dropped_total", "topic" => message.topic().to_owned())
@@ -222,16 +222,16 @@ impl Processor {
         if route.framed {
             framing::write_header(route.sanitized_id, &mut out);
         }
-        let sanitized = match &route.json {
+        let sanitized = match &route.records {
             None => {
                 self.sanitizer
                     .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut out)
             }
-            Some(json) => {
+            Some(records) => {
                 let mut avro = Vec::with_capacity(payload.len() * 2 + 64);
                 self.sanitizer
                     .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut avro)
-                    .and_then(|()| Ok(json.write(&route.schema, &avro, &mut out)?))
+                    .and_then(|()| Ok(records.write(&route.schema, &avro, &mut out)?))
             }
         };
         match sanitized {
@@ -398,9 +398,13 @@ impl Processor {
         let Route::Ready(route) = self.routes.get(message.topic(), id) else {
             return None;
         };
-        match &route.json {
+        match &route.records {
             // Read leniently: a JSON record that cannot be converted whole still names its subject.
-            Some(json) => json.subject(&route.schema, payload),
+            Some(Records::Json(json)) => json.subject(&route.schema, payload),
+            Some(records @ Records::Protobuf(_)) => {
+                let (avro, _) = records.read(&route.schema, payload).ok()?;
+                route.transcoder.subject(&avro).ok()?.map(|s| s.into_owned())
+            }
             None => route.transcoder.subject(payload).ok()?.map(|s| s.into_owned()),
         }
     }

@@ -11,6 +11,7 @@
 //! Credentials in the URL (`https://user:password@host`) are sent as HTTP basic authentication; errors never
 //! repeat the URL.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -50,13 +51,35 @@ pub struct RegistryClient {
 pub enum WriterKind {
     Avro,
     JsonSchema,
+    Protobuf,
 }
+
+/// A writer schema from the registry: its text, what it is written in, and (Protobuf) the texts of the files it
+/// imports, by import path.
+#[derive(Debug, Clone)]
+pub struct WriterSchema {
+    pub text: String,
+    pub kind: WriterKind,
+    pub references: HashMap<String, String>,
+}
+
+/// Files one Protobuf schema may import through references, all levels together: a registry's answer is input.
+const MAX_REFERENCES: usize = 64;
 
 #[derive(Deserialize)]
 struct SchemaAnswer {
     schema: String,
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
 }
 
 #[derive(Deserialize)]
@@ -77,21 +100,58 @@ impl RegistryClient {
         })
     }
 
-    /// The schema text registered under `id`, and whether it is a JSON Schema (else Avro).
-    pub async fn schema(&self, id: u32) -> Result<(String, WriterKind), RegistryError> {
-        let what = format!("fetching schema id {id}");
-        let started = std::time::Instant::now();
-        let response = self.http.get(format!("{}/schemas/ids/{id}", self.base)).send().await;
-        let answer: Result<SchemaAnswer, _> = read(response, &what).await;
-        observe("fetch", started, &answer);
-        let answer = answer?;
-        match answer.schema_type.as_deref() {
-            None | Some("AVRO") => Ok((answer.schema, WriterKind::Avro)),
-            Some("JSON") => Ok((answer.schema, WriterKind::JsonSchema)),
-            Some(other) => Err(RegistryError::Refused(format!(
-                "schema id {id} is a {other} schema: piiwall reads Avro and JSON Schema"
-            ))),
+    /// The schema registered under `id`, with the files a Protobuf schema imports.
+    pub async fn schema(&self, id: u32) -> Result<WriterSchema, RegistryError> {
+        let answer: SchemaAnswer = self.get(&format!("schemas/ids/{id}"), &format!("fetching schema id {id}")).await?;
+        let kind = match answer.schema_type.as_deref() {
+            None | Some("AVRO") => WriterKind::Avro,
+            Some("JSON") => WriterKind::JsonSchema,
+            Some("PROTOBUF") => WriterKind::Protobuf,
+            Some(other) => {
+                return Err(RegistryError::Refused(format!(
+                    "schema id {id} is a {other} schema: piiwall reads Avro, JSON Schema and Protobuf"
+                )));
+            }
+        };
+        let mut references = HashMap::new();
+        if kind == WriterKind::Protobuf {
+            // Each reference names a file the schema imports, registered under a subject and version; those may
+            // import more. Fetched breadth first, each import path once.
+            let mut pending = answer.references;
+            while let Some(reference) = pending.pop() {
+                if references.contains_key(&reference.name) {
+                    continue;
+                }
+                if references.len() >= MAX_REFERENCES {
+                    return Err(RegistryError::Refused(format!(
+                        "schema id {id} imports more than {MAX_REFERENCES} files through references"
+                    )));
+                }
+                let what = format!("fetching a file schema id {id} imports ({})", reference.name);
+                let subject = utf8_percent(&reference.subject);
+                let path = format!("subjects/{subject}/versions/{}", reference.version);
+                let imported: SchemaAnswer = self.get(&path, &what).await?;
+                pending.extend(imported.references);
+                references.insert(reference.name, imported.schema);
+            }
+        } else if !answer.references.is_empty() {
+            return Err(RegistryError::Refused(format!(
+                "schema id {id} has references: piiwall resolves them for Protobuf schemas only (inline them)"
+            )));
         }
+        Ok(WriterSchema {
+            text: answer.schema,
+            kind,
+            references,
+        })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, what: &str) -> Result<T, RegistryError> {
+        let started = std::time::Instant::now();
+        let response = self.http.get(format!("{}/{path}", self.base)).send().await;
+        let answer: Result<T, _> = read(response, what).await;
+        observe("fetch", started, &answer);
+        answer
     }
 
     /// Registers a schema of type `schema_type` (`AVRO`, `JSON`) under `subject` (or finds it registered); returns
@@ -115,6 +175,19 @@ impl RegistryClient {
         observe("register", started, &answer);
         Ok(answer?.id)
     }
+}
+
+/// A subject name as one path segment (subjects may hold `/` and other reserved characters).
+fn utf8_percent(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// Records a registry call's latency by operation and outcome (`piiwall_registry_seconds`).

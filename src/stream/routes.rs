@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::framing;
-use super::registry::{RegistryClient, RegistryError, WriterKind};
+use super::registry::{RegistryClient, RegistryError, WriterKind, WriterSchema};
 
-use crate::codec::json_records::JsonRecords;
+use crate::codec::Records;
 use crate::config::{Config, KeyAction, RecordFraming};
 use crate::error::{Error, ValueError};
-use crate::policy::{CompiledSchema, PolicySettings, compile, compile_any, compile_json_schema};
+use crate::policy::{CompiledSchema, PolicySettings, compile, compile_any, compile_json_schema, compile_protobuf};
 use crate::transcode::Transcoder;
 
 /// A compiled schema, or why there is none (its records are quarantined with that reason).
@@ -33,7 +33,8 @@ pub struct ReadyRoute {
     pub schema: CompiledSchema,
     pub transcoder: Transcoder,
     /// For records of JSON (a JSON Schema, or a plain-JSON topic): how they are read and written. `None`: Avro.
-    pub json: Option<JsonRecords>,
+    /// How its records are carried to and from Avro binary (`None`: they are Avro binary).
+    pub records: Option<Records>,
     /// Whether sanitized records are written in the Confluent wire format (not for plain-JSON topics).
     pub framed: bool,
 }
@@ -252,7 +253,7 @@ impl Registry {
     /// The route of a schema id: `Err` (retriable) when the registry gave no usable answer, or says "not found"
     /// while the id's grace runs.
     async fn fetch(&self, topic: &str, part: Part, id: u32) -> Result<Route, Error> {
-        let (writer, kind) = match self.client.schema(id).await {
+        let writer = match self.client.schema(id).await {
             Ok(writer) => {
                 self.not_found_since
                     .lock()
@@ -277,7 +278,7 @@ impl Registry {
             }
             Err(RegistryError::Refused(why)) => return Ok(Route::Broken(why)),
         };
-        let mut route = match ready(&writer, Some(kind), &self.policy, part, id, 0, true) {
+        let mut route = match ready(&writer.text, Some(&writer), &self.policy, part, id, 0, true) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
@@ -302,11 +303,11 @@ impl Registry {
     }
 }
 
-/// Compiles a writer schema into a route. `kind`: what the registry says the schema is; `None` (a local file):
-/// told from the text.
+/// Compiles a writer schema into a route. `registered`: what the registry says the schema is, with its references;
+/// `None` (a local file): told from the text.
 fn ready(
     schema_text: &str,
-    kind: Option<WriterKind>,
+    registered: Option<&WriterSchema>,
     policy: &PolicySettings,
     part: Part,
     id: u32,
@@ -325,23 +326,24 @@ fn ready(
             &keys
         }
     };
-    let schema = match kind {
+    let schema = match registered.map(|r| (r.kind, &r.references)) {
         None => compile_any(schema_text, policy),
-        Some(WriterKind::Avro) => compile(schema_text, policy),
-        Some(WriterKind::JsonSchema) => compile_json_schema(schema_text, policy),
+        Some((WriterKind::Avro, _)) => compile(schema_text, policy),
+        Some((WriterKind::JsonSchema, _)) => compile_json_schema(schema_text, policy),
+        Some((WriterKind::Protobuf, references)) => compile_protobuf(schema_text, references, None, policy),
     }
     .map_err(|e| e.to_string())?;
-    if part == Part::Key && schema.is_json() {
+    if part == Part::Key && (schema.is_json() || schema.protobuf().is_some()) {
         return Err("a key schema must be Avro (key = \"avro\" reads Confluent-framed Avro keys)".to_owned());
     }
     let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
-    let json = (schema.is_json() || !framed).then(|| JsonRecords::new(&schema, policy.undeclared));
+    let records = Records::for_schema(&schema, policy.undeclared, framed);
     Ok(Route::Ready(Arc::new(ReadyRoute {
         schema_id: id,
         sanitized_id,
         schema,
         transcoder,
-        json,
+        records,
         framed,
     })))
 }

@@ -12,7 +12,7 @@
 
 mod program;
 mod run;
-mod wire;
+pub(crate) mod wire;
 
 use std::borrow::Cow;
 

@@ -1,0 +1,614 @@
+//! Protobuf records on a topic: read from protobuf bytes into the Avro binary of the writer schema's translation
+//! (see [`crate::policy::protobuf`]), so the transcoder sanitizes them as it does Avro records, and the sanitized
+//! Avro written back as protobuf bytes of the sanitized message. No `DynamicMessage` in between: both directions
+//! walk the bytes, driven by the compiled [`Message`] tree.
+//!
+//! Reading follows protobuf's rules: fields in any order; the last occurrence of a singular scalar wins, the
+//! occurrences of a singular message merge; repeated numbers packed or not; map entries with their key or value
+//! missing take the type's zero. A field number the schema does not declare is data a producer added without
+//! review: dropped (and counted) or refused, as `policy.undeclared` says; never passed through. Errors name the
+//! field path, never a value.
+//!
+//! The Confluent framing of a protobuf record puts the message index path between the schema id and the message:
+//! a count then the indexes, zig-zag varints; a count of 0 means `[0]`.
+
+use std::sync::Arc;
+
+use crate::error::ValueError;
+use crate::policy::Undeclared;
+use crate::policy::protobuf::{Label, Message, Scalar, Type};
+use crate::transcode::wire::{Input, write_long};
+
+/// Protobuf wire types.
+const VARINT: u8 = 0;
+const I64: u8 = 1;
+const LEN: u8 = 2;
+const I32: u8 = 5;
+
+/// Message indexes a record may name (deeper than any message piiwall compiles).
+const MAX_INDEXES: usize = 32;
+
+/// The protobuf reader and writer of one compiled schema.
+#[derive(Debug)]
+pub struct ProtoRecords {
+    writer: Arc<Message>,
+    sanitized: Arc<Message>,
+    /// The message index path records must name (`None`: unframed records carry none).
+    indexes: Option<Vec<i32>>,
+    undeclared: Undeclared,
+}
+
+/// A record read from protobuf: its Avro binary and how many undeclared fields were dropped.
+pub struct Converted {
+    pub avro: Vec<u8>,
+    pub dropped: usize,
+}
+
+impl ProtoRecords {
+    pub fn new(writer: Arc<Message>, sanitized: Arc<Message>, indexes: Option<Vec<i32>>, undeclared: Undeclared) -> Self {
+        Self {
+            writer,
+            sanitized,
+            indexes,
+            undeclared,
+        }
+    }
+
+    /// Reads a record (its message indexes, when framed, then the message) into Avro binary.
+    pub fn read(&self, payload: &[u8]) -> Result<Converted, ValueError> {
+        let message = match &self.indexes {
+            None => payload,
+            Some(expected) => {
+                let (indexes, message) = read_indexes(payload)?;
+                if &indexes != expected {
+                    return Err(ValueError::new(
+                        "",
+                        format!(
+                            "the record names message index path {indexes:?}; this schema binding sanitizes the \
+                             message at {expected:?}"
+                        ),
+                    ));
+                }
+                message
+            }
+        };
+        let mut reader = Reader {
+            undeclared: self.undeclared,
+            dropped: 0,
+        };
+        let mut avro = Vec::with_capacity(message.len() + 64);
+        reader.message(&self.writer, message, "", &mut avro)?;
+        Ok(Converted {
+            avro,
+            dropped: reader.dropped,
+        })
+    }
+
+    /// Appends a sanitized record (Avro binary of the sanitized schema) as protobuf: the index path `[0]` when
+    /// framed (the sanitized `.proto` puts the record's message first), then the message.
+    pub fn write(&self, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        if self.indexes.is_some() {
+            out.push(0);
+        }
+        let mut input = Input::new(sanitized);
+        write_message(&self.sanitized, &mut input, "", out)?;
+        if input.remaining() != 0 {
+            return Err(ValueError::new("", "the sanitized record has bytes left over"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits a framed protobuf payload into its message index path and the message.
+pub fn read_indexes(payload: &[u8]) -> Result<(Vec<i32>, &[u8]), ValueError> {
+    let bad = |problem: &str| ValueError::new("", format!("malformed message indexes: {problem}"));
+    let mut input = Input::new(payload);
+    let count = input.read_long().map_err(|_| bad("truncated"))?;
+    if count == 0 {
+        return Ok((vec![0], &payload[input.pos..]));
+    }
+    let count = usize::try_from(count).ok().filter(|c| *c <= MAX_INDEXES).ok_or_else(|| bad("count out of range"))?;
+    let mut indexes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let index = input.read_int().map_err(|_| bad("truncated"))?;
+        if index < 0 {
+            return Err(bad("a negative index"));
+        }
+        indexes.push(index);
+    }
+    Ok((indexes, &payload[input.pos..]))
+}
+
+/// Appends a message index path as producers write it (`[0]` as the single byte 0).
+pub fn write_indexes(indexes: &[i32], out: &mut Vec<u8>) {
+    if indexes == [0] {
+        out.push(0);
+        return;
+    }
+    write_long(out, indexes.len() as i64);
+    for &index in indexes {
+        write_long(out, i64::from(index));
+    }
+}
+
+/// One value on the protobuf wire.
+#[derive(Clone, Copy)]
+enum Wire<'a> {
+    Varint(u64),
+    I64(u64),
+    I32(u32),
+    Len(&'a [u8]),
+}
+
+impl Wire<'_> {
+    fn wire_type(&self) -> u8 {
+        match self {
+            Wire::Varint(_) => VARINT,
+            Wire::I64(_) => I64,
+            Wire::Len(_) => LEN,
+            Wire::I32(_) => I32,
+        }
+    }
+}
+
+fn malformed(path: &str, problem: &str) -> ValueError {
+    ValueError::new(path, format!("malformed protobuf: {problem}"))
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+/// A protobuf varint (up to 10 bytes, no zig-zag).
+fn varint(bytes: &[u8], pos: &mut usize, path: &str) -> Result<u64, ValueError> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let byte = *bytes.get(*pos).ok_or_else(|| malformed(path, "truncated varint"))?;
+        *pos += 1;
+        if i == 9 && byte > 1 {
+            return Err(malformed(path, "varint overflows 64 bits"));
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    unreachable!("the tenth byte ends the varint or fails")
+}
+
+fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: &str) -> Result<[u8; N], ValueError> {
+    let run = bytes.get(*pos..*pos + N).ok_or_else(|| malformed(path, "truncated fixed-width value"))?;
+    *pos += N;
+    Ok(run.try_into().expect("N bytes"))
+}
+
+/// The next field of a message: its number and value.
+fn next_field<'a>(bytes: &'a [u8], pos: &mut usize, path: &str) -> Result<(u32, Wire<'a>), ValueError> {
+    let key = varint(bytes, pos, path)?;
+    let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0 && *n < 1 << 29);
+    let number = number.ok_or_else(|| malformed(path, "a field number out of range"))?;
+    let value = match (key & 7) as u8 {
+        VARINT => Wire::Varint(varint(bytes, pos, path)?),
+        I64 => Wire::I64(u64::from_le_bytes(fixed::<8>(bytes, pos, path)?)),
+        I32 => Wire::I32(u32::from_le_bytes(fixed::<4>(bytes, pos, path)?)),
+        LEN => {
+            let len = usize::try_from(varint(bytes, pos, path)?).map_err(|_| malformed(path, "length out of range"))?;
+            let end = pos.checked_add(len).filter(|end| *end <= bytes.len());
+            let end = end.ok_or_else(|| malformed(path, "a length runs past the end of the message"))?;
+            let run = &bytes[*pos..end];
+            *pos = end;
+            Wire::Len(run)
+        }
+        3 | 4 => return Err(malformed(path, "a group (wire types 3 and 4 are not supported)")),
+        _ => return Err(malformed(path, "an unknown wire type")),
+    };
+    Ok((number, value))
+}
+
+/// The wire type a scalar is written with.
+fn wire_type_of(scalar: Scalar) -> u8 {
+    match scalar {
+        Scalar::Double | Scalar::Fixed64 | Scalar::Sfixed64 => I64,
+        Scalar::Float | Scalar::Fixed32 | Scalar::Sfixed32 => I32,
+        Scalar::String | Scalar::Bytes => LEN,
+        _ => VARINT,
+    }
+}
+
+struct Reader {
+    undeclared: Undeclared,
+    dropped: usize,
+}
+
+impl Reader {
+    fn message(&mut self, message: &Message, bytes: &[u8], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        // The fields as they arrived, grouped by declaration order (a stable sort keeps their order within one).
+        let mut found: Vec<(usize, Wire<'_>)> = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let (number, value) = next_field(bytes, &mut pos, path)?;
+            match message.by_number.get(&number) {
+                Some(&index) => found.push((index, value)),
+                None if self.undeclared == Undeclared::Drop => self.dropped += 1,
+                None => {
+                    return Err(ValueError::new(
+                        path,
+                        format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
+                    ));
+                }
+            }
+        }
+        found.sort_by_key(|(index, _)| *index);
+        let mut at = 0;
+        for (index, field) in message.fields.iter().enumerate() {
+            let start = at;
+            while at < found.len() && found[at].0 == index {
+                at += 1;
+            }
+            let values: Vec<Wire<'_>> = found[start..at].iter().map(|(_, v)| *v).collect();
+            self.field(field.label, &field.ty, &values, &join(path, &field.name), out)?;
+        }
+        Ok(())
+    }
+
+    fn field(&mut self, label: Label, ty: &Type, values: &[Wire<'_>], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        match label {
+            Label::Implicit => match values.last() {
+                Some(value) => self.single(ty, values, *value, path, out),
+                None => self.zero(ty, path, out),
+            },
+            Label::Optional => match values.last() {
+                None => {
+                    write_long(out, 0);
+                    Ok(())
+                }
+                Some(value) => {
+                    write_long(out, 1);
+                    self.single(ty, values, *value, path, out)
+                }
+            },
+            Label::Required => match values.last() {
+                None => Err(ValueError::new(path, "a required field is missing")),
+                Some(value) => self.single(ty, values, *value, path, out),
+            },
+            Label::Repeated => {
+                let mut items = Vec::new();
+                let mut count = 0i64;
+                for value in values {
+                    match (ty.scalar(), value) {
+                        (Some(scalar), Wire::Len(run)) if scalar.packable() => {
+                            let mut pos = 0;
+                            while pos < run.len() {
+                                let item = match wire_type_of(scalar) {
+                                    VARINT => Wire::Varint(varint(run, &mut pos, path)?),
+                                    I64 => Wire::I64(u64::from_le_bytes(fixed::<8>(run, &mut pos, path)?)),
+                                    _ => Wire::I32(u32::from_le_bytes(fixed::<4>(run, &mut pos, path)?)),
+                                };
+                                self.value(ty, item, path, &mut items)?;
+                                count += 1;
+                            }
+                        }
+                        _ => {
+                            self.value(ty, *value, path, &mut items)?;
+                            count += 1;
+                        }
+                    }
+                }
+                if count > 0 {
+                    write_long(out, count);
+                    out.extend_from_slice(&items);
+                }
+                write_long(out, 0);
+                Ok(())
+            }
+            Label::Map(key) => {
+                if !values.is_empty() {
+                    write_long(out, values.len() as i64);
+                }
+                for value in values {
+                    let Wire::Len(entry) = value else {
+                        return Err(malformed(path, "a map entry that is not length-delimited"));
+                    };
+                    let (mut k, mut v) = (None, None);
+                    let mut pos = 0;
+                    while pos < entry.len() {
+                        match next_field(entry, &mut pos, path)? {
+                            (1, found) => k = Some(found),
+                            (2, found) => v = Some(found),
+                            _ => return Err(malformed(path, "a map entry with a field other than key and value")),
+                        }
+                    }
+                    self.map_key(key, k, path, out)?;
+                    match v {
+                        Some(found) => self.single(ty, &[found], found, path, out)?,
+                        None => self.zero(ty, path, out)?,
+                    }
+                }
+                write_long(out, 0);
+                Ok(())
+            }
+        }
+    }
+
+    /// A singular value: the last occurrence of a scalar; every occurrence of a message, merged.
+    fn single(&mut self, ty: &Type, all: &[Wire<'_>], last: Wire<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        match ty {
+            Type::Message(message) if all.len() > 1 => {
+                let mut merged = Vec::new();
+                for value in all {
+                    let Wire::Len(run) = value else {
+                        return Err(malformed(path, "a message field that is not length-delimited"));
+                    };
+                    merged.extend_from_slice(run);
+                }
+                self.message(message, &merged, path, out)
+            }
+            _ => self.value(ty, last, path, out),
+        }
+    }
+
+    /// One value as Avro.
+    fn value(&mut self, ty: &Type, value: Wire<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let scalar = match ty {
+            Type::Message(message) => {
+                let Wire::Len(run) = value else {
+                    return Err(malformed(path, "a message field that is not length-delimited"));
+                };
+                return self.message(message, run, path, out);
+            }
+            other => other.scalar().expect("not a message"),
+        };
+        if value.wire_type() != wire_type_of(scalar) {
+            return Err(malformed(path, &format!("a {} field with the wrong wire type", scalar.proto_name())));
+        }
+        match (scalar, value) {
+            (Scalar::Double, Wire::I64(bits)) => out.extend_from_slice(&bits.to_le_bytes()),
+            (Scalar::Float, Wire::I32(bits)) => out.extend_from_slice(&bits.to_le_bytes()),
+            (Scalar::Int32 | Scalar::Enum, Wire::Varint(v)) => write_long(out, i64::from(v as i32)),
+            (Scalar::Sint32, Wire::Varint(v)) => {
+                let v = v as u32;
+                write_long(out, i64::from((v >> 1) as i32 ^ -((v & 1) as i32)));
+            }
+            (Scalar::Sfixed32, Wire::I32(v)) => write_long(out, i64::from(v as i32)),
+            (Scalar::Int64 | Scalar::Uint64, Wire::Varint(v)) => write_long(out, v as i64),
+            (Scalar::Uint32, Wire::Varint(v)) => write_long(out, i64::from(v as u32)),
+            (Scalar::Sint64, Wire::Varint(v)) => write_long(out, (v >> 1) as i64 ^ -((v & 1) as i64)),
+            (Scalar::Fixed32, Wire::I32(v)) => write_long(out, i64::from(v)),
+            (Scalar::Fixed64 | Scalar::Sfixed64, Wire::I64(v)) => write_long(out, v as i64),
+            (Scalar::Bool, Wire::Varint(v)) => out.push(u8::from(v != 0)),
+            (Scalar::String, Wire::Len(run)) => {
+                if std::str::from_utf8(run).is_err() {
+                    return Err(malformed(path, "a string that is not UTF-8"));
+                }
+                write_long(out, run.len() as i64);
+                out.extend_from_slice(run);
+            }
+            (Scalar::Bytes, Wire::Len(run)) => {
+                write_long(out, run.len() as i64);
+                out.extend_from_slice(run);
+            }
+            _ => unreachable!("wire types checked above"),
+        }
+        Ok(())
+    }
+
+    /// The value an absent field reads as: the type's zero (a message's fields all absent).
+    fn zero(&mut self, ty: &Type, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        match ty {
+            Type::Message(message) => return self.message(message, &[], path, out),
+            other => match other.scalar().expect("not a message") {
+                Scalar::Double => out.extend_from_slice(&[0; 8]),
+                Scalar::Float => out.extend_from_slice(&[0; 4]),
+                // Zero, false, and the empty string or bytes are all the single byte 0 in Avro.
+                _ => out.push(0),
+            },
+        }
+        Ok(())
+    }
+
+    /// A map key as the text of an Avro map key.
+    fn map_key(&mut self, key: Scalar, value: Option<Wire<'_>>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let Some(value) = value else {
+            let zero: &[u8] = match key {
+                Scalar::String => b"",
+                Scalar::Bool => b"false",
+                _ => b"0",
+            };
+            write_long(out, zero.len() as i64);
+            out.extend_from_slice(zero);
+            return Ok(());
+        };
+        if key == Scalar::String {
+            return self.value(&Type::Scalar(Scalar::String), value, path, out);
+        }
+        let mut avro = Vec::with_capacity(10);
+        self.value(&Type::Scalar(key), value, path, &mut avro)?;
+        let mut input = Input::new(&avro);
+        let text = if key == Scalar::Bool {
+            (avro[0] == 1).to_string()
+        } else {
+            input.read_long()?.to_string()
+        };
+        write_long(out, text.len() as i64);
+        out.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+}
+
+fn write_key(number: u32, wire_type: u8, out: &mut Vec<u8>) {
+    write_varint(u64::from(number) << 3 | u64::from(wire_type), out);
+}
+
+fn write_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn write_len(number: u32, run: &[u8], out: &mut Vec<u8>) {
+    write_key(number, LEN, out);
+    write_varint(run.len() as u64, out);
+    out.extend_from_slice(run);
+}
+
+/// Writes a record of the sanitized Avro schema as the sanitized message.
+fn write_message(message: &Message, input: &mut Input<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    for field in &message.fields {
+        let field_path = join(path, &field.name);
+        let path = field_path.as_str();
+        match field.label {
+            Label::Implicit => write_value(field.number, &field.ty, input, path, true, out)?,
+            Label::Required => write_value(field.number, &field.ty, input, path, false, out)?,
+            Label::Optional => match input.read_long()? {
+                0 => {}
+                1 => write_value(field.number, &field.ty, input, path, false, out)?,
+                _ => return Err(ValueError::new(path, "the sanitized record has an unexpected union branch")),
+            },
+            Label::Repeated => {
+                let packed = field.ty.scalar().is_some_and(Scalar::packable);
+                let mut run = Vec::new();
+                loop {
+                    let (count, _) = input.read_block()?;
+                    if count == 0 {
+                        break;
+                    }
+                    for _ in 0..count {
+                        if packed {
+                            let scalar = field.ty.scalar().expect("packed values are scalars");
+                            write_scalar(scalar, input, path, &mut run)?;
+                        } else {
+                            write_value(field.number, &field.ty, input, path, false, out)?;
+                        }
+                    }
+                }
+                if packed && !run.is_empty() {
+                    write_len(field.number, &run, out);
+                }
+            }
+            Label::Map(key) => loop {
+                let (count, _) = input.read_block()?;
+                if count == 0 {
+                    break;
+                }
+                for _ in 0..count {
+                    let mut entry = Vec::new();
+                    let text = input.read_str()?;
+                    write_map_key(key, text, path, &mut entry)?;
+                    write_value(2, &field.ty, input, path, false, &mut entry)?;
+                    write_len(field.number, &entry, out);
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Writes one field's value; `skip_zero`: a proto3 field without presence, left out when it holds its zero.
+fn write_value(
+    number: u32,
+    ty: &Type,
+    input: &mut Input<'_>,
+    path: &str,
+    skip_zero: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), ValueError> {
+    match ty {
+        Type::Message(message) => {
+            let mut child = Vec::new();
+            write_message(message, input, path, &mut child)?;
+            write_len(number, &child, out);
+        }
+        other => {
+            let scalar = other.scalar().expect("not a message");
+            let mut value = Vec::with_capacity(16);
+            write_scalar(scalar, input, path, &mut value)?;
+            let zero = match scalar {
+                Scalar::String | Scalar::Bytes => value == [0],
+                Scalar::Double | Scalar::Float | Scalar::Fixed32 | Scalar::Fixed64 | Scalar::Sfixed32 | Scalar::Sfixed64 => {
+                    value.iter().all(|b| *b == 0)
+                }
+                _ => value == [0],
+            };
+            if !(skip_zero && zero) {
+                write_key(number, wire_type_of(scalar), out);
+                out.extend_from_slice(&value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads one Avro scalar and appends its protobuf encoding (a LEN value with its length, no key).
+fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    let range = || ValueError::new(path, format!("the sanitized value does not fit a {}", scalar.proto_name()));
+    match scalar {
+        Scalar::Double => out.extend_from_slice(input.take(8)?),
+        Scalar::Float => out.extend_from_slice(input.take(4)?),
+        Scalar::Int32 | Scalar::Enum => write_varint(i64::from(input.read_int()?) as u64, out),
+        Scalar::Sint32 => {
+            let v = input.read_int()?;
+            write_varint(u64::from(((v << 1) ^ (v >> 31)) as u32), out);
+        }
+        Scalar::Sfixed32 => out.extend_from_slice(&input.read_int()?.to_le_bytes()),
+        Scalar::Int64 | Scalar::Uint64 => write_varint(input.read_long()? as u64, out),
+        Scalar::Uint32 => write_varint(u64::from(u32::try_from(input.read_long()?).map_err(|_| range())?), out),
+        Scalar::Sint64 => {
+            let v = input.read_long()?;
+            write_varint(((v << 1) ^ (v >> 63)) as u64, out);
+        }
+        Scalar::Fixed32 => out.extend_from_slice(&u32::try_from(input.read_long()?).map_err(|_| range())?.to_le_bytes()),
+        Scalar::Fixed64 | Scalar::Sfixed64 => out.extend_from_slice(&input.read_long()?.to_le_bytes()),
+        Scalar::Bool => {
+            let byte = input.take(1)?[0];
+            if byte > 1 {
+                return Err(ValueError::new(path, "the sanitized record has a bad boolean"));
+            }
+            out.push(byte);
+        }
+        Scalar::String => {
+            let text = input.read_str()?;
+            write_varint(text.len() as u64, out);
+            out.extend_from_slice(text.as_bytes());
+        }
+        Scalar::Bytes => {
+            let bytes = input.read_bytes()?;
+            write_varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        }
+    }
+    Ok(())
+}
+
+/// A map key (Avro map keys are text) as field 1 of a map entry.
+fn write_map_key(key: Scalar, text: &str, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    let bad = || ValueError::new(path, format!("a map key that is not a {}", key.proto_name()));
+    match key {
+        Scalar::String => write_len(1, text.as_bytes(), out),
+        Scalar::Bool => {
+            write_key(1, VARINT, out);
+            out.push(match text {
+                "true" => 1,
+                "false" => 0,
+                _ => return Err(bad()),
+            });
+        }
+        other => {
+            let number: i64 = text.parse().map_err(|_| bad())?;
+            let mut avro = Vec::with_capacity(10);
+            if matches!(other, Scalar::Int32 | Scalar::Sint32 | Scalar::Sfixed32 | Scalar::Enum) {
+                write_long(&mut avro, i64::from(i32::try_from(number).map_err(|_| bad())?));
+            } else {
+                write_long(&mut avro, number);
+            }
+            write_key(1, wire_type_of(other), out);
+            write_scalar(other, &mut Input::new(&avro), path, out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,902 @@
+//! Protobuf topics: a `.proto` schema (text, with the files it imports) is compiled into descriptors, and the
+//! message its records are written with is translated into the Avro schema piiwall compiles, so that every
+//! action, key, subject, quarantine reason and audit summary works as it does for Avro. Records are read from
+//! protobuf bytes into that Avro form, carried through the Avro transcoder, and written back as protobuf bytes of
+//! the sanitized message (see [`crate::codec::protobuf`]).
+//!
+//! What a message becomes:
+//! - a message → a record (its fields in declaration order); a message used twice is defined once;
+//! - a proto3 field without presence → its type, with the proto default as Avro default (absent reads as it);
+//!   a field with presence (`optional`, a oneof member, a message field, proto2 `optional`) → `["null", T]`;
+//!   proto2 `required` → `T`, absent refused; `repeated` → array; `map<K, V>` → map (integer and bool keys read
+//!   as their decimal text);
+//! - `bool` → boolean; `int32`, `sint32`, `sfixed32` and enums (by number: an enum is open) → int; `int64`,
+//!   `sint64`, `sfixed64`, `uint32`, `fixed32`, `uint64`, `fixed64` → long (the 64-bit unsigned ones by their
+//!   bits); `float`, `double`, `string`, `bytes` → themselves.
+//!
+//! Annotations: piiwall's field option `(piiwall.pii)` (a `Pii` message: `action`, `kind`, `keep_last`, as the
+//! Avro `pii` object) and Confluent's `(confluent.field_meta).tags`, mapped through `[policy.tags]`; the record
+//! message's options `(piiwall.subject)` and `(piiwall.domain)`. Both files ship with piiwall
+//! (`schemas/proto/`): a schema imports them without registering them.
+//!
+//! Refused with a message that names the place: groups, `google.protobuf.Any` / `Struct` / `Value` /
+//! `ListValue` (schemaless: nothing says where PII is), recursion, piiwall's message options on any message but
+//! the record's, and Confluent tags on a message or a file (they would protect nothing in particular).
+//!
+//! The sanitized schema is a `.proto` file derived from the sanitized Avro schema: the record's message first (so
+//! the message index `[0]` names it), every message it uses after it, flattened to the top level, field numbers
+//! kept, each protected field's type what its action produces (`string`, or `bytes` for encrypted bytes).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use apache_avro::Schema;
+use prost_reflect::{Cardinality, DescriptorPool, FileDescriptor, Kind, MessageDescriptor, Syntax, Value};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
+use serde_json::{Map, Value as Json, json};
+
+use super::Plan;
+use crate::error::PolicyError;
+
+/// piiwall's annotations (`import "piiwall/pii.proto";`).
+pub const PII_PROTO: &str = include_str!("../../schemas/proto/piiwall/pii.proto");
+/// Confluent's metadata options (`import "confluent/meta.proto";`).
+pub const META_PROTO: &str = include_str!("../../schemas/proto/confluent/meta.proto");
+
+/// The name the schema's own text is compiled under (the registry names only its references).
+const ROOT: &str = "__piiwall_schema__.proto";
+
+/// How deeply messages may nest, and how many fields one translation may produce (a schema is input).
+const MAX_DEPTH: usize = 32;
+const MAX_FIELDS: usize = 10_000;
+
+/// Messages a record may not hold: their content is schemaless, so nothing says where PII is in it.
+const SCHEMALESS: [&str; 4] = [
+    "google.protobuf.Any",
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+    "google.protobuf.ListValue",
+];
+
+/// A protobuf scalar type, as it is on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar {
+    Double,
+    Float,
+    Int32,
+    Int64,
+    Uint32,
+    Uint64,
+    Sint32,
+    Sint64,
+    Fixed32,
+    Fixed64,
+    Sfixed32,
+    Sfixed64,
+    Bool,
+    String,
+    Bytes,
+    /// An enum, by number (`int32` on the wire).
+    Enum,
+}
+
+impl Scalar {
+    /// The `.proto` name of the type (enums are printed by their own name).
+    pub fn proto_name(self) -> &'static str {
+        match self {
+            Scalar::Double => "double",
+            Scalar::Float => "float",
+            Scalar::Int32 | Scalar::Enum => "int32",
+            Scalar::Int64 => "int64",
+            Scalar::Uint32 => "uint32",
+            Scalar::Uint64 => "uint64",
+            Scalar::Sint32 => "sint32",
+            Scalar::Sint64 => "sint64",
+            Scalar::Fixed32 => "fixed32",
+            Scalar::Fixed64 => "fixed64",
+            Scalar::Sfixed32 => "sfixed32",
+            Scalar::Sfixed64 => "sfixed64",
+            Scalar::Bool => "bool",
+            Scalar::String => "string",
+            Scalar::Bytes => "bytes",
+        }
+    }
+
+    /// The Avro type it reads as.
+    fn avro(self) -> &'static str {
+        match self {
+            Scalar::Double => "double",
+            Scalar::Float => "float",
+            Scalar::Int32 | Scalar::Sint32 | Scalar::Sfixed32 | Scalar::Enum => "int",
+            Scalar::Int64
+            | Scalar::Sint64
+            | Scalar::Sfixed64
+            | Scalar::Uint32
+            | Scalar::Fixed32
+            | Scalar::Uint64
+            | Scalar::Fixed64 => "long",
+            Scalar::Bool => "boolean",
+            Scalar::String => "string",
+            Scalar::Bytes => "bytes",
+        }
+    }
+
+    /// The Avro default of a proto3 field without presence: the type's zero.
+    fn avro_default(self) -> Json {
+        match self {
+            Scalar::Double | Scalar::Float => json!(0.0),
+            Scalar::Bool => json!(false),
+            Scalar::String | Scalar::Bytes => json!(""),
+            _ => json!(0),
+        }
+    }
+
+    /// Whether repeated values of it may be packed (numbers, bools, enums).
+    pub fn packable(self) -> bool {
+        !matches!(self, Scalar::String | Scalar::Bytes)
+    }
+
+    fn of(kind: &Kind) -> Option<Scalar> {
+        Some(match kind {
+            Kind::Double => Scalar::Double,
+            Kind::Float => Scalar::Float,
+            Kind::Int32 => Scalar::Int32,
+            Kind::Int64 => Scalar::Int64,
+            Kind::Uint32 => Scalar::Uint32,
+            Kind::Uint64 => Scalar::Uint64,
+            Kind::Sint32 => Scalar::Sint32,
+            Kind::Sint64 => Scalar::Sint64,
+            Kind::Fixed32 => Scalar::Fixed32,
+            Kind::Fixed64 => Scalar::Fixed64,
+            Kind::Sfixed32 => Scalar::Sfixed32,
+            Kind::Sfixed64 => Scalar::Sfixed64,
+            Kind::Bool => Scalar::Bool,
+            Kind::String => Scalar::String,
+            Kind::Bytes => Scalar::Bytes,
+            Kind::Enum(_) => Scalar::Enum,
+            Kind::Message(_) => return None,
+        })
+    }
+}
+
+/// A message as the codec walks it: its fields in the order of the Avro record it reads as.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The name it is printed under in the sanitized `.proto`.
+    pub name: String,
+    pub fields: Vec<Field>,
+    /// Field number → index in `fields`.
+    pub by_number: HashMap<u32, usize>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub number: u32,
+    pub label: Label,
+    pub ty: Type,
+}
+
+/// How often a field occurs, and what its Avro form is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    /// proto3 without presence: absent reads as the type's zero, which is not written back.
+    Implicit,
+    /// Has presence: `["null", T]`.
+    Optional,
+    /// proto2 `required`: must be present.
+    Required,
+    /// `repeated`: an array.
+    Repeated,
+    /// `map<K, V>`: a map whose keys are read as text; `K` is the key's type.
+    Map(Scalar),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Type {
+    Scalar(Scalar),
+    /// An enum: its number on the wire; the definition is kept for the sanitized `.proto`.
+    Enum(Arc<EnumDef>),
+    Message(Arc<Message>),
+}
+
+impl Type {
+    pub fn scalar(&self) -> Option<Scalar> {
+        match self {
+            Type::Scalar(s) => Some(*s),
+            Type::Enum(_) => Some(Scalar::Enum),
+            Type::Message(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct EnumDef {
+    pub name: String,
+    pub values: Vec<(String, i32)>,
+}
+
+/// A Protobuf writer schema, compiled: the record's message as the codec reads it and its Avro translation.
+#[derive(Debug, Clone)]
+pub struct ProtoWriter {
+    /// The Avro schema (JSON text, with piiwall's annotations) the record's message translates to.
+    pub avro: String,
+    pub message: Arc<Message>,
+    /// The message index path of the record's message (Confluent's wire format names it in every record).
+    pub indexes: Vec<i32>,
+    pub syntax: Syntax,
+    pub package: String,
+}
+
+/// Compiles `.proto` text, with the texts of the files it imports (by import path), and picks the record's
+/// message: `message` by name (relative to the package, or fully qualified), else the file's first message.
+pub fn compile_writer(
+    text: &str,
+    references: &HashMap<String, String>,
+    message: Option<&str>,
+) -> Result<ProtoWriter, PolicyError> {
+    let pool = compile_pool(text, references)?;
+    let file = pool
+        .get_file_by_name(ROOT)
+        .ok_or_else(|| PolicyError::new("", "the schema compiled to no file"))?;
+    let (descriptor, indexes) = pick_message(&file, message)?;
+    let translated = Translator::new(&pool).translate(&descriptor)?;
+    Ok(ProtoWriter {
+        avro: translated.0,
+        message: translated.1,
+        indexes,
+        syntax: file.syntax(),
+        package: file.package_name().to_owned(),
+    })
+}
+
+/// Whether a schema text is `.proto` text (rather than JSON: Avro or JSON Schema).
+pub fn is_proto(text: &str) -> bool {
+    !text.trim_start().starts_with('{')
+}
+
+/// Compiles the schema text into a descriptor pool. `references`: the imported files' texts by import path;
+/// piiwall's and Confluent's option files and Google's well-known types need none.
+fn compile_pool(text: &str, references: &HashMap<String, String>) -> Result<DescriptorPool, PolicyError> {
+    let mut chain = ChainFileResolver::new();
+    chain.add(Sources {
+        root: text.to_owned(),
+        references: references.clone(),
+    });
+    chain.add(GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(chain);
+    compiler
+        .include_imports(true)
+        .open_file(ROOT)
+        .map_err(|e| PolicyError::new("", format!("not a valid .proto schema: {}", describe(&e))))?;
+    Ok(compiler.descriptor_pool())
+}
+
+/// A compile error without the schema's internal file name.
+fn describe(e: &protox::Error) -> String {
+    e.to_string().replace(ROOT, "the schema")
+}
+
+struct Sources {
+    root: String,
+    references: HashMap<String, String>,
+}
+
+impl FileResolver for Sources {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        let text = match name {
+            ROOT => self.root.as_str(),
+            "piiwall/pii.proto" => PII_PROTO,
+            "confluent/meta.proto" => META_PROTO,
+            _ => match self.references.get(name) {
+                Some(text) => text.as_str(),
+                None => return Err(protox::Error::file_not_found(name)),
+            },
+        };
+        File::from_source(name, text)
+    }
+}
+
+/// The message named `name` (else the first) and its message index path.
+fn pick_message(file: &FileDescriptor, name: Option<&str>) -> Result<(MessageDescriptor, Vec<i32>), PolicyError> {
+    let Some(name) = name else {
+        let first = file
+            .messages()
+            .next()
+            .ok_or_else(|| PolicyError::new("", "the schema defines no message"))?;
+        return Ok((first, vec![0]));
+    };
+    let package = file.package_name();
+    let full = match name.strip_prefix('.') {
+        Some(full) => full.to_owned(),
+        None if package.is_empty() || name.starts_with(&format!("{package}.")) => name.to_owned(),
+        None => format!("{package}.{name}"),
+    };
+    let message = file
+        .parent_pool()
+        .get_message_by_name(&full)
+        .filter(|m| m.parent_file().name() == file.name())
+        .ok_or_else(|| PolicyError::new("", format!("the schema defines no message `{name}`")))?;
+    let indexes = message_indexes(&message);
+    Ok((message, indexes))
+}
+
+/// The message index path of a message: its position among the declared messages at each nesting level.
+fn message_indexes(message: &MessageDescriptor) -> Vec<i32> {
+    let mut path = Vec::new();
+    let mut current = message.clone();
+    loop {
+        let siblings: Vec<MessageDescriptor> = match current.parent_message() {
+            Some(parent) => parent.child_messages().filter(|m| !m.is_map_entry()).collect(),
+            None => current.parent_file().messages().collect(),
+        };
+        let at = siblings.iter().position(|m| m.full_name() == current.full_name()).unwrap_or(0);
+        path.push(at as i32);
+        match current.parent_message() {
+            Some(parent) => current = parent,
+            None => break,
+        }
+    }
+    path.reverse();
+    path
+}
+
+/// The message an index path names in a schema text's first file, for a record that names one.
+pub fn message_at_indexes(
+    text: &str,
+    references: &HashMap<String, String>,
+    indexes: &[i32],
+) -> Result<String, PolicyError> {
+    let pool = compile_pool(text, references)?;
+    let file = pool
+        .get_file_by_name(ROOT)
+        .ok_or_else(|| PolicyError::new("", "the schema compiled to no file"))?;
+    let mut level: Vec<MessageDescriptor> = file.messages().collect();
+    let mut found = None;
+    for &index in indexes {
+        let message = usize::try_from(index)
+            .ok()
+            .and_then(|i| level.get(i).cloned())
+            .ok_or_else(|| PolicyError::new("", format!("the message index path {indexes:?} names no message")))?;
+        level = message.child_messages().filter(|m| !m.is_map_entry()).collect();
+        found = Some(message);
+    }
+    found
+        .map(|m| m.full_name().to_owned())
+        .ok_or_else(|| PolicyError::new("", "an empty message index path"))
+}
+
+/// The walk from descriptors to the Avro schema and the codec's [`Message`] tree.
+struct Translator<'p> {
+    pii: Option<prost_reflect::ExtensionDescriptor>,
+    subject: Option<prost_reflect::ExtensionDescriptor>,
+    domain: Option<prost_reflect::ExtensionDescriptor>,
+    field_meta: Option<prost_reflect::ExtensionDescriptor>,
+    message_meta: Option<prost_reflect::ExtensionDescriptor>,
+    file_meta: Option<prost_reflect::ExtensionDescriptor>,
+    /// Messages translated so far (an Avro named type is defined once, then named).
+    done: HashMap<String, Arc<Message>>,
+    enums: HashMap<String, Arc<EnumDef>>,
+    /// Messages being translated (a message that holds itself is refused).
+    open: HashSet<String>,
+    fields: usize,
+    /// The record's package: messages of other packages keep theirs in their flattened names.
+    package: String,
+    _pool: &'p DescriptorPool,
+}
+
+impl<'p> Translator<'p> {
+    fn new(pool: &'p DescriptorPool) -> Self {
+        Self {
+            pii: pool.get_extension_by_name("piiwall.pii"),
+            subject: pool.get_extension_by_name("piiwall.subject"),
+            domain: pool.get_extension_by_name("piiwall.domain"),
+            field_meta: pool.get_extension_by_name("confluent.field_meta"),
+            message_meta: pool.get_extension_by_name("confluent.message_meta"),
+            file_meta: pool.get_extension_by_name("confluent.file_meta"),
+            done: HashMap::new(),
+            enums: HashMap::new(),
+            open: HashSet::new(),
+            fields: 0,
+            package: String::new(),
+            _pool: pool,
+        }
+    }
+
+    fn translate(mut self, root: &MessageDescriptor) -> Result<(String, Arc<Message>), PolicyError> {
+        self.package = root.package_name().to_owned();
+        if let Some(meta) = &self.file_meta
+            && root.parent_file().options().has_extension(meta)
+        {
+            return Err(PolicyError::new(
+                "",
+                "(confluent.file_meta) on the file: tags there would protect nothing in particular; tag the fields \
+                 with (confluent.field_meta).tags",
+            ));
+        }
+        let (mut avro, message) = self.message(root, "", 0)?;
+        let options = root.options();
+        let object = avro.as_object_mut().expect("a record is an object");
+        for (ext, attribute) in [(&self.subject, "pii.subject"), (&self.domain, "pii.domain")] {
+            if let Some(ext) = ext
+                && options.has_extension(ext)
+            {
+                let value = options.get_extension(ext);
+                let text = value.as_str().unwrap_or_default().to_owned();
+                object.insert(attribute.to_owned(), Json::String(text));
+            }
+        }
+        Ok((avro.to_string(), message))
+    }
+
+    /// A message as an Avro record (its definition, or its name when defined already).
+    fn message(
+        &mut self,
+        descriptor: &MessageDescriptor,
+        path: &str,
+        depth: usize,
+    ) -> Result<(Json, Arc<Message>), PolicyError> {
+        let full_name = descriptor.full_name();
+        if SCHEMALESS.contains(&full_name) {
+            return Err(PolicyError::new(
+                path,
+                format!("{full_name} holds data no schema describes, so nothing says where PII is in it: use a message"),
+            ));
+        }
+        if let Some(done) = self.done.get(full_name) {
+            return Ok((Json::String(full_name.to_owned()), done.clone()));
+        }
+        if !self.open.insert(full_name.to_owned()) {
+            return Err(PolicyError::new(path, format!("{full_name} holds itself: recursive messages are not supported")));
+        }
+        if depth > MAX_DEPTH {
+            return Err(PolicyError::new(path, format!("messages nest deeper than {MAX_DEPTH} levels")));
+        }
+        let options = descriptor.options();
+        if depth > 0 {
+            for ext in [&self.subject, &self.domain].into_iter().flatten() {
+                if options.has_extension(ext) {
+                    return Err(PolicyError::new(
+                        path,
+                        format!(
+                            "({}) on {full_name}, which is not the record's message: put it on the record's message",
+                            ext.full_name()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(meta) = &self.message_meta
+            && options.has_extension(meta)
+        {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "(confluent.message_meta) on {full_name}: tags on a message would protect nothing in particular; \
+                     tag its fields with (confluent.field_meta).tags"
+                ),
+            ));
+        }
+        let mut fields = Vec::new();
+        let mut avro_fields = Vec::new();
+        for field in descriptor.fields() {
+            self.fields += 1;
+            if self.fields > MAX_FIELDS {
+                return Err(PolicyError::new(path, format!("more than {MAX_FIELDS} fields in all")));
+            }
+            let field_path = if path.is_empty() {
+                field.name().to_owned()
+            } else {
+                format!("{path}.{}", field.name())
+            };
+            if field.is_group() {
+                return Err(PolicyError::new(&field_path, "a group: groups are not supported (use a message)"));
+            }
+            let (label, ty, avro_type) = if field.is_map() {
+                let Kind::Message(entry) = field.kind() else { unreachable!("a map is a message") };
+                let key = Scalar::of(&entry.map_entry_key_field().kind()).expect("map keys are scalars");
+                let (value_ty, value_avro) = self.value_type(&entry.map_entry_value_field().kind(), &field_path, depth)?;
+                (Label::Map(key), value_ty, json!({"type": "map", "values": value_avro}))
+            } else {
+                let (ty, avro) = self.value_type(&field.kind(), &field_path, depth)?;
+                match field.cardinality() {
+                    Cardinality::Repeated => (Label::Repeated, ty, json!({"type": "array", "items": avro})),
+                    Cardinality::Required => (Label::Required, ty, avro),
+                    Cardinality::Optional if field.supports_presence() => (Label::Optional, ty, json!(["null", avro])),
+                    Cardinality::Optional => (Label::Implicit, ty, avro),
+                }
+            };
+            let mut avro_field = Map::new();
+            avro_field.insert("name".to_owned(), Json::String(field.name().to_owned()));
+            avro_field.insert("type".to_owned(), avro_type);
+            match label {
+                Label::Implicit => {
+                    let scalar = ty.scalar().expect("only scalars lack presence");
+                    avro_field.insert("default".to_owned(), scalar.avro_default());
+                }
+                Label::Optional => {
+                    avro_field.insert("default".to_owned(), Json::Null);
+                }
+                Label::Repeated => {
+                    avro_field.insert("default".to_owned(), json!([]));
+                }
+                Label::Map(_) => {
+                    avro_field.insert("default".to_owned(), json!({}));
+                }
+                Label::Required => {}
+            }
+            self.annotations(&field, &field_path, &mut avro_field)?;
+            avro_fields.push(Json::Object(avro_field));
+            fields.push(Field {
+                name: field.name().to_owned(),
+                number: field.number(),
+                label,
+                ty,
+            });
+        }
+        let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
+        let message = Arc::new(Message {
+            name: flat_name(descriptor.full_name(), descriptor.package_name(), &self.package),
+            fields,
+            by_number,
+        });
+        self.open.remove(full_name);
+        self.done.insert(full_name.to_owned(), message.clone());
+        let (namespace, name) = match full_name.rsplit_once('.') {
+            Some((namespace, name)) => (namespace, name),
+            None => ("", full_name),
+        };
+        let mut record = json!({"type": "record", "name": name, "fields": avro_fields});
+        if !namespace.is_empty() {
+            record["namespace"] = Json::String(namespace.to_owned());
+        }
+        Ok((record, message))
+    }
+
+    /// The type of a field's values (of a map's values), and its Avro form.
+    fn value_type(&mut self, kind: &Kind, path: &str, depth: usize) -> Result<(Type, Json), PolicyError> {
+        match kind {
+            Kind::Message(message) => {
+                let (avro, message) = self.message(message, path, depth + 1)?;
+                Ok((Type::Message(message), avro))
+            }
+            Kind::Enum(e) => {
+                let def = self
+                    .enums
+                    .entry(e.full_name().to_owned())
+                    .or_insert_with(|| {
+                        Arc::new(EnumDef {
+                            name: flat_name(e.full_name(), e.package_name(), &self.package),
+                            values: e.values().map(|v| (v.name().to_owned(), v.number())).collect(),
+                        })
+                    })
+                    .clone();
+                Ok((Type::Enum(def), json!("int")))
+            }
+            other => {
+                let scalar = Scalar::of(other).expect("not a message or an enum");
+                Ok((Type::Scalar(scalar), json!(scalar.avro())))
+            }
+        }
+    }
+
+    /// Copies a field's `(piiwall.pii)` and `(confluent.field_meta).tags` into its Avro form.
+    fn annotations(
+        &self,
+        field: &prost_reflect::FieldDescriptor,
+        path: &str,
+        avro: &mut Map<String, Json>,
+    ) -> Result<(), PolicyError> {
+        let options = field.options();
+        if let Some(ext) = &self.pii
+            && options.has_extension(ext)
+        {
+            let value = options.get_extension(ext);
+            let Value::Message(pii) = value.as_ref() else {
+                return Err(PolicyError::new(path, "(piiwall.pii) is not a piiwall.Pii"));
+            };
+            let mut annotation = Map::new();
+            let action = pii.get_field_by_name("action").and_then(|v| v.as_str().map(str::to_owned));
+            annotation.insert("action".to_owned(), Json::String(action.unwrap_or_default()));
+            if pii.has_field_by_name("kind") {
+                let kind = pii.get_field_by_name("kind").and_then(|v| v.as_str().map(str::to_owned));
+                annotation.insert("kind".to_owned(), Json::String(kind.unwrap_or_default()));
+            }
+            if pii.has_field_by_name("keep_last") {
+                let keep = pii.get_field_by_name("keep_last").and_then(|v| v.as_u32()).unwrap_or_default();
+                annotation.insert("keep_last".to_owned(), json!(keep));
+            }
+            avro.insert("pii".to_owned(), Json::Object(annotation));
+        }
+        if let Some(ext) = &self.field_meta
+            && options.has_extension(ext)
+        {
+            let value = options.get_extension(ext);
+            let tags: Vec<Json> = match value.as_ref() {
+                Value::Message(meta) => match meta.get_field_by_name("tags").as_deref() {
+                    Some(Value::List(tags)) => tags.iter().filter_map(|t| t.as_str()).map(|t| json!(t)).collect(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            if !tags.is_empty() {
+                avro.insert("confluent:tags".to_owned(), Json::Array(tags));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message's or enum's name in the sanitized `.proto`, where every one is at the top level: its name within the
+/// record's package, nesting written with `_`; one of another package keeps that package in its name.
+fn flat_name(full_name: &str, package: &str, root_package: &str) -> String {
+    let within = match full_name.strip_prefix(package) {
+        Some(name) if package == root_package => name.trim_start_matches('.'),
+        _ => full_name,
+    };
+    within.replace('.', "_")
+}
+
+/// The sanitized message tree: the writer's, with each field's type what the sanitized Avro schema says it holds
+/// now (a protected scalar becomes `string` or `bytes`), and map keys `string` where the plan protects them.
+pub fn sanitized_message(writer: &Arc<Message>, sanitized: &Schema, plan: &Plan) -> Arc<Message> {
+    let names = crate::codec::schema_names(sanitized);
+    let mut done = HashMap::new();
+    sanitized_walk(writer, sanitized, plan, "", &names, &mut done)
+}
+
+fn sanitized_walk(
+    writer: &Arc<Message>,
+    sanitized: &Schema,
+    plan: &Plan,
+    path: &str,
+    names: &HashMap<&apache_avro::schema::Name, &Schema>,
+    done: &mut HashMap<String, Arc<Message>>,
+) -> Arc<Message> {
+    let resolve = |s: &Schema| -> Schema {
+        match s {
+            Schema::Ref { name } => names.get(name).map(|s| (*s).clone()).unwrap_or_else(|| s.clone()),
+            other => other.clone(),
+        }
+    };
+    let Schema::Record(record) = resolve(sanitized) else {
+        return writer.clone();
+    };
+    // A message used at several paths is protected alike everywhere (its annotations are on its fields), except
+    // by path-based tag patterns: each path gets its own copy, named after the first.
+    let key = format!("{}@{path}", writer.name);
+    if let Some(done) = done.get(&key) {
+        return done.clone();
+    }
+    let mut fields = Vec::with_capacity(writer.fields.len());
+    for (field, avro) in writer.fields.iter().zip(&record.fields) {
+        let field_path = if path.is_empty() {
+            field.name.clone()
+        } else {
+            format!("{path}.{}", field.name)
+        };
+        // The type the values have now: through the field's union, array or map.
+        let mut inner = resolve(&avro.schema);
+        if let Schema::Union(union) = &inner
+            && let Some(value) = union.variants().iter().find(|v| !matches!(v, Schema::Null))
+        {
+            inner = resolve(value);
+        }
+        inner = match inner {
+            Schema::Array(array) => resolve(&array.items),
+            Schema::Map(map) => resolve(&map.types),
+            other => other,
+        };
+        if let Schema::Union(union) = &inner
+            && let Some(value) = union.variants().iter().find(|v| !matches!(v, Schema::Null))
+        {
+            inner = resolve(value);
+        }
+        let ty = match (&field.ty, &inner) {
+            (Type::Message(message), Schema::Record(_)) => {
+                Type::Message(sanitized_walk(message, &inner, plan, &field_path, names, done))
+            }
+            (_, Schema::String) => Type::Scalar(Scalar::String),
+            (_, Schema::Bytes) if field.ty.scalar() != Some(Scalar::Bytes) => Type::Scalar(Scalar::Bytes),
+            (ty, _) => ty.clone(),
+        };
+        let ty = match (&field.ty, ty) {
+            // A field the plan leaves alone keeps its exact type (an `int32` stays `int32`, not `string`).
+            (Type::Scalar(Scalar::String), Type::Scalar(Scalar::String)) => Type::Scalar(Scalar::String),
+            (_, ty) => ty,
+        };
+        let label = match field.label {
+            Label::Map(key) if key != Scalar::String && keys_protected(plan, &field_path) => Label::Map(Scalar::String),
+            label => label,
+        };
+        fields.push(Field {
+            name: field.name.clone(),
+            number: field.number,
+            label,
+            ty,
+        });
+    }
+    let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
+    let suffix = if done.keys().any(|k| k.starts_with(&format!("{}@", writer.name))) {
+        format!("_{}", done.len())
+    } else {
+        String::new()
+    };
+    let message = Arc::new(Message {
+        name: format!("{}{suffix}", writer.name),
+        fields,
+        by_number,
+    });
+    done.insert(key, message.clone());
+    message
+}
+
+/// Whether the plan protects the keys of the map at `path`.
+fn keys_protected(plan: &Plan, path: &str) -> bool {
+    plan.rules.iter().any(|r| r.map_keys.is_some() && r.path == path)
+}
+
+/// The sanitized `.proto` text: the record's message first, then every message and enum it uses, at the top
+/// level; `pii.applied` comments on the protected fields.
+pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan) -> String {
+    let mut out = String::new();
+    let syntax = match writer.syntax {
+        Syntax::Proto2 => "proto2",
+        Syntax::Proto3 => "proto3",
+    };
+    let _ = writeln!(out, "// Sanitized by piiwall (pii.sanitized): protected fields hold what their action produced.");
+    let _ = writeln!(out, "syntax = \"{syntax}\";");
+    if !writer.package.is_empty() {
+        let _ = writeln!(out, "package {};", writer.package);
+    }
+    let applied: HashMap<&str, &str> = plan.rules.iter().map(|r| (r.path.as_str(), r.action.name())).collect();
+    let mut queue = vec![(message.clone(), String::new())];
+    let mut printed = HashSet::new();
+    let mut enums: Vec<Arc<EnumDef>> = Vec::new();
+    while let Some((message, path)) = queue.pop() {
+        if !printed.insert(message.name.clone()) {
+            continue;
+        }
+        let _ = writeln!(out, "\nmessage {} {{", message.name);
+        for field in &message.fields {
+            let field_path = if path.is_empty() {
+                field.name.clone()
+            } else {
+                format!("{path}.{}", field.name)
+            };
+            let type_name = match &field.ty {
+                Type::Scalar(s) => s.proto_name().to_owned(),
+                Type::Enum(e) => {
+                    if !enums.iter().any(|d| d.name == e.name) {
+                        enums.push(e.clone());
+                    }
+                    e.name.clone()
+                }
+                Type::Message(m) => {
+                    queue.insert(0, (m.clone(), field_path.clone()));
+                    m.name.clone()
+                }
+            };
+            let declared = match field.label {
+                Label::Implicit => type_name,
+                Label::Optional if writer.syntax == Syntax::Proto3 && matches!(field.ty, Type::Message(_)) => type_name,
+                Label::Optional => format!("optional {type_name}"),
+                Label::Required => format!("required {type_name}"),
+                Label::Repeated => format!("repeated {type_name}"),
+                Label::Map(key) => format!("map<{}, {type_name}>", key.proto_name()),
+            };
+            let comment = match applied.get(field_path.as_str()) {
+                Some(action) => format!(" // pii.applied: {action}"),
+                None => String::new(),
+            };
+            let _ = writeln!(out, "  {declared} {} = {};{comment}", field.name, field.number);
+        }
+        let _ = writeln!(out, "}}");
+    }
+    for e in enums {
+        let _ = writeln!(out, "\nenum {} {{", e.name);
+        for (name, number) in &e.values {
+            let _ = writeln!(out, "  {name} = {number};");
+        }
+        let _ = writeln!(out, "}}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(text: &str) -> Result<ProtoWriter, PolicyError> {
+        compile_writer(text, &HashMap::new(), None)
+    }
+
+    const CUSTOMER: &str = r#"
+        syntax = "proto3";
+        package shop;
+        import "piiwall/pii.proto";
+        import "confluent/meta.proto";
+        message Customer {
+          option (piiwall.subject) = "customer_id";
+          string customer_id = 1;
+          string email = 2 [(piiwall.pii).action = "tokenize", (piiwall.pii).kind = "email"];
+          string phone = 3 [(piiwall.pii) = { action: "mask", keep_last: 4 }];
+          optional string name = 4 [(confluent.field_meta).tags = "PII"];
+          Address address = 5;
+          repeated string aliases = 6 [(confluent.field_meta) = { tags: ["PII"] }];
+          map<string, string> notes = 7 [(piiwall.pii).action = "encrypt"];
+          int64 visits = 8;
+          Tier tier = 9;
+          message Address { string street = 1 [(piiwall.pii).action = "tokenize"]; string city = 2; }
+          enum Tier { FREE = 0; GOLD = 1; }
+        }
+    "#;
+
+    #[test]
+    fn a_message_translates_to_an_annotated_avro_record() {
+        let writer = writer(CUSTOMER).unwrap();
+        assert_eq!(writer.indexes, vec![0]);
+        let avro: Json = serde_json::from_str(&writer.avro).unwrap();
+        assert_eq!(avro["name"], "Customer");
+        assert_eq!(avro["namespace"], "shop");
+        assert_eq!(avro["pii.subject"], "customer_id");
+        let fields = avro["fields"].as_array().unwrap();
+        assert_eq!(fields[1]["pii"], json!({"action": "tokenize", "kind": "email"}));
+        assert_eq!(fields[2]["pii"], json!({"action": "mask", "keep_last": 4}));
+        assert_eq!(fields[3]["type"], json!(["null", "string"]));
+        assert_eq!(fields[3]["confluent:tags"], json!(["PII"]));
+        assert_eq!(fields[4]["type"][1]["fields"][0]["pii"], json!({"action": "tokenize"}));
+        assert_eq!(fields[5]["type"], json!({"type": "array", "items": "string"}));
+        assert_eq!(fields[5]["confluent:tags"], json!(["PII"]));
+        assert_eq!(fields[6]["type"], json!({"type": "map", "values": "string"}));
+        assert_eq!(fields[7]["type"], "long");
+        assert_eq!(fields[8]["type"], "int");
+        // The translation is an Avro schema piiwall compiles.
+        let compiled = super::super::compile(&writer.avro, &Default::default()).unwrap();
+        assert_eq!(compiled.plan.rules.len(), 7, "{:?}", compiled.plan.rules);
+    }
+
+    #[test]
+    fn schemas_that_cannot_be_protected_are_refused_with_the_place() {
+        let refused = |text: &str| writer(text).unwrap_err().to_string();
+        let any = refused(
+            "syntax = \"proto3\"; import \"google/protobuf/any.proto\"; message M { google.protobuf.Any x = 1; }",
+        );
+        assert!(any.contains("x") && any.contains("google.protobuf.Any"), "{any}");
+        let recursive = refused("syntax = \"proto3\"; message M { M child = 1; }");
+        assert!(recursive.contains("recursive"), "{recursive}");
+        let misplaced = refused(
+            "syntax = \"proto3\"; import \"piiwall/pii.proto\"; message M { N n = 1; } \
+             message N { option (piiwall.subject) = \"a\"; string a = 1; }",
+        );
+        assert!(misplaced.contains("not the record's message"), "{misplaced}");
+        let message_tags = refused(
+            "syntax = \"proto3\"; import \"confluent/meta.proto\"; \
+             message M { option (confluent.message_meta).tags = \"PII\"; string a = 1; }",
+        );
+        assert!(message_tags.contains("message_meta"), "{message_tags}");
+        let syntax = refused("syntax = \"proto3\"; message M { string a = 1 }");
+        assert!(syntax.contains("not a valid .proto schema"), "{syntax}");
+        let missing = refused("syntax = \"proto3\"; import \"other.proto\"; message M { string a = 1; }");
+        assert!(missing.contains("other.proto"), "{missing}");
+        assert!(refused("syntax = \"proto3\";").contains("no message"));
+    }
+
+    #[test]
+    fn references_resolve_and_messages_are_picked_by_name_and_index() {
+        let references = HashMap::from([(
+            "common/address.proto".to_owned(),
+            "syntax = \"proto3\"; package common; message Address { string city = 1; }".to_owned(),
+        )]);
+        let text = "syntax = \"proto3\"; package shop; import \"common/address.proto\"; \
+                    message A { string a = 1; } message B { common.Address at = 1; message C { string c = 1; } }";
+        let picked = compile_writer(text, &references, Some("B.C")).unwrap();
+        assert_eq!(picked.indexes, vec![1, 0]);
+        let b = compile_writer(text, &references, Some("shop.B")).unwrap();
+        assert_eq!(b.indexes, vec![1]);
+        assert_eq!(message_at_indexes(text, &references, &[1, 0]).unwrap(), "shop.B.C");
+        assert!(message_at_indexes(text, &references, &[2]).is_err());
+        assert!(compile_writer(text, &references, Some("Nope")).is_err());
+    }
+}
