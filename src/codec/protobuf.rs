@@ -45,7 +45,12 @@ pub struct Converted {
 }
 
 impl ProtoRecords {
-    pub fn new(writer: Arc<Message>, sanitized: Arc<Message>, indexes: Option<Vec<i32>>, undeclared: Undeclared) -> Self {
+    pub fn new(
+        writer: Arc<Message>,
+        sanitized: Arc<Message>,
+        indexes: Option<Vec<i32>>,
+        undeclared: Undeclared,
+    ) -> Self {
         Self {
             writer,
             sanitized,
@@ -107,7 +112,10 @@ pub fn read_indexes(payload: &[u8]) -> Result<(Vec<i32>, &[u8]), ValueError> {
     if count == 0 {
         return Ok((vec![0], &payload[input.pos..]));
     }
-    let count = usize::try_from(count).ok().filter(|c| *c <= MAX_INDEXES).ok_or_else(|| bad("count out of range"))?;
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|c| *c <= MAX_INDEXES)
+        .ok_or_else(|| bad("count out of range"))?;
     let mut indexes = Vec::with_capacity(count);
     for _ in 0..count {
         let index = input.read_int().map_err(|_| bad("truncated"))?;
@@ -181,7 +189,9 @@ fn varint(bytes: &[u8], pos: &mut usize, path: &str) -> Result<u64, ValueError> 
 }
 
 fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: &str) -> Result<[u8; N], ValueError> {
-    let run = bytes.get(*pos..*pos + N).ok_or_else(|| malformed(path, "truncated fixed-width value"))?;
+    let run = bytes
+        .get(*pos..*pos + N)
+        .ok_or_else(|| malformed(path, "truncated fixed-width value"))?;
     *pos += N;
     Ok(run.try_into().expect("N bytes"))
 }
@@ -255,7 +265,14 @@ impl Reader {
         Ok(())
     }
 
-    fn field(&mut self, label: Label, ty: &Type, values: &[Wire<'_>], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn field(
+        &mut self,
+        label: Label,
+        ty: &Type,
+        values: &[Wire<'_>],
+        path: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
         match label {
             Label::Implicit => match values.last() {
                 Some(value) => self.single(ty, values, *value, path, out),
@@ -335,7 +352,14 @@ impl Reader {
     }
 
     /// A singular value: the last occurrence of a scalar; every occurrence of a message, merged.
-    fn single(&mut self, ty: &Type, all: &[Wire<'_>], last: Wire<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn single(
+        &mut self,
+        ty: &Type,
+        all: &[Wire<'_>],
+        last: Wire<'_>,
+        path: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
         match ty {
             Type::Message(message) if all.len() > 1 => {
                 let mut merged = Vec::new();
@@ -363,7 +387,10 @@ impl Reader {
             other => other.scalar().expect("not a message"),
         };
         if value.wire_type() != wire_type_of(scalar) {
-            return Err(malformed(path, &format!("a {} field with the wrong wire type", scalar.proto_name())));
+            return Err(malformed(
+                path,
+                &format!("a {} field with the wrong wire type", scalar.proto_name()),
+            ));
         }
         match (scalar, value) {
             (Scalar::Double, Wire::I64(bits)) => out.extend_from_slice(&bits.to_le_bytes()),
@@ -411,7 +438,13 @@ impl Reader {
     }
 
     /// A map key as the text of an Avro map key.
-    fn map_key(&mut self, key: Scalar, value: Option<Wire<'_>>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn map_key(
+        &mut self,
+        key: Scalar,
+        value: Option<Wire<'_>>,
+        path: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
         let Some(value) = value else {
             let zero: &[u8] = match key {
                 Scalar::String => b"",
@@ -468,7 +501,12 @@ fn write_message(message: &Message, input: &mut Input<'_>, path: &str, out: &mut
             Label::Optional => match input.read_long()? {
                 0 => {}
                 1 => write_value(field.number, &field.ty, input, path, false, out)?,
-                _ => return Err(ValueError::new(path, "the sanitized record has an unexpected union branch")),
+                _ => {
+                    return Err(ValueError::new(
+                        path,
+                        "the sanitized record has an unexpected union branch",
+                    ));
+                }
             },
             Label::Repeated => {
                 let packed = field.ty.scalar().is_some_and(Scalar::packable);
@@ -530,9 +568,12 @@ fn write_value(
             write_scalar(scalar, input, path, &mut value)?;
             let zero = match scalar {
                 Scalar::String | Scalar::Bytes => value == [0],
-                Scalar::Double | Scalar::Float | Scalar::Fixed32 | Scalar::Fixed64 | Scalar::Sfixed32 | Scalar::Sfixed64 => {
-                    value.iter().all(|b| *b == 0)
-                }
+                Scalar::Double
+                | Scalar::Float
+                | Scalar::Fixed32
+                | Scalar::Fixed64
+                | Scalar::Sfixed32
+                | Scalar::Sfixed64 => value.iter().all(|b| *b == 0),
                 _ => value == [0],
             };
             if !(skip_zero && zero) {
@@ -546,7 +587,12 @@ fn write_value(
 
 /// Reads one Avro scalar and appends its protobuf encoding (a LEN value with its length, no key).
 fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
-    let range = || ValueError::new(path, format!("the sanitized value does not fit a {}", scalar.proto_name()));
+    let range = || {
+        ValueError::new(
+            path,
+            format!("the sanitized value does not fit a {}", scalar.proto_name()),
+        )
+    };
     match scalar {
         Scalar::Double => out.extend_from_slice(input.take(8)?),
         Scalar::Float => out.extend_from_slice(input.take(4)?),
@@ -562,7 +608,9 @@ fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec
             let v = input.read_long()?;
             write_varint(((v << 1) ^ (v >> 63)) as u64, out);
         }
-        Scalar::Fixed32 => out.extend_from_slice(&u32::try_from(input.read_long()?).map_err(|_| range())?.to_le_bytes()),
+        Scalar::Fixed32 => {
+            out.extend_from_slice(&u32::try_from(input.read_long()?).map_err(|_| range())?.to_le_bytes())
+        }
         Scalar::Fixed64 | Scalar::Sfixed64 => out.extend_from_slice(&input.read_long()?.to_le_bytes()),
         Scalar::Bool => {
             let byte = input.take(1)?[0];

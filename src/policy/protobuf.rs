@@ -331,7 +331,10 @@ fn message_indexes(message: &MessageDescriptor) -> Vec<i32> {
             Some(parent) => parent.child_messages().filter(|m| !m.is_map_entry()).collect(),
             None => current.parent_file().messages().collect(),
         };
-        let at = siblings.iter().position(|m| m.full_name() == current.full_name()).unwrap_or(0);
+        let at = siblings
+            .iter()
+            .position(|m| m.full_name() == current.full_name())
+            .unwrap_or(0);
         path.push(at as i32);
         match current.parent_message() {
             Some(parent) => current = parent,
@@ -441,17 +444,25 @@ impl<'p> Translator<'p> {
         if SCHEMALESS.contains(&full_name) {
             return Err(PolicyError::new(
                 path,
-                format!("{full_name} holds data no schema describes, so nothing says where PII is in it: use a message"),
+                format!(
+                    "{full_name} holds data no schema describes, so nothing says where PII is in it: use a message"
+                ),
             ));
         }
         if let Some(done) = self.done.get(full_name) {
             return Ok((Json::String(full_name.to_owned()), done.clone()));
         }
         if !self.open.insert(full_name.to_owned()) {
-            return Err(PolicyError::new(path, format!("{full_name} holds itself: recursive messages are not supported")));
+            return Err(PolicyError::new(
+                path,
+                format!("{full_name} holds itself: recursive messages are not supported"),
+            ));
         }
         if depth > MAX_DEPTH {
-            return Err(PolicyError::new(path, format!("messages nest deeper than {MAX_DEPTH} levels")));
+            return Err(PolicyError::new(
+                path,
+                format!("messages nest deeper than {MAX_DEPTH} levels"),
+            ));
         }
         let options = descriptor.options();
         if depth > 0 {
@@ -491,12 +502,18 @@ impl<'p> Translator<'p> {
                 format!("{path}.{}", field.name())
             };
             if field.is_group() {
-                return Err(PolicyError::new(&field_path, "a group: groups are not supported (use a message)"));
+                return Err(PolicyError::new(
+                    &field_path,
+                    "a group: groups are not supported (use a message)",
+                ));
             }
             let (label, ty, avro_type) = if field.is_map() {
-                let Kind::Message(entry) = field.kind() else { unreachable!("a map is a message") };
+                let Kind::Message(entry) = field.kind() else {
+                    unreachable!("a map is a message")
+                };
                 let key = Scalar::of(&entry.map_entry_key_field().kind()).expect("map keys are scalars");
-                let (value_ty, value_avro) = self.value_type(&entry.map_entry_value_field().kind(), &field_path, depth)?;
+                let (value_ty, value_avro) =
+                    self.value_type(&entry.map_entry_value_field().kind(), &field_path, depth)?;
                 (Label::Map(key), value_ty, json!({"type": "map", "values": value_avro}))
             } else {
                 let (ty, avro) = self.value_type(&field.kind(), &field_path, depth)?;
@@ -597,14 +614,21 @@ impl<'p> Translator<'p> {
                 return Err(PolicyError::new(path, "(piiwall.pii) is not a piiwall.Pii"));
             };
             let mut annotation = Map::new();
-            let action = pii.get_field_by_name("action").and_then(|v| v.as_str().map(str::to_owned));
+            let action = pii
+                .get_field_by_name("action")
+                .and_then(|v| v.as_str().map(str::to_owned));
             annotation.insert("action".to_owned(), Json::String(action.unwrap_or_default()));
             if pii.has_field_by_name("kind") {
-                let kind = pii.get_field_by_name("kind").and_then(|v| v.as_str().map(str::to_owned));
+                let kind = pii
+                    .get_field_by_name("kind")
+                    .and_then(|v| v.as_str().map(str::to_owned));
                 annotation.insert("kind".to_owned(), Json::String(kind.unwrap_or_default()));
             }
             if pii.has_field_by_name("keep_last") {
-                let keep = pii.get_field_by_name("keep_last").and_then(|v| v.as_u32()).unwrap_or_default();
+                let keep = pii
+                    .get_field_by_name("keep_last")
+                    .and_then(|v| v.as_u32())
+                    .unwrap_or_default();
                 annotation.insert("keep_last".to_owned(), json!(keep));
             }
             avro.insert("pii".to_owned(), Json::Object(annotation));
@@ -745,7 +769,10 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
         Syntax::Proto2 => "proto2",
         Syntax::Proto3 => "proto3",
     };
-    let _ = writeln!(out, "// Sanitized by piiwall (pii.sanitized): protected fields hold what their action produced.");
+    let _ = writeln!(
+        out,
+        "// Sanitized by piiwall (pii.sanitized): protected fields hold what their action produced."
+    );
     let _ = writeln!(out, "syntax = \"{syntax}\";");
     if !writer.package.is_empty() {
         let _ = writeln!(out, "package {};", writer.package);

@@ -102,7 +102,9 @@ impl RegistryClient {
 
     /// The schema registered under `id`, with the files a Protobuf schema imports.
     pub async fn schema(&self, id: u32) -> Result<WriterSchema, RegistryError> {
-        let answer: SchemaAnswer = self.get(&format!("schemas/ids/{id}"), &format!("fetching schema id {id}")).await?;
+        let answer: SchemaAnswer = self
+            .get(&format!("schemas/ids/{id}"), &format!("fetching schema id {id}"))
+            .await?;
         let kind = match answer.schema_type.as_deref() {
             None | Some("AVRO") => WriterKind::Avro,
             Some("JSON") => WriterKind::JsonSchema,
