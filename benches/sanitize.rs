@@ -4,6 +4,11 @@
 //! - `transcoder`: Avro binary -> sanitized Avro binary, walking the bytes (what `run` uses);
 //! - `sanitize_event_1kb/transcoder`: the same event grown to 1 KB by its untagged free-text note, in bytes/s;
 //! - `sanitize_event_json/json_schema`: the same event as JSON with `schemas/event.schema.json`, JSON in and out.
+//! - `sanitize_event_protobuf/transcoder`: the same event as protobuf with `schemas/event.proto`, protobuf in and
+//!   out (read into Avro binary, transcoded, written back), keys per batch as `run`;
+//!   `sanitize_event_protobuf/prost_reflect_decode_encode`: only decoding the record into a prost-reflect
+//!   `DynamicMessage` and encoding it again, no sanitizing: a lower bound on the cost of a prost-reflect reference
+//!   path, so its ratio to `transcoder` is a lower bound on the transcoder's speed-up over that path.
 //!
 //! Both include resolving the record's keys through the keyring (warm cache): the reference path per record, the
 //! transcoder once per batch of [`BATCH`] records, as `run` does, with the batch's encryptions then counted towards
@@ -78,6 +83,76 @@ fn bench(c: &mut Criterion) {
     group.finish();
     large_records(c, &schema, &sanitizer, &transcoder);
     json_records(c, &sanitizer);
+    protobuf_records(c, &sanitizer);
+}
+
+/// The same event as a protobuf record of `schemas/event.proto`: protobuf in, read into Avro binary, transcoded,
+/// written back as protobuf, as `run` does, keys per batch; beside it, prost-reflect's decode and encode alone.
+fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
+    use prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value};
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.proto")).unwrap();
+    let schema =
+        piiwall::policy::compile_protobuf(&text, &Default::default(), None, &PolicySettings::default()).unwrap();
+    let transcoder = Transcoder::new(&schema).unwrap();
+    let records = piiwall::codec::Records::for_schema(&schema, piiwall::policy::Undeclared::Drop, false).unwrap();
+    let domain = sanitizer.domain_of(&schema.plan);
+    // The event encoded by prost-reflect, from descriptors compiled by protox.
+    let mut files = protox::file::ChainFileResolver::new();
+    files.add(protox::file::IncludeFileResolver::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/proto"),
+    ));
+    files.add(protox::file::IncludeFileResolver::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"),
+    ));
+    files.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(files);
+    compiler.include_imports(true).open_file("event.proto").unwrap();
+    let descriptor = compiler
+        .descriptor_pool()
+        .get_message_by_name("com.acme.bench.Event")
+        .unwrap();
+    let mut event = DynamicMessage::new(descriptor.clone());
+    let json: serde_json::Value = serde_json::from_str(EVENT).unwrap();
+    for (name, value) in json.as_object().unwrap() {
+        let value = match value {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Number(n) if name == "ts" => Value::I64(n.as_i64().unwrap()),
+            serde_json::Value::Number(n) => Value::F64(n.as_f64().unwrap()),
+            other => panic!("{other}"),
+        };
+        event.set_field_by_name(name, value);
+    }
+    let bytes = event.encode_to_vec();
+    let (mut scratch, mut avro, mut out) = (TranscodeScratch::default(), Vec::new(), Vec::new());
+    let mut group = c.benchmark_group("sanitize_event_protobuf");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("transcoder", |b| {
+        b.iter(|| {
+            let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
+            for _ in 0..BATCH {
+                let (converted, _) = records.read(&schema, &bytes).unwrap();
+                avro.clear();
+                sanitizer
+                    .sanitize_binary_in(&schema, &transcoder, &converted, Some(&keys), &mut scratch, &mut avro)
+                    .unwrap();
+                out.clear();
+                records.write(&schema, &avro, &mut out).unwrap();
+            }
+            sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
+            out.len()
+        })
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("prost_reflect_decode_encode", |b| {
+        b.iter(|| {
+            let message = DynamicMessage::decode(descriptor.clone(), &bytes[..]).unwrap();
+            out.clear();
+            message.encode(&mut out).unwrap();
+            out.len()
+        })
+    });
+    group.finish();
 }
 
 /// The same event as a JSON record of `schemas/event.schema.json` (a Confluent JSON Schema topic, or a plain JSON

@@ -159,20 +159,30 @@ impl Wire<'_> {
     }
 }
 
-fn malformed(path: &str, problem: &str) -> ValueError {
-    ValueError::new(path, format!("malformed protobuf: {problem}"))
+/// Where in a record a value is: its message's path and its field's name, joined only when an error names it
+/// (no allocation per field on the way).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    parent: &'a str,
+    name: &'a str,
 }
 
-fn join(path: &str, name: &str) -> String {
-    if path.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{path}.{name}")
+impl At<'_> {
+    fn full(self) -> String {
+        match (self.parent.is_empty(), self.name.is_empty()) {
+            (_, true) => self.parent.to_owned(),
+            (true, false) => self.name.to_owned(),
+            (false, false) => format!("{}.{}", self.parent, self.name),
+        }
     }
 }
 
+fn malformed(at: At<'_>, problem: &str) -> ValueError {
+    ValueError::new(&at.full(), format!("malformed protobuf: {problem}"))
+}
+
 /// A protobuf varint (up to 10 bytes, no zig-zag).
-fn varint(bytes: &[u8], pos: &mut usize, path: &str) -> Result<u64, ValueError> {
+fn varint(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<u64, ValueError> {
     let mut value = 0u64;
     for i in 0..10 {
         let byte = *bytes.get(*pos).ok_or_else(|| malformed(path, "truncated varint"))?;
@@ -188,7 +198,7 @@ fn varint(bytes: &[u8], pos: &mut usize, path: &str) -> Result<u64, ValueError> 
     unreachable!("the tenth byte ends the varint or fails")
 }
 
-fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: &str) -> Result<[u8; N], ValueError> {
+fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<[u8; N], ValueError> {
     let run = bytes
         .get(*pos..*pos + N)
         .ok_or_else(|| malformed(path, "truncated fixed-width value"))?;
@@ -197,7 +207,7 @@ fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: &str) -> Result<[u
 }
 
 /// The next field of a message: its number and value.
-fn next_field<'a>(bytes: &'a [u8], pos: &mut usize, path: &str) -> Result<(u32, Wire<'a>), ValueError> {
+fn next_field<'a>(bytes: &'a [u8], pos: &mut usize, path: At<'_>) -> Result<(u32, Wire<'a>), ValueError> {
     let key = varint(bytes, pos, path)?;
     let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0 && *n < 1 << 29);
     let number = number.ok_or_else(|| malformed(path, "a field number out of range"))?;
@@ -239,8 +249,9 @@ impl Reader {
         // The fields as they arrived, grouped by declaration order (a stable sort keeps their order within one).
         let mut found: Vec<(usize, Wire<'_>)> = Vec::new();
         let mut pos = 0;
+        let here = At { parent: path, name: "" };
         while pos < bytes.len() {
-            let (number, value) = next_field(bytes, &mut pos, path)?;
+            let (number, value) = next_field(bytes, &mut pos, here)?;
             match message.by_number.get(&number) {
                 Some(&index) => found.push((index, value)),
                 None if self.undeclared == Undeclared::Drop => self.dropped += 1,
@@ -259,8 +270,11 @@ impl Reader {
             while at < found.len() && found[at].0 == index {
                 at += 1;
             }
-            let values: Vec<Wire<'_>> = found[start..at].iter().map(|(_, v)| *v).collect();
-            self.field(field.label, &field.ty, &values, &join(path, &field.name), out)?;
+            let here = At {
+                parent: path,
+                name: &field.name,
+            };
+            self.field(field.label, &field.ty, &found[start..at], here, out)?;
         }
         Ok(())
     }
@@ -269,13 +283,13 @@ impl Reader {
         &mut self,
         label: Label,
         ty: &Type,
-        values: &[Wire<'_>],
-        path: &str,
+        values: &[(usize, Wire<'_>)],
+        path: At<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
         match label {
             Label::Implicit => match values.last() {
-                Some(value) => self.single(ty, values, *value, path, out),
+                Some((_, value)) => self.single(ty, values, *value, path, out),
                 None => self.zero(ty, path, out),
             },
             Label::Optional => match values.last() {
@@ -283,19 +297,19 @@ impl Reader {
                     write_long(out, 0);
                     Ok(())
                 }
-                Some(value) => {
+                Some((_, value)) => {
                     write_long(out, 1);
                     self.single(ty, values, *value, path, out)
                 }
             },
             Label::Required => match values.last() {
-                None => Err(ValueError::new(path, "a required field is missing")),
-                Some(value) => self.single(ty, values, *value, path, out),
+                None => Err(ValueError::new(&path.full(), "a required field is missing")),
+                Some((_, value)) => self.single(ty, values, *value, path, out),
             },
             Label::Repeated => {
                 let mut items = Vec::new();
                 let mut count = 0i64;
-                for value in values {
+                for (_, value) in values {
                     match (ty.scalar(), value) {
                         (Some(scalar), Wire::Len(run)) if scalar.packable() => {
                             let mut pos = 0;
@@ -326,7 +340,7 @@ impl Reader {
                 if !values.is_empty() {
                     write_long(out, values.len() as i64);
                 }
-                for value in values {
+                for (_, value) in values {
                     let Wire::Len(entry) = value else {
                         return Err(malformed(path, "a map entry that is not length-delimited"));
                     };
@@ -341,7 +355,7 @@ impl Reader {
                     }
                     self.map_key(key, k, path, out)?;
                     match v {
-                        Some(found) => self.single(ty, &[found], found, path, out)?,
+                        Some(found) => self.single(ty, &[(0, found)], found, path, out)?,
                         None => self.zero(ty, path, out)?,
                     }
                 }
@@ -355,34 +369,34 @@ impl Reader {
     fn single(
         &mut self,
         ty: &Type,
-        all: &[Wire<'_>],
+        all: &[(usize, Wire<'_>)],
         last: Wire<'_>,
-        path: &str,
+        path: At<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
         match ty {
             Type::Message(message) if all.len() > 1 => {
                 let mut merged = Vec::new();
-                for value in all {
+                for (_, value) in all {
                     let Wire::Len(run) = value else {
                         return Err(malformed(path, "a message field that is not length-delimited"));
                     };
                     merged.extend_from_slice(run);
                 }
-                self.message(message, &merged, path, out)
+                self.message(message, &merged, &path.full(), out)
             }
             _ => self.value(ty, last, path, out),
         }
     }
 
     /// One value as Avro.
-    fn value(&mut self, ty: &Type, value: Wire<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn value(&mut self, ty: &Type, value: Wire<'_>, path: At<'_>, out: &mut Vec<u8>) -> Result<(), ValueError> {
         let scalar = match ty {
             Type::Message(message) => {
                 let Wire::Len(run) = value else {
                     return Err(malformed(path, "a message field that is not length-delimited"));
                 };
-                return self.message(message, run, path, out);
+                return self.message(message, run, &path.full(), out);
             }
             other => other.scalar().expect("not a message"),
         };
@@ -424,9 +438,9 @@ impl Reader {
     }
 
     /// The value an absent field reads as: the type's zero (a message's fields all absent).
-    fn zero(&mut self, ty: &Type, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn zero(&mut self, ty: &Type, path: At<'_>, out: &mut Vec<u8>) -> Result<(), ValueError> {
         match ty {
-            Type::Message(message) => return self.message(message, &[], path, out),
+            Type::Message(message) => return self.message(message, &[], &path.full(), out),
             other => match other.scalar().expect("not a message") {
                 Scalar::Double => out.extend_from_slice(&[0; 8]),
                 Scalar::Float => out.extend_from_slice(&[0; 4]),
@@ -442,7 +456,7 @@ impl Reader {
         &mut self,
         key: Scalar,
         value: Option<Wire<'_>>,
-        path: &str,
+        path: At<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
         let Some(value) = value else {
@@ -491,10 +505,12 @@ fn write_len(number: u32, run: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Writes a record of the sanitized Avro schema as the sanitized message.
-fn write_message(message: &Message, input: &mut Input<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+fn write_message(message: &Message, input: &mut Input<'_>, parent: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
     for field in &message.fields {
-        let field_path = join(path, &field.name);
-        let path = field_path.as_str();
+        let path = At {
+            parent,
+            name: &field.name,
+        };
         match field.label {
             Label::Implicit => write_value(field.number, &field.ty, input, path, true, out)?,
             Label::Required => write_value(field.number, &field.ty, input, path, false, out)?,
@@ -503,7 +519,7 @@ fn write_message(message: &Message, input: &mut Input<'_>, path: &str, out: &mut
                 1 => write_value(field.number, &field.ty, input, path, false, out)?,
                 _ => {
                     return Err(ValueError::new(
-                        path,
+                        &path.full(),
                         "the sanitized record has an unexpected union branch",
                     ));
                 }
@@ -552,33 +568,35 @@ fn write_value(
     number: u32,
     ty: &Type,
     input: &mut Input<'_>,
-    path: &str,
+    path: At<'_>,
     skip_zero: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), ValueError> {
     match ty {
         Type::Message(message) => {
             let mut child = Vec::new();
-            write_message(message, input, path, &mut child)?;
+            write_message(message, input, &path.full(), &mut child)?;
             write_len(number, &child, out);
         }
         other => {
             let scalar = other.scalar().expect("not a message");
-            let mut value = Vec::with_capacity(16);
-            write_scalar(scalar, input, path, &mut value)?;
+            let start = out.len();
+            write_key(number, wire_type_of(scalar), out);
+            let value_start = out.len();
+            write_scalar(scalar, input, path, out)?;
+            let value = &out[value_start..];
             let zero = match scalar {
-                Scalar::String | Scalar::Bytes => value == [0],
                 Scalar::Double
                 | Scalar::Float
                 | Scalar::Fixed32
                 | Scalar::Fixed64
                 | Scalar::Sfixed32
                 | Scalar::Sfixed64 => value.iter().all(|b| *b == 0),
+                // A zero varint, or an empty string or bytes (its length 0).
                 _ => value == [0],
             };
-            if !(skip_zero && zero) {
-                write_key(number, wire_type_of(scalar), out);
-                out.extend_from_slice(&value);
+            if skip_zero && zero {
+                out.truncate(start);
             }
         }
     }
@@ -586,10 +604,10 @@ fn write_value(
 }
 
 /// Reads one Avro scalar and appends its protobuf encoding (a LEN value with its length, no key).
-fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: At<'_>, out: &mut Vec<u8>) -> Result<(), ValueError> {
     let range = || {
         ValueError::new(
-            path,
+            &path.full(),
             format!("the sanitized value does not fit a {}", scalar.proto_name()),
         )
     };
@@ -615,7 +633,7 @@ fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec
         Scalar::Bool => {
             let byte = input.take(1)?[0];
             if byte > 1 {
-                return Err(ValueError::new(path, "the sanitized record has a bad boolean"));
+                return Err(ValueError::new(&path.full(), "the sanitized record has a bad boolean"));
             }
             out.push(byte);
         }
@@ -634,8 +652,8 @@ fn write_scalar(scalar: Scalar, input: &mut Input<'_>, path: &str, out: &mut Vec
 }
 
 /// A map key (Avro map keys are text) as field 1 of a map entry.
-fn write_map_key(key: Scalar, text: &str, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
-    let bad = || ValueError::new(path, format!("a map key that is not a {}", key.proto_name()));
+fn write_map_key(key: Scalar, text: &str, path: At<'_>, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    let bad = || ValueError::new(&path.full(), format!("a map key that is not a {}", key.proto_name()));
     match key {
         Scalar::String => write_len(1, text.as_bytes(), out),
         Scalar::Bool => {
