@@ -407,3 +407,22 @@ fn framed_records_name_their_message_and_the_output_names_the_first() {
     let bad = framed.read(&f.schema, &[0x7f]).err().unwrap().to_string();
     assert!(bad.contains("message indexes"), "{bad}");
 }
+
+/// Empty items of a repeated message are two bytes each but read as every field of the message: a record of them
+/// is refused rather than expanded into gigabytes.
+#[test]
+fn a_record_that_expands_beyond_its_budget_is_refused() {
+    let fields: String = (1..=200).map(|n| format!("double a{n} = {n}; ")).collect();
+    let text = format!("syntax = \"proto3\"; message R {{ repeated Item items = 1; }} message Item {{ {fields} }}");
+    let settings = PolicySettings {
+        untagged: Untagged::Pass,
+        ..PolicySettings::default()
+    };
+    let schema = compile_protobuf(&text, &HashMap::new(), None, &settings).unwrap();
+    let records = Records::for_schema(&schema, Undeclared::Drop, false).unwrap();
+    let few: Vec<u8> = [0x0a, 0x00].repeat(10);
+    assert!(records.read(&schema, &few).is_ok());
+    let many: Vec<u8> = [0x0a, 0x00].repeat(100_000);
+    let refused = records.read(&schema, &many).err().unwrap().to_string();
+    assert!(refused.contains("expands"), "{refused}");
+}

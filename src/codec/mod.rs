@@ -25,7 +25,7 @@ use crate::policy::{CompiledSchema, Undeclared};
 /// How a topic's records are carried to and from the Avro binary the transcoder sanitizes (Avro records are that
 /// binary already and need neither).
 pub enum Records {
-    Json(json_records::JsonRecords),
+    Json(Box<json_records::JsonRecords>),
     Protobuf(protobuf::ProtoRecords),
 }
 
@@ -42,7 +42,8 @@ impl Records {
                 undeclared,
             )));
         }
-        (schema.is_json() || !framed).then(|| Records::Json(json_records::JsonRecords::new(schema, undeclared)))
+        (schema.is_json() || !framed)
+            .then(|| Records::Json(Box::new(json_records::JsonRecords::new(schema, undeclared))))
     }
 
     /// A record's payload as the Avro binary of the writer schema, and how many undeclared fields were dropped.

@@ -80,6 +80,7 @@ impl ProtoRecords {
         let mut reader = Reader {
             undeclared: self.undeclared,
             dropped: 0,
+            visits_left: MIN_FIELD_VISITS + VISITS_PER_BYTE * message.len(),
         };
         let mut avro = Vec::with_capacity(message.len() + 64);
         reader.message(&self.writer, message, "", &mut avro)?;
@@ -242,7 +243,14 @@ fn wire_type_of(scalar: Scalar) -> u8 {
 struct Reader {
     undeclared: Undeclared,
     dropped: usize,
+    /// Fields the record may still make the reader write: a two-byte empty item of a repeated message expands to
+    /// every field of that message, so a small record could otherwise ask for gigabytes of Avro.
+    visits_left: usize,
 }
+
+/// The reader's budget of fields written: this many, plus [`VISITS_PER_BYTE`] per byte of the record.
+const MIN_FIELD_VISITS: usize = 10_000;
+const VISITS_PER_BYTE: usize = 8;
 
 impl Reader {
     fn message(&mut self, message: &Message, bytes: &[u8], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
@@ -263,6 +271,12 @@ impl Reader {
                 }
             }
         }
+        self.visits_left = self.visits_left.checked_sub(message.fields.len()).ok_or_else(|| {
+            ValueError::new(
+                path,
+                "the record expands to far more fields than its size allows (empty repeated items of large messages)",
+            )
+        })?;
         found.sort_by_key(|(index, _)| *index);
         let mut at = 0;
         for (index, field) in message.fields.iter().enumerate() {

@@ -47,9 +47,16 @@ pub const META_PROTO: &str = include_str!("../../schemas/proto/confluent/meta.pr
 /// The name the schema's own text is compiled under (the registry names only its references).
 const ROOT: &str = "__piiwall_schema__.proto";
 
+/// Every record of a translation is named under this namespace, and referred to by its full dotted name (a message
+/// of a file without a package would otherwise be resolved against the namespace it is used in).
+const AVRO_NAMESPACE: &str = "piiwall_pb";
+
 /// How deeply messages may nest, and how many fields one translation may produce (a schema is input).
 const MAX_DEPTH: usize = 32;
 const MAX_FIELDS: usize = 10_000;
+/// Fields a record's message may hold at every path, messages used at several paths counted at each: the policy
+/// compiler walks every path.
+const MAX_EXPANDED_FIELDS: usize = 100_000;
 
 /// Messages a record may not hold: their content is schemaless, so nothing says where PII is in it.
 const SCHEMALESS: [&str; 4] = [
@@ -236,6 +243,42 @@ pub fn compile_writer(
     references: &HashMap<String, String>,
     message: Option<&str>,
 ) -> Result<ProtoWriter, PolicyError> {
+    for source in std::iter::once(text).chain(references.values().map(String::as_str)) {
+        check_nesting(source)?;
+    }
+    // The schema is input (from a registry): a panic in the compiler or in reading options is a refused schema.
+    std::panic::catch_unwind(|| compile_writer_unchecked(text, references, message)).unwrap_or_else(|_| {
+        Err(PolicyError::new(
+            "",
+            "the .proto schema could not be compiled (the compiler failed on it)",
+        ))
+    })
+}
+
+/// Refuses text whose braces or brackets nest deeper than any schema needs (option values are parsed recursively).
+fn check_nesting(text: &str) -> Result<(), PolicyError> {
+    let mut depth = 0usize;
+    for byte in text.bytes() {
+        match byte {
+            b'{' | b'<' | b'[' | b'(' => depth += 1,
+            b'}' | b'>' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > 2 * MAX_DEPTH {
+            return Err(PolicyError::new(
+                "",
+                format!("the .proto text nests deeper than {} levels", 2 * MAX_DEPTH),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn compile_writer_unchecked(
+    text: &str,
+    references: &HashMap<String, String>,
+    message: Option<&str>,
+) -> Result<ProtoWriter, PolicyError> {
     let pool = compile_pool(text, references)?;
     let file = pool
         .get_file_by_name(ROOT)
@@ -289,6 +332,8 @@ impl FileResolver for Sources {
             ROOT => self.root.as_str(),
             "piiwall/pii.proto" => PII_PROTO,
             "confluent/meta.proto" => META_PROTO,
+            // Google's files are served by protox's own resolver, never by a reference that could redefine them.
+            google if google.starts_with("google/protobuf/") => return Err(protox::Error::file_not_found(name)),
             _ => match self.references.get(name) {
                 Some(text) => text.as_str(),
                 None => return Err(protox::Error::file_not_found(name)),
@@ -384,6 +429,8 @@ struct Translator<'p> {
     /// Messages being translated (a message that holds itself is refused).
     open: HashSet<String>,
     fields: usize,
+    /// Each translated message's field count over every path inside it.
+    expanded: HashMap<String, usize>,
     /// The record's package: messages of other packages keep theirs in their flattened names.
     package: String,
     _pool: &'p DescriptorPool,
@@ -402,6 +449,7 @@ impl<'p> Translator<'p> {
             enums: HashMap::new(),
             open: HashSet::new(),
             fields: 0,
+            expanded: HashMap::new(),
             package: String::new(),
             _pool: pool,
         }
@@ -450,7 +498,8 @@ impl<'p> Translator<'p> {
             ));
         }
         if let Some(done) = self.done.get(full_name) {
-            return Ok((Json::String(full_name.to_owned()), done.clone()));
+            // Always the full, dotted name: an undotted one would be resolved in the enclosing namespace.
+            return Ok((Json::String(format!("{AVRO_NAMESPACE}.{full_name}")), done.clone()));
         }
         if !self.open.insert(full_name.to_owned()) {
             return Err(PolicyError::new(
@@ -511,7 +560,10 @@ impl<'p> Translator<'p> {
                 let Kind::Message(entry) = field.kind() else {
                     unreachable!("a map is a message")
                 };
-                let key = Scalar::of(&entry.map_entry_key_field().kind()).expect("map keys are scalars");
+                self.check_map_entry(&entry, &field_path)?;
+                let key = Scalar::of(&entry.map_entry_key_field().kind())
+                    .filter(|k| !matches!(k, Scalar::Double | Scalar::Float | Scalar::Bytes | Scalar::Enum))
+                    .ok_or_else(|| PolicyError::new(&field_path, "a map key must be an integer, bool or string"))?;
                 let (value_ty, value_avro) =
                     self.value_type(&entry.map_entry_value_field().kind(), &field_path, depth)?;
                 (Label::Map(key), value_ty, json!({"type": "map", "values": value_avro}))
@@ -552,6 +604,23 @@ impl<'p> Translator<'p> {
                 ty,
             });
         }
+        let expanded: usize = descriptor
+            .fields()
+            .map(|f| {
+                let inner = match f.kind() {
+                    Kind::Message(m) => self.expanded.get(m.full_name()).copied().unwrap_or(0),
+                    _ => 0,
+                };
+                1 + inner
+            })
+            .sum();
+        if expanded > MAX_EXPANDED_FIELDS {
+            return Err(PolicyError::new(
+                path,
+                format!("{full_name} holds more than {MAX_EXPANDED_FIELDS} fields over all its paths"),
+            ));
+        }
+        self.expanded.insert(full_name.to_owned(), expanded);
         let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
         let message = Arc::new(Message {
             name: flat_name(descriptor.full_name(), descriptor.package_name(), &self.package),
@@ -561,14 +630,36 @@ impl<'p> Translator<'p> {
         self.open.remove(full_name);
         self.done.insert(full_name.to_owned(), message.clone());
         let (namespace, name) = match full_name.rsplit_once('.') {
-            Some((namespace, name)) => (namespace, name),
-            None => ("", full_name),
+            Some((namespace, name)) => (format!("{AVRO_NAMESPACE}.{namespace}"), name),
+            None => (AVRO_NAMESPACE.to_owned(), full_name),
         };
-        let mut record = json!({"type": "record", "name": name, "fields": avro_fields});
-        if !namespace.is_empty() {
-            record["namespace"] = Json::String(namespace.to_owned());
-        }
+        let record = json!({"type": "record", "name": name, "namespace": namespace, "fields": avro_fields});
         Ok((record, message))
+    }
+
+    /// A map's entry must be the one a `map<K, V>` declares: fields 1 and 2, singular, without options (a hand-written
+    /// `option map_entry = true` message could hide annotations piiwall would not read).
+    fn check_map_entry(&self, entry: &MessageDescriptor, path: &str) -> Result<(), PolicyError> {
+        let fields: Vec<_> = entry.fields().collect();
+        let shape_ok = fields.len() == 2
+            && fields.iter().any(|f| f.number() == 1)
+            && fields.iter().any(|f| f.number() == 2)
+            && fields.iter().all(|f| f.cardinality() != Cardinality::Repeated);
+        let annotated = fields.iter().any(|f| {
+            let options = f.options();
+            [&self.pii, &self.field_meta]
+                .into_iter()
+                .flatten()
+                .any(|ext| options.has_extension(ext))
+        });
+        if !shape_ok || annotated {
+            return Err(PolicyError::new(
+                path,
+                "a map whose entry message is written by hand (option map_entry): declare it as map<K, V> and annotate \
+                 the map field",
+            ));
+        }
+        Ok(())
     }
 
     /// The type of a field's values (of a map's values), and its Avro form.
@@ -780,7 +871,6 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
     let applied: HashMap<&str, &str> = plan.rules.iter().map(|r| (r.path.as_str(), r.action.name())).collect();
     let mut queue = vec![(message.clone(), String::new())];
     let mut printed = HashSet::new();
-    let mut enums: Vec<Arc<EnumDef>> = Vec::new();
     while let Some((message, path)) = queue.pop() {
         if !printed.insert(message.name.clone()) {
             continue;
@@ -794,12 +884,9 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
             };
             let type_name = match &field.ty {
                 Type::Scalar(s) => s.proto_name().to_owned(),
-                Type::Enum(e) => {
-                    if !enums.iter().any(|d| d.name == e.name) {
-                        enums.push(e.clone());
-                    }
-                    e.name.clone()
-                }
+                // By number: flattened to the top level, the values of enums nested in different messages could
+                // collide (enum values are scoped like their enum's siblings).
+                Type::Enum(_) => "int32".to_owned(),
                 Type::Message(m) => {
                     queue.insert(0, (m.clone(), field_path.clone()));
                     m.name.clone()
@@ -818,13 +905,6 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
                 None => String::new(),
             };
             let _ = writeln!(out, "  {declared} {} = {};{comment}", field.name, field.number);
-        }
-        let _ = writeln!(out, "}}");
-    }
-    for e in enums {
-        let _ = writeln!(out, "\nenum {} {{", e.name);
-        for (name, number) in &e.values {
-            let _ = writeln!(out, "  {name} = {number};");
         }
         let _ = writeln!(out, "}}");
     }
@@ -866,7 +946,7 @@ mod tests {
         assert_eq!(writer.indexes, vec![0]);
         let avro: Json = serde_json::from_str(&writer.avro).unwrap();
         assert_eq!(avro["name"], "Customer");
-        assert_eq!(avro["namespace"], "shop");
+        assert_eq!(avro["namespace"], "piiwall_pb.shop");
         assert_eq!(avro["pii.subject"], "customer_id");
         let fields = avro["fields"].as_array().unwrap();
         assert_eq!(fields[1]["pii"], json!({"action": "tokenize", "kind": "email"}));
@@ -908,6 +988,79 @@ mod tests {
         let missing = refused("syntax = \"proto3\"; import \"other.proto\"; message M { string a = 1; }");
         assert!(missing.contains("other.proto"), "{missing}");
         assert!(refused("syntax = \"proto3\";").contains("no message"));
+    }
+
+    /// A message of a file without a package, used again inside a message that has a nested type of the same
+    /// short name: the policy must check the message the bytes are read as (it once resolved to the nested one, and
+    /// `inner.person.email` went out in clear).
+    #[test]
+    fn messages_without_a_package_are_not_confused_with_nested_namesakes() {
+        let text = r#"syntax = "proto3"; import "piiwall/pii.proto";
+            message Order { .Contact buyer = 1; Contact team = 2; Inner inner = 3;
+              message Contact { string note = 1; }
+              message Inner { .Contact person = 1; } }
+            message Contact { string email = 1 [(piiwall.pii).action = "tokenize"]; }"#;
+        let writer = writer(text).unwrap();
+        let compiled = super::super::compile(&writer.avro, &Default::default()).unwrap();
+        let paths: Vec<&str> = compiled.plan.rules.iter().map(|r| r.path.as_str()).collect();
+        assert!(paths.contains(&"inner.person.email"), "{paths:?}");
+        assert!(paths.contains(&"buyer.email"), "{paths:?}");
+    }
+
+    /// A hand-written map entry could carry annotations piiwall would not read: refused, as malformed ones.
+    #[test]
+    fn hand_written_map_entries_and_shadowed_google_files_are_refused() {
+        let entry = writer(
+            r#"syntax = "proto3"; import "piiwall/pii.proto";
+            message M { repeated E m = 1;
+              message E { option map_entry = true; string key = 1; string value = 2 [(piiwall.pii).action = "tokenize"]; } }"#,
+        );
+        let refused = entry.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            refused.contains("map_entry") || refused.contains("not a valid"),
+            "{refused}"
+        );
+        let broken = writer(
+            r#"syntax = "proto3"; message M { repeated E m = 1; message E { option map_entry = true; string key = 1; } }"#,
+        );
+        assert!(broken.is_err());
+        // A reference may not stand in for Google's own files.
+        let references = HashMap::from([(
+            "google/protobuf/timestamp.proto".to_owned(),
+            "syntax = \"proto3\"; package google.protobuf; message Timestamp { string secret = 1; }".to_owned(),
+        )]);
+        let text = "syntax = \"proto3\"; import \"google/protobuf/timestamp.proto\"; message M { google.protobuf.Timestamp at = 1; }";
+        let compiled = compile_writer(text, &references, None).unwrap();
+        let at = &compiled.message.fields[0];
+        let Type::Message(timestamp) = &at.ty else {
+            panic!("a message")
+        };
+        assert_eq!(
+            timestamp.fields[0].name, "seconds",
+            "Google's Timestamp, not the reference's"
+        );
+        assert!(
+            writer(&format!(
+                "syntax = \"proto3\"; message M {{ string a = 1 [{}]; }}",
+                "[".repeat(200)
+            ))
+            .is_err()
+        );
+    }
+
+    /// A message used at exponentially many paths is refused before the policy compiler walks them all.
+    #[test]
+    fn messages_reused_at_exponentially_many_paths_are_refused() {
+        let mut text = String::from("syntax = \"proto3\";\n");
+        for level in 0..30 {
+            text.push_str(&format!(
+                "message L{level} {{ L{next} a = 1; L{next} b = 2; }}\n",
+                next = level + 1
+            ));
+        }
+        text.push_str("message L30 { string s = 1; }\n");
+        let refused = writer(&text).unwrap_err().to_string();
+        assert!(refused.contains("over all its paths"), "{refused}");
     }
 
     #[test]

@@ -118,13 +118,23 @@ impl RegistryClient {
         let mut references = HashMap::new();
         if kind == WriterKind::Protobuf {
             // Each reference names a file the schema imports, registered under a subject and version; those may
-            // import more. Fetched breadth first, each import path once.
-            let mut pending = answer.references;
-            while let Some(reference) = pending.pop() {
-                if references.contains_key(&reference.name) {
-                    continue;
+            // import more. Fetched breadth first (the schema's own references before theirs); one import path named
+            // at two different versions is refused: the producer and piiwall could otherwise compile different files.
+            let mut versions: HashMap<String, (String, i64)> = HashMap::new();
+            let mut pending: std::collections::VecDeque<Reference> = answer.references.into();
+            while let Some(reference) = pending.pop_front() {
+                let wanted = (reference.subject.clone(), reference.version);
+                match versions.get(&reference.name) {
+                    Some(seen) if *seen == wanted => continue,
+                    Some(_) => {
+                        return Err(RegistryError::Refused(format!(
+                            "schema id {id} imports {} at two different versions through its references",
+                            reference.name
+                        )));
+                    }
+                    None => {}
                 }
-                if references.len() >= MAX_REFERENCES {
+                if versions.len() >= MAX_REFERENCES {
                     return Err(RegistryError::Refused(format!(
                         "schema id {id} imports more than {MAX_REFERENCES} files through references"
                     )));
@@ -134,6 +144,7 @@ impl RegistryClient {
                 let path = format!("subjects/{subject}/versions/{}", reference.version);
                 let imported: SchemaAnswer = self.get(&path, &what).await?;
                 pending.extend(imported.references);
+                versions.insert(reference.name.clone(), wanted);
                 references.insert(reference.name, imported.schema);
             }
         } else if !answer.references.is_empty() {
