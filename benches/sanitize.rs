@@ -95,7 +95,7 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
     let schema =
         piiwall::policy::compile_protobuf(&text, &Default::default(), None, &PolicySettings::default()).unwrap();
     let transcoder = Transcoder::new(&schema).unwrap();
-    let records = piiwall::codec::Records::for_schema(&schema, piiwall::policy::Undeclared::Drop, false).unwrap();
+    let records = piiwall::codec::Records::for_schema(&schema, piiwall::policy::Undeclared::Drop, true).unwrap();
     let domain = sanitizer.domain_of(&schema.plan);
     // The event encoded by prost-reflect, from descriptors compiled by protox.
     let mut files = protox::file::ChainFileResolver::new();
@@ -124,6 +124,8 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
         event.set_field_by_name(name, value);
     }
     let bytes = event.encode_to_vec();
+    // Framed as `run` reads it: the message index path [0], then the message.
+    let framed = [&[0u8][..], &bytes].concat();
     let (mut scratch, mut avro, mut out) = (TranscodeScratch::default(), Vec::new(), Vec::new());
     let mut group = c.benchmark_group("sanitize_event_protobuf");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -131,7 +133,7 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
         b.iter(|| {
             let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
             for _ in 0..BATCH {
-                let (converted, _) = records.read(&schema, &bytes).unwrap();
+                let (converted, _) = records.read(&schema, &framed).unwrap();
                 avro.clear();
                 sanitizer
                     .sanitize_binary_in(&schema, &transcoder, &converted, Some(&keys), &mut scratch, &mut avro)

@@ -119,6 +119,7 @@ struct RawBinding {
     key_id: Option<u32>,
     key_sanitized_id: Option<u32>,
     format: Option<String>,
+    message: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -364,6 +365,8 @@ pub struct LocalBinding {
     pub key_schema: Option<KeySchema>,
     /// How the topic's values are framed.
     pub format: RecordFraming,
+    /// A `.proto` schema: the record's message, by name (the file's first message when unset).
+    pub message: Option<String>,
 }
 
 /// How a locally bound topic's values are written (`format` of a `[[schemas.local]]` binding).
@@ -1233,6 +1236,14 @@ impl RawBinding {
                 )));
             }
         };
+        if self.message.is_some() && self.schema.extension().and_then(|e| e.to_str()) != Some("proto") {
+            return Err(ConfigError(format!(
+                "schemas.local (topic {}): message names the record's message of a .proto schema; {} is not a \
+                 .proto file",
+                self.topic,
+                self.schema.display()
+            )));
+        }
         Ok(LocalBinding {
             topic: self.topic,
             schema: self.schema,
@@ -1241,6 +1252,7 @@ impl RawBinding {
             key,
             key_schema,
             format,
+            message: self.message,
         })
     }
 }

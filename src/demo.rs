@@ -33,7 +33,7 @@ struct Example {
     plain: bool,
 }
 
-const EXAMPLES: [Example; 5] = [
+const EXAMPLES: [Example; 6] = [
     Example {
         topic: "demo.customers",
         file: "customer_profile.avsc",
@@ -76,10 +76,41 @@ const EXAMPLES: [Example; 5] = [
         id: 5,
         plain: true,
     },
+    // Protobuf, Confluent wire format (message indexes before the message).
+    Example {
+        topic: "demo.events.proto",
+        file: "event.proto",
+        schema: include_str!("../schemas/event.proto"),
+        samples: include_str!("../schemas/samples/event.jsonl"),
+        id: 6,
+        plain: false,
+    },
 ];
+
+/// A Protobuf schema's records written from Avro binary of `message` (the writer's, or the sanitized one).
+fn protobuf_records(schema: &CompiledSchema, sanitized: bool) -> Option<crate::codec::Records> {
+    let proto = schema.protobuf()?;
+    let message = if sanitized {
+        &proto.sanitized_message
+    } else {
+        &proto.writer
+    };
+    Some(crate::codec::Records::Protobuf(
+        crate::codec::protobuf::ProtoRecords::of_message(message),
+    ))
+}
 
 /// A sample record as its producer writes it: Avro or JSON, in the Confluent wire format unless plain.
 fn encode_sample(example: &Example, schema: &CompiledSchema, id: u32, json: &Json) -> Result<Vec<u8>, Error> {
+    if let Some(records) = protobuf_records(schema, false) {
+        let value = JsonCodec::new(&schema.writer).to_value(json)?;
+        let mut avro = Vec::new();
+        crate::codec::avro::ValueCodec::for_writer(schema).encode(&value, &mut avro)?;
+        let mut out = Vec::new();
+        stream::write_frame_header(id, &mut out);
+        records.write(schema, &avro, &mut out)?;
+        return Ok(out);
+    }
     if !schema.is_json() {
         return Ok(stream::encode_framed(
             schema,
@@ -105,6 +136,14 @@ fn sanitized_json(example: &Example, schema: &CompiledSchema, value: &[u8]) -> R
     if schema.is_json() || example.plain {
         return serde_json::from_slice(payload).map_err(|e| Error::io("demo", e.into()));
     }
+    let avro;
+    let payload = match protobuf_records(schema, true) {
+        Some(records) => {
+            avro = records.read(schema, payload)?.0;
+            &avro[..]
+        }
+        None => payload,
+    };
     let value = crate::codec::avro::ValueCodec::for_sanitized(schema).decode(payload)?;
     Ok(JsonCodec::new(&schema.sanitized).to_json(&value))
 }
@@ -135,7 +174,11 @@ pub async fn produce_samples(brokers: &str, registry: &str) -> Result<usize, Err
     for example in EXAMPLES.iter().filter(|e| !e.plain) {
         let topic = example.topic.trim_start_matches("demo.");
         let schema = compile_any(example.schema, &crate::policy::PolicySettings::default())?;
-        let schema_type = if schema.is_json() { "JSON" } else { "AVRO" };
+        let schema_type = match schema.format {
+            crate::policy::SchemaFormat::Avro => "AVRO",
+            crate::policy::SchemaFormat::JsonSchema { .. } => "JSON",
+            crate::policy::SchemaFormat::Protobuf(_) => "PROTOBUF",
+        };
         let id = registry
             .register(&format!("{topic}-value"), example.schema, schema_type)
             .await
@@ -270,10 +313,11 @@ async fn run_in(dir: &std::path::Path, out: &mut impl Write) -> Result<(), Error
         };
         let index = EXAMPLES.iter().position(|e| e.topic == topic).expect("a demo topic");
         let sanitized = sanitized_json(&EXAMPLES[index], &schemas[index], message.payload().unwrap_or_default())?;
-        let form = match (EXAMPLES[index].plain, schemas[index].is_json()) {
+        let form = match (EXAMPLES[index].plain, &schemas[index].format) {
             (true, _) => "plain JSON",
-            (false, true) => "JSON Schema",
-            (false, false) => "Avro",
+            (false, crate::policy::SchemaFormat::JsonSchema { .. }) => "JSON Schema",
+            (false, crate::policy::SchemaFormat::Protobuf(_)) => "Protobuf",
+            (false, crate::policy::SchemaFormat::Avro) => "Avro",
         };
         w(out, format!("{topic} [{form}; partition {partition}, offset {offset}]"))?;
         w(out, format!("  raw       {json}"))?;

@@ -562,6 +562,15 @@ impl Scan<'_, '_> {
             let Ok((_, mut body)) = crate::stream::parse_frame(payload) else {
                 return Ok(None);
             };
+            // Protobuf output: read into the Avro binary of the sanitized schema first.
+            let avro;
+            if let Some(proto) = schema.protobuf() {
+                match crate::codec::protobuf::ProtoRecords::of_message(&proto.sanitized_message).read(body) {
+                    Ok(converted) => avro = converted.avro,
+                    Err(_) => return Ok(None),
+                }
+                body = &avro[..];
+            }
             let read = apache_avro::reader::datum::GenericDatumReader::builder(&schema.sanitized)
                 .build()
                 .and_then(|reader| reader.read_value(&mut body));

@@ -27,7 +27,21 @@ pub struct Finding {
 pub fn check(schema_text: &str, settings: &PolicySettings) -> Vec<Finding> {
     let mut findings = Vec::new();
     let translated;
-    let schema_json = if json_schema::is_json_schema(schema_text) {
+    let schema_json = if crate::policy::protobuf::is_proto(schema_text) {
+        match crate::policy::protobuf::compile_writer(schema_text, &Default::default(), None) {
+            Ok(writer) => {
+                translated = writer.avro;
+                translated.as_str()
+            }
+            Err(e) => {
+                return vec![Finding {
+                    severity: Severity::Error,
+                    path: e.path,
+                    message: e.problem,
+                }];
+            }
+        }
+    } else if json_schema::is_json_schema(schema_text) {
         match json_schema::to_avro(schema_text) {
             Ok(avro) => {
                 translated = avro;

@@ -314,6 +314,59 @@ fn schema_commands() {
     assert!(apache_avro::Schema::parse(&sanitized).is_ok());
 }
 
+/// `schema check`, `schema sanitized` and `sanitize` take `.proto` schemas: names that look like PII are linted,
+/// the sanitized `.proto` is printed, JSON records described by the message are sanitized.
+#[test]
+fn schema_commands_take_protobuf() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = repo("schemas/event.proto").to_string_lossy().into_owned();
+    let out = piiwall(dir.path(), &["schema", "check", &event], None);
+    assert!(out.status.success(), "the example is clean: {}", text(&out.stdout));
+    let lax = dir.path().join("lax.proto");
+    std::fs::write(&lax, "syntax = \"proto3\";\nimport \"piiwall/pii.proto\";\nmessage R {\n  string email = 1;\n  string x = 2 [(piiwall.pii).action = \"tokenize\"];\n}\n").unwrap();
+    let out = piiwall(dir.path(), &["schema", "check", lax.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("warning: field `email`: the name suggests PII"),
+        "{}",
+        text(&out.stdout)
+    );
+    let broken = dir.path().join("broken.proto");
+    std::fs::write(&broken, "syntax = \"proto3\"; message R { string a = 1 }").unwrap();
+    let out = piiwall(dir.path(), &["schema", "check", broken.to_str().unwrap()], None);
+    assert!(
+        text(&out.stdout).contains("error: not a valid .proto schema"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = piiwall(dir.path(), &["schema", "sanitized", &event], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sanitized = text(&out.stdout);
+    assert!(
+        sanitized.contains("string email = 3; // pii.applied: tokenize"),
+        "{sanitized}"
+    );
+    assert!(sanitized.contains("int64 ts = 2;"), "{sanitized}");
+
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"e1\", \"ts\": 5, \"email\": \"ada@example.com\", \"card_number\": \"4111111111111111\"}\n",
+    )
+    .unwrap();
+    let out = piiwall(
+        dir.path(),
+        &["sanitize", "--schema", &event, "--input", input.to_str().unwrap()],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let record: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(record["email"].as_str().unwrap().starts_with("pwt1."), "{record}");
+    assert_eq!(record["card_number"], "************1111");
+    assert_eq!(record["ts"], 5);
+}
+
 /// `piiwall config check FILE` with `env` set (and no other PIIWALL_* variable): (exit code, stdout, stderr).
 fn config_check(file: &Path, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_piiwall"));

@@ -15,10 +15,10 @@ fn demo_shows_every_record_sanitized_a_quarantine_a_reveal_and_a_forget() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // Three Avro topics, one of JSON Schema records, one of plain JSON.
-    assert!(stdout.contains("13 records sanitized, 1 quarantined"), "{stdout}");
-    assert_eq!(stdout.matches("  sanitized ").count(), 13);
-    for form in ["[Avro;", "[JSON Schema;", "[plain JSON;"] {
+    // Three Avro topics, one of JSON Schema records, one of plain JSON, one of Protobuf.
+    assert!(stdout.contains("15 records sanitized, 1 quarantined"), "{stdout}");
+    assert_eq!(stdout.matches("  sanitized ").count(), 15);
+    for form in ["[Avro;", "[JSON Schema;", "[plain JSON;", "[Protobuf;"] {
         assert!(stdout.contains(form), "the demo shows a topic of each format: {form}");
     }
     for line in stdout.lines().filter(|l| l.starts_with("  sanitized ")) {

@@ -133,7 +133,7 @@ fn fixture(text: &str, input: &str, output: &str, untagged: Untagged) -> Fixture
     };
     let schema = compile_protobuf(text, &HashMap::new(), None, &settings).unwrap();
     let transcoder = Transcoder::new(&schema).unwrap();
-    let records = Records::for_schema(&schema, Undeclared::Drop, false).unwrap();
+    let records = Records::for_schema(&schema, Undeclared::Drop, true).unwrap();
     let sanitized = schema.published_schema().0.to_owned();
     Fixture {
         transcoder,
@@ -150,8 +150,10 @@ static PROTECTED_FIXTURE: LazyLock<Fixture> =
     LazyLock::new(|| fixture(PROTECTED, "shop.Customer", "shop.Customer", Untagged::Block));
 
 /// The `run` path: protobuf -> Avro binary -> transcoder -> sanitized Avro -> protobuf.
+/// Framed as the message index path `[0]`, and written back so: the message alone is returned.
 fn stream_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let (avro, _) = f.records.read(&f.schema, bytes).map_err(|e| e.to_string())?;
+    let framed = [&[0u8][..], bytes].concat();
+    let (avro, _) = f.records.read(&f.schema, &framed).map_err(|e| e.to_string())?;
     let mut sanitized = Vec::new();
     f.transcoder
         .transcode(
@@ -356,12 +358,13 @@ fn undeclared_fields_are_dropped_and_counted_or_refused() {
     let mut bytes = vec![0x0a, 1, b'x'];
     bytes.extend_from_slice(&[0x9a, 0x06, 5]);
     bytes.extend_from_slice(b"a@b.c");
-    let (_, dropped) = f.records.read(&f.schema, &bytes).unwrap();
+    let framed = [&[0u8][..], &bytes].concat();
+    let (_, dropped) = f.records.read(&f.schema, &framed).unwrap();
     assert_eq!(dropped, 1);
     let out = stream_path(f, &bytes).unwrap();
     assert!(!out.windows(5).any(|w| w == b"a@b.c"));
-    let strict = Records::for_schema(&f.schema, Undeclared::Quarantine, false).unwrap();
-    let refused = strict.read(&f.schema, &bytes).err().unwrap().to_string();
+    let strict = Records::for_schema(&f.schema, Undeclared::Quarantine, true).unwrap();
+    let refused = strict.read(&f.schema, &framed).err().unwrap().to_string();
     assert!(
         refused.contains("field number 99") && !refused.contains("a@b.c"),
         "{refused}"
@@ -419,10 +422,10 @@ fn a_record_that_expands_beyond_its_budget_is_refused() {
         ..PolicySettings::default()
     };
     let schema = compile_protobuf(&text, &HashMap::new(), None, &settings).unwrap();
-    let records = Records::for_schema(&schema, Undeclared::Drop, false).unwrap();
-    let few: Vec<u8> = [0x0a, 0x00].repeat(10);
+    let records = Records::for_schema(&schema, Undeclared::Drop, true).unwrap();
+    let few: Vec<u8> = [&[0u8][..], &[0x0a, 0x00].repeat(10)].concat();
     assert!(records.read(&schema, &few).is_ok());
-    let many: Vec<u8> = [0x0a, 0x00].repeat(100_000);
+    let many: Vec<u8> = [&[0u8][..], &[0x0a, 0x00].repeat(100_000)].concat();
     let refused = records.read(&schema, &many).err().unwrap().to_string();
     assert!(refused.contains("expands"), "{refused}");
 }

@@ -262,7 +262,11 @@ async fn protobuf_records_arrive_sanitized_and_decode_with_the_registered_proto(
         Some("*************23")
     );
     assert_eq!(field(first, "vip"), Value::Bool(true));
-    assert_eq!(field(first, "tier"), Value::EnumNumber(1));
+    assert_eq!(
+        field(first, "tier"),
+        Value::I32(1),
+        "an enum by number (int32 in the sanitized .proto)"
+    );
     let notes = field(first, "notes");
     let (key, value) = notes.as_map().unwrap().iter().next().unwrap();
     let MapKey::String(key) = key else {

@@ -36,6 +36,10 @@ pub(crate) fn exec(config: &Config, command: SchemaCommand) -> anyhow::Result<Ex
 
 fn sanitized(config: &Config, file: &Path) -> anyhow::Result<ExitCode> {
     let compiled = load_schema(file, config)?;
+    if compiled.protobuf().is_some() {
+        print!("{}", compiled.published_schema().0);
+        return Ok(ExitCode::SUCCESS);
+    }
     let pretty: serde_json::Value = serde_json::from_str(compiled.published_schema().0)?;
     println!("{}", serde_json::to_string_pretty(&pretty)?);
     Ok(ExitCode::SUCCESS)

@@ -31,14 +31,15 @@ pub enum Records {
 
 impl Records {
     /// The conversion a compiled schema's records need: JSON for JSON Schemas and for unframed (plain JSON) topics,
-    /// protobuf for `.proto` schemas; `None` for framed Avro.
+    /// whatever their schema; Confluent-framed protobuf for `.proto` schemas; `None` for framed Avro.
     pub fn for_schema(schema: &CompiledSchema, undeclared: Undeclared, framed: bool) -> Option<Self> {
-        if let Some(proto) = schema.protobuf() {
-            let indexes = framed.then(|| proto.indexes.clone());
+        if let Some(proto) = schema.protobuf()
+            && framed
+        {
             return Some(Records::Protobuf(protobuf::ProtoRecords::new(
                 proto.writer.clone(),
                 proto.sanitized_message.clone(),
-                indexes,
+                Some(proto.indexes.clone()),
                 undeclared,
             )));
         }

@@ -59,6 +59,13 @@ impl ProtoRecords {
         }
     }
 
+    /// The records of one message (framed with the index path `[0]`) to and from Avro binary of that message's
+    /// form: the sanitized message reads what piiwall wrote (export, the demo); the writer's writes what a producer
+    /// would (the demo's samples).
+    pub fn of_message(message: &Arc<Message>) -> Self {
+        Self::new(message.clone(), message.clone(), Some(vec![0]), Undeclared::Quarantine)
+    }
+
     /// Reads a record (its message indexes, when framed, then the message) into Avro binary.
     pub fn read(&self, payload: &[u8]) -> Result<Converted, ValueError> {
         let message = match &self.indexes {

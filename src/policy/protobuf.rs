@@ -294,9 +294,45 @@ fn compile_writer_unchecked(
     })
 }
 
-/// Whether a schema text is `.proto` text (rather than JSON: Avro or JSON Schema).
+/// Whether a schema text is `.proto` text rather than JSON (an Avro schema or a JSON Schema, which start with `{`,
+/// `[` or `"`).
 pub fn is_proto(text: &str) -> bool {
-    !text.trim_start().starts_with('{')
+    !matches!(text.trim_start().chars().next(), None | Some('{' | '[' | '"'))
+}
+
+/// The files a local `.proto` schema imports from the directory it is in (and what those import), by import path;
+/// piiwall's, Confluent's and Google's own files are left to the compiler.
+pub fn local_imports(text: &str, dir: &std::path::Path) -> Result<HashMap<String, String>, PolicyError> {
+    let mut found = HashMap::new();
+    let mut pending = imports(text);
+    while let Some(name) = pending.pop() {
+        let builtin = name == "piiwall/pii.proto" || name == "confluent/meta.proto" || name.starts_with("google/");
+        if builtin || found.contains_key(&name) {
+            continue;
+        }
+        if found.len() >= 64 {
+            return Err(PolicyError::new("", "the schema imports more than 64 files"));
+        }
+        let Ok(imported) = std::fs::read_to_string(dir.join(&name)) else {
+            continue; // Left to the compiler, which names the missing import.
+        };
+        pending.extend(imports(&imported));
+        found.insert(name, imported);
+    }
+    Ok(found)
+}
+
+/// The paths a `.proto` text imports (`import "a/b.proto";`, `import public "…";`).
+fn imports(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.trim_start().strip_prefix("import")?;
+            let start = rest.find('"')? + 1;
+            let end = start + rest[start..].find('"')?;
+            let name = &rest[start..end];
+            (!name.contains("..") && !name.starts_with('/')).then(|| name.to_owned())
+        })
+        .collect()
 }
 
 /// Compiles the schema text into a descriptor pool. `references`: the imported files' texts by import path;

@@ -103,7 +103,16 @@ impl Routes {
             for (part, path, id, sanitized_id) in schemas {
                 let route = match std::fs::read_to_string(path) {
                     Err(e) => Route::Broken(format!("schema file {} cannot be read: {e}", path.display())),
-                    Ok(text) => match ready(&text, None, &config.policy, part, id, sanitized_id, framed) {
+                    Ok(text) => match ready_local(
+                        &text,
+                        path,
+                        binding.message.as_deref(),
+                        &config.policy,
+                        part,
+                        id,
+                        sanitized_id,
+                        framed,
+                    ) {
                         Ok(route) => route,
                         Err(reason) => Route::Broken(format!("schema {}: {reason}", path.display())),
                     },
@@ -303,11 +312,50 @@ impl Registry {
     }
 }
 
+/// Compiles a local schema file into a route: a `.proto` file with the files it imports from beside it (and
+/// `message`, the record's message), else Avro or JSON Schema told from the text.
+#[allow(clippy::too_many_arguments)]
+fn ready_local(
+    text: &str,
+    path: &std::path::Path,
+    message: Option<&str>,
+    policy: &PolicySettings,
+    part: Part,
+    id: u32,
+    sanitized_id: u32,
+    framed: bool,
+) -> Result<Route, String> {
+    if !crate::policy::protobuf::is_proto(text) {
+        return ready(text, None, policy, part, id, sanitized_id, framed);
+    }
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let writer = WriterSchema {
+        text: text.to_owned(),
+        kind: WriterKind::Protobuf,
+        references: crate::policy::protobuf::local_imports(text, dir).map_err(|e| e.to_string())?,
+    };
+    ready_compiled(text, Some(&writer), message, policy, part, id, sanitized_id, framed)
+}
+
 /// Compiles a writer schema into a route. `registered`: what the registry says the schema is, with its references;
 /// `None` (a local file): told from the text.
 fn ready(
     schema_text: &str,
     registered: Option<&WriterSchema>,
+    policy: &PolicySettings,
+    part: Part,
+    id: u32,
+    sanitized_id: u32,
+    framed: bool,
+) -> Result<Route, String> {
+    ready_compiled(schema_text, registered, None, policy, part, id, sanitized_id, framed)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ready_compiled(
+    schema_text: &str,
+    registered: Option<&WriterSchema>,
+    message: Option<&str>,
     policy: &PolicySettings,
     part: Part,
     id: u32,
@@ -330,7 +378,7 @@ fn ready(
         None => compile_any(schema_text, policy),
         Some((WriterKind::Avro, _)) => compile(schema_text, policy),
         Some((WriterKind::JsonSchema, _)) => compile_json_schema(schema_text, policy),
-        Some((WriterKind::Protobuf, references)) => compile_protobuf(schema_text, references, None, policy),
+        Some((WriterKind::Protobuf, references)) => compile_protobuf(schema_text, references, message, policy),
     }
     .map_err(|e| e.to_string())?;
     if part == Part::Key && (schema.is_json() || schema.protobuf().is_some()) {
@@ -351,6 +399,47 @@ fn ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local `.proto` binding: its imports are read from beside it, and `message` picks the record's message.
+    #[tokio::test]
+    async fn a_local_proto_binding_reads_its_imports_and_picks_its_message() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("common")).unwrap();
+        std::fs::write(
+            dir.path().join("common/address.proto"),
+            "syntax = \"proto3\"; package common; import \"piiwall/pii.proto\";\n\
+             message Address { string street = 1 [(piiwall.pii).action = \"tokenize\"]; }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("shop.proto"),
+            "syntax = \"proto3\"; package shop;\nimport \"common/address.proto\";\n\
+             message Helper { string a = 1; }\nmessage Customer { common.Address home = 1; }\n",
+        )
+        .unwrap();
+        let config = Config::parse(
+            &format!(
+                "[kafka]\ninputs = [\"t\"]\n[[schemas.local]]\ntopic = \"t\"\nschema = \"{}/shop.proto\"\nid = 7\n\
+                 message = \"Customer\"\n",
+                dir.path().display()
+            ),
+            [],
+            "test.toml",
+        )
+        .unwrap();
+        let routes = Routes::compile(&config).unwrap();
+        let Route::Ready(route) = routes.get("t", 7) else {
+            panic!("the binding compiles")
+        };
+        assert_eq!(route.schema.plan.rules[0].path, "home.street");
+        assert_eq!(route.schema.protobuf().unwrap().indexes, vec![1]);
+        let wrong = Config::parse(
+            "[kafka]\ninputs = [\"t\"]\n[[schemas.local]]\ntopic = \"t\"\nschema = \"a.avsc\"\nmessage = \"M\"\n",
+            [],
+            "test.toml",
+        );
+        assert!(wrong.err().unwrap().to_string().contains("not a .proto file"));
+    }
 
     /// `tokenize` names a topic: only the pipeline's inputs are answered for, so a caller cannot make piiwall
     /// resolve, cache and register routes for names of its choosing.
