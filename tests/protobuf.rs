@@ -168,7 +168,8 @@ fn stream_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
     f.records
         .write(&f.schema, &sanitized, &mut out)
         .map_err(|e| e.to_string())?;
-    Ok(out)
+    assert_eq!(out[0], 0, "the message index path [0]");
+    Ok(out.split_off(1))
 }
 
 fn inner(desc: &MessageDescriptor, a: &str, b: &[u64]) -> DynamicMessage {
@@ -428,4 +429,43 @@ fn a_record_that_expands_beyond_its_budget_is_refused() {
     let many: Vec<u8> = [&[0u8][..], &[0x0a, 0x00].repeat(100_000)].concat();
     let refused = records.read(&schema, &many).err().unwrap().to_string();
     assert!(refused.contains("expands"), "{refused}");
+}
+
+/// A record that cannot be read whole still names its subject (its quarantined copy is sealed under the subject's
+/// key, so a forget covers it): read leniently, last occurrence first, as the strict reader would.
+#[test]
+fn a_malformed_record_still_names_its_subject() {
+    let f = &*PROTECTED_FIXTURE;
+    // id = "cus-1", id = "cus-9" (the last wins), then a string field cut short.
+    let mut bytes = vec![0u8, 0x0a, 5];
+    bytes.extend_from_slice(b"cus-1");
+    bytes.extend_from_slice(&[0x0a, 5]);
+    bytes.extend_from_slice(b"cus-9");
+    bytes.extend_from_slice(&[0x12, 40, b'a']);
+    assert!(f.records.read(&f.schema, &bytes).is_err());
+    assert_eq!(f.records.subject(&f.schema, &bytes).as_deref(), Some("cus-9"));
+    assert_eq!(
+        f.records.subject(&f.schema, &[0u8, 0x12, 1, b'x']),
+        None,
+        "no subject field"
+    );
+    // A record of another message (index path [1]) is not read as this one.
+    let other = [&[2u8, 2][..], &bytes[1..]].concat();
+    assert_eq!(f.records.subject(&f.schema, &other), None);
+}
+
+/// Occurrences of a singular message merge, each parsed whole: a first occurrence cut short cannot swallow the
+/// next one's bytes (they would be read as an unprotected field, with a protected value in them).
+#[test]
+fn occurrences_of_a_message_are_parsed_each_on_its_own() {
+    let f = &*PROTECTED_FIXTURE;
+    // contact (field 8) twice: the first holds a city (field 3) whose length runs into the second occurrence.
+    let email = b"ada@example.com";
+    let mut second = vec![0x0a, email.len() as u8];
+    second.extend_from_slice(email);
+    let mut bytes = vec![0x42, 2, 0x1a, second.len() as u8];
+    bytes.extend_from_slice(&[0x42, second.len() as u8]);
+    bytes.extend_from_slice(&second);
+    let refused = stream_path(f, &bytes).unwrap_err();
+    assert!(refused.contains("contact"), "{refused}");
 }

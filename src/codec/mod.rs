@@ -55,6 +55,18 @@ impl Records {
         }
     }
 
+    /// The data subject a record names, read leniently (see [`json_records::JsonRecords::subject`] and
+    /// [`protobuf::ProtoRecords::subject`]).
+    pub fn subject(&self, schema: &CompiledSchema, payload: &[u8]) -> Option<String> {
+        match self {
+            Records::Json(json) => json.subject(schema, payload),
+            Records::Protobuf(proto) => {
+                let subject = schema.plan.subject.as_ref()?;
+                proto.subject(&schema.plan.rules[subject.rule].path, payload)
+            }
+        }
+    }
+
     /// Appends a sanitized record (Avro binary of the sanitized schema) in the topic's form.
     pub fn write(&self, schema: &CompiledSchema, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
         match self {

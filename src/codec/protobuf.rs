@@ -112,6 +112,82 @@ impl ProtoRecords {
     }
 }
 
+impl ProtoRecords {
+    /// The data subject a record names at `path` (the subject field's), read leniently: the rest of the record need
+    /// not be valid. For the quarantine of a record that cannot be sanitized, whose copy is sealed under its
+    /// subject's key (so a forget covers it) whenever the subject can be told. Read as the strict reader reads it:
+    /// the last occurrence of the field; a non-empty string, or an integer in decimal.
+    pub fn subject(&self, path: &str, payload: &[u8]) -> Option<String> {
+        let message = match &self.indexes {
+            None => payload,
+            Some(expected) => {
+                // A record of another message is not read as this one: its fields mean other things.
+                let (indexes, message) = read_indexes(payload).ok()?;
+                (indexes == *expected).then_some(message)?
+            }
+        };
+        let steps: Vec<&str> = path.split('.').collect();
+        lenient_subject(&self.writer, &steps, message)
+    }
+}
+
+fn lenient_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<String> {
+    let (name, rest) = steps.split_first()?;
+    let field = message.fields.iter().find(|f| f.name == *name)?;
+    let nowhere = At { parent: "", name: "" };
+    let mut found = None;
+    let mut seen = false;
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let Ok((number, value)) = next_field(bytes, &mut pos, nowhere) else {
+            break;
+        };
+        if number != field.number {
+            continue;
+        }
+        seen = true;
+        match (&field.ty, rest.is_empty(), value) {
+            // Occurrences of a message merge: a later one overrides the subject only where it holds it.
+            (Type::Message(inner), false, Wire::Len(run)) => {
+                if let Some(subject) = lenient_subject(inner, rest, run) {
+                    found = Some(subject);
+                }
+            }
+            (ty, true, value) => found = subject_text(ty, value),
+            _ => return None,
+        }
+    }
+    // An absent proto3 integer reads as 0, as the strict reader reads it (an absent string is empty: no subject).
+    let zero = field.label == Label::Implicit
+        && field.ty.scalar().is_some_and(|s| {
+            !matches!(
+                s,
+                Scalar::String | Scalar::Bytes | Scalar::Bool | Scalar::Double | Scalar::Float
+            )
+        });
+    if found.is_none() && rest.is_empty() && zero && !seen {
+        return Some("0".to_owned());
+    }
+    found
+}
+
+/// A subject field's value as the transcoder reads it: a non-empty string, or an integer in decimal.
+fn subject_text(ty: &Type, value: Wire<'_>) -> Option<String> {
+    let mut reader = Reader {
+        undeclared: Undeclared::Drop,
+        dropped: 0,
+        visits_left: 0,
+    };
+    let mut avro = Vec::new();
+    reader.value(ty, value, At { parent: "", name: "" }, &mut avro).ok()?;
+    let mut input = Input::new(&avro);
+    match ty.scalar()? {
+        Scalar::String => Some(input.read_str().ok()?.to_owned()).filter(|s| !s.is_empty()),
+        Scalar::Bytes | Scalar::Double | Scalar::Float | Scalar::Bool => None,
+        _ => Some(input.read_long().ok()?.to_string()),
+    }
+}
+
 /// Splits a framed protobuf payload into its message index path and the message.
 pub fn read_indexes(payload: &[u8]) -> Result<(Vec<i32>, &[u8]), ValueError> {
     let bad = |problem: &str| ValueError::new("", format!("malformed message indexes: {problem}"));
@@ -261,20 +337,34 @@ const VISITS_PER_BYTE: usize = 8;
 
 impl Reader {
     fn message(&mut self, message: &Message, bytes: &[u8], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        self.message_parts(message, &[bytes], path, out)
+    }
+
+    /// A message given in parts (the occurrences of a singular message field, which merge): each part is parsed
+    /// whole on its own, so a part cut short cannot swallow the next one's bytes.
+    fn message_parts(
+        &mut self,
+        message: &Message,
+        parts: &[&[u8]],
+        path: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
         // The fields as they arrived, grouped by declaration order (a stable sort keeps their order within one).
         let mut found: Vec<(usize, Wire<'_>)> = Vec::new();
-        let mut pos = 0;
         let here = At { parent: path, name: "" };
-        while pos < bytes.len() {
-            let (number, value) = next_field(bytes, &mut pos, here)?;
-            match message.by_number.get(&number) {
-                Some(&index) => found.push((index, value)),
-                None if self.undeclared == Undeclared::Drop => self.dropped += 1,
-                None => {
-                    return Err(ValueError::new(
-                        path,
-                        format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
-                    ));
+        for bytes in parts {
+            let mut pos = 0;
+            while pos < bytes.len() {
+                let (number, value) = next_field(bytes, &mut pos, here)?;
+                match message.by_number.get(&number) {
+                    Some(&index) => found.push((index, value)),
+                    None if self.undeclared == Undeclared::Drop => self.dropped += 1,
+                    None => {
+                        return Err(ValueError::new(
+                            path,
+                            format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
+                        ));
+                    }
                 }
             }
         }
@@ -397,14 +487,14 @@ impl Reader {
     ) -> Result<(), ValueError> {
         match ty {
             Type::Message(message) if all.len() > 1 => {
-                let mut merged = Vec::new();
+                let mut parts = Vec::with_capacity(all.len());
                 for (_, value) in all {
                     let Wire::Len(run) = value else {
                         return Err(malformed(path, "a message field that is not length-delimited"));
                     };
-                    merged.extend_from_slice(run);
+                    parts.push(*run);
                 }
-                self.message(message, &merged, &path.full(), out)
+                self.message_parts(message, &parts, &path.full(), out)
             }
             _ => self.value(ty, last, path, out),
         }

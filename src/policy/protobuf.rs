@@ -32,7 +32,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use apache_avro::Schema;
-use prost_reflect::{Cardinality, DescriptorPool, FileDescriptor, Kind, MessageDescriptor, Syntax, Value};
+use prost_reflect::{
+    Cardinality, DescriptorPool, DynamicMessage, FileDescriptor, Kind, MessageDescriptor, Syntax, Value,
+};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 use serde_json::{Map, Value as Json, json};
 
@@ -324,7 +326,7 @@ pub fn local_imports(text: &str, dir: &std::path::Path) -> Result<HashMap<String
 
 /// The paths a `.proto` text imports (`import "a/b.proto";`, `import public "…";`).
 fn imports(text: &str) -> Vec<String> {
-    text.lines()
+    text.split(['\n', ';'])
         .filter_map(|line| {
             let rest = line.trim_start().strip_prefix("import")?;
             let start = rest.find('"')? + 1;
@@ -426,31 +428,6 @@ fn message_indexes(message: &MessageDescriptor) -> Vec<i32> {
     path
 }
 
-/// The message an index path names in a schema text's first file, for a record that names one.
-pub fn message_at_indexes(
-    text: &str,
-    references: &HashMap<String, String>,
-    indexes: &[i32],
-) -> Result<String, PolicyError> {
-    let pool = compile_pool(text, references)?;
-    let file = pool
-        .get_file_by_name(ROOT)
-        .ok_or_else(|| PolicyError::new("", "the schema compiled to no file"))?;
-    let mut level: Vec<MessageDescriptor> = file.messages().collect();
-    let mut found = None;
-    for &index in indexes {
-        let message = usize::try_from(index)
-            .ok()
-            .and_then(|i| level.get(i).cloned())
-            .ok_or_else(|| PolicyError::new("", format!("the message index path {indexes:?} names no message")))?;
-        level = message.child_messages().filter(|m| !m.is_map_entry()).collect();
-        found = Some(message);
-    }
-    found
-        .map(|m| m.full_name().to_owned())
-        .ok_or_else(|| PolicyError::new("", "an empty message index path"))
-}
-
 /// The walk from descriptors to the Avro schema and the codec's [`Message`] tree.
 struct Translator<'p> {
     pii: Option<prost_reflect::ExtensionDescriptor>,
@@ -459,6 +436,8 @@ struct Translator<'p> {
     field_meta: Option<prost_reflect::ExtensionDescriptor>,
     message_meta: Option<prost_reflect::ExtensionDescriptor>,
     file_meta: Option<prost_reflect::ExtensionDescriptor>,
+    enum_meta: Option<prost_reflect::ExtensionDescriptor>,
+    enum_value_meta: Option<prost_reflect::ExtensionDescriptor>,
     /// Messages translated so far (an Avro named type is defined once, then named).
     done: HashMap<String, Arc<Message>>,
     enums: HashMap<String, Arc<EnumDef>>,
@@ -467,6 +446,8 @@ struct Translator<'p> {
     fields: usize,
     /// Each translated message's field count over every path inside it.
     expanded: HashMap<String, usize>,
+    /// How many fields hold each message.
+    uses: HashMap<String, usize>,
     /// The record's package: messages of other packages keep theirs in their flattened names.
     package: String,
     _pool: &'p DescriptorPool,
@@ -481,11 +462,14 @@ impl<'p> Translator<'p> {
             field_meta: pool.get_extension_by_name("confluent.field_meta"),
             message_meta: pool.get_extension_by_name("confluent.message_meta"),
             file_meta: pool.get_extension_by_name("confluent.file_meta"),
+            enum_meta: pool.get_extension_by_name("confluent.enum_meta"),
+            enum_value_meta: pool.get_extension_by_name("confluent.enum_value_meta"),
             done: HashMap::new(),
             enums: HashMap::new(),
             open: HashSet::new(),
             fields: 0,
             expanded: HashMap::new(),
+            uses: HashMap::new(),
             package: String::new(),
             _pool: pool,
         }
@@ -493,17 +477,14 @@ impl<'p> Translator<'p> {
 
     fn translate(mut self, root: &MessageDescriptor) -> Result<(String, Arc<Message>), PolicyError> {
         self.package = root.package_name().to_owned();
-        if let Some(meta) = &self.file_meta
-            && root.parent_file().options().has_extension(meta)
-        {
-            return Err(PolicyError::new(
-                "",
-                "(confluent.file_meta) on the file: tags there would protect nothing in particular; tag the fields \
-                 with (confluent.field_meta).tags",
-            ));
-        }
         let (mut avro, message) = self.message(root, "", 0)?;
         let options = root.options();
+        if let Some(ext) = &self.subject
+            && options.has_extension(ext)
+        {
+            let value = options.get_extension(ext);
+            self.check_subject_path(root, value.as_str().unwrap_or_default())?;
+        }
         let object = avro.as_object_mut().expect("a record is an object");
         for (ext, attribute) in [(&self.subject, "pii.subject"), (&self.domain, "pii.domain")] {
             if let Some(ext) = ext
@@ -533,6 +514,7 @@ impl<'p> Translator<'p> {
                 ),
             ));
         }
+        *self.uses.entry(full_name.to_owned()).or_default() += 1;
         if let Some(done) = self.done.get(full_name) {
             // Always the full, dotted name: an undotted one would be resolved in the enclosing namespace.
             return Ok((Json::String(format!("{AVRO_NAMESPACE}.{full_name}")), done.clone()));
@@ -547,6 +529,27 @@ impl<'p> Translator<'p> {
             return Err(PolicyError::new(
                 path,
                 format!("messages nest deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        if let Some(meta) = &self.file_meta
+            && descriptor.parent_file().options().has_extension(meta)
+        {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "(confluent.file_meta) on {}: tags on a file would protect nothing in particular; tag the fields \
+                     with (confluent.field_meta).tags",
+                    descriptor.parent_file().name().replace(ROOT, "the schema")
+                ),
+            ));
+        }
+        if let Some(extension) = descriptor.extensions().next() {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "{full_name} is extended ({}): extension fields are not supported; declare the field in the message",
+                    extension.full_name()
+                ),
             ));
         }
         let options = descriptor.options();
@@ -643,7 +646,12 @@ impl<'p> Translator<'p> {
         let expanded: usize = descriptor
             .fields()
             .map(|f| {
-                let inner = match f.kind() {
+                // A map's values count as the map's: its entry message is never translated itself.
+                let kind = match f.kind() {
+                    Kind::Message(entry) if f.is_map() => entry.map_entry_value_field().kind(),
+                    other => other,
+                };
+                let inner = match kind {
                     Kind::Message(m) => self.expanded.get(m.full_name()).copied().unwrap_or(0),
                     _ => 0,
                 };
@@ -671,6 +679,35 @@ impl<'p> Translator<'p> {
         };
         let record = json!({"type": "record", "name": name, "namespace": namespace, "fields": avro_fields});
         Ok((record, message))
+    }
+
+    /// The subject field's path may not pass through a message that other fields hold too: the subject field is
+    /// tokenized where it is the subject, and the sanitized message has one type for it.
+    fn check_subject_path(&self, root: &MessageDescriptor, path: &str) -> Result<(), PolicyError> {
+        let mut message = root.clone();
+        let mut steps = path.split('.').peekable();
+        while let Some(name) = steps.next() {
+            let Some(field) = message.get_field_by_name(name) else {
+                return Ok(()); // The policy compiler names the missing field.
+            };
+            match (field.kind(), steps.peek()) {
+                (Kind::Message(inner), Some(_)) => {
+                    if self.uses.get(inner.full_name()).copied().unwrap_or(0) > 1 {
+                        return Err(PolicyError::new(
+                            path,
+                            format!(
+                                "(piiwall.subject) passes through {}, which other fields hold too: name a field of a \
+                                 message used once",
+                                inner.full_name()
+                            ),
+                        ));
+                    }
+                    message = inner;
+                }
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// A map's entry must be the one a `map<K, V>` declares: fields 1 and 2, singular, without options (a hand-written
@@ -706,6 +743,22 @@ impl<'p> Translator<'p> {
                 Ok((Type::Message(message), avro))
             }
             Kind::Enum(e) => {
+                let tagged = |options: DynamicMessage| {
+                    [&self.enum_meta, &self.enum_value_meta]
+                        .into_iter()
+                        .flatten()
+                        .any(|m| options.has_extension(m))
+                };
+                if tagged(e.options()) || e.values().any(|v| tagged(v.options())) {
+                    return Err(PolicyError::new(
+                        path,
+                        format!(
+                            "(confluent.enum_meta) or (confluent.enum_value_meta) on {}: tags there would protect \
+                             nothing in particular; tag the fields with (confluent.field_meta).tags",
+                            e.full_name()
+                        ),
+                    ));
+                }
                 let def = self
                     .enums
                     .entry(e.full_name().to_owned())
@@ -1084,6 +1137,41 @@ mod tests {
         );
     }
 
+    /// Annotations piiwall would not apply, and shapes it cannot protect alike everywhere, are refused.
+    #[test]
+    fn tags_on_enums_extensions_and_shared_subject_paths_are_refused() {
+        let refused = |text: &str| writer(text).unwrap_err().to_string();
+        let enum_tags = refused(
+            "syntax = \"proto3\"; import \"confluent/meta.proto\"; message M { E e = 1; } \
+             enum E { option (confluent.enum_meta).tags = \"PII\"; A = 0; }",
+        );
+        assert!(enum_tags.contains("enum_meta"), "{enum_tags}");
+        let extended = refused(
+            "syntax = \"proto2\"; import \"piiwall/pii.proto\"; message M { optional string a = 1; extensions 10 to 20; } \
+             extend M { optional string email = 10 [(piiwall.pii).action = \"tokenize\"]; }",
+        );
+        assert!(extended.contains("extension fields are not supported"), "{extended}");
+        let shared = refused(
+            "syntax = \"proto3\"; import \"piiwall/pii.proto\"; \
+             message M { option (piiwall.subject) = \"buyer.id\"; P buyer = 1; P seller = 2; } message P { int64 id = 1; }",
+        );
+        assert!(shared.contains("other fields hold too"), "{shared}");
+        let references = HashMap::from([(
+            "other.proto".to_owned(),
+            "syntax = \"proto3\"; import \"confluent/meta.proto\"; option (confluent.file_meta).tags = \"PII\"; \
+             message O { string a = 1; }"
+                .to_owned(),
+        )]);
+        let file_tags = compile_writer(
+            "syntax = \"proto3\"; import \"other.proto\"; message M { O o = 1; }",
+            &references,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(file_tags.contains("file_meta"), "{file_tags}");
+    }
+
     /// A message used at exponentially many paths is refused before the policy compiler walks them all.
     #[test]
     fn messages_reused_at_exponentially_many_paths_are_refused() {
@@ -1111,8 +1199,6 @@ mod tests {
         assert_eq!(picked.indexes, vec![1, 0]);
         let b = compile_writer(text, &references, Some("shop.B")).unwrap();
         assert_eq!(b.indexes, vec![1]);
-        assert_eq!(message_at_indexes(text, &references, &[1, 0]).unwrap(), "shop.B.C");
-        assert!(message_at_indexes(text, &references, &[2]).is_err());
         assert!(compile_writer(text, &references, Some("Nope")).is_err());
     }
 }

@@ -9,7 +9,7 @@ use rdkafka::message::OwnedMessage;
 
 use super::framing;
 use super::routes::{Part, Route, Routes};
-use crate::codec::{Records, avro_payload};
+use crate::codec::avro_payload;
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -399,12 +399,8 @@ impl Processor {
             return None;
         };
         match &route.records {
-            // Read leniently: a JSON record that cannot be converted whole still names its subject.
-            Some(Records::Json(json)) => json.subject(&route.schema, payload),
-            Some(records @ Records::Protobuf(_)) => {
-                let (avro, _) = records.read(&route.schema, payload).ok()?;
-                route.transcoder.subject(&avro).ok()?.map(|s| s.into_owned())
-            }
+            // Read leniently: a record that cannot be converted whole still names its subject.
+            Some(records) => records.subject(&route.schema, payload),
             None => route.transcoder.subject(payload).ok()?.map(|s| s.into_owned()),
         }
     }
