@@ -135,6 +135,7 @@ pub fn compile_protobuf(
 ) -> Result<CompiledSchema, PolicyError> {
     let writer = super::protobuf::compile_writer(schema, references, message)?;
     let mut compiled = compile(&writer.avro, settings)?;
+    super::protobuf::check_redacted_messages(&writer.message, &compiled.plan)?;
     let sanitized_message = super::protobuf::sanitized_message(&writer.message, &compiled.sanitized, &compiled.plan);
     let sanitized = super::protobuf::sanitized_proto(&sanitized_message, &writer, &compiled.plan);
     compiled.format = SchemaFormat::Protobuf(std::sync::Arc::new(Protobuf {

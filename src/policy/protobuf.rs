@@ -185,6 +185,8 @@ pub struct Field {
     pub number: u32,
     pub label: Label,
     pub ty: Type,
+    /// A proto2 `[default = …]`, as `.proto` text: printed again on the field when it stays unprotected.
+    pub default: Option<String>,
 }
 
 /// How often a field occurs, and what its Avro form is.
@@ -448,6 +450,8 @@ struct Translator<'p> {
     expanded: HashMap<String, usize>,
     /// How many fields hold each message.
     uses: HashMap<String, usize>,
+    /// Flattened names given so far, with the full name each stands for.
+    flat_names: HashMap<String, String>,
     /// The record's package: messages of other packages keep theirs in their flattened names.
     package: String,
     _pool: &'p DescriptorPool,
@@ -470,6 +474,7 @@ impl<'p> Translator<'p> {
             fields: 0,
             expanded: HashMap::new(),
             uses: HashMap::new(),
+            flat_names: HashMap::new(),
             package: String::new(),
             _pool: pool,
         }
@@ -636,11 +641,13 @@ impl<'p> Translator<'p> {
             }
             self.annotations(&field, &field_path, &mut avro_field)?;
             avro_fields.push(Json::Object(avro_field));
+            let default = explicit_default(&field);
             fields.push(Field {
                 name: field.name().to_owned(),
                 number: field.number(),
                 label,
                 ty,
+                default,
             });
         }
         let expanded: usize = descriptor
@@ -666,8 +673,20 @@ impl<'p> Translator<'p> {
         }
         self.expanded.insert(full_name.to_owned(), expanded);
         let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
+        let flat = flat_name(descriptor.full_name(), descriptor.package_name(), &self.package);
+        if let Some(other) = self.flat_names.insert(flat.clone(), full_name.to_owned())
+            && other != full_name
+        {
+            return Err(PolicyError::new(
+                path,
+                format!(
+                    "{other} and {full_name} would both be named {flat} in the sanitized .proto (nested messages are \
+                     flattened with `_`): rename one"
+                ),
+            ));
+        }
         let message = Arc::new(Message {
-            name: flat_name(descriptor.full_name(), descriptor.package_name(), &self.package),
+            name: flat,
             fields,
             by_number,
         });
@@ -832,6 +851,21 @@ impl<'p> Translator<'p> {
     }
 }
 
+/// A proto2 field's explicit `[default = …]` as `.proto` text (an enum's by number: enums are printed as int32).
+fn explicit_default(field: &prost_reflect::FieldDescriptor) -> Option<String> {
+    let text = field.field_descriptor_proto().default_value.as_deref()?;
+    Some(match field.kind() {
+        Kind::String => format!(
+            "\"{}\"",
+            text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+        ),
+        // Stored C-escaped already.
+        Kind::Bytes => format!("\"{text}\""),
+        Kind::Enum(e) => e.get_value_by_name(text)?.number().to_string(),
+        _ => text.to_owned(),
+    })
+}
+
 /// A message's or enum's name in the sanitized `.proto`, where every one is at the top level: its name within the
 /// record's package, nesting written with `_`; one of another package keeps that package in its name.
 fn flat_name(full_name: &str, package: &str, root_package: &str) -> String {
@@ -867,9 +901,9 @@ fn sanitized_walk(
     let Schema::Record(record) = resolve(sanitized) else {
         return writer.clone();
     };
-    // A message used at several paths is protected alike everywhere (its annotations are on its fields), except
-    // by path-based tag patterns: each path gets its own copy, named after the first.
-    let key = format!("{}@{path}", writer.name);
+    // A message used at several paths is protected alike everywhere: its annotations are on its fields, and the
+    // sanitized Avro schema defines it once. One sanitized message per writer message, under the writer's name.
+    let key = writer.name.clone();
     if let Some(done) = done.get(&key) {
         return done.clone();
     }
@@ -914,26 +948,73 @@ fn sanitized_walk(
             Label::Map(key) if key != Scalar::String && keys_protected(plan, &field_path) => Label::Map(Scalar::String),
             label => label,
         };
+        // A default is a value: kept only where the field stays as it was.
+        let protected = plan.rules.iter().any(|r| r.path == field_path);
+        let default = (!protected && ty == field.ty).then(|| field.default.clone()).flatten();
         fields.push(Field {
             name: field.name.clone(),
             number: field.number,
             label,
             ty,
+            default,
         });
     }
     let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
-    let suffix = if done.keys().any(|k| k.starts_with(&format!("{}@", writer.name))) {
-        format!("_{}", done.len())
-    } else {
-        String::new()
-    };
     let message = Arc::new(Message {
-        name: format!("{}{suffix}", writer.name),
+        name: writer.name.clone(),
         fields,
         by_number,
     });
     done.insert(key, message.clone());
     message
+}
+
+/// `redact` on a message-typed field whose message other fields hold too is refused: the sanitized schema defines a
+/// message once, and the redacted copy would keep the writer's types where the other uses are protected.
+pub fn check_redacted_messages(writer: &Arc<Message>, plan: &Plan) -> Result<(), PolicyError> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut pending = vec![writer.as_ref()];
+    while let Some(message) = pending.pop() {
+        if !seen.insert(message.name.as_str()) {
+            continue;
+        }
+        for field in &message.fields {
+            if let Type::Message(inner) = &field.ty {
+                *uses.entry(inner.name.as_str()).or_default() += 1;
+                pending.push(inner);
+            }
+        }
+    }
+    for rule in plan.rules.iter().filter(|r| r.action == super::Action::Redact) {
+        let mut message = writer.as_ref();
+        let mut target = None;
+        for step in rule.path.split('.') {
+            let Some(field) = message.fields.iter().find(|f| f.name == step) else {
+                break;
+            };
+            target = Some(field);
+            if let Type::Message(inner) = &field.ty {
+                message = inner;
+            }
+        }
+        if let Some(Field {
+            ty: Type::Message(inner),
+            ..
+        }) = target
+            && uses.get(inner.name.as_str()).copied().unwrap_or(0) > 1
+        {
+            return Err(PolicyError::new(
+                &rule.path,
+                format!(
+                    "redact on a field of message {}, which other fields hold too: redact its fields instead, or give \
+                     this field a message of its own",
+                    inner.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the plan protects the keys of the map at `path`.
@@ -981,19 +1062,29 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
                     m.name.clone()
                 }
             };
+            let proto3 = writer.syntax == Syntax::Proto3;
+            let message_typed = matches!(field.ty, Type::Message(_));
+            // Labels follow the printed file's syntax, whatever the file each message came from: proto2 needs a
+            // label on every field, proto3 has no `required` (the writer always writes such a field anyway).
             let declared = match field.label {
-                Label::Implicit => type_name,
-                Label::Optional if writer.syntax == Syntax::Proto3 && matches!(field.ty, Type::Message(_)) => type_name,
+                Label::Implicit if proto3 => type_name,
+                Label::Implicit => format!("optional {type_name}"),
+                Label::Optional | Label::Required if proto3 && message_typed => type_name,
                 Label::Optional => format!("optional {type_name}"),
+                Label::Required if proto3 => format!("optional {type_name}"),
                 Label::Required => format!("required {type_name}"),
                 Label::Repeated => format!("repeated {type_name}"),
                 Label::Map(key) => format!("map<{}, {type_name}>", key.proto_name()),
+            };
+            let default = match (&field.default, proto3) {
+                (Some(default), false) => format!(" [default = {default}]"),
+                _ => String::new(),
             };
             let comment = match applied.get(field_path.as_str()) {
                 Some(action) => format!(" // pii.applied: {action}"),
                 None => String::new(),
             };
-            let _ = writeln!(out, "  {declared} {} = {};{comment}", field.name, field.number);
+            let _ = writeln!(out, "  {declared} {} = {}{default};{comment}", field.name, field.number);
         }
         let _ = writeln!(out, "}}");
     }
@@ -1170,6 +1261,99 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(file_tags.contains("file_meta"), "{file_tags}");
+    }
+
+    fn sanitized_text(text: &str) -> Result<String, PolicyError> {
+        let settings = super::super::PolicySettings {
+            untagged: super::super::Untagged::Pass,
+            ..Default::default()
+        };
+        let compiled = super::super::compile_protobuf(text, &HashMap::new(), None, &settings)?;
+        Ok(compiled.published_schema().0.to_owned())
+    }
+
+    /// The sanitized `.proto` is one valid file whatever the writer mixes: one sanitized message per writer message
+    /// (a per-path copy once took the name of a real message), labels in the printed file's syntax, proto2
+    /// defaults kept on fields left alone and dropped from protected ones.
+    #[test]
+    fn the_sanitized_proto_is_valid_and_says_what_the_output_holds() {
+        let shared = sanitized_text(
+            r#"syntax = "proto3"; package s; import "piiwall/pii.proto";
+            message Order { P a = 1; P b = 2; P_1 c = 3; }
+            message P { string email = 1 [(piiwall.pii).action = "tokenize"]; }
+            message P_1 { int64 note = 1; }"#,
+        )
+        .unwrap();
+        let reread = compile_writer(&shared, &HashMap::new(), None).expect("the sanitized .proto compiles");
+        let Type::Message(c) = &reread.message.fields[2].ty else {
+            panic!("a message")
+        };
+        assert_eq!(c.fields[0].name, "note", "{shared}");
+        assert_eq!(shared.matches("message P {").count(), 1, "{shared}");
+
+        let proto2 = sanitized_text(
+            r#"syntax = "proto2"; import "piiwall/pii.proto"; import "google/protobuf/timestamp.proto";
+            message M { optional int32 retries = 1 [default = 5];
+                        optional string code = 2 [default = "xy", (piiwall.pii).action = "tokenize"];
+                        optional string label = 5 [default = "a\"b"];
+                        optional google.protobuf.Timestamp at = 3; required E e = 4 [default = B]; }
+            enum E { A = 1; B = 2; }"#,
+        )
+        .unwrap();
+        compile_writer(&proto2, &HashMap::new(), None).expect("the sanitized .proto compiles");
+        assert!(proto2.contains("optional int32 retries = 1 [default = 5];"), "{proto2}");
+        assert!(
+            proto2.contains("optional string code = 2; // pii.applied: tokenize"),
+            "{proto2}"
+        );
+        assert!(proto2.contains("required int32 e = 4 [default = 2];"), "{proto2}");
+        assert!(
+            proto2.contains(r#"optional string label = 5 [default = "a\"b"];"#),
+            "{proto2}"
+        );
+        assert!(
+            proto2.contains("optional int64 seconds = 1;"),
+            "proto3 fields labelled in proto2: {proto2}"
+        );
+
+        let proto3 = sanitized_text(r#"syntax = "proto3"; import "legacy.proto"; message M { L l = 1; }"#);
+        // (legacy.proto is not given: the compiler names it; the proto2-in-proto3 case is checked below.)
+        assert!(proto3.is_err());
+        let references = HashMap::from([(
+            "legacy.proto".to_owned(),
+            "syntax = \"proto2\"; message L { required string id = 1; }".to_owned(),
+        )]);
+        let settings = super::super::PolicySettings {
+            untagged: super::super::Untagged::Pass,
+            ..Default::default()
+        };
+        let compiled = super::super::compile_protobuf(
+            "syntax = \"proto3\"; import \"legacy.proto\"; message M { L l = 1; }",
+            &references,
+            None,
+            &settings,
+        )
+        .unwrap();
+        let text = compiled.published_schema().0;
+        compile_writer(text, &HashMap::new(), None).expect("no `required` in proto3");
+
+        let clash = writer(
+            r#"syntax = "proto3"; message M { A.B x = 1; A_B y = 2; } message A { message B { string s = 1; } } message A_B { string t = 1; }"#,
+        );
+        assert!(clash.unwrap_err().to_string().contains("rename one"));
+    }
+
+    /// `redact` on a message other fields hold too is refused (the sanitized schema defines a message once).
+    #[test]
+    fn redact_on_a_shared_message_is_refused() {
+        let refused = sanitized_text(
+            r#"syntax = "proto2"; import "piiwall/pii.proto";
+            message C { required Address home = 1 [(piiwall.pii).action = "redact"]; optional Address billing = 2; }
+            message Address { optional int32 zip = 1 [(piiwall.pii).action = "tokenize"]; optional string city = 2; }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("other fields hold too"), "{refused}");
     }
 
     /// A message used at exponentially many paths is refused before the policy compiler walks them all.
