@@ -26,37 +26,27 @@ pub struct Finding {
 /// checked through its translation to Avro (its properties are the fields).
 pub fn check(schema_text: &str, settings: &PolicySettings) -> Vec<Finding> {
     let mut findings = Vec::new();
-    let translated;
-    let schema_json = if crate::policy::protobuf::is_proto(schema_text) {
-        match crate::policy::protobuf::compile_writer(schema_text, &Default::default(), None) {
-            Ok(writer) => {
-                translated = writer.avro;
-                translated.as_str()
-            }
-            Err(e) => {
-                return vec![Finding {
-                    severity: Severity::Error,
-                    path: e.path,
-                    message: e.problem,
-                }];
-            }
-        }
+    let translation = if crate::policy::protobuf::is_proto(schema_text) {
+        Some(crate::policy::protobuf::compile_writer(schema_text, &Default::default(), None).map(|w| w.avro))
     } else if json_schema::is_json_schema(schema_text) {
-        match json_schema::to_avro(schema_text) {
-            Ok(avro) => {
-                translated = avro;
-                translated.as_str()
-            }
-            Err(e) => {
-                return vec![Finding {
-                    severity: Severity::Error,
-                    path: e.path,
-                    message: e.problem,
-                }];
-            }
-        }
+        Some(json_schema::to_avro(schema_text))
     } else {
-        schema_text
+        None
+    };
+    let translated;
+    let schema_json = match translation {
+        None => schema_text,
+        Some(Ok(avro)) => {
+            translated = avro;
+            translated.as_str()
+        }
+        Some(Err(e)) => {
+            return vec![Finding {
+                severity: Severity::Error,
+                path: e.path,
+                message: e.problem,
+            }];
+        }
     };
     let protected: HashSet<String> = match compile(schema_json, settings) {
         Ok(compiled) => compiled.plan.rules.into_iter().map(|r| r.path).collect(),

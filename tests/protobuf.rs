@@ -18,7 +18,7 @@ use piiwall::policy::{CompiledSchema, PolicySettings, Undeclared, Untagged, comp
 use piiwall::transcode::{TranscodeScratch, Transcoder};
 use proptest::prelude::*;
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, Value};
+use prost_reflect::{DynamicMessage, MapKey, MessageDescriptor, Value};
 
 const PLAIN: &str = r#"
 syntax = "proto3";
@@ -94,36 +94,12 @@ struct Fixture {
     output: MessageDescriptor,
 }
 
-/// Compiles `.proto` text with protox, independently of piiwall, for prost-reflect.
+/// The message `message` of `.proto` text, compiled with protox independently of piiwall.
 fn descriptors(text: &str, message: &str) -> MessageDescriptor {
-    let mut files = HashMap::from([("schema.proto".to_owned(), text.to_owned())]);
-    files.insert(
-        "piiwall/pii.proto".to_owned(),
-        piiwall::policy::protobuf::PII_PROTO.to_owned(),
-    );
-    files.insert(
-        "confluent/meta.proto".to_owned(),
-        piiwall::policy::protobuf::META_PROTO.to_owned(),
-    );
-    struct Files(HashMap<String, String>);
-    impl protox::file::FileResolver for Files {
-        fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
-            match self.0.get(name) {
-                Some(text) => protox::file::File::from_source(name, text),
-                None => Err(protox::Error::file_not_found(name)),
-            }
-        }
-    }
-    let mut chain = protox::file::ChainFileResolver::new();
-    chain.add(Files(files));
-    chain.add(protox::file::GoogleFileResolver::new());
-    let mut compiler = protox::Compiler::with_file_resolver(chain);
-    compiler
-        .include_imports(true)
-        .open_file("schema.proto")
-        .expect("compiles");
-    let pool: DescriptorPool = compiler.descriptor_pool();
-    pool.get_message_by_name(message).expect("the message")
+    let files = HashMap::from([("schema.proto".to_owned(), text.to_owned())]);
+    common::protobuf::pool(files, "schema.proto")
+        .get_message_by_name(message)
+        .expect("the message")
 }
 
 fn fixture(text: &str, input: &str, output: &str, untagged: Untagged) -> Fixture {

@@ -16,7 +16,7 @@ use common::services::free_port;
 use piiwall::config::Config;
 use piiwall::stream;
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, Value};
+use prost_reflect::{DynamicMessage, MapKey, MessageDescriptor, Value};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id};
@@ -62,31 +62,6 @@ const PII: [&str; 7] = [
 ];
 
 const KEK: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n";
-
-/// Compiles `.proto` files with protox, independently of piiwall's own compile path.
-fn pool(files: HashMap<String, String>, root: &str) -> DescriptorPool {
-    struct Files(HashMap<String, String>);
-    impl protox::file::FileResolver for Files {
-        fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
-            match self.0.get(name) {
-                Some(text) => protox::file::File::from_source(name, text),
-                None => Err(protox::Error::file_not_found(name)),
-            }
-        }
-    }
-    let mut files = files;
-    files.insert("piiwall/pii.proto".into(), piiwall::policy::protobuf::PII_PROTO.into());
-    files.insert(
-        "confluent/meta.proto".into(),
-        piiwall::policy::protobuf::META_PROTO.into(),
-    );
-    let mut chain = protox::file::ChainFileResolver::new();
-    chain.add(Files(files));
-    chain.add(protox::file::GoogleFileResolver::new());
-    let mut compiler = protox::Compiler::with_file_resolver(chain);
-    compiler.include_imports(true).open_file(root).expect("compiles");
-    compiler.descriptor_pool()
-}
 
 fn customer(desc: &MessageDescriptor, id: &str, email: &str, age: Option<i32>) -> DynamicMessage {
     let mut m = DynamicMessage::new(desc.clone());
@@ -190,7 +165,7 @@ async fn protobuf_records_arrive_sanitized_and_decode_with_the_registered_proto(
         ("customer.proto".to_owned(), CUSTOMER.to_owned()),
         ("common/address.proto".to_owned(), ADDRESS.to_owned()),
     ]);
-    let writer = pool(files, "customer.proto")
+    let writer = common::protobuf::pool(files, "customer.proto")
         .get_message_by_name("shop.Customer")
         .unwrap();
     let records = [
@@ -221,7 +196,7 @@ async fn protobuf_records_arrive_sanitized_and_decode_with_the_registered_proto(
     assert_ne!(sanitized_id, id);
     let registered = get_schema_by_id(sanitized_id, &settings).await.unwrap();
     assert_eq!(registered.schema_type, SchemaType::Protobuf);
-    let sanitized_pool = pool(
+    let sanitized_pool = common::protobuf::pool(
         HashMap::from([("sanitized.proto".to_owned(), registered.schema.clone())]),
         "sanitized.proto",
     );

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod kafka;
 pub mod keks;
+pub mod protobuf;
 pub mod registry;
 pub mod services;
 
