@@ -272,6 +272,18 @@ async fn protobuf_records_arrive_sanitized_and_decode_with_the_registered_proto(
         );
     }
 
+    // What `/v1/tokenize` computes for a Protobuf topic (the route's schema, the field's value read as its type):
+    // the token the stream wrote, so analysts can filter by it.
+    let references = HashMap::from([("common/address.proto".to_owned(), ADDRESS.to_owned())]);
+    let compiled = piiwall::policy::compile_protobuf(CUSTOMER, &references, None, &Default::default()).unwrap();
+    let sanitizer = piiwall::sanitize::Sanitizer::new(keyring.clone(), "default");
+    let codec = piiwall::codec::json::JsonCodec::new(&compiled.writer);
+    let age = codec.field_value("age", &json!(36)).unwrap();
+    assert_eq!(
+        sanitizer.token_for(&compiled, "age", Some("cus_0001"), &age).unwrap(),
+        text(first, "age")
+    );
+
     // Quarantine: both poison records, with reasons that never hold a value.
     assert_eq!(quarantined.len(), 2);
     let reasons: Vec<String> = quarantined
