@@ -445,3 +445,23 @@ fn occurrences_of_a_message_are_parsed_each_on_its_own() {
     let refused = stream_path(f, &bytes).unwrap_err();
     assert!(refused.contains("contact"), "{refused}");
 }
+
+/// Of a oneof's members, the last on the wire is the one set (as protobuf reads it), and the sanitized `.proto`
+/// declares the oneof again.
+#[test]
+fn the_last_member_of_a_oneof_wins() {
+    let f = &*PLAIN_FIXTURE;
+    // code = 7 (field 26), then name = "ab" (field 25): name wins, though piiwall writes fields in number order.
+    let bytes = [0xd0, 0x01, 7, 0xca, 0x01, 2, b'a', b'b'];
+    let out = stream_path(f, &bytes).unwrap();
+    let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
+    let reference = DynamicMessage::decode(f.input.clone(), &bytes[..]).unwrap();
+    assert!(!decoded.has_field_by_name("code"));
+    assert_eq!(decoded.get_field_by_name("name").unwrap().as_str(), Some("ab"));
+    assert!(!reference.has_field_by_name("code"), "prost-reflect reads it so too");
+    assert!(
+        f.schema.published_schema().0.contains("oneof choice {"),
+        "{}",
+        f.schema.published_schema().0
+    );
+}

@@ -374,6 +374,21 @@ impl Reader {
                 "the record expands to far more fields than its size allows (empty repeated items of large messages)",
             )
         })?;
+        // Of a oneof's members, only the last on the wire is set: the others read as absent, as protobuf reads them.
+        if found.iter().any(|(i, _)| message.fields[*i].oneof.is_some()) {
+            let mut winners: Vec<(&str, usize)> = Vec::new();
+            for (index, _) in found.iter().rev() {
+                if let Some(group) = message.fields[*index].oneof.as_deref()
+                    && !winners.iter().any(|(g, _)| *g == group)
+                {
+                    winners.push((group, *index));
+                }
+            }
+            found.retain(|(index, _)| match message.fields[*index].oneof.as_deref() {
+                Some(group) => winners.iter().any(|(g, i)| *g == group && i == index),
+                None => true,
+            });
+        }
         found.sort_by_key(|(index, _)| *index);
         let mut at = 0;
         for (index, field) in message.fields.iter().enumerate() {

@@ -187,6 +187,9 @@ pub struct Field {
     pub ty: Type,
     /// A proto2 `[default = …]`, as `.proto` text: printed again on the field when it stays unprotected.
     pub default: Option<String>,
+    /// The oneof it is a member of (not a proto3 `optional`'s synthetic one): of its members, the last on the wire
+    /// wins, as protobuf reads them.
+    pub oneof: Option<String>,
 }
 
 /// How often a field occurs, and what its Avro form is.
@@ -642,12 +645,17 @@ impl<'p> Translator<'p> {
             self.annotations(&field, &field_path, &mut avro_field)?;
             avro_fields.push(Json::Object(avro_field));
             let default = explicit_default(&field);
+            let oneof = field
+                .containing_oneof()
+                .filter(|o| !o.is_synthetic())
+                .map(|o| o.name().to_owned());
             fields.push(Field {
                 name: field.name().to_owned(),
                 number: field.number(),
                 label,
                 ty,
                 default,
+                oneof,
             });
         }
         let expanded: usize = descriptor
@@ -957,6 +965,7 @@ fn sanitized_walk(
             label,
             ty,
             default,
+            oneof: field.oneof.clone(),
         });
     }
     let by_number = fields.iter().enumerate().map(|(i, f)| (f.number, i)).collect();
@@ -1046,7 +1055,18 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
             continue;
         }
         let _ = writeln!(out, "\nmessage {} {{", message.name);
+        let mut open_oneof: Option<&str> = None;
         for field in &message.fields {
+            // Members of a oneof are declared together (protox and protoc keep them so): one block each.
+            if open_oneof.is_some() && open_oneof != field.oneof.as_deref() {
+                let _ = writeln!(out, "  }}");
+                open_oneof = None;
+            }
+            if let (None, Some(name)) = (open_oneof, field.oneof.as_deref()) {
+                let _ = writeln!(out, "  oneof {name} {{");
+                open_oneof = Some(name);
+            }
+            let indent = if open_oneof.is_some() { "  " } else { "" };
             let field_path = if path.is_empty() {
                 field.name.clone()
             } else {
@@ -1084,7 +1104,20 @@ pub fn sanitized_proto(message: &Arc<Message>, writer: &ProtoWriter, plan: &Plan
                 Some(action) => format!(" // pii.applied: {action}"),
                 None => String::new(),
             };
-            let _ = writeln!(out, "  {declared} {} = {}{default};{comment}", field.name, field.number);
+            // A oneof member has no label.
+            let declared = if open_oneof.is_some() {
+                declared.trim_start_matches("optional ").to_owned()
+            } else {
+                declared
+            };
+            let _ = writeln!(
+                out,
+                "  {indent}{declared} {} = {}{default};{comment}",
+                field.name, field.number
+            );
+        }
+        if open_oneof.is_some() {
+            let _ = writeln!(out, "  }}");
         }
         let _ = writeln!(out, "}}");
     }
