@@ -125,21 +125,27 @@ static PLAIN_FIXTURE: LazyLock<Fixture> =
 static PROTECTED_FIXTURE: LazyLock<Fixture> =
     LazyLock::new(|| fixture(PROTECTED, "shop.Customer", "shop.Customer", Untagged::Block));
 
-/// The `run` path: protobuf -> Avro binary -> transcoder -> sanitized Avro -> protobuf.
-/// Framed as the message index path `[0]`, and written back so: the message alone is returned.
-fn stream_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let framed = [&[0u8][..], bytes].concat();
-    let (avro, _) = f.records.read(&f.schema, &framed).map_err(|e| e.to_string())?;
+/// The transcoder on a record's Avro binary, with fixed keys.
+fn transcoded(f: &Fixture, avro: &[u8]) -> Result<Vec<u8>, String> {
     let mut sanitized = Vec::new();
     f.transcoder
         .transcode(
             &f.schema,
-            &avro,
+            avro,
             &common::fixed_keys(),
             &mut TranscodeScratch::default(),
             &mut sanitized,
         )
         .map_err(|e| e.to_string())?;
+    Ok(sanitized)
+}
+
+/// The `run` path: protobuf -> Avro binary -> transcoder -> sanitized Avro -> protobuf.
+/// Framed as the message index path `[0]`, and written back so: the message alone is returned.
+fn stream_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let framed = [&[0u8][..], bytes].concat();
+    let (avro, _) = f.records.read(&f.schema, &framed).map_err(|e| e.to_string())?;
+    let sanitized = transcoded(f, &avro)?;
     let mut out = Vec::new();
     f.records
         .write(&f.schema, &sanitized, &mut out)
@@ -364,16 +370,7 @@ fn framed_records_name_their_message_and_the_output_names_the_first() {
     for indexes in [&[0u8][..], &[2, 0][..]] {
         let payload = [indexes, &message[..]].concat();
         let (avro, _) = framed.read(&f.schema, &payload).unwrap();
-        let mut sanitized = Vec::new();
-        f.transcoder
-            .transcode(
-                &f.schema,
-                &avro,
-                &common::fixed_keys(),
-                &mut TranscodeScratch::default(),
-                &mut sanitized,
-            )
-            .unwrap();
+        let sanitized = transcoded(f, &avro).unwrap();
         let mut out = Vec::new();
         framed.write(&f.schema, &sanitized, &mut out).unwrap();
         assert_eq!(out[0], 0, "the index path [0]");

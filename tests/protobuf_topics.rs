@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::kafka::{broker, create_topic, header, produce, run_until, unique};
+use common::kafka::{broker, create_topic, header, produce_values, run_until, unique};
 use common::registry::Registry;
 use common::services::free_port;
 use piiwall::config::Config;
@@ -18,7 +18,7 @@ use piiwall::stream;
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, MapKey, MessageDescriptor, Value};
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, OwnedMessage};
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id};
 use schema_registry_converter::schema_registry_common::SchemaType;
 use serde_json::json;
@@ -177,15 +177,7 @@ async fn protobuf_records_arrive_sanitized_and_decode_with_the_registered_proto(
     let cut = records[0].encode_to_vec();
     values.push(framed(id, &[0], &cut[..cut.len() - 3]));
     values.push(framed(id, &[2, 2], &records[0].encode_to_vec()));
-    produce(
-        &input,
-        values
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| ((i % 2) as i32, None, v, OwnedHeaders::new()))
-            .collect(),
-    )
-    .await;
+    produce_values(&input, values).await;
 
     let config = Config::parse(&config_text(dir.path(), &input, &registry.url()), [], "protobuf test").unwrap();
     let (out, quarantined) = run_until(config, &input, records.len(), 2).await;

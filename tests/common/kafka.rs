@@ -55,6 +55,16 @@ pub async fn produce(topic: &str, records: Vec<Outgoing>) {
     produce_on(&broker(), topic, records).await
 }
 
+/// Produces values without keys or headers, alternating between partitions 0 and 1.
+pub async fn produce_values(topic: &str, values: Vec<Vec<u8>>) {
+    let records = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| ((i % 2) as i32, None, v, rdkafka::message::OwnedHeaders::new()))
+        .collect();
+    produce(topic, records).await
+}
+
 /// As [`produce`], on the brokers at `bootstrap` (a mock cluster).
 pub async fn produce_on(bootstrap: &str, topic: &str, records: Vec<Outgoing>) {
     let producer: FutureProducer = ClientConfig::new()
