@@ -39,7 +39,7 @@ impl Records {
             return Some(Records::Protobuf(protobuf::ProtoRecords::new(
                 proto.writer.clone(),
                 proto.sanitized_message.clone(),
-                Some(proto.indexes.clone()),
+                proto.indexes.clone(),
                 undeclared,
             )));
         }

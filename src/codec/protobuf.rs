@@ -33,8 +33,8 @@ const MAX_INDEXES: usize = 32;
 pub struct ProtoRecords {
     writer: Arc<Message>,
     sanitized: Arc<Message>,
-    /// The message index path records must name (`None`: unframed records carry none).
-    indexes: Option<Vec<i32>>,
+    /// The message index path records must name.
+    indexes: Vec<i32>,
     undeclared: Undeclared,
 }
 
@@ -45,12 +45,7 @@ pub struct Converted {
 }
 
 impl ProtoRecords {
-    pub fn new(
-        writer: Arc<Message>,
-        sanitized: Arc<Message>,
-        indexes: Option<Vec<i32>>,
-        undeclared: Undeclared,
-    ) -> Self {
+    pub fn new(writer: Arc<Message>, sanitized: Arc<Message>, indexes: Vec<i32>, undeclared: Undeclared) -> Self {
         Self {
             writer,
             sanitized,
@@ -63,27 +58,22 @@ impl ProtoRecords {
     /// form: the sanitized message reads what piiwall wrote (export, the demo); the writer's writes what a producer
     /// would (the demo's samples).
     pub fn of_message(message: &Arc<Message>) -> Self {
-        Self::new(message.clone(), message.clone(), Some(vec![0]), Undeclared::Quarantine)
+        Self::new(message.clone(), message.clone(), vec![0], Undeclared::Quarantine)
     }
 
     /// Reads a record (its message indexes, when framed, then the message) into Avro binary.
     pub fn read(&self, payload: &[u8]) -> Result<Converted, ValueError> {
-        let message = match &self.indexes {
-            None => payload,
-            Some(expected) => {
-                let (indexes, message) = read_indexes(payload)?;
-                if &indexes != expected {
-                    return Err(ValueError::new(
-                        "",
-                        format!(
-                            "the record names message index path {indexes:?}; this schema binding sanitizes the \
-                             message at {expected:?}"
-                        ),
-                    ));
-                }
-                message
-            }
-        };
+        let (indexes, message) = read_indexes(payload)?;
+        if indexes != self.indexes {
+            return Err(ValueError::new(
+                "",
+                format!(
+                    "the record names message index path {indexes:?}; this schema binding sanitizes the message at \
+                     {:?}",
+                    self.indexes
+                ),
+            ));
+        }
         let mut reader = Reader {
             undeclared: self.undeclared,
             dropped: 0,
@@ -100,9 +90,7 @@ impl ProtoRecords {
     /// Appends a sanitized record (Avro binary of the sanitized schema) as protobuf: the index path `[0]` when
     /// framed (the sanitized `.proto` puts the record's message first), then the message.
     pub fn write(&self, sanitized: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
-        if self.indexes.is_some() {
-            out.push(0);
-        }
+        out.push(0);
         let mut input = Input::new(sanitized);
         write_message(&self.sanitized, &mut input, "", out)?;
         if input.remaining() != 0 {
@@ -118,14 +106,11 @@ impl ProtoRecords {
     /// subject's key (so a forget covers it) whenever the subject can be told. Read as the strict reader reads it:
     /// the last occurrence of the field; a non-empty string, or an integer in decimal.
     pub fn subject(&self, path: &str, payload: &[u8]) -> Option<String> {
-        let message = match &self.indexes {
-            None => payload,
-            Some(expected) => {
-                // A record of another message is not read as this one: its fields mean other things.
-                let (indexes, message) = read_indexes(payload).ok()?;
-                (indexes == *expected).then_some(message)?
-            }
-        };
+        // A record of another message is not read as this one: its fields mean other things.
+        let (indexes, message) = read_indexes(payload).ok()?;
+        if indexes != self.indexes {
+            return None;
+        }
         let steps: Vec<&str> = path.split('.').collect();
         lenient_subject(&self.writer, &steps, message)
     }
@@ -209,18 +194,6 @@ pub fn read_indexes(payload: &[u8]) -> Result<(Vec<i32>, &[u8]), ValueError> {
         indexes.push(index);
     }
     Ok((indexes, &payload[input.pos..]))
-}
-
-/// Appends a message index path as producers write it (`[0]` as the single byte 0).
-pub fn write_indexes(indexes: &[i32], out: &mut Vec<u8>) {
-    if indexes == [0] {
-        out.push(0);
-        return;
-    }
-    write_long(out, indexes.len() as i64);
-    for &index in indexes {
-        write_long(out, i64::from(index));
-    }
 }
 
 /// One value on the protobuf wire.

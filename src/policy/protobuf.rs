@@ -1229,10 +1229,7 @@ mod tests {
               message E { option map_entry = true; string key = 1; string value = 2 [(piiwall.pii).action = "tokenize"]; } }"#,
         );
         let refused = entry.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            refused.contains("map_entry") || refused.contains("not a valid"),
-            "{refused}"
-        );
+        assert!(refused.contains("map_entry"), "{refused}");
         let broken = writer(
             r#"syntax = "proto3"; message M { repeated E m = 1; message E { option map_entry = true; string key = 1; } }"#,
         );
@@ -1349,9 +1346,6 @@ mod tests {
             "proto3 fields labelled in proto2: {proto2}"
         );
 
-        let proto3 = sanitized_text(r#"syntax = "proto3"; import "legacy.proto"; message M { L l = 1; }"#);
-        // (legacy.proto is not given: the compiler names it; the proto2-in-proto3 case is checked below.)
-        assert!(proto3.is_err());
         let references = HashMap::from([(
             "legacy.proto".to_owned(),
             "syntax = \"proto2\"; message L { required string id = 1; }".to_owned(),

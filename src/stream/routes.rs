@@ -287,7 +287,7 @@ impl Registry {
             }
             Err(RegistryError::Refused(why)) => return Ok(Route::Broken(why)),
         };
-        let mut route = match ready(&writer.text, Some(&writer), &self.policy, part, id, 0, true) {
+        let mut route = match ready(&writer.text, Some(&writer), None, &self.policy, part, id, 0, true) {
             Ok(route) => route,
             Err(reason) => return Ok(Route::Broken(format!("schema id {id}: {reason}"))),
         };
@@ -326,7 +326,7 @@ fn ready_local(
     framed: bool,
 ) -> Result<Route, String> {
     if !crate::policy::protobuf::is_proto(text) {
-        return ready(text, None, policy, part, id, sanitized_id, framed);
+        return ready(text, None, None, policy, part, id, sanitized_id, framed);
     }
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let writer = WriterSchema {
@@ -334,25 +334,13 @@ fn ready_local(
         kind: WriterKind::Protobuf,
         references: crate::policy::protobuf::local_imports(text, dir).map_err(|e| e.to_string())?,
     };
-    ready_compiled(text, Some(&writer), message, policy, part, id, sanitized_id, framed)
+    ready(text, Some(&writer), message, policy, part, id, sanitized_id, framed)
 }
 
 /// Compiles a writer schema into a route. `registered`: what the registry says the schema is, with its references;
-/// `None` (a local file): told from the text.
-fn ready(
-    schema_text: &str,
-    registered: Option<&WriterSchema>,
-    policy: &PolicySettings,
-    part: Part,
-    id: u32,
-    sanitized_id: u32,
-    framed: bool,
-) -> Result<Route, String> {
-    ready_compiled(schema_text, registered, None, policy, part, id, sanitized_id, framed)
-}
-
+/// `None` (a local file): told from the text. `message`: a `.proto` schema's record message (`None`: its first).
 #[allow(clippy::too_many_arguments)]
-fn ready_compiled(
+fn ready(
     schema_text: &str,
     registered: Option<&WriterSchema>,
     message: Option<&str>,
