@@ -5,7 +5,7 @@
 //! - `sanitize_event_1kb/transcoder`: the same event grown to 1 KB by its untagged free-text note, in bytes/s;
 //! - `sanitize_event_json/json_schema`: the same event as JSON with `schemas/event.schema.json`, JSON in and out.
 //! - `sanitize_event_protobuf/transcoder`: the same event as protobuf with `schemas/event.proto`, protobuf in and
-//!   out (read into Avro binary, transcoded, written back), keys per batch as `run`;
+//!   out through the direct protobuf transcoder, keys per batch as `run`;
 //!   `sanitize_event_protobuf/prost_reflect_decode_encode`: only decoding the record into a prost-reflect
 //!   `DynamicMessage` and encoding it again, no sanitizing: a lower bound on the cost of a prost-reflect reference
 //!   path, so its ratio to `transcoder` is a lower bound on the transcoder's speed-up over that path.
@@ -95,7 +95,12 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
     let schema =
         piiwall::policy::compile_protobuf(&text, &Default::default(), None, &PolicySettings::default()).unwrap();
     let transcoder = Transcoder::new(&schema).unwrap();
-    let records = piiwall::codec::Records::for_schema(&schema, piiwall::policy::Undeclared::Drop, true).unwrap();
+    let records = piiwall::codec::Records::for_schema(&schema, &transcoder, piiwall::policy::Undeclared::Drop, true)
+        .unwrap()
+        .unwrap();
+    let piiwall::codec::Records::Protobuf(proto) = &records else {
+        unreachable!("a .proto schema's records are protobuf")
+    };
     let domain = sanitizer.domain_of(&schema.plan);
     // The event encoded by prost-reflect, from descriptors compiled by protox.
     let mut files = protox::file::ChainFileResolver::new();
@@ -126,22 +131,26 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
     let bytes = event.encode_to_vec();
     // Framed as `run` reads it: the message index path [0], then the message.
     let framed = [&[0u8][..], &bytes].concat();
-    let (mut scratch, mut avro, mut out) = (TranscodeScratch::default(), Vec::new(), Vec::new());
+    let (mut scratch, mut out) = (TranscodeScratch::default(), Vec::new());
     let mut group = c.benchmark_group("sanitize_event_protobuf");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("transcoder", |b| {
         b.iter(|| {
-            let keys = sanitizer.keyring().prefetch([], [domain]).unwrap();
+            let batch = sanitizer.keyring().prefetch([], [domain]).unwrap();
             for _ in 0..BATCH {
-                let (converted, _) = records.read(&schema, &framed).unwrap();
-                avro.clear();
-                sanitizer
-                    .sanitize_binary_in(&schema, &transcoder, &converted, Some(&keys), &mut scratch, &mut avro)
+                let subject = records.subject(&schema, &framed);
+                let keys = sanitizer
+                    .keys_in(&schema.plan, subject.as_deref(), Some(&batch))
                     .unwrap();
                 out.clear();
-                records.write(&schema, &avro, &mut out).unwrap();
+                proto
+                    .transcode(&schema, &framed, &keys, &mut scratch, &mut out)
+                    .unwrap();
             }
-            sanitizer.keyring().retire_worn(&keys, DEFAULT_MAX_ENCRYPTIONS).unwrap();
+            sanitizer
+                .keyring()
+                .retire_worn(&batch, DEFAULT_MAX_ENCRYPTIONS)
+                .unwrap();
             out.len()
         })
     });

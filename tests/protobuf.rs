@@ -18,7 +18,7 @@ use piiwall::policy::{CompiledSchema, PolicySettings, Undeclared, Untagged, comp
 use piiwall::transcode::{TranscodeScratch, Transcoder};
 use proptest::prelude::*;
 use prost::Message as _;
-use prost_reflect::{DynamicMessage, MapKey, MessageDescriptor, Value};
+use prost_reflect::{DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value};
 
 const PLAIN: &str = r#"
 syntax = "proto3";
@@ -109,7 +109,9 @@ fn fixture(text: &str, input: &str, output: &str, untagged: Untagged) -> Fixture
     };
     let schema = compile_protobuf(text, &HashMap::new(), None, &settings).unwrap();
     let transcoder = Transcoder::new(&schema).unwrap();
-    let records = Records::for_schema(&schema, Undeclared::Drop, true).unwrap();
+    let records = Records::for_schema(&schema, &transcoder, Undeclared::Drop, true)
+        .unwrap()
+        .unwrap();
     let sanitized = schema.published_schema().0.to_owned();
     Fixture {
         transcoder,
@@ -140,9 +142,43 @@ fn transcoded(f: &Fixture, avro: &[u8]) -> Result<Vec<u8>, String> {
     Ok(sanitized)
 }
 
-/// The `run` path: protobuf -> Avro binary -> transcoder -> sanitized Avro -> protobuf.
-/// Framed as the message index path `[0]`, and written back so: the message alone is returned.
+/// The `run` path: protobuf transcoded directly, with fixed keys. Framed as the message index path `[0]`, and
+/// written back so: the message alone is returned.
 fn stream_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    direct(f, bytes).map(|(out, _)| out)
+}
+
+/// As [`stream_path`], with the count of undeclared fields dropped.
+fn direct(f: &Fixture, bytes: &[u8]) -> Result<(Vec<u8>, usize), String> {
+    direct_by(&f.records, f, bytes)
+}
+
+/// As [`direct`], with `records` (another `policy.undeclared`).
+fn direct_by(records: &Records, f: &Fixture, bytes: &[u8]) -> Result<(Vec<u8>, usize), String> {
+    let Records::Protobuf(proto) = records else {
+        panic!("protobuf records")
+    };
+    let framed = [&[0u8][..], bytes].concat();
+    let mut out = vec![0xff];
+    let dropped = proto
+        .transcode(
+            &f.schema,
+            &framed,
+            &common::fixed_keys(),
+            &mut TranscodeScratch::default(),
+            &mut out,
+        )
+        .map_err(|e| {
+            assert_eq!(out, [0xff], "left as it was");
+            e.to_string()
+        })?;
+    assert_eq!(out[..2], [0xff, 0], "the message index path [0]");
+    Ok((out.split_off(2), dropped))
+}
+
+/// The conversion path (export and the demo read and write protobuf records so): protobuf -> Avro binary ->
+/// transcoder -> sanitized Avro -> protobuf.
+fn converted_path(f: &Fixture, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let framed = [&[0u8][..], bytes].concat();
     let (avro, _) = f.records.read(&f.schema, &framed).map_err(|e| e.to_string())?;
     let sanitized = transcoded(f, &avro)?;
@@ -218,6 +254,50 @@ prop_compose! {
     }
 }
 
+/// A message's fields encoded one by one, in an order `seed` picks, with the fields at `repeats` (taken modulo
+/// their count) written again at the end: a protobuf reader takes each as the same message but for a repeated
+/// singular field, whose last occurrence wins.
+fn shuffled(message: &DynamicMessage, seed: u64, repeats: &[usize]) -> Vec<u8> {
+    let mut chunks: Vec<Vec<u8>> = message
+        .fields()
+        .map(|(field, value)| {
+            let mut one = DynamicMessage::new(message.descriptor());
+            one.set_field(&field, value.clone());
+            one.encode_to_vec()
+        })
+        .collect();
+    let n = chunks.len() as u64;
+    for i in 0..n {
+        let j = (seed.rotate_left(i as u32 * 7) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % n;
+        chunks.swap(i as usize, j as usize);
+    }
+    let again: Vec<Vec<u8>> = repeats
+        .iter()
+        .filter(|_| n > 0)
+        .map(|r| chunks[r % n as usize].clone())
+        .collect();
+    chunks.extend(again);
+    chunks.concat()
+}
+
+/// A message with each ciphertext (`pwe2.…`) cut down to its prefix, at any depth.
+fn without_ciphertexts(message: &DynamicMessage) -> DynamicMessage {
+    fn value(v: &mut Value) {
+        match v {
+            Value::String(s) if s.starts_with("pwe2.") => *s = "pwe2".to_owned(),
+            Value::Message(m) => *m = without_ciphertexts(m),
+            Value::List(items) => items.iter_mut().for_each(value),
+            Value::Map(entries) => entries.values_mut().for_each(value),
+            _ => {}
+        }
+    }
+    let mut out = message.clone();
+    for (_, v) in out.fields_mut() {
+        value(v);
+    }
+    out
+}
+
 /// A value piiwall must never let through: looks like an e-mail address, never a token, mask or hash of itself.
 fn secret() -> impl Strategy<Value = String> {
     "[a-z]{4,8}@[a-z]{3,6}\\.example"
@@ -278,11 +358,28 @@ proptest! {
     fn unprotected_records_round_trip_as_prost_reflect_reads_them(message in everything()) {
         let f = &*PLAIN_FIXTURE;
         let bytes = message.encode_to_vec();
-        let out = stream_path(f, &bytes).unwrap();
-        let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
-        // Compared through the encoding of each (messages of two descriptors pools do not compare directly).
-        let again = DynamicMessage::decode(f.input.clone(), &decoded.encode_to_vec()[..]).unwrap();
-        prop_assert_eq!(again, DynamicMessage::decode(f.input.clone(), &bytes[..]).unwrap());
+        for out in [stream_path(f, &bytes).unwrap(), converted_path(f, &bytes).unwrap()] {
+            let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
+            // Compared through the encoding of each (messages of two descriptors pools do not compare directly).
+            let again = DynamicMessage::decode(f.input.clone(), &decoded.encode_to_vec()[..]).unwrap();
+            prop_assert_eq!(again, DynamicMessage::decode(f.input.clone(), &bytes[..]).unwrap());
+        }
+    }
+
+    /// The direct transcoder and the conversion path sanitize alike (every action here is deterministic), whatever
+    /// order the fields come in and however often.
+    #[test]
+    fn the_direct_transcoder_sanitizes_as_the_conversion_path(
+        (message, _) in customer(),
+        order in any::<u64>(),
+        repeats in prop::collection::vec(0usize..14, 0..3),
+    ) {
+        let f = &*PROTECTED_FIXTURE;
+        let bytes = shuffled(&message, order, &repeats);
+        let direct = DynamicMessage::decode(f.output.clone(), &stream_path(f, &bytes).unwrap()[..]).unwrap();
+        let converted = DynamicMessage::decode(f.output.clone(), &converted_path(f, &bytes).unwrap()[..]).unwrap();
+        // The map tagged PII is encrypted (random nonces): its ciphertexts are compared by their presence only.
+        prop_assert_eq!(without_ciphertexts(&direct), without_ciphertexts(&converted));
     }
 
     #[test]
@@ -337,21 +434,37 @@ proptest! {
 #[test]
 fn undeclared_fields_are_dropped_and_counted_or_refused() {
     let f = &*PROTECTED_FIXTURE;
-    // Field 99 (a string) is not in the schema.
-    let mut bytes = vec![0x0a, 1, b'x'];
-    bytes.extend_from_slice(&[0x9a, 0x06, 5]);
-    bytes.extend_from_slice(b"a@b.c");
+    // Field 99 (a string) is not in the schema: in the record, and in its `contact` (field 8) beside the city.
+    let stray = [&[0x9a, 0x06, 5][..], b"a@b.c"].concat();
+    let contact = [&[0x1a, 2, b'O', b'x'][..], &stray].concat();
+    let bytes = [&[0x0a, 1, b'x'][..], &stray, &[0x42, contact.len() as u8], &contact].concat();
     let framed = [&[0u8][..], &bytes].concat();
     let (_, dropped) = f.records.read(&f.schema, &framed).unwrap();
-    assert_eq!(dropped, 1);
-    let out = stream_path(f, &bytes).unwrap();
+    assert_eq!(dropped, 2);
+    let (out, dropped) = direct(f, &bytes).unwrap();
+    assert_eq!(dropped, 2);
     assert!(!out.windows(5).any(|w| w == b"a@b.c"));
-    let strict = Records::for_schema(&f.schema, Undeclared::Quarantine, true).unwrap();
-    let refused = strict.read(&f.schema, &framed).err().unwrap().to_string();
-    assert!(
-        refused.contains("field number 99") && !refused.contains("a@b.c"),
-        "{refused}"
-    );
+    let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
+    let sanitized_contact = decoded.get_field_by_name("contact").unwrap();
+    let city = sanitized_contact
+        .as_message()
+        .unwrap()
+        .get_field_by_name("city")
+        .unwrap();
+    assert_eq!(city.as_str(), Some("Ox"));
+    let strict = Records::for_schema(&f.schema, &f.transcoder, Undeclared::Quarantine, true)
+        .unwrap()
+        .unwrap();
+    for refused in [
+        strict.read(&f.schema, &framed).err().unwrap().to_string(),
+        direct_by(&strict, f, &bytes).unwrap_err(),
+        direct_by(&strict, f, &[&[0x42, contact.len() as u8][..], &contact].concat()).unwrap_err(),
+    ] {
+        assert!(
+            refused.contains("field number 99") && !refused.contains("a@b.c"),
+            "{refused}"
+        );
+    }
 }
 
 #[test]
@@ -365,7 +478,9 @@ fn a_protected_field_with_the_wrong_wire_type_is_refused_without_its_value() {
 #[test]
 fn framed_records_name_their_message_and_the_output_names_the_first() {
     let f = &*PROTECTED_FIXTURE;
-    let framed = Records::for_schema(&f.schema, Undeclared::Drop, true).unwrap();
+    let framed = Records::for_schema(&f.schema, &f.transcoder, Undeclared::Drop, true)
+        .unwrap()
+        .unwrap();
     let message = [0x0a, 1, b'x'];
     for indexes in [&[0u8][..], &[2, 0][..]] {
         let payload = [indexes, &message[..]].concat();
@@ -396,7 +511,9 @@ fn a_record_that_expands_beyond_its_budget_is_refused() {
         ..PolicySettings::default()
     };
     let schema = compile_protobuf(&text, &HashMap::new(), None, &settings).unwrap();
-    let records = Records::for_schema(&schema, Undeclared::Drop, true).unwrap();
+    let records = Records::for_schema(&schema, &Transcoder::new(&schema).unwrap(), Undeclared::Drop, true)
+        .unwrap()
+        .unwrap();
     let few: Vec<u8> = [&[0u8][..], &[0x0a, 0x00].repeat(10)].concat();
     assert!(records.read(&schema, &few).is_ok());
     let many: Vec<u8> = [&[0u8][..], &[0x0a, 0x00].repeat(100_000)].concat();
@@ -461,4 +578,59 @@ fn the_last_member_of_a_oneof_wins() {
         "{}",
         f.schema.published_schema().0
     );
+}
+
+fn decoded_field(f: &Fixture, out: &[u8], name: &str) -> Value {
+    let decoded = DynamicMessage::decode(f.output.clone(), out).unwrap();
+    decoded.get_field_by_name(name).unwrap().into_owned()
+}
+
+/// Every occurrence of a protected field is protected where it is: none is left in clear, and a reader takes the
+/// last, as it took the input's.
+#[test]
+fn each_occurrence_of_a_protected_field_is_protected_and_the_last_wins() {
+    let f = &*PROTECTED_FIXTURE;
+    let (first, second) = (b"ada@example.com", b"bob@example.org");
+    let both = [&[0x12, 15][..], first, &[0x12, 15], second].concat();
+    let out = stream_path(f, &both).unwrap();
+    for value in [first, second] {
+        assert!(!out.windows(15).any(|w| w == value));
+    }
+    let last = stream_path(f, &[&[0x12, 15][..], second].concat()).unwrap();
+    assert_eq!(decoded_field(f, &out, "email"), decoded_field(f, &last, "email"));
+}
+
+/// A proto3 field without presence reads as its zero when absent: a protected one is written as its sanitized zero,
+/// the same whether the producer wrote the zero or left it out, and as the conversion path writes it.
+#[test]
+fn an_absent_protected_field_reads_as_its_sanitized_zero() {
+    let f = &*PROTECTED_FIXTURE;
+    // score (field 4, a double that is hashed): absent, then written as 0.0.
+    let absent = [0x0a, 1, b'x'];
+    let zero = [&absent[..], &[0x21, 0, 0, 0, 0, 0, 0, 0, 0]].concat();
+    let score = |bytes: &[u8]| decoded_field(f, &stream_path(f, bytes).unwrap(), "score");
+    assert!(
+        score(&absent).as_str().is_some_and(|s| s.starts_with("pwh")),
+        "{:?}",
+        score(&absent)
+    );
+    assert_eq!(score(&absent), score(&zero));
+    let converted = decoded_field(f, &converted_path(f, &absent).unwrap(), "score");
+    assert_eq!(score(&absent), converted);
+}
+
+/// A nested message whose sanitized form outgrows a one-byte length gets a longer length prefix.
+#[test]
+fn a_nested_message_that_grows_gets_a_longer_length() {
+    let f = &*PROTECTED_FIXTURE;
+    // contact (field 8): street (tokenized) and city, 120 bytes in, well over 127 out.
+    let (street, city) = ("s".repeat(60), "c".repeat(56));
+    let contact = [&[0x12, 60][..], street.as_bytes(), &[0x1a, 56], city.as_bytes()].concat();
+    assert!(contact.len() < 0x80);
+    let out = stream_path(f, &[&[0x42, contact.len() as u8][..], &contact].concat()).unwrap();
+    let contact = decoded_field(f, &out, "contact");
+    let contact = contact.as_message().unwrap();
+    assert_eq!(contact.get_field_by_name("city").unwrap().as_str(), Some(city.as_str()));
+    let token = contact.get_field_by_name("street").unwrap();
+    assert!(token.as_str().unwrap().starts_with("pwt1."), "{token:?}");
 }

@@ -19,8 +19,9 @@ use std::collections::HashMap;
 use apache_avro::Schema;
 use apache_avro::schema::{InnerDecimalSchema, Name, UuidSchema};
 
-use crate::error::ValueError;
+use crate::error::{PolicyError, ValueError};
 use crate::policy::{CompiledSchema, Undeclared};
+use crate::transcode::Transcoder;
 
 /// How a topic's records are carried to and from the Avro binary the transcoder sanitizes (Avro records are that
 /// binary already and need neither).
@@ -31,20 +32,27 @@ pub enum Records {
 
 impl Records {
     /// The conversion a compiled schema's records need: JSON for JSON Schemas and for unframed (plain JSON) topics,
-    /// whatever their schema; Confluent-framed protobuf for `.proto` schemas; `None` for framed Avro.
-    pub fn for_schema(schema: &CompiledSchema, undeclared: Undeclared, framed: bool) -> Option<Self> {
+    /// whatever their schema; Confluent-framed protobuf for `.proto` schemas, transcoded directly by a program made
+    /// from `transcoder`'s (see [`protobuf::ProtoRecords::transcode`]); `None` for framed Avro.
+    pub fn for_schema(
+        schema: &CompiledSchema,
+        transcoder: &Transcoder,
+        undeclared: Undeclared,
+        framed: bool,
+    ) -> Result<Option<Self>, PolicyError> {
         if let Some(proto) = schema.protobuf()
             && framed
         {
-            return Some(Records::Protobuf(protobuf::ProtoRecords::new(
+            return Ok(Some(Records::Protobuf(protobuf::ProtoRecords::transcoding(
                 proto.writer.clone(),
                 proto.sanitized_message.clone(),
                 proto.indexes.clone(),
                 undeclared,
-            )));
+                transcoder,
+            )?)));
         }
-        (schema.is_json() || !framed)
-            .then(|| Records::Json(Box::new(json_records::JsonRecords::new(schema, undeclared))))
+        Ok((schema.is_json() || !framed)
+            .then(|| Records::Json(Box::new(json_records::JsonRecords::new(schema, undeclared)))))
     }
 
     /// A record's payload as the Avro binary of the writer schema, and how many undeclared fields were dropped.

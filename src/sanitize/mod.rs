@@ -129,7 +129,7 @@ impl Sanitizer {
     }
 
     /// Resolves a record's keys, from `batch` where it has them, else through the keyring.
-    fn keys_in(&self, plan: &Plan, subject: Option<&str>, batch: Option<&BatchKeys>) -> Result<RecordKeys, Error> {
+    pub fn keys_in(&self, plan: &Plan, subject: Option<&str>, batch: Option<&BatchKeys>) -> Result<RecordKeys, Error> {
         let subject_key = match subject {
             Some(subject) => Some(match batch.and_then(|b| b.get(subject)) {
                 Some(key) => key.clone(),

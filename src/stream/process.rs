@@ -2,6 +2,7 @@
 //! quarantine topic with the reason. Synchronous and CPU-bound: lanes run it off the async reactor, a batch at a
 //! time.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rdkafka::Message;
@@ -106,6 +107,10 @@ impl Processor {
             let subject = match plan.subject {
                 // JSON records are read again by `process`: not read here when there is no subject to find.
                 None => None,
+                // Protobuf records are read where they are (see `ProtoRecords::transcode`).
+                Some(_) if route.protobuf().is_some() => {
+                    route.records.as_ref().and_then(|r| r.subject(&route.schema, payload))
+                }
                 Some(_) => {
                     let Ok((payload, _)) = avro_payload(route.records.as_ref(), &route.schema, payload) else {
                         continue;
@@ -187,17 +192,24 @@ impl Processor {
             Route::Ready(route) => route,
             Route::Broken(reason) => return Err(poison(QuarantineClass::Schema, reason, Some(schema_id))),
         };
-        let (payload, dropped) = avro_payload(route.records.as_ref(), &route.schema, payload)
-            .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
-        if dropped > 0 {
-            metrics::counter!("piiwall_undeclared_dropped_total", "topic" => message.topic().to_owned())
-                .increment(dropped as u64);
-        }
+        // Protobuf records are transcoded where they are; the others are read into Avro binary first.
+        let (payload, subject) = match route.protobuf() {
+            Some(_) => {
+                let subject = route.records.as_ref().and_then(|r| r.subject(&route.schema, payload));
+                (Cow::Borrowed(payload), subject.map(Cow::Owned))
+            }
+            None => {
+                let (payload, dropped) = avro_payload(route.records.as_ref(), &route.schema, payload)
+                    .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
+                count_dropped(message.topic(), dropped);
+                let subject = match route.transcoder.subject(&payload) {
+                    Ok(subject) => subject.map(|s| Cow::Owned(s.into_owned())),
+                    Err(e) => return Err(poison(QuarantineClass::Record, e.to_string(), Some(schema_id))),
+                };
+                (payload, subject)
+            }
+        };
         let action = self.routes.key_action(message.topic()).unwrap_or(KeyAction::Hash);
-        let subject = route
-            .transcoder
-            .subject(&payload)
-            .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?;
         let forgotten = match subject.as_deref() {
             Some(subject) => self.sanitizer.is_forgotten(subject, keys).map_err(Failure::Other)?,
             None => false,
@@ -222,12 +234,19 @@ impl Processor {
         if route.framed {
             framing::write_header(route.sanitized_id, &mut out);
         }
-        let sanitized = match &route.records {
-            None => {
+        let sanitized = match (route.protobuf(), &route.records) {
+            (Some(proto), _) => self
+                .sanitizer
+                .keys_in(&route.schema.plan, subject.as_deref(), keys)
+                .and_then(|record_keys| {
+                    Ok(proto.transcode(&route.schema, &payload, &record_keys, scratch, &mut out)?)
+                })
+                .map(|dropped| count_dropped(message.topic(), dropped)),
+            (None, None) => {
                 self.sanitizer
                     .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut out)
             }
-            Some(records) => {
+            (None, Some(records)) => {
                 let mut avro = Vec::with_capacity(payload.len() * 2 + 64);
                 self.sanitizer
                     .sanitize_binary_in(&route.schema, &route.transcoder, &payload, keys, scratch, &mut avro)
@@ -403,6 +422,13 @@ impl Processor {
             Some(records) => records.subject(&route.schema, payload),
             None => route.transcoder.subject(payload).ok()?.map(|s| s.into_owned()),
         }
+    }
+}
+
+/// Counts the undeclared fields dropped from a record of `topic`.
+fn count_dropped(topic: &str, dropped: usize) {
+    if dropped > 0 {
+        metrics::counter!("piiwall_undeclared_dropped_total", "topic" => topic.to_owned()).increment(dropped as u64);
     }
 }
 

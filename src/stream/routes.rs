@@ -15,6 +15,7 @@ use super::framing;
 use super::registry::{RegistryClient, RegistryError, WriterKind, WriterSchema};
 
 use crate::codec::Records;
+use crate::codec::protobuf::ProtoRecords;
 use crate::config::{Config, KeyAction, RecordFraming};
 use crate::error::{Error, ValueError};
 use crate::policy::{CompiledSchema, PolicySettings, compile, compile_any, compile_json_schema, compile_protobuf};
@@ -32,11 +33,21 @@ pub struct ReadyRoute {
     pub sanitized_id: u32,
     pub schema: CompiledSchema,
     pub transcoder: Transcoder,
-    /// For records of JSON (a JSON Schema, or a plain-JSON topic): how they are read and written. `None`: Avro.
-    /// How its records are carried to and from Avro binary (`None`: they are Avro binary).
+    /// How its records are read and written: JSON converted to and from Avro binary, protobuf transcoded directly
+    /// (`None`: they are Avro binary).
     pub records: Option<Records>,
     /// Whether sanitized records are written in the Confluent wire format (not for plain-JSON topics).
     pub framed: bool,
+}
+
+impl ReadyRoute {
+    /// The protobuf records of a `.proto` binding, which are transcoded directly.
+    pub fn protobuf(&self) -> Option<&ProtoRecords> {
+        match &self.records {
+            Some(Records::Protobuf(proto)) => Some(proto),
+            _ => None,
+        }
+    }
 }
 
 /// Which part of a record a schema describes.
@@ -373,7 +384,7 @@ fn ready(
         return Err("a key schema must be Avro (key = \"avro\" reads Confluent-framed Avro keys)".to_owned());
     }
     let transcoder = Transcoder::new(&schema).map_err(|e| e.to_string())?;
-    let records = Records::for_schema(&schema, policy.undeclared, framed);
+    let records = Records::for_schema(&schema, &transcoder, policy.undeclared, framed).map_err(|e| e.to_string())?;
     Ok(Route::Ready(Arc::new(ReadyRoute {
         schema_id: id,
         sanitized_id,

@@ -10,13 +10,14 @@
 //! block counts larger than the record could hold, invalid UTF-8 — is an error, never a panic, and never makes it
 //! allocate more than the input warrants.
 
-mod program;
+pub(crate) mod program;
 mod run;
 pub(crate) mod wire;
 
 use std::borrow::Cow;
 
 pub use run::{Detection, Detections, TranscodeScratch};
+pub(crate) use run::{inspect_text, run_step};
 
 use crate::error::{PolicyError, ValueError};
 use crate::policy::CompiledSchema;
@@ -43,6 +44,11 @@ impl Transcoder {
             None => None,
         };
         Ok(Self { root, subject })
+    }
+
+    /// The program's root: the step of the writer schema's root record.
+    pub(crate) fn root(&self) -> &Step {
+        &self.root
     }
 
     /// The subject id of a record (`None` when the schema names none, or the record's is null or empty).

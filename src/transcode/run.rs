@@ -21,8 +21,11 @@ pub struct TranscodeScratch {
     plain: Vec<u8>,
     crypto: Scratch,
     found: Vec<Found>,
-    redacted: String,
+    pub(crate) redacted: String,
     detections: Detections,
+    /// A protobuf field read into Avro binary, and its sanitized form (see `codec::protobuf::transcode`).
+    pub(crate) field_avro: Vec<u8>,
+    pub(crate) field_sanitized: Vec<u8>,
 }
 
 /// PII found in a field no annotation protects: where, what, and what was done (never the value).
@@ -120,57 +123,14 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Runs a field's detectors over `text` (read from `start`): records each detection, quarantines the record when
-    /// one says so, and rewrites the text with the spans to redact replaced by their labels. Each action's detectors
-    /// look on their own, so a span one of them claims (a key cut off runs to the end of the text) never hides
-    /// what another would quarantine or redact.
+    /// Runs a field's detectors over `text` (read from `start`) and, when a detection redacts, writes the text
+    /// rewritten in its place (see [`inspect_text`]).
     fn inspect(&mut self, start: usize, text: &'a str, inspect: &Inspect) -> Result<(), ValueError> {
-        let detectors = &inspect.detectors;
-        for (set, mode) in [
-            (detectors.quarantine, DetectMode::Quarantine),
-            (detectors.report, DetectMode::Report),
-            (detectors.redact, DetectMode::Redact),
-        ] {
-            if set.is_empty() {
-                continue;
-            }
-            set.find(text, &mut self.scratch.found);
-            for f in &self.scratch.found {
-                *self
-                    .scratch
-                    .detections
-                    .entry(Detection {
-                        path: inspect.path.clone(),
-                        kind: f.kind,
-                        mode,
-                    })
-                    .or_default() += 1;
-            }
-            let Some(first) = self.scratch.found.first() else {
-                continue;
-            };
-            match mode {
-                DetectMode::Quarantine => {
-                    return Err(ValueError::new(
-                        &inspect.path,
-                        format!(
-                            "holds what the {} detector recognises, in a field no annotation protects \
-                             (policy.detect = quarantine): annotate the field, or redact it",
-                            first.kind.name()
-                        ),
-                    ));
-                }
-                DetectMode::Redact => {
-                    self.out.extend_from_slice(&self.input.bytes[self.copy_from..start]);
-                    let redacted = &mut self.scratch.redacted;
-                    redacted.clear();
-                    redact_into(text, &self.scratch.found, redacted);
-                    write_long(self.out, redacted.len() as i64);
-                    self.out.extend_from_slice(redacted.as_bytes());
-                    self.copy_from = self.input.pos;
-                }
-                DetectMode::Report | DetectMode::Off => {}
-            }
+        if inspect_text(text, inspect, self.scratch)? {
+            self.out.extend_from_slice(&self.input.bytes[self.copy_from..start]);
+            write_long(self.out, self.scratch.redacted.len() as i64);
+            self.out.extend_from_slice(self.scratch.redacted.as_bytes());
+            self.copy_from = self.input.pos;
         }
         Ok(())
     }
@@ -332,6 +292,69 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
+}
+
+/// Runs a field's detectors over `text`: records each detection, quarantines the record when one says so, and when
+/// a detection redacts, leaves the text with the spans to redact replaced by their labels in `scratch.redacted` and
+/// returns `true`. Each action's detectors look on their own, so a span one of them claims (a key cut off runs to
+/// the end of the text) never hides what another would quarantine or redact.
+pub(crate) fn inspect_text(text: &str, inspect: &Inspect, scratch: &mut TranscodeScratch) -> Result<bool, ValueError> {
+    let detectors = &inspect.detectors;
+    let mut redacted = false;
+    for (set, mode) in [
+        (detectors.quarantine, DetectMode::Quarantine),
+        (detectors.report, DetectMode::Report),
+        (detectors.redact, DetectMode::Redact),
+    ] {
+        if set.is_empty() {
+            continue;
+        }
+        set.find(text, &mut scratch.found);
+        for f in &scratch.found {
+            *scratch
+                .detections
+                .entry(Detection {
+                    path: inspect.path.clone(),
+                    kind: f.kind,
+                    mode,
+                })
+                .or_default() += 1;
+        }
+        let Some(first) = scratch.found.first() else {
+            continue;
+        };
+        match mode {
+            DetectMode::Quarantine => {
+                return Err(ValueError::new(
+                    &inspect.path,
+                    format!(
+                        "holds what the {} detector recognises, in a field no annotation protects \
+                         (policy.detect = quarantine): annotate the field, or redact it",
+                        first.kind.name()
+                    ),
+                ));
+            }
+            DetectMode::Redact => {
+                scratch.redacted.clear();
+                redact_into(text, &scratch.found, &mut scratch.redacted);
+                redacted = true;
+            }
+            DetectMode::Report | DetectMode::Off => {}
+        }
+    }
+    Ok(redacted)
+}
+
+/// Runs one step over the whole of `input` (Avro binary of the step's type), appending its output to `out`.
+pub(crate) fn run_step(
+    step: &Step,
+    input: &[u8],
+    keys: &RecordKeys,
+    scratch: &mut TranscodeScratch,
+    rules: &[Rule],
+    out: &mut Vec<u8>,
+) -> Result<(), ValueError> {
+    Run::new(input, out, scratch, keys, rules).finish(step)
 }
 
 /// Reads a scalar into its plaintext form: the same bytes `plain::encode_into` makes of its decoded value.

@@ -12,12 +12,16 @@
 //! The Confluent framing of a protobuf record puts the message index path between the schema id and the message:
 //! a count then the indexes, zig-zag varints; a count of 0 means `[0]`.
 
+mod transcode;
+
 use std::sync::Arc;
 
-use crate::error::ValueError;
-use crate::policy::Undeclared;
-use crate::policy::protobuf::{Label, Message, Scalar, Type};
+use crate::error::{PolicyError, ValueError};
+use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
+use crate::policy::{CompiledSchema, Undeclared};
+use crate::sanitize::RecordKeys;
 use crate::transcode::wire::{Input, write_long};
+use crate::transcode::{TranscodeScratch, Transcoder};
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;
@@ -36,6 +40,8 @@ pub struct ProtoRecords {
     /// The message index path records must name.
     indexes: Vec<i32>,
     undeclared: Undeclared,
+    /// The direct transcoder's program (see [`ProtoRecords::transcode`]); `None` for records only converted.
+    program: Option<transcode::MessageStep>,
 }
 
 /// A record read from protobuf: its Avro binary and how many undeclared fields were dropped.
@@ -51,7 +57,24 @@ impl ProtoRecords {
             sanitized,
             indexes,
             undeclared,
+            program: None,
         }
+    }
+
+    /// The records of a compiled schema's message, transcoded directly (see [`ProtoRecords::transcode`]) by a
+    /// program made from `transcoder`'s.
+    pub fn transcoding(
+        writer: Arc<Message>,
+        sanitized: Arc<Message>,
+        indexes: Vec<i32>,
+        undeclared: Undeclared,
+        transcoder: &Transcoder,
+    ) -> Result<Self, PolicyError> {
+        let program = transcode::MessageStep::new(&writer, &sanitized, transcoder.root(), "")?;
+        Ok(Self {
+            program: Some(program),
+            ..Self::new(writer, sanitized, indexes, undeclared)
+        })
     }
 
     /// The records of one message (framed with the index path `[0]`) to and from Avro binary of that message's
@@ -61,8 +84,8 @@ impl ProtoRecords {
         Self::new(message.clone(), message.clone(), vec![0], Undeclared::Quarantine)
     }
 
-    /// Reads a record (its message indexes, when framed, then the message) into Avro binary.
-    pub fn read(&self, payload: &[u8]) -> Result<Converted, ValueError> {
+    /// The message of a record: what follows its message index path, which must name this schema's message.
+    fn message_of<'a>(&self, payload: &'a [u8]) -> Result<&'a [u8], ValueError> {
         let (indexes, message) = read_indexes(payload)?;
         if indexes != self.indexes {
             return Err(ValueError::new(
@@ -74,11 +97,47 @@ impl ProtoRecords {
                 ),
             ));
         }
-        let mut reader = Reader {
+        Ok(message)
+    }
+
+    /// Sanitizes a record straight from protobuf to protobuf (see [`transcode`]): appends the index path `[0]` and
+    /// the sanitized message to `out`, and returns how many undeclared fields were dropped. On error `out` is left as
+    /// it was.
+    pub fn transcode(
+        &self,
+        schema: &CompiledSchema,
+        payload: &[u8],
+        keys: &RecordKeys,
+        scratch: &mut TranscodeScratch,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, ValueError> {
+        let program = self
+            .program
+            .as_ref()
+            .ok_or_else(|| ValueError::new("", "these protobuf records are only converted, not transcoded"))?;
+        let message = self.message_of(payload)?;
+        let start = out.len();
+        out.push(0);
+        let mut walker = transcode::Walker {
+            rules: &schema.plan.rules,
+            keys,
+            scratch,
             undeclared: self.undeclared,
             dropped: 0,
-            visits_left: MIN_FIELD_VISITS + VISITS_PER_BYTE * message.len(),
         };
+        match walker.message(program, message, out) {
+            Ok(()) => Ok(walker.dropped),
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a record (its message indexes, when framed, then the message) into Avro binary.
+    pub fn read(&self, payload: &[u8]) -> Result<Converted, ValueError> {
+        let message = self.message_of(payload)?;
+        let mut reader = Reader::new(self.undeclared, message.len());
         let mut avro = Vec::with_capacity(message.len() + 64);
         reader.message(&self.writer, message, "", &mut avro)?;
         Ok(Converted {
@@ -128,6 +187,13 @@ fn lenient_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<St
             break;
         };
         if number != field.number {
+            // A later member of the subject field's oneof unsets it.
+            if field.oneof.is_some()
+                && let Some(&index) = message.by_number.get(&number)
+                && message.fields[index].oneof == field.oneof
+            {
+                found = None;
+            }
             continue;
         }
         seen = true;
@@ -158,11 +224,7 @@ fn lenient_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<St
 
 /// A subject field's value as the transcoder reads it: a non-empty string, or an integer in decimal.
 fn subject_text(ty: &Type, value: Wire<'_>) -> Option<String> {
-    let mut reader = Reader {
-        undeclared: Undeclared::Drop,
-        dropped: 0,
-        visits_left: 0,
-    };
+    let mut reader = Reader::new(Undeclared::Drop, 0);
     let mut avro = Vec::new();
     reader.value(ty, value, At { parent: "", name: "" }, &mut avro).ok()?;
     let mut input = Input::new(&avro);
@@ -309,6 +371,15 @@ const MIN_FIELD_VISITS: usize = 10_000;
 const VISITS_PER_BYTE: usize = 8;
 
 impl Reader {
+    /// A reader of a record (or one field) of `size` bytes.
+    fn new(undeclared: Undeclared, size: usize) -> Self {
+        Self {
+            undeclared,
+            dropped: 0,
+            visits_left: MIN_FIELD_VISITS + VISITS_PER_BYTE * size,
+        }
+    }
+
     fn message(&mut self, message: &Message, bytes: &[u8], path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
         self.message_parts(message, &[bytes], path, out)
     }
@@ -605,59 +676,65 @@ fn write_len(number: u32, run: &[u8], out: &mut Vec<u8>) {
 
 /// Writes a record of the sanitized Avro schema as the sanitized message.
 fn write_message(message: &Message, input: &mut Input<'_>, parent: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
-    for field in &message.fields {
-        let path = At {
-            parent,
-            name: &field.name,
-        };
-        match field.label {
-            Label::Implicit => write_value(field.number, &field.ty, input, path, true, out)?,
-            Label::Required => write_value(field.number, &field.ty, input, path, false, out)?,
-            Label::Optional => match input.read_long()? {
-                0 => {}
-                1 => write_value(field.number, &field.ty, input, path, false, out)?,
-                _ => {
-                    return Err(ValueError::new(
-                        &path.full(),
-                        "the sanitized record has an unexpected union branch",
-                    ));
-                }
-            },
-            Label::Repeated => {
-                let packed = field.ty.scalar().is_some_and(Scalar::packable);
-                let mut run = Vec::new();
-                loop {
-                    let (count, _) = input.read_block()?;
-                    if count == 0 {
-                        break;
-                    }
-                    for _ in 0..count {
-                        if packed {
-                            let scalar = field.ty.scalar().expect("packed values are scalars");
-                            write_scalar(scalar, input, path, &mut run)?;
-                        } else {
-                            write_value(field.number, &field.ty, input, path, false, out)?;
-                        }
-                    }
-                }
-                if packed && !run.is_empty() {
-                    write_len(field.number, &run, out);
-                }
+    message
+        .fields
+        .iter()
+        .try_for_each(|field| write_field(field, input, parent, out))
+}
+
+/// Writes one field of the sanitized message from its Avro form: nothing when it is absent (or a proto3 zero).
+fn write_field(field: &Field, input: &mut Input<'_>, parent: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+    let path = At {
+        parent,
+        name: &field.name,
+    };
+    match field.label {
+        Label::Implicit => write_value(field.number, &field.ty, input, path, true, out)?,
+        Label::Required => write_value(field.number, &field.ty, input, path, false, out)?,
+        Label::Optional => match input.read_long()? {
+            0 => {}
+            1 => write_value(field.number, &field.ty, input, path, false, out)?,
+            _ => {
+                return Err(ValueError::new(
+                    &path.full(),
+                    "the sanitized record has an unexpected union branch",
+                ));
             }
-            Label::Map(key) => loop {
+        },
+        Label::Repeated => {
+            let packed = field.ty.scalar().is_some_and(Scalar::packable);
+            let mut run = Vec::new();
+            loop {
                 let (count, _) = input.read_block()?;
                 if count == 0 {
                     break;
                 }
                 for _ in 0..count {
-                    let mut entry = Vec::new();
-                    let text = input.read_str()?;
-                    write_map_key(key, text, path, &mut entry)?;
-                    write_value(2, &field.ty, input, path, false, &mut entry)?;
-                    write_len(field.number, &entry, out);
+                    if packed {
+                        let scalar = field.ty.scalar().expect("packed values are scalars");
+                        write_scalar(scalar, input, path, &mut run)?;
+                    } else {
+                        write_value(field.number, &field.ty, input, path, false, out)?;
+                    }
                 }
-            },
+            }
+            if packed && !run.is_empty() {
+                write_len(field.number, &run, out);
+            }
         }
+        Label::Map(key) => loop {
+            let (count, _) = input.read_block()?;
+            if count == 0 {
+                break;
+            }
+            for _ in 0..count {
+                let mut entry = Vec::new();
+                let text = input.read_str()?;
+                write_map_key(key, text, path, &mut entry)?;
+                write_value(2, &field.ty, input, path, false, &mut entry)?;
+                write_len(field.number, &entry, out);
+            }
+        },
     }
     Ok(())
 }

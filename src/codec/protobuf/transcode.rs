@@ -1,0 +1,451 @@
+//! The direct transcoder of protobuf records, as `run` uses it: protobuf bytes in, protobuf bytes of the sanitized
+//! message out, with no conversion of the fields that do not change.
+//!
+//! It walks a record's fields in wire order. A field nothing changes is checked (its wire type, UTF-8, a packed run,
+//! a map entry) and left in the run of bytes copied in one piece; a nested message is walked the same way, so what
+//! it holds is checked and its undeclared fields dropped; a string a detector looks at is looked at in place. A
+//! field that changes (protected, or looked at where a detection could rewrite it) is read into the Avro binary of
+//! its translation, one occurrence at a time, run by the Avro transcoder's step for it, and written back as the
+//! sanitized field: actions, plaintext forms (so reveal gives the original types), forgotten subjects and detection
+//! are the Avro path's own.
+//!
+//! Every occurrence of a field is sanitized and written where it was, so protobuf's rules read the output as they
+//! read the input: the last occurrence of a scalar wins, the occurrences of a singular message merge, the last
+//! member of a oneof is the one set. A proto3 field without presence that is absent reads as its zero: when such a
+//! field changes, its zero is sanitized and written (a pseudonym of zero reads the same whether the producer wrote
+//! the zero or left it out), as the conversion path does.
+
+use std::sync::Arc;
+
+use super::{At, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key};
+use crate::error::{PolicyError, ValueError};
+use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
+use crate::policy::{Rule, Undeclared};
+use crate::sanitize::RecordKeys;
+use crate::transcode::program::{Inspect, Skip, Step};
+use crate::transcode::wire::Input;
+use crate::transcode::{TranscodeScratch, inspect_text, run_step};
+
+/// Field numbers below this are found through a table; the rest through the message's map.
+const DENSE: usize = 256;
+
+/// A message of the program: what to do with each of its fields.
+#[derive(Debug)]
+pub(crate) struct MessageStep {
+    writer: Arc<Message>,
+    sanitized: Arc<Message>,
+    /// The message's path in the record (empty for the record itself), for errors.
+    path: String,
+    fields: Vec<FieldStep>,
+    /// `dense[n]`: one more than the index of field number `n`, 0 when no field has it.
+    dense: Vec<u32>,
+    /// The fields whose absence means something: required ones (an error), and proto3 ones without presence that
+    /// change (their zero is sanitized).
+    watch: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct FieldStep {
+    kind: Kind,
+    /// Its place in `watch`.
+    watch: Option<usize>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// Nothing changes it: checked and copied as it is.
+    Copy,
+    /// A singular string no annotation protects, which detectors look at.
+    Inspect(Inspect),
+    /// A message (singular or repeated) whose fields are walked.
+    Walk(MessageStep),
+    /// Converted to Avro, run by this step of the Avro program, and written back.
+    Convert(Step),
+}
+
+fn mismatch() -> PolicyError {
+    PolicyError::new("", "the protobuf transcoder's plan does not match its schema")
+}
+
+impl MessageStep {
+    /// The program of `writer` (written as `sanitized`) from the Avro program's step of its translation.
+    pub(crate) fn new(
+        writer: &Arc<Message>,
+        sanitized: &Arc<Message>,
+        step: &Step,
+        path: &str,
+    ) -> Result<Self, PolicyError> {
+        if writer.fields.len() != sanitized.fields.len() {
+            return Err(mismatch());
+        }
+        let mut fields = Vec::with_capacity(writer.fields.len());
+        let mut watch = Vec::new();
+        for (index, field) in writer.fields.iter().enumerate() {
+            let step = field_step(step, index)?;
+            let field_path = if path.is_empty() {
+                field.name.clone()
+            } else {
+                format!("{path}.{}", field.name)
+            };
+            let kind = kind(field, &sanitized.fields[index], step, &field_path)?;
+            let watched = match field.label {
+                Label::Required => true,
+                Label::Implicit => matches!(kind, Kind::Convert(_)),
+                _ => false,
+            };
+            fields.push(FieldStep {
+                watch: watched.then(|| {
+                    watch.push(index);
+                    watch.len() - 1
+                }),
+                kind,
+            });
+        }
+        let mut dense = vec![0; DENSE];
+        for (index, field) in writer.fields.iter().enumerate() {
+            if let Some(slot) = dense.get_mut(field.number as usize) {
+                *slot = index as u32 + 1;
+            }
+        }
+        Ok(Self {
+            writer: writer.clone(),
+            sanitized: sanitized.clone(),
+            path: path.to_owned(),
+            fields,
+            dense,
+            watch,
+        })
+    }
+
+    fn index(&self, number: u32) -> Option<usize> {
+        match self.dense.get(number as usize) {
+            Some(0) => None,
+            Some(slot) => Some(*slot as usize - 1),
+            None => self.writer.by_number.get(&number).copied(),
+        }
+    }
+}
+
+/// The step of a record's field `index`.
+fn field_step(step: &Step, index: usize) -> Result<Step, PolicyError> {
+    match step {
+        Step::Record(steps) => steps.get(index).cloned(),
+        Step::Skip(Skip::Record(skips)) => skips.get(index).cloned().map(Step::Skip),
+        _ => None,
+    }
+    .ok_or_else(mismatch)
+}
+
+fn kind(field: &Field, sanitized: &Field, step: Step, path: &str) -> Result<Kind, PolicyError> {
+    Ok(match (&field.ty, step) {
+        (_, Step::Protect(protect)) => Kind::Convert(Step::Protect(protect)),
+        (Type::Message(inner), step) if !matches!(field.label, Label::Map(_)) => {
+            let Type::Message(sanitized_inner) = &sanitized.ty else {
+                return Err(mismatch());
+            };
+            let step = match (field.label, step) {
+                (Label::Optional, Step::Union(mut branches)) if branches.len() == 2 => branches.pop().expect("two"),
+                (Label::Optional, Step::Skip(Skip::Union(mut branches))) if branches.len() == 2 => {
+                    Step::Skip(branches.pop().expect("two"))
+                }
+                (Label::Repeated, Step::Array(items)) => items.item,
+                (Label::Repeated, Step::Skip(Skip::Array(item))) => Step::Skip(*item),
+                (Label::Implicit | Label::Required, step) => step,
+                _ => return Err(mismatch()),
+            };
+            Kind::Walk(MessageStep::new(inner, sanitized_inner, &step, path)?)
+        }
+        (Type::Message(_), step) => Kind::Convert(step),
+        (_, Step::Skip(_)) => Kind::Copy,
+        (Type::Scalar(Scalar::String), Step::Inspect(inspect))
+            if matches!(field.label, Label::Implicit | Label::Required) && !inspect.redacts() =>
+        {
+            Kind::Inspect(*inspect)
+        }
+        (_, step) => Kind::Convert(step),
+    })
+}
+
+/// Which watched fields a message has shown.
+enum Seen {
+    Few(u64),
+    Many(Vec<bool>),
+}
+
+impl Seen {
+    fn new(watched: usize) -> Self {
+        if watched <= 64 {
+            Seen::Few(0)
+        } else {
+            Seen::Many(vec![false; watched])
+        }
+    }
+
+    fn insert(&mut self, at: usize) {
+        match self {
+            Seen::Few(bits) => *bits |= 1 << at,
+            Seen::Many(seen) => seen[at] = true,
+        }
+    }
+
+    fn contains(&self, at: usize) -> bool {
+        match self {
+            Seen::Few(bits) => bits & (1 << at) != 0,
+            Seen::Many(seen) => seen[at],
+        }
+    }
+}
+
+/// One record's walk.
+pub(crate) struct Walker<'a> {
+    pub(crate) rules: &'a [Rule],
+    pub(crate) keys: &'a RecordKeys,
+    pub(crate) scratch: &'a mut TranscodeScratch,
+    pub(crate) undeclared: Undeclared,
+    /// Undeclared fields dropped so far.
+    pub(crate) dropped: usize,
+}
+
+impl Walker<'_> {
+    /// Appends the sanitized form of a message's bytes.
+    pub(crate) fn message(&mut self, step: &MessageStep, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let here = At {
+            parent: &step.path,
+            name: "",
+        };
+        let mut seen = Seen::new(step.watch.len());
+        let (mut pos, mut copy_from) = (0, 0);
+        while pos < bytes.len() {
+            let start = pos;
+            let (number, value) = next_field(bytes, &mut pos, here)?;
+            let Some(index) = step.index(number) else {
+                if self.undeclared == Undeclared::Quarantine {
+                    return Err(ValueError::new(
+                        &step.path,
+                        format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
+                    ));
+                }
+                out.extend_from_slice(&bytes[copy_from..start]);
+                copy_from = pos;
+                self.dropped += 1;
+                continue;
+            };
+            let field = &step.writer.fields[index];
+            let at = At {
+                parent: &step.path,
+                name: &field.name,
+            };
+            let field_step = &step.fields[index];
+            if let Some(place) = field_step.watch {
+                seen.insert(place);
+            }
+            match &field_step.kind {
+                Kind::Copy => check(field, value, at)?,
+                Kind::Inspect(inspect) => {
+                    // Never rewritten here: detectors that redact make the field a `Convert` (see `kind`).
+                    inspect_text(text(value, at)?, inspect, self.scratch)?;
+                }
+                Kind::Walk(inner) => {
+                    let Wire::Len(run) = value else {
+                        return Err(malformed(at, "a message field that is not length-delimited"));
+                    };
+                    out.extend_from_slice(&bytes[copy_from..start]);
+                    write_key(field.number, LEN, out);
+                    self.nested(inner, run, out)?;
+                    copy_from = pos;
+                }
+                Kind::Convert(avro) => {
+                    out.extend_from_slice(&bytes[copy_from..start]);
+                    self.convert(field, &step.sanitized.fields[index], avro, Some(value), &step.path, out)?;
+                    copy_from = pos;
+                }
+            }
+        }
+        out.extend_from_slice(&bytes[copy_from..]);
+        for (place, &index) in step.watch.iter().enumerate() {
+            if seen.contains(place) {
+                continue;
+            }
+            let field = &step.writer.fields[index];
+            match &step.fields[index].kind {
+                Kind::Convert(avro) => {
+                    self.convert(field, &step.sanitized.fields[index], avro, None, &step.path, out)?
+                }
+                _ => {
+                    let at = At {
+                        parent: &step.path,
+                        name: &field.name,
+                    };
+                    return Err(ValueError::new(&at.full(), "a required field is missing"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A nested message's sanitized bytes with their length before them (its key is written).
+    fn nested(&mut self, step: &MessageStep, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let at = out.len();
+        out.push(0);
+        self.message(step, bytes, out)?;
+        let len = out.len() - at - 1;
+        if len < 0x80 {
+            out[at] = len as u8;
+        } else {
+            let mut prefix = Vec::with_capacity(10);
+            super::write_varint(len as u64, &mut prefix);
+            out.splice(at..=at, prefix);
+        }
+        Ok(())
+    }
+
+    /// One occurrence of a field that changes (`None`: an absent field's zero), through the Avro program.
+    fn convert(
+        &mut self,
+        field: &Field,
+        sanitized: &Field,
+        step: &Step,
+        value: Option<Wire<'_>>,
+        parent: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
+        let mut avro = std::mem::take(&mut self.scratch.field_avro);
+        let mut sanitized_avro = std::mem::take(&mut self.scratch.field_sanitized);
+        avro.clear();
+        sanitized_avro.clear();
+        let result = self.convert_with(
+            field,
+            sanitized,
+            step,
+            value,
+            parent,
+            &mut avro,
+            &mut sanitized_avro,
+            out,
+        );
+        self.scratch.field_avro = avro;
+        self.scratch.field_sanitized = sanitized_avro;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn convert_with(
+        &mut self,
+        field: &Field,
+        sanitized: &Field,
+        step: &Step,
+        value: Option<Wire<'_>>,
+        parent: &str,
+        avro: &mut Vec<u8>,
+        sanitized_avro: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
+        let at = At {
+            parent,
+            name: &field.name,
+        };
+        let size = match value {
+            Some(Wire::Len(run)) => run.len(),
+            _ => 0,
+        };
+        let mut reader = Reader::new(self.undeclared, size);
+        let occurrence = value.map(|value| [(0, value)]);
+        reader.field(
+            field.label,
+            &field.ty,
+            occurrence.as_ref().map_or(&[], |o| &o[..]),
+            at,
+            avro,
+        )?;
+        self.dropped += reader.dropped;
+        run_step(step, avro, self.keys, self.scratch, self.rules, sanitized_avro)?;
+        let mut input = Input::new(sanitized_avro);
+        write_field(sanitized, &mut input, parent, out)?;
+        if input.remaining() != 0 {
+            return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
+        }
+        Ok(())
+    }
+}
+
+/// A string field's text, checked.
+fn text<'a>(value: Wire<'a>, at: At<'_>) -> Result<&'a str, ValueError> {
+    let Wire::Len(run) = value else {
+        return Err(malformed(at, "a string field with the wrong wire type"));
+    };
+    std::str::from_utf8(run).map_err(|_| malformed(at, "a string that is not UTF-8"))
+}
+
+/// Checks a value of a field nothing changes, as the reader would read it.
+fn check(field: &Field, value: Wire<'_>, at: At<'_>) -> Result<(), ValueError> {
+    let scalar = field.ty.scalar().expect("messages are walked or converted");
+    match field.label {
+        Label::Repeated if scalar.packable() => match value {
+            Wire::Len(run) => check_packed(scalar, run, at),
+            value => check_scalar(scalar, value, at),
+        },
+        Label::Map(key) => {
+            let Wire::Len(entry) = value else {
+                return Err(malformed(at, "a map entry that is not length-delimited"));
+            };
+            let mut pos = 0;
+            while pos < entry.len() {
+                match next_field(entry, &mut pos, at)? {
+                    (1, found) => check_scalar(key, found, at)?,
+                    (2, found) => check_scalar(scalar, found, at)?,
+                    _ => return Err(malformed(at, "a map entry with a field other than key and value")),
+                }
+            }
+            Ok(())
+        }
+        _ => check_scalar(scalar, value, at),
+    }
+}
+
+fn check_scalar(scalar: Scalar, value: Wire<'_>, at: At<'_>) -> Result<(), ValueError> {
+    if value.wire_type() != wire_type_of(scalar) {
+        return Err(malformed(
+            at,
+            &format!("a {} field with the wrong wire type", scalar.proto_name()),
+        ));
+    }
+    if scalar == Scalar::String {
+        text(value, at)?;
+    }
+    Ok(())
+}
+
+/// A packed run must hold whole values of its type.
+fn check_packed(scalar: Scalar, run: &[u8], at: At<'_>) -> Result<(), ValueError> {
+    let mut pos = 0;
+    while pos < run.len() {
+        match wire_type_of(scalar) {
+            super::VARINT => {
+                varint(run, &mut pos, at)?;
+            }
+            super::I64 => {
+                fixed::<8>(run, &mut pos, at)?;
+            }
+            _ => {
+                fixed::<4>(run, &mut pos, at)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_tracks_few_and_many_fields() {
+        for watched in [3, 64, 65, 200] {
+            let mut seen = Seen::new(watched);
+            seen.insert(watched - 1);
+            seen.insert(0);
+            assert!(seen.contains(0) && seen.contains(watched - 1));
+            assert!(!seen.contains(1));
+        }
+    }
+}
