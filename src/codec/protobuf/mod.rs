@@ -86,6 +86,12 @@ impl ProtoRecords {
 
     /// The message of a record: what follows its message index path, which must name this schema's message.
     fn message_of<'a>(&self, payload: &'a [u8]) -> Result<&'a [u8], ValueError> {
+        // The common path `[0]`, written as the single byte 0, read without allocating.
+        if let [0, message @ ..] = payload
+            && self.indexes == [0]
+        {
+            return Ok(message);
+        }
         let (indexes, message) = read_indexes(payload)?;
         if indexes != self.indexes {
             return Err(ValueError::new(
@@ -296,11 +302,13 @@ impl At<'_> {
     }
 }
 
+#[cold]
 fn malformed(at: At<'_>, problem: &str) -> ValueError {
     ValueError::new(&at.full(), format!("malformed protobuf: {problem}"))
 }
 
 /// A protobuf varint (up to 10 bytes, no zig-zag).
+#[inline]
 fn varint(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<u64, ValueError> {
     let mut value = 0u64;
     for i in 0..10 {
@@ -326,6 +334,7 @@ fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<
 }
 
 /// The next field of a message: its number and value.
+#[inline]
 fn next_field<'a>(bytes: &'a [u8], pos: &mut usize, path: At<'_>) -> Result<(u32, Wire<'a>), ValueError> {
     let key = varint(bytes, pos, path)?;
     let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0 && *n < 1 << 29);

@@ -17,7 +17,9 @@
 
 use std::sync::Arc;
 
-use super::{At, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key};
+use super::{
+    At, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key, write_len,
+};
 use crate::error::{PolicyError, ValueError};
 use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
 use crate::policy::{Rule, Undeclared};
@@ -59,6 +61,9 @@ enum Kind {
     Inspect(Inspect),
     /// A message (singular or repeated) whose fields are walked.
     Walk(MessageStep),
+    /// A protected singular scalar: its value alone converted to Avro, run by this step of the Avro program, and
+    /// written back (the common case of `Convert`, without a field's framing on either side).
+    Protect(Step),
     /// Converted to Avro, run by this step of the Avro program, and written back.
     Convert(Step),
 }
@@ -90,7 +95,7 @@ impl MessageStep {
             let kind = kind(field, &sanitized.fields[index], step, &field_path)?;
             let watched = match field.label {
                 Label::Required => true,
-                Label::Implicit => matches!(kind, Kind::Convert(_)),
+                Label::Implicit => matches!(kind, Kind::Convert(_) | Kind::Protect(_)),
                 _ => false,
             };
             fields.push(FieldStep {
@@ -138,6 +143,11 @@ fn field_step(step: &Step, index: usize) -> Result<Step, PolicyError> {
 
 fn kind(field: &Field, sanitized: &Field, step: Step, path: &str) -> Result<Kind, PolicyError> {
     Ok(match (&field.ty, step) {
+        (Type::Scalar(_) | Type::Enum(_), Step::Protect(protect))
+            if matches!(field.label, Label::Implicit | Label::Required) =>
+        {
+            Kind::Protect(Step::Protect(protect))
+        }
         (_, Step::Protect(protect)) => Kind::Convert(Step::Protect(protect)),
         (Type::Message(inner), step) if !matches!(field.label, Label::Map(_)) => {
             let Type::Message(sanitized_inner) = &sanitized.ty else {
@@ -254,6 +264,11 @@ impl Walker<'_> {
                     self.nested(inner, run, out)?;
                     copy_from = pos;
                 }
+                Kind::Protect(avro) => {
+                    out.extend_from_slice(&bytes[copy_from..start]);
+                    self.protect(field, &step.sanitized.fields[index], avro, value, at, out)?;
+                    copy_from = pos;
+                }
                 Kind::Convert(avro) => {
                     out.extend_from_slice(&bytes[copy_from..start]);
                     self.convert(field, &step.sanitized.fields[index], avro, Some(value), &step.path, out)?;
@@ -268,7 +283,7 @@ impl Walker<'_> {
             }
             let field = &step.writer.fields[index];
             match &step.fields[index].kind {
-                Kind::Convert(avro) => {
+                Kind::Convert(avro) | Kind::Protect(avro) => {
                     self.convert(field, &step.sanitized.fields[index], avro, None, &step.path, out)?
                 }
                 _ => {
@@ -297,6 +312,45 @@ impl Walker<'_> {
             out.splice(at..=at, prefix);
         }
         Ok(())
+    }
+
+    /// One value of a protected singular scalar, through the Avro program.
+    fn protect(
+        &mut self,
+        field: &Field,
+        sanitized: &Field,
+        step: &Step,
+        value: Wire<'_>,
+        at: At<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
+        let mut avro = std::mem::take(&mut self.scratch.field_avro);
+        let mut sanitized_avro = std::mem::take(&mut self.scratch.field_sanitized);
+        avro.clear();
+        sanitized_avro.clear();
+        let result = Reader::new(self.undeclared, 0)
+            .value(&field.ty, value, at, &mut avro)
+            .and_then(|()| run_step(step, &avro, self.keys, self.scratch, self.rules, &mut sanitized_avro))
+            .and_then(|()| {
+                let mut input = Input::new(&sanitized_avro);
+                match sanitized.ty.scalar() {
+                    // What the actions make (the redacted zero of a string too): text the transcoder wrote, or bytes.
+                    Some(Scalar::String | Scalar::Bytes) => {
+                        let run = input.read_bytes()?;
+                        if !(run.is_empty() && field.label == Label::Implicit) {
+                            write_len(field.number, run, out);
+                        }
+                    }
+                    _ => write_field(sanitized, &mut input, at.parent, out)?,
+                }
+                if input.remaining() != 0 {
+                    return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
+                }
+                Ok(())
+            });
+        self.scratch.field_avro = avro;
+        self.scratch.field_sanitized = sanitized_avro;
+        result
     }
 
     /// One occurrence of a field that changes (`None`: an absent field's zero), through the Avro program.
