@@ -382,8 +382,42 @@ impl FileResolver for Sources {
                 None => return Err(protox::Error::file_not_found(name)),
             },
         };
-        File::from_source(name, text)
+        match encoded_descriptor(text) {
+            Some(encoded) => file_from_descriptor(name, encoded),
+            None => File::from_source(name, text),
+        }
     }
+}
+
+/// The bytes of a schema registered as a base64 `FileDescriptorProto` (some clients register that form instead of
+/// `.proto` text): `None` for text.
+fn encoded_descriptor(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let text = text.trim();
+    let alphabet = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+    if text.is_empty() || !text.bytes().all(alphabet) {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// A file compiled from its encoded descriptor (its options' extensions, piiwall's and Confluent's annotations,
+/// are kept), under the name it is imported by: a second `name` field is appended, and protobuf's last occurrence
+/// wins.
+fn file_from_descriptor(name: &str, mut encoded: Vec<u8>) -> Result<File, protox::Error> {
+    encoded.push(0x0a);
+    let mut len = name.len();
+    while len >= 0x80 {
+        encoded.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    encoded.push(len as u8);
+    encoded.extend_from_slice(name.as_bytes());
+    File::decode_file_descriptor_proto(&encoded[..]).map_err(|_| {
+        protox::Error::new(format!(
+            "{name} is neither .proto text nor an encoded FileDescriptorProto (it reads as base64)"
+        ))
+    })
 }
 
 /// The message named `name` (else the first) and its message index path.
@@ -1130,6 +1164,40 @@ mod tests {
 
     fn writer(text: &str) -> Result<ProtoWriter, PolicyError> {
         compile_writer(text, &HashMap::new(), None)
+    }
+
+    /// Some clients register a schema as a base64 `FileDescriptorProto` instead of `.proto` text: read either way,
+    /// for the schema and for its references, with the same annotations.
+    #[test]
+    fn a_schema_registered_as_an_encoded_descriptor_reads_as_its_text() {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let text = r#"syntax = "proto3"; package shop; import "piiwall/pii.proto"; import "common/address.proto";
+            message Customer { string email = 1 [(piiwall.pii).action = "tokenize"]; common.Address home = 2; }"#;
+        let address = r#"syntax = "proto3"; package common; import "confluent/meta.proto";
+            message Address { string street = 1 [(confluent.field_meta).tags = "PII"]; string city = 2; }"#;
+        let references = HashMap::from([("common/address.proto".to_owned(), address.to_owned())]);
+        let pool = compile_pool(text, &references).unwrap();
+        // The root as a client registers it: under its own file name.
+        let mut root = pool.get_file_by_name(ROOT).unwrap().encode_to_vec();
+        root.extend_from_slice(&[0x0a, 14]);
+        root.extend_from_slice(b"customer.proto");
+        let encoded_address = pool.get_file_by_name("common/address.proto").unwrap().encode_to_vec();
+        let encoded_references = HashMap::from([("common/address.proto".to_owned(), b64(&encoded_address))]);
+        let expected = compile_writer(text, &references, None).unwrap().avro;
+        assert!(
+            expected.contains("tokenize") && expected.contains("\"PII\""),
+            "{expected}"
+        );
+        for (root, references) in [
+            (b64(&root), &references),
+            (text.to_owned(), &encoded_references),
+            (b64(&root), &encoded_references),
+        ] {
+            assert_eq!(compile_writer(&root, references, None).unwrap().avro, expected);
+        }
+        let refused = writer("AAAA").err().unwrap().to_string();
+        assert!(refused.contains("FileDescriptorProto"), "{refused}");
     }
 
     const CUSTOMER: &str = r#"
