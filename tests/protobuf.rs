@@ -634,3 +634,94 @@ fn a_nested_message_that_grows_gets_a_longer_length() {
     let token = contact.get_field_by_name("street").unwrap();
     assert!(token.as_str().unwrap().starts_with("pwt1."), "{token:?}");
 }
+
+/// Occurrences of a singular message merge, in the output as in the input: a protected field of the first is not
+/// overridden by the zero of a later one that leaves it out.
+#[test]
+fn occurrences_of_a_message_merge_in_the_output_as_in_the_input() {
+    let f = &*PROTECTED_FIXTURE;
+    // contact { street = "1 Main" }, then contact { city = "Paris" }.
+    let bytes = [&[0x42, 8, 0x12, 6][..], b"1 Main", &[0x42, 7, 0x1a, 5], b"Paris"].concat();
+    let direct = decoded_field(f, &stream_path(f, &bytes).unwrap(), "contact");
+    let converted = decoded_field(f, &converted_path(f, &bytes).unwrap(), "contact");
+    assert_eq!(direct, converted);
+    let street = direct.as_message().unwrap().get_field_by_name("street").unwrap();
+    let alone = stream_path(f, &[&[0x42, 8, 0x12, 6][..], b"1 Main"].concat()).unwrap();
+    let alone = decoded_field(f, &alone, "contact");
+    assert_eq!(street, alone.as_message().unwrap().get_field_by_name("street").unwrap());
+}
+
+const ORDER: &str = r#"
+syntax = "proto3";
+package shop;
+import "piiwall/pii.proto";
+message Order {
+  option (piiwall.subject) = "customer.id";
+  Customer customer = 1;
+  string note = 2;
+  message Customer { int64 id = 1; string email = 2 [(piiwall.pii).action = "tokenize"]; }
+}
+"#;
+
+/// The subject the keys are chosen for is the subject a reader of the output sees: occurrences of the message that
+/// holds it merge, so a later occurrence without the id does not make the subject 0 (sealing the record under
+/// another subject's key, beyond the reach of a forget of the real one).
+#[test]
+fn the_subject_of_merged_occurrences_is_the_one_a_reader_sees() {
+    let f = fixture(ORDER, "shop.Order", "shop.Order", Untagged::Block);
+    let framed = |bytes: &[u8]| [&[0u8][..], bytes].concat();
+    // customer { id = 5, email = "a@b.c" }, then customer { email = "c@d.e" }.
+    let bytes = [
+        &[0x0a, 9, 0x08, 5, 0x12, 5][..],
+        b"a@b.c",
+        &[0x0a, 7, 0x12, 5],
+        b"c@d.e",
+    ]
+    .concat();
+    assert_eq!(f.records.subject(&f.schema, &framed(&bytes)).as_deref(), Some("5"));
+    let direct = decoded_field(&f, &stream_path(&f, &bytes).unwrap(), "customer");
+    let converted = decoded_field(&f, &converted_path(&f, &bytes).unwrap(), "customer");
+    assert_eq!(direct, converted);
+    // Present without its id: 0, as proto3 reads it; absent: no subject.
+    assert_eq!(f.records.subject(&f.schema, &framed(&[0x0a, 0])).as_deref(), Some("0"));
+    assert_eq!(f.records.subject(&f.schema, &framed(&[0x12, 1, b'x'])), None);
+    // Set, then a later occurrence sets it again: the last wins.
+    let twice = [0x0a, 2, 0x08, 5, 0x0a, 2, 0x08, 7];
+    assert_eq!(f.records.subject(&f.schema, &framed(&twice)).as_deref(), Some("7"));
+}
+
+/// A record of many empty items of a message whose absent fields are each sanitized (a token per field per item)
+/// is refused by the direct transcoder too, rather than expanded.
+#[test]
+fn the_direct_transcoder_keeps_the_expansion_budget() {
+    let fields: String = (1..=200)
+        .map(|n| format!("string a{n} = {n} [(piiwall.pii).action = \"tokenize\"]; "))
+        .collect();
+    let text = format!(
+        "syntax = \"proto3\"; import \"piiwall/pii.proto\"; message R {{ repeated Item items = 1; }} \
+         message Item {{ {fields} }}"
+    );
+    let f = fixture(&text, "R", "R", Untagged::Block);
+    assert!(stream_path(&f, &[0x0a, 0x00].repeat(10)).is_ok());
+    let refused = stream_path(&f, &[0x0a, 0x00].repeat(100_000)).unwrap_err();
+    assert!(refused.contains("expands"), "{refused}");
+}
+
+/// A oneof member that is redacted still wins the oneof when it came last, as it did in the input: written as its
+/// zero, not left out (which would hand the oneof to the member before it).
+#[test]
+fn a_redacted_oneof_member_still_wins_its_oneof() {
+    let text = r#"syntax = "proto3"; import "piiwall/pii.proto";
+        message M { oneof contact { Note note = 1; string email = 2 [(piiwall.pii).action = "redact"]; }
+                    message Note { string text = 1; } }"#;
+    let f = fixture(text, "M", "M", Untagged::Block);
+    // note { text = "hi" }, then email = "a@b.c".
+    let bytes = [&[0x0a, 4, 0x0a, 2, b'h', b'i', 0x12, 5][..], b"a@b.c"].concat();
+    let input = DynamicMessage::decode(f.input.clone(), &bytes[..]).unwrap();
+    assert!(input.has_field_by_name("email") && !input.has_field_by_name("note"));
+    let out = stream_path(&f, &bytes).unwrap();
+    assert!(!out.windows(5).any(|w| w == b"a@b.c"));
+    let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
+    assert!(!decoded.has_field_by_name("note"), "the note came before the email");
+    assert_eq!(decoded.get_field_by_name("email").unwrap().as_str(), Some(""));
+}

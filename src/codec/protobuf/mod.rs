@@ -124,14 +124,8 @@ impl ProtoRecords {
         let message = self.message_of(payload)?;
         let start = out.len();
         out.push(0);
-        let mut walker = transcode::Walker {
-            rules: &schema.plan.rules,
-            keys,
-            scratch,
-            undeclared: self.undeclared,
-            dropped: 0,
-        };
-        match walker.message(program, message, out) {
+        let mut walker = transcode::Walker::new(&schema.plan.rules, keys, scratch, self.undeclared, message.len());
+        match walker.message(program, message, true, out) {
             Ok(()) => Ok(walker.dropped),
             Err(e) => {
                 out.truncate(start);
@@ -182,50 +176,75 @@ impl ProtoRecords {
 }
 
 fn lenient_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<String> {
+    match last_subject(message, steps, bytes)? {
+        Subject::Absent => None,
+        Subject::Unwritten { zero } => zero.then(|| "0".to_owned()),
+        Subject::Written(subject) => subject,
+    }
+}
+
+/// What the occurrences of a message say of the subject field at a path below it, merged as protobuf merges them.
+enum Subject {
+    /// A message on the way is absent: no subject.
+    Absent,
+    /// The subject field's message is there, the field is not: its zero, which names a subject when the field is
+    /// a proto3 integer (`0`; an absent string is empty, no subject).
+    Unwritten { zero: bool },
+    /// The field's last occurrence: a non-empty string or an integer in decimal, else no subject.
+    Written(Option<String>),
+}
+
+/// The subject at `steps` below one occurrence of `message` (`None`: the path is not in the schema).
+fn last_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<Subject> {
     let (name, rest) = steps.split_first()?;
     let field = message.fields.iter().find(|f| f.name == *name)?;
     let nowhere = At { parent: "", name: "" };
-    let mut found = None;
-    let mut seen = false;
+    // Before its first occurrence: the field unwritten, or the message it leads into absent.
+    let unset = || match rest.is_empty() {
+        true => Subject::Unwritten {
+            zero: field.label == Label::Implicit
+                && field.ty.scalar().is_some_and(|s| {
+                    !matches!(
+                        s,
+                        Scalar::String | Scalar::Bytes | Scalar::Bool | Scalar::Double | Scalar::Float
+                    )
+                }),
+        },
+        false => Subject::Absent,
+    };
+    let mut found = unset();
     let mut pos = 0;
     while pos < bytes.len() {
         let Ok((number, value)) = next_field(bytes, &mut pos, nowhere) else {
             break;
         };
         if number != field.number {
-            // A later member of the subject field's oneof unsets it.
+            // A later member of the subject field's oneof unsets it (and what it held).
             if field.oneof.is_some()
                 && let Some(&index) = message.by_number.get(&number)
                 && message.fields[index].oneof == field.oneof
             {
-                found = None;
+                found = unset();
             }
             continue;
         }
-        seen = true;
         match (&field.ty, rest.is_empty(), value) {
-            // Occurrences of a message merge: a later one overrides the subject only where it holds it.
-            (Type::Message(inner), false, Wire::Len(run)) => {
-                if let Some(subject) = lenient_subject(inner, rest, run) {
-                    found = Some(subject);
+            // Occurrences of a message merge: a later one overrides the subject only where it writes it, and makes
+            // the message present where it was absent.
+            (Type::Message(inner), false, Wire::Len(run)) => match last_subject(inner, rest, run)? {
+                written @ Subject::Written(_) => found = written,
+                unwritten @ Subject::Unwritten { .. } => {
+                    if matches!(found, Subject::Absent) {
+                        found = unwritten;
+                    }
                 }
-            }
-            (ty, true, value) => found = subject_text(ty, value),
+                Subject::Absent => {}
+            },
+            (ty, true, value) => found = Subject::Written(subject_text(ty, value)),
             _ => return None,
         }
     }
-    // An absent proto3 integer reads as 0, as the strict reader reads it (an absent string is empty: no subject).
-    let zero = field.label == Label::Implicit
-        && field.ty.scalar().is_some_and(|s| {
-            !matches!(
-                s,
-                Scalar::String | Scalar::Bytes | Scalar::Bool | Scalar::Double | Scalar::Float
-            )
-        });
-    if found.is_none() && rest.is_empty() && zero && !seen {
-        return Some("0".to_owned());
-    }
-    found
+    Some(found)
 }
 
 /// A subject field's value as the transcoder reads it: a non-empty string, or an integer in decimal.
@@ -375,6 +394,10 @@ struct Reader {
     visits_left: usize,
 }
 
+/// Why a record that expands beyond its budget is refused.
+const EXPANDS: &str =
+    "the record expands to far more fields than its size allows (empty repeated items of large messages)";
+
 /// The reader's budget of fields written: this many, plus [`VISITS_PER_BYTE`] per byte of the record.
 const MIN_FIELD_VISITS: usize = 10_000;
 const VISITS_PER_BYTE: usize = 8;
@@ -421,12 +444,10 @@ impl Reader {
                 }
             }
         }
-        self.visits_left = self.visits_left.checked_sub(message.fields.len()).ok_or_else(|| {
-            ValueError::new(
-                path,
-                "the record expands to far more fields than its size allows (empty repeated items of large messages)",
-            )
-        })?;
+        self.visits_left = self
+            .visits_left
+            .checked_sub(message.fields.len())
+            .ok_or_else(|| ValueError::new(path, EXPANDS))?;
         // Of a oneof's members, only the last on the wire is set: the others read as absent, as protobuf reads them.
         if found.iter().any(|(i, _)| message.fields[*i].oneof.is_some()) {
             let mut winners: Vec<(&str, usize)> = Vec::new();

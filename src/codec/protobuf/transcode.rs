@@ -18,7 +18,8 @@
 use std::sync::Arc;
 
 use super::{
-    At, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key, write_len,
+    At, EXPANDS, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key,
+    write_len,
 };
 use crate::error::{PolicyError, ValueError};
 use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
@@ -208,21 +209,62 @@ impl Seen {
 
 /// One record's walk.
 pub(crate) struct Walker<'a> {
-    pub(crate) rules: &'a [Rule],
-    pub(crate) keys: &'a RecordKeys,
-    pub(crate) scratch: &'a mut TranscodeScratch,
-    pub(crate) undeclared: Undeclared,
+    rules: &'a [Rule],
+    keys: &'a RecordKeys,
+    scratch: &'a mut TranscodeScratch,
+    undeclared: Undeclared,
     /// Undeclared fields dropped so far.
     pub(crate) dropped: usize,
+    /// What the record may still make the walker do, as the reader's budget (see `Reader`): a message occurrence
+    /// and each zero it writes count one, as does each field a conversion visits.
+    visits_left: usize,
+    /// The repeated item being walked (0: none), the items numbered as they come.
+    item: usize,
+    items: usize,
+    /// The singular messages, by step and repeated item, whose first occurrence has been walked.
+    walked: Vec<(usize, usize)>,
 }
 
-impl Walker<'_> {
-    /// Appends the sanitized form of a message's bytes.
-    pub(crate) fn message(&mut self, step: &MessageStep, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+impl<'a> Walker<'a> {
+    /// The walk of a record of `size` bytes.
+    pub(crate) fn new(
+        rules: &'a [Rule],
+        keys: &'a RecordKeys,
+        scratch: &'a mut TranscodeScratch,
+        undeclared: Undeclared,
+        size: usize,
+    ) -> Self {
+        Self {
+            rules,
+            keys,
+            scratch,
+            undeclared,
+            dropped: 0,
+            visits_left: Reader::new(undeclared, size).visits_left,
+            item: 0,
+            items: 0,
+            walked: Vec::new(),
+        }
+    }
+
+    /// Appends the sanitized form of a message's bytes. `first`: whether this is the first of the occurrences that
+    /// merge into one message, which alone writes the zeros of the absent fields that change and must hold the
+    /// required ones (a later occurrence's values override those zeros, as protobuf merges them).
+    pub(crate) fn message(
+        &mut self,
+        step: &MessageStep,
+        bytes: &[u8],
+        first: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
         let here = At {
             parent: &step.path,
             name: "",
         };
+        self.visits_left = self
+            .visits_left
+            .checked_sub(1 + if first { step.watch.len() } else { 0 })
+            .ok_or_else(|| ValueError::new(&step.path, EXPANDS))?;
         let mut seen = Seen::new(step.watch.len());
         let (mut pos, mut copy_from) = (0, 0);
         while pos < bytes.len() {
@@ -261,7 +303,17 @@ impl Walker<'_> {
                     };
                     out.extend_from_slice(&bytes[copy_from..start]);
                     write_key(field.number, LEN, out);
-                    self.nested(inner, run, out)?;
+                    if field.label == Label::Repeated {
+                        // Each item is a message of its own.
+                        let outer = self.item;
+                        self.items += 1;
+                        self.item = self.items;
+                        self.nested(inner, run, true, out)?;
+                        self.item = outer;
+                    } else {
+                        let first = inner.watch.is_empty() || self.first_occurrence(inner);
+                        self.nested(inner, run, first, out)?;
+                    }
                     copy_from = pos;
                 }
                 Kind::Protect(avro) => {
@@ -278,7 +330,7 @@ impl Walker<'_> {
         }
         out.extend_from_slice(&bytes[copy_from..]);
         for (place, &index) in step.watch.iter().enumerate() {
-            if seen.contains(place) {
+            if seen.contains(place) || !first {
                 continue;
             }
             let field = &step.writer.fields[index];
@@ -298,11 +350,21 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// Whether this is the first occurrence of a singular message within the repeated item it is in.
+    fn first_occurrence(&mut self, step: &MessageStep) -> bool {
+        let key = (std::ptr::from_ref(step) as usize, self.item);
+        if self.walked.contains(&key) {
+            return false;
+        }
+        self.walked.push(key);
+        true
+    }
+
     /// A nested message's sanitized bytes with their length before them (its key is written).
-    fn nested(&mut self, step: &MessageStep, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+    fn nested(&mut self, step: &MessageStep, bytes: &[u8], first: bool, out: &mut Vec<u8>) -> Result<(), ValueError> {
         let at = out.len();
         out.push(0);
-        self.message(step, bytes, out)?;
+        self.message(step, bytes, first, out)?;
         let len = out.len() - at - 1;
         if len < 0x80 {
             out[at] = len as u8;
@@ -398,27 +460,45 @@ impl Walker<'_> {
             parent,
             name: &field.name,
         };
-        let size = match value {
-            Some(Wire::Len(run)) => run.len(),
-            _ => 0,
+        let mut reader = Reader {
+            visits_left: self.visits_left,
+            ..Reader::new(self.undeclared, 0)
         };
-        let mut reader = Reader::new(self.undeclared, size);
         let occurrence = value.map(|value| [(0, value)]);
-        reader.field(
+        let read = reader.field(
             field.label,
             &field.ty,
             occurrence.as_ref().map_or(&[], |o| &o[..]),
             at,
             avro,
-        )?;
+        );
+        self.visits_left = reader.visits_left;
         self.dropped += reader.dropped;
+        read?;
         run_step(step, avro, self.keys, self.scratch, self.rules, sanitized_avro)?;
         let mut input = Input::new(sanitized_avro);
+        let written = out.len();
         write_field(sanitized, &mut input, parent, out)?;
         if input.remaining() != 0 {
             return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
         }
+        // A oneof member that wins on the wire but is redacted away is written as its zero: left out, it would hand
+        // the oneof to a member before it.
+        if value.is_some() && field.oneof.is_some() && out.len() == written {
+            write_zero(sanitized, out);
+        }
         Ok(())
+    }
+}
+
+/// A field present with its type's zero (the empty string, bytes or message; 0; false).
+fn write_zero(field: &Field, out: &mut Vec<u8>) {
+    let wire_type = field.ty.scalar().map_or(LEN, wire_type_of);
+    write_key(field.number, wire_type, out);
+    match wire_type {
+        super::I64 => out.extend_from_slice(&[0; 8]),
+        super::I32 => out.extend_from_slice(&[0; 4]),
+        _ => out.push(0),
     }
 }
 
