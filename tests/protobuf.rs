@@ -280,7 +280,9 @@ fn shuffled(message: &DynamicMessage, seed: u64, repeats: &[usize]) -> Vec<u8> {
     chunks.concat()
 }
 
-/// A message with each ciphertext (`pwe2.…`) cut down to its prefix, at any depth.
+/// A message with each ciphertext (`pwe2.…`) cut down to its prefix, at any depth, and each field without presence
+/// that holds its zero cleared (proto3 reads a zero written and a zero left out alike; piiwall writes a protected
+/// field's zero so that an earlier occurrence cannot win).
 fn without_ciphertexts(message: &DynamicMessage) -> DynamicMessage {
     fn value(v: &mut Value) {
         match v {
@@ -294,6 +296,11 @@ fn without_ciphertexts(message: &DynamicMessage) -> DynamicMessage {
     let mut out = message.clone();
     for (_, v) in out.fields_mut() {
         value(v);
+    }
+    for field in message.descriptor().fields() {
+        if !field.supports_presence() && out.get_field(&field).as_ref() == &field.default_value() {
+            out.clear_field(&field);
+        }
     }
     out
 }
@@ -526,14 +533,17 @@ fn a_record_that_expands_beyond_its_budget_is_refused() {
 #[test]
 fn a_malformed_record_still_names_its_subject() {
     let f = &*PROTECTED_FIXTURE;
-    // id = "cus-1", id = "cus-9" (the last wins), then a string field cut short.
+    // id = "cus-9" twice (the last wins: the same), then a string field cut short.
     let mut bytes = vec![0u8, 0x0a, 5];
-    bytes.extend_from_slice(b"cus-1");
+    bytes.extend_from_slice(b"cus-9");
     bytes.extend_from_slice(&[0x0a, 5]);
     bytes.extend_from_slice(b"cus-9");
     bytes.extend_from_slice(&[0x12, 40, b'a']);
     assert!(f.records.read(&f.schema, &bytes).is_err());
     assert_eq!(f.records.subject(&f.schema, &bytes).as_deref(), Some("cus-9"));
+    // Two different ids: no one subject to seal the copy under.
+    let two = [&[0u8, 0x0a, 5][..], b"cus-1", &[0x0a, 5], b"cus-9"].concat();
+    assert_eq!(f.records.subject(&f.schema, &two), None);
     assert_eq!(
         f.records.subject(&f.schema, &[0u8, 0x12, 1, b'x']),
         None,
@@ -685,9 +695,10 @@ fn the_subject_of_merged_occurrences_is_the_one_a_reader_sees() {
     // Present without its id: 0, as proto3 reads it; absent: no subject.
     assert_eq!(f.records.subject(&f.schema, &framed(&[0x0a, 0])).as_deref(), Some("0"));
     assert_eq!(f.records.subject(&f.schema, &framed(&[0x12, 1, b'x'])), None);
-    // Set, then a later occurrence sets it again: the last wins.
+    // Set, then a later occurrence sets it to another id: two subjects, none named (see
+    // `a_record_naming_two_subjects_is_refused`).
     let twice = [0x0a, 2, 0x08, 5, 0x0a, 2, 0x08, 7];
-    assert_eq!(f.records.subject(&f.schema, &framed(&twice)).as_deref(), Some("7"));
+    assert_eq!(f.records.subject(&f.schema, &framed(&twice)), None);
 }
 
 /// A record of many empty items of a message whose absent fields are each sanitized (a token per field per item)
@@ -724,4 +735,65 @@ fn a_redacted_oneof_member_still_wins_its_oneof() {
     let decoded = DynamicMessage::decode(f.output.clone(), &out[..]).unwrap();
     assert!(!decoded.has_field_by_name("note"), "the note came before the email");
     assert_eq!(decoded.get_field_by_name("email").unwrap().as_str(), Some(""));
+}
+
+/// An occurrence of a protected field whose sanitized form is its zero (the mask of an empty string) is written
+/// all the same: left out, the earlier occurrence's mask would win, where the input's last value is empty.
+#[test]
+fn a_later_empty_occurrence_still_wins() {
+    let f = &*PROTECTED_FIXTURE;
+    // card (field 5, masked keeping 4): "4111111111111111", then "".
+    let bytes = [&[0x2a, 16][..], b"4111111111111111", &[0x2a, 0]].concat();
+    let out = stream_path(f, &bytes).unwrap();
+    assert_eq!(decoded_field(f, &out, "card").as_str(), Some(""));
+}
+
+const ORDER_ONEOF: &str = r#"
+syntax = "proto3";
+package shop;
+import "piiwall/pii.proto";
+message Order {
+  option (piiwall.subject) = "customer.id";
+  oneof party { Customer customer = 1; string note = 2; }
+  message Customer { int64 id = 1; string email = 2 [(piiwall.pii).action = "tokenize"]; }
+}
+"#;
+
+/// A record that names two subjects (its subject field written twice with different ids, or unset by a oneof after
+/// it was named) is refused for the transcoder, to be quarantined: every occurrence is sanitized in place, so the
+/// first subject's values would stay in the output under the second's keys (or the domain's), beyond a forget of
+/// the first. The lenient reader (which seals a quarantined copy) names no subject for it.
+#[test]
+fn a_record_naming_two_subjects_is_refused() {
+    let framed = |bytes: &[u8]| [&[0u8][..], bytes].concat();
+    let order = fixture(ORDER, "shop.Order", "shop.Order", Untagged::Block);
+    let Records::Protobuf(proto) = &order.records else {
+        panic!("protobuf records")
+    };
+    let two = framed(&[0x0a, 2, 0x08, 5, 0x0a, 2, 0x08, 7]);
+    let refused = proto.strict_subject("customer.id", &two).unwrap_err().to_string();
+    assert!(
+        refused.contains("more than once") && !refused.contains('5') && !refused.contains('7'),
+        "{refused}"
+    );
+    assert_eq!(order.records.subject(&order.schema, &two), None);
+    let same = framed(&[0x0a, 2, 0x08, 5, 0x0a, 2, 0x08, 5]);
+    assert_eq!(
+        proto.strict_subject("customer.id", &same).unwrap().as_deref(),
+        Some("5")
+    );
+
+    let oneof = fixture(ORDER_ONEOF, "shop.Order", "shop.Order", Untagged::Block);
+    let Records::Protobuf(proto) = &oneof.records else {
+        panic!("protobuf records")
+    };
+    // customer { id = 5, email = "a@b.c" }, then note = "" (which unsets the customer).
+    let unset = framed(&[&[0x0a, 9, 0x08, 5, 0x12, 5][..], b"a@b.c", &[0x12, 0]].concat());
+    assert!(proto.strict_subject("customer.id", &unset).is_err());
+    // note, then the customer: named once.
+    let named = framed(&[0x12, 0, 0x0a, 2, 0x08, 5]);
+    assert_eq!(
+        proto.strict_subject("customer.id", &named).unwrap().as_deref(),
+        Some("5")
+    );
 }

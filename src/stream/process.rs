@@ -194,8 +194,14 @@ impl Processor {
         };
         // Protobuf records are transcoded where they are; the others are read into Avro binary first.
         let (payload, subject) = match route.protobuf() {
-            Some(_) => {
-                let subject = route.records.as_ref().and_then(|r| r.subject(&route.schema, payload));
+            Some(proto) => {
+                let plan = &route.schema.plan;
+                let subject = match &plan.subject {
+                    Some(subject) => proto
+                        .strict_subject(&plan.rules[subject.rule].path, payload)
+                        .map_err(|e| poison(QuarantineClass::Record, e.to_string(), Some(schema_id)))?,
+                    None => None,
+                };
                 (Cow::Borrowed(payload), subject.map(Cow::Owned))
             }
             None => {

@@ -173,14 +173,37 @@ impl ProtoRecords {
         let steps: Vec<&str> = path.split('.').collect();
         lenient_subject(&self.writer, &steps, message)
     }
+
+    /// The data subject a record names at `path`, for the direct transcoder: as [`ProtoRecords::subject`] reads it,
+    /// but a record that names more than one subject (a subject field written twice with different ids, or unset
+    /// by a oneof after it was written) is refused, to be quarantined.
+    pub fn strict_subject(&self, path: &str, payload: &[u8]) -> Result<Option<String>, ValueError> {
+        let message = self.message_of(payload)?;
+        let steps: Vec<&str> = path.split('.').collect();
+        record_subject(&self.writer, &steps, message)
+    }
 }
 
 fn lenient_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<String> {
-    match last_subject(message, steps, bytes)? {
-        Subject::Absent => None,
-        Subject::Unwritten { zero } => zero.then(|| "0".to_owned()),
-        Subject::Written(subject) => subject,
-    }
+    record_subject(message, steps, bytes).ok().flatten()
+}
+
+/// The data subject of a record, as a reader of it sees it (its subject field's last occurrence, merged as
+/// protobuf merges messages), or an error when the record names more than one: the direct transcoder sanitizes
+/// every occurrence in place, so an overridden subject's values would stay in the output under the keys of another.
+fn record_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Result<Option<String>, ValueError> {
+    Ok(match last_subject(message, steps, bytes) {
+        None | Some(Subject::Absent) => None,
+        Some(Subject::Unwritten { zero }) => zero.then(|| "0".to_owned()),
+        Some(Subject::Written(subject)) => subject,
+        Some(Subject::Ambiguous) => {
+            return Err(ValueError::new(
+                &steps.join("."),
+                "the record names its data subject more than once, with different ids (or a oneof unsets it after \
+                 naming it): quarantined rather than sealed under one of them",
+            ));
+        }
+    })
 }
 
 /// What the occurrences of a message say of the subject field at a path below it, merged as protobuf merges them.
@@ -192,6 +215,23 @@ enum Subject {
     Unwritten { zero: bool },
     /// The field's last occurrence: a non-empty string or an integer in decimal, else no subject.
     Written(Option<String>),
+    /// A subject written, then another one (or none) in its place.
+    Ambiguous,
+}
+
+impl Subject {
+    /// What a later occurrence's subject makes of this one: a subject replaced by another is ambiguous.
+    fn then(self, later: Subject) -> Subject {
+        match (self, later) {
+            (Subject::Ambiguous, _) | (_, Subject::Ambiguous) => Subject::Ambiguous,
+            (Subject::Written(Some(earlier)), Subject::Written(now)) if now.as_ref() != Some(&earlier) => {
+                Subject::Ambiguous
+            }
+            (_, written @ Subject::Written(_)) => written,
+            (Subject::Absent, unwritten @ Subject::Unwritten { .. }) => unwritten,
+            (earlier, _) => earlier,
+        }
+    }
 }
 
 /// The subject at `steps` below one occurrence of `message` (`None`: the path is not in the schema).
@@ -224,23 +264,18 @@ fn last_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<Subje
                 && let Some(&index) = message.by_number.get(&number)
                 && message.fields[index].oneof == field.oneof
             {
-                found = unset();
+                found = match found {
+                    Subject::Written(Some(_)) | Subject::Ambiguous => Subject::Ambiguous,
+                    _ => unset(),
+                };
             }
             continue;
         }
         match (&field.ty, rest.is_empty(), value) {
             // Occurrences of a message merge: a later one overrides the subject only where it writes it, and makes
             // the message present where it was absent.
-            (Type::Message(inner), false, Wire::Len(run)) => match last_subject(inner, rest, run)? {
-                written @ Subject::Written(_) => found = written,
-                unwritten @ Subject::Unwritten { .. } => {
-                    if matches!(found, Subject::Absent) {
-                        found = unwritten;
-                    }
-                }
-                Subject::Absent => {}
-            },
-            (ty, true, value) => found = Subject::Written(subject_text(ty, value)),
+            (Type::Message(inner), false, Wire::Len(run)) => found = found.then(last_subject(inner, rest, run)?),
+            (ty, true, value) => found = found.then(Subject::Written(subject_text(ty, value))),
             _ => return None,
         }
     }

@@ -265,7 +265,8 @@ impl<'a> Walker<'a> {
             .visits_left
             .checked_sub(1 + if first { step.watch.len() } else { 0 })
             .ok_or_else(|| ValueError::new(&step.path, EXPANDS))?;
-        let mut seen = Seen::new(step.watch.len());
+        // Only a first occurrence looks at which fields it lacks.
+        let mut seen = first.then(|| Seen::new(step.watch.len()));
         let (mut pos, mut copy_from) = (0, 0);
         while pos < bytes.len() {
             let start = pos;
@@ -288,7 +289,7 @@ impl<'a> Walker<'a> {
                 name: &field.name,
             };
             let field_step = &step.fields[index];
-            if let Some(place) = field_step.watch {
+            if let (Some(seen), Some(place)) = (&mut seen, field_step.watch) {
                 seen.insert(place);
             }
             match &field_step.kind {
@@ -304,12 +305,13 @@ impl<'a> Walker<'a> {
                     out.extend_from_slice(&bytes[copy_from..start]);
                     write_key(field.number, LEN, out);
                     if field.label == Label::Repeated {
-                        // Each item is a message of its own.
-                        let outer = self.item;
+                        // Each item is a message of its own; what was walked in it is of no further use.
+                        let (outer, walked) = (self.item, self.walked.len());
                         self.items += 1;
                         self.item = self.items;
                         self.nested(inner, run, true, out)?;
                         self.item = outer;
+                        self.walked.truncate(walked);
                     } else {
                         let first = inner.watch.is_empty() || self.first_occurrence(inner);
                         self.nested(inner, run, first, out)?;
@@ -329,8 +331,11 @@ impl<'a> Walker<'a> {
             }
         }
         out.extend_from_slice(&bytes[copy_from..]);
+        let Some(seen) = seen else {
+            return Ok(());
+        };
         for (place, &index) in step.watch.iter().enumerate() {
-            if seen.contains(place) || !first {
+            if seen.contains(place) {
                 continue;
             }
             let field = &step.writer.fields[index];
@@ -395,15 +400,18 @@ impl<'a> Walker<'a> {
             .and_then(|()| run_step(step, &avro, self.keys, self.scratch, self.rules, &mut sanitized_avro))
             .and_then(|()| {
                 let mut input = Input::new(&sanitized_avro);
+                // Written even when it is its zero (an empty mask, a redacted value): left out, it would let an
+                // earlier occurrence of the field win instead.
                 match sanitized.ty.scalar() {
                     // What the actions make (the redacted zero of a string too): text the transcoder wrote, or bytes.
-                    Some(Scalar::String | Scalar::Bytes) => {
-                        let run = input.read_bytes()?;
-                        if !(run.is_empty() && field.label == Label::Implicit) {
-                            write_len(field.number, run, out);
+                    Some(Scalar::String | Scalar::Bytes) => write_len(field.number, input.read_bytes()?, out),
+                    _ => {
+                        let written = out.len();
+                        write_field(sanitized, &mut input, at.parent, out)?;
+                        if out.len() == written {
+                            write_zero(sanitized, out);
                         }
                     }
-                    _ => write_field(sanitized, &mut input, at.parent, out)?,
                 }
                 if input.remaining() != 0 {
                     return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
@@ -482,9 +490,10 @@ impl<'a> Walker<'a> {
         if input.remaining() != 0 {
             return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
         }
-        // A oneof member that wins on the wire but is redacted away is written as its zero: left out, it would hand
-        // the oneof to a member before it.
-        if value.is_some() && field.oneof.is_some() && out.len() == written {
+        // An occurrence of a singular field that comes out as nothing (an empty mask or detection, a redacted oneof
+        // member) is written as its zero: left out, it would let an earlier occurrence win, or hand the oneof to a
+        // member before it.
+        if value.is_some() && (field.label == Label::Implicit || field.oneof.is_some()) && out.len() == written {
             write_zero(sanitized, out);
         }
         Ok(())
@@ -570,7 +579,40 @@ fn check_packed(scalar: Scalar, run: &[u8], at: At<'_>) -> Result<(), ValueError
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::policy::{PolicySettings, Untagged, compile_protobuf};
+    use crate::transcode::Transcoder;
+
+    /// The first occurrences a repeated item's walk records are dropped after it: kept, every item's lookup would
+    /// scan every earlier item's (a record of many small items would take quadratic time).
+    #[test]
+    fn what_a_repeated_item_walks_is_forgotten_after_it() {
+        let text = "syntax = \"proto2\"; message R { repeated I items = 1; } message I { optional M m = 1; } \
+                    message M { required int32 r = 1; }";
+        let settings = PolicySettings {
+            untagged: Untagged::Pass,
+            ..PolicySettings::default()
+        };
+        let schema = compile_protobuf(text, &HashMap::new(), None, &settings).unwrap();
+        let proto = schema.protobuf().unwrap();
+        let transcoder = Transcoder::new(&schema).unwrap();
+        let program = MessageStep::new(&proto.writer, &proto.sanitized_message, transcoder.root(), "").unwrap();
+        let keys = RecordKeys {
+            record: None,
+            domain: None,
+            forgotten: false,
+        };
+        let mut scratch = TranscodeScratch::default();
+        // items { m { r: 0 } }, a thousand times.
+        let bytes = [0x0a, 4, 0x0a, 2, 0x08, 0].repeat(1000);
+        let mut walker = Walker::new(&schema.plan.rules, &keys, &mut scratch, Undeclared::Drop, bytes.len());
+        let mut out = Vec::new();
+        walker.message(&program, &bytes, true, &mut out).unwrap();
+        assert_eq!(out, bytes);
+        assert!(walker.walked.len() <= 1, "{} occurrences kept", walker.walked.len());
+    }
 
     #[test]
     fn seen_tracks_few_and_many_fields() {
