@@ -381,6 +381,22 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
+    /// Runs `f` with the scratch's two field buffers, emptied: taken out of the scratch for the while, since `f`
+    /// runs the Avro program with the rest of it.
+    fn with_buffers(
+        &mut self,
+        f: impl FnOnce(&mut Self, &mut Vec<u8>, &mut Vec<u8>) -> Result<(), ValueError>,
+    ) -> Result<(), ValueError> {
+        let mut avro = std::mem::take(&mut self.scratch.field_avro);
+        let mut sanitized = std::mem::take(&mut self.scratch.field_sanitized);
+        avro.clear();
+        sanitized.clear();
+        let result = f(self, &mut avro, &mut sanitized);
+        self.scratch.field_avro = avro;
+        self.scratch.field_sanitized = sanitized;
+        result
+    }
+
     /// One value of a protected singular scalar, through the Avro program.
     fn protect(
         &mut self,
@@ -391,36 +407,28 @@ impl<'a> Walker<'a> {
         at: At<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
-        let mut avro = std::mem::take(&mut self.scratch.field_avro);
-        let mut sanitized_avro = std::mem::take(&mut self.scratch.field_sanitized);
-        avro.clear();
-        sanitized_avro.clear();
-        let result = Reader::new(self.undeclared, 0)
-            .value(&field.ty, value, at, &mut avro)
-            .and_then(|()| run_step(step, &avro, self.keys, self.scratch, self.rules, &mut sanitized_avro))
-            .and_then(|()| {
-                let mut input = Input::new(&sanitized_avro);
-                // Written even when it is its zero (an empty mask, a redacted value): left out, it would let an
-                // earlier occurrence of the field win instead.
-                match sanitized.ty.scalar() {
-                    // What the actions make (the redacted zero of a string too): text the transcoder wrote, or bytes.
-                    Some(Scalar::String | Scalar::Bytes) => write_len(field.number, input.read_bytes()?, out),
-                    _ => {
-                        let written = out.len();
-                        write_field(sanitized, &mut input, at.parent, out)?;
-                        if out.len() == written {
-                            write_zero(sanitized, out);
-                        }
+        self.with_buffers(|walker, avro, sanitized_avro| {
+            Reader::new(walker.undeclared, 0).value(&field.ty, value, at, avro)?;
+            run_step(step, avro, walker.keys, walker.scratch, walker.rules, sanitized_avro)?;
+            let mut input = Input::new(sanitized_avro);
+            // Written even when it is its zero (an empty mask, a redacted value): left out, it would let an
+            // earlier occurrence of the field win instead.
+            match sanitized.ty.scalar() {
+                // What the actions make (the redacted zero of a string too): text the transcoder wrote, or bytes.
+                Some(Scalar::String | Scalar::Bytes) => write_len(field.number, input.read_bytes()?, out),
+                _ => {
+                    let written = out.len();
+                    write_field(sanitized, &mut input, at.parent, out)?;
+                    if out.len() == written {
+                        write_zero(sanitized, out);
                     }
                 }
-                if input.remaining() != 0 {
-                    return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
-                }
-                Ok(())
-            });
-        self.scratch.field_avro = avro;
-        self.scratch.field_sanitized = sanitized_avro;
-        result
+            }
+            if input.remaining() != 0 {
+                return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
+            }
+            Ok(())
+        })
     }
 
     /// One occurrence of a field that changes (`None`: an absent field's zero), through the Avro program.
@@ -433,70 +441,41 @@ impl<'a> Walker<'a> {
         parent: &str,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
-        let mut avro = std::mem::take(&mut self.scratch.field_avro);
-        let mut sanitized_avro = std::mem::take(&mut self.scratch.field_sanitized);
-        avro.clear();
-        sanitized_avro.clear();
-        let result = self.convert_with(
-            field,
-            sanitized,
-            step,
-            value,
-            parent,
-            &mut avro,
-            &mut sanitized_avro,
-            out,
-        );
-        self.scratch.field_avro = avro;
-        self.scratch.field_sanitized = sanitized_avro;
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn convert_with(
-        &mut self,
-        field: &Field,
-        sanitized: &Field,
-        step: &Step,
-        value: Option<Wire<'_>>,
-        parent: &str,
-        avro: &mut Vec<u8>,
-        sanitized_avro: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ValueError> {
-        let at = At {
-            parent,
-            name: &field.name,
-        };
-        let mut reader = Reader {
-            visits_left: self.visits_left,
-            ..Reader::new(self.undeclared, 0)
-        };
-        let occurrence = value.map(|value| [(0, value)]);
-        let read = reader.field(
-            field.label,
-            &field.ty,
-            occurrence.as_ref().map_or(&[], |o| &o[..]),
-            at,
-            avro,
-        );
-        self.visits_left = reader.visits_left;
-        self.dropped += reader.dropped;
-        read?;
-        run_step(step, avro, self.keys, self.scratch, self.rules, sanitized_avro)?;
-        let mut input = Input::new(sanitized_avro);
-        let written = out.len();
-        write_field(sanitized, &mut input, parent, out)?;
-        if input.remaining() != 0 {
-            return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
-        }
-        // An occurrence of a singular field that comes out as nothing (an empty mask or detection, a redacted oneof
-        // member) is written as its zero: left out, it would let an earlier occurrence win, or hand the oneof to a
-        // member before it.
-        if value.is_some() && (field.label == Label::Implicit || field.oneof.is_some()) && out.len() == written {
-            write_zero(sanitized, out);
-        }
-        Ok(())
+        self.with_buffers(|walker, avro, sanitized_avro| {
+            let at = At {
+                parent,
+                name: &field.name,
+            };
+            let mut reader = Reader {
+                visits_left: walker.visits_left,
+                ..Reader::new(walker.undeclared, 0)
+            };
+            let occurrence = value.map(|value| [(0, value)]);
+            let read = reader.field(
+                field.label,
+                &field.ty,
+                occurrence.as_ref().map_or(&[], |o| &o[..]),
+                at,
+                avro,
+            );
+            walker.visits_left = reader.visits_left;
+            walker.dropped += reader.dropped;
+            read?;
+            run_step(step, avro, walker.keys, walker.scratch, walker.rules, sanitized_avro)?;
+            let mut input = Input::new(sanitized_avro);
+            let written = out.len();
+            write_field(sanitized, &mut input, parent, out)?;
+            if input.remaining() != 0 {
+                return Err(ValueError::new(&at.full(), "the sanitized field has bytes left over"));
+            }
+            // An occurrence of a singular field that comes out as nothing (an empty mask or detection, a redacted
+            // oneof member) is written as its zero: left out, it would let an earlier occurrence win, or hand the
+            // oneof to a member before it.
+            if value.is_some() && (field.label == Label::Implicit || field.oneof.is_some()) && out.len() == written {
+                write_zero(sanitized, out);
+            }
+            Ok(())
+        })
     }
 }
 
