@@ -777,6 +777,13 @@ fn a_record_naming_two_subjects_is_refused() {
         "{refused}"
     );
     assert_eq!(order.records.subject(&order.schema, &two), None);
+    // The quarantine reads every subject it names (to keep nothing of a forgotten one), up to one past the limit.
+    assert_eq!(proto.subjects_named("customer.id", &two), ["5", "7"]);
+    let many: Vec<u8> = (1..=40u8).flat_map(|id| [0x0a, 2, 0x08, id]).collect();
+    assert_eq!(
+        proto.subjects_named("customer.id", &framed(&many)).len(),
+        piiwall::codec::protobuf::MAX_NAMED + 1
+    );
     let same = framed(&[0x0a, 2, 0x08, 5, 0x0a, 2, 0x08, 5]);
     assert_eq!(
         proto.strict_subject("customer.id", &same).unwrap().as_deref(),

@@ -10,7 +10,8 @@ use rdkafka::message::OwnedMessage;
 
 use super::framing;
 use super::routes::{Part, Route, Routes};
-use crate::codec::avro_payload;
+use crate::codec::protobuf::MAX_NAMED;
+use crate::codec::{Records, avro_payload};
 use crate::config::KeyAction;
 use crate::crypto::plain;
 use crate::error::{Error, ErrorKind};
@@ -381,20 +382,33 @@ impl Processor {
         schema_id: Option<u32>,
     ) -> Result<Outcome, Error> {
         let keyring = self.sanitizer.keyring();
-        let dek = match self.subject_of(message) {
-            Some(subject) => match keyring.subject_key(&subject)? {
+        let dropped = |why: &str| {
+            Ok(Outcome::Quarantine {
+                key: None,
+                value: Vec::new(),
+                reason: format!("{reason} (content dropped: {why})"),
+                class,
+                schema_id,
+            })
+        };
+        let dek = match self.subjects_of(message).as_slice() {
+            [] => keyring.quarantine_key()?,
+            [subject] => match keyring.subject_key(subject)? {
                 RecordKey::Active(dek) => dek,
-                RecordKey::Forgotten => {
-                    return Ok(Outcome::Quarantine {
-                        key: None,
-                        value: Vec::new(),
-                        reason: format!("{reason} (content dropped: the record's data subject is forgotten)"),
-                        class,
-                        schema_id,
-                    });
-                }
+                RecordKey::Forgotten => return dropped("the record's data subject is forgotten"),
             },
-            None => keyring.quarantine_key()?,
+            // A record naming several subjects (quarantined for that) can be sealed under none of their keys alone.
+            several if several.len() > MAX_NAMED => {
+                return dropped(&format!("the record names more than {MAX_NAMED} data subjects"));
+            }
+            several => {
+                for subject in several {
+                    if keyring.subject_status(subject)?.forgotten {
+                        return dropped("one of the data subjects the record names is forgotten");
+                    }
+                }
+                keyring.quarantine_key()?
+            }
         };
         use crate::policy::contexts;
         let bound = |part| contexts::quarantine(part, message.topic(), message.partition(), message.offset());
@@ -416,17 +430,28 @@ impl Processor {
         })
     }
 
-    /// The data subject of a record that could not be sanitized, when its schema is known and its bytes hold the
-    /// subject field (a record malformed after that field still names its subject).
-    fn subject_of(&self, message: &OwnedMessage) -> Option<String> {
-        let (id, payload) = self.routes.split(message.topic(), message.payload()?).ok()?;
-        let Route::Ready(route) = self.routes.get(message.topic(), id) else {
-            return None;
+    /// The data subjects of a record that could not be sanitized, when its schema is known and its bytes hold the
+    /// subject field (a record malformed after that field still names its subject): one, or for a protobuf record
+    /// that names several, each of them.
+    fn subjects_of(&self, message: &OwnedMessage) -> Vec<String> {
+        let Some(Ok((id, payload))) = message.payload().map(|v| self.routes.split(message.topic(), v)) else {
+            return Vec::new();
         };
-        match &route.records {
+        let Route::Ready(route) = self.routes.get(message.topic(), id) else {
+            return Vec::new();
+        };
+        let plan = &route.schema.plan;
+        match (&route.records, &plan.subject) {
+            (_, None) => Vec::new(),
+            (Some(Records::Protobuf(proto)), Some(subject)) => {
+                proto.subjects_named(&plan.rules[subject.rule].path, payload)
+            }
             // Read leniently: a record that cannot be converted whole still names its subject.
-            Some(records) => records.subject(&route.schema, payload),
-            None => route.transcoder.subject(payload).ok()?.map(|s| s.into_owned()),
+            (Some(records), Some(_)) => records.subject(&route.schema, payload).into_iter().collect(),
+            (None, Some(_)) => match route.transcoder.subject(payload) {
+                Ok(subject) => subject.map(|s| s.into_owned()).into_iter().collect(),
+                Err(_) => Vec::new(),
+            },
         }
     }
 }
@@ -754,6 +779,66 @@ mod tests {
             "no content of a forgotten subject is kept"
         );
         assert!(reason.contains("forgotten"), "{reason}");
+    }
+
+    /// A protobuf record that names two subjects is quarantined (sanitized in place, the first one's values would
+    /// stay under the second's keys); its copy is under neither subject's key alone, so once either is forgotten a
+    /// copy keeps no content.
+    #[test]
+    fn a_protobuf_record_naming_two_subjects_keeps_nothing_of_a_forgotten_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("r.proto"),
+            "syntax = \"proto3\"; import \"piiwall/pii.proto\";\n\
+             message R { option (piiwall.subject) = \"id\"; string id = 1; \
+             string email = 2 [(piiwall.pii).action = \"tokenize\"]; }\n",
+        )
+        .unwrap();
+        let mut processor = processor(dir.path(), "hash");
+        let config = Config::parse(
+            &format!(
+                "[[schemas.local]]\ntopic = \"p\"\nschema = \"{}\"\nid = 3\n",
+                dir.path().join("r.proto").display()
+            ),
+            [],
+            "test.toml",
+        )
+        .unwrap();
+        processor.routes = Arc::new(Routes::compile(&config).unwrap());
+        let record = |bytes: &[u8]| {
+            let mut value = Vec::new();
+            framing::write_header(3, &mut value);
+            value.push(0);
+            value.extend_from_slice(bytes);
+            OwnedMessage::new(Some(value), None, "p".into(), Timestamp::NotAvailable, 0, 5, None)
+        };
+        // id = "cus_a", email, id = "cus_b".
+        let two = record(&[&[0x0a, 5][..], b"cus_a", &[0x12, 5], b"a@b.c", &[0x0a, 5], b"cus_b"].concat());
+        let (_, value, reason) = quarantined(&processor, &two);
+        assert!(
+            reason.contains("more than once") && !reason.contains("cus_"),
+            "{reason}"
+        );
+        assert!(
+            !value.is_empty(),
+            "kept, under the day's key, while neither subject is forgotten"
+        );
+        processor.sanitizer.keyring().forget_subject("cus_a").unwrap();
+        let (key, value, reason) = quarantined(&processor, &two);
+        assert_eq!(
+            (key, value.len()),
+            (None, 0),
+            "no content of a forgotten subject is kept"
+        );
+        assert!(reason.contains("forgotten"), "{reason}");
+        // Named once, the record is sanitized.
+        let once = record(&[&[0x0a, 5][..], b"cus_b", &[0x12, 5], b"a@b.c"].concat());
+        assert!(matches!(
+            processor
+                .process(&once, None, &mut TranscodeScratch::default())
+                .unwrap(),
+            Outcome::Output { .. }
+        ));
     }
 
     /// A copy whose subject cannot be read is under the day's quarantine key, destroyed after the retention.

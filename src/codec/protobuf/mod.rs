@@ -174,6 +174,23 @@ impl ProtoRecords {
         lenient_subject(&self.writer, &steps, message)
     }
 
+    /// Every data subject a record names at `path`, read leniently: one, as [`ProtoRecords::subject`] reads it, or
+    /// each of the several a record that names more than one holds (at most [`MAX_NAMED`] + 1: more is reason
+    /// enough to keep none of its content). For the quarantine of a record that cannot be sanitized: nothing of a
+    /// forgotten subject may be kept.
+    pub fn subjects_named(&self, path: &str, payload: &[u8]) -> Vec<String> {
+        let Ok(message) = self.message_of(payload) else {
+            return Vec::new();
+        };
+        let steps: Vec<&str> = path.split('.').collect();
+        match last_subject(&self.writer, &steps, message) {
+            Some(Subject::Ambiguous(ids)) => ids,
+            Some(Subject::Unwritten { zero: true }) => vec!["0".to_owned()],
+            Some(Subject::Written(Some(subject))) => vec![subject],
+            _ => Vec::new(),
+        }
+    }
+
     /// The data subject a record names at `path`, for the direct transcoder: as [`ProtoRecords::subject`] reads it,
     /// but a record that names more than one subject (a subject field written twice with different ids, or unset
     /// by a oneof after it was written) is refused, to be quarantined.
@@ -196,7 +213,7 @@ fn record_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Result<Opt
         None | Some(Subject::Absent) => None,
         Some(Subject::Unwritten { zero }) => zero.then(|| "0".to_owned()),
         Some(Subject::Written(subject)) => subject,
-        Some(Subject::Ambiguous) => {
+        Some(Subject::Ambiguous(_)) => {
             return Err(ValueError::new(
                 &steps.join("."),
                 "the record names its data subject more than once, with different ids (or a oneof unsets it after \
@@ -215,21 +232,55 @@ enum Subject {
     Unwritten { zero: bool },
     /// The field's last occurrence: a non-empty string or an integer in decimal, else no subject.
     Written(Option<String>),
-    /// A subject written, then another one (or none) in its place.
-    Ambiguous,
+    /// A subject written, then another one (or none) in its place: the ids named, at most [`MAX_NAMED`] + 1.
+    Ambiguous(Vec<String>),
 }
+
+/// The subject ids a record naming several is read for (one more says there are more).
+pub const MAX_NAMED: usize = 16;
 
 impl Subject {
     /// What a later occurrence's subject makes of this one: a subject replaced by another is ambiguous.
     fn then(self, later: Subject) -> Subject {
         match (self, later) {
-            (Subject::Ambiguous, _) | (_, Subject::Ambiguous) => Subject::Ambiguous,
+            (Subject::Ambiguous(mut ids), later) => {
+                add_ids(&mut ids, later.ids());
+                Subject::Ambiguous(ids)
+            }
+            (earlier, Subject::Ambiguous(later)) => {
+                let mut ids = earlier.ids();
+                add_ids(&mut ids, later);
+                Subject::Ambiguous(ids)
+            }
             (Subject::Written(Some(earlier)), Subject::Written(now)) if now.as_ref() != Some(&earlier) => {
-                Subject::Ambiguous
+                let mut ids = vec![earlier];
+                add_ids(&mut ids, now.into_iter().collect());
+                Subject::Ambiguous(ids)
             }
             (_, written @ Subject::Written(_)) => written,
             (Subject::Absent, unwritten @ Subject::Unwritten { .. }) => unwritten,
             (earlier, _) => earlier,
+        }
+    }
+
+    /// The subject ids written.
+    fn ids(self) -> Vec<String> {
+        match self {
+            Subject::Written(Some(subject)) => vec![subject],
+            Subject::Ambiguous(ids) => ids,
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Adds the ids not there yet, up to one more than [`MAX_NAMED`].
+fn add_ids(ids: &mut Vec<String>, more: Vec<String>) {
+    for id in more {
+        if ids.len() > MAX_NAMED {
+            return;
+        }
+        if !ids.contains(&id) {
+            ids.push(id);
         }
     }
 }
@@ -265,7 +316,8 @@ fn last_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<Subje
                 && message.fields[index].oneof == field.oneof
             {
                 found = match found {
-                    Subject::Written(Some(_)) | Subject::Ambiguous => Subject::Ambiguous,
+                    Subject::Written(Some(subject)) => Subject::Ambiguous(vec![subject]),
+                    ambiguous @ Subject::Ambiguous(_) => ambiguous,
                     _ => unset(),
                 };
             }
@@ -276,7 +328,9 @@ fn last_subject(message: &Message, steps: &[&str], bytes: &[u8]) -> Option<Subje
             // the message present where it was absent.
             (Type::Message(inner), false, Wire::Len(run)) => found = found.then(last_subject(inner, rest, run)?),
             (ty, true, value) => found = found.then(Subject::Written(subject_text(ty, value))),
-            _ => return None,
+            // A message on the path with another wire type: skipped, as a protobuf reader skips a field it cannot
+            // read as declared (the transcoder refuses the record; its quarantined copy still names the subject).
+            _ => {}
         }
     }
     Some(found)
