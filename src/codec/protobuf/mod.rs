@@ -166,10 +166,7 @@ impl ProtoRecords {
     /// the last occurrence of the field; a non-empty string, or an integer in decimal.
     pub fn subject(&self, path: &str, payload: &[u8]) -> Option<String> {
         // A record of another message is not read as this one: its fields mean other things.
-        let (indexes, message) = read_indexes(payload).ok()?;
-        if indexes != self.indexes {
-            return None;
-        }
+        let message = self.message_of(payload).ok()?;
         let steps: Vec<&str> = path.split('.').collect();
         lenient_subject(&self.writer, &steps, message)
     }
@@ -483,6 +480,14 @@ struct Reader {
     visits_left: usize,
 }
 
+/// Why a record holding a field number its schema does not declare is refused (the number, never the value).
+fn undeclared(path: &str, number: u32) -> ValueError {
+    ValueError::new(
+        path,
+        format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
+    )
+}
+
 /// Why a record that expands beyond its budget is refused.
 const EXPANDS: &str =
     "the record expands to far more fields than its size allows (empty repeated items of large messages)";
@@ -524,12 +529,7 @@ impl Reader {
                 match message.by_number.get(&number) {
                     Some(&index) => found.push((index, value)),
                     None if self.undeclared == Undeclared::Drop => self.dropped += 1,
-                    None => {
-                        return Err(ValueError::new(
-                            path,
-                            format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
-                        ));
-                    }
+                    None => return Err(undeclared(path, number)),
                 }
             }
         }

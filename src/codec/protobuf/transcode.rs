@@ -18,8 +18,8 @@
 use std::sync::Arc;
 
 use super::{
-    At, EXPANDS, LEN, Reader, Wire, fixed, malformed, next_field, varint, wire_type_of, write_field, write_key,
-    write_len,
+    At, EXPANDS, LEN, Reader, Wire, fixed, malformed, next_field, undeclared, varint, wire_type_of, write_field,
+    write_key, write_len,
 };
 use crate::error::{PolicyError, ValueError};
 use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
@@ -273,10 +273,7 @@ impl<'a> Walker<'a> {
             let (number, value) = next_field(bytes, &mut pos, here)?;
             let Some(index) = step.index(number) else {
                 if self.undeclared == Undeclared::Quarantine {
-                    return Err(ValueError::new(
-                        &step.path,
-                        format!("field number {number} is not in the schema (policy.undeclared = \"quarantine\")"),
-                    ));
+                    return Err(undeclared(&step.path, number));
                 }
                 out.extend_from_slice(&bytes[copy_from..start]);
                 copy_from = pos;
