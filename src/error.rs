@@ -37,19 +37,41 @@ impl PolicyError {
 }
 
 /// A record whose value does not fit its schema, located by field path. Never carries the value.
+///
+/// Boxed: the transcoders return `Result<_, ValueError>` from every field they read, and a one-pointer error keeps
+/// those results in registers (two strings inline made each a 48-byte value written and read back through memory).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{problem}", location(path))]
-pub struct ValueError {
-    pub path: String,
-    pub problem: String,
+#[error("{}{}", location(&self.0.path), self.0.problem)]
+pub struct ValueError(Box<ValueErrorParts>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ValueErrorParts {
+    path: String,
+    problem: String,
 }
 
 impl ValueError {
     pub(crate) fn new(path: &str, problem: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(ValueErrorParts {
             path: path.to_owned(),
             problem: problem.into(),
-        }
+        }))
+    }
+
+    /// The field path the problem is at (empty: the record itself).
+    pub fn path(&self) -> &str {
+        &self.0.path
+    }
+
+    /// What is wrong, without the value.
+    pub fn problem(&self) -> &str {
+        &self.0.problem
+    }
+
+    /// The same problem located at `path`.
+    pub(crate) fn at(mut self, path: String) -> Self {
+        self.0.path = path;
+        self
     }
 }
 

@@ -526,12 +526,13 @@ async fn tokenize(
 /// property, not the path that was sent.
 fn about_field(e: Error, field: &str) -> Error {
     match e {
-        Error::Value(mut value) => {
-            if let Some(rest) = value.path.strip_prefix(field) {
-                value.path = format!("(the request's field){rest}");
+        Error::Value(value) => match value.path().strip_prefix(field) {
+            Some(rest) => {
+                let path = format!("(the request's field){rest}");
+                Error::Value(value.at(path))
             }
-            Error::Value(value)
-        }
+            None => Error::Value(value),
+        },
         other => other,
     }
 }

@@ -585,13 +585,13 @@ mod tests {
         let err = codec
             .to_value(&json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": 5}, "work": null}))
             .unwrap_err();
-        assert_eq!(err.path, "home.zip");
+        assert_eq!(err.path(), "home.zip");
         let err = codec
             .to_value(
                 &json!({"id": 1, "amount": 1, "tags": [], "home": {"zip": "1", "ada@example.com": "1"}, "work": null}),
             )
             .unwrap_err();
-        assert_eq!(err.path, "home");
+        assert_eq!(err.path(), "home");
         assert_eq!(
             err.to_string(),
             "field `home`: the object's key number 2 is not a field of the record (the schema has no such field)"
@@ -599,7 +599,7 @@ mod tests {
         let err = codec
             .to_value(&json!({"id": 1, "amount": "1.234", "tags": [], "home": {"zip": "1"}, "work": null}))
             .unwrap_err();
-        assert_eq!(err.path, "amount");
+        assert_eq!(err.path(), "amount");
         assert!(!err.to_string().contains("1.234"));
     }
 

@@ -261,36 +261,91 @@ impl<'a> Run<'a> {
                 ),
                 _ => return Err(ValueError::new(&rule.path, "mask expects a string value")),
             };
-            let (hidden, tail) = mask_split(&text, keep_last);
-            write_long(self.out, (hidden + text.len() - tail) as i64);
-            self.out.resize(self.out.len() + hidden, b'*');
-            self.out.extend_from_slice(&text.as_bytes()[tail..]);
+            write_masked(&text, keep_last, self.out, avro_length);
             return Ok(());
         }
-
         let plain_text = &mut self.scratch.plain;
         plain_text.clear();
         read_plaintext(&mut self.input, scalar, scale, plain_text)?;
-        let no_key = || ValueError::new(&rule.path, "no key for this field");
-        match rule.action {
-            Action::Tokenize | Action::Subject => {
-                let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
-                write_long(self.out, token_len(plain_text.len()) as i64);
-                dek.tokenize_into(&rule.context, plain_text, &mut self.scratch.crypto, self.out);
-            }
-            Action::Encrypt => {
-                let dek = self.keys.record.as_ref().ok_or_else(no_key)?;
-                write_long(self.out, ciphertext_len(plain_text.len()) as i64);
-                dek.encrypt_into(&rule.context, plain_text, &mut self.scratch.crypto, self.out);
-            }
-            Action::Hash => {
-                let dek = self.keys.domain.as_ref().ok_or_else(no_key)?;
-                write_long(self.out, HASH_LEN as i64);
-                dek.hash_into(&rule.context, plain_text, self.out);
-            }
-            Action::Mask { .. } | Action::Redact => unreachable!("handled before"),
+        write_keyed(
+            rule,
+            self.keys,
+            plain_text,
+            &mut self.scratch.crypto,
+            self.out,
+            avro_length,
+        )
+    }
+}
+
+/// An Avro string's or bytes' length, before it.
+fn avro_length(len: usize, out: &mut Vec<u8>) {
+    write_long(out, len as i64);
+}
+
+/// Writes `text` masked (see [`mask_split`]), after `frame(len, out)` writes what goes before a value of its length.
+fn write_masked(text: &str, keep_last: usize, out: &mut Vec<u8>, frame: impl FnOnce(usize, &mut Vec<u8>)) {
+    let (hidden, tail) = mask_split(text, keep_last);
+    frame(hidden + text.len() - tail, out);
+    out.resize(out.len() + hidden, b'*');
+    out.extend_from_slice(&text.as_bytes()[tail..]);
+}
+
+/// Writes what the keyed action of `rule` (tokenize, encrypt, hash; a subject is tokenized) makes of `plain_text` (a
+/// plaintext form, see `plain`), after `frame(len, out)` writes what goes before a value of its length.
+fn write_keyed(
+    rule: &Rule,
+    keys: &RecordKeys,
+    plain_text: &[u8],
+    crypto: &mut Scratch,
+    out: &mut Vec<u8>,
+    frame: impl FnOnce(usize, &mut Vec<u8>),
+) -> Result<(), ValueError> {
+    let no_key = || ValueError::new(&rule.path, "no key for this field");
+    match rule.action {
+        Action::Tokenize | Action::Subject => {
+            let dek = keys.record.as_ref().ok_or_else(no_key)?;
+            frame(token_len(plain_text.len()), out);
+            dek.tokenize_into(&rule.context, plain_text, crypto, out);
         }
-        Ok(())
+        Action::Encrypt => {
+            let dek = keys.record.as_ref().ok_or_else(no_key)?;
+            frame(ciphertext_len(plain_text.len()), out);
+            dek.encrypt_into(&rule.context, plain_text, crypto, out);
+        }
+        Action::Hash => {
+            let dek = keys.domain.as_ref().ok_or_else(no_key)?;
+            frame(HASH_LEN, out);
+            dek.hash_into(&rule.context, plain_text, out);
+        }
+        Action::Mask { .. } | Action::Redact => unreachable!("handled before"),
+    }
+    Ok(())
+}
+
+impl TranscodeScratch {
+    /// Writes what `rule`'s action makes of the string `text`, after `frame(len, out)` writes what goes before a
+    /// value of its length, as a protected string of the Avro program would be written: `None` when the value is
+    /// redacted instead (by its rule, or because the record's subject is forgotten), which only the program writes.
+    pub(crate) fn protect_string(
+        &mut self,
+        rule: &Rule,
+        keys: &RecordKeys,
+        text: &str,
+        out: &mut Vec<u8>,
+        frame: impl FnOnce(usize, &mut Vec<u8>),
+    ) -> Option<Result<(), ValueError>> {
+        if rule.action == Action::Redact || keys.forgotten {
+            return None;
+        }
+        if let Action::Mask { keep_last } = rule.action {
+            write_masked(text, keep_last, out, frame);
+            return Some(Ok(()));
+        }
+        self.plain.clear();
+        self.plain.push(plain::STRING);
+        self.plain.extend_from_slice(text.as_bytes());
+        Some(write_keyed(rule, keys, &self.plain, &mut self.crypto, out, frame))
     }
 }
 

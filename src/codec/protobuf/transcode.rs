@@ -25,7 +25,7 @@ use crate::error::{PolicyError, ValueError};
 use crate::policy::protobuf::{Field, Label, Message, Scalar, Type};
 use crate::policy::{Rule, Undeclared};
 use crate::sanitize::RecordKeys;
-use crate::transcode::program::{Inspect, Skip, Step};
+use crate::transcode::program::{self, Inspect, ShapeStep, Skip, Step};
 use crate::transcode::wire::Input;
 use crate::transcode::{TranscodeScratch, inspect_text, run_step};
 
@@ -404,6 +404,25 @@ impl<'a> Walker<'a> {
         at: At<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ValueError> {
+        // A string (what most PII is) whose action writes text or bytes: written here from its text, by the function
+        // the Avro program's step calls, with no Avro on either side.
+        if let (Some(Scalar::String), Some(Scalar::String | Scalar::Bytes), Step::Protect(protect)) =
+            (field.ty.scalar(), sanitized.ty.scalar(), step)
+            && matches!(protect.shape, ShapeStep::Scalar(program::Scalar::String))
+        {
+            let number = field.number;
+            let frame = |len: usize, out: &mut Vec<u8>| {
+                write_key(number, LEN, out);
+                super::write_varint(len as u64, out);
+            };
+            let rule = &self.rules[protect.rule];
+            if let Some(written) = self
+                .scratch
+                .protect_string(rule, self.keys, text(value, at)?, out, frame)
+            {
+                return written;
+            }
+        }
         self.with_buffers(|walker, avro, sanitized_avro| {
             Reader::new(walker.undeclared, 0).value(&field.ty, value, at, avro)?;
             run_step(step, avro, walker.keys, walker.scratch, walker.rules, sanitized_avro)?;
