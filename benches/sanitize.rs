@@ -6,9 +6,11 @@
 //! - `sanitize_event_json/json_schema`: the same event as JSON with `schemas/event.schema.json`, JSON in and out.
 //! - `sanitize_event_protobuf/transcoder`: the same event as protobuf with `schemas/event.proto`, protobuf in and
 //!   out through the direct protobuf transcoder, keys per batch as `run`;
-//!   `sanitize_event_protobuf/prost_reflect_decode_encode`: only decoding the record into a prost-reflect
-//!   `DynamicMessage` and encoding it again, no sanitizing: a lower bound on the cost of a prost-reflect reference
-//!   path, so its ratio to `transcoder` is a lower bound on the transcoder's speed-up over that path.
+//!   `sanitize_event_protobuf/prost_reflect_reference`: the reference path, decoded into a prost-reflect
+//!   `DynamicMessage`, its values sanitized by piiwall's value-level `sanitize::apply` (the reference Avro path's),
+//!   set on a message of the sanitized `.proto`'s descriptor and encoded by prost-reflect, keys per batch as well;
+//!   `sanitize_event_protobuf/prost_reflect_decode_encode`: only decoding the record into a `DynamicMessage` and
+//!   encoding it again, no sanitizing.
 //!
 //! Both include resolving the record's keys through the keyring (warm cache): the reference path per record, the
 //! transcoder once per batch of [`BATCH`] records, as `run` does, with the batch's encryptions then counted towards
@@ -154,6 +156,72 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
             out.len()
         })
     });
+    // The sanitized `.proto` piiwall registers, compiled by protox as a consumer would.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sanitized.proto"), schema.published_schema().0).unwrap();
+    let mut files = protox::file::ChainFileResolver::new();
+    files.add(protox::file::IncludeFileResolver::new(dir.path().to_owned()));
+    files.add(protox::file::IncludeFileResolver::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/proto"),
+    ));
+    files.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(files);
+    compiler.include_imports(true).open_file("sanitized.proto").unwrap();
+    let sanitized_descriptor = compiler
+        .descriptor_pool()
+        .get_message_by_name("com.acme.bench.Event")
+        .unwrap();
+    let reference = |keys: &piiwall::sanitize::RecordKeys, out: &mut Vec<u8>| {
+        let message = DynamicMessage::decode(descriptor.clone(), &bytes[..]).unwrap();
+        let mut record = apache_avro::types::Value::Record(
+            descriptor
+                .fields()
+                .map(|field| (field.name().to_owned(), to_avro(&message.get_field(&field))))
+                .collect(),
+        );
+        piiwall::sanitize::apply(&schema.plan, &mut record, keys).unwrap();
+        let apache_avro::types::Value::Record(fields) = record else {
+            unreachable!("a record stays a record")
+        };
+        let mut sanitized = DynamicMessage::new(sanitized_descriptor.clone());
+        for (name, value) in fields {
+            sanitized.set_field_by_name(&name, from_avro(value));
+        }
+        out.clear();
+        sanitized.encode(out).unwrap();
+    };
+    // The two paths agree (the encrypted fields, random each time, by their length).
+    let keys = sanitizer.keys_for_subject(&schema.plan, None).unwrap();
+    let mut by_reference = Vec::new();
+    reference(&keys, &mut by_reference);
+    out.clear();
+    proto
+        .transcode(&schema, &framed, &keys, &mut scratch, &mut out)
+        .unwrap();
+    let decode = |bytes: &[u8]| DynamicMessage::decode(sanitized_descriptor.clone(), bytes).unwrap();
+    // The transcoder's output is framed as its input: the message index path [0] first.
+    let (ours, theirs) = (decode(&out[1..]), decode(&by_reference));
+    for field in sanitized_descriptor.fields() {
+        let (a, b) = (ours.get_field(&field), theirs.get_field(&field));
+        match field.name() {
+            "phone" | "name" => assert_eq!(a.as_bytes().map(|b| b.len()), b.as_bytes().map(|b| b.len())),
+            _ => assert_eq!(a, b, "{}", field.name()),
+        }
+    }
+    group.bench_function("prost_reflect_reference", |b| {
+        b.iter(|| {
+            let batch = sanitizer.keyring().prefetch([], [domain]).unwrap();
+            for _ in 0..BATCH {
+                let keys = sanitizer.keys_in(&schema.plan, None, Some(&batch)).unwrap();
+                reference(&keys, &mut out);
+            }
+            sanitizer
+                .keyring()
+                .retire_worn(&batch, DEFAULT_MAX_ENCRYPTIONS)
+                .unwrap();
+            out.len()
+        })
+    });
     group.throughput(Throughput::Elements(1));
     group.bench_function("prost_reflect_decode_encode", |b| {
         b.iter(|| {
@@ -164,6 +232,31 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
         })
     });
     group.finish();
+}
+
+/// A scalar of the event as the Avro value of its field in the schema's translation.
+fn to_avro(value: &prost_reflect::Value) -> apache_avro::types::Value {
+    use apache_avro::types::Value as Avro;
+    use prost_reflect::Value;
+    match value {
+        Value::String(s) => Avro::String(s.clone()),
+        Value::I64(n) => Avro::Long(*n),
+        Value::F64(x) => Avro::Double(*x),
+        other => panic!("the event has no {other:?}"),
+    }
+}
+
+/// A sanitized Avro value as the protobuf value of its field in the sanitized `.proto`.
+fn from_avro(value: apache_avro::types::Value) -> prost_reflect::Value {
+    use apache_avro::types::Value as Avro;
+    use prost_reflect::Value;
+    match value {
+        Avro::String(s) => Value::String(s),
+        Avro::Bytes(b) => Value::Bytes(b.into()),
+        Avro::Long(n) => Value::I64(n),
+        Avro::Double(x) => Value::F64(x),
+        other => panic!("the sanitized event has no {other:?}"),
+    }
 }
 
 /// The same event as a JSON record of `schemas/event.schema.json` (a Confluent JSON Schema topic, or a plain JSON

@@ -413,8 +413,19 @@ fn malformed(at: At<'_>, problem: &str) -> ValueError {
 }
 
 /// A protobuf varint (up to 10 bytes, no zig-zag).
-#[inline]
+#[inline(always)]
 fn varint(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<u64, ValueError> {
+    // Most varints (keys, lengths, small numbers) are one byte: read here, the rest by a call.
+    match bytes.get(*pos) {
+        Some(&byte) if byte < 0x80 => {
+            *pos += 1;
+            Ok(u64::from(byte))
+        }
+        _ => long_varint(bytes, pos, path),
+    }
+}
+
+fn long_varint(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<u64, ValueError> {
     let mut value = 0u64;
     for i in 0..10 {
         let byte = *bytes.get(*pos).ok_or_else(|| malformed(path, "truncated varint"))?;
@@ -438,8 +449,9 @@ fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize, path: At<'_>) -> Result<
     Ok(run.try_into().expect("N bytes"))
 }
 
-/// The next field of a message: its number and value.
-#[inline]
+/// The next field of a message: its number and value. Always inlined: returned through memory, the result was
+/// copied with loads wider than the stores that wrote it, a store-forwarding stall per field.
+#[inline(always)]
 fn next_field<'a>(bytes: &'a [u8], pos: &mut usize, path: At<'_>) -> Result<(u32, Wire<'a>), ValueError> {
     let key = varint(bytes, pos, path)?;
     let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0 && *n < 1 << 29);
