@@ -804,3 +804,52 @@ fn a_record_naming_two_subjects_is_refused() {
         Some("5")
     );
 }
+
+/// A `uint64` or `fixed64` subject id is named by its unsigned value on every path (the direct reader, the
+/// conversion through Avro, the value-level reader): it is the id a forget request names, and a forget of
+/// 18446744073709551615 must cover the records whose id is that, not -1.
+#[test]
+fn an_unsigned_subject_id_is_named_as_unsigned_on_every_path() {
+    for ty in ["uint64", "fixed64"] {
+        let text = format!(
+            "syntax = \"proto3\"; package shop; import \"piiwall/pii.proto\"; \
+             message Account {{ option (piiwall.subject) = \"id\"; {ty} id = 1; \
+             string email = 2 [(piiwall.pii).action = \"tokenize\"]; }}"
+        );
+        let f = fixture(&text, "shop.Account", "shop.Account", Untagged::Block);
+        let mut account = DynamicMessage::new(f.input.clone());
+        let id = u64::MAX - 6;
+        account.set_field_by_name("id", Value::U64(id));
+        account.set_field_by_name("email", Value::String("ada@example.com".into()));
+        let framed = [&[0u8][..], &account.encode_to_vec()].concat();
+        let named = id.to_string();
+        assert_eq!(
+            f.records.subject(&f.schema, &framed).as_deref(),
+            Some(&*named),
+            "{ty}: direct"
+        );
+        let Records::Protobuf(proto) = &f.records else {
+            panic!("protobuf records")
+        };
+        assert_eq!(
+            proto.strict_subject("id", &framed).unwrap().as_deref(),
+            Some(&*named),
+            "{ty}: strict"
+        );
+        assert_eq!(proto.subjects_named("id", &framed), [named.clone()], "{ty}: quarantine");
+        let (avro, _) = f.records.read(&f.schema, &framed).unwrap();
+        assert_eq!(
+            f.transcoder.subject(&avro).unwrap().as_deref(),
+            Some(&*named),
+            "{ty}: conversion"
+        );
+        let value = piiwall::codec::avro::ValueCodec::new(&f.schema).decode(&avro).unwrap();
+        assert_eq!(
+            piiwall::sanitize::subject_id(&f.schema.plan, &value)
+                .unwrap()
+                .as_deref(),
+            Some(&*named),
+            "{ty}: value"
+        );
+    }
+}

@@ -619,6 +619,7 @@ impl<'j, 's> Walker<'j, 's> {
             self.subject = Some(SubjectRef {
                 rule,
                 steps: self.steps.clone(),
+                unsigned: non_null(ty).is_some_and(|ty| ty.get(super::UNSIGNED) == Some(&Json::Bool(true))),
             });
         }
         Ok((
@@ -659,18 +660,7 @@ impl<'j, 's> Walker<'j, 's> {
                  would have no subject, or another field read as one): put the subject where every record has it",
             ));
         }
-        let scalar = match ty {
-            Json::Array(branches) => {
-                let non_null: Vec<&Json> = branches.iter().filter(|b| b.as_str() != Some("null")).collect();
-                match non_null.as_slice() {
-                    [one] => *one,
-                    _ => {
-                        return Err(PolicyError::new(path, SUBJECT_TYPES));
-                    }
-                }
-            }
-            other => other,
-        };
+        let scalar = non_null(ty).ok_or_else(|| PolicyError::new(path, SUBJECT_TYPES))?;
         match self.classify(scalar, namespace, path)? {
             Kind::Scalar(s) if matches!(s.name, "string" | "int" | "long" | "uuid") => Ok(()),
             _ => Err(PolicyError::new(path, SUBJECT_TYPES)),
@@ -1281,6 +1271,21 @@ fn logical_name(name: &str) -> &'static str {
         "local-timestamp-nanos" => "local-timestamp-nanos",
         "duration" => "duration",
         _ => "unknown logical type",
+    }
+}
+
+/// The one type of a type or of a nullable union (`None`: a union of several).
+fn non_null(ty: &Json) -> Option<&Json> {
+    match ty {
+        Json::Array(branches) => match branches
+            .iter()
+            .filter(|b| b.as_str() != Some("null"))
+            .collect::<Vec<_>>()[..]
+        {
+            [one] => Some(one),
+            _ => None,
+        },
+        other => Some(other),
     }
 }
 

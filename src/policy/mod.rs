@@ -188,7 +188,13 @@ impl Plan {
 pub(crate) struct SubjectRef {
     pub(crate) rule: usize,
     pub(crate) steps: Vec<usize>,
+    /// A long holding an unsigned 64-bit id (a protobuf `uint64` or `fixed64`): named by its unsigned value, the
+    /// one a forget request names.
+    pub(crate) unsigned: bool,
 }
+
+/// The attribute of a long type that holds an unsigned 64-bit value (in the Avro translation of a protobuf schema).
+pub(crate) const UNSIGNED: &str = "piiwall.unsigned";
 
 /// A node of the plan tree, matching the shape of an apache-avro [`Value`].
 #[derive(Debug, Clone)]

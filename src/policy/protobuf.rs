@@ -834,7 +834,12 @@ impl<'p> Translator<'p> {
             }
             other => {
                 let scalar = Scalar::of(other).expect("not a message or an enum");
-                Ok((Type::Scalar(scalar), json!(scalar.avro())))
+                let avro = match scalar {
+                    // Read by their bits as a long; marked, so a subject id is named by its unsigned value.
+                    Scalar::Uint64 | Scalar::Fixed64 => json!({"type": "long", super::UNSIGNED: true}),
+                    _ => json!(scalar.avro()),
+                };
+                Ok((Type::Scalar(scalar), avro))
             }
         }
     }

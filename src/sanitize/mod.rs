@@ -274,6 +274,7 @@ pub fn subject_id(plan: &Plan, record: &Value) -> Result<Option<String>, ValueEr
     }
     Ok(match unwrap_union(value) {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Long(n) if subject.unsigned => Some((*n as u64).to_string()),
         Value::Long(n) => Some(n.to_string()),
         Value::Int(n) => Some(n.to_string()),
         Value::Uuid(u) => Some(u.to_string()),

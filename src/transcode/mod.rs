@@ -29,6 +29,8 @@ use program::{Builder, Locate, Step};
 pub struct Transcoder {
     root: Step,
     subject: Option<Locate>,
+    /// Whether the subject is an unsigned 64-bit id held in a long (see `SubjectRef::unsigned`).
+    unsigned_subject: bool,
 }
 
 impl Transcoder {
@@ -43,7 +45,11 @@ impl Transcoder {
             ),
             None => None,
         };
-        Ok(Self { root, subject })
+        Ok(Self {
+            root,
+            subject,
+            unsigned_subject: schema.plan.subject.as_ref().is_some_and(|s| s.unsigned),
+        })
     }
 
     /// The program's root: the step of the writer schema's root record.
@@ -54,7 +60,7 @@ impl Transcoder {
     /// The subject id of a record (`None` when the schema names none, or the record's is null or empty).
     pub fn subject<'a>(&self, record: &'a [u8]) -> Result<Option<Cow<'a, str>>, ValueError> {
         match &self.subject {
-            Some(locate) => run::locate_subject(record, locate),
+            Some(locate) => run::locate_subject(record, locate, self.unsigned_subject),
             None => Ok(None),
         }
     }

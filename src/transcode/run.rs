@@ -592,8 +592,13 @@ pub(crate) fn skip_value(input: &mut Input<'_>, skip: &Skip) -> Result<(), Value
     Ok(())
 }
 
-/// Reads the subject id of a record, as the reference path's `subject_id` would give it.
-pub(crate) fn locate_subject<'a>(record: &'a [u8], mut locate: &Locate) -> Result<Option<Cow<'a, str>>, ValueError> {
+/// Reads the subject id of a record, as the reference path's `subject_id` would give it (`unsigned`: a long id read
+/// as the unsigned 64-bit value it holds).
+pub(crate) fn locate_subject<'a>(
+    record: &'a [u8],
+    mut locate: &Locate,
+    unsigned: bool,
+) -> Result<Option<Cow<'a, str>>, ValueError> {
     let mut input = Input::new(record);
     loop {
         match locate {
@@ -614,6 +619,7 @@ pub(crate) fn locate_subject<'a>(record: &'a [u8], mut locate: &Locate) -> Resul
                     Scalar::String => Some(input.read_str()?).filter(|s| !s.is_empty()).map(Cow::Borrowed),
                     Scalar::UuidString => Some(Cow::Owned(parse_uuid(input.read_str()?)?.to_string())),
                     Scalar::Int { .. } => Some(Cow::Owned(input.read_int()?.to_string())),
+                    Scalar::Long { .. } if unsigned => Some(Cow::Owned((input.read_long()? as u64).to_string())),
                     Scalar::Long { .. } => Some(Cow::Owned(input.read_long()?.to_string())),
                     Scalar::UuidBytes => {
                         let uuid = apache_avro::Uuid::from_slice(input.read_bytes()?)

@@ -342,6 +342,8 @@ fn subject_text(ty: &Type, value: Wire<'_>) -> Option<String> {
     match ty.scalar()? {
         Scalar::String => Some(input.read_str().ok()?.to_owned()).filter(|s| !s.is_empty()),
         Scalar::Bytes | Scalar::Double | Scalar::Float | Scalar::Bool => None,
+        // Named by their unsigned value, as the Avro paths name them (see `SubjectRef::unsigned`).
+        Scalar::Uint64 | Scalar::Fixed64 => Some((input.read_long().ok()? as u64).to_string()),
         _ => Some(input.read_long().ok()?.to_string()),
     }
 }
