@@ -12,9 +12,10 @@
 //!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds;
 //! 3. memory: peak RSS of `piiwall run` (its own process, key cache at its default bound, 100,000 keys) over
 //!    customer records of distinct data subjects (default 1,000,000; `PIIWALL_E2E_SUBJECTS`), each needing its own
-//!    key.
+//!    key, produced while it runs at a steady rate it keeps up with (`MEMORY_RATE`).
 //!
-//! Run: `bash scripts/bench-e2e` (or `PIIWALL_TEST_KAFKA=127.0.0.1:19092 cargo bench --bench end_to_end`).
+//! Run: `bash scripts/bench-e2e` (or `PIIWALL_TEST_KAFKA=127.0.0.1:19092 cargo bench --bench end_to_end`);
+//! `PIIWALL_E2E_ONLY=memory` (or `throughput`, `latency`, comma-separated) runs only those parts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -322,15 +323,38 @@ async fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
 
-    for stream in [Stream::Event, Stream::KnownSubjects, Stream::NewSubjects] {
-        throughput(&brokers, stream, count).await;
+    let only: Option<Vec<String>> = std::env::var("PIIWALL_E2E_ONLY")
+        .ok()
+        .map(|only| only.split(',').map(|p| p.trim().to_owned()).collect());
+    const PARTS: [&str; 3] = ["throughput", "latency", "memory"];
+    if let Some(unknown) = only.iter().flatten().find(|p| !PARTS.contains(&p.as_str())) {
+        eprintln!(
+            "end_to_end: PIIWALL_E2E_ONLY names `{unknown}`: the parts are {}",
+            PARTS.join(", ")
+        );
+        std::process::exit(2);
     }
+    let runs = |part: &str| only.as_ref().is_none_or(|only| only.iter().any(|p| p == part));
+    if runs("throughput") {
+        for stream in [Stream::Event, Stream::KnownSubjects, Stream::NewSubjects] {
+            throughput(&brokers, stream, count).await;
+        }
+    }
+    if runs("latency") {
+        latency(&brokers).await;
+    }
+    if runs("memory") {
+        memory(&brokers).await;
+    }
+}
 
+/// Part 2: what piiwall adds to the latency of a caught-up pipeline.
+async fn latency(brokers: &str) {
     let mut results = Vec::new();
     for which in ["copy", "piiwall"] {
         let topic = unique("e2e-latency");
-        create_topic(&brokers, &topic).await;
-        let (_, mut latencies) = measure(&brokers, which, &topic, LATENCY_RECORDS, true).await;
+        create_topic(brokers, &topic).await;
+        let (_, mut latencies) = measure(brokers, which, &topic, LATENCY_RECORDS, true).await;
         latencies.sort_unstable();
         let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
         println!(
@@ -343,12 +367,15 @@ async fn main() {
         results[1].0 - results[0].0,
         results[1].1 - results[0].1
     );
+}
 
+/// Part 3: peak RSS over many distinct subjects.
+async fn memory(brokers: &str) {
     let subjects: usize = std::env::var("PIIWALL_E2E_SUBJECTS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
-    let (peak_kib, elapsed) = peak_rss(&brokers, subjects).await;
+    let (peak_kib, elapsed) = peak_rss(brokers, subjects).await;
     println!(
         "memory      piiwall run: peak RSS {:.1} MiB over {subjects} distinct subjects ({:.0} records/s, key cache at its default, 100,000)",
         peak_kib as f64 / 1024.0,
@@ -377,19 +404,21 @@ fn customers(count: usize) -> impl Iterator<Item = Vec<u8>> {
     })
 }
 
-/// Runs `piiwall run` as its own process over `count` records of distinct subjects; returns its peak resident set
-/// (VmHWM, KiB) and the time until a reader had every output.
+/// Records of new subjects per second produced for the memory run: below what piiwall sustains with new subjects
+/// here (~19,000/s, beside the broker), so its lanes stay short.
+const MEMORY_RATE: u64 = 10_000;
+
+/// Runs `piiwall run` as its own process over `count` records of distinct subjects, produced while it runs at
+/// `MEMORY_RATE`; returns its peak resident set (VmHWM, KiB) and the time until a reader had every output.
+///
+/// The records are produced as it runs rather than before: a topic written before would fill piiwall's lanes,
+/// which pause their partitions, and Tansu answers the fetch of a resumed partition with nothing when it starts
+/// inside a record batch (see `LANE_CAPACITY`); written one record a batch to avoid that, a million batches slow
+/// Tansu's fetches to a crawl. A lane may hold 50,000 records (a few seconds of a stall, ~15 MB) instead of the
+/// default 2,000, for the same reason.
 async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
     let input = unique("e2e-subjects");
     create_topic(brokers, &input).await;
-    tokio::task::spawn_blocking({
-        let (brokers, input) = (brokers.to_owned(), input.clone());
-        // One record a batch: this run keeps piiwall's default lane capacity, so partitions pause, and Tansu
-        // answers the fetch of a resumed partition with nothing when it starts inside a batch (see LANE_CAPACITY).
-        move || produce_batched(&brokers, &input, customers(count), None, 1)
-    })
-    .await
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("kek.key"),
@@ -401,7 +430,8 @@ async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
         "[keys]\nstore = \"sqlite:{dir}/keys.db\"\nkek = \"file:{dir}/kek.key\"\n\
          [kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ninputs = [\"{input}\"]\n\
          quarantine_topic = \"{input}.quarantine\"\n[[schemas.local]]\ntopic = \"{input}\"\nschema = \"{schema}\"\n\
-         id = {SCHEMA_ID}\n[audit]\ntopic = \"{input}.audit\"\n[http]\nlisten = \"off\"\n",
+         id = {SCHEMA_ID}\n[audit]\ntopic = \"{input}.audit\"\n[pipeline]\nlane_capacity = 50000\n\
+         [http]\nlisten = \"off\"\n",
         dir = dir.path().display(),
         group = unique("piiwall"),
         schema = schema.display(),
@@ -414,6 +444,10 @@ async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
         .spawn()
         .unwrap();
     let start = Instant::now();
+    let producer = tokio::task::spawn_blocking({
+        let (brokers, input) = (brokers.to_owned(), input.clone());
+        move || produce_batched(&brokers, &input, customers(count), Some(MEMORY_RATE), 100)
+    });
     let reader = tokio::task::spawn_blocking({
         let (brokers, output) = (brokers.to_owned(), format!("{input}.sanitized"));
         move || read(&brokers, &output, count, Duration::from_secs(3600))
@@ -432,6 +466,7 @@ async fn peak_rss(brokers: &str, count: usize) -> (u64, Duration) {
     }
     let elapsed = start.elapsed();
     reader.await.unwrap();
+    producer.await.unwrap();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

@@ -1,10 +1,15 @@
 //! Data keys: one 32-byte secret, with the per-purpose keys derived from it kept ready for use.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::{AesGcm, Nonce};
+
+/// AES-256-GCM over the encrypt-only AES: GCM never runs the block cipher backwards, so the decryption key schedule
+/// `Aes256Gcm` also expands (a round of `aesimc` per round key) is not made. The same cipher, bit for bit.
+type Aes256Gcm = AesGcm<aes::Aes256Enc, aes_gcm::aead::consts::U12>;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hkdf::Hkdf;
@@ -46,29 +51,33 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// A data key, unwrapped, with its derived ciphers keyed once. Dropping it zeroizes the AES key schedules.
-pub struct Dek {
+/// A data key as the key caches hold it: its per-purpose keys derived (HKDF, done once per unwrap), its two AES
+/// keys not yet expanded. About 450 bytes, where a [`Dek`] takes 2.4 KB (two AES-256 key schedules of ~1 KB each,
+/// for the run-time dispatch between AES-NI and the portable code): a cache of 100,000 subjects' keys fits in ~50
+/// MB. [`expand`](Self::expand) makes the `Dek` that works with it, once per batch of records.
+pub struct DataKey {
     pub key_id: KeyId,
     pub version: u32,
-    encrypt: Aes256Gcm,
-    token: Aes256Gcm,
+    encrypt: Zeroizing<[u8; 32]>,
+    token: Zeroizing<[u8; 32]>,
     token_nonce: HmacSha256,
     hash: HmacSha256,
     /// `<prefix>.<key id>.` of this key's tokens, ciphertexts and hashes.
     heads: [[u8; HEAD_LEN]; 3],
-    /// Random-nonce encryptions under this key not yet added to the key store's count (`Keyring::retire_worn`).
+    /// Random-nonce encryptions under this key not yet added to the key store's count (`Keyring::retire_worn`):
+    /// shared by every `Dek` expanded from it.
     unrecorded: AtomicU64,
 }
 
-impl fmt::Debug for Dek {
+impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Dek")
+        f.debug_struct("DataKey")
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
 }
 
-impl Dek {
+impl DataKey {
     /// Derives the per-purpose keys from the 32 secret bytes of a data key.
     pub fn new(key_id: KeyId, version: u32, secret: &[u8]) -> Self {
         let hkdf = Hkdf::<Sha256>::new(Some(b"piiwall dek v1"), secret);
@@ -81,8 +90,8 @@ impl Dek {
         Self {
             key_id,
             version,
-            encrypt: Aes256Gcm::new_from_slice(derive(b"encrypt").as_slice()).expect("32-byte key"),
-            token: Aes256Gcm::new_from_slice(derive(b"tokenize").as_slice()).expect("32-byte key"),
+            encrypt: derive(b"encrypt"),
+            token: derive(b"tokenize"),
             token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
             hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
             heads: [TokenKind::Token, TokenKind::Ciphertext, TokenKind::Hash].map(|kind| Token::head(kind, key_id)),
@@ -90,14 +99,57 @@ impl Dek {
         }
     }
 
+    /// The key ready for use: its AES keys expanded (two key schedules and GHASH keys, a fraction of a
+    /// microsecond).
+    pub fn expand(self: &Arc<Self>) -> Dek {
+        Dek {
+            key_id: self.key_id,
+            version: self.version,
+            encrypt: Aes256Gcm::new_from_slice(self.encrypt.as_slice()).expect("32-byte key"),
+            token: Aes256Gcm::new_from_slice(self.token.as_slice()).expect("32-byte key"),
+            key: self.clone(),
+        }
+    }
+}
+
+/// A data key, unwrapped, with its derived ciphers keyed: what records are sanitized with. Dropping it zeroizes
+/// the AES key schedules.
+pub struct Dek {
+    pub key_id: KeyId,
+    pub version: u32,
+    encrypt: Aes256Gcm,
+    token: Aes256Gcm,
+    key: Arc<DataKey>,
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dek")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dek {
+    /// Derives the per-purpose keys from the 32 secret bytes of a data key and expands them.
+    pub fn new(key_id: KeyId, version: u32, secret: &[u8]) -> Self {
+        Arc::new(DataKey::new(key_id, version, secret)).expand()
+    }
+
+    /// The compact form it was expanded from (see [`DataKey`]).
+    pub fn data_key(&self) -> &Arc<DataKey> {
+        &self.key
+    }
+
     /// Takes the count of encryptions not yet recorded in the key store, once it has reached `at_least`.
     pub fn take_unrecorded(&self, at_least: u64) -> Option<u64> {
-        (self.unrecorded.load(Ordering::Relaxed) >= at_least).then(|| self.unrecorded.swap(0, Ordering::Relaxed))
+        let unrecorded = &self.key.unrecorded;
+        (unrecorded.load(Ordering::Relaxed) >= at_least).then(|| unrecorded.swap(0, Ordering::Relaxed))
     }
 
     /// Gives back a count taken by [`take_unrecorded`](Self::take_unrecorded) that the store did not record.
     pub fn restore_unrecorded(&self, count: u64) {
-        self.unrecorded.fetch_add(count, Ordering::Relaxed);
+        self.key.unrecorded.fetch_add(count, Ordering::Relaxed);
     }
 
     /// A deterministic, reversible token of `plaintext`, bound to `context`.
@@ -120,7 +172,7 @@ impl Dek {
         associated_data(TokenKind::Token, self.key_id, context, &mut scratch.ad);
         // The nonce key is this DEK's own, so the key id need not be hashed again; with the context's length
         // first, a field name and a value of common sizes fit one SHA-256 block.
-        let mut mac = self.token_nonce.clone();
+        let mut mac = self.key.token_nonce.clone();
         mac.update(&(context.len() as u32).to_be_bytes());
         mac.update(context.as_bytes());
         mac.update(plaintext);
@@ -140,9 +192,9 @@ impl Dek {
     pub fn encrypt_into(&self, context: &str, plaintext: &[u8], scratch: &mut Scratch, out: &mut Vec<u8>) {
         associated_data(TokenKind::Ciphertext, self.key_id, context, &mut scratch.ad);
         // The thread-local CSPRNG (ChaCha, reseeded from the OS) rather than a system call per value.
-        let nonce = Aes256Gcm::generate_nonce(&mut rand::thread_rng());
+        let nonce = aes_gcm::Aes256Gcm::generate_nonce(&mut rand::thread_rng());
         // Random 96-bit nonces bound the encryptions per key (2^32, NIST SP 800-38D): counted for rotation.
-        self.unrecorded.fetch_add(1, Ordering::Relaxed);
+        self.key.unrecorded.fetch_add(1, Ordering::Relaxed);
         let payload = &mut scratch.payload;
         payload.clear();
         payload.extend_from_slice(&nonce);
@@ -159,7 +211,7 @@ impl Dek {
 
     /// HMAC-SHA256 of `data` within `context`, under this key's hash key.
     pub fn mac(&self, context: &str, data: &[u8]) -> [u8; 32] {
-        let mut mac = self.hash.clone();
+        let mut mac = self.key.hash.clone();
         mac.update(&(context.len() as u32).to_be_bytes());
         mac.update(context.as_bytes());
         mac.update(data);
@@ -194,7 +246,7 @@ impl Dek {
     }
 
     fn head(&self, kind: TokenKind) -> &[u8; HEAD_LEN] {
-        &self.heads[match kind {
+        &self.key.heads[match kind {
             TokenKind::Token => 0,
             TokenKind::Ciphertext | TokenKind::CiphertextV1 => 1,
             TokenKind::Hash => 2,
@@ -302,7 +354,7 @@ mod tests {
     fn key_schedules_are_zeroized_on_drop() {
         // The AES-256 round keys behind both ciphers of every data key. (The GHASH key H = AES_K(0) of each cipher
         // is not: polyval's run-time-dispatched backend has no `Drop`. H reveals nothing of K.)
-        zeroized_on_drop::<aes::Aes256>();
+        zeroized_on_drop::<aes::Aes256Enc>();
     }
 
     #[test]

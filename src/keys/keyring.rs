@@ -16,7 +16,7 @@ use super::SqliteStore;
 use super::WrappingKey;
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::config::{KeysConfig, StoreLocation};
-use crate::crypto::{Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
+use crate::crypto::{DataKey, Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
 use crate::error::{Error, KeyError, RevealError};
 
 /// Entries the key cache holds at most, by default.
@@ -112,7 +112,23 @@ enum KeyHolder<'a> {
 #[derive(Clone)]
 struct ById {
     scope: Arc<str>,
-    dek: Arc<Dek>,
+    key: Arc<DataKey>,
+}
+
+/// What the scope cache holds: a key in its compact form (see [`DataKey`]), expanded for each use.
+#[derive(Clone)]
+enum Cached {
+    Active(Arc<DataKey>),
+    Forgotten,
+}
+
+impl Cached {
+    fn expand(&self) -> RecordKey {
+        match self {
+            Cached::Active(key) => RecordKey::Active(Arc::new(key.expand())),
+            Cached::Forgotten => RecordKey::Forgotten,
+        }
+    }
 }
 
 pub struct Keyring {
@@ -124,7 +140,7 @@ pub struct Keyring {
     control: Hmac<Sha256>,
     /// Signs erasure receipts ([`crate::receipt`]).
     receipts: ed25519_dalek::SigningKey,
-    by_scope: Cache<String, RecordKey>,
+    by_scope: Cache<String, Cached>,
     by_id: Cache<KeyId, ById>,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
@@ -412,7 +428,7 @@ impl Keyring {
             let scope = self.subject_scope(subject);
             match self.by_scope.get(&scope) {
                 Some(key) => {
-                    batch.keys.insert(subject.to_owned(), key);
+                    batch.keys.insert(subject.to_owned(), key.expand());
                 }
                 None => missing.push((subject.to_owned(), scope)),
             }
@@ -455,13 +471,13 @@ impl Keyring {
                 Some(row) if row.key_id == candidate.key_id => {
                     batch.created += 1;
                     self.stats.created.fetch_add(1, Ordering::Relaxed);
-                    RecordKey::Active(Arc::new(Dek::new(row.key_id, row.version, secret.as_slice())))
+                    Cached::Active(Arc::new(DataKey::new(row.key_id, row.version, secret.as_slice())))
                 }
-                Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
-                None => RecordKey::Forgotten,
+                Some(row) => Cached::Active(self.unwrap(&row)?),
+                None => Cached::Forgotten,
             };
-            self.by_scope.insert(candidate.scope, entry.clone());
-            batch.keys.insert(subject, entry);
+            batch.keys.insert(subject, entry.expand());
+            self.by_scope.insert(candidate.scope, entry);
         }
         Ok(batch)
     }
@@ -496,18 +512,19 @@ impl Keyring {
     pub fn key_by_id(&self, key_id: KeyId) -> Result<Arc<Dek>, Error> {
         if let Some(hit) = self.by_id.get(&key_id) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit.dek);
+            return Ok(Arc::new(hit.key.expand()));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let _fill = self.fill();
         match self.stats.timed(|| self.store.by_id(&key_id))? {
             KeyLookup::Found(row) => {
-                let dek = Arc::new(self.unwrap(&row)?);
+                let key = self.unwrap(&row)?;
+                let dek = Arc::new(key.expand());
                 self.by_id.insert(
                     key_id,
                     ById {
                         scope: row.scope.into(),
-                        dek: dek.clone(),
+                        key,
                     },
                 );
                 Ok(dek)
@@ -593,10 +610,20 @@ impl Keyring {
 
     /// The key scopes that an id given by a person (to forget, rotate or look up a subject) names: the id as
     /// given and, when it is a uuid, each of its common forms (hyphenated, simple, braced; lower and upper case):
-    /// a uuid field carries the canonical form, and a string subject whatever form its producer wrote. Other ids
-    /// are matched exactly: case, spaces and leading zeros count, since two such ids may well be two people.
+    /// a uuid field carries the canonical form, and a string subject whatever form its producer wrote. A 64-bit
+    /// integer past 2^63 (or below 0) in canonical decimal names its other form too: a protobuf `uint64` id is named
+    /// unsigned, where earlier versions named it by its signed bits, as a producer keeping it in a signed long still
+    /// does. Other ids are matched exactly: case, spaces and leading zeros count, since two such ids may well be two
+    /// people.
     pub fn subject_scopes(&self, subject: &str) -> Vec<String> {
         let mut ids = vec![subject.to_owned()];
+        match (subject.parse::<u64>(), subject.parse::<i64>()) {
+            (Ok(unsigned), _) if unsigned > i64::MAX as u64 && unsigned.to_string() == subject => {
+                ids.push((unsigned as i64).to_string());
+            }
+            (_, Ok(signed)) if signed < 0 && signed.to_string() == subject => ids.push((signed as u64).to_string()),
+            _ => {}
+        }
         if let Ok(uuid) = apache_avro::Uuid::try_parse(subject) {
             // A uuid field carries the canonical form; a string subject may carry any of the common ones.
             for form in [
@@ -741,7 +768,7 @@ impl Keyring {
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
         if let Some(hit) = self.by_scope.get(scope) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit);
+            return Ok(hit.expand());
         }
         let _fill = self.fill();
         self.current_filling(scope)
@@ -751,20 +778,21 @@ impl Keyring {
     fn current_filling(&self, scope: &str) -> Result<RecordKey, KeyError> {
         if let Some(hit) = self.by_scope.get(scope) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit);
+            return Ok(hit.expand());
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let entry = match self.stats.timed(|| self.store.current(scope))? {
-            Some(row) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
-            None if self.stats.timed(|| self.store.is_forgotten(scope))? => RecordKey::Forgotten,
+            Some(row) => Cached::Active(self.unwrap(&row)?),
+            None if self.stats.timed(|| self.store.is_forgotten(scope))? => Cached::Forgotten,
             None => match self.create(scope, 1) {
-                Ok((row, _)) => RecordKey::Active(Arc::new(self.unwrap(&row)?)),
-                Err(KeyError::Forgotten) => RecordKey::Forgotten,
+                Ok((row, _)) => Cached::Active(self.unwrap(&row)?),
+                Err(KeyError::Forgotten) => Cached::Forgotten,
                 Err(e) => return Err(e),
             },
         };
-        self.by_scope.insert(scope.to_owned(), entry.clone());
-        Ok(entry)
+        let key = entry.expand();
+        self.by_scope.insert(scope.to_owned(), entry);
+        Ok(key)
     }
 
     /// Held by a cache fill from its store read until its cache insert; an invalidation waits for the fills under
@@ -799,14 +827,14 @@ impl Keyring {
         Ok((stored, ours))
     }
 
-    fn unwrap(&self, row: &StoredKey) -> Result<Dek, KeyError> {
+    fn unwrap(&self, row: &StoredKey) -> Result<Arc<DataKey>, KeyError> {
         let secret = self
             .kek
             .unwrap(&row.wrapped, &dek_ad(row.key_id, &row.scope, row.version))?;
         if secret.len() != 32 {
             return Err(KeyError::CorruptRow);
         }
-        Ok(Dek::new(row.key_id, row.version, &secret))
+        Ok(Arc::new(DataKey::new(row.key_id, row.version, &secret)))
     }
 }
 
@@ -1500,6 +1528,27 @@ mod tests {
             assert!(ring.subject_status(form).unwrap().forgotten, "{form}");
         }
         assert!(!ring.subject_status("cus_1").unwrap().forgotten);
+    }
+
+    /// A 64-bit id past 2^63 was named by its signed form before protobuf's unsigned ids were read as unsigned (and
+    /// still is by a producer that keeps it in a signed long): a forget by either form reaches both.
+    #[test]
+    fn a_forget_of_a_64_bit_id_reaches_its_signed_and_unsigned_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let signed = active(ring.subject_key("-7").unwrap()).key_id;
+        let unsigned = active(ring.subject_key("18446744073709551609").unwrap()).key_id;
+        assert_eq!(ring.forget_subject("18446744073709551609").unwrap(), 2);
+        assert!(ring.key_by_id(signed).is_err() && ring.key_by_id(unsigned).is_err());
+        assert!(ring.subject_status("-7").unwrap().forgotten);
+        let other = active(ring.subject_key("-8").unwrap()).key_id;
+        assert_eq!(ring.forget_subject("-8").unwrap(), 1);
+        assert!(ring.key_by_id(other).is_err());
+        assert!(ring.subject_status("18446744073709551608").unwrap().forgotten);
+        // Only the canonical decimal forms: "-07" and "7" name other subjects.
+        for id in ["-07", "7", "9223372036854775807"] {
+            assert_eq!(ring.subject_scopes(id).len(), 1, "{id}");
+        }
     }
 
     /// Earlier versions wrote every quarantined copy under one `piiwall.quarantine` key, which no day names: it
