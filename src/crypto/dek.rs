@@ -357,6 +357,27 @@ mod tests {
         zeroized_on_drop::<aes::Aes256Enc>();
     }
 
+    /// The key caches hold `DataKey`s: a cache of 100,000 keys must stay within tens of megabytes.
+    #[test]
+    fn a_cached_key_is_small() {
+        let size = std::mem::size_of::<DataKey>();
+        assert!(size <= 512, "a DataKey takes {size} bytes");
+    }
+
+    /// Every `Dek` expanded from one `DataKey` seals and opens alike, and counts its encryptions in the one count
+    /// rotation reads (a batch's expansion must not lose the encryptions of another).
+    #[test]
+    fn expansions_of_a_key_are_one_key() {
+        let key = Arc::new(DataKey::new(KeyId([1; 12]), 1, &[9; 32]));
+        let (a, b) = (key.expand(), key.expand());
+        assert_eq!(a.tokenize("email", b"ada"), b.tokenize("email", b"ada"));
+        let sealed = a.encrypt("email", b"ada");
+        assert_eq!(&b.open(&parse(&sealed), "email").unwrap()[..], b"ada");
+        a.encrypt("email", b"x");
+        assert_eq!(b.take_unrecorded(2), Some(2));
+        assert_eq!(a.take_unrecorded(1), None);
+    }
+
     #[test]
     fn tokenize_is_deterministic_and_reversible() {
         let dek = dek();
