@@ -67,6 +67,22 @@ pub struct DataKey {
     /// Random-nonce encryptions under this key not yet added to the key store's count (`Keyring::retire_worn`):
     /// shared by every `Dek` expanded from it.
     unrecorded: AtomicU64,
+    /// Where that count goes when the last copy of this key is dropped before it was recorded (see [`counted`]).
+    ///
+    /// [`counted`]: Self::counted
+    leftover: Option<CountSink>,
+}
+
+/// Takes the encryption count of a data key dropped before the count was recorded: the key id and the count.
+pub type CountSink = Arc<dyn Fn(KeyId, u64) + Send + Sync>;
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        let count = *self.unrecorded.get_mut();
+        if let (Some(sink), true) = (&self.leftover, count > 0) {
+            sink(self.key_id, count);
+        }
+    }
 }
 
 impl fmt::Debug for DataKey {
@@ -96,7 +112,17 @@ impl DataKey {
             hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
             heads: [TokenKind::Token, TokenKind::Ciphertext, TokenKind::Hash].map(|kind| Token::head(kind, key_id)),
             unrecorded: AtomicU64::new(0),
+            leftover: None,
         }
+    }
+
+    /// The key with `carried` encryptions not yet recorded (left by an earlier copy of it), whose count goes to
+    /// `sink` if this copy is dropped before the count is recorded: a key whose cache entry expires and is filled
+    /// again keeps counting where it was, so it reaches its recording step and rotates however often it is reloaded.
+    pub fn counted(mut self, carried: u64, sink: CountSink) -> Self {
+        *self.unrecorded.get_mut() = carried;
+        self.leftover = Some(sink);
+        self
     }
 
     /// The key ready for use: its AES keys expanded (two key schedules and GHASH keys, a fraction of a

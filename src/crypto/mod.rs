@@ -27,7 +27,7 @@ mod token;
 
 #[cfg(feature = "aws-kms")]
 pub use aws_kms::AwsKmsKek;
-pub use dek::{DataKey, Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
+pub use dek::{CountSink, DataKey, Dek, HASH_LEN, KeyId, Scratch, ciphertext_len, padded_len, token_len};
 pub use kek::{KekProvider, KekSet, KekSource, LocalKek, open_kek};
 pub use pkcs11::{Pkcs11Kek, Pkcs11Location, SecretSource};
 pub use token::{HEAD_LEN as TOKEN_HEAD_LEN, Token, TokenKind};

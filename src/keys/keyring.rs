@@ -16,7 +16,7 @@ use super::SqliteStore;
 use super::WrappingKey;
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::config::{KeysConfig, StoreLocation};
-use crate::crypto::{DataKey, Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
+use crate::crypto::{CountSink, DataKey, Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
 use crate::error::{Error, KeyError, RevealError};
 
 /// Entries the key cache holds at most, by default.
@@ -142,6 +142,11 @@ pub struct Keyring {
     receipts: ed25519_dalek::SigningKey,
     by_scope: Cache<String, Cached>,
     by_id: Cache<KeyId, ById>,
+    /// The encryption counts of keys whose last copy was dropped (a cache entry expired or evicted, its batches
+    /// done) before the count reached a recording step: the key's next copy starts from it (see
+    /// [`DataKey::counted`]). Bounded like the caches; a count evicted from it is a small one of a key not used since.
+    leftovers: Cache<KeyId, u64>,
+    count_sink: CountSink,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
     ttl: Duration,
@@ -234,6 +239,15 @@ impl Keyring {
             .time_to_live(cache.ttl)
             .support_invalidation_closures()
             .build();
+        let leftovers: Cache<KeyId, u64> = Cache::new(cache.capacity);
+        let count_sink: CountSink = Arc::new({
+            let leftovers = leftovers.clone();
+            move |key_id, count| {
+                leftovers
+                    .entry(key_id)
+                    .and_upsert_with(|held| held.map_or(count, |held| held.into_value() + count));
+            }
+        });
         Ok(Self {
             store,
             kek,
@@ -242,6 +256,8 @@ impl Keyring {
             receipts,
             by_scope,
             by_id,
+            leftovers,
+            count_sink,
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
             stats: KeyringStats::default(),
@@ -471,7 +487,7 @@ impl Keyring {
                 Some(row) if row.key_id == candidate.key_id => {
                     batch.created += 1;
                     self.stats.created.fetch_add(1, Ordering::Relaxed);
-                    Cached::Active(Arc::new(DataKey::new(row.key_id, row.version, secret.as_slice())))
+                    Cached::Active(self.counted(DataKey::new(row.key_id, row.version, secret.as_slice())))
                 }
                 Some(row) => Cached::Active(self.unwrap(&row)?),
                 None => Cached::Forgotten,
@@ -555,7 +571,8 @@ impl Keyring {
     /// rotates each key whose total reached `limit`. AES-GCM with random 96-bit nonces is safe for 2^32
     /// encryptions per key (NIST SP 800-38D); the total is kept in the key store, so it survives restarts and adds up
     /// the work of every instance sharing the store. Counts are written in steps of `limit / 1024` (one store write
-    /// per key every ~2 million encryptions at the default limit): a crash loses at most one step per key.
+    /// per key every ~2 million encryptions at the default limit): a crash loses at most one step per key. A count
+    /// below a step outlives the key's cache entry (see `leftovers`).
     pub fn retire_worn(&self, batch: &BatchKeys, limit: u64) -> Result<Vec<Retired>, KeyError> {
         let step = (limit / 1024).max(1);
         let mut keys: Vec<(KeyHolder<'_>, Arc<Dek>)> = self
@@ -616,8 +633,15 @@ impl Keyring {
     /// does. Other ids are matched exactly: case, spaces and leading zeros count, since two such ids may well be two
     /// people.
     pub fn subject_scopes(&self, subject: &str) -> Vec<String> {
+        self.scopes_named(subject, true)
+    }
+
+    /// The scopes `subject` names; with `other_64_bit_form`, the other form of a 64-bit id too (see
+    /// [`subject_scopes`](Self::subject_scopes)).
+    fn scopes_named(&self, subject: &str, other_64_bit_form: bool) -> Vec<String> {
         let mut ids = vec![subject.to_owned()];
         match (subject.parse::<u64>(), subject.parse::<i64>()) {
+            _ if !other_64_bit_form => {}
             (Ok(unsigned), _) if unsigned > i64::MAX as u64 && unsigned.to_string() == subject => {
                 ids.push((unsigned as i64).to_string());
             }
@@ -740,11 +764,13 @@ impl Keyring {
         })
     }
 
-    /// The ids of every key version of a subject (in each of its [scopes](Self::subject_scopes)): its tokens and
-    /// ciphertexts carry one of them. Empty when it has none or was forgotten.
+    /// The ids of every key version of a subject (in each of its [scopes](Self::subject_scopes), but for the other
+    /// form of a 64-bit id: `-1` and `18446744073709551615` are one subject to forget, where forgetting too much is
+    /// safe, but two to export, where one's records must never be handed to the other): its tokens and ciphertexts
+    /// carry one of them. Empty when it has none or was forgotten.
     pub fn subject_key_ids(&self, subject: &str) -> Result<Vec<KeyId>, KeyError> {
         let mut ids = Vec::new();
-        for scope in self.subject_scopes(subject) {
+        for scope in self.scopes_named(subject, false) {
             ids.extend(self.stats.timed(|| self.store.key_ids(&scope))?);
         }
         Ok(ids)
@@ -834,7 +860,13 @@ impl Keyring {
         if secret.len() != 32 {
             return Err(KeyError::CorruptRow);
         }
-        Ok(Arc::new(DataKey::new(row.key_id, row.version, &secret)))
+        Ok(self.counted(DataKey::new(row.key_id, row.version, &secret)))
+    }
+
+    /// `key` counting from what an earlier copy of it left (see [`DataKey::counted`]).
+    fn counted(&self, key: DataKey) -> Arc<DataKey> {
+        let carried = self.leftovers.remove(&key.key_id).unwrap_or(0);
+        Arc::new(key.counted(carried, self.count_sink.clone()))
     }
 }
 
@@ -1040,6 +1072,32 @@ mod tests {
         );
         assert_eq!(active(ring.subject_key("alice").unwrap()).version, 2);
         assert_eq!(active(ring.subject_key("bob").unwrap()).version, 1);
+    }
+
+    /// A key whose cache entry expires (or is evicted) between batches keeps counting where it was: else a key
+    /// reloaded every TTL that does fewer encryptions than a recording step in that time would never be counted,
+    /// and never rotated.
+    #[test]
+    fn counts_below_a_step_survive_the_cache_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let limit = 1024 * 10; // a recording step of 10
+        let mut key_id = None;
+        for _ in 0..3 {
+            let batch = ring.prefetch_subjects(["alice"]).unwrap();
+            let Some(RecordKey::Active(dek)) = batch.get("alice") else {
+                panic!("alice has a key")
+            };
+            key_id = Some(dek.key_id);
+            encrypt_times(dek, 4);
+            assert!(ring.retire_worn(&batch, limit).unwrap().is_empty());
+            drop(batch);
+            // The entry expires; the cache drops its copy.
+            ring.by_scope.invalidate(&ring.subject_scope("alice"));
+            ring.by_scope.run_pending_tasks();
+        }
+        // 12 encryptions over three copies of the key: the third reached the step and recorded all 12.
+        assert_eq!(ring.store.record_encryptions(&key_id.unwrap(), 0).unwrap(), 12);
     }
 
     #[test]
@@ -1549,6 +1607,10 @@ mod tests {
         for id in ["-07", "7", "9223372036854775807"] {
             assert_eq!(ring.subject_scopes(id).len(), 1, "{id}");
         }
+        // An access export reads the form asked for alone: the other form's records may be another person's.
+        let exported = active(ring.subject_key("-9").unwrap()).key_id;
+        active(ring.subject_key("18446744073709551607").unwrap());
+        assert_eq!(ring.subject_key_ids("-9").unwrap(), [exported]);
     }
 
     /// Earlier versions wrote every quarantined copy under one `piiwall.quarantine` key, which no day names: it
