@@ -120,7 +120,7 @@ impl Exporter<'_> {
         progress: Progress<'_>,
     ) -> Result<ExportSummary, Error> {
         let keyring = self.sanitizer.keyring();
-        let status = keyring.subject_status(request.subject)?;
+        let status = keyring.subject_status_as_exported(request.subject)?;
         let ours: HashSet<KeyId> = keyring.subject_key_ids(request.subject)?.into_iter().collect();
         let status_name = if status.forgotten {
             "erased"

@@ -102,10 +102,21 @@ fn sqlite_batches() {
         &SqliteStore::open(&path).unwrap(),
     );
     a_scope_twice_in_a_batch_gets_one_key(&SqliteStore::open(&path).unwrap());
+    counts_recorded_together_add_up(&SqliteStore::open(&path).unwrap());
     let stores: Vec<Arc<dyn KeyStore>> = (0..4)
         .map(|_| Arc::new(SqliteStore::open(&path).unwrap()) as Arc<dyn KeyStore>)
         .collect();
     racing_batches_agree_on_one_key_per_scope(stores);
+}
+
+/// Counts recorded many at once add to what each key had, as counts recorded one at a time do.
+fn counts_recorded_together_add_up(store: &dyn KeyStore) {
+    let (a, b) = (KeyId::random(), KeyId::random());
+    assert_eq!(store.record_encryptions(&a, 5).unwrap(), 5);
+    store.record_encryptions_of(&[(a, 7), (b, 3)]).unwrap();
+    store.record_encryptions_of(&[]).unwrap();
+    assert_eq!(store.record_encryptions(&a, 0).unwrap(), 12);
+    assert_eq!(store.record_encryptions(&b, 1).unwrap(), 4);
 }
 
 /// The same scope twice in one batch: one key, given to both.
@@ -125,6 +136,7 @@ fn postgres_batches() {
         &PostgresStore::open(&url).unwrap(),
     );
     a_scope_twice_in_a_batch_gets_one_key(&PostgresStore::open(&url).unwrap());
+    counts_recorded_together_add_up(&PostgresStore::open(&url).unwrap());
     let stores: Vec<Arc<dyn KeyStore>> = (0..4)
         .map(|_| Arc::new(PostgresStore::open(&url).unwrap()) as Arc<dyn KeyStore>)
         .collect();

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -144,9 +144,12 @@ pub struct Keyring {
     by_id: Cache<KeyId, ById>,
     /// The encryption counts of keys whose last copy was dropped (a cache entry expired or evicted, its batches
     /// done) before the count reached a recording step: the key's next copy starts from it (see
-    /// [`DataKey::counted`]). Bounded like the caches; a count evicted from it is a small one of a key not used since.
-    leftovers: Cache<KeyId, u64>,
+    /// [`DataKey::counted`]). Past the key cache's capacity, `retire_worn` records the surplus in the store. A plain
+    /// map behind a mutex, never a cache: the sink runs inside `DataKey::drop`, which moka can run inside its own
+    /// locked sections, so it must not call into moka.
+    leftovers: Arc<Mutex<HashMap<KeyId, u64>>>,
     count_sink: CountSink,
+    capacity: usize,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
     ttl: Duration,
@@ -239,13 +242,11 @@ impl Keyring {
             .time_to_live(cache.ttl)
             .support_invalidation_closures()
             .build();
-        let leftovers: Cache<KeyId, u64> = Cache::new(cache.capacity);
+        let leftovers: Arc<Mutex<HashMap<KeyId, u64>>> = Arc::default();
         let count_sink: CountSink = Arc::new({
             let leftovers = leftovers.clone();
             move |key_id, count| {
-                leftovers
-                    .entry(key_id)
-                    .and_upsert_with(|held| held.map_or(count, |held| held.into_value() + count));
+                *lock(&leftovers).entry(key_id).or_default() += count;
             }
         });
         Ok(Self {
@@ -258,6 +259,7 @@ impl Keyring {
             by_id,
             leftovers,
             count_sink,
+            capacity: usize::try_from(cache.capacity).unwrap_or(usize::MAX),
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
             stats: KeyringStats::default(),
@@ -606,7 +608,34 @@ impl Keyring {
                 retired.push(Retired { scope, version });
             }
         }
+        self.record_leftovers()?;
         Ok(retired)
+    }
+
+    /// Records in the store the counts `leftovers` holds past the key cache's capacity (and a thousand more, so a
+    /// batch's worth of keys leaving the caches does not make every batch write): one transaction, at most as many
+    /// keys as the caches hold. A key whose recorded total passes the limit this way rotates when it is next used
+    /// and counted. Given back to `leftovers` if the store fails.
+    fn record_leftovers(&self) -> Result<(), KeyError> {
+        let surplus: Vec<(KeyId, u64)> = {
+            let mut leftovers = lock(&self.leftovers);
+            let Some(over) = leftovers.len().checked_sub(self.capacity) else {
+                return Ok(());
+            };
+            let take = (over + 1000).min(leftovers.len());
+            let ids: Vec<KeyId> = leftovers.keys().take(take).copied().collect();
+            ids.into_iter()
+                .filter_map(|id| leftovers.remove(&id).map(|count| (id, count)))
+                .collect()
+        };
+        self.stats
+            .timed(|| self.store.record_encryptions_of(&surplus))
+            .inspect_err(|_| {
+                let mut leftovers = lock(&self.leftovers);
+                for (key_id, count) in &surplus {
+                    *leftovers.entry(*key_id).or_default() += count;
+                }
+            })
     }
 
     /// Rotates a scope whose current key is `key_id`, returning the new version. When another lane or instance
@@ -749,8 +778,18 @@ impl Keyring {
 
     /// What the key store knows of a subject, for the right of access: no PII, only counts.
     pub fn subject_status(&self, subject: &str) -> Result<SubjectStatus, KeyError> {
+        self.status_of(self.subject_scopes(subject))
+    }
+
+    /// [`subject_status`](Self::subject_status) of the form of a 64-bit id asked for alone, as an access export
+    /// reads it (see [`subject_key_ids`](Self::subject_key_ids)).
+    pub fn subject_status_as_exported(&self, subject: &str) -> Result<SubjectStatus, KeyError> {
+        self.status_of(self.scopes_named(subject, false))
+    }
+
+    fn status_of(&self, scopes: Vec<String>) -> Result<SubjectStatus, KeyError> {
         let (mut forgotten, mut key_versions) = (false, 0);
-        for scope in self.subject_scopes(subject) {
+        for scope in scopes {
             if self.store.is_forgotten(&scope)? {
                 forgotten = true;
             } else {
@@ -865,9 +904,13 @@ impl Keyring {
 
     /// `key` counting from what an earlier copy of it left (see [`DataKey::counted`]).
     fn counted(&self, key: DataKey) -> Arc<DataKey> {
-        let carried = self.leftovers.remove(&key.key_id).unwrap_or(0);
+        let carried = lock(&self.leftovers).remove(&key.key_id).unwrap_or(0);
         Arc::new(key.counted(carried, self.count_sink.clone()))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn dek_ad(key_id: KeyId, scope: &str, version: u32) -> Vec<u8> {
@@ -1083,21 +1126,53 @@ mod tests {
         let ring = keyring(dir.path(), 1).unwrap();
         let limit = 1024 * 10; // a recording step of 10
         let mut key_id = None;
-        for _ in 0..3 {
+        for round in 0..3 {
             let batch = ring.prefetch_subjects(["alice"]).unwrap();
             let Some(RecordKey::Active(dek)) = batch.get("alice") else {
                 panic!("alice has a key")
             };
             key_id = Some(dek.key_id);
             encrypt_times(dek, 4);
+            let id = dek.key_id;
             assert!(ring.retire_worn(&batch, limit).unwrap().is_empty());
             drop(batch);
-            // The entry expires; the cache drops its copy.
+            // The entry expires; the cache drops its copy (moka frees it a moment later: waited for), which leaves
+            // its count (4, then 8; the third round's 12 reached the step and was recorded).
             ring.by_scope.invalidate(&ring.subject_scope("alice"));
-            ring.by_scope.run_pending_tasks();
+            let started = std::time::Instant::now();
+            while round < 2 && !lock(&ring.leftovers).contains_key(&id) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the cache never dropped its copy"
+                );
+                ring.by_scope.run_pending_tasks();
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         // 12 encryptions over three copies of the key: the third reached the step and recorded all 12.
         assert_eq!(ring.store.record_encryptions(&key_id.unwrap(), 0).unwrap(), 12);
+    }
+
+    /// Counts left by more keys than the caches hold are recorded in the store, in one go, and leave the map: it
+    /// stays bounded under a stream of subjects seen once.
+    #[test]
+    fn leftover_counts_past_the_cache_capacity_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let settings = KeyCacheSettings {
+            capacity: 2,
+            ..KeyCacheSettings::default()
+        };
+        let ring = Keyring::open(store, Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()), settings).unwrap();
+        let ids: Vec<KeyId> = (0..5u8).map(|i| KeyId([i; 12])).collect();
+        for (n, id) in ids.iter().enumerate() {
+            (ring.count_sink)(*id, n as u64 + 1);
+        }
+        ring.retire_worn(&BatchKeys::default(), 1 << 31).unwrap();
+        assert!(lock(&ring.leftovers).is_empty());
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(ring.store.record_encryptions(id, 0).unwrap(), n as u64 + 1);
+        }
     }
 
     #[test]
@@ -1611,6 +1686,8 @@ mod tests {
         let exported = active(ring.subject_key("-9").unwrap()).key_id;
         active(ring.subject_key("18446744073709551607").unwrap());
         assert_eq!(ring.subject_key_ids("-9").unwrap(), [exported]);
+        ring.forget_scope(&ring.subject_scope("18446744073709551607")).unwrap();
+        assert!(!ring.subject_status_as_exported("-9").unwrap().forgotten);
     }
 
     /// Earlier versions wrote every quarantined copy under one `piiwall.quarantine` key, which no day names: it

@@ -516,6 +516,23 @@ impl KeyStore for PostgresStore {
         Ok(total.max(0) as u64)
     }
 
+    fn record_encryptions_of(&self, counts: &[(KeyId, u64)]) -> Result<(), KeyError> {
+        let ids: Vec<&[u8]> = counts.iter().map(|(key_id, _)| &key_id.0[..]).collect();
+        let counts = counts
+            .iter()
+            .map(|(_, count)| i64::try_from(*count))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
+        self.with("recording key usage", |tx| {
+            tx.execute(
+                "INSERT INTO piiwall_key_usage (key_id, encryptions) SELECT * FROM unnest($1::bytea[], $2::bigint[])
+                 ON CONFLICT (key_id) DO UPDATE SET encryptions = piiwall_key_usage.encryptions + EXCLUDED.encryptions",
+                &[&ids, &counts],
+            )
+            .map(drop)
+        })
+    }
+
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
         self.with("reading the key store's own keys", |tx| {
             tx.query_opt("SELECT wrapped FROM piiwall_meta WHERE name = $1", &[&name])

@@ -331,6 +331,30 @@ impl KeyStore for SqliteStore {
         Ok(total.max(0) as u64)
     }
 
+    fn record_encryptions_of(&self, counts: &[(KeyId, u64)]) -> Result<(), KeyError> {
+        let counts = counts
+            .iter()
+            .map(|(key_id, count)| Ok((key_id, i64::try_from(*count)?)))
+            .collect::<Result<Vec<_>, std::num::TryFromIntError>>()
+            .map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
+        self.with(
+            |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                {
+                    let mut add = tx.prepare_cached(
+                        "INSERT INTO key_usage (key_id, encryptions) VALUES (?1, ?2)
+                         ON CONFLICT (key_id) DO UPDATE SET encryptions = encryptions + excluded.encryptions",
+                    )?;
+                    for (key_id, count) in &counts {
+                        add.execute(params![&key_id.0[..], count])?;
+                    }
+                }
+                tx.commit()
+            },
+            "recording key usage",
+        )
+    }
+
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
         self.with(
             |c| {

@@ -48,6 +48,13 @@ pub trait KeyStore: Send + Sync {
     /// Adds `count` to a key's tally of random-nonce encryptions (kept across restarts, shared by every instance
     /// using the store); returns the new total.
     fn record_encryptions(&self, key_id: &KeyId, count: u64) -> Result<u64, KeyError>;
+    /// Adds each count to its key's tally, in one transaction where the store has them (the key ids are
+    /// distinct): the counts of keys no cache holds any more (see `Keyring::retire_worn`).
+    fn record_encryptions_of(&self, counts: &[(KeyId, u64)]) -> Result<(), KeyError> {
+        counts
+            .iter()
+            .try_for_each(|(key_id, count)| self.record_encryptions(key_id, *count).map(drop))
+    }
     /// A named store-wide secret (wrapped), if the store has it.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KeyError>;
     /// A named store-wide secret (wrapped), inserted if absent; returns the stored one.
