@@ -577,6 +577,8 @@ impl Keyring {
     /// below a step outlives the key's cache entry (see `leftovers`).
     pub fn retire_worn(&self, batch: &BatchKeys, limit: u64) -> Result<Vec<Retired>, KeyError> {
         let step = (limit / 1024).max(1);
+        // First: failing after a rotation would lose the rotation's report.
+        self.record_leftovers()?;
         let mut keys: Vec<(KeyHolder<'_>, Arc<Dek>)> = self
             .domains
             .read()
@@ -608,7 +610,6 @@ impl Keyring {
                 retired.push(Retired { scope, version });
             }
         }
-        self.record_leftovers()?;
         Ok(retired)
     }
 
@@ -619,14 +620,19 @@ impl Keyring {
     fn record_leftovers(&self) -> Result<(), KeyError> {
         let surplus: Vec<(KeyId, u64)> = {
             let mut leftovers = lock(&self.leftovers);
-            let Some(over) = leftovers.len().checked_sub(self.capacity) else {
+            let Some(over) = leftovers.len().checked_sub(self.capacity).filter(|over| *over > 0) else {
                 return Ok(());
             };
             let take = (over + 1000).min(leftovers.len());
             let ids: Vec<KeyId> = leftovers.keys().take(take).copied().collect();
-            ids.into_iter()
+            let mut surplus: Vec<(KeyId, u64)> = ids
+                .into_iter()
                 .filter_map(|id| leftovers.remove(&id).map(|count| (id, count)))
-                .collect()
+                .collect();
+            // In key-id order, as every instance writes them: two instances recording the same keys lock their rows
+            // in one order, never waiting on each other in a cycle.
+            surplus.sort_unstable_by_key(|(key_id, _)| key_id.0);
+            surplus
         };
         self.stats
             .timed(|| self.store.record_encryptions_of(&surplus))

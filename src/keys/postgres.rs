@@ -525,7 +525,8 @@ impl KeyStore for PostgresStore {
             .map_err(|_| KeyError::Store("an encryption count over 2^63".into()))?;
         self.with("recording key usage", |tx| {
             tx.execute(
-                "INSERT INTO piiwall_key_usage (key_id, encryptions) SELECT * FROM unnest($1::bytea[], $2::bigint[])
+                "INSERT INTO piiwall_key_usage (key_id, encryptions)
+                 SELECT id, n FROM unnest($1::bytea[], $2::bigint[]) AS u(id, n) ORDER BY id
                  ON CONFLICT (key_id) DO UPDATE SET encryptions = piiwall_key_usage.encryptions + EXCLUDED.encryptions",
                 &[&ids, &counts],
             )
