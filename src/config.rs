@@ -480,7 +480,8 @@ fn mask_password_pairs(text: &str) -> String {
             continue;
         }
         at += 1;
-        while at < bytes.len() && (bytes[at] == b' ' || bytes[at] == b'\t') {
+        // Any whitespace, as libpq (`isspace`) and the postgres crate skip it: the value starts after it.
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
             at += 1;
         }
         let value_start = at;
@@ -1589,6 +1590,12 @@ mod tests {
             "host=h password=*** dbname=d"
         );
         assert_eq!(mask_url_password("password_file=x"), "password_file=x");
+        // Any whitespace may stand between `=` and the value, as libpq and the postgres crate read it (found by the
+        // `config` fuzz target: a form feed after `=` left the value shown).
+        assert_eq!(
+            mask_url_password("host=h password=\x0c\npw dbname=d"),
+            "host=h password=\x0c\n*** dbname=d"
+        );
         let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
             .unwrap_err()
             .to_string();
