@@ -462,17 +462,15 @@ pub fn mask_url_password(url: &str) -> String {
 }
 
 /// Replaces the value of every `password=` (any case; libpq also allows spaces around `=` and a single-quoted
-/// value with backslash escapes) up to the next `&` or whitespace, or to its closing quote.
+/// value with backslash escapes) up to the next `&` or whitespace, or to its closing quote. Every occurrence is
+/// masked, a `password=` inside another's value too (whose own value can run past the first's end).
 fn mask_password_pairs(text: &str) -> String {
     const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
     let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let mut rest = 0;
-    let mut search = 0;
-    while let Some(found) = lower[search..].find(KEY) {
-        let mut at = search + found + KEY.len();
-        search = at;
+    let mut values: Vec<(usize, usize)> = Vec::new();
+    for (found, _) in lower.match_indices(KEY) {
+        let mut at = found + KEY.len();
         while at < bytes.len() && bytes[at].is_ascii_whitespace() {
             at += 1;
         }
@@ -496,10 +494,22 @@ fn mask_password_pairs(text: &str) -> String {
                 .find(|c: char| c == '&' || c.is_ascii_whitespace())
                 .map_or(text.len(), |end| at + end)
         };
-        out.push_str(&text[rest..value_start]);
+        if value_end > value_start {
+            values.push((value_start, value_end));
+        }
+    }
+    // The values in order, overlapping ones merged, each replaced by `***`.
+    values.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (start, end) in values {
+        if start < rest {
+            rest = rest.max(end);
+            continue;
+        }
+        out.push_str(&text[rest..start]);
         out.push_str("***");
-        rest = value_end;
-        search = value_end;
+        rest = end;
     }
     out.push_str(&text[rest..]);
     out
@@ -1595,6 +1605,11 @@ mod tests {
         assert_eq!(
             mask_url_password("host=h password=\x0c\npw dbname=d"),
             "host=h password=\x0c\n*** dbname=d"
+        );
+        // A `password=` inside another's value, whose own value runs past the first's end.
+        assert_eq!(
+            mask_url_password("x password=\x0cab@password=\x0cpw"),
+            "x password=\x0c***\x0c***"
         );
         let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
             .unwrap_err()
