@@ -448,23 +448,23 @@ impl std::fmt::Debug for StoreLocation {
 /// `scheme://user:secret@host/...` as `scheme://user:***@host/...`, and every `password=secret` (a URL's query, or
 /// a libpq `key=value` connection string) as `password=***`.
 pub fn mask_url_password(url: &str) -> String {
-    let userinfo_masked = match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((credentials, host)) => match credentials.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-                None => url.to_owned(),
-            },
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    };
-    mask_password_pairs(&userinfo_masked)
+    let mut values = password_values(url);
+    // The user info's password, located in the same text as the `password=` values, so that a value running
+    // across the `@` is masked whole.
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((credentials, _)) = rest.rsplit_once('@')
+        && let Some((user, _)) = credentials.split_once(':')
+    {
+        let start = scheme.len() + "://".len() + user.len() + 1;
+        values.push((start, scheme.len() + "://".len() + credentials.len()));
+    }
+    mask_ranges(url, values)
 }
 
-/// Replaces the value of every `password=` (any case; libpq also allows spaces around `=` and a single-quoted
-/// value with backslash escapes) up to the next `&` or whitespace, or to its closing quote. Every occurrence is
-/// masked, a `password=` inside another's value too (whose own value can run past the first's end).
-fn mask_password_pairs(text: &str) -> String {
+/// The byte ranges of the values of every `password=` (any case; libpq also allows spaces around `=` and a
+/// single-quoted value with backslash escapes), each up to the next `&` or whitespace, or to its closing quote:
+/// every occurrence, a `password=` inside another's value too (whose own value can run past the first's end).
+fn password_values(text: &str) -> Vec<(usize, usize)> {
     const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
     let bytes = text.as_bytes();
@@ -498,12 +498,17 @@ fn mask_password_pairs(text: &str) -> String {
             values.push((value_start, value_end));
         }
     }
-    // The values in order, overlapping ones merged, each replaced by `***`.
+    values
+}
+
+/// `text` with each of the byte ranges `values` replaced by `***`, overlapping ones merged.
+fn mask_ranges(text: &str, mut values: Vec<(usize, usize)>) -> String {
     values.sort_unstable();
     let mut out = String::with_capacity(text.len());
     let mut rest = 0;
     for (start, end) in values {
-        if start < rest {
+        // Overlapping or touching the range before: one `***` for both.
+        if rest > 0 && start <= rest {
             rest = rest.max(end);
             continue;
         }
@@ -1606,6 +1611,8 @@ mod tests {
             mask_url_password("host=h password=\x0c\npw dbname=d"),
             "host=h password=\x0c\n*** dbname=d"
         );
+        // A `password=` in the user info's password, whose value runs across the `@`.
+        assert_eq!(mask_url_password("postgres://u:@=password=@host?"), "postgres://u:***");
         // A `password=` inside another's value, whose own value runs past the first's end.
         assert_eq!(
             mask_url_password("x password=\x0cab@password=\x0cpw"),
