@@ -107,20 +107,7 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
     };
     let domain = sanitizer.domain_of(&schema.plan);
     // The event encoded by prost-reflect, from descriptors compiled by protox.
-    let mut files = protox::file::ChainFileResolver::new();
-    files.add(protox::file::IncludeFileResolver::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/proto"),
-    ));
-    files.add(protox::file::IncludeFileResolver::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"),
-    ));
-    files.add(protox::file::GoogleFileResolver::new());
-    let mut compiler = protox::Compiler::with_file_resolver(files);
-    compiler.include_imports(true).open_file("event.proto").unwrap();
-    let descriptor = compiler
-        .descriptor_pool()
-        .get_message_by_name("com.acme.bench.Event")
-        .unwrap();
+    let descriptor = event_descriptor(&Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"), "event.proto");
     let mut event = DynamicMessage::new(descriptor.clone());
     let json: serde_json::Value = serde_json::from_str(EVENT).unwrap();
     for (name, value) in json.as_object().unwrap() {
@@ -161,18 +148,7 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
     // The sanitized `.proto` piiwall registers, compiled by protox as a consumer would.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("sanitized.proto"), schema.published_schema().0).unwrap();
-    let mut files = protox::file::ChainFileResolver::new();
-    files.add(protox::file::IncludeFileResolver::new(dir.path().to_owned()));
-    files.add(protox::file::IncludeFileResolver::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/proto"),
-    ));
-    files.add(protox::file::GoogleFileResolver::new());
-    let mut compiler = protox::Compiler::with_file_resolver(files);
-    compiler.include_imports(true).open_file("sanitized.proto").unwrap();
-    let sanitized_descriptor = compiler
-        .descriptor_pool()
-        .get_message_by_name("com.acme.bench.Event")
-        .unwrap();
+    let sanitized_descriptor = event_descriptor(dir.path(), "sanitized.proto");
     let reference = |keys: &piiwall::sanitize::RecordKeys, out: &mut Vec<u8>| {
         let message = DynamicMessage::decode(descriptor.clone(), &bytes[..]).unwrap();
         let mut record = apache_avro::types::Value::Record(
@@ -239,6 +215,22 @@ fn protobuf_records(c: &mut Criterion, sanitizer: &Sanitizer) {
         })
     });
     group.finish();
+}
+
+/// The bench event's message in `file` under `dir`, compiled by protox (piiwall's and Google's imports resolved).
+fn event_descriptor(dir: &Path, file: &str) -> prost_reflect::MessageDescriptor {
+    let mut files = protox::file::ChainFileResolver::new();
+    files.add(protox::file::IncludeFileResolver::new(dir.to_owned()));
+    files.add(protox::file::IncludeFileResolver::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/proto"),
+    ));
+    files.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(files);
+    compiler.include_imports(true).open_file(file).unwrap();
+    compiler
+        .descriptor_pool()
+        .get_message_by_name("com.acme.bench.Event")
+        .unwrap()
 }
 
 /// A scalar of the event as the Avro value of its field in the schema's translation.
