@@ -461,44 +461,63 @@ pub fn mask_url_password(url: &str) -> String {
     mask_ranges(url, values)
 }
 
-/// The byte ranges of the values of every `password=` (any case; libpq also allows spaces around `=` and a
-/// single-quoted value with backslash escapes), each up to the next `&` or whitespace, or to its closing quote:
-/// every occurrence, a `password=` inside another's value too (whose own value can run past the first's end).
+/// The byte ranges of the values of every `password=` (any case; spaces allowed around `=`): every occurrence, a
+/// `password=` inside another's value too (whose own value can run past the first's end). A value runs as the
+/// postgres crate reads it: in a `key=value` string, a single-quoted value to its closing quote, else to the first
+/// whitespace (Unicode's, as `char::is_whitespace`) not escaped by a backslash; in a URL (a text that starts with
+/// `scheme://`), to the next `&`, whitespace or not.
 fn password_values(text: &str) -> Vec<(usize, usize)> {
     const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
-    let bytes = text.as_bytes();
+    let url = has_scheme(text);
     let mut values: Vec<(usize, usize)> = Vec::new();
     for (found, _) in lower.match_indices(KEY) {
-        let mut at = found + KEY.len();
-        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        if bytes.get(at) != Some(&b'=') {
+        let after_key = found + KEY.len();
+        let Some(after_eq) = text[after_key..]
+            .trim_start_matches(char::is_whitespace)
+            .strip_prefix('=')
+        else {
             continue;
-        }
-        at += 1;
-        // Any whitespace, as libpq (`isspace`) and the postgres crate skip it: the value starts after it.
-        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let value_start = at;
-        let value_end = if bytes.get(at) == Some(&b'\'') {
-            at += 1;
-            while at < bytes.len() && bytes[at] != b'\'' {
-                at += if bytes[at] == b'\\' { 2 } else { 1 };
-            }
-            (at + 1).min(bytes.len())
-        } else {
-            lower[at..]
-                .find(|c: char| c == '&' || c.is_ascii_whitespace())
-                .map_or(text.len(), |end| at + end)
         };
+        let value = after_eq.trim_start_matches(char::is_whitespace);
+        let value_start = text.len() - value.len();
+        let value_end = value_start
+            + if url {
+                value.find('&').unwrap_or(value.len())
+            } else {
+                key_value_len(value)
+            };
         if value_end > value_start {
             values.push((value_start, value_end));
         }
     }
     values
+}
+
+/// Whether `text` starts with a URL scheme and `://`, as a URL the postgres crate or the registry client reads.
+fn has_scheme(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
+/// The length in bytes of a `key=value` string's value at the start of `value`: a single-quoted one up to and with
+/// its closing quote, else up to the first whitespace a backslash does not escape (the postgres crate's reading).
+fn key_value_len(value: &str) -> usize {
+    let quoted = value.starts_with('\'');
+    let mut chars = value.char_indices().skip(usize::from(quoted));
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '\'' if quoted => return at + 1,
+            c if !quoted && c.is_whitespace() => return at,
+            _ => {}
+        }
+    }
+    value.len()
 }
 
 /// `text` with each of the byte ranges `values` replaced by `***`, overlapping ones merged.
@@ -1617,6 +1636,17 @@ mod tests {
         assert_eq!(
             mask_url_password("x password=\x0cab@password=\x0cpw"),
             "x password=\x0c***\x0c***"
+        );
+        // A URL's query value runs to the next `&`, whitespace in it or not (found by the `config` fuzz target: a
+        // form feed ended the mask and showed the rest); a `key=value` one runs past `&` and escaped whitespace, and
+        // ends at any Unicode whitespace, as the postgres crate reads them.
+        assert_eq!(
+            mask_url_password("postgres://h/db?password=a\x0cpw&sslmode=require"),
+            "postgres://h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            mask_url_password("host=h password=a&pw\\ pw\u{a0}dbname=d"),
+            "host=h password=***\u{a0}dbname=d"
         );
         let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
             .unwrap_err()

@@ -120,11 +120,21 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
                         }
                     }
                 }
+                // A URL's query value runs to the next `&`; a `key=value` string's to the next whitespace (any
+                // Unicode whitespace; backslash escapes are not modelled, which only shortens the secret).
+                let url = text.split_once("://").is_some_and(|(scheme, _)| {
+                    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                });
                 let lowered = text.to_ascii_lowercase();
                 for (at, _) in lowered.match_indices("password=") {
-                    let value = &text[at + "password=".len()..];
-                    let end = value.find(['&', ' ', '\t']).unwrap_or(value.len());
-                    found.push(value[..end].to_owned());
+                    let value = text[at + "password=".len()..].trim_start_matches(char::is_whitespace);
+                    let end = if url {
+                        value.find('&')
+                    } else {
+                        value.find(char::is_whitespace)
+                    };
+                    found.push(value[..end.unwrap_or(value.len())].to_owned());
                 }
             }
             out.extend(
