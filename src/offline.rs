@@ -110,6 +110,8 @@ pub fn sanitize_lines(
         summary.retired.extend(retired);
     }
     output.flush().map_err(|e| Error::io("writing output", e))?;
+    // The counts below a recording step, which the next run would not see otherwise.
+    sanitizer.keyring().record_all_counts()?;
     summary.detections = scratch.take_detections();
     Ok(summary)
 }

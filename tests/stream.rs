@@ -810,6 +810,53 @@ async fn quarantined_records_are_replayed_once_their_cause_is_fixed() {
     // inside a record batch, so that part is not asserted here.)
 }
 
+/// A clean stop records the encryption counts still below a recording step (~2 million at the default limit), so a
+/// restart counts on from the exact total: before, each restart lost them (a key restarted often enough was never
+/// counted toward its random-nonce bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_records_the_encryption_counts_below_a_step() {
+    use piiwall::keys::KeyStore;
+    let Setup {
+        dir,
+        input,
+        group,
+        schema,
+    } = setup("counted").await;
+    // One customer, 3 encrypted fields a record: 30 random-nonce encryptions under one key.
+    let record = customer(7);
+    let records: Vec<Outgoing> = (0..10)
+        .map(|i| {
+            let value = framed(&schema, SCHEMA_ID, &record);
+            (i % 3, Some(b"cus_00007".to_vec()), value, OwnedHeaders::new())
+        })
+        .collect();
+    produce(&input, records).await;
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(server::run(config(dir.path(), &input, &group), shutdown.clone()));
+    let output = format!("{input}.sanitized");
+    let sanitized = tokio::task::spawn_blocking(move || consume(&output, 10, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(sanitized.len(), 10);
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+
+    let kek = std::fs::read_to_string(dir.path().join("kek.key")).unwrap();
+    let key_id = match common::keyring_at_with(dir.path(), &kek)
+        .subject_key("cus_00007")
+        .unwrap()
+    {
+        piiwall::keys::RecordKey::Active(dek) => dek.key_id,
+        piiwall::keys::RecordKey::Forgotten => panic!("not forgotten"),
+    };
+    let store = piiwall::keys::SqliteStore::open(&dir.path().join("keys.db")).unwrap();
+    assert_eq!(
+        store.record_encryptions(&key_id, 0).unwrap(),
+        30,
+        "every encryption recorded at the stop"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_that_reaches_its_encryption_limit_is_rotated_announced_and_audited() {
     let Setup {

@@ -125,6 +125,12 @@ impl DataKey {
         self
     }
 
+    /// Takes every encryption not yet recorded in the key store, however few (for a clean stop:
+    /// `Keyring::record_all_counts`).
+    pub fn take_all_unrecorded(&self) -> u64 {
+        self.unrecorded.swap(0, Ordering::Relaxed)
+    }
+
     /// The key ready for use: its AES keys expanded (two key schedules and GHASH keys, a fraction of a
     /// microsecond).
     pub fn expand(self: &Arc<Self>) -> Dek {

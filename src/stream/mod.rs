@@ -507,6 +507,17 @@ pub async fn run(
             tracing::warn!("final commit not acknowledged within the drain timeout: those records are read again");
         }
     }
+    // The encryption counts below a recording step, which a restart would lose: the lanes are done with the keys.
+    let counting = keyring.clone();
+    let recorded = bounded_blocking(config.pipeline.drain_timeout, move || {
+        if let Err(e) = counting.record_all_counts() {
+            tracing::warn!(error = %e, "the encryption counts of this run's keys were not recorded at stop");
+        }
+    })
+    .await;
+    if !recorded {
+        tracing::warn!("recording the encryption counts did not finish within the drain timeout");
+    }
     summarize(&ctx, window_start).await;
     let mut stop_event = AuditEvent::new(AuditKind::Stop);
     stop_event.config_digest = Some(config.digest());
