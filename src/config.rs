@@ -461,37 +461,90 @@ pub fn mask_url_password(url: &str) -> String {
     mask_ranges(url, values)
 }
 
-/// The byte ranges of the values of every `password=` (any case; spaces allowed around `=`): every occurrence, a
-/// `password=` inside another's value too (whose own value can run past the first's end). A value runs as the
-/// postgres crate reads it: in a `key=value` string, a single-quoted value to its closing quote, else to the first
-/// whitespace (Unicode's, as `char::is_whitespace`) not escaped by a backslash; in a URL (a text that starts with
-/// `scheme://`), to the next `&`, whitespace or not.
+/// The byte ranges of the password values in a key store's or registry's location, as wide as any reader takes
+/// them (masking more than a reader would is harmless, less is a leak):
+/// - every `password` followed by `=` (any case, spaces before `=` too), wherever it stands, a `password=` inside
+///   another's value too (whose own value can run past the first's end). In a URL (a text that starts with
+///   `scheme://`) the value runs from just after `=` to the next `&`, whitespace or not, as the postgres crate and
+///   libpq read a query; in a libpq `key=value` string, after any ASCII whitespace, a single-quoted value to its
+///   closing quote, else to the first ASCII whitespace a backslash does not escape (libpq's reading, which takes in
+///   the postgres crate's: that one also ends a value at Unicode whitespace);
+/// - in a URL's query, the value of every parameter whose key names a password once percent-decoded (the postgres
+///   crate reads `%70assword=` as `password=`).
 fn password_values(text: &str) -> Vec<(usize, usize)> {
     const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
     let url = has_scheme(text);
     let mut values: Vec<(usize, usize)> = Vec::new();
     for (found, _) in lower.match_indices(KEY) {
-        let after_key = found + KEY.len();
-        let Some(after_eq) = text[after_key..]
+        let Some(after_eq) = text[found + KEY.len()..]
             .trim_start_matches(char::is_whitespace)
             .strip_prefix('=')
         else {
             continue;
         };
-        let value = after_eq.trim_start_matches(char::is_whitespace);
-        let value_start = text.len() - value.len();
-        let value_end = value_start
-            + if url {
-                value.find('&').unwrap_or(value.len())
-            } else {
-                key_value_len(value)
-            };
-        if value_end > value_start {
-            values.push((value_start, value_end));
+        let (value_start, value_len) = if url {
+            (
+                text.len() - after_eq.len(),
+                after_eq.find('&').unwrap_or(after_eq.len()),
+            )
+        } else {
+            let value = after_eq.trim_start_matches(|c: char| c.is_ascii_whitespace());
+            (text.len() - value.len(), key_value_len(value))
+        };
+        if value_len > 0 {
+            values.push((value_start, value_start + value_len));
         }
     }
+    if url {
+        values.extend(query_password_values(text));
+    }
     values
+}
+
+/// The byte ranges of the values of a URL's query parameters (after its first `?`, split at `&`) whose key names a
+/// password once percent-decoded, in any case.
+fn query_password_values(text: &str) -> Vec<(usize, usize)> {
+    let Some(question) = text.find('?') else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    let mut at = question + 1;
+    for parameter in text[at..].split('&') {
+        if let Some((key, value)) = parameter.split_once('=')
+            && !value.is_empty()
+            && percent_decoded(key)
+                .to_ascii_lowercase()
+                .windows(b"password".len())
+                .any(|w| w == b"password")
+        {
+            let start = at + key.len() + 1;
+            values.push((start, start + value.len()));
+        }
+        at += parameter.len() + 1;
+    }
+    values
+}
+
+/// `text` with every `%XX` (two hex digits) replaced by its byte; any other `%` kept as it is.
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes.get(at + 1..at + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) if bytes[at] == b'%' => {
+                out.push(byte);
+                at += 3;
+            }
+            _ => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Whether `text` starts with a URL scheme and `://`, as a URL the postgres crate or the registry client reads.
@@ -502,8 +555,8 @@ fn has_scheme(text: &str) -> bool {
     })
 }
 
-/// The length in bytes of a `key=value` string's value at the start of `value`: a single-quoted one up to and with
-/// its closing quote, else up to the first whitespace a backslash does not escape (the postgres crate's reading).
+/// The length in bytes of a libpq `key=value` string's value at the start of `value`: a single-quoted one up to and
+/// with its closing quote, else up to the first ASCII whitespace a backslash does not escape.
 fn key_value_len(value: &str) -> usize {
     let quoted = value.starts_with('\'');
     let mut chars = value.char_indices().skip(usize::from(quoted));
@@ -513,7 +566,7 @@ fn key_value_len(value: &str) -> usize {
                 chars.next();
             }
             '\'' if quoted => return at + 1,
-            c if !quoted && c.is_whitespace() => return at,
+            c if !quoted && c.is_ascii_whitespace() => return at,
             _ => {}
         }
     }
@@ -1637,16 +1690,29 @@ mod tests {
             mask_url_password("x password=\x0cab@password=\x0cpw"),
             "x password=\x0c***\x0c***"
         );
-        // A URL's query value runs to the next `&`, whitespace in it or not (found by the `config` fuzz target: a
-        // form feed ended the mask and showed the rest); a `key=value` one runs past `&` and escaped whitespace, and
-        // ends at any Unicode whitespace, as the postgres crate reads them.
+        // A URL's query value runs from `=` to the next `&`, whitespace in it or not (found by the `config` fuzz
+        // target: a form feed ended the mask and showed the rest; leading whitespace is the password's too).
         assert_eq!(
             mask_url_password("postgres://h/db?password=a\x0cpw&sslmode=require"),
             "postgres://h/db?password=***&sslmode=require"
         );
         assert_eq!(
-            mask_url_password("host=h password=a&pw\\ pw\u{a0}dbname=d"),
-            "host=h password=***\u{a0}dbname=d"
+            mask_url_password("postgres://h/db?password=\u{3000}pw"),
+            "postgres://h/db?password=***"
+        );
+        // A query key is percent-decoded before it is read: `%70assword` is `password` (found by review).
+        assert_eq!(
+            mask_url_password("postgres://u@h/db?%70assword=hunter2&sslmode=require"),
+            "postgres://u@h/db?%70assword=***&sslmode=require"
+        );
+        assert_eq!(
+            mask_url_password("postgres://u@h/db?x=1&PASS%57ORD=hunter2"),
+            "postgres://u@h/db?x=1&PASS%57ORD=***"
+        );
+        // A libpq `key=value` value runs past `&`, escaped whitespace and Unicode whitespace, to ASCII whitespace.
+        assert_eq!(
+            mask_url_password("host=h password=a&pw\\ pw\u{a0}pw dbname=d"),
+            "host=h password=*** dbname=d"
         );
         let err = parse("[keys]\nstore = \"host=h password=hunter2\"\n", &[])
             .unwrap_err()

@@ -110,8 +110,12 @@ pub fn sanitize_lines(
         summary.retired.extend(retired);
     }
     output.flush().map_err(|e| Error::io("writing output", e))?;
-    // The counts below a recording step, which the next run would not see otherwise.
-    sanitizer.keyring().record_all_counts()?;
+    // The counts below a recording step, which the next run would not see otherwise. Best effort: the output is
+    // written and the rotations must still be reported; a store that fails here loses at most a step per key, as a
+    // crash does.
+    if let Err(e) = sanitizer.keyring().record_all_counts() {
+        tracing::warn!(error = %e, "the encryption counts of this run's keys were not recorded");
+    }
     summary.detections = scratch.take_detections();
     Ok(summary)
 }

@@ -35,6 +35,11 @@ fuzz_target!(|data: &[u8]| {
                 !line.contains(&secret.text),
                 "the config loader shows a secret: {line:?}"
             );
+            // Part of it: the canary, which stands nowhere else in the value.
+            assert!(
+                !(secret.canary_alone && line.contains(piiwall_fuzz::CANARY)),
+                "the config loader shows part of a secret: {line:?}"
+            );
         }
     }
 });

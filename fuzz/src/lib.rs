@@ -87,6 +87,8 @@ pub fn sanitizer() -> &'static piiwall::sanitize::Sanitizer {
 pub struct Secret {
     pub key: String,
     pub text: String,
+    /// The canary stands once in the whole value, inside this secret: showing the canary at all shows part of it.
+    pub canary_alone: bool,
 }
 
 /// The secrets of a parsed config file that carry the canary: passwords in the key store's and the registry's
@@ -113,6 +115,20 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
                 found.push(text.clone());
             }
             if lower == "keys.store" || lower == "schemas.registry" {
+                // The readers' own view: the password the postgres crate connects with, and the one the url crate
+                // (the registry client's) finds in the user info.
+                if let Ok(config) = text.parse::<postgres::Config>()
+                    && let Some(password) = config.get_password()
+                {
+                    found.push(String::from_utf8_lossy(password).into_owned());
+                }
+                if let Ok(url) = url::Url::parse(text)
+                    && let Some(password) = url.password()
+                {
+                    found.push(password.to_owned());
+                }
+                // And a simpler model of the same, which also covers texts the readers reject (their errors show
+                // the text masked).
                 if let Some((_, rest)) = text.split_once("://") {
                     if let Some((credentials, _)) = rest.rsplit_once('@') {
                         if let Some((_, password)) = credentials.split_once(':') {
@@ -145,6 +161,7 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
                     })
                     .map(|secret| Secret {
                         key: lower.clone(),
+                        canary_alone: text.matches(CANARY).count() == 1,
                         text: secret,
                     }),
             );

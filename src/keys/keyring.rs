@@ -618,8 +618,12 @@ impl Keyring {
     /// clean stop, when no batch is in flight: a restart then starts from exact totals (a crash still loses at most
     /// a step per key). One transaction, in key-id order; what the store does not take is kept for a later call.
     pub fn record_all_counts(&self) -> Result<(), KeyError> {
-        // Taken out of the mutex first: a cache entry dropped while the caches are read below gives its count to
-        // `leftovers` (the sink locks it), which therefore must not be held here.
+        // Entries expired or invalidated but not yet dropped (moka drops them in its pending tasks, run on later
+        // cache calls, and its iterator skips them): dropped now, so their counts reach `leftovers`.
+        self.by_scope.run_pending_tasks();
+        self.by_id.run_pending_tasks();
+        // Out of the mutex before the caches are read: an entry dropped meanwhile gives its count to `leftovers` (the
+        // sink locks it), which therefore must not be held here; it is taken again after the scan.
         let mut counts: HashMap<KeyId, u64> = std::mem::take(&mut *lock(&self.leftovers));
         let mut take = |key: &DataKey| {
             let count = key.take_all_unrecorded();
@@ -644,6 +648,9 @@ impl Keyring {
             .collect();
         for dek in &domains {
             take(dek.data_key());
+        }
+        for (key_id, count) in std::mem::take(&mut *lock(&self.leftovers)) {
+            *counts.entry(key_id).or_default() += count;
         }
         let mut counts: Vec<(KeyId, u64)> = counts.into_iter().collect();
         if counts.is_empty() {
@@ -1256,6 +1263,29 @@ mod tests {
         assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3);
         assert_eq!(ring.store.record_encryptions(&domain.key_id, 0).unwrap(), 5);
         assert_eq!(ring.store.record_encryptions(&gone, 0).unwrap(), 7);
+    }
+
+    /// A key whose cache entry expired before the stop, and which the cache has not dropped yet (its iterator skips
+    /// such entries), is counted too (found by review).
+    #[test]
+    fn a_clean_stop_records_the_count_of_an_expired_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("keys.db")).unwrap());
+        let settings = KeyCacheSettings {
+            ttl: Duration::from_millis(50),
+            ..KeyCacheSettings::default()
+        };
+        let ring = Keyring::open(store, Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()), settings).unwrap();
+        let batch = ring.prefetch_subjects(["alice"]).unwrap();
+        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
+            panic!("alice has a key")
+        };
+        encrypt_times(alice, 3);
+        let alice_id = alice.key_id;
+        drop(batch);
+        std::thread::sleep(Duration::from_millis(200));
+        ring.record_all_counts().unwrap();
+        assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3);
     }
 
     /// What the store does not take at a stop is kept, and recorded by the next call.

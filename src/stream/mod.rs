@@ -507,9 +507,11 @@ pub async fn run(
             tracing::warn!("final commit not acknowledged within the drain timeout: those records are read again");
         }
     }
-    // The encryption counts below a recording step, which a restart would lose: the lanes are done with the keys.
+    // The encryption counts below a recording step, which a restart would lose. After a drain that timed out an
+    // aborted lane's blocking work may still count (its counts are lost as in a crash); bounded by the drain timeout,
+    // and before the STOP event, which a slow store must not hold up for long: at most 5 s.
     let counting = keyring.clone();
-    let recorded = bounded_blocking(config.pipeline.drain_timeout, move || {
+    let recorded = bounded_blocking(config.pipeline.drain_timeout.min(Duration::from_secs(5)), move || {
         if let Err(e) = counting.record_all_counts() {
             tracing::warn!(error = %e, "the encryption counts of this run's keys were not recorded at stop");
         }
