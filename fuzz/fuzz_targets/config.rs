@@ -31,6 +31,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for secret in secrets {
         for line in shown.iter().filter(|line| piiwall_fuzz::line_key(line) == secret.key) {
+            // What the line shows after the key's name, which may contain the same text and is no secret.
+            let line = &line[secret.key.len()..];
             assert!(
                 !line.contains(&secret.text),
                 "the config loader shows a secret: {line:?}"
