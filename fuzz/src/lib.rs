@@ -114,7 +114,9 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
             if is_secret_line(&lower) && lower.starts_with("kafka.properties.") {
                 found.push(text.clone());
             }
-            if lower == "keys.store" || lower == "schemas.registry" {
+            // A SQLite store's location is a file path, shown as it is: whatever it looks like, it holds no password.
+            let sqlite = lower == "keys.store" && text.starts_with("sqlite:");
+            if (lower == "keys.store" || lower == "schemas.registry") && !sqlite {
                 // The readers' own view: the password the postgres crate connects with, and the one the url crate
                 // (the registry client's) finds in the user info.
                 if let Ok(config) = text.parse::<postgres::Config>()
@@ -156,18 +158,43 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
             out.extend(
                 found
                     .into_iter()
+                    // A secret that also stands elsewhere in the value, as written or as the readers decode it (a
+                    // user name of the same text), is left out: showing that other part is right.
                     .filter(|secret| {
-                        secret.contains(CANARY) && !text.replacen(secret.as_str(), "", 1).contains(secret.as_str())
+                        secret.contains(CANARY)
+                            && text.matches(secret.as_str()).count() <= 1
+                            && decoded(text).matches(decoded(secret).as_str()).count() <= 1
                     })
                     .map(|secret| Secret {
                         key: lower.clone(),
-                        canary_alone: text.matches(CANARY).count() == 1,
+                        canary_alone: text.matches(CANARY).count() == 1 && decoded(text).matches(CANARY).count() == 1,
                         text: secret,
                     }),
             );
         }
         _ => {}
     }
+}
+
+/// `text` as the URL readers see it: `%XX` decoded (lossily), tabs and line breaks dropped (the url crate does).
+fn decoded(text: &str) -> String {
+    let bytes: Vec<u8> = text.bytes().filter(|b| !b"\t\r\n".contains(b)).collect();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes.get(at + 1..at + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit())) {
+            Some(h) if bytes[at] == b'%' => {
+                out.push(u8::from_str_radix(h, 16).expect("two hex digits"));
+                at += 3;
+            }
+            _ => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a `describe()` line (or an error) is about a key that holds a secret: the key store's and the

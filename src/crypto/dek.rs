@@ -66,7 +66,7 @@ pub struct DataKey {
     heads: [[u8; HEAD_LEN]; 3],
     /// Random-nonce encryptions under this key not yet added to the key store's count (`Keyring::retire_worn`):
     /// shared by every `Dek` expanded from it.
-    unrecorded: AtomicU64,
+    unrecorded: Arc<AtomicU64>,
     /// Where that count goes when the last copy of this key is dropped before it was recorded (see [`counted`]).
     ///
     /// [`counted`]: Self::counted
@@ -78,7 +78,7 @@ pub type CountSink = Arc<dyn Fn(KeyId, u64) + Send + Sync>;
 
 impl Drop for DataKey {
     fn drop(&mut self) {
-        let count = *self.unrecorded.get_mut();
+        let count = self.unrecorded.swap(0, Ordering::Relaxed);
         if let (Some(sink), true) = (&self.leftover, count > 0) {
             sink(self.key_id, count);
         }
@@ -111,7 +111,7 @@ impl DataKey {
             token_nonce: <HmacSha256 as Mac>::new_from_slice(derive(b"tokenize nonce").as_slice()).expect("any length"),
             hash: <HmacSha256 as Mac>::new_from_slice(derive(b"hash").as_slice()).expect("any length"),
             heads: [TokenKind::Token, TokenKind::Ciphertext, TokenKind::Hash].map(|kind| Token::head(kind, key_id)),
-            unrecorded: AtomicU64::new(0),
+            unrecorded: Arc::default(),
             leftover: None,
         }
     }
@@ -120,15 +120,15 @@ impl DataKey {
     /// `sink` if this copy is dropped before the count is recorded: a key whose cache entry expires and is filled
     /// again keeps counting where it was, so it reaches its recording step and rotates however often it is reloaded.
     pub fn counted(mut self, carried: u64, sink: CountSink) -> Self {
-        *self.unrecorded.get_mut() = carried;
+        self.unrecorded.store(carried, Ordering::Relaxed);
         self.leftover = Some(sink);
         self
     }
 
-    /// Takes every encryption not yet recorded in the key store, however few (for a clean stop:
-    /// `Keyring::record_all_counts`).
-    pub fn take_all_unrecorded(&self) -> u64 {
-        self.unrecorded.swap(0, Ordering::Relaxed)
+    /// This key's count of encryptions not yet recorded, for a clean stop to take whether or not a cache still
+    /// holds the key (`Keyring::record_all_counts`); an atomic swap takes it, so it is never recorded twice.
+    pub fn unrecorded_count(&self) -> std::sync::Weak<AtomicU64> {
+        Arc::downgrade(&self.unrecorded)
     }
 
     /// The key ready for use: its AES keys expanded (two key schedules and GHASH keys, a fraction of a

@@ -149,6 +149,9 @@ pub struct Keyring {
     /// locked sections, so it must not call into moka.
     leftovers: Arc<Mutex<HashMap<KeyId, u64>>>,
     count_sink: CountSink,
+    /// The counts of every key this keyring handed out that may still be alive, for a clean stop: read directly,
+    /// not through the caches, which hide expired entries and drop them some time later.
+    counters: Mutex<LiveCounts>,
     capacity: usize,
     /// Domain keys, looked up for every record without a subject: a few entries, read without allocating.
     domains: RwLock<HashMap<String, (Arc<Dek>, Instant)>>,
@@ -259,6 +262,7 @@ impl Keyring {
             by_id,
             leftovers,
             count_sink,
+            counters: Mutex::default(),
             capacity: usize::try_from(cache.capacity).unwrap_or(usize::MAX),
             domains: RwLock::new(HashMap::new()),
             ttl: cache.ttl,
@@ -613,42 +617,21 @@ impl Keyring {
         Ok(retired)
     }
 
-    /// Records in the store every random-nonce encryption count not yet there, however far below a step: the
-    /// cached keys' (subject, domain and reveal caches) and those of keys the caches let go (`leftovers`). For a
-    /// clean stop, when no batch is in flight: a restart then starts from exact totals (a crash still loses at most
-    /// a step per key). One transaction, in key-id order; what the store does not take is kept for a later call.
+    /// Records in the store every random-nonce encryption count not yet there, however far below a step: those of
+    /// every key this keyring handed out that is still alive (cached or not, expired or not), and those of keys
+    /// dropped since (`leftovers`). For a clean stop, when no batch is in flight: a restart then starts from exact
+    /// totals (a crash still loses at most a step per key). One transaction, in key-id order; what the store does
+    /// not take is kept for a later call.
     pub fn record_all_counts(&self) -> Result<(), KeyError> {
-        // Entries expired or invalidated but not yet dropped (moka drops them in its pending tasks, run on later
-        // cache calls, and its iterator skips them): dropped now, so their counts reach `leftovers`.
-        self.by_scope.run_pending_tasks();
-        self.by_id.run_pending_tasks();
-        // Out of the mutex before the caches are read: an entry dropped meanwhile gives its count to `leftovers` (the
-        // sink locks it), which therefore must not be held here; it is taken again after the scan.
-        let mut counts: HashMap<KeyId, u64> = std::mem::take(&mut *lock(&self.leftovers));
-        let mut take = |key: &DataKey| {
-            let count = key.take_all_unrecorded();
+        let live: Vec<(KeyId, Arc<AtomicU64>)> = lock(&self.counters).alive();
+        let mut counts: HashMap<KeyId, u64> = HashMap::new();
+        for (key_id, unrecorded) in live {
+            let count = unrecorded.swap(0, Ordering::Relaxed);
             if count > 0 {
-                *counts.entry(key.key_id).or_default() += count;
-            }
-        };
-        for (_, cached) in self.by_scope.iter() {
-            if let Cached::Active(key) = &cached {
-                take(key);
+                *counts.entry(key_id).or_default() += count;
             }
         }
-        for (_, by_id) in self.by_id.iter() {
-            take(&by_id.key);
-        }
-        let domains: Vec<Arc<Dek>> = self
-            .domains
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|(dek, _)| dek.clone())
-            .collect();
-        for dek in &domains {
-            take(dek.data_key());
-        }
+        // After the keys: a key dropped meanwhile gave what it still held to `leftovers`.
         for (key_id, count) in std::mem::take(&mut *lock(&self.leftovers)) {
             *counts.entry(key_id).or_default() += count;
         }
@@ -965,7 +948,34 @@ impl Keyring {
     /// `key` counting from what an earlier copy of it left (see [`DataKey::counted`]).
     fn counted(&self, key: DataKey) -> Arc<DataKey> {
         let carried = lock(&self.leftovers).remove(&key.key_id).unwrap_or(0);
-        Arc::new(key.counted(carried, self.count_sink.clone()))
+        let key = Arc::new(key.counted(carried, self.count_sink.clone()));
+        lock(&self.counters).add(key.key_id, key.unrecorded_count());
+        key
+    }
+}
+
+/// The encryption counters of the data keys a keyring handed out, held weakly: a dropped key's is pruned.
+#[derive(Default)]
+struct LiveCounts {
+    counters: Vec<(KeyId, std::sync::Weak<AtomicU64>)>,
+    /// Pruned when this many are held: twice what the last pruning kept, so adding stays cheap on average.
+    prune_at: usize,
+}
+
+impl LiveCounts {
+    fn add(&mut self, key_id: KeyId, counter: std::sync::Weak<AtomicU64>) {
+        if self.counters.len() >= self.prune_at {
+            self.counters.retain(|(_, counter)| counter.strong_count() > 0);
+            self.prune_at = (self.counters.len() * 2).max(1024);
+        }
+        self.counters.push((key_id, counter));
+    }
+
+    fn alive(&self) -> Vec<(KeyId, Arc<AtomicU64>)> {
+        self.counters
+            .iter()
+            .filter_map(|(key_id, counter)| Some((*key_id, counter.upgrade()?)))
+            .collect()
     }
 }
 
@@ -1286,6 +1296,27 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         ring.record_all_counts().unwrap();
         assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3);
+    }
+
+    /// A key still alive that no cache shows (its entry invalidated, its drop not yet run, or a copy still held) is
+    /// counted too: the counts are read from the keys, not through the caches (found by review).
+    #[test]
+    fn a_clean_stop_records_the_count_of_a_key_no_cache_shows() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path(), 1).unwrap();
+        let batch = ring.prefetch_subjects(["alice"]).unwrap();
+        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
+            panic!("alice has a key")
+        };
+        encrypt_times(alice, 3);
+        let alice_id = alice.key_id;
+        ring.by_scope.invalidate(&ring.subject_scope("alice"));
+        ring.by_scope.run_pending_tasks();
+        ring.record_all_counts().unwrap();
+        assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3);
+        drop(batch);
+        ring.record_all_counts().unwrap();
+        assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3, "recorded once");
     }
 
     /// What the store does not take at a stop is kept, and recorded by the next call.
