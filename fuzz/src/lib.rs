@@ -118,17 +118,20 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
             let sqlite = lower == "keys.store" && text.starts_with("sqlite:");
             if (lower == "keys.store" || lower == "schemas.registry") && !sqlite {
                 // The readers' own view: the password the postgres crate connects with, and the one the url crate
-                // (the registry client's) finds in the user info.
+                // (the registry client's) finds in the user info; only one they read as written (one they decoded
+                // stands in the text in another form, and the same text elsewhere, a user name, would look like it).
+                let mut read = Vec::new();
                 if let Ok(config) = text.parse::<postgres::Config>()
                     && let Some(password) = config.get_password()
                 {
-                    found.push(String::from_utf8_lossy(password).into_owned());
+                    read.push(String::from_utf8_lossy(password).into_owned());
                 }
                 if let Ok(url) = url::Url::parse(text)
                     && let Some(password) = url.password()
                 {
-                    found.push(password.to_owned());
+                    read.push(password.to_owned());
                 }
+                found.extend(read.into_iter().filter(|password| decoded(password) == *password));
                 // And a simpler model of the same, which also covers texts the readers reject (their errors show
                 // the text masked).
                 if let Some((_, rest)) = text.split_once("://") {
@@ -161,7 +164,9 @@ pub fn config_secrets(value: &toml::Value, path: &str, out: &mut Vec<Secret>) {
                     // A secret that also stands elsewhere in the value, as written or as the readers decode it (a
                     // user name of the same text), is left out: showing that other part is right.
                     .filter(|secret| {
+                        // (A secret with a `*` could be completed by the mask's own `***`.)
                         secret.contains(CANARY)
+                            && !secret.contains('*')
                             && text.matches(secret.as_str()).count() <= 1
                             && decoded(text).matches(decoded(secret).as_str()).count() <= 1
                     })

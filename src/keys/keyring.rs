@@ -623,17 +623,20 @@ impl Keyring {
     /// totals (a crash still loses at most a step per key). One transaction, in key-id order; what the store does
     /// not take is kept for a later call.
     pub fn record_all_counts(&self) -> Result<(), KeyError> {
-        let live: Vec<(KeyId, Arc<AtomicU64>)> = lock(&self.counters).alive();
         let mut counts: HashMap<KeyId, u64> = HashMap::new();
-        for (key_id, unrecorded) in live {
-            let count = unrecorded.swap(0, Ordering::Relaxed);
-            if count > 0 {
+        {
+            // Held throughout, so no key is made meanwhile from a count in `leftovers` (see `counted`).
+            let counters = lock(&self.counters);
+            for (key_id, unrecorded) in counters.alive() {
+                let count = unrecorded.swap(0, Ordering::Relaxed);
+                if count > 0 {
+                    *counts.entry(key_id).or_default() += count;
+                }
+            }
+            // After the keys: a key dropped meanwhile gave what it still held to `leftovers`.
+            for (key_id, count) in std::mem::take(&mut *lock(&self.leftovers)) {
                 *counts.entry(key_id).or_default() += count;
             }
-        }
-        // After the keys: a key dropped meanwhile gave what it still held to `leftovers`.
-        for (key_id, count) in std::mem::take(&mut *lock(&self.leftovers)) {
-            *counts.entry(key_id).or_default() += count;
         }
         let mut counts: Vec<(KeyId, u64)> = counts.into_iter().collect();
         if counts.is_empty() {
@@ -947,9 +950,12 @@ impl Keyring {
 
     /// `key` counting from what an earlier copy of it left (see [`DataKey::counted`]).
     fn counted(&self, key: DataKey) -> Arc<DataKey> {
+        // `counters` first and throughout: a clean stop (which holds it too) sees the carried count either still in
+        // `leftovers` or in this key's counter, never in between. Always taken before `leftovers`.
+        let mut counters = lock(&self.counters);
         let carried = lock(&self.leftovers).remove(&key.key_id).unwrap_or(0);
         let key = Arc::new(key.counted(carried, self.count_sink.clone()));
-        lock(&self.counters).add(key.key_id, key.unrecorded_count());
+        counters.add(key.key_id, key.unrecorded_count());
         key
     }
 }
