@@ -1251,6 +1251,17 @@ mod tests {
         }
     }
 
+    /// Alice's key, made and used for `times` random-nonce encryptions: the batch holding it, and its id.
+    fn alice_encrypted(ring: &Keyring, times: usize) -> (BatchKeys, KeyId) {
+        let batch = ring.prefetch_subjects(["alice"]).unwrap();
+        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
+            panic!("alice has a key")
+        };
+        encrypt_times(alice, times);
+        let key_id = alice.key_id;
+        (batch, key_id)
+    }
+
     /// A clean stop records every count, however far below a step: a subject key in the cache, a domain key, and a
     /// key the cache already let go. Without it a restart lost up to a step per key (~2 million encryptions at the
     /// default limit), each time.
@@ -1258,17 +1269,12 @@ mod tests {
     fn a_clean_stop_records_every_count_below_a_step() {
         let dir = tempfile::tempdir().unwrap();
         let ring = keyring(dir.path(), 1).unwrap();
-        let batch = ring.prefetch_subjects(["alice"]).unwrap();
-        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
-            panic!("alice has a key")
-        };
-        encrypt_times(alice, 3);
+        let (batch, alice_id) = alice_encrypted(&ring, 3);
         let domain = ring.domain_key("sales").unwrap();
         encrypt_times(&domain, 5);
         let gone = KeyId([9; 12]);
         (ring.count_sink)(gone, 7);
         assert!(ring.retire_worn(&batch, 1 << 31).unwrap().is_empty());
-        let alice_id = alice.key_id;
         drop(batch);
         ring.record_all_counts().unwrap();
         assert_eq!(ring.store.record_encryptions(&alice_id, 0).unwrap(), 3);
@@ -1292,12 +1298,7 @@ mod tests {
             ..KeyCacheSettings::default()
         };
         let ring = Keyring::open(store, Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()), settings).unwrap();
-        let batch = ring.prefetch_subjects(["alice"]).unwrap();
-        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
-            panic!("alice has a key")
-        };
-        encrypt_times(alice, 3);
-        let alice_id = alice.key_id;
+        let (batch, alice_id) = alice_encrypted(&ring, 3);
         drop(batch);
         std::thread::sleep(Duration::from_millis(200));
         ring.record_all_counts().unwrap();
@@ -1310,12 +1311,7 @@ mod tests {
     fn a_clean_stop_records_the_count_of_a_key_no_cache_shows() {
         let dir = tempfile::tempdir().unwrap();
         let ring = keyring(dir.path(), 1).unwrap();
-        let batch = ring.prefetch_subjects(["alice"]).unwrap();
-        let Some(RecordKey::Active(alice)) = batch.get("alice") else {
-            panic!("alice has a key")
-        };
-        encrypt_times(alice, 3);
-        let alice_id = alice.key_id;
+        let (batch, alice_id) = alice_encrypted(&ring, 3);
         ring.by_scope.invalidate(&ring.subject_scope("alice"));
         ring.by_scope.run_pending_tasks();
         ring.record_all_counts().unwrap();
