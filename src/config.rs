@@ -551,8 +551,8 @@ fn percent_decoded(text: &str) -> Vec<u8> {
 }
 
 /// A store URL the postgres crate rejected, as its error shows it: passwords masked, nothing after its first `?`,
-/// and, with no `@` in it, nothing after the first `:` past the scheme (`postgres://admin:secret/db` is read as a
-/// host and a port, and rejected).
+/// and nothing after the first `:` past the scheme (a mistyped URL puts a password where the crate reads a port:
+/// `postgres://admin:secret/db`, `postgres://ad@min:secret/db`).
 fn rejected_url(text: &str) -> String {
     let masked = mask_url_password(text);
     let shown = match masked.split_once('?') {
@@ -560,11 +560,11 @@ fn rejected_url(text: &str) -> String {
         None => masked,
     };
     match shown.split_once("://") {
-        Some((scheme, rest)) if !text.contains('@') => match rest.split_once(':') {
-            Some((host, _)) => format!("{scheme}://{host}:***"),
+        Some((scheme, rest)) => match rest.split_once(':') {
+            Some((head, _)) => format!("{scheme}://{head}:***"),
             None => shown,
         },
-        _ => shown,
+        None => shown,
     }
 }
 
@@ -1758,10 +1758,16 @@ mod tests {
         assert!(!err.contains("hunter2tail"), "{err}");
         assert!(err.contains("postgres://u@h/db?***"), "{err}");
         // A password without an `@` after it is read as a port and rejected: not shown either (found by review).
-        let err = parse("[keys]\nstore = \"postgres://admin:hunter2/db\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(!err.contains("hunter2"), "{err}");
+        for store in [
+            "postgres://admin:hunter2/db",
+            "postgres://ad@min:hunter2/db",
+            "postgres://admin:p@ss:hunter2/db",
+        ] {
+            let err = parse(&format!("[keys]\nstore = \"{store}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

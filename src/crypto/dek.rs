@@ -73,14 +73,16 @@ pub struct DataKey {
     leftover: Option<CountSink>,
 }
 
-/// Takes the encryption count of a data key dropped before the count was recorded: the key id and the count.
-pub type CountSink = Arc<dyn Fn(KeyId, u64) + Send + Sync>;
+/// Takes the encryption count of a data key dropped before the count was recorded: given the key id and the key's
+/// counter, it swaps the counter to 0 under its own lock (so a clean stop that holds that lock sees the count either
+/// in the counter or in the sink, never in between).
+pub type CountSink = Arc<dyn Fn(KeyId, &AtomicU64) + Send + Sync>;
 
 impl Drop for DataKey {
     fn drop(&mut self) {
-        let count = self.unrecorded.swap(0, Ordering::Relaxed);
-        if let (Some(sink), true) = (&self.leftover, count > 0) {
-            sink(self.key_id, count);
+        // Nothing else can add to it now: a zero stays zero.
+        if let (Some(sink), true) = (&self.leftover, self.unrecorded.load(Ordering::Relaxed) > 0) {
+            sink(self.key_id, &self.unrecorded);
         }
     }
 }

@@ -248,8 +248,12 @@ impl Keyring {
         let leftovers: Arc<Mutex<HashMap<KeyId, u64>>> = Arc::default();
         let count_sink: CountSink = Arc::new({
             let leftovers = leftovers.clone();
-            move |key_id, count| {
-                *lock(&leftovers).entry(key_id).or_default() += count;
+            move |key_id, counter: &AtomicU64| {
+                let mut leftovers = lock(&leftovers);
+                let count = counter.swap(0, Ordering::Relaxed);
+                if count > 0 {
+                    *leftovers.entry(key_id).or_default() += count;
+                }
             }
         });
         Ok(Self {
@@ -625,16 +629,18 @@ impl Keyring {
     pub fn record_all_counts(&self) -> Result<(), KeyError> {
         let mut counts: HashMap<KeyId, u64> = HashMap::new();
         {
-            // Held throughout, so no key is made meanwhile from a count in `leftovers` (see `counted`).
+            // Both held throughout, in the order `counted` takes them: no key is made meanwhile from a count in
+            // `leftovers`, and a key dropped meanwhile hands its count over (the sink swaps it under `leftovers`)
+            // wholly before or wholly after.
             let counters = lock(&self.counters);
+            let mut leftovers = lock(&self.leftovers);
             for (key_id, unrecorded) in counters.alive() {
                 let count = unrecorded.swap(0, Ordering::Relaxed);
                 if count > 0 {
                     *counts.entry(key_id).or_default() += count;
                 }
             }
-            // After the keys: a key dropped meanwhile gave what it still held to `leftovers`.
-            for (key_id, count) in std::mem::take(&mut *lock(&self.leftovers)) {
+            for (key_id, count) in std::mem::take(&mut *leftovers) {
                 *counts.entry(key_id).or_default() += count;
             }
         }
@@ -1242,7 +1248,7 @@ mod tests {
         let ring = Keyring::open(store, Arc::new(LocalKek::from_bytes(&[1; 32]).unwrap()), settings).unwrap();
         let ids: Vec<KeyId> = (0..5u8).map(|i| KeyId([i; 12])).collect();
         for (n, id) in ids.iter().enumerate() {
-            (ring.count_sink)(*id, n as u64 + 1);
+            (ring.count_sink)(*id, &AtomicU64::new(n as u64 + 1));
         }
         ring.retire_worn(&BatchKeys::default(), 1 << 31).unwrap();
         assert!(lock(&ring.leftovers).is_empty());
@@ -1273,7 +1279,7 @@ mod tests {
         let domain = ring.domain_key("sales").unwrap();
         encrypt_times(&domain, 5);
         let gone = KeyId([9; 12]);
-        (ring.count_sink)(gone, 7);
+        (ring.count_sink)(gone, &AtomicU64::new(7));
         assert!(ring.retire_worn(&batch, 1 << 31).unwrap().is_empty());
         drop(batch);
         ring.record_all_counts().unwrap();
