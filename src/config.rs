@@ -1757,7 +1757,7 @@ mod tests {
         .to_string();
         assert!(!err.contains("hunter2tail"), "{err}");
         assert!(err.contains("postgres://u@h/db?***"), "{err}");
-        // A password without an `@` after it is read as a port and rejected: not shown either (found by review).
+        // A mistyped URL whose password the postgres crate reads as a port is rejected: not shown (found by review).
         for store in [
             "postgres://admin:hunter2/db",
             "postgres://ad@min:hunter2/db",
