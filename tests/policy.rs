@@ -171,6 +171,15 @@ fn schema_level_problems_are_explained() {
             record(json!([{"name": "n", "type": "string", "pii": "hash", "items": ["string", 1]}])),
             "a list in a schema holds",
         ),
+        // From a later hour of the schema fuzz target: a scale written `-0` (JSON's negative zero, a float to serde)
+        // on a fixed type whose field has a default, which Avro's parser resolves through the canonical form, which
+        // panics on it: the shapes are checked before Avro parses the schema.
+        (
+            r#"{"type": "record", "name": "R", "fields": [{"name": "fee", "type": {"type": "fixed", "name": "Fee",
+                "size": 6, "scale": -0}, "default": null}, {"name": "n", "type": "string", "pii": "hash"}]}"#
+                .into(),
+            "`scale` must be a whole number",
+        ),
         // From the hour-long schema fuzz run: a `fields` attribute on a field, listing a number.
         (
             record(json!([{"name": "n", "type": "string", "pii": "hash", "fields": [0]}])),
