@@ -226,6 +226,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
     // which panic on the shapes this refuses.
     check_attribute_shapes(&json, "")?;
     let writer = Schema::parse(&json).map_err(|e| PolicyError::new("", format!("not a valid Avro schema: {e}")))?;
+    super::recursion::check_walkable(&writer)?;
     let root = json
         .as_object()
         .filter(|o| o.get("type").and_then(Json::as_str) == Some("record"))

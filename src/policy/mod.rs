@@ -8,6 +8,7 @@
 mod compile;
 pub mod json_schema;
 pub mod protobuf;
+mod recursion;
 mod tags;
 
 use apache_avro::types::Value;
