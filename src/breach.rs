@@ -505,9 +505,13 @@ pub fn assess_topic(
         };
         let known = schemas.entry(id).or_insert_with(|| {
             let text = schema_of(id)?;
-            let parsed = SanitizedSchema::parse(&text)
-                .ok()
-                .zip(apache_avro::Schema::parse_str(&text).ok());
+            // A schema piiwall would not compile (a record holding itself, nesting past the bound) is not walked:
+            // its records could take the decoder deeper than the stack.
+            let parsed = SanitizedSchema::parse(&text).ok().zip(
+                apache_avro::Schema::parse_str(&text)
+                    .ok()
+                    .filter(|avro| crate::policy::check_walkable(avro).is_ok()),
+            );
             if parsed.is_none() {
                 tracing::warn!(
                     schema_id = id,

@@ -45,6 +45,109 @@ fn a_schema_that_expands_past_the_bound_is_refused() {
     piiwall::transcode::Transcoder::new(&compiled).expect("and runs");
 }
 
+/// Compiles on a thread with the stack of a tokio worker (2 MiB), where `run` compiles the schemas it meets: the
+/// problem of a refused schema, or None.
+fn refusal_on_a_worker_stack(schema: String) -> Option<String> {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            compile(&schema, &PolicySettings::default())
+                .and_then(|compiled| piiwall::transcode::Transcoder::new(&compiled).map(|_| ()))
+                .err()
+                .map(|e| e.problem)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// Schemas the attacker review of the first bound found walkable past it, because the compiler resolves names on
+/// its own (from the types it has walked, then in the null namespace) where the bound walked Avro's parsed schema.
+#[test]
+fn schemas_that_would_walk_without_bound_are_refused() {
+    // A type defined inside a redacted field is one the compiler never walked: `Foo` inside `x.Bar` is the empty
+    // `x.Foo` to Avro, and was the outer `Foo` to the compiler, whose redacted value then held itself for ever (a
+    // stack overflow). Names now mean to the compiler what they mean to Avro: no cycle, and it compiles.
+    let hidden_cycle = json!({"type": "record", "name": "R", "fields": [
+        {"name": "h", "type": ["null", {"type": "record", "name": "x.Foo", "fields": []}], "pii": "redact"},
+        {"name": "loop", "pii": "redact", "type": {"type": "record", "name": "Foo", "fields": [
+            {"name": "b", "type": {"type": "record", "name": "x.Bar", "fields": [{"name": "c", "type": "Foo"}]}}
+        ]}}
+    ]});
+    // The same mismatch doubling at every level: Avro sees ~5 types a level (`L{k+1}` inside `x.W{k}` is the empty
+    // `x.L{k+1}`), the compiler walked 2^levels paths. Now it sees what Avro sees.
+    let levels = 17;
+    let hidden: Vec<Json> = std::iter::once(json!("null"))
+        .chain((1..=levels).map(|k| json!({"type": "record", "name": format!("x.L{k}"), "fields": []})))
+        .collect();
+    let mut fields = vec![json!({"name": "h", "pii": "redact", "type": hidden})];
+    fields.push(json!({"name": "e", "type": "string", "pii": "tokenize"}));
+    for k in (1..=levels).rev() {
+        let ty = if k == levels {
+            json!({"type": "record", "name": format!("L{k}"), "fields": [{"name": "v", "type": "string", "pii": "encrypt"}]})
+        } else {
+            json!({"type": "record", "name": format!("L{k}"), "fields": [{"name": "w", "type": {
+                "type": "record", "name": format!("x.W{k}"), "fields": [
+                    {"name": "a", "type": format!("L{}", k + 1)}, {"name": "b", "type": format!("L{}", k + 1)}
+                ]
+            }}]})
+        };
+        fields.push(json!({"name": format!("f{k}"), "type": ty}));
+    }
+    let hidden_doubling = json!({"type": "record", "name": "R", "fields": fields});
+    // A name defined twice (Avro's parser takes it): the second definition was never looked into.
+    let defined_twice = json!({"type": "record", "name": "R", "fields": [
+        {"name": "e", "type": "string", "pii": "tokenize"},
+        {"name": "h", "type": ["null", {"type": "record", "name": "Foo", "fields": []}], "pii": "redact"},
+        {"name": "loop", "type": {"type": "record", "name": "Foo", "fields": [{"name": "next", "type": "Foo"}]}, "pii": "redact"}
+    ]});
+    // A chain of records each holding the one defined before it, 200 deep (under the type bound): the compiler and
+    // the transcoder follow each reference, three stack frames a level.
+    let chain_of = |records: usize| {
+        let mut chain = vec![json!({"name": "e", "type": "string", "pii": "tokenize"})];
+        for k in 0..records {
+            let inner = if k == 0 {
+                json!("string")
+            } else {
+                json!(format!("C{}", k - 1))
+            };
+            chain.push(
+                json!({"name": format!("c{k}"), "type": {"type": "record", "name": format!("C{k}"), "fields": [
+                    {"name": "v", "type": inner}
+                ]}}),
+            );
+        }
+        json!({"type": "record", "name": "R", "fields": chain})
+    };
+    let deep_chain = chain_of(200);
+    // Long names at every level of records used twice: under the type bound, but each use's path is long, and the
+    // plan keeps three copies of it per rule (~150 MB here).
+    let long = "n".repeat(1000);
+    let mut ty =
+        json!({"type": "record", "name": "D12", "fields": [{"name": long, "type": "string", "pii": "encrypt"}]});
+    for level in (0..12).rev() {
+        ty = json!({"type": "record", "name": format!("D{level}"), "fields": [
+            {"name": long, "type": ty}, {"name": format!("{long}b"), "type": format!("D{}", level + 1)}
+        ]});
+    }
+    let long_paths = json!({"type": "record", "name": "R", "fields": [{"name": "f", "type": ty}]});
+    // 63 records in one another, and the root: the deepest nesting taken, compiled on a worker's stack.
+    for compiles in [hidden_cycle, hidden_doubling, chain_of(63)] {
+        assert_eq!(refusal_on_a_worker_stack(compiles.to_string()), None);
+    }
+    for (what, schema, problem) in [
+        ("a name defined twice", defined_twice, "defined twice"),
+        ("a chain of 200 records", deep_chain, "nest more than"),
+        ("long paths", long_paths, "paths"),
+    ] {
+        let refusal = refusal_on_a_worker_stack(schema.to_string());
+        assert!(
+            refusal.as_deref().is_some_and(|p| p.contains(problem)),
+            "{what}: {refusal:?}"
+        );
+    }
+}
+
 #[test]
 fn invalid_annotations_name_the_field() {
     let cases: Vec<(String, &str, &str)> = vec![

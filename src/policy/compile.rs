@@ -159,6 +159,10 @@ pub fn compile_any(schema: &str, settings: &PolicySettings) -> Result<CompiledSc
     }
 }
 
+/// The most bytes of field paths a schema may walk, each use of a named record counted (the plan keeps a path per
+/// protected use, three times): 16 MiB, hundreds of times a large real schema's.
+const MAX_PATH_BYTES: usize = 16 << 20;
+
 /// Root attribute marking a schema that piiwall derived; such a schema is never sanitized again.
 pub const SANITIZED_MARK: &str = "pii.sanitized";
 
@@ -239,6 +243,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
     }
 
     let mut walker = Walker::new(settings, root)?;
+    walker.define_all(&json, "");
     let (root_node, sanitized_root) = walker.walk_record(root, "", "", true, false)?;
     let mut sanitized_json = sanitized_root;
     walker.finish(&mut sanitized_json)?;
@@ -307,6 +312,12 @@ struct Walker<'j, 's> {
     decimal_scale: Option<u32>,
     /// Whether the protected value being compiled holds a map (its keys need protecting too).
     holds_map: bool,
+    /// Fields walked so far, each use of a named record counting all it holds, and the bytes of their paths
+    /// (the plan keeps a path per protected use): bounded, whatever the schema.
+    fields_walked: u64,
+    path_bytes: usize,
+    /// Records the redacted value being built is inside.
+    empty_depth: usize,
 }
 
 /// What a field's annotations ask for.
@@ -364,6 +375,9 @@ impl<'j, 's> Walker<'j, 's> {
             choices: 0,
             decimal_scale: None,
             holds_map: false,
+            fields_walked: 0,
+            path_bytes: 0,
+            empty_depth: 0,
         })
     }
 
@@ -391,16 +405,16 @@ impl<'j, 's> Walker<'j, 's> {
         in_collection: bool,
     ) -> Result<(Option<Node>, Json), PolicyError> {
         let name = record.get("name").and_then(Json::as_str).unwrap_or("");
-        let record_ns = record
-            .get("namespace")
-            .and_then(Json::as_str)
-            .map_or_else(|| namespace_of(name, namespace), str::to_owned);
+        let record_ns = definition_namespace(record, namespace);
         let full = full_name(name, &record_ns);
         if self.stack.contains(&full) {
             return Err(PolicyError::new(
                 path,
                 format!("record `{full}` contains itself: recursive schemas are not supported"),
             ));
+        }
+        if self.stack.len() >= super::recursion::MAX_RECORD_DEPTH {
+            return Err(super::recursion::too_deep(path));
         }
         if emit {
             self.define(full.clone(), record, &record_ns);
@@ -437,10 +451,15 @@ impl<'j, 's> Walker<'j, 's> {
             sanitized_fields.push(sanitized);
         }
         self.stack.pop();
+        let node = (!nodes.is_empty()).then_some(Node::Record(nodes));
+        if !emit {
+            // A use of a record defined elsewhere: the sanitized schema keeps the reference, so nothing is copied
+            // (a copy per use cost the record's whole text, `doc` and all, at every one).
+            return Ok((node, Json::Null));
+        }
 
         let mut sanitized = record.clone();
         sanitized.insert("fields".to_owned(), Json::Array(sanitized_fields));
-        let node = (!nodes.is_empty()).then_some(Node::Record(nodes));
         Ok((node, Json::Object(sanitized)))
     }
 
@@ -458,6 +477,7 @@ impl<'j, 's> Walker<'j, 's> {
         } else {
             format!("{parent}.{name}")
         };
+        self.charge(&path)?;
         let ty = field
             .get("type")
             .ok_or_else(|| PolicyError::new(&path, "field has no type"))?;
@@ -466,6 +486,10 @@ impl<'j, 's> Walker<'j, 's> {
             Wanted::Act { action, kind } => {
                 self.annotated = true;
                 let (protect, out_type) = self.protect(action, kind, ty, namespace, &path, in_collection)?;
+                if !emit {
+                    return Ok((Some(Node::Protect(protect)), Json::Null));
+                }
+                let out_type = if action == Action::Redact { ty.clone() } else { out_type };
                 let mut sanitized = field.clone();
                 let type_changed = &out_type != ty;
                 if type_changed {
@@ -487,6 +511,9 @@ impl<'j, 's> Walker<'j, 's> {
                     self.annotated = true;
                 }
                 let (node, out_type) = self.walk_type(ty, namespace, &path, emit, in_collection)?;
+                if !emit {
+                    return Ok((node, Json::Null));
+                }
                 let mut sanitized = field.clone();
                 sanitized.insert("type".to_owned(), out_type);
                 Ok((node, Json::Object(sanitized)))
@@ -587,8 +614,9 @@ impl<'j, 's> Walker<'j, 's> {
         self.decimal_scale = None;
         self.holds_map = false;
         let (shape, out_type) = if action == Action::Redact {
-            // The type stays; nested annotations under a redacted field are moot.
-            (Shape::Scalar, ty.clone())
+            // The type stays (the caller copies it where the sanitized schema needs it); nested annotations under
+            // a redacted field are moot.
+            (Shape::Scalar, Json::Null)
         } else {
             self.shape(action, ty, namespace, path)?
         };
@@ -770,11 +798,6 @@ impl<'j, 's> Walker<'j, 's> {
         if let Json::String(name) = ty {
             if !is_primitive(name) {
                 let full = full_name(name, namespace);
-                let full = if self.definitions.contains_key(&full) {
-                    full
-                } else {
-                    name.clone()
-                };
                 if emit && let Some(replaced_at) = self.replaced.get(&full) {
                     return Err(PolicyError::new(
                         path,
@@ -837,10 +860,7 @@ impl<'j, 's> Walker<'j, 's> {
                         check_no_annotation(object, path, &["pii", "confluent:tags"], &format!("an {t} type"))?;
                         if emit {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object
-                                .get("namespace")
-                                .and_then(Json::as_str)
-                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = definition_namespace(object, namespace);
                             self.define(full_name(name, &ns), object, &ns);
                         }
                         Ok((None, ty.clone()))
@@ -868,6 +888,60 @@ impl<'j, 's> Walker<'j, 's> {
         }
     }
 
+    /// Defines every named type of the schema before the walk, as Avro's parser knows them: the walk does not
+    /// enter redacted fields, and a name must mean the type it means to Avro wherever it is used (a type the walk
+    /// had not met made a name resolve elsewhere, and a record hold itself unseen).
+    fn define_all(&mut self, ty: &'j Json, namespace: &str) {
+        match ty {
+            Json::Array(branches) => branches.iter().for_each(|branch| self.define_all(branch, namespace)),
+            Json::Object(object) => match object.get("type") {
+                Some(Json::String(t)) if matches!(t.as_str(), "record" | "error" | "enum" | "fixed") => {
+                    let name = object.get("name").and_then(Json::as_str).unwrap_or("");
+                    let ns = definition_namespace(object, namespace);
+                    self.define(full_name(name, &ns), object, &ns);
+                    for field in object.get("fields").and_then(Json::as_array).into_iter().flatten() {
+                        if let Some(field_type) = field.get("type") {
+                            self.define_all(field_type, &ns);
+                        }
+                    }
+                }
+                Some(Json::String(t)) if t == "array" => {
+                    if let Some(items) = object.get("items") {
+                        self.define_all(items, namespace);
+                    }
+                }
+                Some(Json::String(t)) if t == "map" => {
+                    if let Some(values) = object.get("values") {
+                        self.define_all(values, namespace);
+                    }
+                }
+                Some(inner @ (Json::Object(_) | Json::Array(_))) => self.define_all(inner, namespace),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    /// Counts one more field walked at `path`, refusing a schema past the bounds.
+    fn charge(&mut self, path: &str) -> Result<(), PolicyError> {
+        self.fields_walked += 1;
+        self.path_bytes += path.len();
+        if self.fields_walked > super::recursion::MAX_EXPANDED_TYPES {
+            return Err(super::recursion::too_many_types());
+        }
+        if self.path_bytes > MAX_PATH_BYTES {
+            return Err(PolicyError::new(
+                "",
+                format!(
+                    "the schema's field paths come to more than {} MiB once each use of a named record is \
+                     counted: shorten the field names, or use each record in fewer places",
+                    MAX_PATH_BYTES >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn define(&mut self, full: String, json: &'j Map<String, Json>, namespace: &str) {
         self.definitions.entry(full).or_insert(Definition {
             json,
@@ -881,11 +955,7 @@ impl<'j, 's> Walker<'j, 's> {
             Json::String(name) if name == "null" => Ok(Kind::Null),
             Json::String(name) if is_primitive(name) => Ok(Kind::Scalar(Scalar::plain(primitive_name(name)))),
             Json::String(name) => {
-                let full = full_name(name, namespace);
-                let def = self
-                    .definitions
-                    .get(&full)
-                    .or_else(|| self.definitions.get(name.as_str()));
+                let def = self.definitions.get(&full_name(name, namespace));
                 let Some(def) = def else {
                     return Err(PolicyError::new(path, format!("unknown type `{name}`")));
                 };
@@ -911,19 +981,13 @@ impl<'j, 's> Walker<'j, 's> {
                     Some(Json::String(t)) => match t.as_str() {
                         "record" | "error" => {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object
-                                .get("namespace")
-                                .and_then(Json::as_str)
-                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = definition_namespace(object, namespace);
                             self.define(full_name(name, &ns), object, &ns);
                             Ok(Kind::Record(object, ns))
                         }
                         "enum" | "fixed" => {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
-                            let ns = object
-                                .get("namespace")
-                                .and_then(Json::as_str)
-                                .map_or_else(|| namespace_of(name, namespace), str::to_owned);
+                            let ns = definition_namespace(object, namespace);
                             let full = full_name(name, &ns);
                             self.define(full.clone(), object, &ns);
                             let name = if t == "enum" { "enum" } else { fixed_name(object) };
@@ -964,19 +1028,31 @@ impl<'j, 's> Walker<'j, 's> {
             Kind::Null => Value::Null,
             Kind::Scalar(scalar) => empty_scalar(&scalar, ty, &self.definitions, namespace),
             Kind::Record(record, ns) => {
+                if self.empty_depth >= super::recursion::MAX_RECORD_DEPTH {
+                    return Err(super::recursion::too_deep(path));
+                }
                 let fields = record
                     .get("fields")
                     .and_then(Json::as_array)
                     .map(Vec::as_slice)
                     .unwrap_or_default();
                 let mut values = Vec::with_capacity(fields.len());
+                self.empty_depth += 1;
                 for field in fields {
                     let name = field.get("name").and_then(Json::as_str).unwrap_or("").to_owned();
-                    let field_ty = field
-                        .get("type")
-                        .ok_or_else(|| PolicyError::new(path, "field has no type"))?;
-                    values.push((name, self.empty_value(field_ty, &ns, path)?));
+                    let value = match field.get("type") {
+                        Some(field_ty) => self.charge(path).and_then(|()| self.empty_value(field_ty, &ns, path)),
+                        None => Err(PolicyError::new(path, "field has no type")),
+                    };
+                    match value {
+                        Ok(value) => values.push((name, value)),
+                        Err(e) => {
+                            self.empty_depth -= 1;
+                            return Err(e);
+                        }
+                    }
                 }
+                self.empty_depth -= 1;
                 Value::Record(values)
             }
             Kind::Array(_) => Value::Array(Vec::new()),
@@ -1053,10 +1129,7 @@ fn empty_scalar(scalar: &Scalar, ty: &Json, definitions: &HashMap<String, Defini
     let definition = |ty: &Json| -> Option<Map<String, Json>> {
         match ty {
             Json::Object(o) => Some(o.clone()),
-            Json::String(name) => definitions
-                .get(&full_name(name, namespace))
-                .or_else(|| definitions.get(name.as_str()))
-                .map(|d| d.json.clone()),
+            Json::String(name) => definitions.get(&full_name(name, namespace)).map(|d| d.json.clone()),
             _ => None,
         }
     };
@@ -1303,18 +1376,27 @@ fn fixed_name(object: &Map<String, Json>) -> &'static str {
 }
 
 fn full_name(name: &str, namespace: &str) -> String {
-    if name.contains('.') || namespace.is_empty() {
+    if let Some(unqualified) = name.strip_prefix('.') {
+        // A leading dot names the null namespace (Avro's parser reads it so).
+        unqualified.to_owned()
+    } else if name.contains('.') || namespace.is_empty() {
         name.to_owned()
     } else {
         format!("{namespace}.{name}")
     }
 }
 
-/// The namespace a definition's names live in: the one its dotted name carries, else the enclosing one.
-fn namespace_of(name: &str, enclosing: &str) -> String {
+/// The namespace a definition's names live in, as Avro's parser reads it: the one its dotted name carries, else
+/// its `namespace` attribute, else the enclosing one.
+fn definition_namespace(definition: &Map<String, Json>, enclosing: &str) -> String {
+    let name = definition.get("name").and_then(Json::as_str).unwrap_or("");
     match name.rsplit_once('.') {
         Some((ns, _)) => ns.to_owned(),
-        None => enclosing.to_owned(),
+        None => definition
+            .get("namespace")
+            .and_then(Json::as_str)
+            .unwrap_or(enclosing)
+            .to_owned(),
     }
 }
 

@@ -11,6 +11,8 @@ pub mod protobuf;
 mod recursion;
 mod tags;
 
+pub(crate) use recursion::check_walkable;
+
 use apache_avro::types::Value;
 
 pub(crate) use compile::SUBJECT_TYPES;

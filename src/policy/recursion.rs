@@ -1,13 +1,15 @@
-//! Refuses Avro schemas in which a record holds itself, or that grow past a bound once each use of a named type is
-//! expanded. Every walk of a type (the compiler's, the transcoder's skip of a redacted value, a redacted record's
-//! empty value) follows a recursive type for ever and overflows the stack, which ends the process; and each walks a
-//! named type again at every use, so a few kilobytes of records that each use the next one twice would take hours
-//! and gigabytes to compile. A schema anyone can register must do neither.
+//! Bounds on how far a schema's types can be walked, checked on Avro's parsed schema before anything walks it.
+//!
+//! Every walk of a type (the compiler's, the transcoder's skip of a redacted value, a redacted record's empty value)
+//! follows a recursive type for ever and overflows the stack, which ends the process; each walks a named record
+//! again at every use, so a few kilobytes of records that each use the next one twice would take hours and
+//! gigabytes; and a chain of thousands of records, each holding the one before, is deeper than a stack. A schema
+//! anyone can register must do none of that: it is refused, with the field where it happens.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use apache_avro::Schema;
-use apache_avro::schema::Name;
+use apache_avro::schema::{InnerDecimalSchema, Name, UuidSchema};
 
 use crate::codec::schema_names;
 use crate::error::PolicyError;
@@ -16,74 +18,162 @@ use crate::error::PolicyError;
 /// real record's, and compiled in well under a second.
 pub(super) const MAX_EXPANDED_TYPES: u64 = 100_000;
 
-/// Refuses the first record found to hold itself, named with the field where it does, and a schema that expands to
-/// more than [`MAX_EXPANDED_TYPES`].
-pub(super) fn check_walkable(schema: &Schema) -> Result<(), PolicyError> {
-    let names = schema_names(schema);
-    let types = visit(schema, &names, &mut HashMap::new(), "")?;
-    if types > MAX_EXPANDED_TYPES {
+/// The most records nested in one another, through references too (JSON Schema's translation stops at 64 levels).
+pub(super) const MAX_RECORD_DEPTH: usize = 64;
+
+pub(super) fn too_many_types() -> PolicyError {
+    PolicyError::new(
+        "",
+        format!(
+            "the schema expands to more than {MAX_EXPANDED_TYPES} types once each use of a named record is counted \
+             with all it holds: use each record in fewer places, or split the schema"
+        ),
+    )
+}
+
+pub(super) fn too_deep(path: &str) -> PolicyError {
+    PolicyError::new(
+        path,
+        format!("records nest more than {MAX_RECORD_DEPTH} deep here (through references too)"),
+    )
+}
+
+/// Refuses a named type defined twice, the first record found to hold itself (named with the field where it
+/// does), records nested more than [`MAX_RECORD_DEPTH`] deep, and a schema that expands to more than
+/// [`MAX_EXPANDED_TYPES`].
+pub(crate) fn check_walkable(schema: &Schema) -> Result<(), PolicyError> {
+    check_defined_once(schema, &mut HashSet::new())?;
+    let mut walk = Walk {
+        names: schema_names(schema),
+        marks: HashMap::new(),
+        types: 0,
+        deepest: 0,
+    };
+    walk.visit(schema, "", 0)
+}
+
+/// Avro's parser takes a second definition of a name; which one a reference means then depends on the reader.
+fn check_defined_once<'s>(schema: &'s Schema, seen: &mut HashSet<&'s Name>) -> Result<(), PolicyError> {
+    let name = match schema {
+        Schema::Record(record) => Some(&record.name),
+        Schema::Enum(e) => Some(&e.name),
+        Schema::Fixed(f) | Schema::Uuid(UuidSchema::Fixed(f)) | Schema::Duration(f) => Some(&f.name),
+        Schema::Decimal(d) => match &d.inner {
+            InnerDecimalSchema::Fixed(f) => Some(&f.name),
+            InnerDecimalSchema::Bytes => None,
+        },
+        _ => None,
+    };
+    if let Some(name) = name
+        && !seen.insert(name)
+    {
         return Err(PolicyError::new(
             "",
-            format!(
-                "the schema expands to more than {MAX_EXPANDED_TYPES} types once each use of a named record is \
-                 counted with all it holds: use each record in fewer places, or split the schema"
-            ),
+            format!("the type `{}` is defined twice", name.fullname(None)),
         ));
     }
-    Ok(())
+    match schema {
+        Schema::Record(record) => record
+            .fields
+            .iter()
+            .try_for_each(|field| check_defined_once(&field.schema, seen)),
+        Schema::Array(array) => check_defined_once(&array.items, seen),
+        Schema::Map(map) => check_defined_once(&map.types, seen),
+        Schema::Union(union) => union
+            .variants()
+            .iter()
+            .try_for_each(|variant| check_defined_once(variant, seen)),
+        _ => Ok(()),
+    }
 }
 
 /// A record's state in the depth-first walk: on the walk's path, or walked to the end with the types it expands to
-/// (whatever holds it again is then not a cycle: a cycle through it would have been found while it was open).
+/// and how deep its records nest, itself included (whatever holds it again is then not a cycle: a cycle through it
+/// would have been found while it was open).
 enum Mark {
     Open,
-    Done(u64),
+    Done { types: u64, depth: usize },
 }
 
-/// The types `schema` expands to (itself included), saturating.
-fn visit<'s>(
-    schema: &'s Schema,
-    names: &HashMap<&'s Name, &'s Schema>,
-    marks: &mut HashMap<&'s Name, Mark>,
-    path: &str,
-) -> Result<u64, PolicyError> {
-    match schema {
-        Schema::Ref { name } => match names.get(name) {
-            Some(definition) => visit(definition, names, marks, path),
-            None => Ok(1),
-        },
-        Schema::Record(record) => {
-            match marks.get(&record.name) {
-                Some(Mark::Open) => {
-                    return Err(PolicyError::new(
-                        path,
-                        format!(
-                            "record `{}` contains itself: recursive schemas are not supported",
-                            record.name.fullname(None)
-                        ),
-                    ));
+struct Walk<'s> {
+    names: HashMap<&'s Name, &'s Schema>,
+    marks: HashMap<&'s Name, Mark>,
+    /// Types counted so far, each use of a record with all it holds: the walk stops once past the bound.
+    types: u64,
+    /// The deepest nesting of records the walk has met below the record it is in (reset as each record starts).
+    deepest: usize,
+}
+
+impl<'s> Walk<'s> {
+    /// Walks `schema` at `path`, inside `depth` records, adding the types it expands to and noting in `deepest` how
+    /// deep its records nest.
+    fn visit(&mut self, schema: &'s Schema, path: &str, depth: usize) -> Result<(), PolicyError> {
+        self.add(1)?;
+        match schema {
+            Schema::Ref { name } => match self.names.get(name) {
+                Some(definition) => self.visit(definition, path, depth),
+                None => Ok(()),
+            },
+            Schema::Record(record) => {
+                match self.marks.get(&record.name) {
+                    Some(Mark::Open) => {
+                        return Err(PolicyError::new(
+                            path,
+                            format!(
+                                "record `{}` contains itself: recursive schemas are not supported",
+                                record.name.fullname(None)
+                            ),
+                        ));
+                    }
+                    // Itself counted once above; what it holds, once per use.
+                    Some(&Mark::Done { types, depth: nested }) => {
+                        if depth + nested > MAX_RECORD_DEPTH {
+                            return Err(too_deep(path));
+                        }
+                        self.deepest = self.deepest.max(nested);
+                        return self.add(types.saturating_sub(1));
+                    }
+                    None => {}
                 }
-                Some(Mark::Done(types)) => return Ok(*types),
-                None => {}
+                if depth >= MAX_RECORD_DEPTH {
+                    return Err(too_deep(path));
+                }
+                self.marks.insert(&record.name, Mark::Open);
+                let (before, outer) = (self.types - 1, std::mem::take(&mut self.deepest));
+                for field in &record.fields {
+                    let inner = if path.is_empty() {
+                        field.name.clone()
+                    } else {
+                        format!("{path}.{}", field.name)
+                    };
+                    self.visit(&field.schema, &inner, depth + 1)?;
+                }
+                let nested = self.deepest + 1;
+                self.marks.insert(
+                    &record.name,
+                    Mark::Done {
+                        types: self.types - before,
+                        depth: nested,
+                    },
+                );
+                self.deepest = outer.max(nested);
+                Ok(())
             }
-            marks.insert(&record.name, Mark::Open);
-            let mut types = 1u64;
-            for field in &record.fields {
-                let inner = if path.is_empty() {
-                    field.name.clone()
-                } else {
-                    format!("{path}.{}", field.name)
-                };
-                types = types.saturating_add(visit(&field.schema, names, marks, &inner)?);
-            }
-            marks.insert(&record.name, Mark::Done(types));
-            Ok(types)
+            Schema::Array(array) => self.visit(&array.items, path, depth),
+            Schema::Map(map) => self.visit(&map.types, path, depth),
+            Schema::Union(union) => union
+                .variants()
+                .iter()
+                .try_for_each(|variant| self.visit(variant, path, depth)),
+            _ => Ok(()),
         }
-        Schema::Array(array) => Ok(visit(&array.items, names, marks, path)?.saturating_add(1)),
-        Schema::Map(map) => Ok(visit(&map.types, names, marks, path)?.saturating_add(1)),
-        Schema::Union(union) => union.variants().iter().try_fold(1u64, |types, variant| {
-            Ok(types.saturating_add(visit(variant, names, marks, path)?))
-        }),
-        _ => Ok(1),
+    }
+
+    fn add(&mut self, types: u64) -> Result<(), PolicyError> {
+        self.types = self.types.saturating_add(types);
+        if self.types > MAX_EXPANDED_TYPES {
+            return Err(too_many_types());
+        }
+        Ok(())
     }
 }
