@@ -267,3 +267,34 @@ fn items_of_zero_size_are_bounded_per_record() {
     // A megabyte of headers: refused after the first two blocks, not after 10^10 iterations.
     assert!(transcode(&schema, &with_blocks(300_000, 60_000)).is_err());
 }
+
+/// A block count is checked against the fewest bytes an item takes, and that size was summed over the item's
+/// whole type at every block: a 1 MB record of empty arrays of a record that expands to ~65,000 types (within
+/// the schema bound) made ~10^11 steps, stalling its lane for hours (the attacker review's case). It is summed once,
+/// when the program is built.
+#[test]
+fn an_item_type_of_many_types_costs_nothing_per_block() {
+    let mut ty = json!({"type": "record", "name": "D14", "fields": [{"name": "s", "type": "string"}]});
+    for level in (0..14).rev() {
+        ty = json!({"type": "record", "name": format!("D{level}"), "fields": [
+            {"name": "a", "type": ty}, {"name": "b", "type": format!("D{}", level + 1)}
+        ]});
+    }
+    let schema = common::compiled(
+        &json!({"type": "record", "name": "R", "fields": [
+            {"name": "e", "type": "string", "pii": "tokenize"},
+            {"name": "w", "type": {"type": "array", "items": {"type": "record", "name": "W", "fields": [
+                {"name": "inner", "type": {"type": "array", "items": ty}}
+            ]}}}
+        ]})
+        .to_string(),
+    );
+    let items = 1_000_000;
+    let bytes = [string("e"), zigzag(items), vec![0; items as usize], vec![0]].concat();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(transcode(&schema, &bytes).map(|out| out.len())));
+    let out = receiver
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("transcoded within two minutes (before: hours)");
+    assert!(out.is_ok_and(|len| len > items as usize), "transcoded whole");
+}

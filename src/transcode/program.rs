@@ -34,7 +34,12 @@ pub(crate) enum Skip {
     Array(Box<Skip>),
     Map(Box<Skip>),
     Union(Vec<Skip>),
-    Record(Vec<Skip>),
+    /// The fields, and the fewest bytes the record takes (summed once: it bounds the count of every block of
+    /// such records, and a record can hold tens of thousands of types).
+    Record {
+        fields: Vec<Skip>,
+        min_size: usize,
+    },
 }
 
 impl Skip {
@@ -45,7 +50,7 @@ impl Skip {
             Skip::Float => 4,
             Skip::Double => 8,
             Skip::Fixed(n) => *n,
-            Skip::Record(fields) => fields.iter().map(Skip::min_size).sum(),
+            Skip::Record { min_size, .. } => *min_size,
             _ => 1,
         }
     }
@@ -128,6 +133,8 @@ fn changes(step: &Step) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct Items {
     pub(crate) item: Step,
+    /// The fewest bytes an item takes (a map's key aside), computed once: it bounds every block's count.
+    pub(crate) min_size: usize,
     /// A map's keys, when detection looks at them.
     pub(crate) keys: Option<Inspect>,
     /// Whether an item's bytes can change: then a block that declares its byte size gets a header without it.
@@ -137,7 +144,13 @@ pub(crate) struct Items {
 impl Items {
     pub(crate) fn new(item: Step, keys: Option<Inspect>) -> Box<Self> {
         let changes = changes(&item) || keys.as_ref().is_some_and(Inspect::redacts);
-        Box::new(Self { item, keys, changes })
+        let min_size = item.min_size();
+        Box::new(Self {
+            item,
+            min_size,
+            keys,
+            changes,
+        })
     }
 }
 
@@ -457,12 +470,15 @@ impl<'s> Builder<'s> {
             Schema::Array(a) => Skip::Array(Box::new(self.skip(&a.items)?)),
             Schema::Map(m) => Skip::Map(Box::new(self.skip(&m.types)?)),
             Schema::Union(u) => Skip::Union(u.variants().iter().map(|v| self.skip(v)).collect::<Result<_, _>>()?),
-            Schema::Record(r) => Skip::Record(
-                r.fields
+            Schema::Record(r) => {
+                let fields: Vec<Skip> = r
+                    .fields
                     .iter()
                     .map(|f| self.skip(&f.schema))
-                    .collect::<Result<_, _>>()?,
-            ),
+                    .collect::<Result<_, _>>()?;
+                let min_size = fields.iter().map(Skip::min_size).sum();
+                Skip::Record { fields, min_size }
+            }
             Schema::Ref { .. } => return Err(unsupported("a reference to an undefined type")),
         })
     }

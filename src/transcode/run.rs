@@ -100,8 +100,8 @@ impl<'a> Run<'a> {
         match step {
             Step::Skip(skip) => skip_value(&mut self.input, skip),
             Step::Record(steps) => steps.iter().try_for_each(|s| self.exec(s)),
-            Step::Array(items) => self.blocks(items.item.min_size(), items.changes, |run| run.exec(&items.item)),
-            Step::Map(items) => self.blocks(items.item.min_size() + 1, items.changes, |run| {
+            Step::Array(items) => self.blocks(items.min_size, items.changes, |run| run.exec(&items.item)),
+            Step::Map(items) => self.blocks(items.min_size + 1, items.changes, |run| {
                 let start = run.input.pos;
                 let key = run.input.read_str()?;
                 if let Some(inspect) = &items.keys {
@@ -587,7 +587,7 @@ pub(crate) fn skip_value(input: &mut Input<'_>, skip: &Skip) -> Result<(), Value
                 branch.ok_or_else(|| malformed("union branch index out of range"))?,
             )?;
         }
-        Skip::Record(fields) => fields.iter().try_for_each(|f| skip_value(input, f))?,
+        Skip::Record { fields, .. } => fields.iter().try_for_each(|f| skip_value(input, f))?,
     }
     Ok(())
 }

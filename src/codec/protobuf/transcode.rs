@@ -136,7 +136,7 @@ impl MessageStep {
 fn field_step(step: &Step, index: usize) -> Result<Step, PolicyError> {
     match step {
         Step::Record(steps) => steps.get(index).cloned(),
-        Step::Skip(Skip::Record(skips)) => skips.get(index).cloned().map(Step::Skip),
+        Step::Skip(Skip::Record { fields, .. }) => fields.get(index).cloned().map(Step::Skip),
         _ => None,
     }
     .ok_or_else(mismatch)
