@@ -120,6 +120,28 @@ fn schemas_that_would_walk_without_bound_are_refused() {
         json!({"type": "record", "name": "R", "fields": chain})
     };
     let deep_chain = chain_of(200);
+    // Fewer records, each holding the one before inside ten arrays: 440 types deep through references (what the
+    // JSON nests inline stops near 128), as deep in every walk's stack.
+    let arrays_of = |records: usize| {
+        let mut arrays = vec![json!({"name": "e", "type": "string", "pii": "tokenize"})];
+        for k in 0..records {
+            let mut inner = if k == 0 {
+                json!("string")
+            } else {
+                json!(format!("A{}", k - 1))
+            };
+            for _ in 0..10 {
+                inner = json!({"type": "array", "items": inner});
+            }
+            arrays.push(
+                json!({"name": format!("a{k}"), "type": {"type": "record", "name": format!("A{k}"), "fields": [
+                    {"name": "v", "type": inner}
+                ]}}),
+            );
+        }
+        json!({"type": "record", "name": "R", "fields": arrays})
+    };
+    let deep_arrays = arrays_of(40);
     // Long names at every level of records used twice: under the type bound, but each use's path is long, and the
     // plan keeps three copies of it per rule (~150 MB here).
     let long = "n".repeat(1000);
@@ -131,13 +153,15 @@ fn schemas_that_would_walk_without_bound_are_refused() {
         ]});
     }
     let long_paths = json!({"type": "record", "name": "R", "fields": [{"name": "f", "type": ty}]});
-    // 63 records in one another, and the root: the deepest nesting taken, compiled on a worker's stack.
-    for compiles in [hidden_cycle, hidden_doubling, chain_of(63)] {
+    // 63 records in one another, and the root: the deepest nesting of records taken; 11 records in ten arrays
+    // each, 122 types deep (near the bound of 128); both compiled on a worker's stack.
+    for compiles in [hidden_cycle, hidden_doubling, chain_of(63), arrays_of(11)] {
         assert_eq!(refusal_on_a_worker_stack(compiles.to_string()), None);
     }
     for (what, schema, problem) in [
         ("a name defined twice", defined_twice, "defined twice"),
         ("a chain of 200 records", deep_chain, "nest more than"),
+        ("40 records in ten arrays each", deep_arrays, "nest more than 128"),
         ("long paths", long_paths, "paths"),
     ] {
         let refusal = refusal_on_a_worker_stack(schema.to_string());
@@ -615,5 +639,85 @@ fn a_field_named_by_pii_subject_may_say_tokenize_but_not_a_contradicting_action(
         let (path, problem) = error_of(&with(json!(action)));
         assert_eq!(path, "customer_id");
         assert!(problem.contains(r#"write "pii": "subject""#), "{action}: {problem}");
+    }
+}
+
+/// Avro reads `{"type": "Person"}` as a reference to `Person`, as Java does; the compiler read it as an opaque
+/// type, so the annotated fields of `Person` used there went out in clear (and a redacted one got a string's empty
+/// value where a record belongs). Found by the second attacker review of the schema bounds.
+#[test]
+fn a_type_object_naming_a_type_is_that_type() {
+    let person = json!({"type": "record", "name": "Person", "fields": [
+        {"name": "ssn", "type": "string", "pii": "encrypt"}
+    ]});
+    let schema = record(json!([
+        {"name": "a", "type": person},
+        {"name": "b", "type": {"type": "Person"}},
+        {"name": "c", "type": ["null", {"type": "com.acme.Person"}]},
+        {"name": "d", "type": {"type": "Person"}, "pii": "redact"}
+    ]));
+    let compiled = compile(&schema, &PolicySettings::default()).expect("compiles");
+    let protected: Vec<&str> = compiled.plan.rules.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(protected, ["a.ssn", "b.ssn", "c.ssn", "d"]);
+    let transcoder = piiwall::transcode::Transcoder::new(&compiled).expect("runs");
+    let ssn = |value: &str| json!({"ssn": value});
+    let record_json =
+        json!({"a": ssn("111-11-1111"), "b": ssn("222-22-2222"), "c": ssn("333-33-3333"), "d": ssn("444-44-4444")});
+    let value = JsonCodec::new(&compiled.writer)
+        .to_value(&record_json)
+        .expect("a record of the schema");
+    let mut raw = Vec::new();
+    piiwall::codec::avro::ValueCodec::for_writer(&compiled)
+        .encode(&value, &mut raw)
+        .unwrap();
+    let mut out = Vec::new();
+    transcoder
+        .transcode(
+            &compiled,
+            &raw,
+            &common::fixed_keys(),
+            &mut piiwall::transcode::TranscodeScratch::default(),
+            &mut out,
+        )
+        .expect("transcodes");
+    let text = String::from_utf8_lossy(&out);
+    for clear in ["111-11-1111", "222-22-2222", "333-33-3333", "444-44-4444"] {
+        assert!(!text.contains(clear), "a value of an annotated field went out in clear");
+    }
+    piiwall::codec::avro::ValueCodec::for_sanitized(&compiled)
+        .decode(&out)
+        .expect("the output is a record of the sanitized schema");
+}
+
+/// Shapes Avro's parser reads otherwise than they look, refused: an `error` type object is a reference to a type
+/// named `error` to it, and an array or map carrying one of its logical types a reference to a type named `array` or
+/// `map`, whose items it never reads (definitions in them, which the compiler read, could stand in for a real one
+/// of the same name).
+#[test]
+fn shapes_avro_reads_as_references_are_refused() {
+    for (schema, problem) in [
+        (
+            record(json!([
+                {"name": "e", "type": "string", "pii": "tokenize"},
+                {"name": "named", "type": {"type": "record", "name": "error", "fields": []}},
+                {"name": "x", "type": {"type": "error", "name": "Oops", "fields": [{"name": "s", "type": "string"}]}}
+            ])),
+            "error",
+        ),
+        (
+            record(json!([
+                {"name": "e", "type": "string", "pii": "tokenize"},
+                {"name": "named", "type": {"type": "record", "name": "array", "fields": []}},
+                {"name": "d", "type": {"type": "array", "logicalType": "date", "items": "int"}}
+            ])),
+            "logicalType",
+        ),
+    ] {
+        let refused = compile(&schema, &PolicySettings::default());
+        assert!(
+            refused.as_ref().is_err_and(|e| e.problem.contains(problem)),
+            "{schema}: {:?}",
+            refused.map(|c| c.plan.rules.len())
+        );
     }
 }

@@ -835,9 +835,16 @@ impl<'j, 's> Walker<'j, 's> {
                 Ok((node, Json::Array(out)))
             }
             Json::Object(object) => {
+                if let Some(reference) = reference_form(object) {
+                    check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
+                    return self.walk_type(reference, namespace, path, emit, in_collection);
+                }
+                if let Some(problem) = read_otherwise(object) {
+                    return Err(PolicyError::new(path, problem));
+                }
                 let kind = object.get("type");
                 match kind.and_then(Json::as_str) {
-                    Some("record" | "error") => self.walk_record(object, namespace, path, emit, in_collection),
+                    Some("record") => self.walk_record(object, namespace, path, emit, in_collection),
                     Some(t @ ("array" | "map")) => {
                         check_no_annotation(object, path, &["pii", "confluent:tags"], "an array or map type")?;
                         let key = if t == "array" { "items" } else { "values" };
@@ -845,8 +852,6 @@ impl<'j, 's> Walker<'j, 's> {
                             .get(key)
                             .ok_or_else(|| PolicyError::new(path, format!("{t} has no {key}")))?;
                         let (node, sanitized) = self.walk_type(inner, namespace, path, emit, true)?;
-                        let mut out = object.clone();
-                        out.insert(key.to_owned(), sanitized);
                         let node = node.map(|n| {
                             if t == "array" {
                                 Node::Array(Box::new(n))
@@ -854,6 +859,11 @@ impl<'j, 's> Walker<'j, 's> {
                                 Node::Map(Box::new(n))
                             }
                         });
+                        if !emit {
+                            return Ok((node, Json::Null));
+                        }
+                        let mut out = object.clone();
+                        out.insert(key.to_owned(), sanitized);
                         Ok((node, Json::Object(out)))
                     }
                     Some(t @ ("enum" | "fixed")) => {
@@ -863,11 +873,11 @@ impl<'j, 's> Walker<'j, 's> {
                             let ns = definition_namespace(object, namespace);
                             self.define(full_name(name, &ns), object, &ns);
                         }
-                        Ok((None, ty.clone()))
+                        Ok((None, if emit { ty.clone() } else { Json::Null }))
                     }
                     Some(_) => {
                         check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
-                        Ok((None, ty.clone()))
+                        Ok((None, if emit { ty.clone() } else { Json::Null }))
                     }
                     None => match kind {
                         Some(inner) => self.walk_type(inner, namespace, path, emit, in_collection),
@@ -894,8 +904,10 @@ impl<'j, 's> Walker<'j, 's> {
     fn define_all(&mut self, ty: &'j Json, namespace: &str) {
         match ty {
             Json::Array(branches) => branches.iter().for_each(|branch| self.define_all(branch, namespace)),
+            // What Avro reads as a reference defines nothing, whatever it holds.
+            Json::Object(object) if read_otherwise(object).is_some() => {}
             Json::Object(object) => match object.get("type") {
-                Some(Json::String(t)) if matches!(t.as_str(), "record" | "error" | "enum" | "fixed") => {
+                Some(Json::String(t)) if matches!(t.as_str(), "record" | "enum" | "fixed") => {
                     let name = object.get("name").and_then(Json::as_str).unwrap_or("");
                     let ns = definition_namespace(object, namespace);
                     self.define(full_name(name, &ns), object, &ns);
@@ -975,11 +987,17 @@ impl<'j, 's> Walker<'j, 's> {
             Json::Array(branches) => Ok(Kind::Union(branches)),
             Json::Object(object) => {
                 check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
+                if let Some(reference) = reference_form(object) {
+                    return self.classify(reference, namespace, path);
+                }
+                if let Some(problem) = read_otherwise(object) {
+                    return Err(PolicyError::new(path, problem));
+                }
                 let logical = object.get("logicalType").and_then(Json::as_str);
                 self.note_decimal_scale(object);
                 match object.get("type") {
                     Some(Json::String(t)) => match t.as_str() {
-                        "record" | "error" => {
+                        "record" => {
                             let name = object.get("name").and_then(Json::as_str).unwrap_or("");
                             let ns = definition_namespace(object, namespace);
                             self.define(full_name(name, &ns), object, &ns);
@@ -1026,7 +1044,13 @@ impl<'j, 's> Walker<'j, 's> {
     fn empty_value(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<Value, PolicyError> {
         Ok(match self.classify(ty, namespace, path)? {
             Kind::Null => Value::Null,
-            Kind::Scalar(scalar) => empty_scalar(&scalar, ty, &self.definitions, namespace),
+            Kind::Scalar(scalar) => {
+                let ty = match ty {
+                    Json::Object(object) => reference_form(object).unwrap_or(ty),
+                    _ => ty,
+                };
+                empty_scalar(&scalar, ty, &self.definitions, namespace)
+            }
             Kind::Record(record, ns) => {
                 if self.empty_depth >= super::recursion::MAX_RECORD_DEPTH {
                     return Err(super::recursion::too_deep(path));
@@ -1308,6 +1332,54 @@ fn adjust_default(field: &mut Map<String, Json>, out_type: &Json) {
     );
     if !valid {
         field.shift_remove("default");
+    }
+}
+
+/// Avro's logical types (apache-avro's parser knows these; others it ignores, as the specification says).
+const LOGICAL_TYPES: [&str; 13] = [
+    "decimal",
+    "big-decimal",
+    "uuid",
+    "date",
+    "time-millis",
+    "time-micros",
+    "timestamp-millis",
+    "timestamp-micros",
+    "timestamp-nanos",
+    "local-timestamp-millis",
+    "local-timestamp-micros",
+    "local-timestamp-nanos",
+    "duration",
+];
+
+/// The name a type object refers to, where Avro's parser reads the object as a reference: `{"type": "Person"}` is
+/// the named type `Person` (attributes beside it are dropped).
+fn reference_form(object: &Map<String, Json>) -> Option<&Json> {
+    let ty = object.get("type")?;
+    let name = ty.as_str()?;
+    (!is_primitive(name) && !matches!(name, "record" | "error" | "enum" | "fixed" | "array" | "map")).then_some(ty)
+}
+
+/// Why a type object that looks like a definition is not one to Avro's parser, which reads it as a reference to
+/// a type named after its `type` (and never reads what it holds).
+fn read_otherwise(object: &Map<String, Json>) -> Option<&'static str> {
+    match object.get("type").and_then(Json::as_str) {
+        Some("error") => Some(
+            "an `error` type belongs to Avro protocols (Avro's parser reads it as a reference to a type named \
+             error): declare a record",
+        ),
+        Some("array" | "map")
+            if object
+                .get("logicalType")
+                .and_then(Json::as_str)
+                .is_some_and(|logical| LOGICAL_TYPES.contains(&logical)) =>
+        {
+            Some(
+                "a logicalType on an array or map (Avro's parser reads the type as a reference to a type named \
+                 array or map, and never reads its items or values): remove the logicalType",
+            )
+        }
+        _ => None,
     }
 }
 

@@ -21,6 +21,11 @@ pub(super) const MAX_EXPANDED_TYPES: u64 = 100_000;
 /// The most records nested in one another, through references too (JSON Schema's translation stops at 64 levels).
 pub(super) const MAX_RECORD_DEPTH: usize = 64;
 
+/// The most types (records, arrays, maps, unions) nested in one another, through references too: what one JSON
+/// document can nest inline (serde_json stops at 128 levels), which every walk takes on a 2 MiB stack. References
+/// could chain such nestings far deeper.
+pub(super) const MAX_NESTING: usize = 128;
+
 pub(super) fn too_many_types() -> PolicyError {
     PolicyError::new(
         "",
@@ -38,8 +43,17 @@ pub(super) fn too_deep(path: &str) -> PolicyError {
     )
 }
 
+fn nested_too_deep(path: &str) -> PolicyError {
+    PolicyError::new(
+        path,
+        format!(
+            "types (records, arrays, maps, unions) nest more than {MAX_NESTING} deep here (through references too)"
+        ),
+    )
+}
+
 /// Refuses a named type defined twice, the first record found to hold itself (named with the field where it
-/// does), records nested more than [`MAX_RECORD_DEPTH`] deep, and a schema that expands to more than
+/// does), types nested more than [`MAX_NESTING`] deep, and a schema that expands to more than
 /// [`MAX_EXPANDED_TYPES`].
 pub(crate) fn check_walkable(schema: &Schema) -> Result<(), PolicyError> {
     check_defined_once(schema, &mut HashSet::new())?;
@@ -88,7 +102,7 @@ fn check_defined_once<'s>(schema: &'s Schema, seen: &mut HashSet<&'s Name>) -> R
 }
 
 /// A record's state in the depth-first walk: on the walk's path, or walked to the end with the types it expands to
-/// and how deep its records nest, itself included (whatever holds it again is then not a cycle: a cycle through it
+/// and how deep its types nest, itself included (whatever holds it again is then not a cycle: a cycle through it
 /// would have been found while it was open).
 enum Mark {
     Open,
@@ -100,15 +114,22 @@ struct Walk<'s> {
     marks: HashMap<&'s Name, Mark>,
     /// Types counted so far, each use of a record with all it holds: the walk stops once past the bound.
     types: u64,
-    /// The deepest nesting of records the walk has met below the record it is in (reset as each record starts).
+    /// The deepest nesting of types the walk has met below the record it is in (reset as each record starts).
     deepest: usize,
 }
 
 impl<'s> Walk<'s> {
-    /// Walks `schema` at `path`, inside `depth` records, adding the types it expands to and noting in `deepest` how
-    /// deep its records nest.
+    /// Walks `schema` at `path`, inside `depth` types, adding the types it expands to and noting in `deepest` how
+    /// deep its types nest.
     fn visit(&mut self, schema: &'s Schema, path: &str, depth: usize) -> Result<(), PolicyError> {
         self.add(1)?;
+        let nests = matches!(
+            schema,
+            Schema::Record(_) | Schema::Array(_) | Schema::Map(_) | Schema::Union(_)
+        );
+        if nests && depth >= MAX_NESTING {
+            return Err(nested_too_deep(path));
+        }
         match schema {
             Schema::Ref { name } => match self.names.get(name) {
                 Some(definition) => self.visit(definition, path, depth),
@@ -127,16 +148,13 @@ impl<'s> Walk<'s> {
                     }
                     // Itself counted once above; what it holds, once per use.
                     Some(&Mark::Done { types, depth: nested }) => {
-                        if depth + nested > MAX_RECORD_DEPTH {
-                            return Err(too_deep(path));
+                        if depth + nested > MAX_NESTING {
+                            return Err(nested_too_deep(path));
                         }
                         self.deepest = self.deepest.max(nested);
                         return self.add(types.saturating_sub(1));
                     }
                     None => {}
-                }
-                if depth >= MAX_RECORD_DEPTH {
-                    return Err(too_deep(path));
                 }
                 self.marks.insert(&record.name, Mark::Open);
                 let (before, outer) = (self.types - 1, std::mem::take(&mut self.deepest));
@@ -159,14 +177,22 @@ impl<'s> Walk<'s> {
                 self.deepest = outer.max(nested);
                 Ok(())
             }
-            Schema::Array(array) => self.visit(&array.items, path, depth),
-            Schema::Map(map) => self.visit(&map.types, path, depth),
+            Schema::Array(array) => self.nested(&array.items, path, depth),
+            Schema::Map(map) => self.nested(&map.types, path, depth),
             Schema::Union(union) => union
                 .variants()
                 .iter()
-                .try_for_each(|variant| self.visit(variant, path, depth)),
+                .try_for_each(|variant| self.nested(variant, path, depth)),
             _ => Ok(()),
         }
+    }
+
+    /// Walks the type inside an array, map or union at `depth`, counting the level it adds in `deepest`.
+    fn nested(&mut self, schema: &'s Schema, path: &str, depth: usize) -> Result<(), PolicyError> {
+        let outer = std::mem::take(&mut self.deepest);
+        self.visit(schema, path, depth + 1)?;
+        self.deepest = outer.max(self.deepest + 1);
+        Ok(())
     }
 
     fn add(&mut self, types: u64) -> Result<(), PolicyError> {
