@@ -712,6 +712,26 @@ fn shapes_avro_reads_as_references_are_refused() {
             ])),
             "logicalType",
         ),
+        // The same on a record (the third review): Avro reads `b` as the type named `record`, whose `ssn` is
+        // annotated; the compiler walked the empty Decoy, and `b.ssn` went out in clear.
+        (
+            record(json!([
+                {"name": "a", "type": {"type": "record", "name": "record", "fields": [
+                    {"name": "ssn", "type": "string", "pii": "encrypt"}
+                ]}},
+                {"name": "b", "type": {"type": "record", "name": "Decoy", "logicalType": "date", "fields": []}}
+            ])),
+            "logicalType",
+        ),
+        // An annotation on a type object that wraps another is not on a field: refused, as on any type object
+        // (it was dropped, and `x` went out in clear).
+        (
+            record(json!([
+                {"name": "e", "type": "string", "pii": "tokenize"},
+                {"name": "x", "type": {"type": {"type": "string"}, "pii": "encrypt"}}
+            ])),
+            "a type object",
+        ),
     ] {
         let refused = compile(&schema, &PolicySettings::default());
         assert!(
@@ -720,4 +740,22 @@ fn shapes_avro_reads_as_references_are_refused() {
             refused.map(|c| c.plan.rules.len())
         );
     }
+}
+
+/// Avro keeps `fields` on an enum or a fixed as a plain attribute and never reads it; the compiler defined the
+/// records in it, and the first definition of a name won: `q`'s `Person` was the empty decoy to the compiler and
+/// the annotated record to Avro, so `q.ssn` went out in clear (the third attacker review).
+#[test]
+fn records_in_an_enum_s_attributes_define_nothing() {
+    let schema = record(json!([
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A"],
+            "fields": [{"name": "z", "type": {"type": "record", "name": "Person", "fields": []}}]}},
+        {"name": "p", "type": {"type": "record", "name": "Person", "fields": [
+            {"name": "ssn", "type": "string", "pii": "encrypt"}
+        ]}},
+        {"name": "q", "type": "Person"}
+    ]));
+    let compiled = compile(&schema, &PolicySettings::default()).expect("compiles");
+    let protected: Vec<&str> = compiled.plan.rules.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(protected, ["p.ssn", "q.ssn"]);
 }

@@ -97,6 +97,16 @@ enum Act {
 struct Field {
     ty: Ty,
     action: Option<Act>,
+    written: Written,
+}
+
+/// How a field's type is written in the schema: in full, or (a record the field before it has, used again) as a
+/// reference: its name, or a type object naming it (`{"type": "R3"}`, which Avro reads as the same reference).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Written {
+    InFull,
+    ByName,
+    ByTypeObject,
 }
 
 fn scalar() -> BoxedStrategy<Ty> {
@@ -187,7 +197,11 @@ fn protected_field() -> impl Strategy<Value = Field> {
             if maskable(&ty) {
                 actions.push(Some(Act::Mask));
             }
-            (Just(ty), prop::sample::select(actions)).prop_map(|(ty, action)| Field { ty, action })
+            (Just(ty), prop::sample::select(actions)).prop_map(|(ty, action)| Field {
+                ty,
+                action,
+                written: Written::InFull,
+            })
         })
 }
 
@@ -205,12 +219,32 @@ fn fields(depth: u32) -> BoxedStrategy<Vec<Field>> {
                     2 => Ty::Array(Box::new(record)),
                     _ => Ty::Map(Box::new(record)),
                 };
-                Field { ty, action: None }
+                Field {
+                    ty,
+                    action: None,
+                    written: Written::InFull,
+                }
             }),
         ]
         .boxed()
     };
-    prop::collection::vec(field, 1..5).boxed()
+    (prop::collection::vec(field, 1..5), 0..3u8)
+        .prop_map(|(mut fields, again)| {
+            // The first record of these fields used again right after it, by reference: the compiler must protect
+            // what it holds at both places, as Avro reads both.
+            let first_record = fields.iter().position(|f| matches!(f.ty, Ty::Record(_)));
+            if let (Some(at), 1..) = (first_record, again) {
+                let mut reused = fields[at].clone();
+                reused.written = if again == 1 {
+                    Written::ByName
+                } else {
+                    Written::ByTypeObject
+                };
+                fields.insert(at + 1, reused);
+            }
+            fields
+        })
+        .boxed()
 }
 
 fn fresh_name(prefix: &str, names: &mut usize) -> String {
@@ -281,7 +315,18 @@ fn record_json(fields: &[Field], names: &mut usize, subject: Option<bool>) -> Js
         out.push(json!({"name": "sid", "type": ty, "pii": "subject"}));
     }
     for (i, field) in fields.iter().enumerate() {
-        let mut f = json!({"name": format!("f{i}"), "type": type_json(&field.ty, names)});
+        let ty = match field.written {
+            Written::InFull => type_json(&field.ty, names),
+            reference => {
+                let name = out.last().expect("a reused record follows its definition")["type"]["name"].clone();
+                if reference == Written::ByName {
+                    name
+                } else {
+                    json!({ "type": name })
+                }
+            }
+        };
+        let mut f = json!({"name": format!("f{i}"), "type": ty});
         if let Some(action) = field.action {
             let name = match action {
                 Act::Tokenize => "tokenize",

@@ -880,7 +880,10 @@ impl<'j, 's> Walker<'j, 's> {
                         Ok((None, if emit { ty.clone() } else { Json::Null }))
                     }
                     None => match kind {
-                        Some(inner) => self.walk_type(inner, namespace, path, emit, in_collection),
+                        Some(inner) => {
+                            check_no_annotation(object, path, &["pii", "confluent:tags"], "a type object")?;
+                            self.walk_type(inner, namespace, path, emit, in_collection)
+                        }
                         None => Err(PolicyError::new(path, "type object has no \"type\"")),
                     },
                 }
@@ -911,7 +914,9 @@ impl<'j, 's> Walker<'j, 's> {
                     let name = object.get("name").and_then(Json::as_str).unwrap_or("");
                     let ns = definition_namespace(object, namespace);
                     self.define(full_name(name, &ns), object, &ns);
-                    for field in object.get("fields").and_then(Json::as_array).into_iter().flatten() {
+                    // Only a record's fields are types to Avro: on an enum or a fixed, `fields` is an attribute.
+                    let fields = object.get("fields").and_then(Json::as_array).filter(|_| t == "record");
+                    for field in fields.into_iter().flatten() {
                         if let Some(field_type) = field.get("type") {
                             self.define_all(field_type, &ns);
                         }
@@ -1368,15 +1373,15 @@ fn read_otherwise(object: &Map<String, Json>) -> Option<&'static str> {
             "an `error` type belongs to Avro protocols (Avro's parser reads it as a reference to a type named \
              error): declare a record",
         ),
-        Some("array" | "map")
+        Some("record" | "enum" | "array" | "map")
             if object
                 .get("logicalType")
                 .and_then(Json::as_str)
                 .is_some_and(|logical| LOGICAL_TYPES.contains(&logical)) =>
         {
             Some(
-                "a logicalType on an array or map (Avro's parser reads the type as a reference to a type named \
-                 array or map, and never reads its items or values): remove the logicalType",
+                "a logicalType on a record, enum, array or map (Avro's parser reads the type as a reference to a \
+                 type named record, enum, array or map, and never reads what it holds): remove the logicalType",
             )
         }
         _ => None,
