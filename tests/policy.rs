@@ -153,9 +153,41 @@ fn schemas_that_would_walk_without_bound_are_refused() {
         ]});
     }
     let long_paths = json!({"type": "record", "name": "R", "fields": [{"name": "f", "type": ty}]});
+    // Values that take no bytes: 2^15 nulls in one item type (within the type bound), or a flat record of 100
+    // null fields, in an array. Every item is one byte or none, and reading it took a step per null: a 1 MB record
+    // asked for ~10^10 steps (the third review).
+    let mut nulls = json!({"type": "record", "name": "N0", "fields": [
+        {"name": "a", "type": "null"}, {"name": "b", "type": "null"}
+    ]});
+    for level in 1..15 {
+        nulls = json!({"type": "record", "name": format!("N{level}"), "fields": [
+            {"name": "a", "type": nulls}, {"name": "b", "type": format!("N{}", level - 1)}
+        ]});
+    }
+    let null_tree = record(json!([
+        {"name": "e", "type": "string", "pii": "tokenize"},
+        {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "Item", "fields": [
+            {"name": "flag", "type": "boolean"}, {"name": "n", "type": nulls}
+        ]}}}
+    ]));
+    let null_fields = |count: usize| {
+        let fields: Vec<Json> = (0..count)
+            .map(|i| json!({"name": format!("z{i}"), "type": "null"}))
+            .collect();
+        record(json!([
+            {"name": "e", "type": "string", "pii": "tokenize"},
+            {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "Flat", "fields": fields}}}
+        ]))
+    };
     // 63 records in one another, and the root: the deepest nesting of records taken; 11 records in ten arrays
     // each, 122 types deep (near the bound of 128); both compiled on a worker's stack.
-    for compiles in [hidden_cycle, hidden_doubling, chain_of(63), arrays_of(11)] {
+    for compiles in [
+        hidden_cycle,
+        hidden_doubling,
+        chain_of(63),
+        arrays_of(11),
+        serde_json::from_str(&null_fields(10)).unwrap(),
+    ] {
         assert_eq!(refusal_on_a_worker_stack(compiles.to_string()), None);
     }
     for (what, schema, problem) in [
@@ -163,6 +195,16 @@ fn schemas_that_would_walk_without_bound_are_refused() {
         ("a chain of 200 records", deep_chain, "nest more than"),
         ("40 records in ten arrays each", deep_arrays, "nest more than 128"),
         ("long paths", long_paths, "paths"),
+        (
+            "2^15 nulls in an item",
+            serde_json::from_str(&null_tree).unwrap(),
+            "take no bytes",
+        ),
+        (
+            "100 null fields in an item",
+            serde_json::from_str(&null_fields(100)).unwrap(),
+            "take no bytes",
+        ),
     ] {
         let refusal = refusal_on_a_worker_stack(schema.to_string());
         assert!(

@@ -26,6 +26,11 @@ pub(super) const MAX_RECORD_DEPTH: usize = 64;
 /// could chain such nestings far deeper.
 pub(super) const MAX_NESTING: usize = 128;
 
+/// The most values that take no bytes (fields of type null, fixed of size 0, records of no fields) one record may
+/// hold, those of the records in it counted (not those inside its arrays, maps or unions, which take a byte each):
+/// every other value a walk visits takes bytes, so a record's work stays in proportion to its bytes.
+pub(super) const MAX_ZERO_SIZE_VALUES: u64 = 64;
+
 pub(super) fn too_many_types() -> PolicyError {
     PolicyError::new(
         "",
@@ -53,8 +58,8 @@ fn nested_too_deep(path: &str) -> PolicyError {
 }
 
 /// Refuses a named type defined twice, the first record found to hold itself (named with the field where it
-/// does), types nested more than [`MAX_NESTING`] deep, and a schema that expands to more than
-/// [`MAX_EXPANDED_TYPES`].
+/// does), types nested more than [`MAX_NESTING`] deep, a record holding more than [`MAX_ZERO_SIZE_VALUES`] values
+/// that take no bytes, and a schema that expands to more than [`MAX_EXPANDED_TYPES`].
 pub(crate) fn check_walkable(schema: &Schema) -> Result<(), PolicyError> {
     check_defined_once(schema, &mut HashSet::new())?;
     let mut walk = Walk {
@@ -106,7 +111,7 @@ fn check_defined_once<'s>(schema: &'s Schema, seen: &mut HashSet<&'s Name>) -> R
 /// would have been found while it was open).
 enum Mark {
     Open,
-    Done { types: u64, depth: usize },
+    Done { types: u64, depth: usize, zero_size: u64 },
 }
 
 struct Walk<'s> {
@@ -147,7 +152,9 @@ impl<'s> Walk<'s> {
                         ));
                     }
                     // Itself counted once above; what it holds, once per use.
-                    Some(&Mark::Done { types, depth: nested }) => {
+                    Some(&Mark::Done {
+                        types, depth: nested, ..
+                    }) => {
                         if depth + nested > MAX_NESTING {
                             return Err(nested_too_deep(path));
                         }
@@ -158,6 +165,7 @@ impl<'s> Walk<'s> {
                 }
                 self.marks.insert(&record.name, Mark::Open);
                 let (before, outer) = (self.types - 1, std::mem::take(&mut self.deepest));
+                let mut zero_size = 0u64;
                 for field in &record.fields {
                     let inner = if path.is_empty() {
                         field.name.clone()
@@ -165,6 +173,18 @@ impl<'s> Walk<'s> {
                         format!("{path}.{}", field.name)
                     };
                     self.visit(&field.schema, &inner, depth + 1)?;
+                    zero_size = zero_size.saturating_add(self.zero_size(&field.schema));
+                    if zero_size > MAX_ZERO_SIZE_VALUES {
+                        return Err(PolicyError::new(
+                            &inner,
+                            format!(
+                                "record `{}` holds more than {MAX_ZERO_SIZE_VALUES} values that take no bytes (fields \
+                                 of type null, fixed of size 0, records of no fields, with those of the records in \
+                                 it): a few bytes of such records would take millions of steps to read",
+                                record.name.fullname(None)
+                            ),
+                        ));
+                    }
                 }
                 let nested = self.deepest + 1;
                 self.marks.insert(
@@ -172,6 +192,7 @@ impl<'s> Walk<'s> {
                     Mark::Done {
                         types: self.types - before,
                         depth: nested,
+                        zero_size,
                     },
                 );
                 self.deepest = outer.max(nested);
@@ -184,6 +205,26 @@ impl<'s> Walk<'s> {
                 .iter()
                 .try_for_each(|variant| self.nested(variant, path, depth)),
             _ => Ok(()),
+        }
+    }
+
+    /// The values that take no bytes in a value of `schema`, a type walked already: a null, a fixed of size 0 or a
+    /// record of no fields is one; a record, those it holds; anything else takes a byte (a length, a count, an index).
+    fn zero_size(&self, schema: &'s Schema) -> u64 {
+        let schema = match schema {
+            Schema::Ref { name } => self.names.get(name).copied().unwrap_or(schema),
+            other => other,
+        };
+        match schema {
+            Schema::Null => 1,
+            Schema::Fixed(fixed) if fixed.size == 0 => 1,
+            Schema::Decimal(decimal) if matches!(&decimal.inner, InnerDecimalSchema::Fixed(f) if f.size == 0) => 1,
+            Schema::Record(record) if record.fields.is_empty() => 1,
+            Schema::Record(record) => match self.marks.get(&record.name) {
+                Some(Mark::Done { zero_size, .. }) => *zero_size,
+                _ => 0,
+            },
+            _ => 0,
         }
     }
 
