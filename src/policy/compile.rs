@@ -842,6 +842,9 @@ impl<'j, 's> Walker<'j, 's> {
                 if let Some(problem) = read_otherwise(object) {
                     return Err(PolicyError::new(path, problem));
                 }
+                if let Some(problem) = unapplied_logical_type(object) {
+                    return Err(PolicyError::new(path, problem));
+                }
                 let kind = object.get("type");
                 match kind.and_then(Json::as_str) {
                     Some("record") => self.walk_record(object, namespace, path, emit, in_collection),
@@ -996,6 +999,9 @@ impl<'j, 's> Walker<'j, 's> {
                     return self.classify(reference, namespace, path);
                 }
                 if let Some(problem) = read_otherwise(object) {
+                    return Err(PolicyError::new(path, problem));
+                }
+                if let Some(problem) = unapplied_logical_type(object) {
                     return Err(PolicyError::new(path, problem));
                 }
                 let logical = object.get("logicalType").and_then(Json::as_str);
@@ -1386,6 +1392,48 @@ fn read_otherwise(object: &Map<String, Json>) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// A logical type Avro's parser does not apply to the type it is on (it ignores it there, as the specification
+/// says), which the compiler would have applied: refused, so that both read the type alike (a redacted value of a
+/// `uuid` on a long was written as text where a long belongs).
+fn unapplied_logical_type(object: &Map<String, Json>) -> Option<String> {
+    let logical = object.get("logicalType")?.as_str()?;
+    if !LOGICAL_TYPES.contains(&logical) {
+        return None;
+    }
+    let size = object.get("size").and_then(Json::as_u64);
+    let applies = match object.get("type") {
+        Some(Json::String(ty)) => match (logical, ty.as_str()) {
+            ("decimal", "bytes" | "fixed") => {
+                let precision = object.get("precision").and_then(Json::as_u64);
+                let scale = object.get("scale").map_or(Some(0), Json::as_u64);
+                matches!((precision, scale), (Some(p), Some(s)) if p >= 1 && s <= p)
+            }
+            ("big-decimal" | "uuid", "bytes") | ("uuid", "string") | ("date" | "time-millis", "int") => true,
+            ("uuid", "fixed") => size == Some(16),
+            ("duration", "fixed") => size == Some(12),
+            (
+                "time-micros"
+                | "timestamp-millis"
+                | "timestamp-micros"
+                | "timestamp-nanos"
+                | "local-timestamp-millis"
+                | "local-timestamp-micros"
+                | "local-timestamp-nanos",
+                "long",
+            ) => true,
+            _ => false,
+        },
+        // Beside a type object it wraps: Avro applies it to that type, which the compiler does not look for.
+        _ => false,
+    };
+    (!applies).then(|| {
+        format!(
+            "the logicalType `{logical}` does not apply here (Avro's parser ignores it on this type, or applies it to \
+             the type object inside): put it on a type it applies to, with valid attributes, or remove it"
+        )
+    })
 }
 
 fn is_primitive(name: &str) -> bool {
