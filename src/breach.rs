@@ -579,8 +579,9 @@ impl SanitizedSchema {
         let name = match ty {
             Json::String(name) => name.as_str(),
             Json::Object(object) => match object.get("type").and_then(Json::as_str) {
+                // A definition (or a primitive) is itself, even where a type took the keyword as its name.
+                Some("record" | "error" | "enum" | "fixed" | "array" | "map") | None => return (ty, own),
                 Some(name) => name,
-                None => return (ty, own),
             },
             _ => return (ty, namespace),
         };
@@ -664,6 +665,25 @@ mod tests {
         {"name": "inner", "type": ["null", {"type": "record", "name": "I", "fields": [
             {"name": "card", "type": "string", "pii.applied": "mask"}]}]}
     ]}"#;
+
+    /// An inline record is itself, even in a schema where a type took `record` as its name (it was looked up by
+    /// that name, and the report described the other record's fields).
+    #[test]
+    fn an_inline_definition_is_not_read_as_a_reference_to_a_type_named_like_its_keyword() {
+        let schema = SanitizedSchema::parse(
+            r#"{"type": "record", "name": "R", "fields": [
+                {"name": "a", "type": {"type": "record", "name": "record", "fields": [
+                    {"name": "ssn", "type": "string", "pii.applied": "encrypt"}]}},
+                {"name": "b", "type": {"type": "record", "name": "B", "fields": [{"name": "city", "type": "string"}]}}
+            ]}"#,
+        )
+        .unwrap();
+        let mut report = BreachReport::default();
+        report.add(&schema, &json!({"a": {"ssn": "pwe2.x.y"}, "b": {"city": "Leeds"}}));
+        let paths: Vec<String> = report.fields().iter().map(|f| f.path.clone()).collect();
+        assert!(paths.contains(&"b.city".to_owned()), "{paths:?}");
+        assert!(!paths.contains(&"b.ssn".to_owned()), "{paths:?}");
+    }
 
     #[test]
     fn fields_are_classified_counted_and_their_keys_told_apart_without_any_value_in_the_report() {
