@@ -840,3 +840,89 @@ fn logical_types_avro_does_not_apply_are_refused() {
         compile(&schema, &PolicySettings::default()).unwrap_or_else(|e| panic!("{schema}: {e}"));
     }
 }
+
+/// The fourth attacker review of the schema readings: shapes that still got through.
+#[test]
+fn the_fourth_review_s_schemas_are_refused() {
+    // A chain of 60 records holding only a null each reads no byte and was counted as one value of no bytes: 64
+    // uses of it in an item of one byte made ~3,900 steps a byte.
+    let mut fields = vec![
+        json!({"name": "e", "type": "string", "pii": "tokenize"}),
+        json!({"name": "c60", "type": {"type": "record", "name": "C60", "fields": [{"name": "f", "type": "null"}]}}),
+    ];
+    for k in (1..60).rev() {
+        fields.push(
+            json!({"name": format!("c{k}"), "type": {"type": "record", "name": format!("C{k}"), "fields": [
+                {"name": "f", "type": format!("C{}", k + 1)}
+            ]}}),
+        );
+    }
+    let mut item = vec![json!({"name": "b", "type": "boolean"})];
+    item.extend((0..64).map(|i| json!({"name": format!("z{i}"), "type": "C1"})));
+    fields.push(json!({"name": "items", "type": {"type": "array", "items": {
+        "type": "record", "name": "Item", "fields": item
+    }}}));
+    let chained_nulls = record(Json::Array(fields));
+    // A fixed of 2^62 bytes, redacted: its zero value was allocated as the schema compiled, and the process aborted.
+    let huge_fixed = record(json!([
+        {"name": "e", "type": "string", "pii": "tokenize"},
+        {"name": "x", "type": {"type": "fixed", "name": "F", "size": 4_611_686_018_427_387_904u64}, "pii": "redact"}
+    ]));
+    // A decimal Avro does not apply (no precision), defined in a union's branch the compiler never classified and
+    // used by name elsewhere: the compiler read `F` as a decimal, Avro as a plain fixed of 4 (5 bytes written where
+    // 4 belong, every record misaligned).
+    let hidden_decimal = record(json!([
+        {"name": "a", "type": ["null", {"type": "fixed", "name": "F", "size": 4, "logicalType": "decimal"}], "pii": "redact"},
+        {"name": "b", "type": "F", "pii": "redact"}
+    ]));
+    for (what, schema, problem) in [
+        ("64 uses of a chain of records of nulls", chained_nulls, "take no bytes"),
+        ("a fixed of 2^62 bytes", huge_fixed, "at most 1048576 bytes"),
+        (
+            "a decimal without precision in a branch",
+            hidden_decimal,
+            "does not apply",
+        ),
+    ] {
+        let refused = compile(&schema, &PolicySettings::default());
+        assert!(
+            refused.as_ref().is_err_and(|e| e.problem.contains(problem)),
+            "{what}: {:?}",
+            refused.map(|c| c.plan.rules.len())
+        );
+    }
+}
+
+/// A logical type Avro does not know is ignored by it, and now by the compiler: a redacted double with one took a
+/// string's empty value (one byte where eight belong), and mask refused a string with one (`varchar`, as Hive
+/// writes). The fourth attacker review.
+#[test]
+fn a_logical_type_avro_does_not_know_is_the_plain_type() {
+    let schema = record(json!([
+        {"name": "e", "type": "string", "pii": "tokenize"},
+        {"name": "ratio", "type": {"type": "double", "logicalType": "percent"}, "pii": "redact"},
+        {"name": "code", "type": {"type": "string", "logicalType": "varchar", "maxLength": 8}, "pii": "mask"}
+    ]));
+    let compiled = compile(&schema, &PolicySettings::default()).expect("compiles");
+    let value = JsonCodec::new(&compiled.writer)
+        .to_value(&json!({"e": "a", "ratio": 0.25, "code": "ABCDEFGH"}))
+        .unwrap();
+    let mut raw = Vec::new();
+    piiwall::codec::avro::ValueCodec::for_writer(&compiled)
+        .encode(&value, &mut raw)
+        .unwrap();
+    let mut out = Vec::new();
+    piiwall::transcode::Transcoder::new(&compiled)
+        .unwrap()
+        .transcode(
+            &compiled,
+            &raw,
+            &common::fixed_keys(),
+            &mut piiwall::transcode::TranscodeScratch::default(),
+            &mut out,
+        )
+        .unwrap();
+    piiwall::codec::avro::ValueCodec::for_sanitized(&compiled)
+        .decode(&out)
+        .expect("the output is a record of the sanitized schema");
+}

@@ -159,6 +159,10 @@ pub fn compile_any(schema: &str, settings: &PolicySettings) -> Result<CompiledSc
     }
 }
 
+/// The largest fixed taken: a redacted fixed is that many zero bytes, allocated when the schema compiles (a size
+/// of 2^62 aborted the process), and written for every record.
+const MAX_FIXED_SIZE: u64 = 1 << 20;
+
 /// The most bytes of field paths a schema may walk, each use of a named record counted (the plan keeps a path per
 /// protected use, three times): 16 MiB, hundreds of times a large real schema's.
 const MAX_PATH_BYTES: usize = 16 << 20;
@@ -179,6 +183,12 @@ fn check_attribute_shapes(json: &Json, path: &str) -> Result<(), PolicyError> {
             for (key, value) in object {
                 if NUMBER_ATTRIBUTES.contains(&key.as_str()) && value.as_u64().is_none() {
                     return Err(PolicyError::new(path, format!("`{key}` must be a whole number")));
+                }
+                if key == "size" && value.as_u64().is_some_and(|size| size > MAX_FIXED_SIZE) {
+                    return Err(PolicyError::new(
+                        path,
+                        format!("a fixed's `size` must be at most {MAX_FIXED_SIZE} bytes (1 MiB)"),
+                    ));
                 }
                 if !SCHEMA_ATTRIBUTES.contains(&key.as_str()) {
                     continue;
@@ -243,7 +253,7 @@ pub fn compile(schema_json: &str, settings: &PolicySettings) -> Result<CompiledS
     }
 
     let mut walker = Walker::new(settings, root)?;
-    walker.define_all(&json, "");
+    walker.define_all(&json, "", "")?;
     let (root_node, sanitized_root) = walker.walk_record(root, "", "", true, false)?;
     let mut sanitized_json = sanitized_root;
     walker.finish(&mut sanitized_json)?;
@@ -907,11 +917,24 @@ impl<'j, 's> Walker<'j, 's> {
     /// Defines every named type of the schema before the walk, as Avro's parser knows them: the walk does not
     /// enter redacted fields, and a name must mean the type it means to Avro wherever it is used (a type the walk
     /// had not met made a name resolve elsewhere, and a record hold itself unseen).
-    fn define_all(&mut self, ty: &'j Json, namespace: &str) {
+    ///
+    /// It also refuses, wherever they are, the type objects Avro's parser reads otherwise than the compiler would
+    /// (a definition used only where the compiler does not look, such as a union's branch under a redacted field,
+    /// can be named elsewhere).
+    fn define_all(&mut self, ty: &'j Json, namespace: &str, path: &str) -> Result<(), PolicyError> {
+        if let Json::Object(object) = ty
+            && let Some(problem) = read_otherwise(object)
+                .map(str::to_owned)
+                .or_else(|| unapplied_logical_type(object))
+        {
+            return Err(PolicyError::new(path, problem));
+        }
         match ty {
-            Json::Array(branches) => branches.iter().for_each(|branch| self.define_all(branch, namespace)),
-            // What Avro reads as a reference defines nothing, whatever it holds.
-            Json::Object(object) if read_otherwise(object).is_some() => {}
+            Json::Array(branches) => {
+                for branch in branches {
+                    self.define_all(branch, namespace, path)?;
+                }
+            }
             Json::Object(object) => match object.get("type") {
                 Some(Json::String(t)) if matches!(t.as_str(), "record" | "enum" | "fixed") => {
                     let name = object.get("name").and_then(Json::as_str).unwrap_or("");
@@ -921,25 +944,32 @@ impl<'j, 's> Walker<'j, 's> {
                     let fields = object.get("fields").and_then(Json::as_array).filter(|_| t == "record");
                     for field in fields.into_iter().flatten() {
                         if let Some(field_type) = field.get("type") {
-                            self.define_all(field_type, &ns);
+                            let name = field.get("name").and_then(Json::as_str).unwrap_or("");
+                            let inner = if path.is_empty() {
+                                name.to_owned()
+                            } else {
+                                format!("{path}.{name}")
+                            };
+                            self.define_all(field_type, &ns, &inner)?;
                         }
                     }
                 }
                 Some(Json::String(t)) if t == "array" => {
                     if let Some(items) = object.get("items") {
-                        self.define_all(items, namespace);
+                        self.define_all(items, namespace, path)?;
                     }
                 }
                 Some(Json::String(t)) if t == "map" => {
                     if let Some(values) = object.get("values") {
-                        self.define_all(values, namespace);
+                        self.define_all(values, namespace, path)?;
                     }
                 }
-                Some(inner @ (Json::Object(_) | Json::Array(_))) => self.define_all(inner, namespace),
+                Some(inner @ (Json::Object(_) | Json::Array(_))) => self.define_all(inner, namespace, path)?,
                 _ => {}
             },
             _ => {}
         }
+        Ok(())
     }
 
     /// Counts one more field walked at `path`, refusing a schema past the bounds.
@@ -1037,7 +1067,9 @@ impl<'j, 's> Walker<'j, 's> {
                         )),
                         "null" => Ok(Kind::Null),
                         primitive => Ok(Kind::Scalar(Scalar::plain(
-                            logical.map_or_else(|| primitive_name(primitive), logical_name),
+                            logical
+                                .filter(|logical| LOGICAL_TYPES.contains(logical))
+                                .map_or_else(|| primitive_name(primitive), logical_name),
                         ))),
                     },
                     Some(inner) => self.classify(inner, namespace, path),
@@ -1493,10 +1525,11 @@ fn non_null(ty: &Json) -> Option<&Json> {
 pub(crate) const SUBJECT_TYPES: &str = "the subject field must be a string, int, long or uuid (a uuid on string, bytes or a 16-byte fixed), optionally nullable";
 
 fn fixed_name(object: &Map<String, Json>) -> &'static str {
+    // A logical type Avro would not apply is refused before (`unapplied_logical_type`); one it does not know, it
+    // ignores: so does the compiler.
     match object.get("logicalType").and_then(Json::as_str) {
-        // Avro ignores a uuid logical type on a fixed of another size: so does the compiler.
-        Some("uuid") if object.get("size").and_then(Json::as_u64) != Some(16) => "fixed",
-        logical => logical.map_or("fixed", logical_name),
+        Some(logical) if LOGICAL_TYPES.contains(&logical) => logical_name(logical),
+        _ => "fixed",
     }
 }
 

@@ -26,10 +26,23 @@ pub(super) const MAX_RECORD_DEPTH: usize = 64;
 /// could chain such nestings far deeper.
 pub(super) const MAX_NESTING: usize = 128;
 
-/// The most values that take no bytes (fields of type null, fixed of size 0, records of no fields) one record may
-/// hold, those of the records in it counted (not those inside its arrays, maps or unions, which take a byte each):
-/// every other value a walk visits takes bytes, so a record's work stays in proportion to its bytes.
+/// The most values that take no bytes (fields of type null, fixed of size 0, and records holding only such values,
+/// each record counted) one record may hold, those of the records in it counted (not those inside its arrays, maps
+/// or unions, which take a byte each): every other value a walk visits takes bytes, so a record's work stays in
+/// proportion to its bytes.
 pub(super) const MAX_ZERO_SIZE_VALUES: u64 = 64;
+
+fn too_many_zero_size(path: &str, record: &Name) -> PolicyError {
+    PolicyError::new(
+        path,
+        format!(
+            "record `{}` holds more than {MAX_ZERO_SIZE_VALUES} values that take no bytes (fields of type null, fixed \
+             of size 0, records holding only such values, with those of the records in it): a few bytes of such \
+             records would take millions of steps to read",
+            record.fullname(None)
+        ),
+    )
+}
 
 pub(super) fn too_many_types() -> PolicyError {
     PolicyError::new(
@@ -111,7 +124,12 @@ fn check_defined_once<'s>(schema: &'s Schema, seen: &mut HashSet<&'s Name>) -> R
 /// would have been found while it was open).
 enum Mark {
     Open,
-    Done { types: u64, depth: usize, zero_size: u64 },
+    Done {
+        types: u64,
+        depth: usize,
+        zero_size: u64,
+        reads_nothing: bool,
+    },
 }
 
 struct Walk<'s> {
@@ -165,7 +183,7 @@ impl<'s> Walk<'s> {
                 }
                 self.marks.insert(&record.name, Mark::Open);
                 let (before, outer) = (self.types - 1, std::mem::take(&mut self.deepest));
-                let mut zero_size = 0u64;
+                let (mut zero_size, mut reads_nothing) = (0u64, true);
                 for field in &record.fields {
                     let inner = if path.is_empty() {
                         field.name.clone()
@@ -173,18 +191,17 @@ impl<'s> Walk<'s> {
                         format!("{path}.{}", field.name)
                     };
                     self.visit(&field.schema, &inner, depth + 1)?;
-                    zero_size = zero_size.saturating_add(self.zero_size(&field.schema));
+                    let (field_zero_size, field_reads_nothing) = self.zero_size(&field.schema);
+                    zero_size = zero_size.saturating_add(field_zero_size);
+                    reads_nothing &= field_reads_nothing;
                     if zero_size > MAX_ZERO_SIZE_VALUES {
-                        return Err(PolicyError::new(
-                            &inner,
-                            format!(
-                                "record `{}` holds more than {MAX_ZERO_SIZE_VALUES} values that take no bytes (fields \
-                                 of type null, fixed of size 0, records of no fields, with those of the records in \
-                                 it): a few bytes of such records would take millions of steps to read",
-                                record.name.fullname(None)
-                            ),
-                        ));
+                        return Err(too_many_zero_size(&inner, &record.name));
                     }
+                }
+                // A record that reads no byte is a step of its own taking none.
+                zero_size += u64::from(reads_nothing);
+                if zero_size > MAX_ZERO_SIZE_VALUES {
+                    return Err(too_many_zero_size(path, &record.name));
                 }
                 let nested = self.deepest + 1;
                 self.marks.insert(
@@ -193,6 +210,7 @@ impl<'s> Walk<'s> {
                         types: self.types - before,
                         depth: nested,
                         zero_size,
+                        reads_nothing,
                     },
                 );
                 self.deepest = outer.max(nested);
@@ -208,23 +226,29 @@ impl<'s> Walk<'s> {
         }
     }
 
-    /// The values that take no bytes in a value of `schema`, a type walked already: a null, a fixed of size 0 or a
-    /// record of no fields is one; a record, those it holds; anything else takes a byte (a length, a count, an index).
-    fn zero_size(&self, schema: &'s Schema) -> u64 {
+    /// The values that take no bytes in a value of `schema`, a type walked already, and whether it reads no byte at
+    /// all: a null or a fixed of size 0 is one; a record, those it holds (itself too when it reads no byte);
+    /// anything else takes a byte (a length, a count, an index).
+    fn zero_size(&self, schema: &'s Schema) -> (u64, bool) {
         let schema = match schema {
             Schema::Ref { name } => self.names.get(name).copied().unwrap_or(schema),
             other => other,
         };
         match schema {
-            Schema::Null => 1,
-            Schema::Fixed(fixed) if fixed.size == 0 => 1,
-            Schema::Decimal(decimal) if matches!(&decimal.inner, InnerDecimalSchema::Fixed(f) if f.size == 0) => 1,
-            Schema::Record(record) if record.fields.is_empty() => 1,
+            Schema::Null => (1, true),
+            Schema::Fixed(fixed) if fixed.size == 0 => (1, true),
+            Schema::Decimal(decimal) if matches!(&decimal.inner, InnerDecimalSchema::Fixed(f) if f.size == 0) => {
+                (1, true)
+            }
             Schema::Record(record) => match self.marks.get(&record.name) {
-                Some(Mark::Done { zero_size, .. }) => *zero_size,
-                _ => 0,
+                Some(&Mark::Done {
+                    zero_size,
+                    reads_nothing,
+                    ..
+                }) => (zero_size, reads_nothing),
+                _ => (0, false),
             },
-            _ => 0,
+            _ => (0, false),
         }
     }
 
