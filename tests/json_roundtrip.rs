@@ -214,3 +214,71 @@ proptest! {
         }
     }
 }
+
+/// Reads `json` by both JSON readers (the fast path to Avro binary, and the `Value` path), on another thread, and
+/// gives their errors (`None` for one that read it), or panics if they take more than a minute.
+fn read_both_within_a_minute(schema: apache_avro::Schema, json: Json) -> (Option<String>, Option<String>) {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let fast = piiwall::codec::json_binary::encode(&schema, &json, true, &mut 0, &mut out).err();
+        let value = JsonCodec::records(&schema, Undeclared::Drop, false)
+            .to_value(&json)
+            .err();
+        let _ = sender.send((fast.map(|e| e.to_string()), value.map(|e| e.to_string())));
+    });
+    receiver
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("read within a minute")
+}
+
+/// A union of records whose fields are such unions tried every branch at every level (the fourth attacker
+/// review): 40 levels of unions of two records, the second naming the next level's first (~300 bytes of JSON),
+/// asked the `Value` path for more than 2^40 tries. Each record's reading now has a budget of steps, shared by the
+/// branches it tries, and the record is refused with the field named. (The fast path takes no references, and
+/// without them a schema doubles in size with each such level.)
+#[test]
+fn nested_unions_cannot_make_a_small_record_read_for_ever() {
+    let nested = |levels: usize| {
+        let mut record = json!("not an int");
+        for _ in 0..=levels {
+            record = json!({ "x": record });
+        }
+        record
+    };
+    let levels = 40;
+    let mut ty =
+        json!({"type": "record", "name": format!("B{}", levels - 1), "fields": [{"name": "x", "type": "int"}]});
+    ty = json!([
+        {"type": "record", "name": format!("A{}", levels - 1), "fields": [{"name": "x", "type": "int"}]},
+        ty
+    ]);
+    for level in (0..levels - 1).rev() {
+        ty = json!([
+            {"type": "record", "name": format!("A{level}"), "fields": [{"name": "x", "type": ty}]},
+            {"type": "record", "name": format!("B{level}"), "fields": [{"name": "x", "type": format!("A{}", level + 1)}]}
+        ]);
+    }
+    let two_branches =
+        apache_avro::Schema::parse(&json!({"type": "record", "name": "R", "fields": [{"name": "x", "type": ty}]}))
+            .unwrap();
+    let (_, value) = read_both_within_a_minute(two_branches, nested(levels));
+    assert!(value.as_deref().is_some_and(|e| e.contains("steps")), "{value:?}");
+}
+
+/// A missing field takes its default whole: 2,000 empty objects of a record whose default is 64 KiB of text asked
+/// for 128 MiB (a 1 MB record of them, gigabytes). A record may become at most 64 MiB.
+#[test]
+fn defaults_cannot_make_a_small_record_huge() {
+    let schema = apache_avro::Schema::parse(&json!({"type": "record", "name": "R", "fields": [
+        {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "I", "fields": [
+            {"name": "d", "type": "string", "default": "d".repeat(64 << 10)}
+        ]}}}
+    ]}))
+    .unwrap();
+    let record = json!({"items": vec![json!({}); 2000]});
+    let (fast, value) = read_both_within_a_minute(schema, record);
+    for error in [fast, value] {
+        assert!(error.as_deref().is_some_and(|e| e.contains("64 MiB")), "{error:?}");
+    }
+}

@@ -25,10 +25,73 @@ pub struct JsonCodec {
     omit_null_defaults: bool,
 }
 
-/// Reading state: whether undeclared properties are dropped, and how many were.
+/// Reading state: whether undeclared properties are dropped, and how many were; what is left of the record's
+/// budgets.
 struct Reading {
     drop: bool,
     dropped: usize,
+    budget: ReadBudget,
+}
+
+/// The most values reading one JSON record may try, each union branch tried counted: a union of records whose
+/// fields are such unions tries every branch at every level, (2 × branches)^depth tries from a few hundred bytes.
+/// Far above what a real record takes.
+pub(crate) const MAX_READ_STEPS: usize = 4_000_000;
+
+/// The most bytes of strings (and of Avro binary, on the fast path) one JSON record may become: a missing field
+/// takes its default whole, and `[{}, {}, …]` of a record with a long default asked for gigabytes.
+pub(crate) const MAX_READ_BYTES: usize = 64 << 20;
+
+/// What one record's reading has left: values it may still try, bytes it may still make.
+#[derive(Clone, Copy)]
+pub(crate) struct ReadBudget {
+    pub(crate) steps: usize,
+    pub(crate) bytes: usize,
+}
+
+impl ReadBudget {
+    pub(crate) fn new() -> Self {
+        Self {
+            steps: MAX_READ_STEPS,
+            bytes: MAX_READ_BYTES,
+        }
+    }
+
+    /// Whether it ran out: the reading stops there (a union tries no other branch).
+    pub(crate) fn spent(&self) -> bool {
+        self.steps == 0
+    }
+
+    /// One more value tried, of `bytes` more bytes.
+    pub(crate) fn take(&mut self, bytes: usize, path: &str) -> Result<(), ValueError> {
+        if self.steps == 0 {
+            return Err(ValueError::new(
+                path,
+                format!(
+                    "the record takes more than {MAX_READ_STEPS} steps to read (unions within unions try every \
+                     branch at every level)"
+                ),
+            ));
+        }
+        if self.bytes < bytes {
+            self.steps = 0;
+            return Err(Self::too_large(path));
+        }
+        self.steps -= 1;
+        self.bytes -= bytes;
+        Ok(())
+    }
+
+    /// The error of a record that becomes more than [`MAX_READ_BYTES`]; the budget is spent.
+    pub(crate) fn too_large(path: &str) -> ValueError {
+        ValueError::new(
+            path,
+            format!(
+                "the record becomes more than {} MiB (a missing field takes its default whole)",
+                MAX_READ_BYTES >> 20
+            ),
+        )
+    }
 }
 
 impl JsonCodec {
@@ -65,6 +128,7 @@ impl JsonCodec {
         let mut reading = Reading {
             drop: self.undeclared == Undeclared::Drop,
             dropped: 0,
+            budget: ReadBudget::new(),
         };
         let value = self.read(&self.schema, json, "", &mut reading)?;
         Ok((value, reading.dropped))
@@ -78,6 +142,7 @@ impl JsonCodec {
         let mut reading = Reading {
             drop: false,
             dropped: 0,
+            budget: ReadBudget::new(),
         };
         Ok(match self.read(schema, json, path, &mut reading)? {
             Value::Union(_, inner) => *inner,
@@ -126,6 +191,7 @@ impl JsonCodec {
                 .ok_or_else(|| mismatch("an int (32-bit integer)"))
         };
         let long = || json.as_i64().ok_or_else(|| mismatch("a long (64-bit integer)"));
+        reading.budget.take(json.as_str().map_or(8, str::len), path)?;
         Ok(match self.resolve(schema) {
             Schema::Null => json.is_null().then_some(Value::Null).ok_or_else(|| mismatch("null"))?,
             Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| mismatch("a boolean"))?),
@@ -181,12 +247,19 @@ impl JsonCodec {
                 let mut first_error = None;
                 for drop in [false, true].into_iter().filter(|&d| !d || reading.drop) {
                     for (index, variant) in union.variants().iter().enumerate() {
-                        let mut attempt = Reading { drop, dropped: 0 };
-                        match self.read(variant, json, path, &mut attempt) {
+                        let mut attempt = Reading {
+                            drop,
+                            dropped: 0,
+                            budget: reading.budget,
+                        };
+                        let read = self.read(variant, json, path, &mut attempt);
+                        reading.budget = attempt.budget;
+                        match read {
                             Ok(value) => {
                                 reading.dropped += attempt.dropped;
                                 return Ok(Value::Union(index as u32, Box::new(value)));
                             }
+                            Err(e) if reading.budget.spent() => return Err(e),
                             Err(e) => {
                                 first_error.get_or_insert(e);
                             }

@@ -11,7 +11,7 @@ use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 use serde_json::Value as Json;
 
-use super::json::{declares, json_kind, no_branch, type_name};
+use super::json::{ReadBudget, declares, json_kind, no_branch, type_name};
 use crate::error::ValueError;
 
 /// Whether every type of `schema` is one this path handles.
@@ -41,16 +41,30 @@ pub fn encode(
     dropped: &mut usize,
     out: &mut Vec<u8>,
 ) -> Result<(), ValueError> {
-    Encoder { drop, dropped }.value(schema, json, "", out)
+    let mut budget = ReadBudget::new();
+    Encoder {
+        drop,
+        dropped,
+        budget: &mut budget,
+    }
+    .value(schema, json, "", out)
 }
 
 struct Encoder<'d> {
     drop: bool,
     dropped: &'d mut usize,
+    /// The record's, shared by the attempts at a union's branches.
+    budget: &'d mut ReadBudget,
 }
 
 impl Encoder<'_> {
     fn value(&mut self, schema: &Schema, json: &Json, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
+        let written = out.len();
+        self.budget.take(json.as_str().map_or(8, str::len), path)?;
+        if written > super::json::MAX_READ_BYTES {
+            self.budget.steps = 0;
+            return Err(ReadBudget::too_large(path));
+        }
         let mismatch =
             |expected: &str| ValueError::new(path, format!("expected {expected}, found {}", json_kind(json)));
         match schema {
@@ -105,6 +119,7 @@ impl Encoder<'_> {
                         match (Encoder {
                             drop,
                             dropped: &mut dropped,
+                            budget: &mut *self.budget,
                         })
                         .value(variant, json, path, out)
                         {
@@ -112,6 +127,7 @@ impl Encoder<'_> {
                                 *self.dropped += dropped;
                                 return Ok(());
                             }
+                            Err(e) if self.budget.spent() => return Err(e),
                             Err(e) => {
                                 out.truncate(start);
                                 first_error.get_or_insert(e);
