@@ -298,3 +298,27 @@ fn an_item_type_of_many_types_costs_nothing_per_block() {
         .expect("transcoded within two minutes (before: hours)");
     assert!(out.is_ok_and(|len| len > items as usize), "transcoded whole");
 }
+
+/// A redacted union with no null branch takes its first branch's empty value: here a fixed of 1 MiB for every
+/// two-byte item whose value took the int branch. 100 such items asked for 100 MiB (a 1 MB record of them, 500
+/// GB: the fourth attacker review). A record's sanitized form may take 64 MiB; past it the record is refused with
+/// the field named (and goes to quarantine).
+#[test]
+fn a_record_s_sanitized_form_is_bounded() {
+    let schema = common::compiled(
+        &json!({"type": "record", "name": "R", "fields": [
+            {"name": "e", "type": "string", "pii": "tokenize"},
+            {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "I", "fields": [
+                {"name": "v", "type": [{"type": "fixed", "name": "F", "size": 1 << 20}, "int"], "pii": "redact"}
+            ]}}}
+        ]})
+        .to_string(),
+    );
+    let items = 100;
+    let item = [zigzag(1), zigzag(0)].concat();
+    let bytes = [string("e"), zigzag(items), item.repeat(items as usize), vec![0]].concat();
+    let error = transcode(&schema, &bytes).map(|out| out.len()).expect_err("refused");
+    assert!(error.contains("passes 64 MiB") && error.contains("items.v"), "{error}");
+    let few = [string("e"), zigzag(3), item.repeat(3), vec![0]].concat();
+    assert!(transcode(&schema, &few).is_ok(), "three items are 3 MiB: taken");
+}

@@ -58,7 +58,14 @@ pub(crate) struct Run<'a> {
     scratch: &'a mut TranscodeScratch,
     keys: &'a RecordKeys,
     rules: &'a [Rule],
+    /// Where this record's output starts in `out`.
+    out_start: usize,
 }
+
+/// The most bytes one record's sanitized form may take: protected values write more than they read (a token of an
+/// empty string is ~50 bytes, a redacted value can be a fixed of 1 MiB standing for a one-byte branch), so a small
+/// record could ask for gigabytes. Far above any broker's message size.
+pub(crate) const MAX_OUTPUT: usize = 64 << 20;
 
 impl<'a> Run<'a> {
     pub(crate) fn new(
@@ -71,6 +78,7 @@ impl<'a> Run<'a> {
         Self {
             input: Input::new(input),
             copy_from: 0,
+            out_start: out.len(),
             out,
             scratch,
             keys,
@@ -171,6 +179,16 @@ impl<'a> Run<'a> {
             self.out.extend_from_slice(&step.redacted);
         } else {
             self.shape(&step.shape, rule, step.scale)?;
+        }
+        if self.out.len() - self.out_start > MAX_OUTPUT {
+            return Err(ValueError::new(
+                &rule.path,
+                format!(
+                    "the record's sanitized form passes {} MiB (redacted values and tokens can be far larger than \
+                     what they replace: a redacted fixed for every item of an array of small values)",
+                    MAX_OUTPUT >> 20
+                ),
+            ));
         }
         self.copy_from = self.input.pos;
         Ok(())
