@@ -214,6 +214,29 @@ fn schemas_that_would_walk_without_bound_are_refused() {
     }
 }
 
+/// A plain-JSON record of `compiled`'s writer schema through the transcoder, with fixed keys: its output.
+fn transcoded(compiled: &piiwall::policy::CompiledSchema, record: &Json) -> Vec<u8> {
+    let value = JsonCodec::new(&compiled.writer)
+        .to_value(record)
+        .expect("a record of the schema");
+    let mut raw = Vec::new();
+    piiwall::codec::avro::ValueCodec::for_writer(compiled)
+        .encode(&value, &mut raw)
+        .unwrap();
+    let mut out = Vec::new();
+    piiwall::transcode::Transcoder::new(compiled)
+        .expect("runs")
+        .transcode(
+            compiled,
+            &raw,
+            &common::fixed_keys(),
+            &mut piiwall::transcode::TranscodeScratch::default(),
+            &mut out,
+        )
+        .expect("transcodes");
+    out
+}
+
 /// Asserts `schema` is refused with `problem` in the error; `what` names the case on failure.
 fn assert_refused(what: &str, schema: &str, problem: &str) {
     let refused = compile(schema, &PolicySettings::default());
@@ -711,27 +734,10 @@ fn a_type_object_naming_a_type_is_that_type() {
     let compiled = compile(&schema, &PolicySettings::default()).expect("compiles");
     let protected: Vec<&str> = compiled.plan.rules.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(protected, ["a.ssn", "b.ssn", "c.ssn", "d"]);
-    let transcoder = piiwall::transcode::Transcoder::new(&compiled).expect("runs");
     let ssn = |value: &str| json!({"ssn": value});
     let record_json =
         json!({"a": ssn("111-11-1111"), "b": ssn("222-22-2222"), "c": ssn("333-33-3333"), "d": ssn("444-44-4444")});
-    let value = JsonCodec::new(&compiled.writer)
-        .to_value(&record_json)
-        .expect("a record of the schema");
-    let mut raw = Vec::new();
-    piiwall::codec::avro::ValueCodec::for_writer(&compiled)
-        .encode(&value, &mut raw)
-        .unwrap();
-    let mut out = Vec::new();
-    transcoder
-        .transcode(
-            &compiled,
-            &raw,
-            &common::fixed_keys(),
-            &mut piiwall::transcode::TranscodeScratch::default(),
-            &mut out,
-        )
-        .expect("transcodes");
+    let out = transcoded(&compiled, &record_json);
     let text = String::from_utf8_lossy(&out);
     for clear in ["111-11-1111", "222-22-2222", "333-33-3333", "444-44-4444"] {
         assert!(!text.contains(clear), "a value of an annotated field went out in clear");
@@ -904,24 +910,7 @@ fn a_logical_type_avro_does_not_know_is_the_plain_type() {
         {"name": "code", "type": {"type": "string", "logicalType": "varchar", "maxLength": 8}, "pii": "mask"}
     ]));
     let compiled = compile(&schema, &PolicySettings::default()).expect("compiles");
-    let value = JsonCodec::new(&compiled.writer)
-        .to_value(&json!({"e": "a", "ratio": 0.25, "code": "ABCDEFGH"}))
-        .unwrap();
-    let mut raw = Vec::new();
-    piiwall::codec::avro::ValueCodec::for_writer(&compiled)
-        .encode(&value, &mut raw)
-        .unwrap();
-    let mut out = Vec::new();
-    piiwall::transcode::Transcoder::new(&compiled)
-        .unwrap()
-        .transcode(
-            &compiled,
-            &raw,
-            &common::fixed_keys(),
-            &mut piiwall::transcode::TranscodeScratch::default(),
-            &mut out,
-        )
-        .unwrap();
+    let out = transcoded(&compiled, &json!({"e": "a", "ratio": 0.25, "code": "ABCDEFGH"}));
     piiwall::codec::avro::ValueCodec::for_sanitized(&compiled)
         .decode(&out)
         .expect("the output is a record of the sanitized schema");
