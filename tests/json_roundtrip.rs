@@ -221,9 +221,10 @@ fn read_both_within_a_minute(schema: apache_avro::Schema, json: Json) -> (Option
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut out = Vec::new();
-        let fast = piiwall::codec::json_binary::encode(&schema, &json, true, &mut 0, &mut out).err();
+        let input_len = json.to_string().len();
+        let fast = piiwall::codec::json_binary::encode(&schema, &json, input_len, true, &mut 0, &mut out).err();
         let value = JsonCodec::records(&schema, Undeclared::Drop, false)
-            .to_value(&json)
+            .to_value_counted(&json, input_len)
             .err();
         let _ = sender.send((fast.map(|e| e.to_string()), value.map(|e| e.to_string())));
     });
@@ -266,19 +267,38 @@ fn nested_unions_cannot_make_a_small_record_read_for_ever() {
     assert!(value.as_deref().is_some_and(|e| e.contains("steps")), "{value:?}");
 }
 
-/// A missing field takes its default whole: 2,000 empty objects of a record whose default is 64 KiB of text asked
-/// for 128 MiB (a 1 MB record of them, gigabytes). A record may become at most 64 MiB.
+/// A missing field takes its default whole, and the record's JSON names it again: 2,000 empty objects of a record
+/// whose default is 64 KiB of text asked for 128 MiB (a 1 MB record of them, gigabytes); the same with the 64 KiB
+/// in a map default's key, or in 200 field names of 10 KB with small defaults (the fourth and fifth attacker
+/// reviews). A record's defaults may take 16 MiB and 16 bytes more per byte of the record.
 #[test]
 fn defaults_cannot_make_a_small_record_huge() {
-    let schema = apache_avro::Schema::parse(&json!({"type": "record", "name": "R", "fields": [
-        {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "I", "fields": [
-            {"name": "d", "type": "string", "default": "d".repeat(64 << 10)}
-        ]}}}
-    ]}))
-    .unwrap();
-    let record = json!({"items": vec![json!({}); 2000]});
-    let (fast, value) = read_both_within_a_minute(schema, record);
-    for error in [fast, value] {
-        assert!(error.as_deref().is_some_and(|e| e.contains("64 MiB")), "{error:?}");
+    let items_of = |fields: Json| {
+        apache_avro::Schema::parse(&json!({"type": "record", "name": "R", "fields": [
+            {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "I", "fields": fields}}}
+        ]}))
+        .unwrap()
+    };
+    let long_default = items_of(json!([{"name": "d", "type": "string", "default": "d".repeat(64 << 10)}]));
+    let long_key = items_of(json!([
+        {"name": "m", "type": {"type": "map", "values": "int"}, "default": {"k".repeat(64 << 10): 0}}
+    ]));
+    let long_names = items_of(Json::Array(
+        (0..200)
+            .map(|i| json!({"name": format!("{}{i}", "n".repeat(10_000)), "type": "int", "default": 0}))
+            .collect(),
+    ));
+    for (what, schema, items) in [
+        ("a long default", long_default, 2000),
+        ("a long key in a map default", long_key, 2000),
+        ("long names", long_names, 100),
+    ] {
+        let (fast, value) = read_both_within_a_minute(schema, json!({"items": vec![json!({}); items]}));
+        for error in [fast, value] {
+            assert!(
+                error.as_deref().is_some_and(|e| e.contains("defaults")),
+                "{what}: {error:?}"
+            );
+        }
     }
 }

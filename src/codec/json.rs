@@ -33,27 +33,34 @@ struct Reading {
     budget: ReadBudget,
 }
 
-/// The most values reading one JSON record may try, each union branch tried counted: a union of records whose
-/// fields are such unions tries every branch at every level, (2 × branches)^depth tries from a few hundred bytes.
-/// Far above what a real record takes.
-pub(crate) const MAX_READ_STEPS: usize = 4_000_000;
+/// The values reading one JSON record may try, each union branch tried counted: a union of records whose fields
+/// are such unions tries every branch at every level, (2 × branches)^depth tries from a few hundred bytes. A
+/// million, and 16 more per byte of the record: far above what a real record takes.
+const MIN_READ_STEPS: usize = 1_000_000;
+const READ_STEPS_PER_BYTE: usize = 16;
 
-/// The most bytes of strings (and of Avro binary, on the fast path) one JSON record may become: a missing field
-/// takes its default whole, and `[{}, {}, …]` of a record with a long default asked for gigabytes.
-pub(crate) const MAX_READ_BYTES: usize = 64 << 20;
+/// The bytes of defaults one JSON record may take (a missing field takes its default whole, and its JSON names the
+/// field again): 16 MiB, and 16 more per byte of the record. `[{}, {}, …]` of a record with a long default (or a
+/// long field name) asked for gigabytes.
+const MIN_DEFAULT_BYTES: usize = 16 << 20;
+const DEFAULT_BYTES_PER_BYTE: usize = 16;
 
-/// What one record's reading has left: values it may still try, bytes it may still make.
+/// The most bytes of Avro binary one JSON record may become on the fast path.
+pub(crate) const MAX_AVRO_BYTES: usize = 64 << 20;
+
+/// What one record's reading has left: values it may still try, bytes of defaults it may still take.
 #[derive(Clone, Copy)]
 pub(crate) struct ReadBudget {
-    pub(crate) steps: usize,
-    pub(crate) bytes: usize,
+    steps: usize,
+    bytes: usize,
 }
 
 impl ReadBudget {
-    pub(crate) fn new() -> Self {
+    /// The budget of a record of `input_len` bytes.
+    pub(crate) fn for_input(input_len: usize) -> Self {
         Self {
-            steps: MAX_READ_STEPS,
-            bytes: MAX_READ_BYTES,
+            steps: MIN_READ_STEPS.saturating_add(READ_STEPS_PER_BYTE.saturating_mul(input_len)),
+            bytes: MIN_DEFAULT_BYTES.saturating_add(DEFAULT_BYTES_PER_BYTE.saturating_mul(input_len)),
         }
     }
 
@@ -62,35 +69,56 @@ impl ReadBudget {
         self.steps == 0
     }
 
-    /// One more value tried, of `bytes` more bytes.
-    pub(crate) fn take(&mut self, bytes: usize, path: &str) -> Result<(), ValueError> {
-        if self.steps == 0 {
-            return Err(ValueError::new(
+    /// One more value tried.
+    pub(crate) fn step(&mut self, path: &str) -> Result<(), ValueError> {
+        self.steps = self.steps.checked_sub(1).ok_or_else(|| {
+            ValueError::new(
                 path,
-                format!(
-                    "the record takes more than {MAX_READ_STEPS} steps to read (unions within unions try every \
-                     branch at every level)"
-                ),
-            ));
-        }
-        if self.bytes < bytes {
-            self.steps = 0;
-            return Err(Self::too_large(path));
-        }
-        self.steps -= 1;
-        self.bytes -= bytes;
+                "the record takes more steps to read than its size allows (unions within unions try every branch \
+                 at every level)",
+            )
+        })?;
         Ok(())
     }
 
-    /// The error of a record that becomes more than [`MAX_READ_BYTES`]; the budget is spent.
-    pub(crate) fn too_large(path: &str) -> ValueError {
+    /// A missing field's default taken: its value, and its name, which the record's JSON carries again.
+    pub(crate) fn default(&mut self, name: &str, default: &Json, path: &str) -> Result<(), ValueError> {
+        match self.bytes.checked_sub(name.len() + json_size(default)) {
+            Some(left) => {
+                self.bytes = left;
+                Ok(())
+            }
+            None => {
+                self.steps = 0;
+                Err(ValueError::new(
+                    path,
+                    "the record's missing fields take more of their defaults than its size allows (a missing field \
+                     takes its default whole)",
+                ))
+            }
+        }
+    }
+
+    /// The error of a record that becomes more than [`MAX_AVRO_BYTES`]; the budget is spent.
+    pub(crate) fn too_large(&mut self, path: &str) -> ValueError {
+        self.steps = 0;
         ValueError::new(
             path,
             format!(
-                "the record becomes more than {} MiB (a missing field takes its default whole)",
-                MAX_READ_BYTES >> 20
+                "the record becomes more than {} MiB of Avro (a missing field takes its default whole)",
+                MAX_AVRO_BYTES >> 20
             ),
         )
+    }
+}
+
+/// About the bytes of `json` written as text.
+fn json_size(json: &Json) -> usize {
+    match json {
+        Json::Null | Json::Bool(_) | Json::Number(_) => 8,
+        Json::String(text) => text.len() + 2,
+        Json::Array(items) => items.iter().map(json_size).sum::<usize>() + 2,
+        Json::Object(entries) => entries.iter().map(|(k, v)| k.len() + 3 + json_size(v)).sum::<usize>() + 2,
     }
 }
 
@@ -120,15 +148,16 @@ impl JsonCodec {
 
     /// Reads a plain-JSON record of this schema.
     pub fn to_value(&self, json: &Json) -> Result<Value, ValueError> {
-        self.to_value_counted(json).map(|(value, _)| value)
+        self.to_value_counted(json, 0).map(|(value, _)| value)
     }
 
     /// Reads a plain-JSON record of this schema; also says how many undeclared properties were dropped.
-    pub fn to_value_counted(&self, json: &Json) -> Result<(Value, usize), ValueError> {
+    /// `input_len`, the bytes the record was read from, sets its budget of steps and of defaults.
+    pub fn to_value_counted(&self, json: &Json, input_len: usize) -> Result<(Value, usize), ValueError> {
         let mut reading = Reading {
             drop: self.undeclared == Undeclared::Drop,
             dropped: 0,
-            budget: ReadBudget::new(),
+            budget: ReadBudget::for_input(input_len),
         };
         let value = self.read(&self.schema, json, "", &mut reading)?;
         Ok((value, reading.dropped))
@@ -142,7 +171,7 @@ impl JsonCodec {
         let mut reading = Reading {
             drop: false,
             dropped: 0,
-            budget: ReadBudget::new(),
+            budget: ReadBudget::for_input(0),
         };
         Ok(match self.read(schema, json, path, &mut reading)? {
             Value::Union(_, inner) => *inner,
@@ -191,7 +220,7 @@ impl JsonCodec {
                 .ok_or_else(|| mismatch("an int (32-bit integer)"))
         };
         let long = || json.as_i64().ok_or_else(|| mismatch("a long (64-bit integer)"));
-        reading.budget.take(json.as_str().map_or(8, str::len), path)?;
+        reading.budget.step(path)?;
         Ok(match self.resolve(schema) {
             Schema::Null => json.is_null().then_some(Value::Null).ok_or_else(|| mismatch("null"))?,
             Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| mismatch("a boolean"))?),
@@ -330,7 +359,10 @@ impl JsonCodec {
             let field_path = join(path, &field.name);
             let value = match (object.get(&field.name), &field.default) {
                 (Some(value), _) => self.read(&field.schema, value, &field_path, reading)?,
-                (None, Some(default)) => self.read_default(&field.schema, default, &field_path, reading)?,
+                (None, Some(default)) => {
+                    reading.budget.default(&field.name, default, &field_path)?;
+                    self.read_default(&field.schema, default, &field_path, reading)?
+                }
                 (None, None) => {
                     return Err(ValueError::new(&field_path, "missing field (it has no default)"));
                 }

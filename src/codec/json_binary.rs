@@ -33,15 +33,17 @@ pub fn supports(schema: &Schema) -> bool {
 }
 
 /// Writes a JSON record as the Avro binary of `schema`; undeclared properties are dropped (and counted in
-/// `dropped`) when `drop`, else refused.
+/// `dropped`) when `drop`, else refused. `input_len`, the bytes the record was read from, sets its budget of steps
+/// and of defaults.
 pub fn encode(
     schema: &Schema,
     json: &Json,
+    input_len: usize,
     drop: bool,
     dropped: &mut usize,
     out: &mut Vec<u8>,
 ) -> Result<(), ValueError> {
-    let mut budget = ReadBudget::new();
+    let mut budget = ReadBudget::for_input(input_len);
     Encoder {
         drop,
         dropped,
@@ -59,11 +61,9 @@ struct Encoder<'d> {
 
 impl Encoder<'_> {
     fn value(&mut self, schema: &Schema, json: &Json, path: &str, out: &mut Vec<u8>) -> Result<(), ValueError> {
-        let written = out.len();
-        self.budget.take(json.as_str().map_or(8, str::len), path)?;
-        if written > super::json::MAX_READ_BYTES {
-            self.budget.steps = 0;
-            return Err(ReadBudget::too_large(path));
+        self.budget.step(path)?;
+        if out.len() > super::json::MAX_AVRO_BYTES {
+            return Err(self.budget.too_large(path));
         }
         let mismatch =
             |expected: &str| ValueError::new(path, format!("expected {expected}, found {}", json_kind(json)));
@@ -175,18 +175,21 @@ impl Encoder<'_> {
             };
             match (object.get(&field.name), &field.default) {
                 (Some(value), _) => self.value(&field.schema, value, &field_path, out)?,
-                (None, Some(default)) => match &field.schema {
-                    // A default of a union field is a value of the union's first branch.
-                    Schema::Union(union) => {
-                        let first = union
-                            .variants()
-                            .first()
-                            .ok_or_else(|| ValueError::new(&field_path, "empty union"))?;
-                        write_long(0, out);
-                        self.value(first, default, &field_path, out)?;
+                (None, Some(default)) => {
+                    self.budget.default(&field.name, default, &field_path)?;
+                    match &field.schema {
+                        // A default of a union field is a value of the union's first branch.
+                        Schema::Union(union) => {
+                            let first = union
+                                .variants()
+                                .first()
+                                .ok_or_else(|| ValueError::new(&field_path, "empty union"))?;
+                            write_long(0, out);
+                            self.value(first, default, &field_path, out)?;
+                        }
+                        other => self.value(other, default, &field_path, out)?,
                     }
-                    other => self.value(other, default, &field_path, out)?,
-                },
+                }
                 (None, None) => return Err(ValueError::new(&field_path, "missing field (it has no default)")),
             }
         }
@@ -422,7 +425,7 @@ mod tests {
         assert!(supports(&schema));
         let input = json!({"a": "x\"y", "d": ["s", null, true], "extra": 1});
         let (mut avro, mut dropped) = (Vec::new(), 0);
-        encode(&schema, &input, true, &mut dropped, &mut avro).unwrap();
+        encode(&schema, &input, 0, true, &mut dropped, &mut avro).unwrap();
         assert_eq!(dropped, 1);
         let mut out = Vec::new();
         decode(&schema, &avro, true, &mut out).unwrap();
@@ -431,7 +434,7 @@ mod tests {
         for end in 0..avro.len() {
             assert!(decode(&schema, &avro[..end], true, &mut Vec::new()).is_err());
         }
-        let refused = encode(&schema, &input, false, &mut 0, &mut Vec::new()).unwrap_err();
+        let refused = encode(&schema, &input, 0, false, &mut 0, &mut Vec::new()).unwrap_err();
         assert!(refused.to_string().contains("key number 3"), "{refused}");
     }
 }

@@ -46,10 +46,10 @@ impl JsonRecords {
         if self.fast {
             let mut dropped = 0;
             let drop = self.undeclared == Undeclared::Drop;
-            json_binary::encode(&schema.writer, &parsed, drop, &mut dropped, &mut avro)?;
+            json_binary::encode(&schema.writer, &parsed, json.len(), drop, &mut dropped, &mut avro)?;
             return Ok(Converted { avro, dropped });
         }
-        let (value, dropped) = self.reader.to_value_counted(&parsed)?;
+        let (value, dropped) = self.reader.to_value_counted(&parsed, json.len())?;
         ValueCodec::for_writer(schema).encode(&value, &mut avro)?;
         Ok(Converted { avro, dropped })
     }

@@ -184,7 +184,8 @@ fn check_attribute_shapes(json: &Json, path: &str) -> Result<(), PolicyError> {
                 if NUMBER_ATTRIBUTES.contains(&key.as_str()) && value.as_u64().is_none() {
                     return Err(PolicyError::new(path, format!("`{key}` must be a whole number")));
                 }
-                if key == "size" && value.as_u64().is_some_and(|size| size > MAX_FIXED_SIZE) {
+                let fixed = object.get("type").and_then(Json::as_str) == Some("fixed");
+                if fixed && key == "size" && value.as_u64().is_some_and(|size| size > MAX_FIXED_SIZE) {
                     return Err(PolicyError::new(
                         path,
                         format!("a fixed's `size` must be at most {MAX_FIXED_SIZE} bytes (1 MiB)"),

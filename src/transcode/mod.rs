@@ -17,7 +17,7 @@ pub(crate) mod wire;
 use std::borrow::Cow;
 
 pub use run::{Detection, Detections, TranscodeScratch};
-pub(crate) use run::{inspect_text, run_step};
+pub(crate) use run::{MAX_OUTPUT, inspect_text, run_step};
 
 use crate::error::{PolicyError, ValueError};
 use crate::policy::CompiledSchema;

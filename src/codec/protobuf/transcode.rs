@@ -15,6 +15,7 @@
 //! field changes, its zero is sanitized and written (a pseudonym of zero reads the same whether the producer wrote
 //! the zero or left it out), as the conversion path does.
 
+use crate::transcode::MAX_OUTPUT;
 use std::sync::Arc;
 
 use super::{
@@ -223,6 +224,9 @@ pub(crate) struct Walker<'a> {
     items: usize,
     /// The singular messages, by step and repeated item, whose first occurrence has been walked.
     walked: Vec<(usize, usize)>,
+    /// Bytes the record's protected and converted fields have written: bounded as the Avro transcoder bounds a
+    /// record's output (a token of an absent field's zero is ~60 bytes, written for every empty repeated item).
+    written: usize,
 }
 
 impl<'a> Walker<'a> {
@@ -244,7 +248,25 @@ impl<'a> Walker<'a> {
             item: 0,
             items: 0,
             walked: Vec::new(),
+            written: 0,
         }
+    }
+
+    /// Counts what a protected or converted field wrote to `out` since `before`, refusing the record past
+    /// [`MAX_OUTPUT`].
+    fn wrote(&mut self, before: usize, out: &[u8], path: &str) -> Result<(), ValueError> {
+        self.written += out.len().saturating_sub(before);
+        if self.written > MAX_OUTPUT {
+            return Err(ValueError::new(
+                path,
+                format!(
+                    "the record's sanitized form passes {} MiB (tokens of small or absent values are far larger \
+                     than what they replace)",
+                    MAX_OUTPUT >> 20
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Appends the sanitized form of a message's bytes. `first`: whether this is the first of the occurrences that
@@ -317,12 +339,16 @@ impl<'a> Walker<'a> {
                 }
                 Kind::Protect(avro) => {
                     out.extend_from_slice(&bytes[copy_from..start]);
+                    let before = out.len();
                     self.protect(field, &step.sanitized.fields[index], avro, value, at, out)?;
+                    self.wrote(before, out, &step.path)?;
                     copy_from = pos;
                 }
                 Kind::Convert(avro) => {
                     out.extend_from_slice(&bytes[copy_from..start]);
+                    let before = out.len();
                     self.convert(field, &step.sanitized.fields[index], avro, Some(value), &step.path, out)?;
+                    self.wrote(before, out, &step.path)?;
                     copy_from = pos;
                 }
             }
@@ -338,7 +364,9 @@ impl<'a> Walker<'a> {
             let field = &step.writer.fields[index];
             match &step.fields[index].kind {
                 Kind::Convert(avro) | Kind::Protect(avro) => {
-                    self.convert(field, &step.sanitized.fields[index], avro, None, &step.path, out)?
+                    let before = out.len();
+                    self.convert(field, &step.sanitized.fields[index], avro, None, &step.path, out)?;
+                    self.wrote(before, out, &step.path)?;
                 }
                 _ => {
                     let at = At {
