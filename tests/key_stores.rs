@@ -23,16 +23,25 @@ fn a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_
     let existing = store.insert_if_absent(&candidate("s:known")).unwrap().unwrap();
     store.insert_if_absent(&candidate("s:gone")).unwrap().unwrap();
     assert_eq!(store.forget("s:gone").unwrap(), 1);
+    store.insert_if_absent(&candidate("s:rotated")).unwrap().unwrap();
+    let newest = store
+        .insert_if_absent(&StoredKey {
+            version: 2,
+            ..candidate("s:rotated")
+        })
+        .unwrap()
+        .unwrap();
     let batch = [
         candidate("s:known"),
         candidate("s:gone"),
+        candidate("s:rotated"),
         candidate("s:new-1"),
         candidate("s:new-2"),
     ];
 
     let rows = store.ensure_current(&batch).unwrap();
 
-    assert_eq!(rows.len(), 4, "one answer per candidate, in order");
+    assert_eq!(rows.len(), 5, "one answer per candidate, in order");
     let known = rows[0].as_ref().expect("a stored key");
     assert!(
         known.key_id == existing.key_id && known.wrapped == existing.wrapped,
@@ -40,7 +49,12 @@ fn a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_
     );
     assert!(rows[1].is_none(), "a forgotten scope gets no key");
     assert_eq!(store.versions("s:gone").unwrap(), 0, "and none was made for it");
-    for (row, candidate) in rows[2..].iter().zip(&batch[2..]) {
+    let rotated = rows[2].as_ref().expect("a rotated scope's key");
+    assert!(
+        rotated.key_id == newest.key_id && rotated.version == 2,
+        "a rotated scope gets its newest version"
+    );
+    for (row, candidate) in rows[3..].iter().zip(&batch[3..]) {
         let row = row.as_ref().expect("a new scope gets a key");
         assert!(
             row.key_id == candidate.key_id && row.wrapped == candidate.wrapped,
@@ -52,8 +66,8 @@ fn a_batch_gets_the_stored_key_none_for_a_forgotten_scope_and_its_candidate_for_
     let again = store
         .ensure_current(&[candidate("s:new-2"), candidate("s:new-1")])
         .unwrap();
-    assert!(again[0].as_ref().unwrap().key_id == batch[3].key_id);
-    assert!(again[1].as_ref().unwrap().key_id == batch[2].key_id);
+    assert!(again[0].as_ref().unwrap().key_id == batch[4].key_id);
+    assert!(again[1].as_ref().unwrap().key_id == batch[3].key_id);
 }
 
 /// Several instances (threads with their own connections) make first use of the same 200 new scopes at once, each
