@@ -7,7 +7,8 @@
 //!    seconds (user + system, `/proc/<pid>/stat`) divided by N. Three runs of each side, alternating, per stream:
 //!    the 10-field event (domain keys), customer records over 100,000 known subjects drawn Zipf(1.1) (their keys made
 //!    by a first, unmeasured `piiwall` pass over the same stream), and customer records of N new subjects (a fresh
-//!    key store for every `piiwall` run). Medians, with the lowest and highest;
+//!    key store for every `piiwall` run: SQLite, and PostgreSQL when `PIIWALL_TEST_PG` names the test server, a new
+//!    database each run). Medians, with the lowest and highest;
 //! 2. latency: records produced at a steady rate to a caught-up pipeline, from the producer's timestamp to the
 //!    reader, p50 and p99, copy and piiwall; the difference is what piiwall adds;
 //! 3. memory: peak RSS of `piiwall run` (its own process, key cache at its default bound, 100,000 keys) over
@@ -34,6 +35,10 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 use tokio::sync::watch;
+
+#[path = "../tests/common/services.rs"]
+#[allow(dead_code)]
+mod services;
 
 const PARTITIONS: i32 = 2;
 const SCHEMA_ID: u32 = 1;
@@ -336,7 +341,11 @@ async fn main() {
     }
     let runs = |part: &str| only.as_ref().is_none_or(|only| only.iter().any(|p| p == part));
     if runs("throughput") {
-        for stream in [Stream::Event, Stream::KnownSubjects, Stream::NewSubjects] {
+        let mut streams = vec![Stream::Event, Stream::KnownSubjects, Stream::NewSubjects];
+        if std::env::var_os("PIIWALL_TEST_PG").is_some() {
+            streams.push(Stream::NewSubjectsPostgres);
+        }
+        for stream in streams {
             throughput(&brokers, stream, count).await;
         }
     }
@@ -491,6 +500,8 @@ enum Stream {
     Event,
     KnownSubjects,
     NewSubjects,
+    /// As `NewSubjects`, with the PostgreSQL key store.
+    NewSubjectsPostgres,
 }
 
 impl Stream {
@@ -499,6 +510,7 @@ impl Stream {
             Stream::Event => "event (domain keys)",
             Stream::KnownSubjects => "customers, 100,000 known subjects, Zipf(1.1)",
             Stream::NewSubjects => "customers, every subject new",
+            Stream::NewSubjectsPostgres => "customers, every subject new, PostgreSQL key store",
         }
     }
 
@@ -512,7 +524,7 @@ impl Stream {
     fn values(self, count: usize) -> Box<dyn Iterator<Item = Vec<u8>> + Send> {
         match self {
             Stream::Event => Box::new(events(count)),
-            Stream::NewSubjects => Box::new(customers(count)),
+            Stream::NewSubjects | Stream::NewSubjectsPostgres => Box::new(customers(count)),
             Stream::KnownSubjects => {
                 let records: Vec<Vec<u8>> = customers(KNOWN_SUBJECTS).collect();
                 let mut total = 0.0;
@@ -563,7 +575,7 @@ async fn throughput(brokers: &str, stream: Stream, count: usize) {
     for _ in 0..3 {
         copies.push(run_process(brokers, "copy", &input, count, stream, keys.path()).await);
         let fresh = tempfile::tempdir().unwrap();
-        let store = if stream == Stream::NewSubjects {
+        let store = if matches!(stream, Stream::NewSubjects | Stream::NewSubjectsPostgres) {
             fresh.path()
         } else {
             keys.path()
@@ -610,8 +622,13 @@ async fn run_process(brokers: &str, side: &str, input: &str, count: usize, strea
     } else {
         std::fs::write(keys.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
         let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join(stream.schema());
+        let store = if stream == Stream::NewSubjectsPostgres {
+            tokio::task::block_in_place(services::fresh_database)
+        } else {
+            format!("sqlite:{}/keys.db", keys.display())
+        };
         let config = format!(
-            "[keys]\nstore = \"sqlite:{keys}/keys.db\"\nkek = \"file:{keys}/kek.key\"\n\
+            "[keys]\nstore = \"{store}\"\nkek = \"file:{keys}/kek.key\"\n\
              [kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ninputs = [\"{input}\"]\n\
              output_suffix = \"{suffix}\"\nquarantine_topic = \"{input}.quarantine\"\n[[schemas.local]]\n\
              topic = \"{input}\"\nschema = \"{schema}\"\nid = {SCHEMA_ID}\n[audit]\ntopic = \"{input}.audit\"\n\
