@@ -589,3 +589,77 @@ impl KeyStore for PostgresStore {
         .map(|changed| changed == 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of its own on the test server (`PIIWALL_TEST_PG`, started by scripts/test-services).
+    fn fresh_database() -> String {
+        let admin = std::env::var("PIIWALL_TEST_PG").expect(
+            "this test needs the test PostgreSQL: run `bash scripts/test`, or `bash scripts/test-services` and export \
+             the PIIWALL_TEST_PG it prints",
+        );
+        let name = format!("piiwall_{:016x}", rand::random::<u64>());
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+        format!("{}/{name}?{query}", base.rsplit_once('/').unwrap().0)
+    }
+
+    /// Every node of a JSON plan, depth first.
+    fn nodes(plan: &serde_json::Value) -> Vec<&serde_json::Value> {
+        let mut all = vec![plan];
+        for child in plan["Plans"].as_array().into_iter().flatten() {
+            all.extend(nodes(child));
+        }
+        all
+    }
+
+    /// A new store's key table has no statistics until autovacuum gets to it (here: never). A batch's read of the
+    /// current keys must then still look up only its own scopes: the `scope = ANY($1) ORDER BY scope, version DESC`
+    /// form was planned as a scan of the whole table, which made every batch slower than the one before (issue 15).
+    #[test]
+    fn a_batch_reads_only_its_own_scopes_even_without_statistics() {
+        let url = fresh_database();
+        PostgresStore::open(&url).unwrap();
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        client
+            .batch_execute(
+                "ALTER TABLE piiwall_deks SET (autovacuum_enabled = false);
+                 INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at)
+                 SELECT substr(sha256(('k' || g)::bytea), 1, 12), 's:' || encode(sha256(('s' || g)::bytea), 'hex'),
+                        1, sha256(g::text::bytea), 0
+                 FROM generate_series(1, 20000) AS g;",
+            )
+            .unwrap();
+        let asked: Vec<String> = (0..500).map(|i| format!("s:absent-{i}")).collect();
+        // As the store runs it: a statement with the array as its parameter (planned for the value given).
+        client
+            .batch_execute(&format!("PREPARE current_of_each (text[]) AS {CURRENT_OF_EACH}"))
+            .unwrap();
+        let answer = client
+            .simple_query(&format!(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE current_of_each ('{{{}}}')",
+                asked.join(",")
+            ))
+            .unwrap();
+        let text = answer
+            .iter()
+            .find_map(|message| match message {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap();
+        let explained: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let plan = &explained[0]["Plan"];
+        for node in nodes(plan) {
+            assert_ne!(node["Node Type"], "Seq Scan", "a scan of the whole table: {plan}");
+            assert_eq!(
+                node["Rows Removed by Filter"].as_u64().unwrap_or(0),
+                0,
+                "rows read and thrown away: {plan}"
+            );
+        }
+    }
+}
