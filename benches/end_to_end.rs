@@ -510,7 +510,9 @@ impl Stream {
             Stream::Event => "event (domain keys)",
             Stream::KnownSubjects => "customers, 100,000 known subjects, Zipf(1.1)",
             Stream::NewSubjects => "customers, every subject new",
-            Stream::NewSubjectsPostgres => "customers, every subject new, PostgreSQL key store",
+            Stream::NewSubjectsPostgres => {
+                "customers, every subject new, PostgreSQL key store (piiwall's CPU only: the server's is its own)"
+            }
         }
     }
 
@@ -615,6 +617,8 @@ async fn run_process(brokers: &str, side: &str, input: &str, count: usize, strea
     let output = format!("{input}{suffix}");
     create_topic(brokers, &output).await;
     let dir = tempfile::tempdir().unwrap();
+    // The PostgreSQL stream's database for this run, dropped when it ends.
+    let mut database: Option<String> = None;
     let mut command = if side == "copy" {
         let mut command = std::process::Command::new(std::env::current_exe().unwrap());
         command.env(COPY_CHILD, format!("{input} {output}"));
@@ -623,7 +627,9 @@ async fn run_process(brokers: &str, side: &str, input: &str, count: usize, strea
         std::fs::write(keys.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
         let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join(stream.schema());
         let store = if stream == Stream::NewSubjectsPostgres {
-            tokio::task::block_in_place(services::fresh_database)
+            let url = tokio::task::block_in_place(services::fresh_database);
+            database = Some(url.clone());
+            url
         } else {
             format!("sqlite:{}/keys.db", keys.display())
         };
@@ -654,12 +660,25 @@ async fn run_process(brokers: &str, side: &str, input: &str, count: usize, strea
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    if let Some(url) = database {
+        tokio::task::block_in_place(|| drop_database(&url));
+    }
     println!(
         "    {side:<7} {:>9.0} records/s, {:.2} µs CPU/record",
         count as f64 / elapsed.as_secs_f64(),
         cpu * 1e6 / count as f64
     );
     Run { elapsed, cpu }
+}
+
+/// Drops a database [`services::fresh_database`] made (the bench's keys: a million rows a run).
+fn drop_database(url: &str) {
+    let name = url.rsplit_once('/').unwrap().1.split('?').next().unwrap();
+    let admin = std::env::var("PIIWALL_TEST_PG").unwrap();
+    let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .unwrap();
 }
 
 /// User + system CPU seconds of a process so far, from `/proc/<pid>/stat` (clock ticks of `getconf CLK_TCK`).
