@@ -187,3 +187,43 @@ fn a_batch_waits_for_a_forget_under_way_on_postgres_and_makes_no_key_for_its_sco
     assert!(rows[1].is_none(), "the forgotten scope gets none");
     assert_eq!(store.versions("s:leaving").unwrap(), 0, "and no key was made for it");
 }
+
+/// A writer that does not take the scope's lock (an older piiwall, a hand-run INSERT) stores a key for a scope while
+/// a batch makes first use of it: the batch's insert waits for that row's transaction, then keeps it, and the batch
+/// answers with the stored row (read again), never with its own candidate and never as "forgotten".
+#[test]
+fn a_key_stored_by_a_writer_without_the_lock_is_the_one_a_racing_batch_gets_on_postgres() {
+    let url = common::services::fresh_database();
+    let store = Arc::new(PostgresStore::open(&url).unwrap());
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut under_way = other.transaction().unwrap();
+    let theirs = candidate("s:contested");
+    under_way
+        .execute(
+            "INSERT INTO piiwall_deks (key_id, scope, version, wrapped, created_at) VALUES ($1, $2, 1, $3, 0)",
+            &[&&theirs.key_id.0[..], &theirs.scope, &theirs.wrapped],
+        )
+        .unwrap();
+    let batch = std::thread::spawn({
+        let store = store.clone();
+        move || {
+            store
+                .ensure_current(&[candidate("s:free"), candidate("s:contested")])
+                .unwrap()
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !batch.is_finished(),
+        "the batch's insert waits for the other writer's row"
+    );
+    under_way.commit().unwrap();
+    let rows = batch.join().unwrap();
+    assert!(rows[0].is_some(), "the other scope gets its key");
+    let contested = rows[1].as_ref().expect("the stored key, not \"forgotten\"");
+    assert!(
+        contested.key_id == theirs.key_id && contested.wrapped == theirs.wrapped,
+        "the row the other writer stored"
+    );
+    assert_eq!(store.versions("s:contested").unwrap(), 1);
+}
