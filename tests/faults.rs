@@ -166,6 +166,20 @@ fn sources(messages: &[OwnedMessage]) -> BTreeSet<i64> {
 /// quarantine, as a reference when even its encrypted copy is too large; the records around it go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_too_large_for_the_brokers_is_quarantined_and_the_stream_goes_on() {
+    output_too_large_is_quarantined(None).await;
+}
+
+/// The same with the PostgreSQL key store, whose client must not be called on a runtime thread: making the
+/// quarantine copy reads the day's quarantine key from the store (it panicked there, and again on every restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_the_brokers_is_quarantined_with_the_postgres_key_store() {
+    let url = tokio::task::spawn_blocking(common::services::fresh_database)
+        .await
+        .unwrap();
+    output_too_large_is_quarantined(Some(url)).await;
+}
+
+async fn output_too_large_is_quarantined(postgres: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let input = unique("faults-large");
     create_topic(&input, 1).await;
@@ -189,13 +203,16 @@ async fn an_output_too_large_for_the_brokers_is_quarantined_and_the_stream_goes_
     )
     .await;
 
-    let config = pipeline_config(
+    let mut config = pipeline_config(
         dir.path(),
         &common::kafka::broker(),
         &input,
         schema_file.to_str().unwrap(),
         "",
     );
+    if let Some(url) = postgres {
+        config.keys.store = piiwall::config::StoreLocation::Postgres(url);
+    }
     let shutdown = Shutdown::new();
     let task = tokio::spawn(server::run(config, shutdown.clone()));
     let (output, quarantine, audit) = (

@@ -108,7 +108,6 @@ pub async fn run(
             retired,
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
-        let outcomes = fit_outcomes(&ctx, &batch, outcomes)?;
         // The rotations' audit events go with the batch's, acknowledged before its offset is stored.
         let mut events = Vec::new();
         for key in retired {
@@ -438,7 +437,8 @@ async fn announce_retired(ctx: &LaneContext, key: Retired) -> AuditEvent {
     event
 }
 
-/// Sanitizes a batch on the blocking pool, its registry schemas resolved and its new subjects' keys created first.
+/// Sanitizes a batch on the blocking pool, its registry schemas resolved and its new subjects' keys created first,
+/// and makes the outputs too large for the brokers quarantine copies ([`fit_outcomes`]).
 /// A dependency that does not answer (registry, key store) is retried with backoff, the batch kept: nothing is
 /// quarantined or skipped for it.
 async fn sanitize_batch(
@@ -463,6 +463,8 @@ async fn sanitize_batch(
                             .iter()
                             .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
                             .collect::<Result<Vec<_>, _>>()?;
+                        // Here, not on the runtime: a quarantine copy may read its key from the store.
+                        let outcomes = fit_outcomes(&lane, &batch, outcomes)?;
                         let keyring = lane.processor.sanitizer.keyring();
                         let retired = keyring.retire_worn(&keys, lane.max_encryptions).unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
