@@ -257,6 +257,26 @@ async fn an_aborted_batch_is_written_again_from_its_first_offset() {
     // The batch written twice is one partition's consecutive records.
     let partitions: std::collections::BTreeSet<i64> = twice.iter().map(|(p, _)| *p).collect();
     assert_eq!(partitions.len(), 1, "{twice:?}");
+    // Every subject's key was made once, the aborted batch's too (its second writing found them made): each key
+    // made has its KEY_CREATED event, acknowledged before the batch's transaction, so an abort does not drop it.
+    let audit = tokio::task::spawn_blocking(move || {
+        consume_from(
+            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
+            usize::MAX,
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap();
+    let created: i64 = common::kafka::audit_events_of(&audit, "KEY_CREATED")
+        .iter()
+        .flat_map(|event| event["counts"].as_array().cloned().unwrap_or_default())
+        .map(|count| count["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        created, N as i64,
+        "a KEY_CREATED count for each of the {N} subjects' keys"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,6 +251,80 @@ async fn output_too_large_is_quarantined(postgres: Option<String>) {
     assert_eq!(quarantine_events[0]["offset"], 1);
 }
 
+/// An output that fits by its own bytes but not with the input header `kafka.headers_allow` passes on to it (the
+/// brokers count headers too) is quarantined, with its content (a quarantine copy carries no allowlisted header),
+/// and the record after it is written. Before, the broker's refusal was taken for a passing fault and the batch was
+/// written again for ever: its partition stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_with_its_allowlisted_headers_is_quarantined_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("faults-headers");
+    create_topic(&input, 1).await;
+    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "lines", "type": {"type": "array", "items": "string"}, "pii": "tokenize"}
+    ]})
+    .to_string();
+    let schema_file = dir.path().join("doc.avsc");
+    std::fs::write(&schema_file, &schema_text).unwrap();
+    let schema = common::compiled(&schema_text);
+    let doc = |id: &str, lines: usize| {
+        let lines: Vec<String> = (0..lines).map(|i| format!("{i:0>100}")).collect();
+        framed(&schema, 1, &serde_json::json!({"id": id, "lines": lines}))
+    };
+    let trace = vec![b'x'; 400_000];
+    let headed = OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "trace",
+        value: Some(&trace),
+    });
+    produce(
+        &input,
+        vec![
+            (0, None, doc("small-1", 3), OwnedHeaders::new()),
+            (0, None, doc("headed", 5_000), headed),
+            (0, None, doc("small-2", 3), OwnedHeaders::new()),
+        ],
+    )
+    .await;
+
+    let config = pipeline_config(
+        dir.path(),
+        &common::kafka::broker(),
+        &input,
+        schema_file.to_str().unwrap(),
+        r#"headers_allow = ["trace"]"#,
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
+    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
+    let (out, quarantined) = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, 2, Duration::from_secs(60)),
+            consume(&quarantine, 1, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    assert_eq!(
+        sources(&out),
+        BTreeSet::from([0, 2]),
+        "the records around it are written"
+    );
+    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
+    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    assert!(reason.contains("with its allowlisted headers"), "{reason}");
+    assert!(
+        header(&quarantined[0], "trace").is_none(),
+        "no allowlisted header on a quarantine copy"
+    );
+    assert!(
+        quarantined[0].payload().is_some_and(|p| p.len() > 400_000),
+        "the copy keeps the record's content"
+    );
+    task.await.unwrap().expect("the pipeline never stopped on it");
+}
+
 /// A pipeline reading `N` customers from a persistent broker of its own, started; returns once output flows.
 struct Outage {
     _dir: tempfile::TempDir,

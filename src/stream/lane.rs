@@ -245,22 +245,28 @@ async fn write_until_done(
 /// each becomes a quarantine copy of its record instead, or, when even that copy is too large, a reference — its
 /// coordinates and the reason, with no content (replay it from the input topic while that retains it).
 fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome>) -> Result<Vec<Outcome>, Error> {
-    let fits = |key: Option<&[u8]>, value: Option<&[u8]>| {
-        key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + RECORD_OVERHEAD <= ctx.max_record_bytes
-    };
+    let size = |key: Option<&[u8]>, value: Option<&[u8]>| key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+    let fits = |bytes: usize| bytes + RECORD_OVERHEAD <= ctx.max_record_bytes;
     batch
         .iter()
         .zip(outcomes)
         .map(|(message, outcome)| match outcome {
-            Outcome::Output { key, value, schema_id } if !fits(key.as_deref(), value.as_deref()) => {
-                let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
+            // An output carries the input's allowlisted headers, which the brokers count too; a quarantine copy
+            // carries none of them.
+            Outcome::Output { key, value, schema_id }
+                if !fits(
+                    size(key.as_deref(), value.as_deref()) + allowed_header_bytes(message, &ctx.headers_allow),
+                ) =>
+            {
+                let bytes = size(key.as_deref(), value.as_deref()) + allowed_header_bytes(message, &ctx.headers_allow);
                 let reason = format!(
-                    "the sanitized record takes {size} bytes, more than the brokers accept (message.max.bytes {})",
+                    "the sanitized record takes {bytes} bytes with its allowlisted headers, more than the brokers \
+                     accept (message.max.bytes {})",
                     ctx.max_record_bytes
                 );
                 let class = QuarantineClass::TooLarge;
                 match ctx.processor.quarantine(message, reason.clone(), class, schema_id)? {
-                    Outcome::Quarantine { key, value, .. } if fits(key.as_deref(), Some(&value)) => {
+                    Outcome::Quarantine { key, value, .. } if fits(size(key.as_deref(), Some(&value))) => {
                         Ok(Outcome::Quarantine {
                             key,
                             value,
@@ -283,8 +289,19 @@ fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome
         .collect()
 }
 
-/// Room left in a record for its headers and Kafka's framing.
+/// Room left in a record for piiwall's own headers and Kafka's framing.
 const RECORD_OVERHEAD: usize = 1024;
+
+/// The bytes of a record's input headers that `kafka.headers_allow` passes on to its output.
+fn allowed_header_bytes(message: &OwnedMessage, allow: &[String]) -> usize {
+    message.headers().map_or(0, |headers| {
+        headers
+            .iter()
+            .filter(|h| allow.iter().any(|a| a == h.key))
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    })
+}
 
 /// Writes a batch's audit events (its quarantined records, the keys it created) and waits for their
 /// acknowledgement, and waits while the audit writer fails even when the batch has none: no input offset is stored
