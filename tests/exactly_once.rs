@@ -403,3 +403,51 @@ async fn a_rebalance_under_load_writes_nothing_twice() {
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "records written twice: {twice:?}");
 }
+
+/// A batch whose write fails inside its transaction (here the broker refuses to add the output partition to it) is
+/// aborted and read again; the keys it made were made all the same, and each has its KEY_CREATED count: the count
+/// is acknowledged before the batch's transaction, since its second reading finds the keys made and counts none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_of_a_batch_whose_transaction_failed_have_their_audit_events() {
+    let input = unique("eos-keys");
+    let group = unique("piiwall");
+    let cluster = cluster(&input);
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = customer_schema();
+
+    const N: usize = 30;
+    produce_on(&brokers, &input, customer_records(&schema, SCHEMA_ID, N)).await;
+    cluster.request_errors(
+        RDKafkaApiKey::AddPartitionsToTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let outputs = run_until(
+        config(dir.path(), &brokers, &input, &group),
+        &brokers,
+        &input,
+        "read_committed",
+        N,
+        0,
+    )
+    .await;
+    assert_eq!(coordinates(&outputs).len(), N, "every record written");
+    let audit = tokio::task::spawn_blocking(move || {
+        consume_from(
+            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
+            usize::MAX,
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap();
+    let created: i64 = common::kafka::audit_events_of(&audit, "KEY_CREATED")
+        .iter()
+        .flat_map(|event| event["counts"].as_array().cloned().unwrap_or_default())
+        .map(|count| count["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        created, N as i64,
+        "a KEY_CREATED count for each of the {N} subjects' keys"
+    );
+}

@@ -108,7 +108,9 @@ pub async fn run(
             retired,
         } = sanitize_batch(batch, scratch, &ctx).await?;
         scratch = returned;
-        // The rotations' audit events go with the batch's, acknowledged before its offset is stored.
+        // The keys this batch made and rotated exist from now on, whatever becomes of its writing (an aborted
+        // transaction, a crash, a drain that times out): their audit events are acknowledged before any output is
+        // written. A batch read again finds its keys made and counts none.
         let mut events = Vec::new();
         for key in retired {
             events.push(announce_retired(&ctx, key).await);
@@ -123,6 +125,9 @@ pub async fn run(
                 count: keys_created as i64,
             }];
             events.push(event);
+        }
+        if !events.is_empty() {
+            audit_batch(&ctx, std::mem::take(&mut events)).await?;
         }
 
         let first_offset = batch.first().expect("a batch has at least one record").offset();
