@@ -220,9 +220,10 @@ impl Erasure {
         let day = 86_400;
         let remaining = vec![
             Remaining {
-                what: "quarantined copies of records whose data subject could not be read, sealed under the day's \
-                       quarantine key (kafka.quarantine_retention_days; destroyed by a running instance's expiry, \
-                       by the key store's clock)"
+                what: "quarantined copies of records whose data subject could not be read, or that named more \
+                       than one subject, made before this forget and sealed under the day's quarantine key \
+                       (kafka.quarantine_retention_days; destroyed by a running instance's expiry, by the key store's \
+                       clock)"
                     .into(),
                 until: Some(utc_timestamp(at + (self.quarantine_retention_days as i64 + 1) * day)),
             },
