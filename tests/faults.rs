@@ -325,6 +325,64 @@ async fn an_output_too_large_with_its_allowlisted_headers_is_quarantined_and_the
     task.await.unwrap().expect("the pipeline never stopped on it");
 }
 
+/// A malformed record whose quarantine copy (encrypted, ~4/3 of its input) is larger than the brokers take is
+/// quarantined as a reference (coordinates and reason, no content), and the records after it are written. Before,
+/// only outputs were measured: the copy was refused by the producer, taken for a passing fault, and its batch
+/// written again for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_record_too_large_to_keep_is_quarantined_as_a_reference_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = unique("faults-poison");
+    create_topic(&input, 1).await;
+    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
+        {"name": "id", "type": "string", "pii": "tokenize"}
+    ]})
+    .to_string();
+    let schema_file = dir.path().join("doc.avsc");
+    std::fs::write(&schema_file, &schema_text).unwrap();
+    let schema = common::compiled(&schema_text);
+    let doc = |id: &str| framed(&schema, 1, &serde_json::json!({"id": id}));
+    produce(
+        &input,
+        vec![
+            (0, None, doc("small-1"), OwnedHeaders::new()),
+            (0, None, vec![b'x'; 850_000], OwnedHeaders::new()),
+            (0, None, doc("small-2"), OwnedHeaders::new()),
+        ],
+    )
+    .await;
+
+    let config = pipeline_config(
+        dir.path(),
+        &common::kafka::broker(),
+        &input,
+        schema_file.to_str().unwrap(),
+        "",
+    );
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
+    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
+    let (out, quarantined) = tokio::task::spawn_blocking(move || {
+        (
+            consume(&output, 2, Duration::from_secs(60)),
+            consume(&quarantine, 1, Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    shutdown.trigger();
+    assert_eq!(
+        sources(&out),
+        BTreeSet::from([0, 2]),
+        "the records around it are written"
+    );
+    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
+    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    assert!(reason.contains("too large to keep"), "{reason}");
+    assert!(quarantined[0].payload().is_none_or(<[u8]>::is_empty), "no content kept");
+    task.await.unwrap().expect("the pipeline never stopped on it");
+}
+
 /// A pipeline reading `N` customers from a persistent broker of its own, started; returns once output flows.
 struct Outage {
     _dir: tempfile::TempDir,

@@ -289,6 +289,23 @@ fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome
                     }),
                 }
             }
+            // A malformed record's copy (~4/3 of its input, encrypted and encoded) can be too large too.
+            Outcome::Quarantine {
+                key,
+                value,
+                reason,
+                class,
+                schema_id,
+            } if !fits(size(key.as_deref(), Some(&value))) => Ok(Outcome::Quarantine {
+                key: None,
+                value: Vec::new(),
+                reason: format!(
+                    "{reason}; its copy is too large to keep (message.max.bytes {}): replay it from the input topic",
+                    ctx.max_record_bytes
+                ),
+                class,
+                schema_id,
+            }),
             outcome => Ok(outcome),
         })
         .collect()
@@ -297,13 +314,16 @@ fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome
 /// Room left in a record for piiwall's own headers and Kafka's framing.
 const RECORD_OVERHEAD: usize = 1024;
 
-/// The bytes of a record's input headers that `kafka.headers_allow` passes on to its output.
+/// Bytes a record batch spends on one header besides its key and value (their lengths, as varints).
+const HEADER_FRAMING: usize = 10;
+
+/// The bytes of a record's input headers that `kafka.headers_allow` passes on to its output, with their framing.
 fn allowed_header_bytes(message: &OwnedMessage, allow: &[String]) -> usize {
     message.headers().map_or(0, |headers| {
         headers
             .iter()
             .filter(|h| allow.iter().any(|a| a == h.key))
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + HEADER_FRAMING)
             .sum()
     })
 }
@@ -471,16 +491,20 @@ async fn sanitize_batch(
     let wanted = ctx.processor.schemas_wanted(&batch);
     let mut held = (batch, scratch);
     let mut wait = RETRY_START;
+    // Keys made by an attempt that then failed exist all the same; the next attempt finds them made.
+    let mut keys_created = 0;
     loop {
         let failure = match ctx.processor.routes.resolve(&wanted).await {
             Err(e) => e,
             Ok(()) => {
                 let lane = ctx.clone();
                 let (batch, mut scratch) = held;
-                let (batch, scratch, result) = tokio::task::spawn_blocking(move || {
+                let (batch, scratch, created, result) = tokio::task::spawn_blocking(move || {
                     // Detections count once per written batch, however often it is sanitized.
                     scratch.clear_detections();
+                    let mut created = 0;
                     let result = lane.processor.prefetch_keys(&batch).and_then(|keys| {
+                        created = keys.created;
                         let outcomes = batch
                             .iter()
                             .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
@@ -492,14 +516,15 @@ async fn sanitize_batch(
                             tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
                             Vec::new()
                         });
-                        Ok((keys.created, outcomes, retired))
+                        Ok((outcomes, retired))
                     });
-                    (batch, scratch, result)
+                    (batch, scratch, created, result)
                 })
                 .await
                 .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
+                keys_created += created;
                 match result {
-                    Ok((keys_created, outcomes, retired)) => {
+                    Ok((outcomes, retired)) => {
                         return Ok(Sanitized {
                             batch,
                             scratch,
