@@ -133,6 +133,24 @@ fn assigned_reader(brokers: &str, topic: &str, partitions: i32, isolation: &str)
 /// Runs the pipeline until a reader of the output (at `isolation`) has seen `records` distinct source records and
 /// quarantine has `quarantined`, then waits a little longer for extra copies (duplicates), drains and stops it.
 /// Returns every output record that reader saw.
+/// The keys made by the pipeline of `input`, as its audit topic's KEY_CREATED events count them.
+async fn keys_created(brokers: String, input: String) -> i64 {
+    let audit = tokio::task::spawn_blocking(move || {
+        consume_from(
+            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
+            usize::MAX,
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap();
+    common::kafka::audit_events_of(&audit, "KEY_CREATED")
+        .iter()
+        .flat_map(|event| event["counts"].as_array().cloned().unwrap_or_default())
+        .map(|count| count["count"].as_i64().unwrap())
+        .sum()
+}
+
 async fn run_until(
     config: Config,
     brokers: &str,
@@ -259,22 +277,9 @@ async fn an_aborted_batch_is_written_again_from_its_first_offset() {
     assert_eq!(partitions.len(), 1, "{twice:?}");
     // Every subject's key was made once, the aborted batch's too (its second writing found them made): each key
     // made has its KEY_CREATED event, acknowledged before the batch's transaction, so an abort does not drop it.
-    let audit = tokio::task::spawn_blocking(move || {
-        consume_from(
-            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
-            usize::MAX,
-            Duration::from_secs(5),
-        )
-    })
-    .await
-    .unwrap();
-    let created: i64 = common::kafka::audit_events_of(&audit, "KEY_CREATED")
-        .iter()
-        .flat_map(|event| event["counts"].as_array().cloned().unwrap_or_default())
-        .map(|count| count["count"].as_i64().unwrap())
-        .sum();
     assert_eq!(
-        created, N as i64,
+        keys_created(brokers, input).await,
+        N as i64,
         "a KEY_CREATED count for each of the {N} subjects' keys"
     );
 }
@@ -432,22 +437,9 @@ async fn the_keys_of_a_batch_whose_transaction_failed_have_their_audit_events() 
     )
     .await;
     assert_eq!(coordinates(&outputs).len(), N, "every record written");
-    let audit = tokio::task::spawn_blocking(move || {
-        consume_from(
-            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
-            usize::MAX,
-            Duration::from_secs(5),
-        )
-    })
-    .await
-    .unwrap();
-    let created: i64 = common::kafka::audit_events_of(&audit, "KEY_CREATED")
-        .iter()
-        .flat_map(|event| event["counts"].as_array().cloned().unwrap_or_default())
-        .map(|count| count["count"].as_i64().unwrap())
-        .sum();
     assert_eq!(
-        created, N as i64,
+        keys_created(brokers, input).await,
+        N as i64,
         "a KEY_CREATED count for each of the {N} subjects' keys"
     );
 }

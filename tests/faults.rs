@@ -180,69 +180,20 @@ async fn an_output_too_large_for_the_brokers_is_quarantined_with_the_postgres_ke
 }
 
 async fn output_too_large_is_quarantined(postgres: Option<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("faults-large");
-    create_topic(&input, 1).await;
-    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "lines", "type": {"type": "array", "items": "string"}, "pii": "tokenize"}
-    ]})
-    .to_string();
-    let schema_file = dir.path().join("doc.avsc");
-    std::fs::write(&schema_file, &schema_text).unwrap();
-    let schema = common::compiled(&schema_text);
-    let doc = |id: &str, lines: usize| {
-        let lines: Vec<String> = (0..lines).map(|i| format!("{i:0>100}")).collect();
-        framed(&schema, 1, &serde_json::json!({"id": id, "lines": lines}))
-    };
-    let records = vec![doc("small-1", 3), doc("huge", 8_000), doc("small-2", 3)];
-    assert!(records[1].len() < 900_000, "the input itself fits");
-    produce(
-        &input,
-        records.into_iter().map(|v| (0, None, v, OwnedHeaders::new())).collect(),
-    )
-    .await;
-
-    let mut config = pipeline_config(
-        dir.path(),
-        &common::kafka::broker(),
-        &input,
-        schema_file.to_str().unwrap(),
-        "",
-    );
-    if let Some(url) = postgres {
-        config.keys.store = piiwall::config::StoreLocation::Postgres(url);
-    }
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(server::run(config, shutdown.clone()));
-    let (output, quarantine, audit) = (
-        format!("{input}.sanitized"),
-        format!("{input}.quarantine"),
-        format!("{input}.audit"),
-    );
-    let (out, quarantined) = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, 2, Duration::from_secs(60)),
-            consume(&quarantine, 1, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        sources(&out),
-        BTreeSet::from([0, 2]),
-        "the records around it are written"
-    );
-    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
-    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    let run = OneTooLarge::run(|doc| doc(8_000), OwnedHeaders::new(), "", postgres).await;
+    assert!(run.produced[1] < 900_000, "the input itself fits");
+    let reason = run.reason();
     assert!(reason.contains("more than the brokers accept"), "{reason}");
     assert!(
         reason.contains("replay it from the input topic"),
         "a reference: {reason}"
     );
-    assert!(quarantined[0].payload().is_none_or(<[u8]>::is_empty), "no content kept");
-    shutdown.trigger();
-    task.await.unwrap().expect("the pipeline never stopped on it");
+    assert!(
+        run.quarantined[0].payload().is_none_or(<[u8]>::is_empty),
+        "no content kept"
+    );
+    let audit = run.audit.clone();
+    run.stop().await;
     let events = tokio::task::spawn_blocking(move || consume(&audit, 3, Duration::from_secs(20)))
         .await
         .unwrap();
@@ -257,72 +208,23 @@ async fn output_too_large_is_quarantined(postgres: Option<String>) {
 /// written again for ever: its partition stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_too_large_with_its_allowlisted_headers_is_quarantined_and_the_stream_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("faults-headers");
-    create_topic(&input, 1).await;
-    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "lines", "type": {"type": "array", "items": "string"}, "pii": "tokenize"}
-    ]})
-    .to_string();
-    let schema_file = dir.path().join("doc.avsc");
-    std::fs::write(&schema_file, &schema_text).unwrap();
-    let schema = common::compiled(&schema_text);
-    let doc = |id: &str, lines: usize| {
-        let lines: Vec<String> = (0..lines).map(|i| format!("{i:0>100}")).collect();
-        framed(&schema, 1, &serde_json::json!({"id": id, "lines": lines}))
-    };
     let trace = vec![b'x'; 400_000];
     let headed = OwnedHeaders::new().insert(rdkafka::message::Header {
         key: "trace",
         value: Some(&trace),
     });
-    produce(
-        &input,
-        vec![
-            (0, None, doc("small-1", 3), OwnedHeaders::new()),
-            (0, None, doc("headed", 5_000), headed),
-            (0, None, doc("small-2", 3), OwnedHeaders::new()),
-        ],
-    )
-    .await;
-
-    let config = pipeline_config(
-        dir.path(),
-        &common::kafka::broker(),
-        &input,
-        schema_file.to_str().unwrap(),
-        r#"headers_allow = ["trace"]"#,
-    );
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(server::run(config, shutdown.clone()));
-    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
-    let (out, quarantined) = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, 2, Duration::from_secs(60)),
-            consume(&quarantine, 1, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    assert_eq!(
-        sources(&out),
-        BTreeSet::from([0, 2]),
-        "the records around it are written"
-    );
-    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
-    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    let run = OneTooLarge::run(|doc| doc(5_000), headed, r#"headers_allow = ["trace"]"#, None).await;
+    let reason = run.reason();
     assert!(reason.contains("with its allowlisted headers"), "{reason}");
     assert!(
-        header(&quarantined[0], "trace").is_none(),
+        header(&run.quarantined[0], "trace").is_none(),
         "no allowlisted header on a quarantine copy"
     );
     assert!(
-        quarantined[0].payload().is_some_and(|p| p.len() > 400_000),
+        run.quarantined[0].payload().is_some_and(|p| p.len() > 400_000),
         "the copy keeps the record's content"
     );
-    task.await.unwrap().expect("the pipeline never stopped on it");
+    run.stop().await;
 }
 
 /// A malformed record whose quarantine copy (encrypted, ~4/3 of its input) is larger than the brokers take is
@@ -331,56 +233,120 @@ async fn an_output_too_large_with_its_allowlisted_headers_is_quarantined_and_the
 /// written again for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_record_too_large_to_keep_is_quarantined_as_a_reference_and_the_stream_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = unique("faults-poison");
-    create_topic(&input, 1).await;
-    let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
-        {"name": "id", "type": "string", "pii": "tokenize"}
-    ]})
-    .to_string();
-    let schema_file = dir.path().join("doc.avsc");
-    std::fs::write(&schema_file, &schema_text).unwrap();
-    let schema = common::compiled(&schema_text);
-    let doc = |id: &str| framed(&schema, 1, &serde_json::json!({"id": id}));
-    produce(
-        &input,
-        vec![
-            (0, None, doc("small-1"), OwnedHeaders::new()),
-            (0, None, vec![b'x'; 850_000], OwnedHeaders::new()),
-            (0, None, doc("small-2"), OwnedHeaders::new()),
-        ],
-    )
-    .await;
-
-    let config = pipeline_config(
-        dir.path(),
-        &common::kafka::broker(),
-        &input,
-        schema_file.to_str().unwrap(),
-        "",
-    );
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(server::run(config, shutdown.clone()));
-    let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
-    let (out, quarantined) = tokio::task::spawn_blocking(move || {
-        (
-            consume(&output, 2, Duration::from_secs(60)),
-            consume(&quarantine, 1, Duration::from_secs(30)),
-        )
-    })
-    .await
-    .unwrap();
-    shutdown.trigger();
-    assert_eq!(
-        sources(&out),
-        BTreeSet::from([0, 2]),
-        "the records around it are written"
-    );
-    assert_eq!(sources(&quarantined), BTreeSet::from([1]));
-    let reason = String::from_utf8_lossy(header(&quarantined[0], stream::REASON).unwrap()).into_owned();
+    let run = OneTooLarge::run(|_| vec![b'x'; 850_000], OwnedHeaders::new(), "", None).await;
+    let reason = run.reason();
     assert!(reason.contains("too large to keep"), "{reason}");
-    assert!(quarantined[0].payload().is_none_or(<[u8]>::is_empty), "no content kept");
-    task.await.unwrap().expect("the pipeline never stopped on it");
+    assert!(
+        run.quarantined[0].payload().is_none_or(<[u8]>::is_empty),
+        "no content kept"
+    );
+    run.stop().await;
+}
+
+/// A pipeline over three records of a document (an id and tokenized lines), the middle one too large in some way,
+/// read until the two around it are written and it is quarantined.
+struct OneTooLarge {
+    _dir: tempfile::TempDir,
+    /// The sizes of the three records produced.
+    produced: Vec<usize>,
+    quarantined: Vec<OwnedMessage>,
+    audit: String,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<stream::Summary, piiwall::error::Error>>,
+}
+
+impl OneTooLarge {
+    /// `middle` makes the middle record from a document of N lines; it carries `headers`.
+    async fn run(
+        middle: impl FnOnce(&dyn Fn(usize) -> Vec<u8>) -> Vec<u8>,
+        headers: OwnedHeaders,
+        extra_kafka: &str,
+        postgres: Option<String>,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let input = unique("faults-large");
+        create_topic(&input, 1).await;
+        let schema_text = serde_json::json!({"type": "record", "name": "Doc", "fields": [
+            {"name": "id", "type": "string"},
+            {"name": "lines", "type": {"type": "array", "items": "string"}, "pii": "tokenize"}
+        ]})
+        .to_string();
+        let schema_file = dir.path().join("doc.avsc");
+        std::fs::write(&schema_file, &schema_text).unwrap();
+        let schema = common::compiled(&schema_text);
+        let doc = |lines: usize| {
+            let lines: Vec<String> = (0..lines).map(|i| format!("{i:0>100}")).collect();
+            framed(&schema, 1, &serde_json::json!({"id": "doc", "lines": lines}))
+        };
+        let records = vec![doc(3), middle(&doc), doc(3)];
+        let produced = records.iter().map(Vec::len).collect();
+        let headers = [OwnedHeaders::new(), headers, OwnedHeaders::new()];
+        produce(
+            &input,
+            records
+                .into_iter()
+                .zip(headers)
+                .map(|(value, headers)| (0, None, value, headers))
+                .collect(),
+        )
+        .await;
+
+        let mut config = pipeline_config(
+            dir.path(),
+            &common::kafka::broker(),
+            &input,
+            schema_file.to_str().unwrap(),
+            extra_kafka,
+        );
+        if let Some(url) = postgres {
+            config.keys.store = piiwall::config::StoreLocation::Postgres(url);
+        }
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(server::run(config, shutdown.clone()));
+        let (output, quarantine) = (format!("{input}.sanitized"), format!("{input}.quarantine"));
+        let (out, quarantined) = tokio::task::spawn_blocking(move || {
+            (
+                consume(&output, 2, Duration::from_secs(60)),
+                consume(&quarantine, 1, Duration::from_secs(30)),
+            )
+        })
+        .await
+        .unwrap();
+        let run = Self {
+            _dir: dir,
+            produced,
+            quarantined,
+            audit: format!("{input}.audit"),
+            shutdown,
+            task,
+        };
+        assert_eq!(
+            sources(&out),
+            BTreeSet::from([0, 2]),
+            "the records around it are written"
+        );
+        assert_eq!(sources(&run.quarantined), BTreeSet::from([1]));
+        run
+    }
+
+    fn reason(&self) -> String {
+        String::from_utf8_lossy(header(&self.quarantined[0], stream::REASON).unwrap()).into_owned()
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.trigger();
+        (&mut self.task)
+            .await
+            .unwrap()
+            .expect("the pipeline never stopped on it");
+    }
+}
+
+/// A failed assertion stops the pipeline too.
+impl Drop for OneTooLarge {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
 }
 
 /// A pipeline reading `N` customers from a persistent broker of its own, started; returns once output flows.

@@ -247,68 +247,68 @@ async fn write_until_done(
 }
 
 /// Outputs too large for the brokers (`message.max.bytes`; tokens are ~4/3 of their input) can never be written:
-/// each becomes a quarantine copy of its record instead, or, when even that copy is too large, a reference — its
-/// coordinates and the reason, with no content (replay it from the input topic while that retains it).
+/// each becomes a quarantine copy of its record instead. A copy too large as well (a malformed record's copy is
+/// ~4/3 of its input) becomes a reference — its coordinates and the reason, with no content (replay it from the
+/// input topic while that retains it).
 fn fit_outcomes(ctx: &LaneContext, batch: &[OwnedMessage], outcomes: Vec<Outcome>) -> Result<Vec<Outcome>, Error> {
-    let size = |key: Option<&[u8]>, value: Option<&[u8]>| key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
     let fits = |bytes: usize| bytes + RECORD_OVERHEAD <= ctx.max_record_bytes;
     batch
         .iter()
         .zip(outcomes)
-        .map(|(message, outcome)| match outcome {
-            // An output carries the input's allowlisted headers, which the brokers count too; a quarantine copy
-            // carries none of them.
-            Outcome::Output { key, value, schema_id }
-                if !fits(
-                    size(key.as_deref(), value.as_deref()) + allowed_header_bytes(message, &ctx.headers_allow),
-                ) =>
-            {
-                let bytes = size(key.as_deref(), value.as_deref()) + allowed_header_bytes(message, &ctx.headers_allow);
-                let reason = format!(
-                    "the sanitized record takes {bytes} bytes with its allowlisted headers, more than the brokers \
-                     accept (message.max.bytes {})",
-                    ctx.max_record_bytes
-                );
-                let class = QuarantineClass::TooLarge;
-                match ctx.processor.quarantine(message, reason.clone(), class, schema_id)? {
-                    Outcome::Quarantine { key, value, .. } if fits(size(key.as_deref(), Some(&value))) => {
-                        Ok(Outcome::Quarantine {
+        .map(|(message, outcome)| {
+            let outcome = match outcome {
+                // An output carries the input's allowlisted headers, which the brokers count too; a quarantine
+                // copy carries none of them.
+                Outcome::Output { key, value, schema_id }
+                    if !fits(record_bytes(&key, &value) + allowed_header_bytes(message, &ctx.headers_allow)) =>
+                {
+                    let bytes = record_bytes(&key, &value) + allowed_header_bytes(message, &ctx.headers_allow);
+                    let reason = format!(
+                        "the sanitized record takes {bytes} bytes with its allowlisted headers, more than the brokers \
+                         accept (message.max.bytes {})",
+                        ctx.max_record_bytes
+                    );
+                    let class = QuarantineClass::TooLarge;
+                    match ctx.processor.quarantine(message, reason.clone(), class, schema_id)? {
+                        Outcome::Quarantine { key, value, .. } => Outcome::Quarantine {
                             key,
                             value,
                             reason,
                             class,
                             schema_id,
-                        })
+                        },
+                        other => other,
                     }
-                    _ => Ok(Outcome::Quarantine {
-                        key: None,
-                        value: Vec::new(),
-                        reason: format!("{reason}; its copy is too large to keep: replay it from the input topic"),
-                        class,
-                        schema_id,
-                    }),
                 }
-            }
-            // A malformed record's copy (~4/3 of its input, encrypted and encoded) can be too large too.
-            Outcome::Quarantine {
-                key,
-                value,
-                reason,
-                class,
-                schema_id,
-            } if !fits(size(key.as_deref(), Some(&value))) => Ok(Outcome::Quarantine {
-                key: None,
-                value: Vec::new(),
-                reason: format!(
-                    "{reason}; its copy is too large to keep (message.max.bytes {}): replay it from the input topic",
-                    ctx.max_record_bytes
-                ),
-                class,
-                schema_id,
-            }),
-            outcome => Ok(outcome),
+                outcome => outcome,
+            };
+            Ok(match outcome {
+                Outcome::Quarantine {
+                    key,
+                    value,
+                    reason,
+                    class,
+                    schema_id,
+                } if !fits(record_bytes(&key, &Some(value.as_slice()))) => Outcome::Quarantine {
+                    key: None,
+                    value: Vec::new(),
+                    reason: format!(
+                        "{reason}; its copy is too large to keep (message.max.bytes {}): replay it from the input \
+                         topic",
+                        ctx.max_record_bytes
+                    ),
+                    class,
+                    schema_id,
+                },
+                outcome => outcome,
+            })
         })
         .collect()
+}
+
+/// A record's key and value bytes.
+fn record_bytes(key: &Option<impl AsRef<[u8]>>, value: &Option<impl AsRef<[u8]>>) -> usize {
+    key.as_ref().map_or(0, |k| k.as_ref().len()) + value.as_ref().map_or(0, |v| v.as_ref().len())
 }
 
 /// Room left in a record for piiwall's own headers and Kafka's framing.
