@@ -234,38 +234,55 @@ async fn every_record_is_written_once_in_transactions() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aborted_batch_is_written_again_from_its_first_offset() {
-    let input = unique("eos-abort");
+/// Customers in a pipeline whose first transaction after the start-up probe the mock cluster fails, by `errors`
+/// answering the requests of `api`: the outputs as an `isolation` reader sees them, and the keys the audit topic says
+/// were made.
+async fn with_a_failed_transaction(
+    name: &str,
+    api: RDKafkaApiKey,
+    errors: &[RDKafkaRespErr],
+    isolation: &'static str,
+) -> (Vec<OwnedMessage>, i64) {
+    let input = unique(name);
     let group = unique("piiwall");
     let cluster = cluster(&input);
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
     let schema = customer_schema();
+    produce_on(&brokers, &input, customer_records(&schema, SCHEMA_ID, ABORTED_N)).await;
+    cluster.request_errors(api, errors);
+    let outputs = run_until(
+        config(dir.path(), &brokers, &input, &group),
+        &brokers,
+        &input,
+        isolation,
+        ABORTED_N,
+        0,
+    )
+    .await;
+    (outputs, keys_created(brokers, input).await)
+}
 
-    const N: usize = 30;
-    produce_on(&brokers, &input, customer_records(&schema, SCHEMA_ID, N)).await;
+/// Customers (each a subject of its own) of the failed-transaction tests.
+const ABORTED_N: usize = 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_batch_is_written_again_from_its_first_offset() {
     // The group coordinator refuses the offsets of the first transaction after the start-up probe, as it does when
-    // a rebalance moved the partition: piiwall must abort that transaction and write the batch again.
-    cluster.request_errors(
+    // a rebalance moved the partition: piiwall must abort that transaction and write the batch again. The raw log
+    // (read_uncommitted) holds the aborted batch and its second writing.
+    let (outputs, created) = with_a_failed_transaction(
+        "eos-abort",
         RDKafkaApiKey::TxnOffsetCommit,
         &[
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION,
         ],
-    );
-    // The raw log (read_uncommitted) holds the aborted batch and its second writing.
-    let outputs = run_until(
-        config(dir.path(), &brokers, &input, &group),
-        &brokers,
-        &input,
         "read_uncommitted",
-        N,
-        0,
     )
     .await;
     let seen = coordinates(&outputs);
-    assert_eq!(seen.len(), N, "every record written");
+    assert_eq!(seen.len(), ABORTED_N, "every record written");
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n == 2).map(|(c, _)| *c).collect();
     assert!(
         !twice.is_empty() && twice.len() <= 10,
@@ -275,13 +292,8 @@ async fn an_aborted_batch_is_written_again_from_its_first_offset() {
     // The batch written twice is one partition's consecutive records.
     let partitions: std::collections::BTreeSet<i64> = twice.iter().map(|(p, _)| *p).collect();
     assert_eq!(partitions.len(), 1, "{twice:?}");
-    // Every subject's key was made once, the aborted batch's too (its second writing found them made): each key
-    // made has its KEY_CREATED event, acknowledged before the batch's transaction, so an abort does not drop it.
-    assert_eq!(
-        keys_created(brokers, input).await,
-        N as i64,
-        "a KEY_CREATED count for each of the {N} subjects' keys"
-    );
+    // Every subject's key was made once, the aborted batch's too (its second writing found them made).
+    assert_eq!(created, ABORTED_N as i64, "a KEY_CREATED count for each subject's key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,32 +426,13 @@ async fn a_rebalance_under_load_writes_nothing_twice() {
 /// is acknowledged before the batch's transaction, since its second reading finds the keys made and counts none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keys_of_a_batch_whose_transaction_failed_have_their_audit_events() {
-    let input = unique("eos-keys");
-    let group = unique("piiwall");
-    let cluster = cluster(&input);
-    let brokers = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = customer_schema();
-
-    const N: usize = 30;
-    produce_on(&brokers, &input, customer_records(&schema, SCHEMA_ID, N)).await;
-    cluster.request_errors(
+    let (outputs, created) = with_a_failed_transaction(
+        "eos-keys",
         RDKafkaApiKey::AddPartitionsToTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
-    );
-    let outputs = run_until(
-        config(dir.path(), &brokers, &input, &group),
-        &brokers,
-        &input,
         "read_committed",
-        N,
-        0,
     )
     .await;
-    assert_eq!(coordinates(&outputs).len(), N, "every record written");
-    assert_eq!(
-        keys_created(brokers, input).await,
-        N as i64,
-        "a KEY_CREATED count for each of the {N} subjects' keys"
-    );
+    assert_eq!(coordinates(&outputs).len(), ABORTED_N, "every record written");
+    assert_eq!(created, ABORTED_N as i64, "a KEY_CREATED count for each subject's key");
 }
