@@ -338,7 +338,10 @@ pub async fn listen(
                             return Some("ack");
                         }
                         let op = verify(&keyring, scope, value)?;
-                        keyring.invalidate_scope(scope);
+                        match op {
+                            ControlOp::Forget => keyring.invalidate_forgotten(scope),
+                            ControlOp::Rotate => keyring.invalidate_scope(scope),
+                        }
                         // Said once the caches no longer hold the scope: what an erasure receipt lists.
                         if let (ControlOp::Forget, Some((control, instance))) = (op, &acknowledge) {
                             let (control, instance, keyring) = (control.clone(), instance.clone(), keyring.clone());

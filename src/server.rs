@@ -40,7 +40,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
                 config: started.config.api.clone(),
                 sanitizer: started.sanitizer.clone(),
                 routes: started.routes.clone(),
-                auditor: started.auditor.clone(),
+                auditor: started.auditor.for_calls(),
                 control: started.control.clone(),
                 erasure: crate::receipt::Erasure::from_config(started.config, started.client.clone()),
                 kafka: started.client.clone(),

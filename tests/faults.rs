@@ -112,8 +112,14 @@ async fn audit_two_events(
 }
 
 fn pipeline_config(dir: &std::path::Path, brokers: &str, input: &str, schema: &str, extra_kafka: &str) -> Config {
+    let text = pipeline_config_text(dir, brokers, input, schema, extra_kafka);
+    Config::parse(&text, std::iter::empty(), "fault test config").unwrap()
+}
+
+/// [`pipeline_config`]'s text, its `[http]` section last.
+fn pipeline_config_text(dir: &std::path::Path, brokers: &str, input: &str, schema: &str, extra_kafka: &str) -> String {
     std::fs::write(dir.join("kek.key"), "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=\n").unwrap();
-    let text = format!(
+    format!(
         r#"
 [keys]
 store = "sqlite:{dir}/keys.db"
@@ -145,8 +151,7 @@ listen = "off"
 "#,
         dir = dir.display(),
         group = unique("piiwall"),
-    );
-    Config::parse(&text, std::iter::empty(), "fault test config").unwrap()
+    )
 }
 
 /// Distinct source offsets among `messages`.
@@ -884,5 +889,166 @@ async fn a_rebalance_under_load_loses_nothing() {
     for (shutdown, task) in [second, third] {
         shutdown.trigger();
         task.await.unwrap().expect("a clean stop");
+    }
+}
+
+/// The `client.id` of the test's own producer, which the produce gate never refuses.
+const TEST_PRODUCER: &str = "piiwall-test-producer";
+
+/// A batch sanitized before a forget, whose writing waits because its output cannot be written, is sanitized again
+/// before it is written: nothing written after the forget carries the subject's token. Before, the lane's retries
+/// wrote the outcomes they were first given, under the destroyed key (a `mask`'s kept characters and the hashed
+/// record key with them), whenever the writing succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::on(free_port());
+    let gate = common::gate::ProduceGate::open(broker.port, TEST_PRODUCER);
+    broker.advertise(gate.port);
+    broker.start();
+    let bootstrap = format!("127.0.0.1:{}", gate.port);
+    let input = unique("faults-forget");
+    create_topic_on(&bootstrap, &input, 1).await;
+    let schema = common::compiled(&common::example("customer_profile.avsc"));
+    let record = || (0, None, framed(&schema, 1, &customer(42)), OwnedHeaders::new());
+    produce_as_test(&bootstrap, &input, vec![record()]).await;
+
+    let (http_port, token) = (free_port(), format!("olga-{:032x}", rand::random::<u128>()));
+    let schema_path = format!("{}/schemas/customer_profile.avsc", env!("CARGO_MANIFEST_DIR"));
+    let text = pipeline_config_text(
+        dir.path(),
+        &bootstrap,
+        &input,
+        &schema_path,
+        "[kafka.properties]\n\"message.timeout.ms\" = \"1500\"\n\"reconnect.backoff.max.ms\" = \"500\"\n",
+    )
+    .replace("[keys]\n", "[keys]\nforget_ack_wait_ms = 100\n")
+    .replace("listen = \"off\"", &format!("listen = \"127.0.0.1:{http_port}\""))
+        + &format!(
+            "[api.roles.privacy-officer]\noperations = [\"forget\"]\npurposes = [\"gdpr-erasure\"]\n\n\
+             [[api.principals]]\nname = \"olga\"\ntoken_sha256 = \"{}\"\nroles = [\"privacy-officer\"]\n",
+            piiwall::api::token_digest_hex(&token)
+        );
+    let config = Config::parse(&text, std::iter::empty(), "fault test config").unwrap();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(server::run(config, shutdown.clone()));
+    let _stop = StopOnDrop(shutdown.clone());
+    let output = format!("{input}.sanitized");
+    let read = |count: usize| {
+        let (bootstrap, output) = (bootstrap.clone(), output.clone());
+        tokio::task::spawn_blocking(move || {
+            consume_from(
+                reader_on(&bootstrap, &output, "read_uncommitted"),
+                count,
+                Duration::from_secs(60),
+            )
+        })
+    };
+    let first = read(1).await.unwrap();
+    assert_eq!(first.len(), 1, "output flows");
+    let email = |message: &OwnedMessage| {
+        let (_, payload) = stream::parse_frame(message.payload().unwrap()).unwrap();
+        let apache_avro::types::Value::Record(fields) = common::decode(&schema.sanitized, payload) else {
+            panic!("not a record")
+        };
+        fields.into_iter().find(|(name, _)| name == "email").unwrap().1
+    };
+    let token_before = email(&first[0]);
+
+    // The output cannot be written: five more records of the subject are read, sanitized under its key, and
+    // held by the lane, which writes them again and again.
+    gate.shut();
+    produce_as_test(&bootstrap, &input, (0..5).map(|_| record()).collect()).await;
+    let metric = |name: &str| -> f64 {
+        let metrics = common::services::http(http_port, "GET", "/metrics", None, "").1;
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let started = Instant::now();
+    while metric("piiwall_lane_retries_total") < 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the lane never retried its batch"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let body = serde_json::json!({"purpose": "gdpr-erasure", "subject": "cus_00042"}).to_string();
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        common::services::http(http_port, "POST", "/v1/subjects/forget", Some(&token), &body)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["receipt"]["key_versions_destroyed"].as_u64() >= Some(1),
+        "{answer}"
+    );
+    gate.open_again();
+
+    let out = read(6).await.unwrap();
+    let after: Vec<_> = out
+        .iter()
+        .filter(|m| sources(std::slice::from_ref(*m)) != BTreeSet::from([0]))
+        .collect();
+    assert_eq!(sources(&out), (0..6).collect(), "every record is written");
+    assert!(!after.is_empty());
+    for message in after {
+        assert_ne!(
+            email(message),
+            token_before,
+            "a record written after the forget carries the subject's token"
+        );
+    }
+    assert!(metric("piiwall_batches_resanitized_total") >= 1.0);
+    // The forget's own audit events wait for the gate too: the pipeline is ready again once they are written.
+    let started = Instant::now();
+    while common::services::http(http_port, "GET", "/readyz", None, "").0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the audit trail never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.trigger();
+    let ended = tokio::time::timeout(Duration::from_secs(60), task).await;
+    ended
+        .expect("the pipeline stops")
+        .unwrap()
+        .expect("the pipeline ends cleanly");
+}
+
+/// Triggers a shutdown when dropped: a failed assertion must not leave the pipeline's blocking readers holding the
+/// test's runtime open.
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
+/// Produces `records` as the client the produce gate never refuses.
+async fn produce_as_test(bootstrap: &str, topic: &str, records: Vec<common::kafka::Outgoing>) {
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", TEST_PRODUCER)
+        .create()
+        .unwrap();
+    for (partition, _, value, headers) in records {
+        let record = rdkafka::producer::FutureRecord::<(), _>::to(topic)
+            .partition(partition)
+            .payload(&value)
+            .headers(headers);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
     }
 }

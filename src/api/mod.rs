@@ -30,7 +30,7 @@ use serde_json::{Value as Json, json};
 
 pub use crate::access::{AccessPolicy, Denial, Operation, Principal, Role, parse_utc, path_matches, token_digest_hex};
 
-use crate::audit::{AuditEvent, AuditKind, AuditOutcome, Auditor};
+use crate::audit::{AuditEvent, AuditKind, AuditOutcome, CallAuditor};
 use crate::codec::json::JsonCodec;
 use crate::config::ApiConfig;
 use crate::control::{Control, ControlOp};
@@ -52,7 +52,9 @@ pub struct Api {
     pub sanitizer: Arc<Sanitizer>,
     /// The schemas of the pipeline's topics, for tokenize.
     pub routes: Arc<Routes>,
-    pub auditor: Auditor,
+    /// Does not keep the audit writer running: it ends with the pipeline
+    /// ([`Auditor::for_calls`](crate::audit::Auditor::for_calls)).
+    pub auditor: CallAuditor,
     /// Where forget and rotate are announced to the other instances.
     pub control: Control,
     /// What a forget needs to collect acknowledgements and write its receipt.
@@ -413,13 +415,22 @@ async fn handle<R: ApiRequest>(
     );
     metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => response.status().as_str().to_owned())
         .increment(1);
-    api.auditor.emit(event).await;
+    if !api.auditor.emit(event).await {
+        // Fail closed: nothing is answered that is not audited (a forget has destroyed the keys all the same, and
+        // announced it; calling it again is harmless).
+        return Failure::from_error(&Error::Unavailable(
+            "piiwall is stopping and this call could not be audited: call again once it runs".into(),
+        ))
+        .response();
+    }
     // Follow-up events: the keys a forget shredded, and its receipt.
     if let (Operation::Forget, Ok(answer)) = (operation, &result) {
         let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
         api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
         match serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
-            Ok(receipt) => api.auditor.emit(receipt.audit_event()).await,
+            Ok(receipt) => {
+                api.auditor.emit(receipt.audit_event()).await;
+            }
             // serde's message could quote the receipt's text: only that it failed is logged.
             Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
         }

@@ -53,6 +53,28 @@ pub struct Auditor {
     failing: Arc<AtomicBool>,
 }
 
+/// The API's handle on the audit writer ([`Auditor::for_calls`]).
+#[derive(Clone)]
+pub struct CallAuditor {
+    sender: mpsc::WeakSender<Queued>,
+}
+
+impl CallAuditor {
+    /// Queues an event; waits while the queue is full. `false` when the writer has ended (piiwall is stopping):
+    /// the event is not written, and the call must not be answered as if it were.
+    pub async fn emit(&self, event: AuditEvent) -> bool {
+        let Some(sender) = self.sender.upgrade() else {
+            tracing::error!("audit writer stopped: an API call's audit event was not written");
+            return false;
+        };
+        let queued = sender.send((event, None)).await.is_ok();
+        if !queued {
+            tracing::error!("audit writer stopped: an API call's audit event was not written");
+        }
+        queued
+    }
+}
+
 /// Acknowledgements of events handed to [`Auditor::emit_acked`].
 #[must_use = "an event counts as written only once its acknowledgement came"]
 pub struct Acks(Vec<oneshot::Receiver<()>>);
@@ -137,6 +159,14 @@ impl Auditor {
             Ok(())
         });
         (Self { sender, failing }, task)
+    }
+
+    /// A handle for the subject-rights API's calls that does not keep the writer running: the writer ends with the
+    /// pipeline's own handles, once what it holds is written, however long the HTTP server lives.
+    pub fn for_calls(&self) -> CallAuditor {
+        CallAuditor {
+            sender: self.sender.downgrade(),
+        }
     }
 
     /// Queues an event; waits while the queue is full.

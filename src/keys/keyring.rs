@@ -162,6 +162,10 @@ pub struct Keyring {
     /// The key store's clock minus this host's, in seconds, as last read by [`store_today`](Self::store_today);
     /// `i64::MIN` until then. The day of a quarantined copy's key is the store's day, never the host's alone.
     store_clock_offset: AtomicI64,
+    /// Forgets seen by this process (its own, and those other instances announced): a batch whose keys were
+    /// resolved before one may hold a destroyed key, and is sanitized again before it is written (see
+    /// [`forgets_seen`](Self::forgets_seen)).
+    forgets: AtomicU64,
 }
 
 /// What a KEK rewrap did, in keys.
@@ -273,6 +277,7 @@ impl Keyring {
             stats: KeyringStats::default(),
             fills: RwLock::new(()),
             store_clock_offset: AtomicI64::new(i64::MIN),
+            forgets: AtomicU64::new(0),
         })
     }
 
@@ -758,7 +763,7 @@ impl Keyring {
     /// As [`forget_subject`](Self::forget_subject), by the subject's key scope (as the control topic names it).
     pub fn forget_scope(&self, scope: &str) -> Result<usize, KeyError> {
         let destroyed = self.store.forget(scope)?;
-        self.invalidate_scope(scope);
+        self.invalidate_forgotten(scope);
         Ok(destroyed)
     }
 
@@ -867,8 +872,26 @@ impl Keyring {
         Ok(ids)
     }
 
-    /// Drops whatever this process caches of a scope's keys: another instance forgot or rotated it.
+    /// Drops whatever this process caches of a scope's keys: it was rotated (here or by another instance).
     pub fn invalidate_scope(&self, scope: &str) {
+        self.invalidate(scope, false);
+    }
+
+    /// Drops whatever this process caches of a scope's keys, which a forget destroyed (here or in another instance),
+    /// and counts the forget in [`forgets_seen`](Self::forgets_seen).
+    pub fn invalidate_forgotten(&self, scope: &str) {
+        self.invalidate(scope, true);
+    }
+
+    /// How many forgets this process has seen. Read before a batch's keys are resolved and again before the batch is
+    /// written: when it changed, the batch may hold a key destroyed meanwhile and is sanitized again. The count
+    /// moves only once the caches no longer hold the forgotten keys, so a batch that reads it afterwards resolves
+    /// its keys without them.
+    pub fn forgets_seen(&self) -> u64 {
+        self.forgets.load(Ordering::Acquire)
+    }
+
+    fn invalidate(&self, scope: &str, forgotten: bool) {
         // Waits for the cache fills under way: each either read the store before the forget (its entry is in the
         // cache now, and removed below) or will read it after (and find the forget).
         let _no_fill = self.fills.write().unwrap_or_else(|p| p.into_inner());
@@ -880,6 +903,9 @@ impl Keyring {
         self.by_id
             .invalidate_entries_if(move |_, cached| cached.scope == scope)
             .expect("invalidation closures are enabled");
+        if forgotten {
+            self.forgets.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {

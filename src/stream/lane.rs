@@ -100,77 +100,39 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let Sanitized {
-            batch,
-            scratch: returned,
-            outcomes,
-            keys_created,
-            retired,
-        } = sanitize_batch(batch, scratch, &ctx).await?;
-        scratch = returned;
-        // The keys this batch made and rotated exist from now on, whatever becomes of its writing (an aborted
-        // transaction, a crash, a drain that times out): their audit events are acknowledged before any output is
-        // written. A batch read again finds its keys made and counts none.
-        let mut events = Vec::new();
-        for key in retired {
-            events.push(announce_retired(&ctx, key).await);
-        }
-        if keys_created > 0 {
-            let mut event = AuditEvent::new(AuditKind::KeyCreated);
-            event.topic = Some(topic.clone());
-            event.partition = Some(partition);
-            event.counts = vec![FieldCount {
-                field_path: "subject".into(),
-                action: "key created".into(),
-                count: keys_created as i64,
-            }];
-            events.push(event);
-        }
-        if !events.is_empty() {
-            audit_batch(&ctx, std::mem::take(&mut events)).await?;
-        }
-
-        let first_offset = batch.first().expect("a batch has at least one record").offset();
-        let last_offset = batch.last().expect("a batch has at least one record").offset();
-        let written = match &ctx.transactions {
+        let ready = prepare(batch, scratch, &ctx, &topic, partition).await?;
+        let first_offset = ready.batch.first().expect("a batch has at least one record").offset();
+        let last_offset = ready.batch.last().expect("a batch has at least one record").offset();
+        let (written, done) = match &ctx.transactions {
             None => {
-                let mut written = write_until_done(&ctx, &topic, partition, &output_topic, &batch, &outcomes).await?;
-                events.append(&mut written.audit);
-                audit_batch(&ctx, events).await?;
+                let (written, ready) = write_until_done(&ctx, &topic, partition, &output_topic, ready).await?;
                 if let Err(e) = ctx.consumer.store_offset(&topic, partition, last_offset) {
                     // The partition was revoked meanwhile: its new owner processes these records again.
                     tracing::info!(%topic, partition, error = %e, "offset not stored: partition no longer assigned");
                 }
-                written
+                (written, ready)
             }
             Some(transactions) => {
                 let group = group.ok_or_else(|| Error::Kafka("a record read without its group metadata".into()))?;
-                let turn = transactions.begin().await?;
+                let (turn, ready) = begin_current(transactions, &ctx, ready).await?;
                 let committed = match write(
                     &Through::transaction(turn.producer()),
                     &ctx,
-                    &topic,
                     partition,
                     &output_topic,
-                    &batch,
-                    &outcomes,
+                    &ready.batch,
+                    &ready.outcomes,
                 )
                 .await
                 {
-                    Ok(mut written) => {
-                        events.append(&mut written.audit);
-                        match audit_batch(&ctx, events).await {
-                            Ok(()) => turn
-                                .commit(&topic, partition, last_offset + 1, &group)
-                                .await
-                                .map(|()| written),
-                            Err(e) => Err(turn.abort(&e.to_string(), false).await),
-                        }
-                    }
+                    Ok(written) => turn
+                        .commit(&topic, partition, last_offset + 1, &group)
+                        .await
+                        .map(|()| written),
                     Err(e) => Err(turn.abort(&e.to_string(), false).await),
                 };
                 match committed {
-                    Ok(written) => written,
+                    Ok(written) => (written, ready),
                     Err(transaction::Outcome::Fatal(e)) => return Err(e),
                     Err(transaction::Outcome::Rewind) => {
                         tokio::time::sleep(REWIND_PAUSE).await;
@@ -179,6 +141,7 @@ pub async fn run(
                 }
             }
         };
+        scratch = done.scratch;
         let mut totals = ctx.window.lock().unwrap_or_else(|p| p.into_inner());
         for (id, count) in written.per_schema {
             *totals.entry((topic.clone(), id)).or_default() += count;
@@ -220,20 +183,22 @@ fn count_detections(ctx: &LaneContext, topic: &str, detections: crate::transcode
 /// `message.timeout.ms`, a topic the producer may not write (authorization), a quarantine topic that refuses writes —
 /// none is the records' fault, so the whole batch is written again with backoff, the records still in hand, and the
 /// lane waits meanwhile (`piiwall_lane_retries_total`). Only a fatal producer error ends the lane. Writing the whole
-/// batch again keeps its order; the duplicates it may leave carry their source coordinates.
+/// batch again keeps its order; the duplicates it may leave carry their source coordinates. Before each attempt, a
+/// batch sanitized before a forget is sanitized again ([`Ready::current`]): however long the writing waits, what it
+/// writes never holds a key destroyed before the attempt began.
 async fn write_until_done(
-    ctx: &LaneContext,
+    ctx: &Arc<LaneContext>,
     topic: &str,
     partition: i32,
     output_topic: &str,
-    batch: &[OwnedMessage],
-    outcomes: &[Outcome],
-) -> Result<Written, Error> {
+    mut ready: Ready,
+) -> Result<(Written, Ready), Error> {
     let mut wait = RETRY_START;
     loop {
+        ready = ready.current(ctx).await?;
         let lease = ctx.producer.lease();
         let through = Through::shared(&ctx.producer, &lease);
-        match write(&through, ctx, topic, partition, output_topic, batch, outcomes).await {
+        match write(&through, ctx, partition, output_topic, &ready.batch, &ready.outcomes).await {
             Err(e) if e.kind() == ErrorKind::Retriable => {
                 metrics::counter!("piiwall_lane_retries_total", "topic" => topic.to_owned()).increment(1);
                 tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,
@@ -241,8 +206,26 @@ async fn write_until_done(
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(RETRY_MAX);
             }
-            written => return written,
+            written => return written.map(|written| (written, ready)),
         }
+    }
+}
+
+/// Exactly-once: waits for the lane's turn and begins its transaction, with a batch sanitized after the last forget
+/// this process saw ([`Ready::current`]; the turn may have been long in coming).
+async fn begin_current<'a>(
+    transactions: &'a transaction::Transactions,
+    ctx: &Arc<LaneContext>,
+    mut ready: Ready,
+) -> Result<(transaction::Turn<'a>, Ready), Error> {
+    loop {
+        let waited = transactions.wait_turn().await;
+        if ready.is_current(ctx) {
+            return Ok((waited.begin()?, ready));
+        }
+        // Not sanitized while holding the turn: the key store may keep it waiting.
+        drop(waited);
+        ready = ready.current(ctx).await?;
     }
 }
 
@@ -328,16 +311,7 @@ fn allowed_header_bytes(message: &OwnedMessage, allow: &[String]) -> usize {
     })
 }
 
-/// Writes a batch's audit events (its quarantined records, the keys it created) and waits for their
-/// acknowledgement, and waits while the audit writer fails even when the batch has none: no input offset is stored
-/// (or committed in a transaction) before its audit trail is written. Audit is fail-closed.
-async fn audit_batch(ctx: &LaneContext, events: Vec<AuditEvent>) -> Result<(), Error> {
-    ctx.auditor.emit_acked(events).await.written().await?;
-    ctx.auditor.wait_writing().await;
-    Ok(())
-}
-
-/// What a batch wrote, for the audit events, the processing summary and the metrics.
+/// What a batch wrote, for the processing summary and the metrics.
 struct Written {
     sanitized: u64,
     quarantined: u64,
@@ -345,15 +319,12 @@ struct Written {
     quarantined_by_class: Vec<(QuarantineClass, u64)>,
     /// Sanitized records per writer schema id.
     per_schema: std::collections::HashMap<u32, u64>,
-    /// One event per quarantined record.
-    audit: Vec<AuditEvent>,
 }
 
 /// Produces a batch's outputs and quarantine copies and waits until every one is acknowledged.
 async fn write(
     through: &Through<'_>,
     ctx: &LaneContext,
-    topic: &str,
     partition: i32,
     output_topic: &str,
     batch: &[OwnedMessage],
@@ -364,7 +335,6 @@ async fn write(
         quarantined: 0,
         quarantined_by_class: Vec::new(),
         per_schema: std::collections::HashMap::new(),
-        audit: Vec::new(),
     };
     let mut deliveries = Vec::with_capacity(batch.len());
     let mut failure = None;
@@ -396,14 +366,6 @@ async fn write(
                     Some((_, count)) => *count += 1,
                     None => written.quarantined_by_class.push((*class, 1)),
                 }
-                tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
-                let mut event = AuditEvent::new(AuditKind::Quarantine);
-                event.topic = Some(topic.to_owned());
-                event.partition = Some(partition);
-                event.offset = Some(message.offset());
-                event.schema_id = schema_id.map(|id| id as i32);
-                event.reason = Some(reason.clone());
-                written.audit.push(event);
                 let mut headers = headers(message, &[]).insert(Header {
                     key: REASON,
                     value: Some(reason.as_bytes()),
@@ -445,14 +407,105 @@ async fn write(
     Ok(written)
 }
 
-/// A batch after sanitizing: its records, what became of each, how many subject keys it created, and the keys
-/// rotated after it for having reached their encryption limit.
+/// A batch after sanitizing: its records, what became of each, how many subject keys it created, the keys
+/// rotated after it for having reached their encryption limit, and the forgets seen before its keys were resolved.
 struct Sanitized {
     batch: Vec<OwnedMessage>,
     scratch: TranscodeScratch,
     outcomes: Vec<Outcome>,
     keys_created: usize,
     retired: Vec<Retired>,
+    forgets: u64,
+}
+
+/// A batch sanitized and its audit events acknowledged ([`prepare`]), to be written.
+struct Ready {
+    batch: Vec<OwnedMessage>,
+    scratch: TranscodeScratch,
+    outcomes: Vec<Outcome>,
+    /// [`Keyring::forgets_seen`](crate::keys::Keyring::forgets_seen) before the batch's keys were resolved.
+    forgets: u64,
+    topic: String,
+    partition: i32,
+}
+
+impl Ready {
+    /// No forget came since the batch's keys were resolved.
+    fn is_current(&self, ctx: &LaneContext) -> bool {
+        ctx.processor.sanitizer.keyring().forgets_seen() == self.forgets
+    }
+
+    /// The batch, sanitized again if a forget came since its keys were resolved: what it holds may be under a key
+    /// destroyed since (its subject's records are then redacted, as any record read after the forget).
+    async fn current(self, ctx: &Arc<LaneContext>) -> Result<Self, Error> {
+        if self.is_current(ctx) {
+            return Ok(self);
+        }
+        tracing::info!(topic = %self.topic, partition = self.partition,
+            "a forget came after this batch was sanitized: sanitizing it again before it is written");
+        metrics::counter!("piiwall_batches_resanitized_total", "topic" => self.topic.clone()).increment(1);
+        Box::pin(prepare(self.batch, self.scratch, ctx, &self.topic, self.partition)).await
+    }
+}
+
+/// Sanitizes a batch ([`sanitize_batch`]) and writes the audit events of what it did — the keys it made and
+/// rotated, the records it quarantined — and waits for their acknowledgement, and waits while the audit writer
+/// fails even when the batch has none: no record is written, and no input offset stored (or committed in a
+/// transaction), before its audit trail is. Audit is fail-closed. The events come before the writing, so that a
+/// transaction never waits on the audit topic (an audit outage longer than `transaction.timeout.ms` would fence
+/// the producer); a batch sanitized or read again repeats its QUARANTINE events (audit is at-least-once).
+async fn prepare(
+    batch: Vec<OwnedMessage>,
+    scratch: TranscodeScratch,
+    ctx: &Arc<LaneContext>,
+    topic: &str,
+    partition: i32,
+) -> Result<Ready, Error> {
+    let Sanitized {
+        batch,
+        scratch,
+        outcomes,
+        keys_created,
+        retired,
+        forgets,
+    } = sanitize_batch(batch, scratch, ctx).await?;
+    let mut events = Vec::new();
+    for key in retired {
+        events.push(announce_retired(ctx, key).await);
+    }
+    if keys_created > 0 {
+        let mut event = AuditEvent::new(AuditKind::KeyCreated);
+        event.topic = Some(topic.to_owned());
+        event.partition = Some(partition);
+        event.counts = vec![FieldCount {
+            field_path: "subject".into(),
+            action: "key created".into(),
+            count: keys_created as i64,
+        }];
+        events.push(event);
+    }
+    for (message, outcome) in batch.iter().zip(&outcomes) {
+        if let Outcome::Quarantine { reason, schema_id, .. } = outcome {
+            tracing::warn!(%topic, partition, offset = message.offset(), %reason, "record quarantined");
+            let mut event = AuditEvent::new(AuditKind::Quarantine);
+            event.topic = Some(topic.to_owned());
+            event.partition = Some(partition);
+            event.offset = Some(message.offset());
+            event.schema_id = schema_id.map(|id| id as i32);
+            event.reason = Some(reason.clone());
+            events.push(event);
+        }
+    }
+    ctx.auditor.emit_acked(events).await.written().await?;
+    ctx.auditor.wait_writing().await;
+    Ok(Ready {
+        batch,
+        scratch,
+        outcomes,
+        forgets,
+        topic: topic.to_owned(),
+        partition,
+    })
 }
 
 /// Tells the other instances (control topic) that a worn key was rotated, and returns the audit event that says so.
@@ -502,6 +555,7 @@ async fn sanitize_batch(
                 let (batch, scratch, created, result) = tokio::task::spawn_blocking(move || {
                     // Detections count once per written batch, however often it is sanitized.
                     scratch.clear_detections();
+                    let forgets = lane.processor.sanitizer.keyring().forgets_seen();
                     let mut created = 0;
                     let result = lane.processor.prefetch_keys(&batch).and_then(|keys| {
                         created = keys.created;
@@ -516,7 +570,7 @@ async fn sanitize_batch(
                             tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
                             Vec::new()
                         });
-                        Ok((outcomes, retired))
+                        Ok((outcomes, retired, forgets))
                     });
                     (batch, scratch, created, result)
                 })
@@ -524,13 +578,14 @@ async fn sanitize_batch(
                 .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
                 keys_created += created;
                 match result {
-                    Ok((outcomes, retired)) => {
+                    Ok((outcomes, retired, forgets)) => {
                         return Ok(Sanitized {
                             batch,
                             scratch,
                             outcomes,
                             keys_created,
                             retired,
+                            forgets,
                         });
                     }
                     Err(e) => {

@@ -92,15 +92,31 @@ impl Transactions {
         &self.producer
     }
 
-    /// Waits for this lane's turn and begins a transaction.
-    pub async fn begin(&self) -> Result<Turn<'_>, Error> {
-        let guard = self.turn.lock().await;
-        self.producer
+    /// Waits for this lane's turn (to [`begin`](Waited::begin) its transaction, or give it up).
+    pub async fn wait_turn(&self) -> Waited<'_> {
+        Waited {
+            owner: self,
+            guard: self.turn.lock().await,
+        }
+    }
+}
+
+/// A lane's turn, its transaction not begun: dropping it lets the next lane go.
+pub struct Waited<'a> {
+    owner: &'a Transactions,
+    guard: MutexGuard<'a, ()>,
+}
+
+impl<'a> Waited<'a> {
+    /// Begins the transaction.
+    pub fn begin(self) -> Result<Turn<'a>, Error> {
+        self.owner
+            .producer
             .begin_transaction()
             .map_err(|e| Error::Kafka(format!("cannot begin a transaction: {e}")))?;
         Ok(Turn {
-            owner: self,
-            _guard: guard,
+            owner: self.owner,
+            _guard: self.guard,
         })
     }
 }

@@ -10,6 +10,8 @@ pub struct Broker {
     storage: String,
     /// The S3 endpoint of a persistent broker's storage.
     s3: Option<String>,
+    /// The port it tells clients to connect to, when not its own (a proxy's in front of it).
+    advertised: Option<u16>,
     child: Option<Child>,
 }
 
@@ -20,6 +22,7 @@ impl Broker {
             port,
             storage: "memory://tansu/".into(),
             s3: None,
+            advertised: None,
             child: None,
         }
     }
@@ -37,6 +40,7 @@ impl Broker {
             port,
             storage: format!("s3://{bucket}/"),
             s3: Some(endpoint),
+            advertised: None,
             child: None,
         }
     }
@@ -51,6 +55,11 @@ impl Broker {
             .map_or_else(|_| Stdio::null(), Stdio::from)
     }
 
+    /// Tells its clients to connect to 127.0.0.1:`port` (a proxy in front of it) instead: set before starting it.
+    pub fn advertise(&mut self, port: u16) {
+        self.advertised = Some(port);
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -59,6 +68,7 @@ impl Broker {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let mut command = Command::new("tansu");
         if let Some(endpoint) = &self.s3 {
             command
@@ -69,7 +79,13 @@ impl Broker {
                 .env("AWS_DEFAULT_REGION", "us-east-1");
         }
         let child = command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             .args(["--storage-engine", &self.storage])
             .stdout(Stdio::null())
             .stderr(self.log())

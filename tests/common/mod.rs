@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod gate;
 pub mod kafka;
 pub mod keks;
 pub mod protobuf;
