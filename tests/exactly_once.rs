@@ -21,7 +21,7 @@ use piiwall::server;
 use piiwall::stream::{SOURCE_OFFSET, SOURCE_PARTITION, Shutdown};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
-use rdkafka::mocking::MockCluster;
+use rdkafka::mocking::{MockCluster, MockCoordinator};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
@@ -435,4 +435,117 @@ async fn the_keys_of_a_batch_whose_transaction_failed_have_their_audit_events() 
     .await;
     assert_eq!(coordinates(&outputs).len(), ABORTED_N, "every record written");
     assert_eq!(created, ABORTED_N as i64, "a KEY_CREATED count for each subject's key");
+}
+
+/// While the audit topic cannot be written, no transaction is open: a batch's audit events (here a quarantined
+/// record's) are acknowledged before its transaction begins. Before, the lane began its transaction, wrote the batch
+/// and then waited inside it for the audit topic, so an audit outage longer than `transaction.timeout.ms` made the
+/// brokers abort the transaction and fence the producer, and piiwall exited (again after each restart). The audit
+/// topic's only partition is led by a second broker, taken down while everything else stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_transaction_waits_on_an_audit_topic_that_cannot_be_written() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_test_writer()
+        .try_init();
+    let input = unique("eos-audit");
+    let group = unique("piiwall");
+    let cluster = MockCluster::new(2).unwrap();
+    for (topic, partitions) in [
+        (input.clone(), PARTITIONS),
+        (format!("{input}.sanitized"), PARTITIONS),
+        (format!("{input}.quarantine"), 1),
+        (format!("{input}.control"), 1),
+        (format!("{input}.audit"), 1),
+    ] {
+        cluster.create_topic(&topic, partitions, 1).unwrap();
+        let leader = if topic.ends_with(".audit") { 2 } else { 1 };
+        for partition in 0..partitions {
+            cluster.partition_leader(&topic, partition, Some(leader)).unwrap();
+        }
+    }
+    cluster.coordinator(MockCoordinator::Group(group.clone()), 1).unwrap();
+    cluster
+        .coordinator(MockCoordinator::Transaction(format!("{group}-0")), 1)
+        .unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(server::run(
+        config(dir.path(), &brokers, &input, &group),
+        shutdown.clone(),
+    ));
+    let _stop = common::StopOnDrop(shutdown.clone());
+    // Started: its START event is on the audit topic.
+    let (audit_brokers, audit) = (brokers.clone(), format!("{input}.audit"));
+    let started = tokio::task::spawn_blocking(move || {
+        consume_from(
+            assigned_reader(&audit_brokers, &audit, 1, "read_uncommitted"),
+            1,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(started.len(), 1, "the pipeline started");
+
+    const N: usize = 20;
+    let read = |count: usize, wait: Duration| {
+        let (brokers, output) = (brokers.clone(), format!("{input}.sanitized"));
+        tokio::task::spawn_blocking(move || {
+            consume_from(
+                assigned_reader(&brokers, &output, PARTITIONS, "read_uncommitted"),
+                count,
+                wait,
+            )
+        })
+    };
+    // The customers' keys are made (and their KEY_CREATED events written) while the audit topic is up.
+    produce_on(&brokers, &input, customer_records(&customer_schema(), SCHEMA_ID, N)).await;
+    assert_eq!(read(N, Duration::from_secs(60)).await.unwrap().len(), N);
+
+    // The same customers again, and a record to quarantine: the batches' only audit events are QUARANTINE's.
+    cluster.broker_down(2).unwrap();
+    let mut records = customer_records(&customer_schema(), SCHEMA_ID, N);
+    records.push((0, None, b"not avro".to_vec(), OwnedHeaders::new()));
+    produce_on(&brokers, &input, records).await;
+    let during = read(2 * N, Duration::from_secs(8)).await.unwrap();
+    // Partition 0 has customers at offsets 0..7 in the first round, 7..14 in the second, and the malformed record
+    // at 14: its batch has an audit event to write. The other partitions' batches have none, and may be written.
+    let first_round = |(partition, offset): &(i64, i64)| *partition != 0 || *offset < 7;
+    let seen = coordinates(&during);
+    assert!(
+        seen.keys().filter(|c| first_round(c)).count() >= N,
+        "the first round is written"
+    );
+    let waiting: Vec<_> = seen.keys().filter(|c| !first_round(c)).collect();
+    assert!(
+        waiting.is_empty(),
+        "records written in a transaction while their batch's audit event could not be: {waiting:?}"
+    );
+    assert!(!task.is_finished(), "the pipeline waits for the audit topic");
+
+    cluster.broker_up(2).unwrap();
+    let after = read(2 * N, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        coordinates(&after).len(),
+        2 * N,
+        "every record written once the audit topic is back"
+    );
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    let events = tokio::task::spawn_blocking(move || {
+        consume_from(
+            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
+            usize::MAX,
+            Duration::from_secs(5),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        common::kafka::audit_events_of(&events, "QUARANTINE").len(),
+        1,
+        "the quarantined record has its event"
+    );
 }

@@ -932,7 +932,7 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
     let config = Config::parse(&text, std::iter::empty(), "fault test config").unwrap();
     let shutdown = Shutdown::new();
     let task = tokio::spawn(server::run(config, shutdown.clone()));
-    let _stop = StopOnDrop(shutdown.clone());
+    let _stop = common::StopOnDrop(shutdown.clone());
     let output = format!("{input}.sanitized");
     let read = |count: usize| {
         let (bootstrap, output) = (bootstrap.clone(), output.clone());
@@ -1021,16 +1021,6 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
         .expect("the pipeline stops")
         .unwrap()
         .expect("the pipeline ends cleanly");
-}
-
-/// Triggers a shutdown when dropped: a failed assertion must not leave the pipeline's blocking readers holding the
-/// test's runtime open.
-struct StopOnDrop(Shutdown);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.trigger();
-    }
 }
 
 /// Produces `records` as the client the produce gate never refuses.

@@ -86,3 +86,13 @@ pub fn fixed_keys() -> RecordKeys {
         forgotten: false,
     }
 }
+
+/// Triggers a pipeline's shutdown when dropped: a failed assertion must not leave the pipeline's blocking readers
+/// holding the test's runtime open.
+pub struct StopOnDrop(pub piiwall::stream::Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
