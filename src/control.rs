@@ -309,17 +309,20 @@ pub async fn listen(
         if partitions == 0 {
             return Err(Error::Kafka(format!("the control topic {topic} does not exist")));
         }
+        // From each partition's end as the brokers answer it now, not `Offset::End`, which the consumer resolves
+        // some time after `assign` returns: an announcement made in between would be skipped.
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions as i32 {
+            let (_, end) = consumer
+                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                .map_err(|e| Error::Kafka(format!("cannot read the end of the control topic {topic}: {e}")))?;
             assignment
-                .add_partition_offset(&topic, partition, Offset::End)
+                .add_partition_offset(&topic, partition, Offset::Offset(end))
                 .map_err(|e| Error::Kafka(format!("control topic assignment: {e}")))?;
         }
         consumer
             .assign(&assignment)
             .map_err(|e| Error::Kafka(format!("cannot read the control topic {topic}: {e}")))?;
-        // The first poll resolves the end offsets; announcements from here on are seen.
-        let _ = consumer.poll(POLL);
         Ok(consumer)
     })
     .await

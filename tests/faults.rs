@@ -1042,3 +1042,50 @@ async fn produce_as_test(bootstrap: &str, topic: &str, records: Vec<common::kafk
             .unwrap();
     }
 }
+
+/// A forget another instance announces right after this instance's control-topic reader has started is seen, even
+/// when the brokers are slow to say where the topic ends. Before, the reader was assigned at `Offset::End`, which
+/// the consumer resolved some time after `listen` returned (50 ms were given to it): an announcement made meanwhile
+/// fell before the resolved end and was skipped, and the keys stayed cached until `keys.cache_ttl_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_announced_as_the_control_reader_starts_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = common::keyring_at(dir.path());
+    let mut broker = Broker::on(free_port());
+    let gate = common::gate::ProduceGate::open(broker.port, TEST_PRODUCER);
+    broker.advertise(gate.port);
+    broker.start();
+    let bootstrap = format!("127.0.0.1:{}", gate.port);
+    let topic = unique("faults-control");
+    create_topic_on(&bootstrap, &topic, 1).await;
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &bootstrap);
+    let announcer = piiwall::control::Control::new(Producer::create(client.clone()).unwrap(), topic.clone());
+    // Warm: the announcer's connection and metadata are ready, so the announcement below lands at once.
+    announcer
+        .announce(
+            &keyring,
+            piiwall::control::ControlOp::Rotate,
+            &piiwall::keys::Keyring::domain_scope("warm-up"),
+        )
+        .await
+        .unwrap();
+    const LIST_OFFSETS: i16 = 2;
+    gate.slow(LIST_OFFSETS, Duration::from_millis(1_000));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let listener = piiwall::control::listen(&client, &topic, keyring.clone(), None, stopped)
+        .await
+        .unwrap();
+    let scope = keyring.subject_scope("cus_00042");
+    announcer
+        .announce(&keyring, piiwall::control::ControlOp::Forget, &scope)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while keyring.forgets_seen() == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    listener.await.unwrap();
+    assert_eq!(keyring.forgets_seen(), 1, "the announced forget reached the keyring");
+}

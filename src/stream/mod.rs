@@ -281,14 +281,6 @@ pub async fn run(
         audit_failing,
     );
     let control = Control::new(producer.clone(), config.keys.control_topic.clone());
-    on_start(Started {
-        config: &config,
-        sanitizer: &sanitizer,
-        routes: &routes,
-        auditor: &auditor,
-        control: &control,
-        client: &client,
-    });
     // Brokers that do not answer yet (a cluster starting with piiwall, a network not up) are waited for.
     if !wait_for_brokers(&consumer, &waiting_for_brokers, shutdown.listen()).await {
         tracing::info!("stopped while waiting for the brokers");
@@ -311,6 +303,16 @@ pub async fn run(
         shutdown.listen(),
     )
     .await?;
+    // The API caches keys (reveal, tokenize): it answers once the control topic is read, so that no forget another
+    // instance announces goes unseen by what it caches.
+    on_start(Started {
+        config: &config,
+        sanitizer: &sanitizer,
+        routes: &routes,
+        auditor: &auditor,
+        control: &control,
+        client: &client,
+    });
     let mut start = AuditEvent::new(AuditKind::Start);
     start.config_digest = Some(config.digest());
     auditor.emit(start).await;
