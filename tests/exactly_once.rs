@@ -441,28 +441,17 @@ async fn the_keys_of_a_batch_whose_transaction_failed_have_their_audit_events() 
 /// record's) are acknowledged before its transaction begins. Before, the lane began its transaction, wrote the batch
 /// and then waited inside it for the audit topic, so an audit outage longer than `transaction.timeout.ms` made the
 /// brokers abort the transaction and fence the producer, and piiwall exited (again after each restart). The audit
-/// topic's only partition is led by a second broker, taken down while everything else stays up.
+/// topic's only partition is led by a second broker, taken down while everything else stays up. One input
+/// partition, so that one lane (no turn taken by another) meets the quarantined record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_transaction_waits_on_an_audit_topic_that_cannot_be_written() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into()))
-        .with_test_writer()
-        .try_init();
     let input = unique("eos-audit");
     let group = unique("piiwall");
     let cluster = MockCluster::new(2).unwrap();
-    for (topic, partitions) in [
-        (input.clone(), PARTITIONS),
-        (format!("{input}.sanitized"), PARTITIONS),
-        (format!("{input}.quarantine"), 1),
-        (format!("{input}.control"), 1),
-        (format!("{input}.audit"), 1),
-    ] {
-        cluster.create_topic(&topic, partitions, 1).unwrap();
+    for topic in ["", ".sanitized", ".quarantine", ".control", ".audit"].map(|suffix| format!("{input}{suffix}")) {
+        cluster.create_topic(&topic, 1, 1).unwrap();
         let leader = if topic.ends_with(".audit") { 2 } else { 1 };
-        for partition in 0..partitions {
-            cluster.partition_leader(&topic, partition, Some(leader)).unwrap();
-        }
+        cluster.partition_leader(&topic, 0, Some(leader)).unwrap();
     }
     cluster.coordinator(MockCoordinator::Group(group.clone()), 1).unwrap();
     cluster
@@ -476,57 +465,48 @@ async fn no_transaction_waits_on_an_audit_topic_that_cannot_be_written() {
         shutdown.clone(),
     ));
     let _stop = common::StopOnDrop(shutdown.clone());
-    // Started: its START event is on the audit topic.
-    let (audit_brokers, audit) = (brokers.clone(), format!("{input}.audit"));
-    let started = tokio::task::spawn_blocking(move || {
-        consume_from(
-            assigned_reader(&audit_brokers, &audit, 1, "read_uncommitted"),
-            1,
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(started.len(), 1, "the pipeline started");
-
-    const N: usize = 20;
-    let read = |count: usize, wait: Duration| {
-        let (brokers, output) = (brokers.clone(), format!("{input}.sanitized"));
+    let read = |topic: String, count: usize, wait: Duration| {
+        let brokers = brokers.clone();
         tokio::task::spawn_blocking(move || {
-            consume_from(
-                assigned_reader(&brokers, &output, PARTITIONS, "read_uncommitted"),
-                count,
-                wait,
-            )
+            consume_from(assigned_reader(&brokers, &topic, 1, "read_uncommitted"), count, wait)
         })
     };
-    // The customers' keys are made (and their KEY_CREATED events written) while the audit topic is up.
-    produce_on(&brokers, &input, customer_records(&customer_schema(), SCHEMA_ID, N)).await;
-    assert_eq!(read(N, Duration::from_secs(60)).await.unwrap().len(), N);
+    let (output, audit) = (format!("{input}.sanitized"), format!("{input}.audit"));
+    // Started: its START event is on the audit topic.
+    let started = read(audit.clone(), 1, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(started.len(), 1, "the pipeline started");
 
-    // The same customers again, and a record to quarantine: the batches' only audit events are QUARANTINE's.
+    // Customers at offsets 0..N and a record to quarantine at N: the customers' keys and the day's quarantine key
+    // are made (and their KEY_CREATED events written) while the audit topic is up.
+    const N: usize = 20;
+    let malformed = || (0, None, b"not avro".to_vec(), OwnedHeaders::new());
+    let customers = || -> Vec<Outgoing> {
+        customer_records(&customer_schema(), SCHEMA_ID, N)
+            .into_iter()
+            .map(|(_, key, value, headers)| (0, key, value, headers))
+            .collect()
+    };
+    produce_on(&brokers, &input, [customers(), vec![malformed()]].concat()).await;
+    assert_eq!(read(output.clone(), N, Duration::from_secs(60)).await.unwrap().len(), N);
+
+    // Another record to quarantine at N + 1, then the same customers again: the batch's only audit event is its
+    // QUARANTINE. Produced at once, so that the customers are in its batch: the old lane wrote them in a transaction
+    // and then waited there for the event.
     cluster.broker_down(2).unwrap();
-    let mut records = customer_records(&customer_schema(), SCHEMA_ID, N);
-    records.push((0, None, b"not avro".to_vec(), OwnedHeaders::new()));
-    produce_on(&brokers, &input, records).await;
-    let during = read(2 * N, Duration::from_secs(8)).await.unwrap();
-    // Partition 0 has customers at offsets 0..7 in the first round, 7..14 in the second, and the malformed record
-    // at 14: its batch has an audit event to write. The other partitions' batches have none, and may be written.
-    let first_round = |(partition, offset): &(i64, i64)| *partition != 0 || *offset < 7;
-    let seen = coordinates(&during);
+    produce_burst(&brokers, &input, [vec![malformed()], customers()].concat()).await;
+    let during = read(output.clone(), 2 * N, Duration::from_secs(8)).await.unwrap();
+    let written: Vec<_> = coordinates(&during)
+        .into_keys()
+        .filter(|(_, offset)| *offset > N as i64)
+        .collect();
     assert!(
-        seen.keys().filter(|c| first_round(c)).count() >= N,
-        "the first round is written"
-    );
-    let waiting: Vec<_> = seen.keys().filter(|c| !first_round(c)).collect();
-    assert!(
-        waiting.is_empty(),
-        "records written in a transaction while their batch's audit event could not be: {waiting:?}"
+        written.is_empty(),
+        "records written in a transaction while their batch's audit event could not be: {written:?}"
     );
     assert!(!task.is_finished(), "the pipeline waits for the audit topic");
 
     cluster.broker_up(2).unwrap();
-    let after = read(2 * N, Duration::from_secs(60)).await.unwrap();
+    let after = read(output, 2 * N, Duration::from_secs(60)).await.unwrap();
     assert_eq!(
         coordinates(&after).len(),
         2 * N,
@@ -534,18 +514,37 @@ async fn no_transaction_waits_on_an_audit_topic_that_cannot_be_written() {
     );
     shutdown.trigger();
     task.await.unwrap().unwrap();
-    let events = tokio::task::spawn_blocking(move || {
-        consume_from(
-            assigned_reader(&brokers, &format!("{input}.audit"), 1, "read_uncommitted"),
-            usize::MAX,
-            Duration::from_secs(5),
-        )
-    })
-    .await
-    .unwrap();
+    let events = read(audit, usize::MAX, Duration::from_secs(5)).await.unwrap();
     assert_eq!(
         common::kafka::audit_events_of(&events, "QUARANTINE").len(),
-        1,
-        "the quarantined record has its event"
+        2,
+        "each quarantined record has its event"
     );
+}
+
+/// Produces `records` at once (every send queued before any is awaited), so that they reach the brokers, and a
+/// consumer, together.
+async fn produce_burst(brokers: &str, topic: &str, records: Vec<Outgoing>) {
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "50")
+        .create()
+        .unwrap();
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|(partition, _, value, headers)| {
+            producer
+                .send_result(
+                    rdkafka::producer::FutureRecord::<(), _>::to(topic)
+                        .partition(*partition)
+                        .payload(value)
+                        .headers(headers.clone()),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
 }
