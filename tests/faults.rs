@@ -978,12 +978,29 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let body = serde_json::json!({"purpose": "gdpr-erasure", "subject": "cus_00042"}).to_string();
-    let (status, answer) = tokio::task::spawn_blocking(move || {
-        common::services::http(http_port, "POST", "/v1/subjects/forget", Some(&token), &body)
-    })
-    .await
-    .unwrap();
+    let forget = |subject: &str| {
+        let body = serde_json::json!({"purpose": "gdpr-erasure", "subject": subject}).to_string();
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || {
+            common::services::http(http_port, "POST", "/v1/subjects/forget", Some(&token), &body)
+        })
+    };
+    // A forget of another subject (a bulk erasure's) does not touch the batch: it is not sanitized again.
+    let (status, answer) = forget("cus_00007").await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let retries = metric("piiwall_lane_retries_total");
+    let started = Instant::now();
+    while metric("piiwall_lane_retries_total") < retries + 2.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the lane stopped retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        metric("piiwall_batches_resanitized_total"),
+        0.0,
+        "a forget of a subject the batch does not hold"
+    );
+
+    let (status, answer) = forget("cus_00042").await.unwrap();
     assert_eq!(status, 200, "{answer}");
     assert!(
         answer["receipt"]["key_versions_destroyed"].as_u64() >= Some(1),

@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use super::SqliteStore;
 use super::WrappingKey;
+use super::forgets;
 use super::store::{KeyLookup, KeyStore, StoredKey};
 use crate::config::{KeysConfig, StoreLocation};
 use crate::crypto::{CountSink, DataKey, Dek, KekProvider, KekSet, KekSource, KeyId, open_kek};
@@ -163,9 +164,9 @@ pub struct Keyring {
     /// `i64::MIN` until then. The day of a quarantined copy's key is the store's day, never the host's alone.
     store_clock_offset: AtomicI64,
     /// Forgets seen by this process (its own, and those other instances announced): a batch whose keys were
-    /// resolved before one may hold a destroyed key, and is sanitized again before it is written (see
-    /// [`forgets_seen`](Self::forgets_seen)).
-    forgets: AtomicU64,
+    /// resolved before one of its scopes was forgotten is sanitized again before it is written (see
+    /// [`forgets_since`](Self::forgets_since)).
+    forgets: super::forgets::ForgetLog,
 }
 
 /// What a KEK rewrap did, in keys.
@@ -277,7 +278,7 @@ impl Keyring {
             stats: KeyringStats::default(),
             fills: RwLock::new(()),
             store_clock_offset: AtomicI64::new(i64::MIN),
-            forgets: AtomicU64::new(0),
+            forgets: Default::default(),
         })
     }
 
@@ -459,6 +460,9 @@ impl Keyring {
             let scope = self.subject_scope(subject);
             match self.by_scope.get(&scope) {
                 Some(key) => {
+                    if matches!(key, Cached::Active(_)) {
+                        forgets::note(&[scope.as_bytes()]);
+                    }
                     batch.keys.insert(subject.to_owned(), key.expand());
                 }
                 None => missing.push((subject.to_owned(), scope)),
@@ -507,6 +511,9 @@ impl Keyring {
                 Some(row) => Cached::Active(self.unwrap(&row)?),
                 None => Cached::Forgotten,
             };
+            if matches!(entry, Cached::Active(_)) {
+                forgets::note(&[candidate.scope.as_bytes()]);
+            }
             batch.keys.insert(subject, entry.expand());
             self.by_scope.insert(candidate.scope, entry);
         }
@@ -520,8 +527,10 @@ impl Keyring {
             && now.duration_since(*fetched) < self.ttl
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            forgets::note(&[b"d:", domain.as_bytes()]);
             return Ok(dek.clone());
         }
+        forgets::note(&[b"d:", domain.as_bytes()]);
         let _fill = self.fill();
         let dek = match self.current_filling(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => dek,
@@ -883,12 +892,17 @@ impl Keyring {
         self.invalidate(scope, true);
     }
 
-    /// How many forgets this process has seen. Read before a batch's keys are resolved and again before the batch is
-    /// written: when it changed, the batch may hold a key destroyed meanwhile and is sanitized again. The count
-    /// moves only once the caches no longer hold the forgotten keys, so a batch that reads it afterwards resolves
-    /// its keys without them.
+    /// How many forgets this process has seen: read before a batch's keys are resolved (under
+    /// [`forgets::recording`](super::forgets::recording)). The count moves only once the caches no longer hold the
+    /// forgotten keys, so a batch that reads it afterwards resolves its keys without them.
     pub fn forgets_seen(&self) -> u64 {
-        self.forgets.load(Ordering::Acquire)
+        self.forgets.seen()
+    }
+
+    /// Whether a forget seen after the first `seen` ones destroyed a key of the scopes `tags` (what a batch
+    /// resolved): the batch is then sanitized again before it is written.
+    pub fn forgets_since(&self, seen: u64, tags: &[u64]) -> super::forgets::Since {
+        self.forgets.since(seen, tags)
     }
 
     fn invalidate(&self, scope: &str, forgotten: bool) {
@@ -899,22 +913,30 @@ impl Keyring {
         if let Some(domain) = scope.strip_prefix("d:") {
             self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(domain);
         }
-        let scope: Arc<str> = scope.into();
+        let shared: Arc<str> = scope.into();
         self.by_id
-            .invalidate_entries_if(move |_, cached| cached.scope == scope)
+            .invalidate_entries_if(move |_, cached| cached.scope == shared)
             .expect("invalidation closures are enabled");
         if forgotten {
-            self.forgets.fetch_add(1, Ordering::AcqRel);
+            self.forgets.record(scope);
         }
     }
 
     fn current(&self, scope: &str) -> Result<RecordKey, KeyError> {
-        if let Some(hit) = self.by_scope.get(scope) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit.expand());
+        let key = match self.by_scope.get(scope) {
+            Some(hit) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                hit.expand()
+            }
+            None => {
+                let _fill = self.fill();
+                self.current_filling(scope)?
+            }
+        };
+        if matches!(key, RecordKey::Active(_)) {
+            forgets::note(&[scope.as_bytes()]);
         }
-        let _fill = self.fill();
-        self.current_filling(scope)
+        Ok(key)
     }
 
     /// [`current`](Self::current) for a caller that holds [`fill`](Self::fill).

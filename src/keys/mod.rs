@@ -6,6 +6,7 @@
 //! ids as shredded (so a reveal says "subject forgotten" rather than "unknown key") and the scope as forgotten
 //! (so later records of the subject are redacted rather than given a fresh key).
 
+pub mod forgets;
 mod keyring;
 mod postgres;
 mod sqlite;

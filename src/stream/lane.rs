@@ -19,6 +19,7 @@ use crate::audit::{AuditEvent, AuditKind, Auditor, FieldCount};
 use crate::control::{Control, ControlOp};
 use crate::error::{Error, ErrorKind};
 use crate::keys::Retired;
+use crate::keys::forgets::{self, Since};
 use crate::transcode::TranscodeScratch;
 
 /// Header names of a record's source coordinates, on every output and quarantine record.
@@ -120,11 +121,15 @@ pub async fn run(
                     &ctx,
                     partition,
                     &output_topic,
-                    &ready.batch,
-                    &ready.outcomes,
+                    &ready,
                 )
                 .await
                 {
+                    // A forget since the last check may have destroyed a key of the batch: nothing of it is made
+                    // visible, and it is read again.
+                    Ok(_) if !ready.untouched(&ctx) => {
+                        Err(turn.abort("a forget came while the batch was written", false).await)
+                    }
                     Ok(written) => turn
                         .commit(&topic, partition, last_offset + 1, &group)
                         .await
@@ -198,7 +203,7 @@ async fn write_until_done(
         ready = ready.current(ctx).await?;
         let lease = ctx.producer.lease();
         let through = Through::shared(&ctx.producer, &lease);
-        match write(&through, ctx, partition, output_topic, &ready.batch, &ready.outcomes).await {
+        match write(&through, ctx, partition, output_topic, &ready).await {
             Err(e) if e.kind() == ErrorKind::Retriable => {
                 metrics::counter!("piiwall_lane_retries_total", "topic" => topic.to_owned()).increment(1);
                 tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,
@@ -220,7 +225,7 @@ async fn begin_current<'a>(
 ) -> Result<(transaction::Turn<'a>, Ready), Error> {
     loop {
         let waited = transactions.wait_turn().await;
-        if ready.is_current(ctx) {
+        if ready.untouched(ctx) {
             return Ok((waited.begin()?, ready));
         }
         // Not sanitized while holding the turn: the key store may keep it waiting.
@@ -327,8 +332,7 @@ async fn write(
     ctx: &LaneContext,
     partition: i32,
     output_topic: &str,
-    batch: &[OwnedMessage],
-    outcomes: &[Outcome],
+    ready: &Ready,
 ) -> Result<Written, Error> {
     let mut written = Written {
         sanitized: 0,
@@ -336,9 +340,17 @@ async fn write(
         quarantined_by_class: Vec::new(),
         per_schema: std::collections::HashMap::new(),
     };
-    let mut deliveries = Vec::with_capacity(batch.len());
+    let mut deliveries = Vec::with_capacity(ready.batch.len());
     let mut failure = None;
-    for (message, outcome) in batch.iter().zip(outcomes) {
+    for (message, outcome) in ready.batch.iter().zip(&ready.outcomes) {
+        // Queuing can wait (a full queue while the brokers are away): a forget meanwhile stops the attempt, and the
+        // batch is sanitized again before the next.
+        if !ready.untouched(ctx) {
+            failure = Some(Error::Unavailable(
+                "a forget came while the batch was being written: it is sanitized again".into(),
+            ));
+            break;
+        }
         let queued = match outcome {
             Outcome::Output { key, value, schema_id } => {
                 written.sanitized += 1;
@@ -408,14 +420,36 @@ async fn write(
 }
 
 /// A batch after sanitizing: its records, what became of each, how many subject keys it created, the keys
-/// rotated after it for having reached their encryption limit, and the forgets seen before its keys were resolved.
+/// rotated after it for having reached their encryption limit, and the keys it resolved.
 struct Sanitized {
     batch: Vec<OwnedMessage>,
     scratch: TranscodeScratch,
     outcomes: Vec<Outcome>,
     keys_created: usize,
     retired: Vec<Retired>,
-    forgets: u64,
+    resolved: Resolved,
+}
+
+/// The keys a batch was sanitized with: the scopes' tags, and the count of forgets seen before they were resolved
+/// ([`forgets`]).
+struct Resolved {
+    /// Moved on by each check that finds only forgets of other scopes, so the next check starts from there.
+    seen: AtomicU64,
+    tags: Vec<u64>,
+}
+
+impl Resolved {
+    /// No forget of a scope whose key the batch resolved came since they were resolved.
+    fn untouched(&self, ctx: &LaneContext) -> bool {
+        let keyring = ctx.processor.sanitizer.keyring();
+        match keyring.forgets_since(self.seen.load(Ordering::Relaxed), &self.tags) {
+            Since::Untouched(seen) => {
+                self.seen.store(seen, Ordering::Relaxed);
+                true
+            }
+            Since::Touched => false,
+        }
+    }
 }
 
 /// A batch sanitized and its audit events acknowledged ([`prepare`]), to be written.
@@ -423,22 +457,22 @@ struct Ready {
     batch: Vec<OwnedMessage>,
     scratch: TranscodeScratch,
     outcomes: Vec<Outcome>,
-    /// [`Keyring::forgets_seen`](crate::keys::Keyring::forgets_seen) before the batch's keys were resolved.
-    forgets: u64,
+    resolved: Resolved,
     topic: String,
     partition: i32,
 }
 
 impl Ready {
-    /// No forget came since the batch's keys were resolved.
-    fn is_current(&self, ctx: &LaneContext) -> bool {
-        ctx.processor.sanitizer.keyring().forgets_seen() == self.forgets
+    /// No forget of a scope whose key the batch resolved came since they were resolved.
+    fn untouched(&self, ctx: &LaneContext) -> bool {
+        self.resolved.untouched(ctx)
     }
 
-    /// The batch, sanitized again if a forget came since its keys were resolved: what it holds may be under a key
-    /// destroyed since (its subject's records are then redacted, as any record read after the forget).
+    /// The batch, sanitized again if a forget of one of its keys' scopes came since they were resolved: what it
+    /// holds may be under a key destroyed since (its subject's records are then redacted, as any record read after
+    /// the forget).
     async fn current(self, ctx: &Arc<LaneContext>) -> Result<Self, Error> {
-        if self.is_current(ctx) {
+        if self.untouched(ctx) {
             return Ok(self);
         }
         tracing::info!(topic = %self.topic, partition = self.partition,
@@ -467,7 +501,7 @@ async fn prepare(
         outcomes,
         keys_created,
         retired,
-        forgets,
+        resolved,
     } = sanitize_batch(batch, scratch, ctx).await?;
     let mut events = Vec::new();
     for key in retired {
@@ -502,7 +536,7 @@ async fn prepare(
         batch,
         scratch,
         outcomes,
-        forgets,
+        resolved,
         topic: topic.to_owned(),
         partition,
     })
@@ -555,22 +589,34 @@ async fn sanitize_batch(
                 let (batch, scratch, created, result) = tokio::task::spawn_blocking(move || {
                     // Detections count once per written batch, however often it is sanitized.
                     scratch.clear_detections();
-                    let forgets = lane.processor.sanitizer.keyring().forgets_seen();
+                    let seen = lane.processor.sanitizer.keyring().forgets_seen();
                     let mut created = 0;
-                    let result = lane.processor.prefetch_keys(&batch).and_then(|keys| {
-                        created = keys.created;
-                        let outcomes = batch
-                            .iter()
-                            .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
-                            .collect::<Result<Vec<_>, _>>()?;
-                        // Here, not on the runtime: a quarantine copy may read its key from the store.
-                        let outcomes = fit_outcomes(&lane, &batch, outcomes)?;
-                        let keyring = lane.processor.sanitizer.keyring();
-                        let retired = keyring.retire_worn(&keys, lane.max_encryptions).unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
-                            Vec::new()
-                        });
-                        Ok((outcomes, retired, forgets))
+                    let (result, tags) = forgets::recording(|| {
+                        lane.processor.prefetch_keys(&batch).and_then(|keys| {
+                            created = keys.created;
+                            let outcomes = batch
+                                .iter()
+                                .map(|message| lane.processor.process(message, Some(&keys), &mut scratch))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            // Here, not on the runtime: a quarantine copy may read its key from the store.
+                            let outcomes = fit_outcomes(&lane, &batch, outcomes)?;
+                            let keyring = lane.processor.sanitizer.keyring();
+                            let retired = keyring.retire_worn(&keys, lane.max_encryptions).unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "key usage not recorded: retried after the next batch");
+                                Vec::new()
+                            });
+                            Ok((outcomes, retired))
+                        })
+                    });
+                    let result = result.map(|(outcomes, retired)| {
+                        (
+                            outcomes,
+                            retired,
+                            Resolved {
+                                seen: AtomicU64::new(seen),
+                                tags,
+                            },
+                        )
                     });
                     (batch, scratch, created, result)
                 })
@@ -578,14 +624,14 @@ async fn sanitize_batch(
                 .map_err(|_| Error::Kafka("a sanitizing task panicked".into()))?;
                 keys_created += created;
                 match result {
-                    Ok((outcomes, retired, forgets)) => {
+                    Ok((outcomes, retired, resolved)) => {
                         return Ok(Sanitized {
                             batch,
                             scratch,
                             outcomes,
                             keys_created,
                             retired,
-                            forgets,
+                            resolved,
                         });
                     }
                     Err(e) => {
