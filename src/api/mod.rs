@@ -330,6 +330,17 @@ async fn handle<R: ApiRequest>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     perform: fn(&Api, &Caller, R) -> Result<Json, Error>,
 ) -> Response {
+    // Held until the call's events are acknowledged: the audit writer outlives the call.
+    let auditor = match api.auditor.upgrade() {
+        Some(auditor) if !auditor.is_failing() => auditor,
+        Some(_) => {
+            return refused_unaudited(
+                operation,
+                "audit events cannot be written at the moment: call again once they can",
+            );
+        }
+        None => return refused_unaudited(operation, "piiwall is stopping: call again once it runs"),
+    };
     let mut event = audit_event(operation);
     let result = async {
         let token = bearer(&headers);
@@ -407,35 +418,62 @@ async fn handle<R: ApiRequest>(
             failure.response()
         }
     };
+    // The call's events, a forget's follow-ups with it (the keys it shredded, its receipt), are acknowledged by the
+    // audit topic before the answer goes out: fail closed, no answer (a revealed value) that is not audited.
+    let principal = event.principal.clone();
+    let mut events = vec![event];
+    if let (Operation::Forget, Ok(answer)) = (operation, &result) {
+        let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
+        events.push(AuditEvent::key_shredded(destroyed));
+        match serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
+            Ok(receipt) => events.push(receipt.audit_event()),
+            // serde's message could quote the receipt's text: only that it failed is logged.
+            Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
+        }
+    }
+    let acks = auditor.emit_acked(events).await;
+    drop(auditor);
+    let response = match tokio::time::timeout(AUDIT_ACK_WAIT, acks.written()).await {
+        Ok(Ok(())) => response,
+        // Still queued: written when the audit topic takes it, or lost if piiwall stops first.
+        _ => not_audited(
+            "the call's audit event was not acknowledged in time, so its answer is withheld; the call may have \
+             taken effect (a forget has): call again",
+        ),
+    };
     tracing::info!(
         operation = operation.name(),
-        principal = event.principal.as_deref().unwrap_or("-"),
+        principal = principal.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
         "api call"
     );
     metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => response.status().as_str().to_owned())
         .increment(1);
-    if !api.auditor.emit(event).await {
-        // Fail closed: nothing is answered that is not audited (a forget has destroyed the keys all the same, and
-        // announced it; calling it again is harmless).
-        return Failure::from_error(&Error::Unavailable(
-            "piiwall is stopping and this call could not be audited: call again once it runs".into(),
-        ))
-        .response();
-    }
-    // Follow-up events: the keys a forget shredded, and its receipt.
-    if let (Operation::Forget, Ok(answer)) = (operation, &result) {
-        let destroyed = answer["key_versions_destroyed"].as_i64().unwrap_or(0);
-        api.auditor.emit(AuditEvent::key_shredded(destroyed)).await;
-        match serde_json::from_value::<crate::receipt::ErasureReceipt>(answer["receipt"].clone()) {
-            Ok(receipt) => {
-                api.auditor.emit(receipt.audit_event()).await;
-            }
-            // serde's message could quote the receipt's text: only that it failed is logged.
-            Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
-        }
-    }
     response
+}
+
+/// How long a call waits for its audit events' acknowledgement before its answer is withheld.
+const AUDIT_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The answer to a call that is not (or cannot be shown to be) audited: 503, the reason given.
+fn not_audited(reason: &str) -> Response {
+    Failure {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: reason.to_owned(),
+        outcome: AuditOutcome::Error,
+    }
+    .response()
+}
+
+/// A call refused before anything is done, because its audit event could not be written.
+fn refused_unaudited(operation: Operation, reason: &str) -> Response {
+    tracing::warn!(
+        operation = operation.name(),
+        reason,
+        "api call refused: it could not be audited"
+    );
+    metrics::counter!("piiwall_api_calls_total", "operation" => operation.name(), "status" => "503").increment(1);
+    not_audited(reason)
 }
 
 /// What an export found, per topic, for its audit event: records exported and records erased (counts only).

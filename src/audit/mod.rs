@@ -53,25 +53,21 @@ pub struct Auditor {
     failing: Arc<AtomicBool>,
 }
 
-/// The API's handle on the audit writer ([`Auditor::for_calls`]).
+/// The API's handle on the audit writer ([`Auditor::for_calls`]): it does not keep the writer running.
 #[derive(Clone)]
 pub struct CallAuditor {
     sender: mpsc::WeakSender<Queued>,
+    failing: Arc<AtomicBool>,
 }
 
 impl CallAuditor {
-    /// Queues an event; waits while the queue is full. `false` when the writer has ended (piiwall is stopping):
-    /// the event is not written, and the call must not be answered as if it were.
-    pub async fn emit(&self, event: AuditEvent) -> bool {
-        let Some(sender) = self.sender.upgrade() else {
-            tracing::error!("audit writer stopped: an API call's audit event was not written");
-            return false;
-        };
-        let queued = sender.send((event, None)).await.is_ok();
-        if !queued {
-            tracing::error!("audit writer stopped: an API call's audit event was not written");
-        }
-        queued
+    /// An auditor for one call, which keeps the writer running until the call's events are queued; `None` once the
+    /// writer has ended (piiwall is stopping): the call must then not be made.
+    pub fn upgrade(&self) -> Option<Auditor> {
+        Some(Auditor {
+            sender: self.sender.upgrade()?,
+            failing: self.failing.clone(),
+        })
     }
 }
 
@@ -166,6 +162,7 @@ impl Auditor {
     pub fn for_calls(&self) -> CallAuditor {
         CallAuditor {
             sender: self.sender.downgrade(),
+            failing: self.failing.clone(),
         }
     }
 
