@@ -3,7 +3,8 @@
 //! An [`Auditor`] owns its instance's chain: events are sealed and produced one after the other by one task, each
 //! acknowledged before the next, so the topic holds the chain in order. Audit is at-least-once: an event that
 //! cannot be written is kept and tried again (the writer never stops on its own in `run`), callers that must not go
-//! on before their events are written wait for [`Acks`], and while the writer fails the pipeline stores no offset. [`verify`] reads a topic back and checks
+//! on before their events are written wait for [`Acks`] (a lane before it writes a batch, an API call before it
+//! answers), and while the writer fails no lane starts writing a batch. [`verify`] reads a topic back and checks
 //! every chain in it. No event ever carries a clear PII value: coordinates, field paths, reasons and tokens only.
 
 mod event;
