@@ -895,6 +895,16 @@ async fn a_rebalance_under_load_loses_nothing() {
 /// The `client.id` of the test's own producer, which the produce gate never refuses.
 const TEST_PRODUCER: &str = "piiwall-test-producer";
 
+/// A broker of the test's own behind a produce gate, started; and the gate's address, which clients bootstrap from.
+fn gated_broker() -> (Broker, common::gate::ProduceGate, String) {
+    let mut broker = Broker::on(free_port());
+    let gate = common::gate::ProduceGate::open(broker.port, TEST_PRODUCER);
+    broker.advertise(gate.port);
+    broker.start();
+    let bootstrap = format!("127.0.0.1:{}", gate.port);
+    (broker, gate, bootstrap)
+}
+
 /// A batch sanitized before a forget, whose writing waits because its output cannot be written, is sanitized again
 /// before it is written: nothing written after the forget carries the subject's token. Before, the lane's retries
 /// wrote the outcomes they were first given, under the destroyed key (a `mask`'s kept characters and the hashed
@@ -902,11 +912,7 @@ const TEST_PRODUCER: &str = "piiwall-test-producer";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::on(free_port());
-    let gate = common::gate::ProduceGate::open(broker.port, TEST_PRODUCER);
-    broker.advertise(gate.port);
-    broker.start();
-    let bootstrap = format!("127.0.0.1:{}", gate.port);
+    let (_broker, gate, bootstrap) = gated_broker();
     let input = unique("faults-forget");
     create_topic_on(&bootstrap, &input, 1).await;
     let schema = common::compiled(&common::example("customer_profile.avsc"));
@@ -981,34 +987,26 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
     // held by the lane, which writes them again and again.
     gate.shut();
     produce_as_test(&bootstrap, &input, (0..5).map(|_| record()).collect()).await;
-    let metric = |name: &str| -> f64 {
-        let metrics = common::services::http(http_port, "GET", "/metrics", None, "").1;
-        metrics
-            .as_str()
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let started = Instant::now();
-    while metric("piiwall_lane_retries_total") < 2.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the lane never retried its batch"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let metric = |name: &str| metric_of(http_port, name);
+    wait_for_metric(
+        http_port,
+        "piiwall_lane_retries_total",
+        2.0,
+        "the lane never retried its batch",
+    )
+    .await;
 
     // Another instance forgets another subject (a bulk erasure's): its announcement reaches this one, and does not
     // touch the batch, which is not sanitized again.
     forget_elsewhere("cus_00007").await.unwrap();
     let retries = metric("piiwall_lane_retries_total");
-    let started = Instant::now();
-    while metric("piiwall_lane_retries_total") < retries + 2.0 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the lane stopped retrying");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_metric(
+        http_port,
+        "piiwall_lane_retries_total",
+        retries + 2.0,
+        "the lane stopped retrying",
+    )
+    .await;
     assert_eq!(
         metric("piiwall_batches_resanitized_total"),
         0.0,
@@ -1026,14 +1024,13 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
 
     // Another instance forgets the batch's subject.
     forget_elsewhere("cus_00042").await.unwrap();
-    let started = Instant::now();
-    while metric("piiwall_batches_resanitized_total") < 1.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the batch was never sanitized again"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_metric(
+        http_port,
+        "piiwall_batches_resanitized_total",
+        1.0,
+        "the batch was never sanitized again",
+    )
+    .await;
     gate.open_again();
 
     let out = read(6).await.unwrap();
@@ -1067,6 +1064,27 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
         .expect("the pipeline ends cleanly");
 }
 
+/// The sum of a metric's series on the `/metrics` of 127.0.0.1:`port`.
+fn metric_of(port: u16, name: &str) -> f64 {
+    let metrics = common::services::http(port, "GET", "/metrics", None, "").1;
+    metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until a metric reaches `at_least`; fails saying `what` after a minute.
+async fn wait_for_metric(port: u16, name: &str, at_least: f64, what: &str) {
+    let started = Instant::now();
+    while metric_of(port, name) < at_least {
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Produces `records` as the client the produce gate never refuses.
 async fn produce_as_test(bootstrap: &str, topic: &str, records: Vec<common::kafka::Outgoing>) {
     let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
@@ -1095,11 +1113,7 @@ async fn produce_as_test(bootstrap: &str, topic: &str, records: Vec<common::kafk
 async fn a_forget_announced_as_the_control_reader_starts_is_seen() {
     let dir = tempfile::tempdir().unwrap();
     let keyring = common::keyring_at(dir.path());
-    let mut broker = Broker::on(free_port());
-    let gate = common::gate::ProduceGate::open(broker.port, TEST_PRODUCER);
-    broker.advertise(gate.port);
-    broker.start();
-    let bootstrap = format!("127.0.0.1:{}", gate.port);
+    let (_broker, gate, bootstrap) = gated_broker();
     let topic = unique("faults-control");
     create_topic_on(&bootstrap, &topic, 1).await;
     let mut client = ClientConfig::new();
