@@ -461,7 +461,7 @@ impl Keyring {
             match self.by_scope.get(&scope) {
                 Some(key) => {
                     if matches!(key, Cached::Active(_)) {
-                        forgets::note(&[scope.as_bytes()]);
+                        forgets::note(&scope);
                     }
                     batch.keys.insert(subject.to_owned(), key.expand());
                 }
@@ -512,7 +512,7 @@ impl Keyring {
                 None => Cached::Forgotten,
             };
             if matches!(entry, Cached::Active(_)) {
-                forgets::note(&[candidate.scope.as_bytes()]);
+                forgets::note(&candidate.scope);
             }
             batch.keys.insert(subject, entry.expand());
             self.by_scope.insert(candidate.scope, entry);
@@ -527,10 +527,10 @@ impl Keyring {
             && now.duration_since(*fetched) < self.ttl
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            forgets::note(&[b"d:", domain.as_bytes()]);
+            forgets::note_domain(domain);
             return Ok(dek.clone());
         }
-        forgets::note(&[b"d:", domain.as_bytes()]);
+        forgets::note_domain(domain);
         let _fill = self.fill();
         let dek = match self.current_filling(&Self::domain_scope(domain))? {
             RecordKey::Active(dek) => dek,
@@ -934,7 +934,7 @@ impl Keyring {
             }
         };
         if matches!(key, RecordKey::Active(_)) {
-            forgets::note(&[scope.as_bytes()]);
+            forgets::note(scope);
         }
         Ok(key)
     }
