@@ -301,7 +301,8 @@ pub async fn listen(
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let consumer = control_consumer(client)?;
     let topic = topic.to_owned();
-    let consumer = tokio::task::spawn_blocking(move || -> Result<BaseConsumer, Error> {
+    let starting = stop.clone();
+    let consumer = tokio::task::spawn_blocking(move || -> Result<Option<BaseConsumer>, Error> {
         let metadata = consumer
             .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
             .map_err(|e| Error::Kafka(format!("cannot read the metadata of the control topic {topic}: {e}")))?;
@@ -311,11 +312,22 @@ pub async fn listen(
         }
         // From each partition's end as the brokers answer it now, not `Offset::End`, which the consumer resolves
         // some time after `assign` returns: an announcement made in between would be skipped.
+        // A partition without a leader for a while (a broker restarting) is waited for, with backoff, not an error.
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions as i32 {
-            let (_, end) = consumer
-                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
-                .map_err(|e| Error::Kafka(format!("cannot read the end of the control topic {topic}: {e}")))?;
+            let mut wait = Duration::from_millis(500);
+            let end = loop {
+                match consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT) {
+                    Ok((_, end)) => break end,
+                    Err(_) if *starting.borrow() => return Ok(None),
+                    Err(e) => {
+                        tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,
+                            "cannot read where the control topic ends: asking again");
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                }
+            };
             assignment
                 .add_partition_offset(&topic, partition, Offset::Offset(end))
                 .map_err(|e| Error::Kafka(format!("control topic assignment: {e}")))?;
@@ -323,10 +335,14 @@ pub async fn listen(
         consumer
             .assign(&assignment)
             .map_err(|e| Error::Kafka(format!("cannot read the control topic {topic}: {e}")))?;
-        Ok(consumer)
+        Ok(Some(consumer))
     })
     .await
     .map_err(|_| Error::Kafka("the control topic consumer panicked".into()))??;
+    // Stopped while waiting for it.
+    let Some(consumer) = consumer else {
+        return Ok(tokio::spawn(async {}));
+    };
     let runtime = tokio::runtime::Handle::current();
     let task = tokio::task::spawn_blocking(move || {
         let mut unsigned_log = Throttle::new(UNSIGNED_LOG_PERIOD);

@@ -999,6 +999,13 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
     // Another instance forgets another subject (a bulk erasure's): its announcement reaches this one, and does not
     // touch the batch, which is not sanitized again.
     forget_elsewhere("cus_00007").await.unwrap();
+    wait_for_metric(
+        http_port,
+        "piiwall_control_messages_total{op=\"forget\"}",
+        1.0,
+        "the other instance's forget never reached this one",
+    )
+    .await;
     let retries = metric("piiwall_lane_retries_total");
     wait_for_metric(
         http_port,
@@ -1013,14 +1020,25 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
         "a forget of a subject the batch does not hold"
     );
 
-    // A call to this instance's API is not answered while its audit event cannot be written (fail closed).
-    let body = serde_json::json!({"purpose": "gdpr-erasure", "subject": "cus_00099"}).to_string();
-    let (status, answer) = tokio::task::spawn_blocking(move || {
-        common::services::http(http_port, "POST", "/v1/subjects/forget", Some(&token), &body)
-    })
-    .await
-    .unwrap();
+    // A call to this instance's API is not answered while its audit event cannot be written (fail closed): the
+    // first has its answer withheld once its event is not acknowledged in time, and the next, with that event
+    // still unwritten, is refused before it acts.
+    let call = |subject: &str| {
+        let body = serde_json::json!({"purpose": "gdpr-erasure", "subject": subject}).to_string();
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || {
+            common::services::http(http_port, "POST", "/v1/subjects/forget", Some(&token), &body)
+        })
+    };
+    let (status, answer) = call("cus_00099").await.unwrap();
     assert_eq!(status, 503, "{answer}");
+    assert!(answer.to_string().contains("not acknowledged in time"), "{answer}");
+    let (status, answer) = call("cus_00098").await.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.to_string().contains("cannot be written at the moment"),
+        "{answer}"
+    );
 
     // Another instance forgets the batch's subject.
     forget_elsewhere("cus_00042").await.unwrap();

@@ -330,9 +330,10 @@ async fn handle<R: ApiRequest>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     perform: fn(&Api, &Caller, R) -> Result<Json, Error>,
 ) -> Response {
-    // Held until the call's events are acknowledged: the audit writer outlives the call.
-    let auditor = match api.auditor.upgrade() {
-        Some(auditor) if !auditor.is_failing() => auditor,
+    // Refused before it acts while its audit event could not be written. The writer's handle is not held while the
+    // call runs (a forget announcing, an export reading, can take many seconds): a shutdown does not wait for it.
+    match api.auditor.upgrade() {
+        Some(auditor) if !auditor.is_behind() => {}
         Some(_) => {
             return refused_unaudited(
                 operation,
@@ -340,7 +341,7 @@ async fn handle<R: ApiRequest>(
             );
         }
         None => return refused_unaudited(operation, "piiwall is stopping: call again once it runs"),
-    };
+    }
     let mut event = audit_event(operation);
     let result = async {
         let token = bearer(&headers);
@@ -431,11 +432,13 @@ async fn handle<R: ApiRequest>(
             Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
         }
     }
-    let acks = auditor.emit_acked(events).await;
-    drop(auditor);
-    let response = match tokio::time::timeout(AUDIT_ACK_WAIT, acks.written()).await {
-        Ok(Ok(())) => response,
-        // Still queued: written when the audit topic takes it, or lost if piiwall stops first.
+    let written = async {
+        let auditor = api.auditor.upgrade()?;
+        auditor.emit_acked(events).await.written().await.ok()
+    };
+    let response = match tokio::time::timeout(AUDIT_ACK_WAIT, written).await {
+        Ok(Some(())) => response,
+        // Still queued: written when the audit topic takes it, or lost if piiwall stops first (or stopped already).
         _ => not_audited(
             "the call's audit event was not acknowledged in time, so its answer is withheld; the call may have \
              taken effect (a forget has): call again",

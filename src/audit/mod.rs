@@ -13,7 +13,7 @@ mod report;
 mod verify;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::producer::FutureRecord;
@@ -44,6 +44,9 @@ pub enum OnFailure {
     Stop,
 }
 
+/// How long the writer may spend on one event before [`Auditor::is_behind`] says so.
+pub const BEHIND: Duration = Duration::from_secs(5);
+
 /// An event to write, and who waits for its acknowledgement.
 type Queued = (AuditEvent, Option<oneshot::Sender<()>>);
 
@@ -52,6 +55,8 @@ type Queued = (AuditEvent, Option<oneshot::Sender<()>>);
 pub struct Auditor {
     sender: mpsc::Sender<Queued>,
     failing: Arc<AtomicBool>,
+    /// When the writer took the event it is writing (ms since the epoch), 0 while it has none.
+    busy_since: Arc<AtomicI64>,
 }
 
 /// The API's handle on the audit writer ([`Auditor::for_calls`]): it does not keep the writer running.
@@ -59,6 +64,7 @@ pub struct Auditor {
 pub struct CallAuditor {
     sender: mpsc::WeakSender<Queued>,
     failing: Arc<AtomicBool>,
+    busy_since: Arc<AtomicI64>,
 }
 
 impl CallAuditor {
@@ -68,6 +74,7 @@ impl CallAuditor {
         Some(Auditor {
             sender: self.sender.upgrade()?,
             failing: self.failing.clone(),
+            busy_since: self.busy_since.clone(),
         })
     }
 }
@@ -102,6 +109,8 @@ impl Auditor {
     ) -> (Self, JoinHandle<Result<(), Error>>) {
         let (sender, mut receiver) = mpsc::channel::<Queued>(QUEUE);
         let health = failing.clone();
+        let busy_since = Arc::new(AtomicI64::new(0));
+        let busy = busy_since.clone();
 
         let task = tokio::spawn(async move {
             let mut chain = Chain {
@@ -115,6 +124,7 @@ impl Auditor {
                 wait: RETRY_START,
             };
             while let Some((event, ack)) = receiver.recv().await {
+                busy.store(now_ms(), Ordering::SeqCst);
                 let key = loop {
                     let ring = keyring.clone();
                     match tokio::task::spawn_blocking(move || ring.domain_key(AUDIT_DOMAIN)).await {
@@ -149,13 +159,21 @@ impl Auditor {
                     }
                 }
                 retry.succeeded();
+                busy.store(0, Ordering::SeqCst);
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
             }
             Ok(())
         });
-        (Self { sender, failing }, task)
+        (
+            Self {
+                sender,
+                failing,
+                busy_since,
+            },
+            task,
+        )
     }
 
     /// A handle for the subject-rights API's calls that does not keep the writer running: the writer ends with the
@@ -164,6 +182,7 @@ impl Auditor {
         CallAuditor {
             sender: self.sender.downgrade(),
             failing: self.failing.clone(),
+            busy_since: self.busy_since.clone(),
         }
     }
 
@@ -193,6 +212,13 @@ impl Auditor {
     /// Whether the writer is failing to write events right now.
     pub fn is_failing(&self) -> bool {
         failing_now(&self.failing)
+    }
+
+    /// Whether the writer is failing, or has been writing one event for longer than [`BEHIND`] (a delivery that
+    /// does not come is reported as failed only after the producer's `message.timeout.ms`, 5 minutes by default).
+    pub fn is_behind(&self) -> bool {
+        let busy_since = self.busy_since.load(Ordering::SeqCst);
+        self.is_failing() || (busy_since != 0 && now_ms().saturating_sub(busy_since) > BEHIND.as_millis() as i64)
     }
 
     /// Waits while the writer is failing: the pipeline stores no offset while audit cannot be written (fail closed).

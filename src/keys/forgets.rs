@@ -37,8 +37,18 @@ thread_local! {
 /// Runs `work`, and returns with its result the tags of the scopes whose live keys it resolved on this thread,
 /// sorted, each once.
 pub fn recording<R>(work: impl FnOnce() -> R) -> (R, Vec<u64>) {
-    let outer = RESOLVED.with(|r| r.borrow_mut().replace(Vec::new()));
+    /// Puts back what was recorded before, also when `work` panics (the thread goes back to a pool).
+    struct Restore(Option<Option<Vec<u64>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                RESOLVED.with(|r| *r.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(RESOLVED.with(|r| r.borrow_mut().replace(Vec::new()))));
     let result = work();
+    let outer = restore.0.take().expect("restored once");
     let mut tags = RESOLVED
         .with(|r| std::mem::replace(&mut *r.borrow_mut(), outer))
         .unwrap_or_default();
@@ -104,11 +114,16 @@ impl ForgetLog {
             return Since::Untouched(seen);
         }
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.front().is_some_and(|(oldest, _)| *oldest > seen + 1) {
+        let Some(&(oldest, _)) = recent.front() else {
+            return Since::Untouched(seen);
+        };
+        if oldest > seen + 1 {
             return Since::Touched;
         }
+        // Numbers are consecutive: the forgets after `seen` start at its index.
         let mut checked = seen;
-        for (number, forgotten) in recent.iter().filter(|(number, _)| *number > seen) {
+        let start = usize::try_from(seen + 1 - oldest).map_or(recent.len(), |i| i.min(recent.len()));
+        for (number, forgotten) in recent.range(start..) {
             if tags.binary_search(forgotten).is_ok() {
                 return Since::Touched;
             }
@@ -132,6 +147,15 @@ mod tests {
         log.record("s:alice");
         assert_eq!(log.since(1, &tags), Since::Touched);
         assert_eq!(log.since(seen, &tags), Since::Touched);
+    }
+
+    #[test]
+    fn a_recording_cut_short_by_a_panic_leaves_none_open() {
+        let _ = std::panic::catch_unwind(|| recording(|| panic!("cut short")));
+        note("s:alice");
+        let ((), tags) = recording(|| ());
+        assert!(tags.is_empty());
+        RESOLVED.with(|r| assert!(r.borrow().is_none()));
     }
 
     #[test]

@@ -899,6 +899,15 @@ impl Keyring {
         self.forgets.seen()
     }
 
+    /// Notes, for the batch being sanitized ([`forgets::recording`](super::forgets::recording)), that it holds a
+    /// subject's data under no key of the subject's (a quarantined copy of a record naming several): a forget of the
+    /// subject touches the batch all the same.
+    pub fn note_subject(&self, subject: &str) {
+        for scope in self.subject_scopes(subject) {
+            forgets::note(&scope);
+        }
+    }
+
     /// Whether a forget seen after the first `seen` ones destroyed a key of the scopes `tags` (what a batch
     /// resolved): the batch is then sanitized again before it is written.
     pub fn forgets_since(&self, seen: u64, tags: &[u64]) -> super::forgets::Since {

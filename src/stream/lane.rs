@@ -204,6 +204,8 @@ async fn write_until_done(
         let lease = ctx.producer.lease();
         let through = Through::shared(&ctx.producer, &lease);
         match write(&through, ctx, partition, output_topic, &ready).await {
+            // Stopped by a forget, not by the brokers: sanitized again at once.
+            Err(e) if e.kind() == ErrorKind::Retriable && !ready.untouched(ctx) => {}
             Err(e) if e.kind() == ErrorKind::Retriable => {
                 metrics::counter!("piiwall_lane_retries_total", "topic" => topic.to_owned()).increment(1);
                 tracing::warn!(%topic, partition, error = %e, retry_in_ms = wait.as_millis() as u64,

@@ -406,6 +406,8 @@ impl Processor {
                     if keyring.subject_status(subject)?.forgotten {
                         return dropped("one of the data subjects the record names is forgotten");
                     }
+                    // The copy holds their data under no key of theirs: a forget of any of them touches the batch.
+                    keyring.note_subject(subject);
                 }
                 keyring.quarantine_key()?
             }
@@ -823,7 +825,12 @@ mod tests {
             !value.is_empty(),
             "kept, under the day's key, while neither subject is forgotten"
         );
-        processor.sanitizer.keyring().forget_subject("cus_a").unwrap();
+        // A batch holding such a copy, still to be written, is touched by a forget of either subject.
+        let keyring = processor.sanitizer.keyring();
+        let seen = keyring.forgets_seen();
+        let (_, tags) = crate::keys::forgets::recording(|| quarantined(&processor, &two));
+        keyring.forget_subject("cus_a").unwrap();
+        assert_eq!(keyring.forgets_since(seen, &tags), crate::keys::forgets::Since::Touched);
         let (key, value, reason) = quarantined(&processor, &two);
         assert_eq!(
             (key, value.len()),
