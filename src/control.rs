@@ -291,14 +291,15 @@ pub fn forgotten_scopes(client: &ClientConfig, topic: &str, keyring: &Keyring) -
 }
 
 /// Reads the control topic from its current end until `stop`, dropping each announced scope from `keyring`'s
-/// caches. Returns once the consumer is assigned, so announcements made after it returns are seen.
+/// caches. Returns once the consumer is assigned, so announcements made after it returns are seen; `None` when
+/// `stop` came first.
 pub async fn listen(
     client: &ClientConfig,
     topic: &str,
     keyring: Arc<Keyring>,
     acknowledge: Option<(Control, String)>,
     mut stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
+) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
     let consumer = control_consumer(client)?;
     let topic = topic.to_owned();
     let starting = stop.clone();
@@ -339,9 +340,8 @@ pub async fn listen(
     })
     .await
     .map_err(|_| Error::Kafka("the control topic consumer panicked".into()))??;
-    // Stopped while waiting for it.
     let Some(consumer) = consumer else {
-        return Ok(tokio::spawn(async {}));
+        return Ok(None);
     };
     let runtime = tokio::runtime::Handle::current();
     let task = tokio::task::spawn_blocking(move || {
@@ -387,7 +387,7 @@ pub async fn listen(
             }
         }
     });
-    Ok(task)
+    Ok(Some(task))
 }
 
 /// How often ignored (unsigned or forged) control messages are logged at most.

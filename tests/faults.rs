@@ -1032,7 +1032,12 @@ async fn a_batch_whose_writing_outlasts_a_forget_is_sanitized_again() {
     };
     let (status, answer) = call("cus_00099").await.unwrap();
     assert_eq!(status, 503, "{answer}");
-    assert!(answer.to_string().contains("not acknowledged in time"), "{answer}");
+    // Refused before it acts instead when a pipeline event (a processing summary) already waits for the gate.
+    let first = answer.to_string();
+    assert!(
+        first.contains("not acknowledged in time") || first.contains("cannot be written at the moment"),
+        "{answer}"
+    );
     let (status, answer) = call("cus_00098").await.unwrap();
     assert_eq!(status, 503, "{answer}");
     assert!(
@@ -1151,7 +1156,8 @@ async fn a_forget_announced_as_the_control_reader_starts_is_seen() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let listener = piiwall::control::listen(&client, &topic, keyring.clone(), None, stopped)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("not stopped");
     let scope = keyring.subject_scope("cus_00042");
     announcer
         .announce(&keyring, piiwall::control::ControlOp::Forget, &scope)

@@ -330,10 +330,14 @@ async fn handle<R: ApiRequest>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     perform: fn(&Api, &Caller, R) -> Result<Json, Error>,
 ) -> Response {
-    // Refused before it acts while its audit event could not be written. The writer's handle is not held while the
-    // call runs (a forget announcing, an export reading, can take many seconds): a shutdown does not wait for it.
-    match api.auditor.upgrade() {
-        Some(auditor) if !auditor.is_behind() => {}
+    // Refused before it acts while its audit event could not be written. A call that destroys or makes keys (forget,
+    // rotate) keeps the writer running until its events are queued: its effect stands whatever its answer, so its
+    // events must not be lost to a shutdown (which waits for it at most `pipeline.drain_timeout_secs`). A reading
+    // call holds no handle while it runs: unaudited, its answer is only withheld.
+    let held = match api.auditor.upgrade() {
+        Some(auditor) if !auditor.is_behind() => {
+            matches!(operation, Operation::Forget | Operation::Rotate).then_some(auditor)
+        }
         Some(_) => {
             return refused_unaudited(
                 operation,
@@ -341,7 +345,7 @@ async fn handle<R: ApiRequest>(
             );
         }
         None => return refused_unaudited(operation, "piiwall is stopping: call again once it runs"),
-    }
+    };
     let mut event = audit_event(operation);
     let result = async {
         let token = bearer(&headers);
@@ -432,10 +436,12 @@ async fn handle<R: ApiRequest>(
             Err(_) => tracing::error!("a forget's receipt could not be read back for its audit event"),
         }
     }
-    let written = async {
-        let auditor = api.auditor.upgrade()?;
-        auditor.emit_acked(events).await.written().await.ok()
+    // Every event queued (never a part of them), then their acknowledgement awaited for a bounded time.
+    let acks = match held.or_else(|| api.auditor.upgrade()) {
+        Some(auditor) => Some(auditor.emit_acked(events).await),
+        None => None,
     };
+    let written = async { acks?.written().await.ok() };
     let response = match tokio::time::timeout(AUDIT_ACK_WAIT, written).await {
         Ok(Some(())) => response,
         // Still queued: written when the audit topic takes it, or lost if piiwall stops first (or stopped already).

@@ -295,14 +295,18 @@ pub async fn run(
         ),
     };
     let at_least_once = transactions.is_none();
-    let control_listener = crate::control::listen(
+    let Some(control_listener) = crate::control::listen(
         &client,
         &config.keys.control_topic,
         keyring.clone(),
         Some((control.clone(), config.audit.instance.clone())),
         shutdown.listen(),
     )
-    .await?;
+    .await?
+    else {
+        tracing::info!("stopped while waiting for the control topic");
+        return Ok(Summary::default());
+    };
     // The API caches keys (reveal, tokenize): it answers once the control topic is read, so that no forget another
     // instance announces goes unseen by what it caches.
     on_start(Started {
